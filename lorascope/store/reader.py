@@ -1,0 +1,292 @@
+"""Reader of run files: validation with one clear error per problem, and xarray views of the tables."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from lorascope.errors import (
+    CorruptRunFileError,
+    NotARunFileError,
+    RunFileNotFoundError,
+    SchemaVersionError,
+)
+from lorascope.store import schema as S
+
+__all__ = ["Run", "open_run"]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _open_hdf5(path: Path) -> h5py.File:
+    if not path.exists():
+        raise RunFileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise RunFileNotFoundError(f"{path}: is a directory, expected a run file (.h5)")
+    size = path.stat().st_size
+    if size == 0:
+        raise NotARunFileError(f"{path}: empty file (0 bytes), not a run file")
+    if not h5py.is_hdf5(path):
+        raise NotARunFileError(f"{path}: not an HDF5 file, so not a lorascope run file")
+    # SWMR read lets us follow a file that a writer still appends to (or left open when killed).
+    errors = []
+    for options in ({"swmr": True}, {"swmr": True, "locking": False}, {"swmr": False, "locking": False}):
+        try:
+            return h5py.File(path, "r", libver="latest", **options)
+        except (OSError, ValueError) as exc:
+            errors.append(exc)
+    raise NotARunFileError(f"{path}: HDF5 file cannot be opened (truncated or damaged?): {_first_line(errors[-1])}")
+
+
+def _decode(value: Any) -> Any:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+class Run:
+    """A recorded run, opened read-only.
+
+    Use as a context manager, or call :meth:`close`. Views are read when accessed; :meth:`refresh` picks up
+    rows a live writer appended since.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+    attrs : dict
+        Root attributes (format, schema_version, versions, framework, created, status, finished).
+    modules : pandas.DataFrame
+        One row per recorded matrix (name, module, parameter, kind, role, layer, expert, out/in features, ...).
+    coverage : pandas.DataFrame
+        One row per model parameter: whether it is recorded and why (not).
+    config : dict
+        Named configuration sections, parsed from JSON.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._file = _open_hdf5(self.path)
+        try:
+            self._validate_header()
+            self.attrs = {k: _decode(v) for k, v in self._file.attrs.items()}
+            self.modules = self._static_table(S.GROUP_MODULES, S.MODULE_COLUMNS)
+            self.coverage = self._static_table(S.GROUP_COVERAGE, S.COVERAGE_COLUMNS)
+            self.config = self._read_config()
+            for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
+                if not isinstance(self._file.get(group), h5py.Group):
+                    raise self._fail(f"required group '{group}' is missing")
+            self.grad_sv = "grad_sv" in self._file[S.GROUP_SNAPSHOTS]
+            self._check_tables()
+        except BaseException:
+            self._file.close()
+            raise
+
+    # -- metadata --------------------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return str(self.attrs.get(S.ATTR_STATUS, S.STATUS_RECORDING))
+
+    @property
+    def complete(self) -> bool:
+        """True only when the writer closed the file normally."""
+        return self.status == S.STATUS_COMPLETE
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.attrs[S.ATTR_SCHEMA_VERSION])
+
+    @property
+    def n_steps(self) -> int:
+        return self._rows(S.GROUP_STEPS)
+
+    @property
+    def n_snapshots(self) -> int:
+        return self._rows(S.GROUP_SNAPSHOTS)
+
+    @property
+    def file_size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    # -- views -----------------------------------------------------------------------------------------
+    @property
+    def steps(self) -> xr.Dataset:
+        """Per-step table: dims ``step`` and ``module``; coords examples_seen, tokens_seen, kind, layer, expert."""
+        return self._table(S.GROUP_STEPS, S.columns_of(S.GROUP_STEPS), row_dim="step")
+
+    @property
+    def snapshots(self) -> xr.Dataset:
+        """Per-snapshot table: dims ``snapshot``, ``module`` and ``sv``; coords step, examples/tokens seen."""
+        columns = S.columns_of(S.GROUP_SNAPSHOTS, grad_sv=self.grad_sv)
+        return self._table(S.GROUP_SNAPSHOTS, columns, row_dim="snapshot")
+
+    def factors(self, module: int | str, snapshot: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Top-k singular vectors (U (out, k), V (in, k)) of a module's update at a snapshot, or None."""
+        group = self._file.get(S.GROUP_FACTORS)
+        if group is None:
+            return None
+        key = S.module_key(self._module_index(module))
+        return group[S.FACTOR_U][key][snapshot], group[S.FACTOR_V][key][snapshot]
+
+    def delta(self, module: int | str, snapshot: int) -> np.ndarray | None:
+        """The full update (out, in) of a module at a snapshot, or None when deltas were not stored."""
+        group = self._file.get(S.GROUP_DELTAS)
+        if group is None:
+            return None
+        return group[S.module_key(self._module_index(module))][snapshot]
+
+    def refresh(self) -> None:
+        """Re-read the table lengths and status a live writer may have changed."""
+        self.attrs = {k: _decode(v) for k, v in self._file.attrs.items()}
+        for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
+            for ds in self._file[group].values():
+                if isinstance(ds, h5py.Dataset):
+                    ds.refresh()
+        self._check_tables()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Run({str(self.path)!r}, status={self.status!r}, modules={len(self.modules)}, "
+                f"steps={self.n_steps}, snapshots={self.n_snapshots})")
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _fail(self, message: str) -> CorruptRunFileError:
+        return CorruptRunFileError(f"{self.path}: {message}")
+
+    def _validate_header(self) -> None:
+        attrs = self._file.attrs
+        if _decode(attrs.get(S.ATTR_FORMAT)) != S.FORMAT_NAME:
+            raise NotARunFileError(f"{self.path}: HDF5 file but not a lorascope run "
+                                   f"(root attribute '{S.ATTR_FORMAT}' is not '{S.FORMAT_NAME}')")
+        version = attrs.get(S.ATTR_SCHEMA_VERSION)
+        try:
+            version = int(version)
+        except (TypeError, ValueError):
+            raise self._fail(f"root attribute '{S.ATTR_SCHEMA_VERSION}' is missing or not an integer") from None
+        if version > S.SCHEMA_VERSION:
+            raise SchemaVersionError(f"{self.path}: schema version {version} is newer than this lorascope reads "
+                                     f"({S.SCHEMA_VERSION}); upgrade lorascope")
+        if version < 1:
+            raise SchemaVersionError(f"{self.path}: schema version {version} is not a valid version")
+        for name in S.ROOT_ATTRS:
+            if name not in attrs:
+                raise self._fail(f"root attribute '{name}' is missing")
+
+    def _dataset(self, path: str) -> h5py.Dataset:
+        ds = self._file.get(path)
+        if not isinstance(ds, h5py.Dataset):
+            raise self._fail(f"required dataset '{path}' is missing")
+        return ds
+
+    def _static_table(self, group: str, columns: tuple[S.Column, ...]) -> pd.DataFrame:
+        data = {}
+        for column in columns:
+            ds = self._dataset(f"{group}/{column.name}")
+            values = ds.asstr()[()] if column.dtype == "str" else ds[()]
+            data[column.name] = np.asarray(values, dtype=object if column.dtype == "str" else column.numpy_dtype)
+        lengths = {name: len(v) for name, v in data.items()}
+        if len(set(lengths.values())) > 1:
+            raise self._fail(f"columns of '{group}' have mismatched lengths {lengths}")
+        return pd.DataFrame(data)
+
+    def _read_config(self) -> dict[str, Any]:
+        group = self._file.get(S.GROUP_CONFIG)
+        if group is None:
+            raise self._fail(f"required group '{S.GROUP_CONFIG}' is missing")
+        config = {}
+        for key, value in group.attrs.items():
+            try:
+                config[key] = json.loads(_decode(value))
+            except (TypeError, ValueError):
+                raise self._fail(f"config section '{key}' is not valid JSON") from None
+        return config
+
+    def _rows(self, group: str) -> int:
+        return int(self._dataset(f"{group}/{S.INDEX}").shape[0])
+
+    def _check_tables(self) -> None:
+        n_mod = len(self.modules)
+        for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
+            n = self._rows(group)
+            for column in S.columns_of(group, grad_sv=self.grad_sv):
+                ds = self._dataset(f"{group}/{column.name}")
+                rows = ds.shape[0] if ds.ndim else 0
+                # The index is extended last: other columns may run ahead of it in a live or killed file,
+                # never behind it; in a closed file all lengths agree.
+                if rows < n or (self.complete and rows != n):
+                    raise self._fail(f"'{group}/{column.name}' has {rows} rows but '{group}/{S.INDEX}' has {n}")
+                if column.layout != S.ROW and (ds.ndim < 2 or ds.shape[1] != n_mod):
+                    raise self._fail(f"'{group}/{column.name}' has shape {ds.shape}, expected {n_mod} modules "
+                                     "on axis 1 (one per row of the modules table)")
+
+    def _module_index(self, module: int | str) -> int:
+        if isinstance(module, str):
+            matches = np.flatnonzero(self.modules["name"].to_numpy() == module)
+            if not len(matches):
+                raise KeyError(f"{self.path}: no recorded module named {module!r}")
+            return int(matches[0])
+        return int(module)
+
+    def _table(self, group: str, columns: tuple[S.Column, ...], row_dim: str) -> xr.Dataset:
+        n = self._rows(group)
+        raw = {c.name: self._dataset(f"{group}/{c.name}")[:n] for c in columns}
+        dims = {S.ROW: (row_dim,), S.ROW_MODULE: (row_dim, "module"), S.ROW_MODULE_SV: (row_dim, "module", "sv")}
+        index = S.INDEX if row_dim == "step" else "step"
+        coords: dict[str, Any] = {
+            index: ((row_dim,), raw[S.INDEX]),
+            "examples_seen": ((row_dim,), raw["examples_seen"]),
+            "tokens_seen": ((row_dim,), raw["tokens_seen"]),
+            "module": self.modules["name"].to_numpy(dtype=str),
+        }
+        for name in ("kind", "role", "layer", "expert", "out_features", "in_features"):
+            coords[name] = (("module",), self.modules[name].to_numpy())
+        data_vars = {
+            c.name: (dims[c.layout], raw[c.name], {"units": c.unit, "description": c.description})
+            for c in columns
+            if c.name not in (S.INDEX, "examples_seen", "tokens_seen")
+        }
+        ds = xr.Dataset(data_vars, coords=coords)
+        ds.attrs.update({"path": str(self.path), "status": self.status})
+        return ds
+
+
+def open_run(path: str | os.PathLike[str]) -> Run:
+    """Open a lorascope run file for reading.
+
+    Parameters
+    ----------
+    path
+        An HDF5 run file written by lorascope, complete, still being written, or left by a killed run.
+
+    Returns
+    -------
+    Run
+        Validated handle with ``steps`` / ``snapshots`` xarray views; use it as a context manager.
+
+    Raises
+    ------
+    RunFileNotFoundError
+        The path does not exist or is a directory.
+    NotARunFileError
+        Empty, not HDF5, damaged, or HDF5 without the lorascope format marker.
+    SchemaVersionError
+        Written by a newer lorascope.
+    CorruptRunFileError
+        A required group or dataset is missing or the tables have inconsistent lengths.
+    """
+    return Run(path)

@@ -1,0 +1,392 @@
+"""Append-only writer of run files (HDF5, single writer / multiple readers).
+
+Every dataset is created when the file opens, then the file switches to SWMR mode: from then on rows are
+appended in place and flushed, so a reader can follow the file while training runs and a killed writer
+leaves every flushed row readable. The final status is stamped after the SWMR session closes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from lorascope._version import __version__
+from lorascope.errors import LorascopeError, RunFileExistsError
+from lorascope.store import schema as S
+
+_STR = h5py.string_dtype("utf-8")
+_COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+
+
+def check_writable(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Fail now, not after hours of training, if ``path`` cannot become a run file.
+
+    Raises
+    ------
+    RunFileExistsError
+        The file exists and ``overwrite`` is false.
+    LorascopeError
+        The path is a directory, or its folder is missing or not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise LorascopeError(f"{path}: is a directory; give a file path such as {path / 'run.h5'}")
+    if path.exists() and not overwrite:
+        raise RunFileExistsError(f"{path}: file exists; pass overwrite=True to replace it or choose another path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise LorascopeError(f"{path}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise LorascopeError(f"{path}: not writable (permission denied); choose a writable location")
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    return str(obj)  # dtypes, devices, enums: their text is what a reader needs
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _column_values(rows: Iterable[Any], column: S.Column) -> np.ndarray:
+    values = []
+    for row in rows:
+        value = row.get(column.name, column.fill) if isinstance(row, Mapping) else getattr(row, column.name)
+        values.append(value)
+    if column.dtype == "str":
+        return np.array([str(v) for v in values], dtype=object)
+    return np.asarray(values, dtype=column.numpy_dtype)
+
+
+class RunWriter:
+    """Create a run file and append steps and snapshots to it.
+
+    Parameters
+    ----------
+    path
+        Target file. Checked at construction; created by :meth:`open`.
+    modules
+        One record per recorded matrix, with the attributes (or mapping keys) of
+        :data:`lorascope.store.schema.MODULE_COLUMNS` (a :class:`lorascope.taxonomy.MatrixRef` works).
+    coverage
+        One record per model parameter with ``parameter``, ``shape``, ``recorded``, ``reason``.
+    config
+        Named JSON-serialisable sections (recorder options, optimizer, trainer, lora, ...).
+    framework, framework_version
+        What drove training ("plain", "transformers", "lightning") and its version.
+    sv_capacity
+        Length of the singular-value axis; defaults to the largest ``min(out, in)``.
+    grad_sv
+        Also store the gradient's singular values at snapshot steps.
+    factors_k
+        Store the top ``factors_k`` singular vectors of each update (0: none).
+    delta_dtype
+        Store the full update of each module at each snapshot in this dtype ("float16" or "float32").
+    overwrite
+        Replace an existing file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        modules: Sequence[Any],
+        *,
+        coverage: Sequence[Any] = (),
+        config: Mapping[str, Any] | None = None,
+        framework: str = "plain",
+        framework_version: str = "",
+        sv_capacity: int | None = None,
+        grad_sv: bool = False,
+        factors_k: int = 0,
+        delta_dtype: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = check_writable(path, overwrite=overwrite)
+        self._modules = list(modules)
+        self._coverage = list(coverage)
+        self._config = dict(config or {})
+        self._framework = framework
+        self._framework_version = framework_version
+        shapes = [(int(_get(m, "out_features")), int(_get(m, "in_features"))) for m in self._modules]
+        self._shapes = shapes
+        default_capacity = max((min(s) for s in shapes), default=0)
+        self.sv_capacity = default_capacity if sv_capacity is None else int(sv_capacity)
+        if self.sv_capacity < 0:
+            raise ValueError(f"sv_capacity must be >= 0. Got {sv_capacity} instead.")
+        if factors_k < 0:
+            raise ValueError(f"factors_k must be >= 0. Got {factors_k} instead.")
+        if delta_dtype is not None and delta_dtype not in S.DELTA_DTYPES:
+            raise ValueError(f"delta_dtype must be one of {S.DELTA_DTYPES} or None. Got {delta_dtype!r} instead.")
+        self.grad_sv = bool(grad_sv)
+        self.factors_k = int(factors_k)
+        self.delta_dtype = delta_dtype
+        self._file: h5py.File | None = None
+        self._n_steps = 0
+        self._n_snapshots = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    @property
+    def n_modules(self) -> int:
+        return len(self._modules)
+
+    @property
+    def is_open(self) -> bool:
+        return self._file is not None
+
+    def open(self) -> RunWriter:
+        """Create the file, every group and dataset, and enter SWMR mode."""
+        import torch
+
+        if self._file is not None:
+            return self
+        f = h5py.File(self.path, "w", libver="latest")
+        try:
+            f.attrs[S.ATTR_FORMAT] = S.FORMAT_NAME
+            f.attrs[S.ATTR_SCHEMA_VERSION] = np.int64(S.SCHEMA_VERSION)
+            f.attrs[S.ATTR_LORASCOPE_VERSION] = __version__
+            f.attrs[S.ATTR_TORCH_VERSION] = str(torch.__version__)
+            f.attrs[S.ATTR_FRAMEWORK] = self._framework
+            f.attrs[S.ATTR_FRAMEWORK_VERSION] = self._framework_version
+            f.attrs[S.ATTR_CREATED] = _now()
+            f.attrs[S.ATTR_STATUS] = S.STATUS_RECORDING
+            self._write_static(f, S.GROUP_MODULES, S.MODULE_COLUMNS, self._modules)
+            self._write_static(f, S.GROUP_COVERAGE, S.COVERAGE_COLUMNS, self._coverage)
+            config = f.create_group(S.GROUP_CONFIG)
+            for key, section in self._config.items():
+                config.attrs[key] = json.dumps(section, default=_json_default, sort_keys=True)
+            self._create_table(f, S.GROUP_STEPS, S.columns_of(S.GROUP_STEPS), rows_per_chunk=512)
+            snaps = self._create_table(f, S.GROUP_SNAPSHOTS, S.columns_of(S.GROUP_SNAPSHOTS, grad_sv=self.grad_sv),
+                                       rows_per_chunk=1)
+            snaps.attrs[S.ATTR_SV_CAPACITY] = np.int64(self.sv_capacity)
+            snaps.attrs[S.ATTR_FACTORS_K] = np.int64(self.factors_k)
+            snaps.attrs[S.ATTR_DELTA_DTYPE] = self.delta_dtype or ""
+            self._create_per_module(f)
+            f.swmr_mode = True
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
+        return self
+
+    def close(self, status: str = S.STATUS_COMPLETE) -> None:
+        """Flush, close, and stamp the final status (``complete`` or ``failed``)."""
+        if status not in S.STATUSES:
+            raise ValueError(f"status must be one of {S.STATUSES}. Got {status!r} instead.")
+        if self._file is None:
+            return
+        try:
+            self._file.flush()
+        finally:
+            self._file.close()
+            self._file = None
+        # Attributes are stamped outside the SWMR session, where attribute writes are safe.
+        with h5py.File(self.path, "r+", libver="latest") as f:
+            f.attrs[S.ATTR_STATUS] = status
+            f.attrs[S.ATTR_FINISHED] = _now()
+
+    def abandon(self) -> None:
+        """Close without stamping a status: the file stays marked incomplete (``recording``)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            finally:
+                self._file = None
+
+    def __enter__(self) -> RunWriter:
+        return self.open()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(S.STATUS_COMPLETE if exc_type is None else S.STATUS_FAILED)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    # -- appending -------------------------------------------------------------------------------------
+    def append_steps(self, rows: Mapping[str, Any]) -> None:
+        """Append a batch of step rows given as columns (``rows["step"]`` has the batch length).
+
+        Missing columns take their fill value ("unknown"); per-module columns have shape (n, n_modules).
+        """
+        f = self._require_open()
+        if S.INDEX not in rows:
+            raise ValueError("append_steps needs the 'step' column")
+        n = int(np.asarray(rows[S.INDEX]).reshape(-1).shape[0])
+        group = f[S.GROUP_STEPS]
+        columns = S.columns_of(S.GROUP_STEPS)
+        values = {c.name: self._shaped(c, rows.get(c.name, c.fill), n) for c in columns}
+        self._append(group, columns, values, self._n_steps, n)
+        self._n_steps += n
+
+    def append_snapshot(
+        self,
+        *,
+        step: int,
+        energy: Sequence[float] | np.ndarray,
+        sv: Sequence[np.ndarray | None],
+        examples_seen: int = -1,
+        tokens_seen: int = -1,
+        delta_nonfinite: Sequence[int] | np.ndarray | None = None,
+        grad_sv: Sequence[np.ndarray | None] | None = None,
+        factors: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
+        deltas: Mapping[int, np.ndarray] | None = None,
+    ) -> None:
+        """Append one snapshot.
+
+        ``sv[i]`` holds the descending singular values of module ``i`` (``None`` when not computed);
+        ``factors[i] = (U, V)`` with U (out, k'), V (in, k'), k' <= factors_k; ``deltas[i]`` is (out, in).
+        """
+        f = self._require_open()
+        n_mod = self.n_modules
+        if len(sv) != n_mod:
+            raise ValueError(f"sv must have one entry per module ({n_mod}). Got {len(sv)} instead.")
+        values: dict[str, np.ndarray] = {
+            S.INDEX: np.array([step], dtype=np.int64),
+            "examples_seen": np.array([examples_seen], dtype=np.int64),
+            "tokens_seen": np.array([tokens_seen], dtype=np.int64),
+            "energy": self._shaped(_col("energy"), energy, 1),
+            "delta_nonfinite": self._shaped(_col("delta_nonfinite"), 0 if delta_nonfinite is None
+                                            else delta_nonfinite, 1),
+        }
+        values["sv"], values["sv_count"] = self._pad_spectra(sv)
+        if self.grad_sv:
+            values["grad_sv"], values["grad_sv_count"] = self._pad_spectra(grad_sv or [None] * n_mod)
+        elif grad_sv is not None:
+            raise ValueError("grad_sv given but the file was opened without grad_sv=True")
+        row = self._n_snapshots
+        # Per-module payloads go first, the table (index last) after: a reader never sees a row without them.
+        if factors:
+            self._append_factors(f, factors, row)
+        if deltas:
+            self._append_deltas(f, deltas, row)
+        columns = S.columns_of(S.GROUP_SNAPSHOTS, grad_sv=self.grad_sv)
+        self._append(f[S.GROUP_SNAPSHOTS], columns, values, row, 1)
+        self._n_snapshots += 1
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _require_open(self) -> h5py.File:
+        if self._file is None:
+            raise RuntimeError(f"{self.path}: the run writer is not open; call open() first")
+        return self._file
+
+    def _shaped(self, column: S.Column, value: Any, n: int) -> np.ndarray:
+        shape: tuple[int, ...] = (n,) if column.layout == S.ROW else (n, self.n_modules)
+        arr = np.asarray(value, dtype=column.numpy_dtype)
+        if arr.ndim == 0:
+            return np.full(shape, arr, dtype=column.numpy_dtype)
+        if arr.size != int(np.prod(shape)):
+            raise ValueError(f"column {column.name!r} must have shape {shape}. Got {arr.shape} instead.")
+        return arr.reshape(shape)
+
+    def _pad_spectra(self, spectra: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+        padded = np.full((1, self.n_modules, self.sv_capacity), np.nan, dtype=np.float32)
+        counts = np.zeros((1, self.n_modules), dtype=np.int32)
+        for i, s in enumerate(spectra):
+            if s is None:
+                continue
+            s = np.asarray(s, dtype=np.float32).reshape(-1)
+            if s.shape[0] > self.sv_capacity:
+                raise ValueError(f"module {i}: {s.shape[0]} singular values exceed sv_capacity {self.sv_capacity}")
+            padded[0, i, : s.shape[0]] = s
+            counts[0, i] = s.shape[0]
+        return padded, counts
+
+    def _append(self, group: h5py.Group, columns: Sequence[S.Column], values: Mapping[str, np.ndarray],
+                start: int, n: int) -> None:
+        ordered = [c for c in columns if c.name != S.INDEX] + [c for c in columns if c.name == S.INDEX]
+        for column in ordered:
+            ds = group[column.name]
+            ds.resize(start + n, axis=0)
+            ds[start:start + n] = values[column.name]
+            ds.flush()
+
+    def _append_factors(self, f: h5py.File, factors: Mapping[int, tuple[np.ndarray, np.ndarray]], row: int) -> None:
+        if not self.factors_k:
+            raise ValueError("factors given but the file was opened with factors_k=0")
+        for i, (u, v) in factors.items():
+            for name, mat, dim in ((S.FACTOR_U, u, self._shapes[i][0]), (S.FACTOR_V, v, self._shapes[i][1])):
+                mat = np.asarray(mat, dtype=np.float32)
+                if mat.ndim != 2 or mat.shape[0] != dim or mat.shape[1] > self.factors_k:
+                    raise ValueError(f"module {i}: factor {name} must be ({dim}, <= {self.factors_k}). "
+                                     f"Got {mat.shape} instead.")
+                padded = np.full((dim, self.factors_k), np.nan, dtype=np.float32)
+                padded[:, : mat.shape[1]] = mat
+                ds = f[S.GROUP_FACTORS][name][S.module_key(i)]
+                ds.resize(row + 1, axis=0)
+                ds[row] = padded
+                ds.flush()
+
+    def _append_deltas(self, f: h5py.File, deltas: Mapping[int, np.ndarray], row: int) -> None:
+        if not self.delta_dtype:
+            raise ValueError("deltas given but the file was opened without delta_dtype")
+        for i, delta in deltas.items():
+            delta = np.asarray(delta)
+            if delta.shape != self._shapes[i]:
+                raise ValueError(f"module {i}: delta must be {self._shapes[i]}. Got {delta.shape} instead.")
+            ds = f[S.GROUP_DELTAS][S.module_key(i)]
+            ds.resize(row + 1, axis=0)
+            ds[row] = delta.astype(self.delta_dtype)
+            ds.flush()
+
+    def _write_static(self, f: h5py.File, name: str, columns: Sequence[S.Column], rows: Sequence[Any]) -> None:
+        group = f.create_group(name)
+        for column in columns:
+            data = _column_values(rows, column)
+            dtype = _STR if column.dtype == "str" else column.numpy_dtype
+            group.create_dataset(column.name, data=data, dtype=dtype, shape=(len(rows),))
+
+    def _create_table(self, f: h5py.File, name: str, columns: Sequence[S.Column], rows_per_chunk: int) -> h5py.Group:
+        group = f.create_group(name)
+        for column in columns:
+            trailing: tuple[int, ...] = {
+                S.ROW: (),
+                S.ROW_MODULE: (self.n_modules,),
+                S.ROW_MODULE_SV: (self.n_modules, self.sv_capacity),
+            }[column.layout]
+            group.create_dataset(
+                column.name,
+                shape=(0, *trailing),
+                maxshape=(None, *trailing),
+                chunks=(rows_per_chunk, *(max(1, t) for t in trailing)),
+                dtype=column.numpy_dtype,
+                fillvalue=column.fill,
+                **_COMPRESSION,
+            )
+        return group
+
+    def _create_per_module(self, f: h5py.File) -> None:
+        if self.factors_k:
+            factors = f.create_group(S.GROUP_FACTORS)
+            for name, axis in ((S.FACTOR_U, 0), (S.FACTOR_V, 1)):
+                sub = factors.create_group(name)
+                for i, shape in enumerate(self._shapes):
+                    trailing = (shape[axis], self.factors_k)
+                    sub.create_dataset(S.module_key(i), shape=(0, *trailing), maxshape=(None, *trailing),
+                                       chunks=(1, *(max(1, t) for t in trailing)), dtype=np.float32,
+                                       fillvalue=np.nan, **_COMPRESSION)
+        if self.delta_dtype:
+            deltas = f.create_group(S.GROUP_DELTAS)
+            for i, shape in enumerate(self._shapes):
+                deltas.create_dataset(S.module_key(i), shape=(0, *shape), maxshape=(None, *shape),
+                                      chunks=(1, *(max(1, t) for t in shape)), dtype=self.delta_dtype,
+                                      **_COMPRESSION)
+
+
+def _get(record: Any, name: str) -> Any:
+    return record[name] if isinstance(record, Mapping) else getattr(record, name)
+
+
+def _col(name: str) -> S.Column:
+    return next(c for c in S.SNAPSHOT_COLUMNS if c.name == name)
