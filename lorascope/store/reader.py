@@ -112,6 +112,16 @@ class Run:
         return self._rows(S.GROUP_SNAPSHOTS)
 
     @property
+    def step_index(self) -> np.ndarray:
+        """Optimizer step of each committed step row, without reading the rest of the table."""
+        return self._dataset(f"{S.GROUP_STEPS}/{S.INDEX}")[: self.n_steps]
+
+    @property
+    def snapshot_index(self) -> np.ndarray:
+        """Optimizer step of each committed snapshot."""
+        return self._dataset(f"{S.GROUP_SNAPSHOTS}/{S.INDEX}")[: self.n_snapshots]
+
+    @property
     def file_size_bytes(self) -> int:
         return self.path.stat().st_size
 
