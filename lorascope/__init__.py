@@ -3,6 +3,7 @@
 from lorascope._version import __version__
 from lorascope.errors import (
     CorruptRunFileError,
+    InvalidOptionError,
     LorascopeError,
     LorascopeWarning,
     NotARunFileError,
@@ -13,13 +14,18 @@ from lorascope.errors import (
     SchemaVersionError,
     SelectionError,
 )
+from lorascope.record import Recorder, RecordOptions, SnapshotSchedule, record
 from lorascope.store import Run, RunWriter, open_run
+from lorascope.taxonomy import classify
 
 __all__ = [
     "CorruptRunFileError",
+    "InvalidOptionError",
     "LorascopeError",
     "LorascopeWarning",
     "NotARunFileError",
+    "RecordOptions",
+    "Recorder",
     "RecordingWarning",
     "Run",
     "RunFileError",
@@ -28,6 +34,9 @@ __all__ = [
     "RunWriter",
     "SchemaVersionError",
     "SelectionError",
+    "SnapshotSchedule",
     "__version__",
+    "classify",
     "open_run",
+    "record",
 ]

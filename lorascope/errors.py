@@ -40,6 +40,10 @@ class SelectionError(LorascopeError, ValueError):
     """A module selection (kinds, regex, mapping) is invalid or selects nothing."""
 
 
+class InvalidOptionError(LorascopeError, ValueError):
+    """An option or argument is out of its valid range or of the wrong type."""
+
+
 class LorascopeWarning(UserWarning):
     """Base class of lorascope's warnings."""
 

@@ -1,0 +1,86 @@
+"""``lorascope.record``: one call that attaches the recorder to whatever drives training."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from lorascope.errors import InvalidOptionError
+from lorascope.record.core import Recorder
+from lorascope.record.options import RecordOptions, make_options
+from lorascope.taxonomy import classify
+
+
+def _is_instance_of(obj: Any, module_prefixes: tuple[str, ...], class_name: str) -> bool:
+    # Duck-typed by class path so that neither transformers nor lightning is imported unless in use.
+    return any(cls.__name__ == class_name and cls.__module__.startswith(module_prefixes) for cls in type(obj).__mro__)
+
+
+def _check_selection(model: nn.Module, options: RecordOptions) -> None:
+    """Fail at record() time, before training, when the selection is empty or invalid."""
+    taxonomy = classify(model, kind_map=options.kind_map)
+    if options.kinds is not None or options.modules is not None:
+        taxonomy.select(kinds=options.kinds, regex=options.modules)
+
+
+def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None,
+           options: RecordOptions | None = None, **overrides: Any) -> Any:
+    """Record what training does to each weight matrix into the run file ``path``.
+
+    Parameters
+    ----------
+    target
+        A ``transformers.Trainer`` (a callback is added; recording runs from train begin to train end),
+        a Lightning ``Trainer`` (likewise), or an ``nn.Module`` trained in a plain loop (pass ``optimizer=``;
+        returns a started :class:`Recorder`, best used as a context manager).
+    path
+        The run file to create. Checked now: an existing file needs ``overwrite=True``.
+    optimizer
+        The optimizer of a plain loop.
+    options
+        A reusable :class:`RecordOptions`; keyword arguments override its fields.
+    **overrides
+        Any field of :class:`RecordOptions` (``kinds``, ``modules``, ``snapshots``, ``top_k``, ...).
+
+    Returns
+    -------
+    Recorder or callback
+        The object recording the run; the callback's ``recorder`` attribute holds the core recorder once
+        training started.
+
+    Raises
+    ------
+    InvalidOptionError
+        An unsupported target, a missing optimizer, or an option out of range.
+    RunFileExistsError, LorascopeError
+        The path exists without ``overwrite=True``, or cannot be written.
+    SelectionError
+        ``kinds`` / ``modules`` select no matrix (the message lists what the model has).
+    """
+    opts = make_options(options, overrides)
+    if _is_instance_of(target, ("transformers.",), "Trainer"):
+        from lorascope.record.hf import LorascopeCallback
+
+        _check_selection(target.model, opts)
+        callback = LorascopeCallback(path, opts)
+        target.add_callback(callback)
+        return callback
+    if _is_instance_of(target, ("lightning.", "pytorch_lightning."), "Trainer"):
+        from lorascope.record.lightning import LorascopeLightningCallback
+
+        callback = LorascopeLightningCallback(path, opts)
+        target.callbacks.append(callback)
+        return callback
+    if isinstance(target, nn.Module):
+        if optimizer is None:
+            raise InvalidOptionError(
+                f"recording a plain {type(target).__name__} needs its optimizer: "
+                "lorascope.record(model, path, optimizer=optimizer)"
+            )
+        return Recorder(target, path, optimizer=optimizer, options=opts).start()
+    raise InvalidOptionError(
+        f"lorascope.record cannot record a {type(target).__module__}.{type(target).__name__}; expected a "
+        "transformers.Trainer, a lightning.pytorch.Trainer, or a torch.nn.Module with optimizer="
+    )

@@ -1,0 +1,185 @@
+"""The writer thread: the training thread enqueues rows, this thread turns them into host arrays and appends
+them to the run file. The training thread only waits when the bounded queue is full.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorascope.errors import RecordingWarning
+from lorascope.store import schema as S
+from lorascope.store.writer import RunWriter
+
+_CLOSE = "close"
+_STEP = "step"
+_SNAPSHOT = "snapshot"
+_STEP_BATCH = 256  # step rows appended per HDF5 write at most
+
+
+def to_host(value: Any) -> Any:
+    """A tensor (on any device) as a numpy array; anything else unchanged. Runs on the writer thread, so a
+    device-to-host copy here never stalls the training thread."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu").numpy()
+    return value
+
+
+class RecordingFailed(RuntimeError):
+    """Raised in the training thread by a strict recorder whose writer failed."""
+
+
+class BackgroundWriter:
+    """Owns a :class:`RunWriter` and the thread that feeds it.
+
+    Keeps the running totals ``examples_seen`` / ``tokens_seen`` (a step of unknown size makes every later
+    total unknown, -1, rather than silently undercounted).
+    """
+
+    def __init__(self, writer: RunWriter, *, queue_size: int, strict: bool,
+                 examples_seen: int = 0, tokens_seen: int = 0) -> None:
+        self.writer = writer
+        self.strict = strict
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self._warned = False
+        self.examples_seen = examples_seen
+        self.tokens_seen = tokens_seen
+        self._pending_steps: list[dict[str, Any]] = []
+
+    # -- training thread -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.writer.open()
+        self._thread = threading.Thread(target=self._run, name="lorascope-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def put_step(self, row: dict[str, Any]) -> bool:
+        return self._put(_STEP, row)
+
+    def put_snapshot(self, snapshot: dict[str, Any]) -> bool:
+        return self._put(_SNAPSHOT, snapshot)
+
+    def close(self, status: str = S.STATUS_COMPLETE) -> None:
+        """Drain the queue, close the file with ``status`` and stop the thread."""
+        if self._thread is None:
+            return
+        if self._thread.is_alive():
+            self._queue.put((_CLOSE, status))
+            self._thread.join()
+        self._thread = None
+        self.check()
+
+    def check(self) -> bool:
+        """Surface a writer failure in the training thread: raise when strict, else warn once."""
+        if self.error is None:
+            return True
+        if self.strict:
+            raise RecordingFailed(f"{self.writer.path}: recording failed: {self.error}") from self.error
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"lorascope stopped recording to {self.writer.path} after a write error ({self.error}); training "
+                "continues and the file keeps every row written before the error. Pass strict=True to raise instead.",
+                RecordingWarning,
+                stacklevel=3,
+            )
+        return False
+
+    def _put(self, kind: str, payload: dict[str, Any]) -> bool:
+        if not self.check():
+            return False
+        while True:
+            try:
+                self._queue.put((kind, payload), timeout=0.5)
+                return True
+            except queue.Full:
+                # A full queue means the writer is slow (expected backpressure) or dead (then stop waiting).
+                if self._thread is None or not self._thread.is_alive():
+                    return self.check()
+
+    # -- writer thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        status = S.STATUS_FAILED
+        try:
+            while True:
+                kind, payload = self._queue.get()
+                if kind == _CLOSE:
+                    status = payload
+                    self._write_steps()
+                    break
+                if kind == _STEP:
+                    self._pending_steps.append(self._host_step(payload))
+                    if len(self._pending_steps) >= _STEP_BATCH or self._queue.empty():
+                        self._write_steps()
+                else:
+                    self._write_steps()
+                    self._write_snapshot(payload)
+        except BaseException as exc:  # noqa: BLE001 - recorded and surfaced in the training thread
+            self.error = exc
+            self._drain()
+            try:
+                self.writer.close(S.STATUS_FAILED)
+            except BaseException:  # noqa: BLE001 - the file keeps what was flushed
+                self.writer.abandon()
+            return
+        self.writer.close(status)
+
+    def _drain(self) -> None:
+        """Discard what is queued so a blocked training thread can go on."""
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _host_step(self, row: dict[str, Any]) -> dict[str, Any]:
+        host = {key: to_host(value) for key, value in row.items()}
+        self.examples_seen = _advance(self.examples_seen, host.get("batch_examples"))
+        self.tokens_seen = _advance(self.tokens_seen, host.get("batch_tokens"))
+        host["examples_seen"] = self.examples_seen
+        host["tokens_seen"] = self.tokens_seen
+        return host
+
+    def _write_steps(self) -> None:
+        if not self._pending_steps:
+            return
+        rows, self._pending_steps = self._pending_steps, []
+        columns: dict[str, Any] = {}
+        for column in S.STEP_COLUMNS:
+            values = [row.get(column.name) for row in rows]
+            known = [np.asarray(v, dtype=column.numpy_dtype) for v in values if v is not None]
+            if not known:
+                continue  # the writer fills the whole column with "unknown"
+            blank = np.full(known[0].shape, column.fill, dtype=column.numpy_dtype)
+            columns[column.name] = np.stack([blank if v is None else np.asarray(v, dtype=column.numpy_dtype)
+                                             for v in values])
+        self.writer.append_steps(columns)
+
+    def _write_snapshot(self, snapshot: dict[str, Any]) -> None:
+        host = {key: _host_tree(value) for key, value in snapshot.items()}
+        self.writer.append_snapshot(examples_seen=self.examples_seen, tokens_seen=self.tokens_seen, **host)
+
+
+def _advance(total: int, batch: Any) -> int:
+    if total < 0 or batch is None:
+        return -1
+    batch = int(np.asarray(batch))
+    return -1 if batch < 0 else total + batch
+
+
+def _host_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _host_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_tree(v) for v in value)
+    return to_host(value)

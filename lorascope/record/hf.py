@@ -1,0 +1,60 @@
+"""Hugging Face ``transformers.Trainer`` integration: a callback that only finds model, optimizer, the planned
+number of steps and the trainer's arguments, and opens / closes the core recorder."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lorascope.record.core import Recorder
+from lorascope.record.options import RecordOptions
+from lorascope.store.writer import check_writable
+
+try:  # transformers is an optional extra; without it this class is never handed out by lorascope.record
+    from transformers import TrainerCallback as _Base
+except ImportError:  # pragma: no cover - exercised only without the hf extra
+    _Base = object  # type: ignore[assignment,misc]
+
+_TRAINER_ARGS = (
+    "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "num_train_epochs", "max_steps",
+    "lr_scheduler_type", "warmup_steps", "optim", "seed", "bf16", "fp16", "world_size",
+)
+
+
+class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
+    """Records a ``transformers.Trainer`` run; added by :func:`lorascope.record`.
+
+    Gradients are read by the optimizer's step pre-hook, which the Trainer reaches after clipping; examples,
+    tokens (``attention_mask`` sum) and the per-step loss come from forward hooks on the model, summed over
+    the micro-batches of gradient accumulation. The recorder opens at train begin and closes at train end.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], options: RecordOptions) -> None:
+        self.path = check_writable(path, overwrite=options.overwrite)
+        self.options = options
+        self.recorder: Recorder | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:
+        import transformers
+
+        if not state.is_world_process_zero or self.recorder is not None:
+            return
+        clipping = f"after clipping to max_grad_norm={args.max_grad_norm}" if args.max_grad_norm else "no clipping"
+        trainer_config = {k: getattr(args, k, None) for k in _TRAINER_ARGS}
+        self.recorder = Recorder(
+            model,
+            self.path,
+            optimizer=optimizer,
+            options=self.options,
+            framework="transformers",
+            framework_version=transformers.__version__,
+            grad_timing=f"at optimizer.step(), {clipping}",
+            config={"trainer": trainer_config},
+        ).start(total_steps=state.max_steps or None)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None

@@ -1,0 +1,92 @@
+"""Lightning integration: a callback that finds the module and optimizer, counts each batch, reads gradients
+where Lightning exposes them, and opens / closes the core recorder."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lorascope.record.core import Recorder, count_batch
+from lorascope.record.options import RecordOptions
+from lorascope.store import schema as S
+from lorascope.store.writer import check_writable
+
+try:  # lightning is an optional extra
+    from lightning.pytorch.callbacks import Callback as _Base
+except ImportError:  # pragma: no cover - exercised only without the lightning extra
+    _Base = object  # type: ignore[assignment,misc]
+
+
+class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
+    """Records a Lightning ``Trainer`` run; added by :func:`lorascope.record`.
+
+    Lightning runs ``training_step`` and ``backward`` inside ``optimizer.step(closure)``, after the optimizer's
+    pre-hooks, so gradients are read in ``on_before_optimizer_step`` instead: accumulated over
+    ``accumulate_grad_batches``, unscaled, not yet clipped. The loss comes from ``on_before_backward``
+    (Lightning divides it by the accumulation count; it is multiplied back).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], options: RecordOptions) -> None:
+        self.path = check_writable(path, overwrite=options.overwrite)
+        self.options = options
+        self.recorder: Recorder | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        import lightning
+
+        if not trainer.is_global_zero or self.recorder is not None:
+            return
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"lorascope records one optimizer; this Trainer has {len(trainer.optimizers)}")
+        total = trainer.estimated_stepping_batches
+        self.recorder = Recorder(
+            pl_module,
+            self.path,
+            optimizer=trainer.optimizers[0],
+            options=self.options,
+            framework="lightning",
+            framework_version=lightning.__version__,
+            grad_timing="on_before_optimizer_step: accumulated, unscaled, before clipping",
+            gradients_from_optimizer=False,
+            count_batches=False,
+            config={"trainer": {
+                "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                "gradient_clip_val": trainer.gradient_clip_val,
+                "precision": str(trainer.precision),
+                "max_steps": trainer.max_steps,
+                "max_epochs": trainer.max_epochs,
+            }},
+        ).start(total_steps=int(total) if total and total != float("inf") else None)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.recorder is not None:
+            examples, tokens = count_batch(*_as_call(batch))
+            self.recorder.log(examples=examples, tokens=tokens)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.log(loss=loss.detach() * trainer.accumulate_grad_batches)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.capture_gradients()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close(S.STATUS_COMPLETE)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close(S.STATUS_FAILED)
+
+    def _close(self, status: str) -> None:
+        if self.recorder is not None:
+            self.recorder.close(status)
+            self.recorder = None
+
+
+def _as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A batch as (args, kwargs) for :func:`count_batch`: dicts are keyword inputs, sequences positional."""
+    if isinstance(batch, dict):
+        return (), batch
+    if isinstance(batch, (list, tuple)):
+        return tuple(batch), {}
+    return (batch,), {}

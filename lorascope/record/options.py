@@ -1,0 +1,147 @@
+"""Recorder options: one validated, reusable value object shared by every way of attaching."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorascope.errors import InvalidOptionError
+from lorascope.record.schedule import SnapshotSchedule
+from lorascope.taxonomy import KINDS
+
+DELTA_DTYPES = ("float16", "float32")
+W0_DEVICES = ("cpu", "device")
+
+
+def _bad(name: str, expected: str, got: Any) -> InvalidOptionError:
+    return InvalidOptionError(f"The '{name}' option of lorascope.record must be {expected}. Got {got!r} instead.")
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    """What to record and how. Pass to :func:`lorascope.record` as keywords or as ``options=``.
+
+    Parameters
+    ----------
+    kinds
+        Record only matrices of these kinds (attention, mlp, moe_expert, router, embedding, head, other).
+        ``None`` records every matrix.
+    modules
+        A regular expression (``re.search`` on the matrix name) restricting the recorded matrices.
+    kind_map
+        ``{regex: kind}`` overrides of the naming heuristics, for a user's own model.
+    snapshots
+        ``"log"`` (default: about ``snapshot_points`` log-spaced steps over the planned run, plus the final
+        step), an int N (every N steps), a list of steps, or a :class:`SnapshotSchedule`.
+    snapshot_points
+        Number of points of the log schedule.
+    total_steps
+        Planned optimizer steps, when the trainer cannot tell (plain loops).
+    top_k
+        ``None``: full spectra. An int k: for matrices with more than ``top_k_min_size`` entries, only the top k
+        singular values by a randomized method (the exact energy is still stored).
+    top_k_min_size
+        Matrices with at most this many entries always get their full spectrum.
+    factors_k
+        Also store the top ``factors_k`` singular vectors of every update (0: none).
+    store_delta
+        Also store every full update, as "float16" or "float32" (None: no).
+    grad_sv
+        Also store the singular values of each matrix's gradient at snapshot steps.
+    w0_device
+        Where the initial weights W_0 are kept: "cpu" (default) or "device" (faster snapshots, more device memory).
+    strict
+        Raise on a write failure instead of warning once and continuing training without recording.
+    queue_size
+        Bound of the queue between the training thread and the writer thread.
+    overwrite
+        Replace an existing run file.
+    """
+
+    kinds: tuple[str, ...] | None = None
+    modules: str | None = None
+    kind_map: Mapping[str, str] | None = None
+    snapshots: Any = "log"
+    snapshot_points: int = 24
+    total_steps: int | None = None
+    top_k: int | None = None
+    top_k_min_size: int = 1_000_000
+    factors_k: int = 0
+    store_delta: str | None = None
+    grad_sv: bool = False
+    w0_device: str = "cpu"
+    strict: bool = False
+    queue_size: int = 64
+    overwrite: bool = False
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kinds is not None:
+            kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
+            unknown = [k for k in kinds if k not in KINDS]
+            if not kinds or unknown:
+                raise _bad("kinds", f"None or a non-empty list of {', '.join(KINDS)}", list(kinds))
+            object.__setattr__(self, "kinds", kinds)
+        if self.modules is not None and not isinstance(self.modules, str):
+            raise _bad("modules", "None or a regular expression string", self.modules)
+        _check_int("snapshot_points", self.snapshot_points, 2)
+        if self.total_steps is not None:
+            _check_int("total_steps", self.total_steps, 1)
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, 1)
+        _check_int("top_k_min_size", self.top_k_min_size, 0)
+        _check_int("factors_k", self.factors_k, 0)
+        _check_int("queue_size", self.queue_size, 1)
+        if self.store_delta not in (None, *DELTA_DTYPES):
+            raise _bad("store_delta", f"None or one of {DELTA_DTYPES}", self.store_delta)
+        if self.w0_device not in W0_DEVICES:
+            raise _bad("w0_device", f"one of {W0_DEVICES}", self.w0_device)
+        self.schedule()  # validates ``snapshots``
+
+    def replace(self, **changes: Any) -> RecordOptions:
+        """A copy with some options changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def schedule(self, total_steps: int | None = None) -> SnapshotSchedule:
+        """The snapshot schedule these options describe, fitted to ``total_steps`` when known."""
+        spec = self.snapshots
+        total = total_steps or self.total_steps
+        if isinstance(spec, SnapshotSchedule):
+            return spec.with_total(total)
+        if spec == "log":
+            return SnapshotSchedule.log(self.snapshot_points, total)
+        if isinstance(spec, bool):
+            raise _bad("snapshots", '"log", an int >= 1, a list of steps or a SnapshotSchedule', spec)
+        if isinstance(spec, int):
+            return SnapshotSchedule.every(spec)
+        if isinstance(spec, Iterable) and not isinstance(spec, (str, bytes)):
+            return SnapshotSchedule.explicit(list(spec))
+        raise _bad("snapshots", '"log", an int >= 1, a list of steps or a SnapshotSchedule', spec)
+
+    def to_config(self) -> dict[str, Any]:
+        """JSON-ready description stored in the run file's config group."""
+        out = dataclasses.asdict(self)
+        out["snapshots"] = self.snapshots if isinstance(self.snapshots, (str, int, list, tuple)) else repr(
+            self.snapshots)
+        out["kind_map"] = dict(self.kind_map or {})
+        out["extra_config"] = dict(self.extra_config)
+        return out
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _bad(name, f"an int in the range [{low}, inf)", value)
+
+
+def make_options(options: RecordOptions | None, overrides: Mapping[str, Any]) -> RecordOptions:
+    """Combine a reusable :class:`RecordOptions` with keyword overrides; unknown keywords are an error."""
+    names = {f.name for f in dataclasses.fields(RecordOptions)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise InvalidOptionError(f"lorascope.record got unknown option(s) {unknown}; valid options are {sorted(names)}")
+    if options is not None and not isinstance(options, RecordOptions):
+        raise InvalidOptionError(f"options must be a lorascope.RecordOptions. Got {type(options).__name__} instead.")
+    base = options or RecordOptions()
+    return base.replace(**overrides) if overrides else base

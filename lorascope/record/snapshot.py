@@ -1,0 +1,158 @@
+"""Snapshot capture on the training device: the update Delta of each recorded matrix, one module at a time.
+
+Delta = W_t - W_0 in float32 (never downcast before differencing). For a PEFT LoRA layer the update is the
+merged ``scaling * B @ A`` (summed over active adapters, minus its value at the start); it is kept in factored
+form L @ R, so its energy and spectrum come from small QR factors instead of a dense SVD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorascope.record.options import RecordOptions
+from lorascope.spectrum import singular_values, top_singular_triplets
+from lorascope.taxonomy import MatrixRef
+
+
+@dataclass
+class LowRank:
+    """An (out, in) matrix held as ``left @ right`` with left (out, q), right (q, in)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right
+
+
+def tensors_of(model: nn.Module, ref: MatrixRef) -> dict[str, torch.Tensor]:
+    """The trainable tensors behind a recorded matrix: its parameter, or a LoRA layer's adapter weights."""
+    module = model.get_submodule(ref.module)
+    if not ref.lora:
+        return {"weight": getattr(module, ref.parameter)}
+    return {name: p for name, p in module.named_parameters() if not name.startswith("base_layer.")}
+
+
+def _plain_lora(layer: nn.Module) -> bool:
+    # A LoRA on a Linear / Conv1D: lora_A / lora_B are Linear layers and B @ A is the (out, in) update.
+    # Anything else (PEFT ParamWrapper on fused experts, embeddings, convolutions) goes through get_delta_weight.
+    adapters = _active_adapters(layer)
+    return bool(adapters) and all(
+        isinstance(layer.lora_A[a], nn.Linear) and isinstance(layer.lora_B[a], nn.Linear) for a in adapters
+    ) and type(layer).__name__ in ("Linear",)
+
+
+def _active_adapters(layer: nn.Module) -> list[str]:
+    active = getattr(layer, "active_adapters", None) or []
+    return [a for a in active if a in layer.lora_A]
+
+
+def current_update(model: nn.Module, ref: MatrixRef) -> torch.Tensor | LowRank:
+    """The matrix now: ``W_t`` as float32 (out, in) for a weight, the merged LoRA update for a LoRA layer."""
+    module = model.get_submodule(ref.module)
+    if not ref.lora:
+        return ref.matrix(getattr(module, ref.parameter).detach()).float()
+    with torch.no_grad():
+        if _plain_lora(module):
+            adapters = _active_adapters(module)
+            left = torch.cat([module.lora_B[a].weight.float() * float(module.scaling[a]) for a in adapters], 1)
+            right = torch.cat([module.lora_A[a].weight.float() for a in adapters], 0)
+            return LowRank(left, right)
+        total = sum(module.get_delta_weight(a).float() for a in _active_adapters(module))
+        return ref.matrix(total)
+
+
+def capture_initial(model: nn.Module, ref: MatrixRef, tensors: dict[str, torch.Tensor], *,
+                    keep_on: str = "cpu") -> torch.Tensor | LowRank | None:
+    """W_0 of a recorded matrix, cloned in float32 (``None`` for a LoRA update that starts at zero)."""
+    initial = current_update(model, ref)
+    if isinstance(initial, LowRank):
+        if not torch.any(initial.left) or not torch.any(initial.right):
+            return None
+        initial = LowRank(initial.left.clone(), initial.right.clone())
+        return initial if keep_on == "device" else LowRank(initial.left.cpu(), initial.right.cpu())
+    if ref.lora and not torch.any(initial):
+        return None
+    return initial.clone() if keep_on == "device" else initial.to("cpu", copy=True)
+
+
+def update_delta(model: nn.Module, ref: MatrixRef, w0: torch.Tensor | LowRank | None) -> torch.Tensor | LowRank:
+    """Delta = (matrix now) - W_0, on the training device."""
+    now = current_update(model, ref)
+    if w0 is None:
+        return now
+    if isinstance(now, LowRank):
+        assert isinstance(w0, LowRank)  # both come from current_update of the same layer
+        dev = now.left.device
+        return LowRank(torch.cat([now.left, -w0.left.to(dev)], 1), torch.cat([now.right, w0.right.to(dev)], 0))
+    return now - w0.to(now.device, non_blocking=True)
+
+
+def _lowrank_svd(delta: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # L R = Ql (Rl Rr^T) Qr^T: the SVD of the small core gives the exact SVD of the product.
+    ql, rl = torch.linalg.qr(delta.left)
+    qr, rr = torch.linalg.qr(delta.right.T)
+    u, s, vh = torch.linalg.svd(rl @ rr.T)
+    return ql @ u, s, qr @ vh.T
+
+
+def take_snapshot(refs: tuple[MatrixRef, ...], model: nn.Module, w0: list[Any], *,
+                  options: RecordOptions) -> dict[str, Any]:
+    """Energy, spectrum and optional factors / full update of every recorded matrix, as host arrays.
+
+    One module at a time, so the extra device memory is one matrix (and its SVD workspace).
+    """
+    energy = np.full(len(refs), np.nan)
+    nonfinite = np.zeros(len(refs), dtype=np.int64)
+    spectra: list[np.ndarray | None] = []
+    factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    deltas: dict[int, np.ndarray] = {}
+    for i, ref in enumerate(refs):
+        with torch.no_grad():
+            delta = update_delta(model, ref, w0[i])
+            spectrum, u, v, dense = _measure(delta, ref, options)
+        if dense is not None:
+            nonfinite[i] = int((~torch.isfinite(dense)).sum())
+            energy[i] = float(torch.linalg.vector_norm(dense, dtype=torch.float64) ** 2)
+            if options.store_delta:
+                deltas[i] = dense.to(getattr(torch, options.store_delta)).cpu().numpy()
+        if isinstance(delta, LowRank) and spectrum is not None:
+            energy[i] = float(torch.sum(spectrum.double() ** 2))
+        spectra.append(None if spectrum is None else spectrum.cpu().numpy())
+        if u is not None and v is not None:
+            factors[i] = (u.cpu().numpy(), v.cpu().numpy())
+    out: dict[str, Any] = {"energy": energy, "sv": spectra, "delta_nonfinite": nonfinite}
+    if options.factors_k:
+        out["factors"] = factors
+    if options.store_delta:
+        out["deltas"] = deltas
+    return out
+
+
+def _measure(delta: torch.Tensor | LowRank, ref: MatrixRef, options: RecordOptions
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(singular values, U_k, V_k, dense delta or None) of one update; no spectrum when it is not finite."""
+    k = options.factors_k
+    full_rank = min(ref.out_features, ref.in_features)
+    if isinstance(delta, LowRank):
+        if not (torch.isfinite(delta.left).all() and torch.isfinite(delta.right).all()):
+            return None, None, None, delta.dense()
+        u, s, v = _lowrank_svd(delta)
+        spectrum = torch.zeros(full_rank, dtype=s.dtype, device=s.device)
+        spectrum[: s.shape[0]] = s[:full_rank]
+        dense = delta.dense() if options.store_delta else None
+        return spectrum, (u[:, :k] if k else None), (v[:, :k] if k else None), dense
+    if not torch.isfinite(delta).all():
+        return None, None, None, delta
+    large = delta.numel() > options.top_k_min_size
+    top_k = options.top_k if large else None
+    spectrum = singular_values(delta, top_k)
+    u = v = None
+    if k:
+        u, _, v = top_singular_triplets(delta, k, exact=not large)
+    return spectrum, u, v, delta
