@@ -27,19 +27,19 @@ class SnapshotSchedule:
         """About ``points`` steps log-spaced over ``total_steps``; open-ended when the total is unknown
         (then ``points`` per factor of 1000 steps, continuing for as long as training runs)."""
         if not isinstance(points, int) or points < 2:
-            raise InvalidOptionError(f"The 'points' parameter of SnapshotSchedule.log must be an int in the range [2, inf). "
-                             f"Got {points!r} instead.")
+            raise InvalidOptionError(f"The 'points' parameter of SnapshotSchedule.log must be an int in the range "
+                                     f"[2, inf). Got {points!r} instead.")
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
-            raise InvalidOptionError(f"The 'total_steps' parameter of SnapshotSchedule.log must be None or an int in the "
-                             f"range [1, inf). Got {total_steps!r} instead.")
+            raise InvalidOptionError(f"The 'total_steps' parameter of SnapshotSchedule.log must be None or an int "
+                                     f"in the range [1, inf). Got {total_steps!r} instead.")
         return cls("log", points=points, total_steps=total_steps)
 
     @classmethod
     def every(cls, interval: int) -> SnapshotSchedule:
         """Every ``interval`` optimizer steps."""
         if not isinstance(interval, int) or interval < 1:
-            raise InvalidOptionError(f"The 'interval' parameter of SnapshotSchedule.every must be an int in the range "
-                             f"[1, inf). Got {interval!r} instead.")
+            raise InvalidOptionError(f"The 'interval' parameter of SnapshotSchedule.every must be an int in the "
+                                     f"range [1, inf). Got {interval!r} instead.")
         return cls("every", interval=interval)
 
     @classmethod
@@ -47,8 +47,8 @@ class SnapshotSchedule:
         """Exactly these optimizer steps."""
         values = sorted(set(steps))
         if not values or any(not isinstance(s, int) or s < 1 for s in values):
-            raise InvalidOptionError(f"The 'steps' parameter of SnapshotSchedule.explicit must be a non-empty list of ints "
-                             f">= 1. Got {values!r} instead.")
+            raise InvalidOptionError(f"The 'steps' parameter of SnapshotSchedule.explicit must be a non-empty list "
+                                     f"of ints >= 1. Got {values!r} instead.")
         return cls("explicit", steps=tuple(values))
 
     def with_total(self, total_steps: int | None) -> SnapshotSchedule:
