@@ -54,8 +54,12 @@ class BackgroundWriter:
         self._pending_steps: list[dict[str, Any]] = []
 
     # -- training thread -------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.writer.open()
+    def start(self, resume_after: int | None = None) -> None:
+        """Open the file (or continue it after optimizer step ``resume_after``) and start the thread."""
+        if resume_after is None:
+            self.writer.open()
+        else:
+            self.examples_seen, self.tokens_seen = self.writer.reopen(resume_after)
         self._thread = threading.Thread(target=self._run, name="lorascope-writer", daemon=True)
         self._thread.start()
 
@@ -69,8 +73,8 @@ class BackgroundWriter:
     def put_snapshot(self, snapshot: dict[str, Any]) -> bool:
         return self._put(_SNAPSHOT, snapshot)
 
-    def close(self, status: str = S.STATUS_COMPLETE) -> None:
-        """Drain the queue, close the file with ``status`` and stop the thread."""
+    def close(self, status: str | None = S.STATUS_COMPLETE) -> None:
+        """Drain the queue, close the file with ``status`` (None: leave it incomplete) and stop the thread."""
         if self._thread is None:
             return
         if self._thread.is_alive():
@@ -109,7 +113,7 @@ class BackgroundWriter:
 
     # -- writer thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
-        status = S.STATUS_FAILED
+        status: str | None = S.STATUS_FAILED
         try:
             while True:
                 kind, payload = self._queue.get()

@@ -22,8 +22,9 @@ from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, RecordingWarning, SelectionError
 from lorascope.record.background import BackgroundWriter, RecordingFailed
 from lorascope.record.options import RecordOptions
-from lorascope.record.snapshot import capture_initial, take_snapshot, tensors_of
+from lorascope.record.snapshot import capture_initial, from_storable, take_snapshot, tensors_of, to_storable
 from lorascope.store import schema as S
+from lorascope.store.initial import initial_weights_path, load_initial_weights, save_initial_weights
 from lorascope.store.writer import RunWriter, check_writable
 from lorascope.taxonomy import MatrixRef, classify
 
@@ -38,6 +39,12 @@ def _close_open_recorders() -> None:
     # from one that died, so the file is honestly marked incomplete.
     for recorder in list(_OPEN_RECORDERS):
         recorder.close(status=None)
+
+
+def _close_recorders_of(path: Any) -> None:
+    for recorder in list(_OPEN_RECORDERS):
+        if os.path.realpath(recorder.path) == os.path.realpath(path):
+            recorder.close(status=None)
 
 
 def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -94,7 +101,7 @@ class Recorder:
         self.model = model
         self.optimizer = innermost_optimizer(optimizer)
         self.options = options
-        self.path = check_writable(path, overwrite=options.overwrite)
+        self.path = check_writable(path, overwrite=options.overwrite or options.resume)
         taxonomy = classify(model, kind_map=options.kind_map)
         if options.kinds is not None or options.modules is not None:
             taxonomy = taxonomy.select(kinds=options.kinds, regex=options.modules)
@@ -125,17 +132,31 @@ class Recorder:
         self._present_cache: dict[tuple[bool, ...], torch.Tensor] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------
-    def start(self, *, total_steps: int | None = None, config: dict[str, Any] | None = None) -> Recorder:
-        """Keep W_0, create the run file and attach the hooks. Idempotent."""
+    def start(self, *, total_steps: int | None = None, config: dict[str, Any] | None = None,
+              resume_after: int | None = None, resumable: bool = False) -> Recorder:
+        """Keep W_0, create the run file and attach the hooks. Idempotent.
+
+        ``resume_after=g`` continues an existing run file after optimizer step g (a run resumed from a
+        checkpoint), with W_0 read from the initial-weights file that ``resumable=True`` wrote at the start.
+        """
         if self.active:
             return self
         if total_steps:
             self.total_steps = int(total_steps)
             self.schedule = self.options.schedule(self.total_steps)
         self._extra_config.update(config or {})
-        device = "device" if self.options.w0_device == "device" else "cpu"
-        self._w0 = [capture_initial(self.model, ref, tensors, keep_on=device)
-                    for ref, tensors in zip(self.refs, self._tensors, strict=True)]
+        _close_recorders_of(self.path)  # a crashed run in this process may still hold the file
+        keep_on = "device" if self.options.w0_device == "device" else "cpu"
+        names = [ref.name for ref in self.refs]
+        if resume_after is None:
+            self._w0 = [capture_initial(self.model, ref, keep_on=keep_on) for ref in self.refs]
+            if resumable:
+                save_initial_weights(initial_weights_path(self.path), names, [to_storable(w) for w in self._w0])
+        else:
+            stored = load_initial_weights(initial_weights_path(self.path), names)
+            device = self._tensors[0][next(iter(self._tensors[0]))].device if keep_on == "device" else "cpu"
+            self._w0 = [from_storable(w, device) for w in stored]
+            self.step = self._last_snapshot = int(resume_after)
         writer = RunWriter(
             self.path,
             self.refs,
@@ -147,10 +168,10 @@ class Recorder:
             grad_sv=self.options.grad_sv,
             factors_k=self.options.factors_k,
             delta_dtype=self.options.store_delta,
-            overwrite=self.options.overwrite,
+            overwrite=self.options.overwrite or resume_after is not None,
         )
         self._writer = BackgroundWriter(writer, queue_size=self.options.queue_size, strict=self.options.strict)
-        self._writer.start()
+        self._writer.start(resume_after)
         if self._gradients_from_optimizer:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))
         self._handles.append(self.optimizer.register_step_post_hook(self._on_post_step))

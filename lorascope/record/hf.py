@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lorascope.errors import LorascopeError
 from lorascope.record.core import Recorder
 from lorascope.record.options import RecordOptions
 from lorascope.store.writer import check_writable
@@ -31,7 +32,7 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
     """
 
     def __init__(self, path: str | os.PathLike[str], options: RecordOptions) -> None:
-        self.path = check_writable(path, overwrite=options.overwrite)
+        self.path = check_writable(path, overwrite=options.overwrite or options.resume)
         self.options = options
         self.recorder: Recorder | None = None
 
@@ -43,6 +44,10 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
             return
         clipping = f"after clipping to max_grad_norm={args.max_grad_norm}" if args.max_grad_norm else "no clipping"
         trainer_config = {k: getattr(args, k, None) for k in _TRAINER_ARGS}
+        resume_after = self._resume_step(state.global_step)
+        resumable = self.options.resumable
+        if resumable is None:
+            resumable = str(getattr(args, "save_strategy", "no")) not in ("no", "SaveStrategy.NO")
         self.recorder = Recorder(
             model,
             self.path,
@@ -52,7 +57,18 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
             framework_version=transformers.__version__,
             grad_timing=f"at optimizer.step(), {clipping}",
             config={"trainer": trainer_config},
-        ).start(total_steps=state.max_steps or None)
+        ).start(total_steps=state.max_steps or None, resume_after=resume_after, resumable=resumable)
+
+    def _resume_step(self, global_step: int) -> int | None:
+        """The step to continue the run file after, or None for a fresh file (see ``RecordOptions.resume``)."""
+        if not self.options.resume:
+            return None
+        if global_step == 0:
+            raise LorascopeError(f"{self.path}: resume=True but the Trainer starts at step 0, not from a "
+                                 "checkpoint; pass overwrite=True instead to replace the recording")
+        if not self.path.is_file():
+            raise LorascopeError(f"{self.path}: resume=True but there is no run file to continue")
+        return int(global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recorder is not None:

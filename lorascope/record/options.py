@@ -58,6 +58,14 @@ class RecordOptions:
         Bound of the queue between the training thread and the writer thread.
     overwrite
         Replace an existing run file.
+    resumable
+        Keep W_0 beside the run file (``<run>.w0.h5``, one float32 copy of the recorded matrices) so that a run
+        resumed from a checkpoint can continue the same file. ``None``: on for a ``transformers.Trainer`` that
+        saves checkpoints, off otherwise.
+    resume
+        Continue an existing run file: a ``transformers.Trainer`` resumed from a checkpoint at step g drops the
+        rows recorded after g (they are recorded again) and appends from there, measuring updates against the
+        W_0 kept by ``resumable``.
     """
 
     kinds: tuple[str, ...] | None = None
@@ -75,6 +83,8 @@ class RecordOptions:
     strict: bool = False
     queue_size: int = 64
     overwrite: bool = False
+    resumable: bool | None = None
+    resume: bool = False
     extra_config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,6 +108,8 @@ class RecordOptions:
             raise _bad("store_delta", f"None or one of {DELTA_DTYPES}", self.store_delta)
         if self.w0_device not in W0_DEVICES:
             raise _bad("w0_device", f"one of {W0_DEVICES}", self.w0_device)
+        if self.resume and self.overwrite:
+            raise _bad("resume", "False when overwrite=True (continue a file, or replace it, not both)", self.resume)
         self.schedule()  # validates ``snapshots``
 
     def replace(self, **changes: Any) -> RecordOptions:

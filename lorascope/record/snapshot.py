@@ -67,8 +67,7 @@ def current_update(model: nn.Module, ref: MatrixRef) -> torch.Tensor | LowRank:
         return ref.matrix(total)
 
 
-def capture_initial(model: nn.Module, ref: MatrixRef, tensors: dict[str, torch.Tensor], *,
-                    keep_on: str = "cpu") -> torch.Tensor | LowRank | None:
+def capture_initial(model: nn.Module, ref: MatrixRef, *, keep_on: str = "cpu") -> torch.Tensor | LowRank | None:
     """W_0 of a recorded matrix, cloned in float32 (``None`` for a LoRA update that starts at zero)."""
     initial = current_update(model, ref)
     if isinstance(initial, LowRank):
@@ -79,6 +78,22 @@ def capture_initial(model: nn.Module, ref: MatrixRef, tensors: dict[str, torch.T
     if ref.lora and not torch.any(initial):
         return None
     return initial.clone() if keep_on == "device" else initial.to("cpu", copy=True)
+
+
+def to_storable(w0: torch.Tensor | LowRank | None) -> Any:
+    """W_0 as numpy (a ``(left, right)`` pair for a factored LoRA start), for the initial-weights file."""
+    if isinstance(w0, LowRank):
+        return (w0.left.cpu().numpy(), w0.right.cpu().numpy())
+    return None if w0 is None else w0.cpu().numpy()
+
+
+def from_storable(stored: Any, device: torch.device | str) -> torch.Tensor | LowRank | None:
+    """Inverse of :func:`to_storable`, placed on ``device``."""
+    if stored is None:
+        return None
+    if isinstance(stored, tuple):
+        return LowRank(torch.from_numpy(stored[0]).to(device), torch.from_numpy(stored[1]).to(device))
+    return torch.from_numpy(stored).to(device)
 
 
 def update_delta(model: nn.Module, ref: MatrixRef, w0: torch.Tensor | LowRank | None) -> torch.Tensor | LowRank:

@@ -180,9 +180,49 @@ class RunWriter:
         self._file = f
         return self
 
-    def close(self, status: str = S.STATUS_COMPLETE) -> None:
-        """Flush, close, and stamp the final status (``complete`` or ``failed``)."""
-        if status not in S.STATUSES:
+    def reopen(self, after_step: int) -> tuple[int, int]:
+        """Continue an existing run file (a run resumed from the checkpoint at ``after_step``).
+
+        Rows recorded after ``after_step`` are dropped, because the resumed run records them again; the file
+        goes back to status ``recording``. The modules table must match. Returns the ``(examples_seen,
+        tokens_seen)`` totals of the last kept step, for the running counters.
+        """
+        if self._file is not None:
+            raise RuntimeError(f"{self.path}: the run writer is already open")
+        f = _open_for_append(self.path)
+        try:
+            stored = [str(s) for s in f[S.GROUP_MODULES]["name"].asstr()[()]]
+            names = [str(_get(m, "name")) for m in self._modules]
+            if stored != names:
+                raise LorascopeError(f"{self.path}: cannot continue this run file: it records {len(stored)} other "
+                                     f"matrices than the {len(names)} selected now")
+            snaps = f[S.GROUP_SNAPSHOTS]
+            self.sv_capacity = int(snaps.attrs[S.ATTR_SV_CAPACITY])
+            self.factors_k = int(snaps.attrs[S.ATTR_FACTORS_K])
+            self.delta_dtype = str(snaps.attrs[S.ATTR_DELTA_DTYPE]) or None
+            self.grad_sv = "grad_sv" in snaps
+            self._n_steps = _truncate_after(f[S.GROUP_STEPS], after_step)
+            self._n_snapshots = _truncate_after(snaps, after_step)
+            totals = (-1, -1)
+            if self._n_steps:
+                last = self._n_steps - 1
+                totals = (int(f[S.GROUP_STEPS]["examples_seen"][last]), int(f[S.GROUP_STEPS]["tokens_seen"][last]))
+            elif after_step == 0:
+                totals = (0, 0)
+            f.attrs[S.ATTR_STATUS] = S.STATUS_RECORDING
+            if S.ATTR_FINISHED in f.attrs:
+                del f.attrs[S.ATTR_FINISHED]
+            f.swmr_mode = True
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
+        return totals
+
+    def close(self, status: str | None = S.STATUS_COMPLETE) -> None:
+        """Flush, close, and stamp the final status (``complete`` or ``failed``); ``None`` leaves the file
+        marked ``recording`` (incomplete), as when the writer cannot tell whether the run finished."""
+        if status is not None and status not in S.STATUSES:
             raise ValueError(f"status must be one of {S.STATUSES}. Got {status!r} instead.")
         if self._file is None:
             return
@@ -191,6 +231,8 @@ class RunWriter:
         finally:
             self._file.close()
             self._file = None
+        if status is None:
+            return
         # Attributes are stamped outside the SWMR session, where attribute writes are safe.
         with h5py.File(self.path, "r+", libver="latest") as f:
             f.attrs[S.ATTR_STATUS] = status
@@ -198,11 +240,7 @@ class RunWriter:
 
     def abandon(self) -> None:
         """Close without stamping a status: the file stays marked incomplete (``recording``)."""
-        if self._file is not None:
-            try:
-                self._file.close()
-            finally:
-                self._file = None
+        self.close(None)
 
     def __enter__(self) -> RunWriter:
         return self.open()
@@ -382,6 +420,45 @@ class RunWriter:
                 deltas.create_dataset(S.module_key(i), shape=(0, *shape), maxshape=(None, *shape),
                                       chunks=(1, *(max(1, t) for t in shape)), dtype=self.delta_dtype,
                                       **_COMPRESSION)
+
+
+def _open_for_append(path: Path) -> h5py.File:
+    """Open a run file read-write. A writer that was killed leaves HDF5's "open for SWMR write" flag set, which
+    blocks a plain read-write open; such a file is rebuilt by copying everything it holds into a new file."""
+    from lorascope.store.reader import open_run
+
+    open_run(path).close()  # one clear error if this is not a readable run file
+    try:
+        return h5py.File(path, "r+", libver="latest")
+    except OSError as exc:
+        if "open for write" not in str(exc):
+            raise
+    rebuilt = path.with_name(path.name + ".rebuilding")
+    with h5py.File(path, "r", libver="latest", swmr=True) as src, h5py.File(rebuilt, "w", libver="latest") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        for name in src:
+            src.copy(src[name], dst, name=name)
+        # A killed writer may have extended data columns past the index: cut them back to the committed rows.
+        for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
+            _truncate_after(dst[group], None)
+    os.replace(rebuilt, path)
+    return h5py.File(path, "r+", libver="latest")
+
+
+def _truncate_after(table: h5py.Group, after_step: int | None) -> int:
+    """Cut a table, with the per-module datasets nested in it, to the committed rows with step <= ``after_step``
+    (all committed rows when None). Returns the number of rows kept."""
+    index = table[S.INDEX][()]
+    keep = len(index) if after_step is None else int(np.searchsorted(index, after_step, side="right"))
+    table[S.INDEX].resize(keep, axis=0)  # the index first: a reader never sees rows without their columns
+
+    def cut(_: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.shape and obj.shape[0] > keep:
+            obj.resize(keep, axis=0)
+
+    table.visititems(cut)
+    return keep
 
 
 def _get(record: Any, name: str) -> Any:
