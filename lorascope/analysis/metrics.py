@@ -112,10 +112,13 @@ def aggregate(metrics: xr.Dataset, by: str = "kind") -> xr.Dataset:
     - ``energy``: sum over the group; ``energy_share``: the group's share of all valid modules' energy;
     - ``rank_residual``: :math:`1 - \\sum_m C_{m,r} / \\sum_m E_m`, what a rank-r LoRA on every module of the
       group misses of the group's update (``C`` = captured energy); exact, not an average of ratios;
-    - ``energy_rank_fraction``, ``effective_rank``, ``signal_rank``: energy-weighted means over the group's
+    - ``energy_rank`` (k_p), ``energy_rank_fraction``, ``effective_rank``, ``signal_rank``: energy-weighted means
+      over the group's
       valid modules (a module's weight is its share of the group's energy), so that tiny updates do not
-      dominate.
+      dominate. ``by="all"`` aggregates every module into one group.
     """
+    if by == "all":
+        metrics = metrics.assign_coords(all=("module", np.full(metrics.sizes["module"], "all")))
     if by not in metrics.coords:
         raise ValueError(f"The 'by' parameter of aggregate must be a module coordinate such as kind, layer or expert. "
                          f"Got {by!r} instead.")
@@ -123,7 +126,7 @@ def aggregate(metrics: xr.Dataset, by: str = "kind") -> xr.Dataset:
     energy = metrics["energy"].where(valid, 0.0)
     captured = metrics["captured_energy"].where(valid, 0.0)
     weighted = {name: (metrics[name].where(valid) * energy).fillna(0.0)
-                for name in ("energy_rank_fraction", "effective_rank", "signal_rank")}
+                for name in ("energy_rank", "energy_rank_fraction", "effective_rank", "signal_rank")}
     group = metrics[by]
     total = energy.sum("module")
     g_energy = energy.groupby(group).sum()

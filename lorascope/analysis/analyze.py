@@ -1,0 +1,336 @@
+"""``lorascope.analyze``: read one or more run files and compute everything a report shows.
+
+One run: rank curves over its snapshots (examples seen grow within the run). Several runs of the same model
+trained on different dataset sizes: one point per run (its final snapshot), which is the cleaner
+rank-vs-dataset-size curve. Reports render an :class:`Analysis`; they never read run files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from lorascope.analysis.curves import PowerLawFit, fit_power_law
+from lorascope.analysis.layers import TARGET_SETS, energy_shares, lora_capture, rank_hungry_modules
+from lorascope.analysis.metrics import DEFAULT_P, aggregate, update_metrics
+from lorascope.errors import LorascopeError
+from lorascope.store.reader import open_run
+
+__all__ = ["Analysis", "RunResult", "analyze", "DEFAULT_CANDIDATE_RANKS"]
+
+DEFAULT_CANDIDATE_RANKS = (8, 16, 64)
+CURVE_P = 0.9  # the energy share whose rank k_p the curves follow (Biderman et al. 2024 use 90%)
+X_AXES = ("examples_seen", "tokens_seen")
+SUMMARY_FORMAT = "lorascope-summary"
+SUMMARY_VERSION = 1
+
+
+@dataclass
+class RunResult:
+    """What one run file contributes: its metadata, loss curve and (when it has snapshots) metrics."""
+
+    path: str
+    status: str
+    complete: bool
+    framework: str
+    modules: Any  # pandas.DataFrame
+    steps: xr.Dataset
+    metrics: xr.Dataset | None
+    by_kind: xr.Dataset | None
+    by_layer: xr.Dataset | None
+    overall: xr.Dataset | None
+
+    @property
+    def n_snapshots(self) -> int:
+        return 0 if self.metrics is None else int(self.metrics.sizes["snapshot"])
+
+
+@dataclass
+class CurveResult:
+    """The rank curve of one group of modules (a kind, or "all")."""
+
+    group: str
+    x: np.ndarray
+    y: np.ndarray
+    fit: PowerLawFit
+    crossings: list[Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fit": self.fit.to_dict(), "points": [[float(a), float(b)] for a, b in zip(self.x, self.y)],
+                "crossings": [c.to_dict() for c in self.crossings]}
+
+
+@dataclass
+class Analysis:
+    """Everything ``lorascope analyze`` reports, computed from run files.
+
+    Attributes
+    ----------
+    runs : list[RunResult]
+        In the order given.
+    ranks : tuple[int, ...]
+        Candidate LoRA ranks.
+    p : tuple[float, ...]
+        Energy shares of the energy ranks.
+    x : str
+        "examples_seen" or "tokens_seen": the data axis of the curves.
+    curves : dict[str, CurveResult]
+        k_0.9 (energy-weighted per kind, and over all modules) against ``x``, fitted and extrapolated.
+    notes : list[str]
+        What could not be computed and why; incomplete runs; excluded non-finite updates.
+    """
+
+    runs: list[RunResult]
+    ranks: tuple[int, ...]
+    p: tuple[float, ...]
+    x: str
+    curves: dict[str, CurveResult] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def incomplete(self) -> bool:
+        return any(not run.complete for run in self.runs)
+
+    @property
+    def final_run(self) -> RunResult:
+        """The run with the most data that has snapshots (the last one given when none has)."""
+        with_snaps = [r for r in self.runs if r.n_snapshots]
+        return max(with_snaps, key=_final_x(self.x)) if with_snaps else self.runs[-1]
+
+    def final_snapshot(self) -> xr.Dataset | None:
+        run = self.final_run
+        return None if run.metrics is None else run.metrics.isel(snapshot=-1)
+
+    def headline(self) -> list[dict[str, Any]]:
+        """Per candidate rank: the share of the final update an all-linear LoRA of that rank could capture."""
+        snap = self.final_snapshot()
+        if snap is None:
+            return []
+        capture = lora_capture(snap).sel(target="all-linear")
+        overall = self.final_run.overall.isel(snapshot=-1, all=0)
+        return [{"rank": int(r), "captured_energy_share": _num(capture.sel(rank=r)),
+                 "signal_rank": _num(overall["signal_rank"]), "energy_rank_0.9": _num(
+                     overall["energy_rank"].sel(p=CURVE_P)) if CURVE_P in self.p else None}
+                for r in self.ranks]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON summary (schema documented in docs/analysis.md)."""
+        out: dict[str, Any] = {
+            "format": SUMMARY_FORMAT,
+            "version": SUMMARY_VERSION,
+            "incomplete": self.incomplete,
+            "notes": list(self.notes),
+            "ranks": list(self.ranks),
+            "p": list(self.p),
+            "x": self.x,
+            "runs": [_run_dict(r, self.x) for r in self.runs],
+            "headline": self.headline(),
+            "final": None,
+            "curves": {g: c.to_dict() for g, c in self.curves.items()},
+        }
+        snap = self.final_snapshot()
+        if snap is not None:
+            run = self.final_run
+            shares = energy_shares(snap)
+            out["final"] = {
+                "run": run.path,
+                "step": int(snap["step"]),
+                "examples_seen": int(snap["examples_seen"]),
+                "tokens_seen": int(snap["tokens_seen"]),
+                "by_kind": _group_dict(run.by_kind.isel(snapshot=-1), "kind", self),
+                "overall": _group_dict(run.overall.isel(snapshot=-1), "all", self)["all"],
+                "lora_capture": {t: {str(int(r)): _num(v) for r, v in zip(row["rank"].values, row.values)}
+                                 for t, row in zip(TARGET_SETS, lora_capture(snap))},
+                "energy_share_by_layer": {str(k): _num(v) for k, v in shares["layer"].items()},
+                "energy_share_by_expert": {f"{k[0]}.{k[1]}": _num(v) for k, v in shares["expert"].items()},
+                "rank_hungry_modules": _records(rank_hungry_modules(snap, p=CURVE_P if CURVE_P in self.p
+                                                                    else self.p[-1])),
+                "excluded_nonfinite_modules": [str(m) for m in snap["module"].values[~snap["valid"].values]],
+            }
+        return out
+
+    def to_dataset(self) -> xr.Dataset:
+        """Per-module metrics of the final run plus its per-kind aggregates, ready for NetCDF."""
+        run = self.final_run
+        if run.metrics is None:
+            return xr.Dataset(attrs={"note": "no snapshots: no spectral metrics"})
+        # Per-kind aggregates get their own dimension, so they do not collide with the module coordinate "kind".
+        kind = run.by_kind.rename({name: f"kind_{name}" for name in run.by_kind.data_vars}).rename(kind="kind_group")
+        ds = xr.merge([run.metrics, kind], compat="override", join="outer")
+        ds.attrs.update({"run": run.path, "status": run.status, "x": self.x})
+        return ds
+
+
+def analyze(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+            ranks: Sequence[int] = DEFAULT_CANDIDATE_RANKS, p: Sequence[float] = DEFAULT_P,
+            x: str = "examples_seen", progress: Callable[[Any], Any] | None = None) -> Analysis:
+    """Analyse one or more run files.
+
+    Parameters
+    ----------
+    paths
+        One run file, or several runs of the same model (for instance trained on different dataset sizes).
+    ranks
+        Candidate LoRA ranks: residuals, captures and the dataset size at which k_0.9 crosses each.
+    p
+        Energy shares of the energy ranks (0.9 is the one the curves follow).
+    x
+        Data axis: "examples_seen" or "tokens_seen".
+    progress
+        Optional wrapper of an iterable (e.g. ``tqdm.tqdm``) for a progress bar over the runs.
+
+    Raises
+    ------
+    LorascopeError
+        Runs of different models passed together, an invalid ``ranks``/``p``/``x``, or an unreadable file
+        (a :class:`~lorascope.errors.RunFileError`).
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise LorascopeError("analyze needs at least one run file")
+    if x not in X_AXES:
+        raise LorascopeError(f"The 'x' parameter of analyze must be one of {X_AXES}. Got {x!r} instead.")
+    ranks = _validate_ranks(ranks)
+    p = tuple(sorted({float(v) for v in p} | {CURVE_P}))
+    metric_ranks = tuple(sorted(set(ranks) | {1, 2, 4, 8, 16, 32, 64, 128, 256}))
+    runs = [_load(path, p, metric_ranks) for path in (progress(paths) if progress else paths)]
+    _check_same_model(runs)
+    analysis = Analysis(runs=runs, ranks=ranks, p=p, x=x)
+    _add_notes(analysis)
+    analysis.curves = _curves(analysis)
+    return analysis
+
+
+def _load(path: str | os.PathLike[str], p: tuple[float, ...], ranks: tuple[int, ...]) -> RunResult:
+    with open_run(path) as run:
+        steps = run.steps.load()
+        snapshots = run.snapshots.load() if run.n_snapshots else None
+        result = RunResult(path=str(path), status=run.status, complete=run.complete,
+                           framework=str(run.attrs.get("framework", "")), modules=run.modules, steps=steps,
+                           metrics=None, by_kind=None, by_layer=None, overall=None)
+    if snapshots is not None:
+        metrics = update_metrics(snapshots, p=p, ranks=ranks)
+        result.metrics = metrics
+        result.by_kind = aggregate(metrics, "kind")
+        result.by_layer = aggregate(metrics, "layer")
+        result.overall = aggregate(metrics, "all")
+    return result
+
+
+def _validate_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
+    values = tuple(ranks)
+    if not values or any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1 for r in values):
+        raise LorascopeError(f"ranks must be a non-empty list of ints >= 1. Got {list(values)!r} instead.")
+    return tuple(sorted({int(r) for r in values}))
+
+
+def _check_same_model(runs: list[RunResult]) -> None:
+    first = runs[0]
+    signature = list(zip(first.modules["name"], first.modules["out_features"], first.modules["in_features"]))
+    for run in runs[1:]:
+        other = list(zip(run.modules["name"], run.modules["out_features"], run.modules["in_features"]))
+        if other != signature:
+            diff = next(((a, b) for a, b in zip(signature, other) if a != b), None)
+            detail = (f"first difference: {diff[0][0]} {diff[0][1]}x{diff[0][2]} vs {diff[1][0]} {diff[1][1]}x"
+                      f"{diff[1][2]}" if diff else f"{len(signature)} vs {len(other)} matrices")
+            raise LorascopeError(f"runs of different models cannot share a curve: {first.path} and {run.path} "
+                                 f"record different matrices ({detail})")
+
+
+def _add_notes(analysis: Analysis) -> None:
+    for run in analysis.runs:
+        if not run.complete:
+            analysis.notes.append(f"{run.path}: incomplete run (status '{run.status}'); results cover what was "
+                                  "written so far")
+        if run.n_snapshots == 0:
+            analysis.notes.append(f"{run.path}: no snapshots, so no spectral metrics; the loss curve is shown")
+        elif run.metrics is not None:
+            bad = int((~run.metrics["valid"]).sum())
+            if bad:
+                analysis.notes.append(f"{run.path}: {bad} module-snapshot(s) with non-finite updates were "
+                                      "excluded from every aggregate and fit")
+    if len(analysis.runs) == 1 and analysis.runs[0].n_snapshots == 1:
+        analysis.notes.append("a single snapshot: no rank-vs-data curve (it needs at least 3 points)")
+
+
+def _curves(analysis: Analysis) -> dict[str, CurveResult]:
+    """k_0.9 against data, per kind and over all modules; one point per snapshot (one run) or per run."""
+    with_snaps = [r for r in analysis.runs if r.n_snapshots]
+    if not with_snaps:
+        return {}
+    series: dict[str, tuple[list[float], list[float]]] = {}
+
+    def add(group: str, xs: Any, ys: Any) -> None:
+        entry = series.setdefault(group, ([], []))
+        entry[0].extend(np.atleast_1d(xs).tolist())
+        entry[1].extend(np.atleast_1d(ys).tolist())
+
+    several = len(with_snaps) > 1
+    for run in with_snaps:
+        pick = (lambda d: d.isel(snapshot=[-1])) if several else (lambda d: d)
+        by_kind, overall = pick(run.by_kind), pick(run.overall)
+        xs = by_kind[analysis.x].values
+        for kind in by_kind["kind"].values:
+            add(str(kind), xs, by_kind["energy_rank"].sel(kind=kind, p=CURVE_P).values)
+        add("all", xs, overall["energy_rank"].sel(all="all", p=CURVE_P).values)
+    curves = {}
+    for group, (xs, ys) in series.items():
+        fit = fit_power_law(xs, ys)
+        curves[group] = CurveResult(group, np.asarray(xs), np.asarray(ys), fit,
+                                    [fit.crossing(r) for r in analysis.ranks])
+    return curves
+
+
+def _final_x(x: str) -> Callable[[RunResult], float]:
+    return lambda run: float(run.metrics[x].values[-1]) if run.metrics is not None else -1.0
+
+
+def _num(value: Any) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _group_dict(agg: xr.Dataset, by: str, analysis: Analysis) -> dict[str, Any]:
+    out = {}
+    for group in agg[by].values:
+        row = agg.sel({by: group})
+        out[str(group)] = {
+            "modules": int(row["modules"]),
+            "energy": _num(row["energy"]),
+            "energy_share": _num(row["energy_share"]),
+            "energy_rank": {str(p): _num(row["energy_rank"].sel(p=p)) for p in analysis.p},
+            "energy_rank_fraction": {str(p): _num(row["energy_rank_fraction"].sel(p=p)) for p in analysis.p},
+            "effective_rank": _num(row["effective_rank"]),
+            "signal_rank": _num(row["signal_rank"]),
+            "rank_residual": {str(r): _num(row["rank_residual"].sel(rank=r)) for r in analysis.ranks},
+        }
+    return out
+
+
+def _run_dict(run: RunResult, x: str) -> dict[str, Any]:
+    steps = run.steps
+    loss = steps["loss"].values if "loss" in steps else np.array([])
+    finite = loss[np.isfinite(loss)]
+    return {
+        "path": run.path,
+        "status": run.status,
+        "complete": run.complete,
+        "framework": run.framework,
+        "steps": int(steps.sizes.get("step", 0)),
+        "snapshots": run.n_snapshots,
+        "examples_seen": int(steps["examples_seen"].values[-1]) if steps.sizes.get("step", 0) else 0,
+        "tokens_seen": int(steps["tokens_seen"].values[-1]) if steps.sizes.get("step", 0) else 0,
+        "final_loss": float(finite[-1]) if finite.size else None,
+        "nonfinite_gradient_steps": int((steps["grad_nonfinite_modules"].values > 0).sum())
+        if "grad_nonfinite_modules" in steps else 0,
+    }
+
+
+def _records(frame: Any) -> list[dict[str, Any]]:
+    return [{k: (v.item() if hasattr(v, "item") else v) if not (isinstance(v, float) and not np.isfinite(v))
+             else None for k, v in row.items()} for row in frame.to_dict(orient="records")]
