@@ -51,6 +51,62 @@ def info(run_file: str, as_json: bool) -> None:
     click.echo(format_info(summary))
 
 
+def _parse_ranks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated positive integers such as 8,16,64; got {value!r}") from None
+    if not ranks or any(r < 1 for r in ranks):
+        raise click.BadParameter(f"expected comma-separated positive integers such as 8,16,64; got {value!r}")
+    return ranks
+
+
+@cli.command()
+@click.argument("run_files", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", "output", default="lorascope-report", show_default=True,
+              help="Report folder to write (summary.json, metrics.nc, PNG plots, report.html).")
+@click.option("--ranks", default="8,16,64", show_default=True, callback=_parse_ranks,
+              help="Candidate LoRA ranks, comma-separated.")
+@click.option("--tokens", "x_tokens", is_flag=True, help="Use tokens seen instead of examples seen as the data axis.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of text.")
+@click.option("--force", is_flag=True, help="Overwrite the report files in an existing output folder.")
+def analyze(run_files: tuple[str, ...], output: str, ranks: tuple[int, ...], x_tokens: bool, as_json: bool,
+            force: bool) -> None:
+    """Analyse RUN_FILES: spectra, rank-vs-data curves, per-layer report; write a report folder.
+
+    Several files of the same model trained on different dataset sizes give one curve point each.
+    """
+    from tqdm import tqdm
+
+    from lorascope.analysis.analyze import analyze as run_analysis
+    from lorascope.report.folder import prepare_folder, write_report
+    from lorascope.report.terminal import format_summary
+
+    prepare_folder(output, force=force)  # refuse before the (possibly long) analysis
+    show = len(run_files) > 1 and not as_json
+    analysis = run_analysis(run_files, ranks=ranks, x="tokens_seen" if x_tokens else "examples_seen",
+                            progress=(lambda it: tqdm(it, desc="reading runs", unit="run")) if show else None)
+    files = write_report(analysis, output, force=force)
+    if as_json:
+        click.echo(json.dumps(analysis.to_dict(), indent=2, allow_nan=False))
+        return
+    click.echo(format_summary(analysis.to_dict()))
+    click.echo(f"\nreport: {files.html}")
+
+
+@cli.command()
+@click.option("-o", "--output", "output", default="lorascope-demo", show_default=True, help="Folder to write into.")
+@click.option("--force", is_flag=True, help="Overwrite the demo's files in an existing output folder.")
+def demo(output: str, force: bool) -> None:
+    """Train a small built-in transformer on CPU with full fine-tuning, record it, and analyse it."""
+    from lorascope.demo import run_demo
+    from lorascope.report.terminal import format_summary
+
+    run_path, analysis, files = run_demo(output, force=force, log=lambda m: click.echo(m, err=True))
+    click.echo(format_summary(analysis.to_dict()))
+    click.echo(f"\nrecording: {run_path}\nreport: {files.html}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI (console-script entry point)."""
     cli.main(args=argv, prog_name="lorascope")

@@ -1,0 +1,173 @@
+"""``lorascope demo``: the whole pipeline on a built-in model and task, with core dependencies only.
+
+A small causal transformer (Llama-style module names) is first pretrained briefly on a random Markov-chain
+language, so fine-tuning starts from a trained model, then fully fine-tuned on a memorization task of random
+key -> value facts while lorascope records every weight matrix; the recording is analysed and a report
+folder written. It takes well under two minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DemoConfig", "DemoTransformer", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo: model, pretraining, and the fine-tuning task."""
+
+    vocab: int = 256
+    dim: int = 96
+    layers: int = 2
+    heads: int = 4
+    mlp: int = 256
+    seq: int = 24
+    pretrain_steps: int = 150
+    facts: int = 768
+    key_tokens: int = 4
+    finetune_steps: int = 400
+    batch: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        split = lambda h: h.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                                             is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class _MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: DemoConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.dim)
+        self.self_attn = _Attention(cfg.dim, cfg.heads)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.dim)
+        self.mlp = _MLP(cfg.dim, cfg.mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DemoTransformer(nn.Module):
+    """A small pre-norm causal transformer; returns ``{"loss", "logits"}`` like a transformers model."""
+
+    def __init__(self, cfg: DemoConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.dim)
+        self.layers = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        h = self.embed_tokens(input_ids)
+        for block in self.layers:
+            h = block(h)
+        logits = self.lm_head(self.norm(h))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                          ignore_index=-100)
+        return out
+
+
+def _markov_batches(cfg: DemoConfig, generator: torch.Generator) -> Any:
+    """An endless stream of sequences from a fixed random sparse Markov chain (the "pretraining language")."""
+    transitions = torch.rand(cfg.vocab, cfg.vocab, generator=generator) ** 8
+    transitions /= transitions.sum(1, keepdim=True)
+    while True:
+        ids = torch.empty(cfg.batch, cfg.seq, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, cfg.vocab, (cfg.batch,), generator=generator)
+        for t in range(1, cfg.seq):
+            ids[:, t] = torch.multinomial(transitions[ids[:, t - 1]], 1, generator=generator).squeeze(1)
+        yield ids
+
+
+def facts_dataset(cfg: DemoConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``facts`` random keys (``key_tokens`` tokens each) mapped to random value tokens; the loss is on the
+    value only. Information content: facts x log2(vocab) bits."""
+    keys = torch.randint(0, cfg.vocab, (cfg.facts, cfg.key_tokens), generator=generator)
+    values = torch.randint(0, cfg.vocab, (cfg.facts, 1), generator=generator)
+    ids = torch.cat([keys, values], dim=1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]
+    return ids, labels
+
+
+def run_demo(folder: str | os.PathLike[str] = "lorascope-demo", *, cfg: DemoConfig | None = None,
+             force: bool = False, log: Any = print) -> tuple[Path, Any, Any]:
+    """Pretrain, fully fine-tune with recording, analyse and write the report into ``folder``.
+
+    Returns the run file path, the :class:`~lorascope.analysis.analyze.Analysis` and the report files.
+    """
+    import lorascope
+    from lorascope.analysis.analyze import analyze
+    from lorascope.report.folder import prepare_folder, write_report
+
+    cfg = cfg or DemoConfig()
+    folder = prepare_folder(folder, force=force)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = DemoTransformer(cfg)
+
+    log(f"pretraining a {sum(p.numel() for p in model.parameters()):,}-parameter transformer for "
+        f"{cfg.pretrain_steps} steps on a Markov-chain language ...")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    stream = _markov_batches(cfg, generator)
+    for _ in range(cfg.pretrain_steps):
+        ids = next(stream)
+        model(ids, labels=ids)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+
+    ids, labels = facts_dataset(cfg, generator)
+    bits = cfg.facts * math.log2(cfg.vocab)
+    log(f"full fine-tuning on {cfg.facts} random key -> value facts ({bits:,.0f} bits) for {cfg.finetune_steps} "
+        "steps, recorded by lorascope ...")
+    run_path = folder / "demo_run.h5"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    with lorascope.record(model, run_path, optimizer=opt, total_steps=cfg.finetune_steps, overwrite=force,
+                          extra_config={"demo": {"facts": cfg.facts, "bits_to_learn": bits}}):
+        for _ in range(cfg.finetune_steps):
+            batch = torch.randint(0, cfg.facts, (cfg.batch,), generator=generator)
+            model(ids[batch], labels=labels[batch])["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+
+    log("analysing the recording ...")
+    analysis = analyze(run_path, ranks=(4, 8, 16))
+    files = write_report(analysis, folder / "report", force=True)
+    return run_path, analysis, files
