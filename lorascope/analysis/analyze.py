@@ -44,6 +44,7 @@ class RunResult:
     by_kind: xr.Dataset | None
     by_layer: xr.Dataset | None
     overall: xr.Dataset | None
+    final_spectra: xr.DataArray | None = None  # singular values at the last snapshot (module, sv), NaN-padded
 
     @property
     def n_snapshots(self) -> int:
@@ -115,7 +116,7 @@ class Analysis:
         overall = self.final_run.overall.isel(snapshot=-1, all=0)
         return [{"rank": int(r), "captured_energy_share": _num(capture.sel(rank=r)),
                  "signal_rank": _num(overall["signal_rank"]), "energy_rank_0.9": _num(
-                     overall["energy_rank"].sel(p=CURVE_P)) if CURVE_P in self.p else None}
+                     overall["energy_rank"].sel(p=CURVE_P))}
                 for r in self.ranks]
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,8 +149,7 @@ class Analysis:
                                  for t, row in zip(TARGET_SETS, lora_capture(snap))},
                 "energy_share_by_layer": {str(k): _num(v) for k, v in shares["layer"].items()},
                 "energy_share_by_expert": {f"{k[0]}.{k[1]}": _num(v) for k, v in shares["expert"].items()},
-                "rank_hungry_modules": _records(rank_hungry_modules(snap, p=CURVE_P if CURVE_P in self.p
-                                                                    else self.p[-1])),
+                "rank_hungry_modules": _records(rank_hungry_modules(snap, p=CURVE_P, rank=max(self.ranks))),
                 "excluded_nonfinite_modules": [str(m) for m in snap["module"].values[~snap["valid"].values]],
             }
         return out
@@ -219,6 +219,7 @@ def _load(path: str | os.PathLike[str], p: tuple[float, ...], ranks: tuple[int, 
         result.by_kind = aggregate(metrics, "kind")
         result.by_layer = aggregate(metrics, "layer")
         result.overall = aggregate(metrics, "all")
+        result.final_spectra = snapshots["sv"].isel(snapshot=-1)
     return result
 
 

@@ -9,6 +9,8 @@ invented.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -210,7 +212,8 @@ def signal_rank(sigma: ArrayLike, shape: tuple[int, int], *, noise_sigma: ArrayL
     filled = np.nan_to_num(s, nan=-np.inf)
     if noise_sigma is None:
         beta = min(m, n) / max(m, n)
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row (no spectrum) gives NaN, as wanted
             threshold = gavish_donoho_omega(beta) * np.nanmedian(np.where(np.isfinite(s), s, np.nan), axis=-1)
         valid = np.asarray(complete, dtype=bool) & np.isfinite(threshold)
     else:

@@ -1,0 +1,287 @@
+"""One self-contained HTML page of an :class:`~lorascope.analysis.analyze.Analysis`.
+
+Numbers come from :meth:`Analysis.to_dict`, the same dictionary ``summary.json`` holds, so the page and the JSON
+never disagree. Figures are embedded as base64 ``data:`` URIs and the CSS is inline: the page loads nothing else
+(no scripts, fonts or remote images), so it can be mailed, archived or opened offline. Every string taken from the
+analysis (paths, module names, notes, reasons) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorascope._version import __version__
+from lorascope.analysis.analyze import CURVE_P
+
+if TYPE_CHECKING:
+    from lorascope.analysis.analyze import Analysis
+
+__all__ = ["render_html", "headline_sentence", "crossing_sentence"]
+
+CAPTIONS = {
+    "energy_rank": "Energy rank k_0.9 against data, with the power-law fit, its bootstrap band and the candidate "
+                   "ranks; markers show where the curve reaches each rank.",
+    "residual": "Rank-r residual e_r over all recorded modules: the share of the update's energy a rank-r LoRA "
+                "on every module misses.",
+    "spectra": "Cumulative energy share of each module's update at the final snapshot, per kind.",
+    "energy_share": "Share of the update's energy per layer and kind at the final snapshot.",
+    "experts": "Share of the update's energy per MoE expert and layer at the final snapshot.",
+    "loss": "Training loss of every run.",
+}
+_MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+_X_WORDS = {"examples_seen": "examples", "tokens_seen": "tokens"}
+_MISSING = "n/a"
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0 auto;
+max-width:1080px;padding:1.5rem;color:#1d1d1f;line-height:1.45}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd;
+padding-bottom:.2rem}.sub{color:#555;margin-top:0}
+.banner{background:#fff4e5;border:1px solid #f0a030;border-radius:6px;padding:.7rem 1rem;margin:1rem 0}
+.headline{font-size:1.08rem;background:#f3f7fc;border-left:4px solid #2f6db5;padding:.6rem 1rem}
+.headline li{margin:.25rem 0}
+table{border-collapse:collapse;margin:.6rem 0 1rem;font-size:.9rem}
+th,td{border:1px solid #ddd;padding:.25rem .55rem;text-align:right;vertical-align:top}
+th{background:#f5f5f7}td.l,th.l{text-align:left}code{font-size:.88em}
+figure{margin:1.2rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#555;font-size:.9rem}footer{color:#888;font-size:.8rem;margin-top:2rem}
+""".strip()
+
+
+def render_html(analysis: Analysis, images: Mapping[str, str | os.PathLike[str]] | None = None) -> str:
+    """Render the report page.
+
+    Parameters
+    ----------
+    analysis
+        The result of :func:`lorascope.analysis.analyze.analyze`.
+    images
+        Figure name to PNG file, as returned by :func:`lorascope.report.plots.make_plots`; each is embedded, in
+        the given order, as a base64 data URI.
+
+    Returns
+    -------
+    str
+        A complete HTML5 document that references no external resource.
+    """
+    summary = analysis.to_dict()
+    unit = _X_WORDS.get(summary["x"], summary["x"])
+    runs = summary["runs"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(_title(runs))}</title>",
+        f"<style>{_CSS}</style>",
+        "</head><body>",
+        f"<h1>{_e(_title(runs))}</h1>",
+        f'<p class="sub">{len(runs)} run(s); candidate ranks {_e(", ".join(str(r) for r in summary["ranks"]))}; '
+        f"data axis: {_e(unit)} seen</p>",
+    ]
+    if summary["incomplete"]:
+        bad = [r["path"] for r in runs if not r["complete"]]
+        parts.append(f'<div class="banner" role="alert"><strong>Incomplete run{"s" if len(bad) > 1 else ""}:</strong> '
+                     f"{_e(', '.join(bad))}. The results cover what was written so far.</div>")
+    parts += _headline(summary)
+    if summary["notes"]:
+        parts += ["<h2>Notes</h2>", _list(summary["notes"])]
+    parts += ["<h2>Runs</h2>", _runs_table(runs)]
+    final = summary["final"]
+    if final is not None:
+        parts += _final_sections(final, summary, unit)
+    parts += _curve_sections(summary, unit)
+    if images:
+        parts.append("<h2>Figures</h2>")
+        parts += [_figure(name, Path(path)) for name, path in images.items()]
+    parts += [f"<footer>lorascope {_e(__version__)}: summary format {_e(summary['format'])} "
+              f"v{_e(summary['version'])}</footer>", "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def headline_sentence(row: Mapping[str, Any]) -> str:
+    """The report's headline for one candidate rank, from a row of ``Analysis.to_dict()["headline"]``.
+
+    Examples
+    --------
+    >>> headline_sentence({"rank": 16, "captured_energy_share": 0.8388, "signal_rank": 2.54})
+    "A rank-16 LoRA on all linear layers captures 83.9% of this update's energy; its signal rank is 2.5."
+    """
+    return (f"A rank-{int(row['rank'])} LoRA on all linear layers captures {_pct(row['captured_energy_share'])} of "
+            f"this update's energy; its signal rank is {_num(row['signal_rank'])}.")
+
+
+def crossing_sentence(group: str, curve: Mapping[str, Any], crossing: Mapping[str, Any], unit: str = "examples",
+                      p: float = CURVE_P) -> str:
+    """One rank crossing in words, from ``Analysis.to_dict()["curves"][group]``.
+
+    A missing bound of a predicted crossing's interval (``None`` in the summary: infinite) reads "unbounded".
+
+    Examples
+    --------
+    >>> fit = {"status": "ok", "reason": "5 points", "exponent": 0.5}
+    >>> crossing_sentence("mlp", {"fit": fit}, {"level": 16, "status": "predicted", "x": 12345.0,
+    ...                   "x_low": 8000.0, "x_high": None}, "examples")
+    'k_0.9 of mlp crosses rank 16 at ~12,300 examples (interval 8,000 .. unbounded).'
+    """
+    fit = curve["fit"]
+    level, status = int(crossing["level"]), crossing["status"]
+    head = f"k_{p:g} of {group}"
+    if status == "observed":
+        return f"{head} already reaches rank {level} at {_count(crossing['x'])} {unit} (observed)."
+    if status == "predicted":
+        return (f"{head} crosses rank {level} at ~{_count(crossing['x'])} {unit} "
+                f"(interval {_bound(crossing['x_low'])} .. {_bound(crossing['x_high'])}).")
+    if fit["status"] != "ok":
+        return f"{head}: no crossing of rank {level} predicted: {fit['reason']}."
+    return (f"{head} does not grow with data (exponent {_num(fit['exponent'], 3)}), so it is not predicted to "
+            f"reach rank {level}.")
+
+
+# -- sections --------------------------------------------------------------------------------------------------
+
+
+def _headline(summary: Mapping[str, Any]) -> list[str]:
+    rows = summary["headline"]
+    if not rows:
+        return ['<p class="headline">No snapshots: no spectral results, only the loss curve.</p>']
+    items = [_e(headline_sentence(row)) for row in rows]
+    k = rows[0].get("energy_rank_0.9")
+    tail = (f"<p>Over all modules, 90% of the update's energy lies in k_0.9 = {_e(_num(k))} directions "
+            "(energy-weighted mean over modules).</p>" if k is not None else "")
+    return ["<h2>Headline</h2>", '<ul class="headline">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>", tail]
+
+
+def _runs_table(runs: Sequence[Mapping[str, Any]]) -> str:
+    header = ["run", "status", "framework", "steps", "snapshots", "examples seen", "tokens seen", "final loss",
+              "steps with non-finite gradients"]
+    rows = [[r["path"], r["status"] + ("" if r["complete"] else " (incomplete)"), r["framework"], r["steps"],
+             r["snapshots"], _count(r["examples_seen"]), _count(r["tokens_seen"]), _num(r["final_loss"], 4),
+             r["nonfinite_gradient_steps"]] for r in runs]
+    return _table(header, rows, left=(0, 1, 2))
+
+
+def _final_sections(final: Mapping[str, Any], summary: Mapping[str, Any], unit: str) -> list[str]:
+    ranks = [str(r) for r in summary["ranks"]]
+    ps = [str(p) for p in summary["p"]]
+    where = (f"Final snapshot of {final['run']}: step {final['step']}, {_count(final['examples_seen'])} examples, "
+             f"{_count(final['tokens_seen'])} tokens.")
+    header = (["kind", "modules", "energy share"] + [f"k_{p}" for p in ps] + ["effective rank", "signal rank"]
+              + [f"e_{r}" for r in ranks])
+    groups = list(final["by_kind"].items()) + [("all", final["overall"])]
+    rows = [[name, g["modules"], _pct(g["energy_share"])] + [_num(g["energy_rank"].get(p)) for p in ps]
+            + [_num(g["effective_rank"]), _num(g["signal_rank"])] + [_pct(g["rank_residual"].get(r)) for r in ranks]
+            for name, g in groups]
+    out = ["<h2>Per kind</h2>", f"<p>{_e(where)} k_p: directions holding a share p of the update energy "
+           "(energy-weighted over modules); e_r: share of the energy a rank-r approximation misses.</p>",
+           _table(header, rows)]
+    capture = final["lora_capture"]
+    out += ["<h2>LoRA target capture</h2>",
+            "<p>Share of the whole update's energy a rank-r LoRA on each target set could hold at best "
+            "(Eckart-Young per module).</p>",
+            _table(["target modules"] + [f"rank {r}" for r in ranks],
+                   [[target] + [_pct(row.get(r)) for r in ranks] for target, row in capture.items()])]
+    hungry = final["rank_hungry_modules"]
+    if hungry:
+        p = "0.9" if "0.9" in ps else ps[-1]
+        largest = max((int(r) for r in capture.get("all-linear", {})), default=None)  # rank_hungry_modules' default
+        residual = f"e_r at r = {largest}" if largest is not None else "e_r at the largest analysed rank"
+        out += ["<h2>Rank-hungry modules</h2>",
+                f"<p>The modules whose update needs the most rank: sorted by k_{_e(p)} / min(out, in).</p>",
+                _table(["module", "kind", "layer", f"k_{p}", f"k_{p} / min(out, in)", residual, "signal rank"],
+                       [[h["module"], h["kind"], _layer(h["layer"]), _num(h["energy_rank"]),
+                         _pct(h["energy_rank_fraction"]), _pct(h["residual_at_rank"]), _num(h["signal_rank"])]
+                        for h in hungry], left=(0, 1))]
+    layers = final["energy_share_by_layer"]
+    if layers:
+        out += ["<h2>Energy share per layer</h2>",
+                _table(["layer", "energy share"], [[_layer(k), _pct(v)] for k, v in layers.items()])]
+    excluded = final["excluded_nonfinite_modules"]
+    if excluded:
+        out += ["<h2>Excluded updates</h2>", "<p>Modules whose update held NaN or Inf at the final snapshot, left "
+                "out of every aggregate and fit:</p>", _list(excluded)]
+    return out
+
+
+def _curve_sections(summary: Mapping[str, Any], unit: str) -> list[str]:
+    curves = summary["curves"]
+    if not curves:
+        return []
+    header = ["group", "fit", "points", "exponent", "exponent interval", "reason"]
+    rows = []
+    sentences = []
+    for group, curve in curves.items():
+        fit = curve["fit"]
+        low, high = fit["exponent_interval"]
+        rows.append([group, fit["status"], fit["points"], _num(fit["exponent"], 3),
+                     f"{_num(low, 3)} .. {_num(high, 3)}", fit["reason"]])
+        sentences += [crossing_sentence(group, curve, c, unit) for c in curve["crossings"]]
+    return ["<h2>Rank curves and crossings</h2>",
+            f"<p>Power law k_{CURVE_P:g} = a x^b fitted against {_e(unit)} seen, with bootstrap intervals; a fit "
+            "is refused (status and reason below) when it would be meaningless.</p>",
+            _table(header, rows, left=(0, 1, 5)), _list(sentences)]
+
+
+def _figure(name: str, path: Path) -> str:
+    mime = _MIME.get(path.suffix.lower(), "application/octet-stream")
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    caption = CAPTIONS.get(name, name)
+    return (f'<figure id="fig-{_e(name)}"><img src="data:{mime};base64,{data}" alt="{_e(caption)}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+# -- formatting ------------------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], left: Sequence[int] = (0,)) -> str:
+    """An HTML table; the columns at indices ``left`` (names, text) are left-aligned, numbers right-aligned."""
+    def cells(values: Sequence[Any], tag: str) -> str:
+        return "".join(f'<{tag}{" class=l" if i in left else ""}>{_e(v)}</{tag}>' for i, v in enumerate(values))
+
+    body = "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows)
+    return f"<table><thead><tr>{cells(header, 'th')}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _list(items: Iterable[Any]) -> str:
+    return "<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>"
+
+
+def _title(runs: Sequence[Mapping[str, Any]]) -> str:
+    names = [Path(r["path"]).name for r in runs]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"lorascope report: {shown}"
+
+
+def _pct(value: Any) -> str:
+    return _MISSING if value is None else f"{100.0 * float(value):.1f}%"
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    return _MISSING if value is None else f"{float(value):.{digits}f}"
+
+
+def _count(value: Any) -> str:
+    """A data count to three significant digits with thousands separators; unknown (None, -1) as n/a."""
+    if value is None or not float(value) >= 0:
+        return _MISSING
+    if math.isinf(float(value)):
+        return "unbounded"
+    return f"{float(f'{float(value):.3g}'):,.0f}"
+
+
+def _bound(value: Any) -> str:
+    """An interval bound: the summary stores an infinite bound as None."""
+    return "unbounded" if value is None else _count(value)
+
+
+def _layer(value: Any) -> str:
+    return "none" if int(value) < 0 else str(int(value))

@@ -1,0 +1,470 @@
+"""PNG figures of an :class:`~lorascope.analysis.analyze.Analysis`: spectra, rank curves, residuals, energy shares,
+loss and MoE experts.
+
+Rendering only: every number comes from the analysis object (plus small reshapes of it). Figures are built with
+matplotlib's object API (:class:`matplotlib.figure.Figure`, saved through the Agg canvas), so nothing touches
+pyplot's global figure registry or the process-wide backend, and no figure outlives the call that drew it.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, PercentFormatter
+
+from lorascope.analysis.analyze import CURVE_P
+from lorascope.analysis.curves import FLAT, TOO_FEW
+from lorascope.analysis.layers import energy_shares
+
+if TYPE_CHECKING:
+    from lorascope.analysis.analyze import Analysis, RunResult
+
+__all__ = ["PLOT_NAMES", "make_plots"]
+
+# Every figure make_plots may write, in the order a report shows them.
+PLOT_NAMES = ("energy_rank", "residual", "spectra", "energy_share", "experts", "loss")
+
+WIDTH_IN = 10.0  # 1000 px at DPI: the width the figures are designed to be read at
+DPI = 100
+KIND_ORDER = ("attention", "mlp", "moe_expert", "router", "embedding", "head", "norm", "other")
+X_LABELS = {"examples_seen": "examples seen (training examples, log scale)",
+            "tokens_seen": "tokens seen (training tokens, log scale)",
+            "step": "optimizer steps (log scale; examples seen were not recorded)"}
+REFUSED = {TOO_FEW: "too few points", FLAT: "no significant growth"}
+_RC = {"axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+       "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9, "figure.dpi": DPI}
+
+
+def make_plots(analysis: Analysis, folder: str | Path) -> dict[str, Path]:
+    """Write the report's figures as PNG files into ``folder``.
+
+    Parameters
+    ----------
+    analysis
+        The result of :func:`lorascope.analysis.analyze.analyze`.
+    folder
+        Output folder, created when missing; files of the same names are replaced.
+
+    Returns
+    -------
+    dict[str, Path]
+        Figure name (see :data:`PLOT_NAMES`) to the file written, in report order. ``loss`` is always there;
+        ``energy_rank``, ``residual``, ``spectra`` and ``energy_share`` need at least one snapshot; ``experts``
+        needs MoE experts.
+
+    Notes
+    -----
+    - ``energy_rank``: :math:`k_{0.9}` per kind and over all modules against the data axis, the power-law fit with
+      its bootstrap band extrapolated a decade past the data, candidate ranks as horizontal lines and the
+      crossings as markers (predicted ones with their interval). Refused fits are drawn as points only.
+    - ``residual``: the rank-r residual :math:`e_r = 1 - \\sum_m C_{m,r} / \\sum_m E_m` over all modules.
+    - ``spectra``: cumulative energy share of each module's update (from its stored singular values) at the final
+      snapshot, per kind, with the energy-weighted kind aggregate at the analysed ranks in bold.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = " (incomplete)" if analysis.incomplete else ""
+    drawers = {
+        "energy_rank": _energy_rank,
+        "residual": _residual,
+        "spectra": _spectra,
+        "energy_share": _energy_share,
+        "experts": _experts,
+        "loss": _loss,
+    }
+    written: dict[str, Path] = {}
+    with _style():
+        for name in PLOT_NAMES:
+            fig = drawers[name](analysis, suffix)
+            if fig is None:
+                continue
+            path = folder / f"{name}.png"
+            fig.savefig(path, format="png", dpi=DPI)
+            fig.clear()  # a Figure without pyplot is freed with its last reference; clearing drops artists now
+            written[name] = path
+    return written
+
+
+# -- figures ---------------------------------------------------------------------------------------------------
+
+
+def _energy_rank(analysis: Analysis, suffix: str) -> Figure | None:
+    if not analysis.curves:
+        return None
+    fig = Figure(figsize=(WIDTH_IN, 6.0), layout="constrained")
+    ax = fig.add_subplot()
+    colors = _kind_colors(analysis.curves)
+    xs_all, ys_all = [], []
+    beyond = extrapolated = False
+    for group, curve in _ordered(analysis.curves):
+        color = colors[group]
+        x, y = _positive(curve.x, curve.y)
+        xs_all.extend(x)
+        ys_all.extend(y)
+        fit = curve.fit
+        if fit.ok and x.size:
+            grid = np.geomspace(x.min(), 10.0 * x.max(), 200)
+            estimate, low, high = fit.predict(grid)
+            ax.fill_between(grid, low, high, color=color, alpha=0.15, linewidth=0)
+            ax.plot(grid, estimate, color=color, linewidth=2.2 if group == "all" else 1.6,
+                    label=f"{group}: k ∝ x^{fit.exponent:.2f}")
+            ax.plot(x, y, "o", color=color, markersize=4)
+            x_max = 10.0 * x.max()
+            extrapolated = True
+        else:
+            why = REFUSED.get(fit.status, fit.status)
+            ax.plot(x, y, "o", color=color, markersize=4, label=f"{group}: points only, no fit ({why})")
+            x_max = x.max() if x.size else np.nan
+        for crossing in curve.crossings:
+            if crossing.status not in ("observed", "predicted") or not np.isfinite(crossing.x):
+                continue
+            if crossing.x > x_max * 1.0001:
+                beyond = True
+                continue
+            if crossing.status == "predicted":
+                lo, hi = crossing.x - crossing.x_low, crossing.x_high - crossing.x
+                hi = hi if np.isfinite(hi) else 0.0
+                ax.errorbar([crossing.x], [crossing.level], xerr=[[max(lo, 0.0)], [max(hi, 0.0)]], fmt="D",
+                            color=color, markersize=7, capsize=3, markeredgecolor="black")
+            else:
+                ax.plot([crossing.x], [crossing.level], "s", color=color, markersize=7, markerfacecolor="none",
+                        markeredgewidth=1.5)
+    if not xs_all:
+        _empty(ax, "no snapshot has a positive data count: nothing to place on a log axis")
+        ax.set_title(f"k_{CURVE_P:g} vs {_x_words(analysis.x)}{suffix}")
+        return fig
+    for rank in analysis.ranks:
+        ax.axhline(rank, color="0.35", linestyle="--", linewidth=1)
+        ax.annotate(f"r = {rank}", xy=(1.0, rank), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=9, color="0.25")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.xaxis)
+    _plain_log_ticks(ax.yaxis)
+    y_lo = min(min(ys_all), min(analysis.ranks)) / 1.5
+    y_hi = max(max(ys_all), max(analysis.ranks)) * 1.5
+    ax.set_ylim(y_lo, y_hi)
+    ax.set_xlim(min(xs_all) / 1.5, (10.0 if extrapolated else 1.0) * max(xs_all) * 1.5)
+    ax.set_xlabel(X_LABELS[analysis.x])
+    ax.set_ylabel(f"k_{CURVE_P:g}: directions holding {CURVE_P:.0%}\nof the update energy (log scale)")
+    how = (f"power-law fit, {_confidence(analysis):.0%} bootstrap band, one decade extrapolated" if extrapolated
+           else "no power-law fit (reasons in the legend)")
+    ax.set_title(_wrap(f"Energy rank k_{CURVE_P:g} vs {_x_words(analysis.x)}: {how}{suffix}"))
+    handles, labels = ax.get_legend_handles_labels()
+    markers = [Line2D([], [], marker="s", linestyle="none", markerfacecolor="none", color="0.2",
+                                label="rank reached (observed)"),
+               Line2D([], [], marker="D", linestyle="none", color="0.6", markeredgecolor="black",
+                                label="rank crossing predicted (interval)")]
+    # Below the axes: with several kinds a legend inside would hide points and the rank lines.
+    fig.legend(handles + markers, labels + [m.get_label() for m in markers], loc="outside lower center", ncols=2)
+    if beyond:
+        ax.text(0.01, 0.01, "some crossings lie beyond the plotted range: see the report's crossing table",
+                transform=ax.transAxes, fontsize=9, color="0.3")
+    return fig
+
+
+def _residual(analysis: Analysis, suffix: str) -> Figure | None:
+    series = _overall_series(analysis)
+    if series is None:
+        return None
+    x, axis, residual = series
+    fig = Figure(figsize=(WIDTH_IN, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    palette = _palette(len(analysis.ranks), "viridis")
+    for i, rank in enumerate(analysis.ranks):
+        ax.plot(x, residual[:, i], "o-", color=palette[i], markersize=4, label=f"rank {rank}")
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set_ylim(0.0, 1.0)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel(X_LABELS[axis])
+    ax.set_ylabel("e_r: energy a rank-r LoRA misses\n(% of the update's ||ΔW||²_F)")
+    ax.set_title(_wrap(f"Rank-r residual over all recorded modules vs {_x_words(axis)}{suffix}"))
+    ax.legend(title="candidate rank", loc="best")
+    return fig
+
+
+def _spectra(analysis: Analysis, suffix: str) -> Figure | None:
+    snap = analysis.final_snapshot()
+    run = analysis.final_run
+    if snap is None or run.by_kind is None:
+        return None
+    kinds = _ordered_kinds(np.unique(snap["kind"].values.astype(str)))
+    ranks = snap["rank"].values.astype(float)
+    full_rank = np.minimum(snap["out_features"].values, snap["in_features"].values).astype(float)
+    captured = 1.0 - snap["rank_residual"].values  # (module, rank)
+    valid = snap["valid"].values
+    by_kind = run.by_kind.isel(snapshot=-1)
+    colors = _kind_colors(kinds)
+    ncols = min(4, len(kinds))
+    nrows = math.ceil(len(kinds) / ncols)
+    fig = Figure(figsize=(WIDTH_IN, 1.2 + 3.0 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    kind_of = snap["kind"].values.astype(str)
+    for ax, kind in zip(axes.flat, kinds):
+        members = np.flatnonzero((kind_of == kind) & valid)
+        excluded = int(((kind_of == kind) & ~valid).sum())
+        if run.final_spectra is not None:  # the whole stored spectrum: exact cumulative curves
+            segments = [_cumulative_spectrum(run.final_spectra.values[m], snap["energy"].values[m]) for m in members]
+        else:
+            segments = [_cumulative(ranks, captured[m], full_rank[m]) for m in members]
+        segments = [s for s in segments if len(s) > 1]
+        if segments:
+            ax.add_collection(LineCollection(segments, colors=[colors[kind]], linewidths=0.8, alpha=0.35))
+        top = float(full_rank[members].max()) if members.size else float(ranks.max())
+        agg = 1.0 - by_kind["rank_residual"].sel(kind=kind).values
+        line = _cumulative(ranks, agg, top)
+        if len(line):
+            ax.plot(line[:, 0], line[:, 1], "o-", color="black", linewidth=2, markersize=3,
+                    label="kind (energy-weighted)")
+        for rank in analysis.ranks:
+            ax.axvline(rank, color="0.5", linestyle=":", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(1, max(2.0, top))
+        ax.set_ylim(0.0, 1.02)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_title(f"{kind} ({members.size} module{'s' if members.size != 1 else ''}"
+                     + (f"; {excluded} non-finite, excluded)" if excluded else ")"))
+        ax.set_xlabel("rank r (log2)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("energy in top-r directions")
+    for ax in list(axes.flat)[len(kinds):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(loc="lower right")
+    fig.suptitle(_wrap(f"Cumulative energy share of each module's update (thin lines) at the final snapshot, "
+                       f"{_snapshot_words(snap, analysis.x)}; dotted: candidate ranks{suffix}"), fontsize=12)
+    return fig
+
+
+def _energy_share(analysis: Analysis, suffix: str) -> Figure | None:
+    import seaborn as sns
+
+    snap = analysis.final_snapshot()
+    if snap is None:
+        return None
+    table = energy_shares(snap)["layer_kind"]
+    if table.empty:
+        return None
+    table = table[_ordered_kinds(table.columns.astype(str))]
+    table.index = [_layer_label(v) for v in table.index]
+    fig = Figure(figsize=(WIDTH_IN, _heatmap_height(len(table))), layout="constrained")
+    ax = fig.add_subplot()
+    sns.heatmap(table, ax=ax, cmap="rocket_r", vmin=0.0, annot=len(table) <= 48, fmt=".1%",
+                annot_kws={"fontsize": 8}, cbar_kws={"label": "share of all update energy", "format":
+                                                     PercentFormatter(1.0)}, linewidths=0.5, linecolor="white")
+    ax.set_xlabel("module kind")
+    ax.set_ylabel("layer (transformer block)")
+    ax.grid(False)
+    ax.set_title(_wrap(f"Where the update's energy lives: layer x kind, {_snapshot_words(snap, analysis.x)}{suffix}"))
+    return fig
+
+
+def _experts(analysis: Analysis, suffix: str) -> Figure | None:
+    import seaborn as sns
+
+    snap = analysis.final_snapshot()
+    if snap is None:
+        return None
+    per_expert = energy_shares(snap)["expert"]
+    if per_expert.empty:
+        return None
+    table = per_expert.unstack("expert")
+    table.index = [_layer_label(v) for v in table.index]
+    fig = Figure(figsize=(WIDTH_IN, _heatmap_height(len(table))), layout="constrained")
+    ax = fig.add_subplot()
+    n_cells = table.size
+    sns.heatmap(table, ax=ax, cmap="mako_r", vmin=0.0, annot=n_cells <= 400 and table.shape[1] <= 16, fmt=".1%",
+                annot_kws={"fontsize": 8}, cbar_kws={"label": "share of all update energy", "format":
+                                                     PercentFormatter(1.0)}, linewidths=0.3, linecolor="white")
+    ax.set_xlabel("expert index")
+    ax.set_ylabel("layer (transformer block)")
+    ax.grid(False)
+    ax.set_title(_wrap(f"Update energy per MoE expert (all its matrices), "
+                       f"{_snapshot_words(snap, analysis.x)}{suffix}"))
+    return fig
+
+
+def _loss(analysis: Analysis, suffix: str) -> Figure:
+    axis = analysis.x if all(_has_positive_x(run.steps, analysis.x) for run in analysis.runs) else "step"
+    fig = Figure(figsize=(WIDTH_IN, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    palette = _palette(len(analysis.runs), "tab10")
+    drawn = 0
+    names = _run_names(analysis.runs)
+    for color, run in zip(palette, analysis.runs):
+        steps = run.steps
+        if "loss" not in steps or not steps.sizes.get("step", 0):
+            continue
+        x = steps[axis].values.astype(float)
+        y = steps["loss"].values.astype(float)
+        keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
+        if not keep.any():
+            continue
+        label = names[run.path] + ("" if run.complete else " (incomplete)")
+        ax.plot(x[keep], y[keep], "-", color=color, linewidth=1.4, marker="." if keep.sum() < 50 else None,
+                label=label)
+        drawn += 1
+    if drawn:
+        ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
+        ax.legend(loc="best")
+    else:
+        _empty(ax, "no finite training loss was recorded")
+    ax.set_xlabel(X_LABELS[axis])
+    ax.set_ylabel("training loss (nats per token)")
+    ax.set_title(f"Training loss vs {_x_words(axis)}{suffix}")
+    return fig
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    """Report styling for the duration of one call; rcParams are restored afterwards."""
+    with mpl.rc_context(_RC):
+        yield
+
+
+def _ordered_kinds(kinds: Sequence[str] | Any) -> list[str]:
+    kinds = [str(k) for k in kinds]
+    known = [k for k in KIND_ORDER if k in kinds]
+    return known + sorted(k for k in kinds if k not in KIND_ORDER)
+
+
+def _ordered(curves: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Kinds in the canonical order, "all" last so its line is drawn on top."""
+    order = _ordered_kinds([g for g in curves if g != "all"]) + (["all"] if "all" in curves else [])
+    return [(g, curves[g]) for g in order]
+
+
+def _kind_colors(kinds: Any) -> dict[str, Any]:
+    import seaborn as sns
+
+    palette = sns.color_palette("colorblind", len(KIND_ORDER) + 4)
+    colors: dict[str, Any] = {k: palette[i] for i, k in enumerate(KIND_ORDER)}
+    extra = iter(palette[len(KIND_ORDER):])
+    for kind in kinds:
+        if kind == "all":
+            colors["all"] = (0.0, 0.0, 0.0)
+        elif kind not in colors:
+            colors[kind] = next(extra, (0.5, 0.5, 0.5))
+    return colors
+
+
+def _palette(n: int, name: str) -> list[Any]:
+    import seaborn as sns
+
+    return list(sns.color_palette(name, max(n, 1)))
+
+
+def _positive(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points a log-log axis can show (unknown counts are -1 in a run file; NaN where a value is missing)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    return x[keep], y[keep]
+
+
+def _cumulative(ranks: np.ndarray, share: np.ndarray, full_rank: float) -> np.ndarray:
+    """(rank, captured share) points up to the matrix's full rank, where the share is 1 by definition."""
+    keep = (ranks < full_rank) & np.isfinite(share)
+    points = np.column_stack([ranks[keep], share[keep]])
+    if np.isfinite(full_rank) and full_rank >= 1:
+        points = np.vstack([points, [full_rank, 1.0]])
+    return points
+
+
+def _cumulative_spectrum(sv: np.ndarray, energy: float) -> np.ndarray:
+    """(k, share of the exact energy in the top k directions) for every stored singular value."""
+    s = sv[np.isfinite(sv)].astype(float)
+    if not s.size or not energy > 0:
+        return np.empty((0, 2))
+    return np.column_stack([np.arange(1, s.size + 1), np.cumsum(s**2) / energy])
+
+
+def _overall_series(analysis: Analysis) -> tuple[np.ndarray, str, np.ndarray] | None:
+    """Residuals e_r of all modules at the candidate ranks against data, the way the rank curves pick points:
+    every snapshot of a single run, or the final snapshot of each run when several have snapshots."""
+    runs: list[RunResult] = [r for r in analysis.runs if r.n_snapshots and r.overall is not None]
+    if not runs:
+        return None
+    picks = [r.overall.isel(snapshot=[-1]) for r in runs] if len(runs) > 1 else [runs[0].overall]
+    axis = analysis.x if all((p[analysis.x].values > 0).all() for p in picks) else "step"
+    x = np.concatenate([p[axis].values for p in picks]).astype(float)
+    residual = np.concatenate([p["rank_residual"].sel(all="all", rank=list(analysis.ranks)).values
+                               for p in picks]).astype(float)
+    order = np.argsort(x, kind="stable")
+    return x[order], axis, residual[order]
+
+
+def _has_positive_x(steps: Any, axis: str) -> bool:
+    return axis in steps.coords and steps.sizes.get("step", 0) > 0 and bool((steps[axis].values > 0).all())
+
+
+def _heatmap_height(rows: int) -> float:
+    """Inches: about 0.3 in per row (readable annotations), within [3, 40]."""
+    return min(40.0, max(3.0, 1.8 + 0.3 * rows))
+
+
+def _layer_label(layer: Any) -> str:
+    return "none" if int(layer) < 0 else str(int(layer))
+
+
+def _x_words(axis: str) -> str:
+    return {"examples_seen": "examples seen", "tokens_seen": "tokens seen", "step": "optimizer steps"}[axis]
+
+
+def _snapshot_words(snap: Any, axis: str) -> str:
+    count = int(snap[axis].values) if axis in snap.coords else -1
+    words = f"step {int(snap['step'].values)}"
+    return words + (f", {count:,} {_x_words(axis)}" if count >= 0 else "")
+
+
+def _run_names(runs: Sequence[RunResult]) -> dict[str, str]:
+    """File names, or full paths where two runs share a file name."""
+    short = [Path(r.path).name for r in runs]
+    return {r.path: (s if short.count(s) == 1 else r.path) for r, s in zip(runs, short)}
+
+
+def _wrap(title: str, width: int = 95) -> str:
+    return "\n".join(textwrap.wrap(title, width))
+
+
+def _compact(value: float) -> str:
+    """1000 -> 1k, 2.5e6 -> 2.5M: counts stay readable on a log axis."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{unit}"
+    return f"{value:g}"
+
+
+def _plain_log_ticks(axis: Any) -> None:
+    """Plain numbers on a log axis; minor ticks labelled when the axis spans few decades (all of them within one
+    decade, those at 2 and 5 within two), so a short range still shows numbers."""
+    def minor(value: float, _: Any) -> str:
+        low, high = sorted(axis.get_view_interval())
+        decades = math.log10(high / low) if low > 0 else math.inf
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+        return _compact(value) if decades <= 1.0 or (decades <= 2.0 and mantissa in (2.0, 5.0)) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: _compact(value)))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def _confidence(analysis: Analysis) -> float:
+    return next((c.fit.confidence for c in analysis.curves.values()), 0.9)
+
+
+def _empty(ax: Any, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.3")
