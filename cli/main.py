@@ -97,12 +97,14 @@ def analyze(run_files: tuple[str, ...], output: str, ranks: tuple[int, ...], x_t
 @cli.command()
 @click.option("-o", "--output", "output", default="lorascope-demo", show_default=True, help="Folder to write into.")
 @click.option("--force", is_flag=True, help="Overwrite the demo's files in an existing output folder.")
-def demo(output: str, force: bool) -> None:
+@click.option("--steps", type=click.IntRange(min=2), default=None, help="Fine-tuning steps (default 400).")
+def demo(output: str, force: bool, steps: int | None) -> None:
     """Train a small built-in transformer on CPU with full fine-tuning, record it, and analyse it."""
-    from lorascope.demo import run_demo
+    from lorascope.demo import DemoConfig, run_demo
     from lorascope.report.terminal import format_summary
 
-    run_path, analysis, files = run_demo(output, force=force, log=lambda m: click.echo(m, err=True))
+    cfg = DemoConfig() if steps is None else DemoConfig(finetune_steps=steps)
+    run_path, analysis, files = run_demo(output, cfg=cfg, force=force, log=lambda m: click.echo(m, err=True))
     click.echo(format_summary(analysis.to_dict()))
     click.echo(f"\nrecording: {run_path}\nreport: {files.html}")
 
