@@ -44,6 +44,10 @@ class InvalidOptionError(LorascopeError, ValueError):
     """An option or argument is out of its valid range or of the wrong type."""
 
 
+class RecordingError(LorascopeError, RuntimeError):
+    """A strict recorder (``strict=True``) could not write its run file."""
+
+
 class LorascopeWarning(UserWarning):
     """Base class of lorascope's warnings."""
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorascope.errors import RecordingWarning
+from lorascope.errors import RecordingError, RecordingWarning
 from lorascope.store import schema as S
 from lorascope.store.writer import RunWriter
 
@@ -28,10 +28,6 @@ def to_host(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu").numpy()
     return value
-
-
-class RecordingFailed(RuntimeError):
-    """Raised in the training thread by a strict recorder whose writer failed."""
 
 
 class BackgroundWriter:
@@ -88,7 +84,7 @@ class BackgroundWriter:
         if self.error is None:
             return True
         if self.strict:
-            raise RecordingFailed(f"{self.writer.path}: recording failed: {self.error}") from self.error
+            raise RecordingError(f"{self.writer.path}: recording failed: {self.error}") from self.error
         if not self._warned:
             self._warned = True
             warnings.warn(

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from lorascope._version import __version__
-from lorascope.errors import InvalidOptionError, RecordingWarning, SelectionError
-from lorascope.record.background import BackgroundWriter, RecordingFailed
+from lorascope.errors import InvalidOptionError, RecordingError, RecordingWarning, SelectionError
+from lorascope.record.background import BackgroundWriter
 from lorascope.record.options import RecordOptions
 from lorascope.record.snapshot import capture_initial, from_storable, take_snapshot, tensors_of, to_storable
 from lorascope.store import schema as S
@@ -121,6 +121,7 @@ class Recorder:
         self.schedule = options.schedule()
         self.step = 0
         self.active = False
+        self._stopped = False  # recording stopped early (a recorder error or a write failure)
         self._writer: BackgroundWriter | None = None
         self._handles: list[Any] = []
         self._w0: list[torch.Tensor | None] = []
@@ -196,6 +197,8 @@ class Recorder:
             self._detach()
             writer, self._writer = self._writer, None
             _OPEN_RECORDERS.discard(self)
+            if self._stopped and status == S.STATUS_COMPLETE:
+                status = S.STATUS_FAILED  # the file lacks the steps after the stop: never claim it complete
             writer.close(status)
 
     def __enter__(self) -> Recorder:
@@ -247,20 +250,21 @@ class Recorder:
         if self.active and module.training and torch.is_grad_enabled():
             loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-                _accumulate_loss(self._auto, loss)
+                # Given ``num_items_in_batch`` (transformers Trainer), a model divides its summed loss by the item
+                # count of the whole optimizer step, so the step's loss is the sum over micro-batches.
+                _accumulate_loss(self._auto, loss, share_of_step=kwargs.get("num_items_in_batch") is not None)
 
     # -- work ------------------------------------------------------------------------------------------
     def _guarded(self, fn: Callable[[], None]) -> None:
         # A recorder bug or a write failure must never kill training (unless strict).
         try:
             fn()
-        except RecordingFailed:
+        except RecordingError:
             raise
         except Exception as exc:
             if self.options.strict:
                 raise
-            self.active = False
-            self._detach()
+            self._stop()
             warnings.warn(f"lorascope stopped recording to {self.path}: {type(exc).__name__}: {exc}; training "
                           "continues and the file keeps what was written.", RecordingWarning, stacklevel=3)
 
@@ -289,8 +293,9 @@ class Recorder:
         }
         row.update(self._grads or {})
         self._grads, self._logged, self._auto = None, {}, {}
-        if self._writer is not None:
-            self._writer.put_step(row)
+        if self._writer is not None and not self._writer.put_step(row):
+            self._stop()  # the writer failed and said so once: stop recording (no more snapshots), train on
+            return
         if self._snapshot_due(self.step):
             self._snapshot()
 
@@ -302,8 +307,8 @@ class Recorder:
         elif self.options.grad_sv:
             snapshot["grad_sv"] = [None] * len(self.refs)
         self._last_snapshot = self.step
-        if self._writer is not None:
-            self._writer.put_snapshot(snapshot)
+        if self._writer is not None and not self._writer.put_snapshot(snapshot):
+            self._stop()
 
     def _snapshot_due(self, step: int) -> bool:
         return self.schedule.is_due(step) or step == self.total_steps
@@ -336,6 +341,13 @@ class Recorder:
     def _uncovered_trainable_parameters(self) -> list[nn.Parameter]:
         covered = {id(t) for tensors in self._tensors for t in tensors.values()}
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in covered]
+
+    def _stop(self) -> None:
+        # Called from inside the optimizer's step hooks, while torch iterates its hook dicts: removing a hook now
+        # would raise "OrderedDict mutated during iteration" in the training loop. Go inert instead (every hook
+        # checks ``active``); close() removes the hooks.
+        self.active = False
+        self._stopped = True
 
     def _detach(self) -> None:
         for handle in self._handles:
@@ -411,14 +423,19 @@ def _detached(value: Any) -> Any:
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
-def _accumulate_loss(store: dict[str, Any], loss: Any) -> None:
+def _accumulate_loss(store: dict[str, Any], loss: Any, *, share_of_step: bool = False) -> None:
     value = loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else float(loss)
     store["loss_sum"] = store.get("loss_sum", 0.0) + value
     store["loss_count"] = store.get("loss_count", 0) + 1
+    store["loss_share_of_step"] = store.get("loss_share_of_step", True) and share_of_step
 
 
 def _mean_loss(store: dict[str, Any]) -> Any:
-    return store["loss_sum"] / store["loss_count"] if store.get("loss_count") else None
+    if not store.get("loss_count"):
+        return None
+    if store.get("loss_share_of_step"):  # each micro-batch loss is already normalized over the whole step
+        return store["loss_sum"]
+    return store["loss_sum"] / store["loss_count"]
 
 
 def _coverage_row(entry: Any) -> dict[str, Any]:

@@ -7,6 +7,8 @@ form L @ R, so its energy and spectrum come from small QR factors instead of a d
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,8 +129,9 @@ def take_snapshot(refs: tuple[MatrixRef, ...], model: nn.Module, w0: list[Any], 
     spectra: list[np.ndarray | None] = []
     factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     deltas: dict[int, np.ndarray] = {}
+    rng_kept = _rng_keeper(model, options)
     for i, ref in enumerate(refs):
-        with torch.no_grad():
+        with torch.no_grad(), rng_kept():
             delta = update_delta(model, ref, w0[i])
             spectrum, u, v, dense = _measure(delta, ref, options)
         if dense is not None:
@@ -147,6 +150,17 @@ def take_snapshot(refs: tuple[MatrixRef, ...], model: nn.Module, w0: list[Any], 
     if options.store_delta:
         out["deltas"] = deltas
     return out
+
+
+def _rng_keeper(model: nn.Module, options: RecordOptions) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """The randomized SVD (top-k spectra and factors of large matrices) draws from torch's global generators;
+    fork them, so that recording never shifts the training loop's random stream (dropout, shuffling)."""
+    if options.top_k is None and not options.factors_k:
+        return contextlib.nullcontext
+    devices = {(p.device.type, p.device.index) for p in model.parameters() if p.device.type != "cpu"}
+    device_type = next(iter(devices))[0] if devices else "cuda"
+    indices = sorted(index for kind, index in devices if kind == device_type and index is not None)
+    return lambda: torch.random.fork_rng(devices=indices, device_type=device_type)
 
 
 def _measure(delta: torch.Tensor | LowRank, ref: MatrixRef, options: RecordOptions

@@ -155,10 +155,13 @@ class Run:
     def refresh(self) -> None:
         """Re-read the table lengths and status a live writer may have changed."""
         self.attrs = {k: _decode(v) for k, v in self._file.attrs.items()}
+        def refresh(_: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Dataset):
+                obj.refresh()
+
+        # Every appended dataset, the per-module factors and deltas nested under snapshots included.
         for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
-            for ds in self._file[group].values():
-                if isinstance(ds, h5py.Dataset):
-                    ds.refresh()
+            self._file[group].visititems(refresh)
         self._check_tables()
 
     def close(self) -> None:
