@@ -99,8 +99,9 @@ _METHODS = ("auto", "gram", "svd")
 _BATCH_MAX_ENTRIES = 1 << 16
 # A stacked batch holds at most this many float64 entries (64 MiB).
 _CHUNK_MAX_ENTRIES = 1 << 23
-# Below this much work in total (multiply-adds) a thread pool costs more than it saves.
-_POOL_MIN_WORK = 5e6
+# Below this much work in total (multiply-adds, ~5 ms on one core) a thread pool costs more than it saves
+# (starting the threads and limiting BLAS threads through threadpoolctl take about 1 ms).
+_POOL_MIN_WORK = 5e7
 
 
 def singular_values_many(matrices: Sequence[torch.Tensor | np.ndarray], *, device: torch.device | str | None = None,
@@ -259,7 +260,8 @@ def _host_spectra(items: list[_Item]) -> Iterator[tuple[list[_Item], list[np.nda
         return
     workers = max(1, torch.get_num_threads())
     chunks = _chunks(items, workers)
-    if workers == 1 or len(chunks) == 1 or sum(it.work for it in items) < _POOL_MIN_WORK:
+    if workers < 2 or len(chunks) < workers or sum(it.work for it in items) < _POOL_MIN_WORK:
+        # Too little to share: one call at a time, each with BLAS's own threads.
         for chunk in chunks:
             yield chunk, _host_chunk(chunk)
         return

@@ -42,7 +42,7 @@ def update_metrics(snapshots: xr.Dataset, *, p: Sequence[float] = DEFAULT_P,
     Parameters
     ----------
     snapshots
-        A run's snapshots view: ``sv`` (snapshot, module, sv), ``sv_count``, ``energy``, ``delta_nonfinite``,
+        A run's snapshots view: ``sv`` (snapshot, module, sv_index), ``sv_count``, ``energy``, ``delta_nonfinite``,
         coordinates ``out_features`` / ``in_features`` / ``kind`` / ``layer`` on ``module``.
     p
         Energy shares for the energy ranks :math:`k_p`.
@@ -101,7 +101,7 @@ def update_metrics(snapshots: xr.Dataset, *, p: Sequence[float] = DEFAULT_P,
         },
         coords={"p": list(p_values), "rank": list(rank_values)},
     )
-    return metrics.assign_coords({name: snapshots.coords[name] for name in snapshots.coords if name != "sv"})
+    return metrics.assign_coords({name: snapshots.coords[name] for name in snapshots.coords if name != "sv_index"})
 
 
 def aggregate(metrics: xr.Dataset, by: str = "kind") -> xr.Dataset:

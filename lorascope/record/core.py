@@ -21,6 +21,7 @@ from torch import nn
 from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, RecordingError, RecordingWarning, SelectionError
 from lorascope.record.background import BackgroundWriter
+from lorascope.record.gns import MicroBatchNorms, two_batch_norms
 from lorascope.record.options import RecordOptions
 from lorascope.record.snapshot import capture_initial, from_storable, take_snapshot, tensors_of, to_storable
 from lorascope.store import schema as S
@@ -131,6 +132,7 @@ class Recorder:
         self._auto: dict[str, Any] = {}
         self._logged: dict[str, Any] = {}
         self._present_cache: dict[tuple[bool, ...], torch.Tensor] = {}
+        self._micro = MicroBatchNorms(self.refs, self._tensors) if options.gns in ("auto", "accumulation") else None
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, *, total_steps: int | None = None, config: dict[str, Any] | None = None,
@@ -176,6 +178,8 @@ class Recorder:
         if self._gradients_from_optimizer:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))
         self._handles.append(self.optimizer.register_step_post_hook(self._on_post_step))
+        if self._micro is not None:
+            self._micro.attach()
         if self._count_batches:
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._on_forward, with_kwargs=True))
@@ -219,6 +223,7 @@ class Recorder:
             if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
                 raise InvalidOptionError(f"examples must be an int >= 0. Got {examples!r} instead.")
             self._logged["examples"] = self._logged.get("examples", 0) + examples
+            self._logged.setdefault("passes", []).append(examples)
         if tokens is not None:
             self._logged["tokens"] = self._logged.get("tokens", 0) + _detached(tokens)
         if loss is not None:
@@ -243,6 +248,7 @@ class Recorder:
             examples, tokens = count_batch(args, kwargs)
             if examples is not None:
                 self._auto["examples"] = self._auto.get("examples", 0) + examples
+                self._auto.setdefault("passes", []).append(examples)
             if tokens is not None:
                 self._auto["tokens"] = self._auto.get("tokens", 0) + tokens
 
@@ -292,6 +298,7 @@ class Recorder:
             "loss": _mean_loss(self._logged) if "loss_count" in self._logged else _mean_loss(self._auto),
         }
         row.update(self._grads or {})
+        row.update(self._noise_scale_inputs(row["batch_examples"]) or {})
         self._grads, self._logged, self._auto = None, {}, {}
         if self._writer is not None and not self._writer.put_step(row):
             self._stop()  # the writer failed and said so once: stop recording (no more snapshots), train on
@@ -338,6 +345,19 @@ class Recorder:
         device = norms[0].device
         return torch.stack([n.to(device) for n in norms]).double().square().sum()
 
+    def _noise_scale_inputs(self, batch_examples: Any) -> dict[str, Any] | None:
+        """Two-batch-size norms of this step from its backward passes (see lorascope.record.gns)."""
+        if self._micro is None:
+            return None
+        measured = self._micro.pop()
+        if measured is None:
+            return None
+        passes = len(measured[0])
+        sizes = self._logged.get("passes", self._auto.get("passes"))
+        if (sizes is None or len(sizes) != passes) and isinstance(batch_examples, int) and batch_examples > 0:
+            sizes = [batch_examples / passes] * passes  # pass sizes not seen one by one: taken as equal
+        return two_batch_norms(*measured, sizes, self.options.gns_loss)
+
     def _uncovered_trainable_parameters(self) -> list[nn.Parameter]:
         covered = {id(t) for tensors in self._tensors for t in tensors.values()}
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in covered]
@@ -348,11 +368,15 @@ class Recorder:
         # checks ``active``); close() removes the hooks.
         self.active = False
         self._stopped = True
+        if self._micro is not None:
+            self._micro.detach()  # tensor hooks, not the optimizer's: safe to remove here
 
     def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._micro is not None:
+            self._micro.detach()
         self.active = False
 
     def _sv_capacity(self) -> int:

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorascope.errors import InvalidOptionError
+from lorascope.record.gns import LOSS_CONVENTIONS
 from lorascope.record.schedule import SnapshotSchedule
 from lorascope.taxonomy import KINDS
 
 DELTA_DTYPES = ("float16", "float32")
+GNS_SOURCES = ("auto", "accumulation", "per_example", None)
 W0_DEVICES = ("cpu", "device")
 
 
@@ -62,6 +64,15 @@ class RecordOptions:
         Keep W_0 beside the run file (``<run>.w0.h5``, one float32 copy of the recorded matrices) so that a run
         resumed from a checkpoint can continue the same file. ``None``: on for a ``transformers.Trainer`` that
         saves checkpoints, off otherwise.
+    gns
+        Gradient-noise-scale inputs: ``"auto"`` (default) records the gradient norms of each backward pass and of
+        the whole step whenever a step accumulates several passes (gradient accumulation); ``"accumulation"``
+        is the same; ``"per_example"`` records exact per-example gradient norms (batch size 1 vs the step);
+        ``None`` records neither.
+    gns_loss
+        How the passes of one step combine, to undo the loss scaling: ``"mean"`` (default; HF Trainer, Lightning,
+        and loops dividing each pass's loss by the number of passes: the step gradient is the mean over its
+        examples) or ``"sum"`` (each pass's loss is its own mean and the passes are summed).
     resume
         Continue an existing run file: a ``transformers.Trainer`` resumed from a checkpoint at step g drops the
         rows recorded after g (they are recorded again) and appends from there, measuring updates against the
@@ -85,6 +96,8 @@ class RecordOptions:
     overwrite: bool = False
     resumable: bool | None = None
     resume: bool = False
+    gns: str | None = "auto"
+    gns_loss: str = "mean"
     extra_config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,6 +121,10 @@ class RecordOptions:
             raise _bad("store_delta", f"None or one of {DELTA_DTYPES}", self.store_delta)
         if self.w0_device not in W0_DEVICES:
             raise _bad("w0_device", f"one of {W0_DEVICES}", self.w0_device)
+        if self.gns not in GNS_SOURCES:
+            raise _bad("gns", f"one of {GNS_SOURCES}", self.gns)
+        if self.gns_loss not in LOSS_CONVENTIONS:
+            raise _bad("gns_loss", f"one of {LOSS_CONVENTIONS}", self.gns_loss)
         if self.resume and self.overwrite:
             raise _bad("resume", "False when overwrite=True (continue a file, or replace it, not both)", self.resume)
         self.schedule()  # validates ``snapshots``

