@@ -18,6 +18,7 @@ import xarray as xr
 from lorascope.analysis.curves import PowerLawFit, fit_power_law
 from lorascope.analysis.layers import TARGET_SETS, energy_shares, lora_capture, rank_hungry_modules
 from lorascope.analysis.metrics import DEFAULT_P, aggregate, update_metrics
+from lorascope.analysis.noise import BatchAdvice, NoiseScale, batch_tradeoff, noise_scale
 from lorascope.errors import LorascopeError
 from lorascope.store.reader import open_run
 
@@ -45,6 +46,13 @@ class RunResult:
     by_layer: xr.Dataset | None
     overall: xr.Dataset | None
     final_spectra: xr.DataArray | None = None  # singular values at the last snapshot (module, sv), NaN-padded
+    config: dict[str, Any] = field(default_factory=dict)
+    noise: NoiseScale | None = None
+    batch_advice: BatchAdvice | None = None
+
+    @property
+    def is_lora(self) -> bool:
+        return bool(self.config.get("lora"))
 
     @property
     def n_snapshots(self) -> int:
@@ -133,6 +141,11 @@ class Analysis:
             "headline": self.headline(),
             "final": None,
             "curves": {g: c.to_dict() for g, c in self.curves.items()},
+            "noise_scale": [
+                {"run": r.path, **r.noise.to_dict(),
+                 "batch_advice": None if r.batch_advice is None else r.batch_advice.to_dict()}
+                for r in self.runs if r.noise is not None
+            ],
         }
         snap = self.final_snapshot()
         if snap is not None:
@@ -212,7 +225,9 @@ def _load(path: str | os.PathLike[str], p: tuple[float, ...], ranks: tuple[int, 
         snapshots = run.snapshots.load() if run.n_snapshots else None
         result = RunResult(path=str(path), status=run.status, complete=run.complete,
                            framework=str(run.attrs.get("framework", "")), modules=run.modules, steps=steps,
-                           metrics=None, by_kind=None, by_layer=None, overall=None)
+                           metrics=None, by_kind=None, by_layer=None, overall=None, config=run.config)
+    result.noise = noise_scale(steps) if steps.sizes.get("step", 0) else None
+    result.batch_advice = _batch_advice(result)
     if snapshots is not None:
         metrics = update_metrics(snapshots, p=p, ranks=ranks)
         result.metrics = metrics
@@ -221,6 +236,18 @@ def _load(path: str | os.PathLike[str], p: tuple[float, ...], ranks: tuple[int, 
         result.overall = aggregate(metrics, "all")
         result.final_spectra = snapshots["sv"].isel(snapshot=-1)
     return result
+
+
+def _batch_advice(run: RunResult) -> BatchAdvice | None:
+    """Where the run's batch sits against its noise scale (None without a positive estimate)."""
+    if run.noise is None:
+        return None
+    b_noise = run.noise.final["all"]["b_simple"]
+    batches = run.steps["batch_examples"].values
+    batches = batches[batches > 0]
+    if b_noise is None or b_noise <= 0 or not batches.size:
+        return None
+    return batch_tradeoff(float(b_noise), float(np.median(batches)), lora=run.is_lora)
 
 
 def _validate_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
@@ -248,6 +275,14 @@ def _add_notes(analysis: Analysis) -> None:
         if not run.complete:
             analysis.notes.append(f"{run.path}: incomplete run (status '{run.status}'); results cover what was "
                                   "written so far")
+        if run.noise is None:
+            analysis.notes.append(f"{run.path}: no gradient noise scale: no step had gradient norms at two batch "
+                                  "sizes; record with gradient accumulation (2 or more backward passes per optimizer "
+                                  "step) or with gns='per_example' to measure it")
+        else:
+            analysis.notes.extend(f"{run.path}: {note}" for note in run.noise.notes)
+            if run.batch_advice is not None and run.batch_advice.warning:
+                analysis.notes.append(f"{run.path}: {run.batch_advice.warning}")
         if run.n_snapshots == 0:
             analysis.notes.append(f"{run.path}: no snapshots, so no spectral metrics; the loss curve is shown")
         elif run.metrics is not None:

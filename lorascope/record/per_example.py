@@ -140,6 +140,7 @@ class PerExampleNorms:
         self._strict = bool(strict)
         self.unsupported: dict[str, str] = {}
         self._sites: list[_Site] = []
+        self._param_names = {id(p): name for name, p in model.named_parameters()}
         self._groups: dict[int, _Group] = {}
         self._build(model, _check_targets(model, targets))
         self._handles: list[Any] = []
@@ -218,14 +219,16 @@ class PerExampleNorms:
 
     @property
     def other_parameters(self) -> tuple[str, ...]:
-        """Names (as in ``named_parameters()``, tied aliases under their module's path) of the parameters
+        """Names (as in ``named_parameters()``, so a tied parameter under its first name) of the parameters
         summed in ``other``, at this moment."""
-        names = []
+        names: list[str] = []
         for site in self._sites:
             if site.path in self.unsupported:
                 continue
-            names.extend(f"{site.path}.{role}" if site.path else role
-                         for group, role in site.parts if group.column < 0 and group.first_site is site)
+            for group, role in site.parts:
+                name = self._param_names[id(getattr(site.module, role))]
+                if group.column < 0 and name not in names:
+                    names.append(name)
         return tuple(names)
 
     # -- setup -----------------------------------------------------------------------------------------------
@@ -255,7 +258,7 @@ class PerExampleNorms:
                     continue
                 group = self._groups.get(id(param))
                 if group is None:
-                    group = self._groups[id(param)] = _Group(-1, site)
+                    group = self._groups[id(param)] = _Group(-1)
                 if role == "weight" and column >= 0:
                     group.column = column
                 site.parts.append((group, role))
@@ -273,7 +276,7 @@ class PerExampleNorms:
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _recording(self) -> bool:
-        return self._attached and self._model.training and torch.is_grad_enabled()
+        return self._attached and self._model.training and torch.is_grad_enabled() and not _in_functorch()
 
     def _on_model_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self._recording() or torch._C._current_graph_task_id() != -1:
@@ -436,7 +439,6 @@ class _Group:
     """One parameter, possibly shared by several modules (tying)."""
 
     column: int  # -1: the "other" total
-    first_site: _Site
     keep_stash: bool = False
 
 
@@ -595,6 +597,12 @@ def _only_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
         v for v in kwargs.values() if isinstance(v, torch.Tensor)]
     return tensors[0] if len(tensors) == 1 else args[0]
+
+
+def _in_functorch() -> bool:
+    """Inside a torch.func transform (vmap, grad): its calls are not training micro-batches."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    return level is not None and level() is not None
 
 
 def _checkpoint_state() -> str:

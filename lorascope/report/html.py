@@ -32,6 +32,8 @@ CAPTIONS = {
     "spectra": "Cumulative energy share of each module's update at the final snapshot, per kind.",
     "energy_share": "Share of the update's energy per layer and kind at the final snapshot.",
     "experts": "Share of the update's energy per MoE expert and layer at the final snapshot.",
+    "noise_scale": "Gradient noise scale B_simple over training (left) and the steps / examples tradeoff at the "
+                   "final estimate with this run's batch size (right).",
     "loss": "Training loss of every run.",
 }
 _MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
@@ -96,6 +98,7 @@ def render_html(analysis: Analysis, images: Mapping[str, str | os.PathLike[str]]
     if final is not None:
         parts += _final_sections(final, summary, unit)
     parts += _curve_sections(summary, unit)
+    parts += _noise_sections(summary)
     if images:
         parts.append("<h2>Figures</h2>")
         parts += [_figure(name, Path(path)) for name, path in images.items()]
@@ -225,6 +228,31 @@ def _curve_sections(summary: Mapping[str, Any], unit: str) -> list[str]:
             f"<p>Power law k_{CURVE_P:g} = a x^b fitted against {_e(unit)} seen, with bootstrap intervals; a fit "
             "is refused (status and reason below) when it would be meaningless.</p>",
             _table(header, rows, left=(0, 1, 5)), _list(sentences)]
+
+
+def _noise_sections(summary: Mapping[str, Any]) -> list[str]:
+    out: list[str] = []
+    for noise in summary.get("noise_scale", []):
+        rows = []
+        for group, values in noise["groups"].items():
+            low, high = values["interval"]
+            rows.append([group, _num(values["b_simple"]), f"{_num(low)} .. {_num(high)}", values["measured_steps"],
+                         values["negative_trace_steps"]])
+        out += [f"<h2>Gradient noise scale: {_e(noise['run'])}</h2>",
+                f"<p>Norms at batch {_count(noise['batch_small'])} and {_count(noise['batch_big'])} examples; "
+                f"B_simple = EMA tr(Sigma) / EMA |G|^2 (smoothing {_e(noise['smoothing'])}), interval: bootstrap "
+                "of the ratio of means over the last half of the measured steps.</p>",
+                _table(["group", "B_simple (examples)", "interval", "measured steps", "negative tr(Sigma) steps"],
+                       rows)]
+        advice = noise.get("batch_advice")
+        if advice:
+            if advice["warning"]:
+                out.append(f'<div class="banner" role="alert">{_e(advice["warning"])}</div>')
+            out.append(_table(["batch", "steps / minimum", "examples / minimum"],
+                              [[_count(c["batch"]) + (" (this run)" if c["batch"] == advice["batch"] else ""),
+                                _num(c["steps_factor"], 2), _num(c["examples_factor"], 2)]
+                               for c in advice["candidates"]]))
+    return out
 
 
 def _figure(name: str, path: Path) -> str:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["PLOT_NAMES", "make_plots"]
 
 # Every figure make_plots may write, in the order a report shows them.
-PLOT_NAMES = ("energy_rank", "residual", "spectra", "energy_share", "experts", "loss")
+PLOT_NAMES = ("energy_rank", "residual", "spectra", "energy_share", "experts", "noise_scale", "loss")
 
 WIDTH_IN = 10.0  # 1000 px at DPI: the width the figures are designed to be read at
 DPI = 100
@@ -80,6 +80,7 @@ def make_plots(analysis: Analysis, folder: str | Path) -> dict[str, Path]:
         "spectra": _spectra,
         "energy_share": _energy_share,
         "experts": _experts,
+        "noise_scale": _noise_scale,
         "loss": _loss,
     }
     written: dict[str, Path] = {}
@@ -324,6 +325,53 @@ def _loss(analysis: Analysis, suffix: str) -> Figure:
     ax.set_xlabel(X_LABELS[axis])
     ax.set_ylabel("training loss (nats per token)")
     ax.set_title(f"Training loss vs {_x_words(axis)}{suffix}")
+    return fig
+
+
+def _noise_scale(analysis: Analysis, suffix: str) -> Figure | None:
+    """B_simple (EMA ratio) over training per group, and the steps/examples tradeoff at the final estimate."""
+    runs = [r for r in analysis.runs if r.noise is not None]
+    if not runs:
+        return None
+    fig = Figure(figsize=(WIDTH_IN, 4.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for run in runs:
+        series = run.noise.series
+        groups = [str(g) for g in series["group"].values]
+        colors = _kind_colors([g for g in groups if g != "all"])
+        x_name = "examples_seen" if (series["examples_seen"].values > 0).any() else "step"
+        x = series[x_name].values.astype(float)
+        for group in groups:
+            y = series["b_simple"].sel(group=group).values
+            keep = np.isfinite(y) & (y > 0) & (x > 0)
+            if keep.any():
+                left.plot(x[keep], y[keep], color="black" if group == "all" else colors[group],
+                          linewidth=2.0 if group == "all" else 1.0, label=group)
+        left.set_xlabel(X_LABELS.get(x_name, "optimizer steps"))
+        advice = run.batch_advice
+        if advice is not None:
+            b = np.asarray(advice.candidates)
+            right.plot(b, advice.steps_factor, label="steps S / S_min = 1 + B_noise / B")
+            right.plot(b, advice.examples_factor, label="examples E / E_min = 1 + B / B_noise")
+            right.axvline(advice.batch, color="0.3", linestyle="--", linewidth=1,
+                          label=f"this run's batch ({advice.batch:g})")
+            right.axvline(advice.b_noise, color="0.6", linestyle=":", linewidth=1,
+                          label=f"B_noise ~ {advice.b_noise:.3g}")
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_ylabel("B_simple = EMA tr(Sigma) / EMA |G|^2 (examples)")
+    left.set_title("Gradient noise scale over training")
+    left.legend(loc="best", fontsize=8)
+    if right.lines:
+        right.set_xscale("log", base=2)
+        right.set_yscale("log")
+        right.set_xlabel("batch size B (examples, log2)")
+        right.set_ylabel("multiple of the minimum")
+        right.set_title("Steps / examples tradeoff (McCandlish et al. 2018)")
+        right.legend(loc="upper center", fontsize=8)
+    else:
+        _empty(right, "no positive noise-scale estimate")
+    fig.suptitle(_wrap(f"Gradient noise scale from two batch sizes{suffix}"), fontsize=12)
     return fig
 
 

@@ -92,6 +92,23 @@ def format_summary(summary: dict[str, Any]) -> str:
                              f"(exponent {_num(lo, 3)}..{_num(hi, 3)}); {crossings}")
             else:
                 lines.append(f"  {group}: no fit: {fit['reason']}")
+    for noise in summary.get("noise_scale", []):
+        lines.append("")
+        overall = noise["groups"]["all"]
+        low, high = overall["interval"]
+        interval = f" ({_count(low)}..{_count(high)})" if low is not None and high is not None else ""
+        lines.append(f"Gradient noise scale of {noise['run']} (batch {_count(noise['batch_small'])} vs "
+                     f"{_count(noise['batch_big'])}, {overall['measured_steps']} steps): B_simple ~ "
+                     f"{_num(overall['b_simple'])}{interval} examples")
+        kinds = [f"{g} {_num(v['b_simple'])}" for g, v in noise["groups"].items() if g != "all"]
+        if kinds:
+            lines.append("  per kind: " + ", ".join(kinds))
+        advice = noise.get("batch_advice")
+        if advice:
+            row = next(c for c in advice["candidates"] if c["batch"] == advice["batch"])
+            lines.append(f"  at your batch of {_count(advice['batch'])}: {row['steps_factor']:.2f}x the minimal steps, "
+                         f"{row['examples_factor']:.2f}x the minimal examples"
+                         + (" (LoRA run)" if advice["lora"] else ""))
     if summary["notes"]:
         lines.append("")
         lines.append("Notes:")
