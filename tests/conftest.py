@@ -6,6 +6,17 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread_per_worker():
+    """One intra-op thread per test process: the suite runs in two xdist workers on two cores, and the tiny
+    models here gain nothing from more threads, while oversubscribed OpenMP workers waiting for a descheduled
+    peer make each step orders of magnitude slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=[0, 1])
 def seed(request: pytest.FixtureRequest) -> int:
     """A seed; tests using it must hold for every value. Also seeds torch's global generator."""
