@@ -122,3 +122,30 @@ def test_batch_tradeoff_and_warnings():
     assert lora.warning is not None and "LoRA Without Regret" in lora.warning
     with pytest.raises(ValueError):
         batch_tradeoff(0.0, 10.0)
+
+
+@pytest.mark.parametrize("logistic", [False, True], ids=["linear", "logistic"])
+def test_per_example_estimate_matches_the_exact_noise_scale(tmp_path, seed, logistic):
+    """B_small = 1 from exact per-example norms, one backward pass per step."""
+    x, y = _data(seed, logistic)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(D, 1, bias=False)
+    with torch.no_grad():
+        model.weight.mul_(0.3)
+    exact = _exact_b_simple(model, x, y, logistic)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    rng = torch.Generator().manual_seed(seed + 200)
+    batch, steps = 16, 1500
+    path = tmp_path / "gns.h5"
+    with lorascope.record(model, path, optimizer=opt, gns="per_example", snapshots=[steps]):
+        for _ in range(steps):
+            idx = torch.randint(0, N, (batch,), generator=rng)
+            _loss(model(x[idx]), y[idx], logistic).backward()
+            opt.step()
+            opt.zero_grad()
+    with lorascope.open_run(path) as run:
+        steps_view = run.steps
+    np.testing.assert_array_equal(steps_view.gns_batch_small.values, 1)
+    np.testing.assert_array_equal(steps_view.gns_batch_big.values, batch)
+    ns = noise_scale(steps_view, smoothing=0.999)
+    assert ns.final["all"]["b_simple"] == pytest.approx(exact, rel=0.10)

@@ -21,7 +21,7 @@ from torch import nn
 from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, RecordingError, RecordingWarning, SelectionError
 from lorascope.record.background import BackgroundWriter
-from lorascope.record.gns import MicroBatchNorms, two_batch_norms
+from lorascope.record.gns import MicroBatchNorms, per_example_norms, two_batch_norms
 from lorascope.record.options import RecordOptions
 from lorascope.record.snapshot import capture_initial, from_storable, take_snapshot, tensors_of, to_storable
 from lorascope.store import schema as S
@@ -132,7 +132,17 @@ class Recorder:
         self._auto: dict[str, Any] = {}
         self._logged: dict[str, Any] = {}
         self._present_cache: dict[tuple[bool, ...], torch.Tensor] = {}
-        self._micro = MicroBatchNorms(self.refs, self._tensors) if options.gns in ("auto", "accumulation") else None
+        # Per-pass norms also give the per-example source its step norm before clipping.
+        self._micro = MicroBatchNorms(self.refs, self._tensors) if options.gns is not None else None
+        self._per_example = None
+        if options.gns == "per_example":
+            from lorascope.record.per_example import PerExampleNorms
+
+            # One column per matrix that is a whole module weight; split fused experts have no per-example
+            # norms (their columns stay NaN).
+            targets = {ref.module: [i] for i, ref in enumerate(self.refs)
+                       if ref.expert < 0 and not ref.part and (ref.lora or ref.parameter == "weight")}
+            self._per_example = PerExampleNorms(model, targets)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, *, total_steps: int | None = None, config: dict[str, Any] | None = None,
@@ -180,6 +190,8 @@ class Recorder:
         self._handles.append(self.optimizer.register_step_post_hook(self._on_post_step))
         if self._micro is not None:
             self._micro.attach()
+        if self._per_example is not None:
+            self._per_example.attach()
         if self._count_batches:
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._on_forward, with_kwargs=True))
@@ -350,13 +362,16 @@ class Recorder:
         if self._micro is None:
             return None
         measured = self._micro.pop()
+        per_example = self._per_example.pop() if self._per_example is not None else None
         if measured is None:
             return None
         passes = len(measured[0])
         sizes = self._logged.get("passes", self._auto.get("passes"))
         if (sizes is None or len(sizes) != passes) and isinstance(batch_examples, int) and batch_examples > 0:
             sizes = [batch_examples / passes] * passes  # pass sizes not seen one by one: taken as equal
-        return two_batch_norms(*measured, sizes, self.options.gns_loss)
+        if per_example is None:
+            return two_batch_norms(*measured, sizes, self.options.gns_loss)
+        return per_example_norms(*measured, per_example[0], sizes, len(self.refs), self.options.gns_loss)
 
     def _uncovered_trainable_parameters(self) -> list[nn.Parameter]:
         covered = {id(t) for tensors in self._tensors for t in tensors.values()}
@@ -368,15 +383,17 @@ class Recorder:
         # checks ``active``); close() removes the hooks.
         self.active = False
         self._stopped = True
-        if self._micro is not None:
-            self._micro.detach()  # tensor hooks, not the optimizer's: safe to remove here
+        for hooks in (self._micro, self._per_example):
+            if hooks is not None:
+                hooks.detach()  # tensor and module hooks, not the optimizer's: safe to remove here
 
     def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._micro is not None:
-            self._micro.detach()
+        for hooks in (self._micro, self._per_example):
+            if hooks is not None:
+                hooks.detach()
         self.active = False
 
     def _sv_capacity(self) -> int:

@@ -138,3 +138,35 @@ def two_batch_norms(passes: torch.Tensor, cross: torch.Tensor, sizes: Sequence[i
         "gns_sq_norm_small": small.mean(0),
         "gns_sq_norm_big": big,
     }
+
+
+def per_example_norms(passes: torch.Tensor, cross: torch.Tensor, per_example: torch.Tensor,
+                      sizes: Sequence[float] | None, n_matrices: int, convention: str = LOSS_MEAN
+                      ) -> dict[str, Any] | None:
+    r"""The noise-scale inputs of one step from exact per-example norms (batch size 1 vs the step).
+
+    ``per_example`` holds :math:`|\partial L_b / \partial W|^2` of each example's share of the backpropagated
+    loss (:class:`lorascope.record.per_example.PerExampleNorms`). Under ``"mean"`` the step gradient is the mean
+    over its :math:`N` examples, so example b's own gradient is :math:`N\, \partial L_b / \partial W`; under
+    ``"sum"`` (each pass's loss the mean over its own :math:`b_k` examples) it is :math:`b_k\, \partial L_b /
+    \partial W`. The big-batch norm is the step's (unclipped) mean gradient from the per-pass norms.
+    """
+    n_examples = per_example.shape[0]
+    if n_examples < 2:
+        return None
+    if convention not in LOSS_CONVENTIONS:
+        raise ValueError(f"convention must be one of {LOSS_CONVENTIONS}. Got {convention!r} instead.")
+    n_passes = passes.shape[0]
+    big = passes.sum(0) + 2.0 * cross.sum(0)
+    if convention == LOSS_MEAN:
+        scale = torch.full((n_examples,), float(n_examples) ** 2, device=per_example.device)
+    else:
+        big = big / n_passes**2
+        if sizes is None or len(sizes) != n_passes or round(sum(sizes)) != n_examples:
+            sizes = [n_examples / n_passes] * n_passes
+        scale = torch.cat([torch.full((round(b),), float(b) ** 2, device=per_example.device) for b in sizes])
+    small = torch.full((n_matrices,), float("nan"), device=per_example.device)
+    columns = min(per_example.shape[1], n_matrices)
+    small[:columns] = (scale[:, None] * per_example[:, :columns]).mean(0)
+    return {"gns_batch_small": 1.0, "gns_batch_big": float(n_examples), "gns_sq_norm_small": small,
+            "gns_sq_norm_big": big}

@@ -10,13 +10,16 @@ norm needs neither that gradient nor any other example's (Gray et al. 2024):
 The Gram form costs :math:`\\sim B T^2 (K + L)`, forming :math:`g_b` costs :math:`\\sim B T K L`; the cheaper is
 taken per call. Forward hooks keep each hooked module's input (a detached reference to a tensor autograd keeps
 anyway) and put a hook on its output; the output hook receives :math:`d` and adds the norms into a small
-per-example buffer. Nothing leaves the device and nothing synchronizes with the host, except a one-time check,
+per-example buffer. A hook on each call's output tensor, rather than a module backward hook, pairs every
+gradient with the input of the same call (modules called several times, gradient checkpointing) and adds no
+autograd node. Nothing leaves the device and nothing synchronizes with the host, except a one-time check,
 at each module's first training call, that its output follows the formula the norms assume.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +32,8 @@ from lorascope.errors import InvalidOptionError
 
 __all__ = ["PerExampleNorms"]
 
-# Temporaries of one norm computation are kept below max(this, size of its inputs) elements by chunking examples.
-_CHUNK_ELEMENTS = 1 << 25
+# Temporaries of one norm computation stay below max(this, size of its inputs) elements (tiling, chunking).
+_TEMP_ELEMENTS = 1 << 25
 _SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.LayerNorm or an RMSNorm"
 
 
@@ -45,9 +48,11 @@ class PerExampleNorms:
     targets : mapping of str to sequence of int, optional
         ``{module path: [column]}``: the weight gradient of that module goes to that column of
         :meth:`pop`'s first tensor (exactly one column per module). Modules sharing one weight parameter
-        (a tied output head) share its column. Every other supported module, and every bias and norm
-        parameter not listed, goes to the ``other`` total. ``None``: every supported module's weight gets a
-        column, one per distinct weight parameter, in ``named_modules()`` order (see :attr:`columns`).
+        (a tied output head) share its column. For a PEFT LoRA layer the column is
+        :math:`|g_A|^2 + |g_B|^2` of its adapter factors (the recorder's gradient of a LoRA matrix). Every
+        other supported module, and every bias and norm parameter not listed, goes to the ``other`` total.
+        ``None``: every supported module's weight gets a column, one per distinct weight parameter, in
+        ``named_modules()`` order (see :attr:`columns`).
     batch_dim : int, default 0
         The example dimension of the hooked modules' inputs, e.g. 1 for sequence-first models.
     strict : bool, default False
@@ -55,8 +60,9 @@ class PerExampleNorms:
 
     Attributes
     ----------
-    columns : tuple of str
-        Per column, the module path whose weight it measures (``""`` for an index no module was given).
+    columns : tuple of str or None
+        Per column, the module path whose weight it measures (``""`` is the model itself; None for an index no
+        module was given).
     unsupported : dict of str to str
         Module path -> why its per-example norms are not measured. Its column is NaN; an unsupported module
         outside ``targets`` is left out of ``other`` (see :attr:`other_parameters`). Grows while training when a
@@ -69,12 +75,13 @@ class PerExampleNorms:
     :math:`b = 1..B` and backpropagated loss :math:`L = \\sum_b L_b`, where :math:`L_b` is example
     :math:`b`'s share of :math:`L` (the terms that depend on its inputs), :meth:`pop` returns
     :math:`|\\partial L_b / \\partial W|_F^2` for each column's weight :math:`W`, and the sum of those squared
-    norms over the other measured parameters. The norms are of the share as backpropagated, not rescaled: with
-    a loss averaged over the :math:`N` examples of an optimizer step, the example's own gradient is
-    :math:`N\\, \\partial L_b / \\partial W` and its squared norm :math:`N^2` times the value returned (the
-    caller converts; for a language model averaging over tokens the factor is the step's token count
-    instead). Examples must not interact (no BatchNorm, no in-batch contrastive loss): otherwise
-    :math:`L_b` is not defined by example :math:`b` alone.
+    norms over the other measured parameters. The norms are of the share as backpropagated, never rescaled
+    here: when the step's gradient is the mean over its :math:`N` examples (``L`` divided by :math:`N`, or by the
+    step's token count), :math:`N\\, \\partial L_b / \\partial W` is example :math:`b`'s gradient estimate (their
+    mean is the step's gradient), :math:`N^2` times the value returned; the caller converts. A loss scaled for
+    mixed precision (``torch.amp.GradScaler``) scales the values by the square of the scale. Examples must not
+    interact (no BatchNorm, no in-batch contrastive loss): otherwise :math:`L_b` is not defined by example
+    :math:`b` alone.
 
     **Per layer.** ``nn.Linear`` (weight (out, in)), transformers ``Conv1D`` (weight (in, out),
     :math:`y = x W + b`) and ``nn.Embedding`` (an example's gradient scatters its output gradients into the
@@ -97,13 +104,15 @@ class PerExampleNorms:
     during the backward pass: only the second run is hooked, so nothing extra is kept. Non-reentrant
     checkpointing (transformers' default) is detected: the first run keeps no input, the recomputation during
     backward supplies it. A module called more than once per forward inside non-reentrant checkpointed code is
-    marked unsupported. Without the detection (a private torch API) the first run's inputs are kept: exact, but
-    the checkpointing's memory saving for those inputs is lost.
+    marked unsupported. Without the detection (it relies on private torch hooks), recomputed calls would look
+    like extra calls of the same weights: results stay exact or NaN, at a cost in memory and time.
 
     **Memory and time.** Only references to the current forward's inputs of hooked modules (which autograd
-    keeps anyway) until their gradients arrive, released then; per example and column, one float32.
-    Forward passes without gradients (``torch.no_grad``, eval mode) are not hooked. A forward in training mode
-    whose outputs never get a backward pass leaves nothing behind once its outputs are freed.
+    keeps anyway) until their gradients arrive, released then; per example and column, one float32 until
+    :meth:`pop` (call it once per optimizer step). Forward passes without gradients (``torch.no_grad``, or the
+    model in eval mode) are not hooked. A training forward whose outputs never get a backward pass leaves
+    nothing behind once its outputs are freed. Matrix products run at the precision torch is set to (TF32 on
+    recent GPUs when ``torch.backends.cuda.matmul.allow_tf32`` is on).
 
     **Not supported.** A second backward pass through the same forward (``retain_graph=True``) marks the
     modules it reaches unsupported; several forwards before one backward are separate micro-batches (fine)
@@ -205,7 +214,7 @@ class PerExampleNorms:
         other = torch.cat([mb.other.to(device) for mb in done])
         broken = {group for site in self._sites if site.path in self.unsupported for group, _ in site.parts}
         broken.update(*(mb.invalid for mb in done))
-        nan_columns = {i for i, path in enumerate(self.columns) if not path or path in self.unsupported}
+        nan_columns = {i for i, path in enumerate(self.columns) if path is None or path in self.unsupported}
         nan_columns.update(group.column for group in broken if group.column >= 0)
         if nan_columns:
             per_target[:, sorted(nan_columns)] = float("nan")
@@ -226,14 +235,22 @@ class PerExampleNorms:
             if site.path in self.unsupported:
                 continue
             for group, role in site.parts:
-                name = self._param_names[id(getattr(site.module, role))]
-                if group.column < 0 and name not in names:
+                param = getattr(site.module, role)
+                name = self._param_names[id(param)]
+                if group.column < 0 and param.requires_grad and name not in names:
                     names.append(name)
         return tuple(names)
 
     # -- setup -----------------------------------------------------------------------------------------------
     def _build(self, model: nn.Module, targets: dict[str, int] | None) -> None:
         modules = dict(model.named_modules())
+        adapters: dict[str, int] = {}  # adapter Linear of a targeted PEFT LoRA layer -> the layer's column
+        for path, column in (targets or {}).items():
+            found = _lora_adapters(path, modules[path])
+            if isinstance(found, str):
+                self.unsupported[path] = found
+            for sub in found:
+                adapters[sub] = column
         mha_children = {id(m.out_proj) for m in modules.values() if isinstance(m, nn.MultiheadAttention)}
         columns: dict[int, int] = {}  # id(weight) -> column
         for path, module in modules.items():
@@ -241,13 +258,13 @@ class PerExampleNorms:
             if kind and id(module) in mha_children:
                 kind, reason = "", "used by nn.MultiheadAttention through its weights, never called"
             if not kind:
-                if targets is not None and path in targets:
+                if targets is not None and path in targets and not _is_lora_layer(module):
                     self.unsupported[path] = reason
                 continue
             site = _Site(path, module, kind)
             weight = module.weight
             if targets is not None:
-                column = targets.get(path, -1)
+                column = targets.get(path, adapters.get(path, -1))
                 if column >= 0 and columns.setdefault(id(weight), column) != column:
                     raise InvalidOptionError(f"The 'targets' parameter of PerExampleNorms maps modules sharing the "
                                              f"weight of {path!r} to different columns; give them one column.")
@@ -264,15 +281,15 @@ class PerExampleNorms:
                 site.parts.append((group, role))
             self._sites.append(site)
         n = (max(targets.values()) + 1 if targets else 0) if targets is not None else len(columns)
-        names = [""] * n
+        names: list[str | None] = [None] * n  # None: no module was given this column ("" is the root module)
         for site in self._sites:
             for group, role in site.parts:
-                if role == "weight" and group.column >= 0 and not names[group.column]:
+                if role == "weight" and group.column >= 0 and names[group.column] is None:
                     names[group.column] = site.path
-        for path in self.unsupported:
-            if targets is not None and path in targets:
-                names[targets[path]] = path
-        self.columns: tuple[str, ...] = tuple(names)
+        for path, column in (targets or {}).items():
+            if path in self.unsupported or _is_lora_layer(modules[path]):
+                names[column] = path
+        self.columns: tuple[str | None, ...] = tuple(names)
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _recording(self) -> bool:
@@ -306,8 +323,10 @@ class PerExampleNorms:
             self._mark(site, problem)
             return
         assert x is not None
-        if self._current is None:  # the model itself was not called (a submodule was): one micro-batch per call
-            self._current = _MicroBatch(x.shape[self._batch_dim])
+        if self._current is None or (not self._current.from_model and self._current.per_target is not None
+                                     and torch._C._current_graph_task_id() == -1):
+            # Submodules called without the model: a call after the last micro-batch's backward starts the next.
+            self._current = _MicroBatch(x.shape[self._batch_dim], from_model=False)
             self._batches.append(self._current)
         mb = self._current
         if mb.n_examples is None:
@@ -317,7 +336,7 @@ class PerExampleNorms:
                              f"the model's input {mb.n_examples} examples (flattened tokens, or an output "
                              "broadcast over the batch whose per-example gradients are summed before the hook)")
             return
-        if not site.checked:
+        if not site.checked and x.numel() and output.numel():
             problem = _check_formula(site, x, output)
             if problem:
                 self._mark(site, problem)
@@ -386,6 +405,7 @@ class PerExampleNorms:
     def _accumulate(self, call: _Call) -> None:
         site, mb = call.site, call.mb
         assert call.input is not None and call.grad is not None
+        site.contributed = True  # before any addition: a failure below must invalidate what was added
         contributions = _contributions(site, call.input, call.grad, self._batch_dim)
         if mb.per_target is None:
             mb.allocate(len(self.columns), call.input.shape[self._batch_dim], call.grad.device)
@@ -406,7 +426,6 @@ class PerExampleNorms:
             if not pending and not group.keep_stash:
                 state.done = [(key, None) for key, _ in state.done]  # every call of this weight is in: free
             mb.add(group.column, value)
-        site.contributed = True
 
     # -- problems --------------------------------------------------------------------------------------------
     def _check_input(self, site: _Site, x: Any) -> str:
@@ -478,8 +497,9 @@ class _GroupState:
 class _MicroBatch:
     """Per-example buffers of one forward/backward pass."""
 
-    def __init__(self, n_examples: int | None) -> None:
+    def __init__(self, n_examples: int | None, *, from_model: bool = True) -> None:
         self.n_examples = n_examples
+        self.from_model = from_model
         self.per_target: torch.Tensor | None = None
         self.other: torch.Tensor | None = None
         self.groups: dict[int, _GroupState] = {}
@@ -550,9 +570,27 @@ def _kind_of(module: nn.Module) -> tuple[str, str]:
         return "layer_norm", ""
     if isinstance(module, getattr(nn, "RMSNorm", ())) or cls.endswith("RMSNorm"):
         return "rms_norm", ""
-    if "lora_A" in dir(module) and "base_layer" in dir(module):
-        return "", "PEFT LoRA layer (its lora_A / lora_B Linear modules are measured in 'other')"
+    if _is_lora_layer(module):
+        return "", "PEFT LoRA layer (not targeted: its lora_A / lora_B Linear modules go to 'other')"
     return "", f"{cls} is not a supported module ({_SUPPORTED})"
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and isinstance(
+        getattr(module, "base_layer", None), nn.Module)
+
+
+def _lora_adapters(path: str, module: nn.Module) -> list[str] | str:
+    """Paths of the adapter Linear modules of a PEFT LoRA layer (none for another module), or why not."""
+    if not _is_lora_layer(module):
+        return []
+    if len(getattr(module, "lora_embedding_A", None) or {}):
+        return "PEFT LoRA embedding layer (its adapters are parameters read through F.embedding, not modules)"
+    found = [f"{path}.{part}.{name}" for part in ("lora_A", "lora_B")
+             for name, sub in getattr(module, part).items() if isinstance(sub, nn.Linear)]
+    if len(found) != 2 * len(module.lora_A):
+        return "PEFT LoRA layer whose adapters are not nn.Linear"
+    return found
 
 
 def _check_targets(model: nn.Module, targets: Mapping[str, Sequence[int]] | None) -> dict[str, int] | None:
@@ -703,11 +741,6 @@ def _contributions(site: _Site, x: torch.Tensor, d: torch.Tensor, batch_dim: int
     return out
 
 
-def _chunks(n: int, per_example: int, inputs: int) -> list[slice]:
-    step = max(1, max(_CHUNK_ELEMENTS, inputs) // max(1, per_example))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
-
-
 def _self_norm(c: _Contribution) -> torch.Tensor:
     """(B,) squared Frobenius norms of the per-example gradients of one contribution."""
     if c.direct is not None:
@@ -716,19 +749,37 @@ def _self_norm(c: _Contribution) -> torch.Tensor:
     assert rows is not None and cols is not None
     if c.index:
         return _segment_sums(rows, [cols])[0].square().sum((1, 2))
-    b, t, p = rows.shape
-    q = cols.shape[2]
-    if t == 1:
+    if rows.shape[1] == 1:
         return rows.square().sum((1, 2)) * cols.square().sum((1, 2))
-    gram = t * t * (p + q + 1) < p * q * (t + 1)
-    per_example = t * t * 2 if gram else p * q
+    return _inner(rows, cols, rows, cols)
+
+
+def _inner(r1: torch.Tensor, k1: torch.Tensor, r2: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
+    """(B,) inner products :math:`\\langle \\sum_s r_{1s} k_{1s}^T, \\sum_t r_{2t} k_{2t}^T \\rangle` per example,
+    by Gram matrices (tiled over positions) or by forming both sums, whichever costs fewer operations, unless
+    only the other keeps its temporaries within budget."""
+    b, s, p = r1.shape
+    t, q = r2.shape[1], k1.shape[2]
+    budget = max(_TEMP_ELEMENTS, r1.numel() + k1.numel() + r2.numel() + k2.numel())
+    same = r1 is r2 and k1 is k2
+    direct_per_example = p * q * (1 if same else 2)
+    gram = s * t * (p + q + 1) < p * q * (s + t + 1)
+    if (direct_per_example <= budget) != (2 * s * t <= budget):
+        gram = direct_per_example > budget
+    if gram:  # sum_{s,t} (r1_s . r2_t)(k1_s . k2_t), over position tiles of at most budget / (2B) pairs
+        tile = max(1, math.isqrt(max(1, budget // (2 * b))))
+        total = r1.new_zeros(b)
+        for i in range(0, s, tile):
+            for j in range(0, t, tile):
+                rr = r1[:, i:i + tile] @ r2[:, j:j + tile].transpose(1, 2)
+                total += (rr * (k1[:, i:i + tile] @ k2[:, j:j + tile].transpose(1, 2))).sum((1, 2))
+        return total
+    step = max(1, budget // direct_per_example)  # examples at a time
     parts = []
-    for s in _chunks(b, per_example, rows.numel() + cols.numel()):
-        r, k = rows[s], cols[s]
-        if gram:  # sum_{t,t'} (r_t . r_t')(k_t . k_t')
-            parts.append((r @ r.transpose(1, 2) * (k @ k.transpose(1, 2))).sum((1, 2)))
-        else:  # |sum_t r_t k_t^T|^2
-            parts.append((r.transpose(1, 2) @ k).square().sum((1, 2)))
+    for i in range(0, b, step):
+        g1 = r1[i:i + step].transpose(1, 2) @ k1[i:i + step]
+        parts.append(g1.square().sum((1, 2)) if same else
+                     (g1 * (r2[i:i + step].transpose(1, 2) @ k2[i:i + step])).sum((1, 2)))
     return torch.cat(parts)
 
 
@@ -752,11 +803,7 @@ def _cross(stash: _Stash, c: _Contribution, call_key: int) -> torch.Tensor:
         return (_rows_at(c, p.rows) * p.cols).sum((1, 2))
     if c.index:
         return (_rows_at(p, c.rows) * c.cols).sum((1, 2))
-    s, t, size = p.rows.shape[1], c.rows.shape[1], p.rows.shape[2] * p.cols.shape[2]
-    if s * t * (p.rows.shape[2] + p.cols.shape[2] + 1) < size * (s + t + 1):
-        gram_rows = p.rows @ c.rows.transpose(1, 2)
-        return (gram_rows * (p.cols @ c.cols.transpose(1, 2))).sum((1, 2))
-    return ((p.rows.transpose(1, 2) @ p.cols) * (c.rows.transpose(1, 2) @ c.cols)).sum((1, 2))
+    return _inner(p.rows, p.cols, c.rows, c.cols)
 
 
 def _rows_at(dense: _Contribution, ids: torch.Tensor) -> torch.Tensor:
