@@ -196,8 +196,10 @@ class Recorder:
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._on_forward, with_kwargs=True))
         self.active = True
+        if not _OPEN_RECORDERS:  # the exit handler is registered once per batch of open recorders
+            atexit.unregister(_close_open_recorders)
+            atexit.register(_close_open_recorders)
         _OPEN_RECORDERS.add(self)
-        atexit.register(_close_open_recorders)
         return self
 
     def close(self, status: str | None = S.STATUS_COMPLETE) -> None:
