@@ -113,7 +113,7 @@ def main() -> None:
             results["lorascope analyze (new process, with imports)"].append(time.perf_counter() - t4)
     print(f"recording: {shape[1]} modules x {shape[0]} snapshots x {shape[2]} steps "
           f"(synthesized in {write_s:.1f} s)")
-    print(f"{"what":46s} {'median s':>9s} {'min s':>7s} {'max s':>7s}  target")
+    print(f"{'what':46s} {'median s':>9s} {'min s':>7s} {'max s':>7s}  target")
     for name, times in results.items():
         target = "< 10 s" if "lorascope analyze" in name else ""
         print(f"{name:46s} {np.median(times):9.2f} {min(times):7.2f} {max(times):7.2f}  {target}")
