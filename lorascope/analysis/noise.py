@@ -70,9 +70,10 @@ class NoiseScale:
         Over (step, group): per-step ``g2`` and ``trace`` estimates, their EMAs, ``b_simple`` (EMA ratio), with
         ``examples_seen`` on ``step``.
     final : dict
-        Per group: the final ``b_simple``, its bootstrap interval over the last half of the measured steps
-        (ratio of the resampled means), the number of measured steps and of steps with a negative trace
-        estimate.
+        Per group: ``b_simple``, the ratio of the means of the trace and |G|^2 estimates over the last half of the
+        measured steps (the noise scale late in the run), its bootstrap interval (same ratio over resampled
+        steps), ``b_simple_ema_last`` (the EMA ratio at the last step), the number of measured steps and of
+        steps with a negative trace estimate.
     batch_small, batch_big : float
         Median batch sizes of the two norms.
     """
@@ -139,7 +140,9 @@ def noise_scale(steps: xr.Dataset, *, smoothing: float = DEFAULT_SMOOTHING, n_bo
     tail = rows[len(rows) // 2:]
     final = {}
     for j, group in enumerate(groups):
-        last = b_simple[rows[-1], j]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_g2 = np.mean(g2[tail, j])
+            estimate = np.mean(trace[tail, j]) / mean_g2 if mean_g2 > 0 else np.nan
         low = high = np.nan
         if tail.size >= 4:
             draws = []
@@ -149,7 +152,8 @@ def noise_scale(steps: xr.Dataset, *, smoothing: float = DEFAULT_SMOOTHING, n_bo
                 draws.append(mt / mg if mg > 0 else np.nan)
             with np.errstate(invalid="ignore"):
                 low, high = np.nanquantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
-        final[group] = {"b_simple": _num(last), "interval": [_num(low), _num(high)], "confidence": confidence,
+        final[group] = {"b_simple": _num(estimate), "interval": [_num(low), _num(high)], "confidence": confidence,
+                        "b_simple_ema_last": _num(b_simple[rows[-1], j]), "steps_used": int(tail.size),
                         "measured_steps": int(measured.sum()),
                         "negative_trace_steps": int(np.sum(trace[rows, j] < 0))}
     notes = []

@@ -240,8 +240,9 @@ def _noise_sections(summary: Mapping[str, Any]) -> list[str]:
                          values["negative_trace_steps"]])
         out += [f"<h2>Gradient noise scale: {_e(noise['run'])}</h2>",
                 f"<p>Norms at batch {_count(noise['batch_small'])} and {_count(noise['batch_big'])} examples; "
-                f"B_simple = EMA tr(Sigma) / EMA |G|^2 (smoothing {_e(noise['smoothing'])}), interval: bootstrap "
-                "of the ratio of means over the last half of the measured steps.</p>",
+                "B_simple = mean tr(Sigma) / mean |G|^2 of the unbiased per-step estimates over the last half of "
+                "the measured steps, with a bootstrap interval over those steps; the figure shows the ratio of "
+                f"their bias-corrected EMAs (smoothing {_e(noise['smoothing'])}) over training.</p>",
                 _table(["group", "B_simple (examples)", "interval", "measured steps", "negative tr(Sigma) steps"],
                        rows)]
         advice = noise.get("batch_advice")

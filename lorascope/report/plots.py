@@ -359,7 +359,7 @@ def _noise_scale(analysis: Analysis, suffix: str) -> Figure | None:
                           label=f"B_noise ~ {advice.b_noise:.3g}")
     left.set_xscale("log")
     left.set_yscale("log")
-    left.set_ylabel("B_simple = EMA tr(Sigma) / EMA |G|^2 (examples)")
+    left.set_ylabel("EMA tr(Sigma) / EMA |G|^2 (examples)")
     left.set_title("Gradient noise scale over training")
     left.legend(loc="best", fontsize=8)
     if right.lines:
