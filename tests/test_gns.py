@@ -45,15 +45,20 @@ def _exact_b_simple(model: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, lo
     return float(trace / (mean**2).sum())
 
 
-@pytest.mark.parametrize("logistic", [False, True], ids=["linear", "logistic"])
-def test_accumulation_estimate_matches_the_exact_noise_scale(tmp_path, seed, logistic):
+def _fixed_problem(seed: int, logistic: bool):
+    """Data, a linear model held at a fixed point away from the optimum (so |G| is not tiny) by an SGD with
+    lr = 0, and the exact noise scale there."""
     x, y = _data(seed, logistic)
     torch.manual_seed(seed)
     model = torch.nn.Linear(D, 1, bias=False)
     with torch.no_grad():
-        model.weight.mul_(0.3)  # a fixed point away from the optimum, so |G| is not tiny
-    exact = _exact_b_simple(model, x, y, logistic)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the parameter vector stays fixed
+        model.weight.mul_(0.3)
+    return x, y, model, torch.optim.SGD(model.parameters(), lr=0.0), _exact_b_simple(model, x, y, logistic)
+
+
+@pytest.mark.parametrize("logistic", [False, True], ids=["linear", "logistic"])
+def test_accumulation_estimate_matches_the_exact_noise_scale(tmp_path, seed, logistic):
+    x, y, model, opt, exact = _fixed_problem(seed, logistic)
     rng = torch.Generator().manual_seed(seed + 100)
     micro, passes, steps = 8, 4, 3000
     path = tmp_path / "gns.h5"
@@ -127,13 +132,7 @@ def test_batch_tradeoff_and_warnings():
 @pytest.mark.parametrize("logistic", [False, True], ids=["linear", "logistic"])
 def test_per_example_estimate_matches_the_exact_noise_scale(tmp_path, seed, logistic):
     """B_small = 1 from exact per-example norms, one backward pass per step."""
-    x, y = _data(seed, logistic)
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(D, 1, bias=False)
-    with torch.no_grad():
-        model.weight.mul_(0.3)
-    exact = _exact_b_simple(model, x, y, logistic)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y, model, opt, exact = _fixed_problem(seed, logistic)
     rng = torch.Generator().manual_seed(seed + 200)
     batch, steps = 16, 1500
     path = tmp_path / "gns.h5"
