@@ -1,6 +1,7 @@
 """lorascope: how much rank does a fine-tuning update need, and when does a LoRA of rank r run out?"""
 
 from lorascope._version import __version__
+from lorascope.analysis.analyze import Analysis, analyze
 from lorascope.errors import (
     CorruptRunFileError,
     InvalidOptionError,
@@ -20,6 +21,7 @@ from lorascope.store import Run, RunWriter, open_run
 from lorascope.taxonomy import classify
 
 __all__ = [
+    "Analysis",
     "CorruptRunFileError",
     "InvalidOptionError",
     "LorascopeError",
@@ -38,6 +40,7 @@ __all__ = [
     "SelectionError",
     "SnapshotSchedule",
     "__version__",
+    "analyze",
     "classify",
     "open_run",
     "record",

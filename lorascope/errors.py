@@ -40,6 +40,10 @@ class SelectionError(LorascopeError, ValueError):
     """A module selection (kinds, regex, mapping) is invalid or selects nothing."""
 
 
+class ModelConfigError(LorascopeError, ValueError):
+    """A model configuration cannot be read or turned into a model."""
+
+
 class InvalidOptionError(LorascopeError, ValueError):
     """An option or argument is out of its valid range or of the wrong type."""
 

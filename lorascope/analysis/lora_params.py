@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import nn
 
-from lorascope.errors import InvalidOptionError, LorascopeError, SelectionError
+from lorascope.errors import InvalidOptionError, ModelConfigError, SelectionError
 from lorascope.taxonomy import KINDS, MatrixRef, classify
 
 __all__ = [
@@ -60,10 +60,6 @@ LORA_TARGETS: Mapping[str, tuple[str, ...]] = {
 ``"all-linear+experts"`` those plus fused experts; neither adapts the head)."""
 
 _SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim")
-
-
-class ModelConfigError(LorascopeError, ValueError):
-    """A model configuration cannot be read or turned into a model."""
 
 
 @dataclass(frozen=True)
