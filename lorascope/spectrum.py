@@ -166,8 +166,8 @@ def singular_values_many(matrices: Sequence[torch.Tensor | np.ndarray], *, devic
 
     - on the CPU, ``"gram"`` for every shape;
     - on accelerators, ``"gram"`` as well (a batched GEMM and cuSOLVER's ``syevd``, usually much faster than its
-      SVD; not measured here), each batch of same-shaped matrices in one call; MPS has no float64, so MPS tensors
-      are computed on the CPU.
+      SVD; not measured here), same-shaped matrices of any size batched up to 64 MiB per call; MPS has no float64,
+      so MPS tensors are computed on the CPU.
 
     On the CPU, same-shaped small matrices (at most 65,536 entries) are stacked into batched calls, and the work is
     spread over ``torch.get_num_threads()`` worker threads, largest first, each running single-threaded BLAS;
@@ -234,7 +234,7 @@ def _prepare(index: int, matrix: torch.Tensor | np.ndarray, target: torch.device
         if data.is_complex():
             raise ValueError(f"singular_values_many expects real matrices. Got dtype {data.dtype} at index {index}.")
         if data.device.type == "cpu":
-            data = (data if data.dtype not in (torch.bfloat16, torch.float16) else data.float()).numpy()
+            data = (data if data.dtype not in (torch.bfloat16, torch.float16) else data.float()).resolve_neg().numpy()
     else:
         data = np.asarray(matrix)
         if data.dtype.kind not in "fiub":
@@ -250,9 +250,10 @@ def _prepare(index: int, matrix: torch.Tensor | np.ndarray, target: torch.device
     return _Item(index, data, rows, cols, route)
 
 
-def _chunks(items: list[_Item], workers: int) -> list[list[_Item]]:
-    """Same (tall shape, route) small matrices stacked into batches, at least ``workers`` of them where there are
-    enough matrices to share; large matrices one each. Largest work first."""
+def _chunks(items: list[_Item], workers: int, batch_max_entries: int = _BATCH_MAX_ENTRIES) -> list[list[_Item]]:
+    """Same (tall shape, route) matrices of at most ``batch_max_entries`` entries stacked into batches (at most
+    ``_CHUNK_MAX_ENTRIES`` entries each), at least ``workers`` batches where there are enough matrices to share;
+    larger matrices one each. Largest work first."""
     groups: dict[tuple[tuple[int, int], str], list[_Item]] = {}
     for it in items:
         groups.setdefault((it.tall_shape, it.route), []).append(it)
@@ -260,7 +261,7 @@ def _chunks(items: list[_Item], workers: int) -> list[list[_Item]]:
     for ((m, n), _), group in groups.items():
         entries = max(m * n, 1)
         size = 1
-        if entries <= _BATCH_MAX_ENTRIES:
+        if entries <= batch_max_entries:
             size = max(1, min(_CHUNK_MAX_ENTRIES // entries, math.ceil(len(group) / workers)))
         chunks.extend(group[i:i + size] for i in range(0, len(group), size))
     chunks.sort(key=lambda c: sum(it.work for it in c), reverse=True)
@@ -331,8 +332,12 @@ def _float64(it: _Item) -> tuple[np.ndarray, float]:
 
 
 def _torch_spectra(items: list[_Item]) -> Iterator[tuple[list[_Item], list[np.ndarray]]]:
-    """Spectra on accelerators: batched float64 Gram products and eigenvalue solves, one host copy per batch."""
-    for chunk in _chunks(items, 1):
+    """Spectra on accelerators: batched float64 Gram products and eigenvalue solves, one host copy per batch.
+
+    Every size is batched up to ``_CHUNK_MAX_ENTRIES`` (64 MiB of float64): on a GPU one call per matrix would be
+    bound by kernel launches and host synchronizations rather than by arithmetic.
+    """
+    for chunk in _chunks(items, 1, batch_max_entries=_CHUNK_MAX_ENTRIES):
         first = chunk[0].data
         assert isinstance(first, torch.Tensor)  # only device tensors come here
         m, n = chunk[0].tall_shape
