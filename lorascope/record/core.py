@@ -183,7 +183,8 @@ class Recorder:
             delta_dtype=self.options.store_delta,
             overwrite=self.options.overwrite or resume_after is not None,
         )
-        self._writer = BackgroundWriter(writer, queue_size=self.options.queue_size, strict=self.options.strict)
+        self._writer = BackgroundWriter(writer, queue_size=self.options.queue_size, strict=self.options.strict,
+                                        flush_seconds=self.options.flush_seconds)
         self._writer.start(resume_after)
         if self._gradients_from_optimizer:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))

@@ -58,6 +58,9 @@ class RecordOptions:
         Raise on a write failure instead of warning once and continuing training without recording.
     queue_size
         Bound of the queue between the training thread and the writer thread.
+    flush_seconds
+        Step rows are appended to the file in batches at most this many seconds apart (0: after every step);
+        snapshots are written at once. A killed run loses at most the last batch of step rows.
     overwrite
         Replace an existing run file.
     resumable
@@ -93,6 +96,7 @@ class RecordOptions:
     w0_device: str = "cpu"
     strict: bool = False
     queue_size: int = 64
+    flush_seconds: float = 1.0
     overwrite: bool = False
     resumable: bool | None = None
     resume: bool = False
@@ -117,6 +121,9 @@ class RecordOptions:
         _check_int("top_k_min_size", self.top_k_min_size, 0)
         _check_int("factors_k", self.factors_k, 0)
         _check_int("queue_size", self.queue_size, 1)
+        if isinstance(self.flush_seconds, bool) or not isinstance(self.flush_seconds, (int, float)) \
+                or not 0 <= self.flush_seconds < float("inf"):
+            raise _bad("flush_seconds", "a number of seconds >= 0", self.flush_seconds)
         if self.store_delta not in (None, *DELTA_DTYPES):
             raise _bad("store_delta", f"None or one of {DELTA_DTYPES}", self.store_delta)
         if self.w0_device not in W0_DEVICES:
