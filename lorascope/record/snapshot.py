@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorascope.record.options import RecordOptions
-from lorascope.spectrum import singular_values, singular_values_many, top_singular_triplets
+from lorascope.spectrum import singular_values, top_singular_triplets
 from lorascope.taxonomy import MatrixRef
 
 
@@ -180,10 +180,7 @@ def _measure(delta: torch.Tensor | LowRank, ref: MatrixRef, options: RecordOptio
         return None, None, None, delta
     large = delta.numel() > options.top_k_min_size
     top_k = options.top_k if large else None
-    if top_k is None:  # full spectrum: the float64 Gram route of the shared kernel, 2x faster than an SVD here
-        spectrum = torch.from_numpy(singular_values_many([delta])[0])
-    else:
-        spectrum = singular_values(delta, top_k)
+    spectrum = singular_values(delta, top_k)
     u = v = None
     if k:
         u, _, v = top_singular_triplets(delta, k, exact=not large)
