@@ -93,6 +93,7 @@ def test_lightning_trainer_run(run_path, copy_weights, reference_update, check_r
         np.testing.assert_array_equal(steps["batch_examples"], per_step)
         np.testing.assert_array_equal(steps["examples_seen"], per_step * np.arange(1, MAX_STEPS + 1))
         np.testing.assert_array_equal(steps["tokens_seen"], per_step * LENGTH * np.arange(1, MAX_STEPS + 1))
+        np.testing.assert_array_equal(steps["batch_loss_tokens"], per_step * LENGTH)  # no label is -100
         # Lightning divides the loss by accumulate_grad_batches before backward; the record is the step's mean.
         np.testing.assert_allclose(steps["loss"], np.reshape(module.losses, (MAX_STEPS, ACCUMULATION)).mean(axis=1),
                                    rtol=1e-6)

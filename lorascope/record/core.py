@@ -227,10 +227,13 @@ class Recorder:
         self.close(S.STATUS_COMPLETE if exc_type is None else S.STATUS_FAILED)
 
     # -- metadata from the training loop -----------------------------------------------------------------
-    def log(self, *, loss: Any = None, examples: int | None = None, tokens: Any = None) -> None:
+    def log(self, *, loss: Any = None, examples: int | None = None, tokens: Any = None,
+            loss_tokens: Any = None) -> None:
         """Tell the recorder what the current optimizer step consumed; call before ``optimizer.step()``.
 
         Several calls within one step (one per micro-batch) add up examples and tokens and average the loss.
+        ``loss_tokens`` counts the tokens the loss is computed on (the completion tokens of SFT), which the
+        information estimate of ``lorascope recommend`` needs when the model is not given ``labels``.
         Values given here take precedence over what the forward hooks count. ``loss`` may be a tensor: it is
         moved to the host on the writer thread, so no synchronization happens here.
         """
@@ -241,6 +244,8 @@ class Recorder:
             self._logged.setdefault("passes", []).append(examples)
         if tokens is not None:
             self._logged["tokens"] = self._logged.get("tokens", 0) + _detached(tokens)
+        if loss_tokens is not None:
+            self._logged["loss_tokens"] = self._logged.get("loss_tokens", 0) + _detached(loss_tokens)
         if loss is not None:
             _accumulate_loss(self._logged, loss)
 
@@ -266,6 +271,9 @@ class Recorder:
                 self._auto.setdefault("passes", []).append(examples)
             if tokens is not None:
                 self._auto["tokens"] = self._auto.get("tokens", 0) + tokens
+            loss_tokens = count_loss_tokens(kwargs)
+            if loss_tokens is not None:
+                self._auto["loss_tokens"] = self._auto.get("loss_tokens", 0) + loss_tokens
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.active and module.training and torch.is_grad_enabled():
@@ -310,6 +318,7 @@ class Recorder:
             "lr": self.optimizer.param_groups[0].get("lr", float("nan")),
             "batch_examples": self._logged.get("examples", self._auto.get("examples")),
             "batch_tokens": self._logged.get("tokens", self._auto.get("tokens")),
+            "batch_loss_tokens": self._logged.get("loss_tokens", self._auto.get("loss_tokens")),
             "loss": _mean_loss(self._logged) if "loss_count" in self._logged else _mean_loss(self._auto),
         }
         row.update(self._grads or {})
@@ -453,6 +462,16 @@ def count_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | No
     else:
         tokens = None
     return int(ids.shape[0]), tokens
+
+
+def count_loss_tokens(kwargs: dict[str, Any]) -> Any:
+    """Tokens the loss of one forward call is computed on: ``(labels != -100).sum()`` (kept on the device), or
+    None without integer ``labels``. For a causal LM whose first label is not masked this counts one token per
+    sequence more than the shifted loss uses."""
+    labels = kwargs.get("labels")
+    if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.ndim >= 1:
+        return labels.detach().ne(-100).sum()
+    return None
 
 
 def _grad_view(ref: MatrixRef, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lorascope.record.core import Recorder, count_batch
+from lorascope.record.core import Recorder, count_batch, count_loss_tokens
 from lorascope.record.options import RecordOptions
 from lorascope.store import schema as S
 from lorascope.store.writer import check_writable
@@ -60,8 +60,9 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.recorder is not None:
-            examples, tokens = count_batch(*_as_call(batch))
-            self.recorder.log(examples=examples, tokens=tokens)
+            args, kwargs = _as_call(batch)
+            examples, tokens = count_batch(args, kwargs)
+            self.recorder.log(examples=examples, tokens=tokens, loss_tokens=count_loss_tokens(kwargs))
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self.recorder is not None:

@@ -278,6 +278,8 @@ class Run:
         for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
             n = self._rows(group)
             for column in S.columns_of(group, grad_sv=self.grad_sv):
+                if not column.required and f"{group}/{column.name}" not in self._file:
+                    continue
                 ds = self._dataset(f"{group}/{column.name}")
                 rows = ds.shape[0] if ds.ndim else 0
                 # The index is extended last: other columns may run ahead of it in a live or killed file,
@@ -298,7 +300,8 @@ class Run:
 
     def _table(self, group: str, columns: tuple[S.Column, ...], row_dim: str) -> xr.Dataset:
         n = self._rows(group)
-        raw = {c.name: self._dataset(f"{group}/{c.name}")[:n] for c in columns}
+        raw = {c.name: self._dataset(f"{group}/{c.name}")[:n] if c.required or f"{group}/{c.name}" in self._file
+               else np.full((n,), c.fill, dtype=c.numpy_dtype) for c in columns}  # an optional column absent
         dims = {S.ROW: (row_dim,), S.ROW_MODULE: (row_dim, "module"), S.ROW_MODULE_SV: (row_dim, "module", "sv_index")}
         index = S.INDEX if row_dim == "step" else "step"
         coords: dict[str, Any] = {

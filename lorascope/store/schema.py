@@ -70,6 +70,7 @@ class Column:
     fill: float | int | bool | str
     unit: str
     description: str
+    required: bool = True  # False: added after schema 1 shipped; files without it read as all-fill
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -107,6 +108,9 @@ STEP_COLUMNS = (
     Column("lr", "float64", ROW, np.nan, "", "learning rate of the first parameter group at this step"),
     Column("batch_examples", "int64", ROW, -1, "examples", "examples in this optimizer step (all micro-batches)"),
     Column("batch_tokens", "int64", ROW, -1, "tokens", "tokens in this optimizer step (all micro-batches)"),
+    Column("batch_loss_tokens", "int64", ROW, -1, "tokens",
+           "tokens the loss is computed on in this step (labels != -100, all micro-batches); -1 when unknown",
+           required=False),
     Column("grad_sq_norm", "float32", ROW_MODULE, np.nan, "squared gradient units",
            "squared Frobenius norm of each recorded matrix's gradient at the optimizer step"),
     Column("grad_sq_norm_other", "float64", ROW, np.nan, "squared gradient units",
