@@ -118,6 +118,7 @@ def _check_trainer_run(run, trainer, collator, probe, model, before, after, name
     assert config["trainer"]["gradient_accumulation_steps"] == ACCUMULATION
     assert config["trainer"]["per_device_train_batch_size"] == BATCH
     assert config["trainer"]["max_steps"] == MAX_STEPS
+    assert config["dataset"] == {"examples": 32}
     assert "max_grad_norm=1.0" in config["recorder"]["grad_timing"]
     assert config["recorder"]["total_steps"] == MAX_STEPS
     assert "AdamW" in config["optimizer"]["class"] and config["optimizer"]["defaults"]["lr"] == 3e-3

@@ -108,6 +108,7 @@ def test_lightning_trainer_run(run_path, copy_weights, reference_update, check_r
         config = run.config
         assert config["trainer"]["accumulate_grad_batches"] == ACCUMULATION
         assert config["trainer"]["max_steps"] == MAX_STEPS
+        assert config["dataset"] == {"examples": 64}
         assert config["recorder"]["total_steps"] == MAX_STEPS
         assert config["optimizer"]["class"] == "torch.optim.sgd.SGD" and config["optimizer"]["defaults"]["lr"] == 0.2
         assert "before clipping" in config["recorder"]["grad_timing"]

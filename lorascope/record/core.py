@@ -464,6 +464,15 @@ def count_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | No
     return int(ids.shape[0]), tokens
 
 
+def dataset_config(loader: Any) -> dict[str, Any]:
+    """``{"dataset": {"examples": N}}`` for a training data loader whose dataset has a length (the epoch size
+    that ``recommend`` needs to find a probe run's first epoch), else ``{}``."""
+    try:
+        return {"dataset": {"examples": int(len(loader.dataset))}}
+    except (AttributeError, TypeError):
+        return {}
+
+
 def count_loss_tokens(kwargs: dict[str, Any]) -> Any:
     """Tokens the loss of one forward call is computed on: ``(labels != -100).sum()`` (kept on the device), or
     None without integer ``labels``. For a causal LM whose first label is not masked this counts one token per

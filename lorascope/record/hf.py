@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from lorascope.errors import LorascopeError
-from lorascope.record.core import Recorder
+from lorascope.record.core import Recorder, dataset_config
 from lorascope.record.options import RecordOptions
 from lorascope.store.writer import check_writable
 
@@ -56,7 +56,7 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
             framework="transformers",
             framework_version=transformers.__version__,
             grad_timing=f"at optimizer.step(), {clipping}",
-            config={"trainer": trainer_config},
+            config={"trainer": trainer_config, **dataset_config(kwargs.get("train_dataloader"))},
         ).start(total_steps=state.max_steps or None, resume_after=resume_after, resumable=resumable)
 
     def _resume_step(self, global_step: int) -> int | None:
@@ -74,3 +74,4 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
         if self.recorder is not None:
             self.recorder.close()
             self.recorder = None
+

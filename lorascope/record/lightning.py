@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lorascope.record.core import Recorder, count_batch, count_loss_tokens
+from lorascope.record.core import Recorder, count_batch, count_loss_tokens, dataset_config
 from lorascope.record.options import RecordOptions
 from lorascope.store import schema as S
 from lorascope.store.writer import check_writable
@@ -55,7 +55,7 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
                 "precision": str(trainer.precision),
                 "max_steps": trainer.max_steps,
                 "max_epochs": trainer.max_epochs,
-            }},
+            }, **dataset_config(trainer.train_dataloader)},
         ).start(total_steps=int(total) if total and total != float("inf") else None)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
