@@ -109,6 +109,11 @@ def demo(output: str, force: bool, steps: int | None) -> None:
     click.echo(f"\nrecording: {run_path}\nreport: {files.html}")
 
 
+from lorascope_cli.compare_cmd import compare as _compare_command  # noqa: E402
+
+cli.add_command(_compare_command)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI (console-script entry point)."""
     cli.main(args=argv, prog_name="lorascope")

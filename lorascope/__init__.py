@@ -2,6 +2,7 @@
 
 from lorascope._version import __version__
 from lorascope.analysis.analyze import Analysis, analyze
+from lorascope.analysis.compare import Comparison, compare
 from lorascope.errors import (
     CorruptRunFileError,
     InvalidOptionError,
@@ -22,6 +23,7 @@ from lorascope.taxonomy import classify
 
 __all__ = [
     "Analysis",
+    "Comparison",
     "CorruptRunFileError",
     "InvalidOptionError",
     "LorascopeError",
@@ -42,6 +44,7 @@ __all__ = [
     "__version__",
     "analyze",
     "classify",
+    "compare",
     "open_run",
     "record",
 ]

@@ -650,8 +650,8 @@ def _compare_one(full: RunCurve, lora: RunCurve, ident: tuple[Any, ...], criteri
     se = MEDIAN_SE * sigma / np.sqrt(counts)
     found = detect_falloff(lx_all[grid], gap, se, threshold=criterion.threshold, window=criterion.window,
                            z=criterion.z, sigma=sigma)
-    grid_x = 10.0 ** lx_all[grid]
     rows = inside[grid]
+    grid_x = lora.x[rows]
     transients = [(float(lora.x[rows[a]]), float(lora.x[rows[b]])) for a, b in found.transients]
     for start, end in transients:
         notes.append(f"{lora.path}: the gap exceeded the threshold from {x} = {start:,.0f} and was no longer clearly "
