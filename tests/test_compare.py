@@ -128,6 +128,16 @@ def test_early_lag_that_closes_is_a_transient_not_a_falloff(tmp_path):
     assert any("transient" in note for note in result.notes)
 
 
+def test_lora_above_from_the_start_is_flagged(tmp_path):
+    full, lora = curves(0, falloff_step=1, jump=0.3, slope=0.0)
+    result = compare(write_run(tmp_path / "full.h5", full), write_run(tmp_path / "lora.h5", lora, rank=1))
+    assert result.loras[0].status == "falloff" and result.loras[0].falloff_step == 1
+    assert any("never tracked full fine-tuning" in note for note in result.notes)
+    full, lora = curves(0, falloff_step=40, jump=0.3, slope=0.0)
+    result = compare(write_run(tmp_path / "full.h5", full), write_run(tmp_path / "lora.h5", lora, rank=1))
+    assert not any("never tracked" in note for note in result.notes)
+
+
 def test_falloff_at_the_end_of_the_data_is_tentative(tmp_path):
     full, lora = curves(0, falloff_step=370, jump=0.3, slope=0.0)
     run = compare(write_run(tmp_path / "full.h5", full), write_run(tmp_path / "lora.h5", lora, rank=4)).loras[0]

@@ -657,6 +657,10 @@ def _compare_one(full: RunCurve, lora: RunCurve, ident: tuple[Any, ...], criteri
         notes.append(f"{lora.path}: the gap exceeded the threshold from {x} = {start:,.0f} and was no longer clearly "
                      f"above it from {end:,.0f} on (a transient excursion, not a falloff)")
     index = int(rows[found.index]) if found.status in (FALLOFF, TENTATIVE) else -1
+    if 0 <= index - inside[0] < criterion.min_points:
+        notes.append(f"{lora.path}: above the full fine-tuning curve from its first steps (the first medians span "
+                     f"{criterion.min_points} steps): it never tracked full fine-tuning, which points at its learning "
+                     "rate or setup rather than at its rank's capacity")
     return LoraResult(run=lora, rank=rank, rank_source=source, lora_alpha=alpha, scaling=scaling, scaling_rule=rule,
                       status=found.status, falloff_index=index, grid_x=grid_x, gap=found.gap, gap_se=found.se,
                       noise_sigma=found.sigma, transients=transients)
