@@ -21,6 +21,7 @@ _CLOSE = "close"
 _STEP = "step"
 _SNAPSHOT = "snapshot"
 _STEP_BATCH = 256  # step rows appended per HDF5 write at most
+_COUNTS = ("batch_examples", "batch_tokens", "batch_loss_tokens")
 
 
 def to_host(value: Any) -> Any:
@@ -157,6 +158,10 @@ class BackgroundWriter:
 
     def _host_step(self, row: dict[str, Any]) -> dict[str, Any]:
         host = {key: to_host(value) for key, value in row.items()}
+        for key in _COUNTS:  # summed over ranks in float64 (torch.distributed): NaN means unknown
+            value = host.get(key)
+            if isinstance(value, (np.ndarray, np.floating)) and np.issubdtype(value.dtype, np.floating):
+                host[key] = int(value) if np.isfinite(value) else None
         self.examples_seen = _advance(self.examples_seen, host.get("batch_examples"))
         self.tokens_seen = _advance(self.tokens_seen, host.get("batch_tokens"))
         host["examples_seen"] = self.examples_seen

@@ -13,21 +13,26 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, RecordingError, RecordingWarning, SelectionError
+from lorascope.record import distributed as D
 from lorascope.record.background import BackgroundWriter
-from lorascope.record.gns import MicroBatchNorms, per_example_norms, two_batch_norms
+from lorascope.record.gns import MicroBatchNorms, local_small_norms, per_example_norms, two_batch_norms
 from lorascope.record.options import RecordOptions
 from lorascope.record.snapshot import capture_initial, from_storable, take_snapshot, tensors_of, to_storable
 from lorascope.store import schema as S
 from lorascope.store.initial import initial_weights_path, load_initial_weights, save_initial_weights
 from lorascope.store.writer import RunWriter, check_writable
 from lorascope.taxonomy import MatrixRef, classify
+
+if TYPE_CHECKING:
+    from lorascope.record.sharded import ShardedRecording
 
 # Where the recorded gradient is seen relative to gradient clipping, stored in the config.
 GRAD_AT_OPTIMIZER_STEP = "at optimizer.step(), after any clipping the training loop applies"
@@ -81,6 +86,10 @@ class Recorder:
 
     Everything that can be wrong with the arguments (unwritable path, existing file, empty selection, bad
     options) raises here, before any training step.
+
+    Under ``torch.distributed`` (several processes, see docs/distributed.md) build one recorder on every rank:
+    rank 0 writes the file, every rank takes part in the per-step exchange (and, under FSDP2, in the snapshot
+    gathers). A path error found on rank 0 is raised on every rank.
     """
 
     def __init__(
@@ -96,13 +105,19 @@ class Recorder:
         gradients_from_optimizer: bool = True,
         count_batches: bool = True,
         config: dict[str, Any] | None = None,
+        loss_shares_global_step: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidOptionError(f"model must be a torch.nn.Module. Got {type(model).__name__} instead.")
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # the names of a single-process run; DDP's forward calls the module's hooks
         self.model = model
         self.optimizer = innermost_optimizer(optimizer)
         self.options = options
-        self.path = check_writable(path, overwrite=options.overwrite or options.resume)
+        # torch.distributed is looked at once, here: a single-process run never pays for it afterwards.
+        parallel = D.wanted(options.distributed)
+        if not parallel:
+            self.path = check_writable(path, overwrite=options.overwrite or options.resume)
         taxonomy = classify(model, kind_map=options.kind_map)
         if options.kinds is not None or options.modules is not None:
             taxonomy = taxonomy.select(kinds=options.kinds, regex=options.modules)
@@ -118,6 +133,15 @@ class Recorder:
         self._extra_config = dict(config or {})
         self._tensors = [tensors_of(model, ref) for ref in self.refs]
         self._other_params = self._uncovered_trainable_parameters()
+        self.distributed = D.detect(self._tensors) if parallel else None
+        self._sharded: ShardedRecording | None = None
+        if self.distributed is not None:
+            self.path = self._agree_on_path(path)
+            if self.distributed.mode == D.MODE_FSDP2:
+                from lorascope.record.sharded import ShardedRecording, check_options
+
+                check_options(options, self.refs)
+                self._sharded = ShardedRecording(self.refs, self._tensors, self._other_params, self.distributed)
         self.total_steps = options.total_steps
         self.schedule = options.schedule()
         self.step = 0
@@ -132,10 +156,13 @@ class Recorder:
         self._auto: dict[str, Any] = {}
         self._logged: dict[str, Any] = {}
         self._present_cache: dict[tuple[bool, ...], torch.Tensor] = {}
-        # Per-pass norms also give the per-example source its step norm before clipping.
-        self._micro = MicroBatchNorms(self.refs, self._tensors) if options.gns is not None else None
+        # Per-pass norms also give the per-example source its step norm before clipping. Under DDP each rank's
+        # passes give the small-batch norms (its local gradients before the all-reduce); under FSDP2 the sharded
+        # parameters see no per-pass gradient (the noise scale is off there, see sharded.check_options).
+        gns = options.gns is not None and self._sharded is None
+        self._micro = MicroBatchNorms(self.refs, self._tensors, cross=self.distributed is None) if gns else None
         self._per_example = None
-        if options.gns == "per_example":
+        if options.gns == "per_example" and gns:
             from lorascope.record.per_example import PerExampleNorms
 
             # One column per matrix that is a whole module weight; split fused experts have no per-example
@@ -143,6 +170,30 @@ class Recorder:
             targets = {ref.module: [i] for i, ref in enumerate(self.refs)
                        if ref.expert < 0 and not ref.part and (ref.lora or ref.parameter == "weight")}
             self._per_example = PerExampleNorms(model, targets)
+        self._reduced: D.ReducedGradNorms | None = None
+        self._exchange: D.StepExchange | None = None
+        self._collectives = False  # this rank joins the per-step exchange (from start until all ranks stop)
+        self._started = False
+        self._loss_shares_global_step = loss_shares_global_step
+        if self.distributed is not None:
+            ddp = self._sharded is None
+            if ddp and gns and self.distributed.is_writer:
+                self._reduced = D.ReducedGradNorms(
+                    [t for named in self._tensors for t in named.values()],
+                    lambda: self._squared_norms([_grad_view(r, t) for r, t in zip(self.refs, self._tensors)]))
+            self._exchange = D.StepExchange(self.distributed, len(self.refs), gns=ddp and gns, sharded=not ddp)
+
+    def _agree_on_path(self, path: str | os.PathLike[str]) -> Path:
+        """Rank 0 checks the path it will write; every rank raises its error (a collective)."""
+        assert self.distributed is not None
+        error = None
+        if self.distributed.is_writer:
+            try:
+                check_writable(path, overwrite=self.options.overwrite or self.options.resume)
+            except Exception as exc:  # noqa: BLE001 - raised on every rank by agree()
+                error = exc
+        self.distributed.agree(error)
+        return Path(path)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, *, total_steps: int | None = None, config: dict[str, Any] | None = None,
@@ -159,13 +210,38 @@ class Recorder:
             self.schedule = self.options.schedule(self.total_steps)
         self._extra_config.update(config or {})
         _close_recorders_of(self.path)  # a crashed run in this process may still hold the file
+        if self.distributed is None:
+            self._open_file(resume_after, resumable)
+        else:
+            self._start_distributed(resume_after, resumable)
+        if self._gradients_from_optimizer:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))
+        post_step = self._on_post_step if self.distributed is None else self._on_post_step_distributed
+        self._handles.append(self.optimizer.register_step_post_hook(post_step))
+        for hooks in (self._micro, self._per_example, self._reduced):
+            if hooks is not None:
+                hooks.attach()
+        if self._count_batches:
+            self._handles.append(self.model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._on_forward, with_kwargs=True))
+        self.active = True
+        if not _OPEN_RECORDERS:  # the exit handler is registered once per batch of open recorders
+            atexit.unregister(_close_open_recorders)
+            atexit.register(_close_open_recorders)
+        _OPEN_RECORDERS.add(self)
+        return self
+
+    def _open_file(self, resume_after: int | None, resumable: bool, *, keep_w0: bool = True) -> None:
+        """Keep W_0 (or read it back to resume), create (or continue) the run file, start the writer thread.
+
+        ``keep_w0=False``: W_0 is kept elsewhere (FSDP2: in the ranks' shards)."""
         keep_on = "device" if self.options.w0_device == "device" else "cpu"
         names = [ref.name for ref in self.refs]
-        if resume_after is None:
+        if keep_w0 and resume_after is None:
             self._w0 = [capture_initial(self.model, ref, keep_on=keep_on) for ref in self.refs]
             if resumable:
                 save_initial_weights(initial_weights_path(self.path), names, [to_storable(w) for w in self._w0])
-        else:
+        elif keep_w0:
             stored = load_initial_weights(initial_weights_path(self.path), names)
             device = self._tensors[0][next(iter(self._tensors[0]))].device if keep_on == "device" else "cpu"
             self._w0 = [from_storable(w, device) for w in stored]
@@ -186,27 +262,39 @@ class Recorder:
         self._writer = BackgroundWriter(writer, queue_size=self.options.queue_size, strict=self.options.strict,
                                         flush_seconds=self.options.flush_seconds)
         self._writer.start(resume_after)
-        if self._gradients_from_optimizer:
-            self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))
-        self._handles.append(self.optimizer.register_step_post_hook(self._on_post_step))
-        if self._micro is not None:
-            self._micro.attach()
-        if self._per_example is not None:
-            self._per_example.attach()
-        if self._count_batches:
-            self._handles.append(self.model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True))
-            self._handles.append(self.model.register_forward_hook(self._on_forward, with_kwargs=True))
-        self.active = True
-        if not _OPEN_RECORDERS:  # the exit handler is registered once per batch of open recorders
-            atexit.unregister(_close_open_recorders)
-            atexit.register(_close_open_recorders)
-        _OPEN_RECORDERS.add(self)
-        return self
+
+    def _start_distributed(self, resume_after: int | None, resumable: bool) -> None:
+        """Every rank: W_0 where it is kept (rank 0 under DDP, each rank's shard under FSDP2); rank 0 opens the
+        file; every rank raises rank 0's error (a collective)."""
+        assert self.distributed is not None
+        error = None
+        try:
+            if self._sharded is not None:
+                self._sharded.capture_initial("device" if self.options.w0_device == "device" else "cpu")
+                if self.distributed.is_writer:
+                    self._open_file(resume_after, False, keep_w0=False)
+            elif self.distributed.is_writer:
+                self._open_file(resume_after, resumable)
+            elif resume_after is not None:
+                self.step = self._last_snapshot = int(resume_after)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by agree()
+            error = exc
+        try:
+            self.distributed.agree(error)
+        except BaseException:
+            if self._writer is not None:  # another rank failed after rank 0 opened the file
+                writer, self._writer = self._writer, None
+                writer.close(S.STATUS_FAILED)
+            raise
+        self._collectives = self._started = True
 
     def close(self, status: str | None = S.STATUS_COMPLETE) -> None:
         """Take the final snapshot (if the last step has none), detach, drain the queue and close the file.
 
         ``status=None`` leaves the file marked incomplete (``recording``)."""
+        if self.distributed is not None:
+            self._close_distributed(status)
+            return
         if self._writer is None:
             return
         try:
@@ -298,6 +386,8 @@ class Recorder:
                           "continues and the file keeps what was written.", RecordingWarning, stacklevel=3)
 
     def _capture_gradients(self) -> None:
+        if self.distributed is not None and not self._capture_gradients_distributed():
+            return
         grads: list[torch.Tensor | None] = [_grad_view(ref, tensors) for ref, tensors in
                                            zip(self.refs, self._tensors, strict=True)]
         self._grads = {"grad_sq_norm": self._squared_norms(grads),
@@ -341,6 +431,160 @@ class Recorder:
         if self._writer is not None and not self._writer.put_snapshot(snapshot):
             self._stop()
 
+    # -- distributed (docs/distributed.md) -------------------------------------------------------------
+    def _capture_gradients_distributed(self) -> bool:
+        """FSDP2: every rank keeps its shards' squared norms for the exchange. DDP: rank 0 reads the reduced
+        gradients like a single process (True), the other ranks have nothing to read."""
+        if self._sharded is not None:
+            self._grads = {"local": self._sharded.local_grad_norms()}
+            return False
+        return self.distributed is not None and self.distributed.is_writer
+
+    def _on_post_step_distributed(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._collectives:
+            self._after_step_distributed()
+
+    def _after_step_distributed(self) -> None:
+        """Every rank after each optimizer step: the exchange, then rank 0 writes the global row; snapshots on
+        the schedule. Collectives never depend on one rank's state: a rank that stopped still joins, with its
+        stop flag set, until every rank sees the flag at a snapshot step."""
+        assert self.distributed is not None and self._exchange is not None
+        self.step += 1
+        grads = self._grads
+        loss_store = self._logged if "loss_count" in self._logged else self._auto
+        shares = self._loss_shares_global_step and bool(loss_store.get("loss_share_of_step"))
+        local = None
+        if self.active:
+            try:
+                local = self._local_step()
+            except Exception as exc:  # noqa: BLE001 - a recorder bug never kills training unless strict
+                self._fail(exc)
+        self._grads, self._logged, self._auto = None, {}, {}
+        try:
+            reduced = self._exchange.reduce(local)
+        except Exception as exc:  # noqa: BLE001 - a rank is gone: nothing more can be exchanged
+            self._collectives = False
+            self._fail(exc)
+            return
+        if self.distributed.is_writer and self.active:
+            self._guarded(lambda: self._write_row(reduced, grads, shares))
+        if self._snapshot_due(self.step):
+            if reduced.any_stopped():
+                self._collectives = False  # every rank reads the same flag: all stop here, together
+                self._stop()
+                return
+            self._snapshot_distributed()
+
+    def _local_step(self) -> D.LocalStep:
+        logged, auto = self._logged, self._auto
+        local = D.LocalStep(
+            examples=logged.get("examples", auto.get("examples")),
+            tokens=logged.get("tokens", auto.get("tokens")),
+            loss_tokens=logged.get("loss_tokens", auto.get("loss_tokens")),
+            loss=_mean_loss(logged) if "loss_count" in logged else _mean_loss(auto),
+        )
+        if self._sharded is not None and self._grads is not None:
+            local.grad_sq, local.grad_other = self._grads["local"]
+        if self._micro is None:
+            return local
+        measured = self._micro.pop()
+        per_example = self._per_example.pop() if self._per_example is not None else None
+        if measured is not None:
+            local.passes = len(measured[0])
+            sizes = self._pass_sizes(local.examples, local.passes)
+            small = local_small_norms(measured[0], sizes, self.options.gns_loss,
+                                      None if per_example is None else per_example[0])
+            if small is not None:
+                local.small, local.samples, local.sample_examples = small
+        return local
+
+    def _write_row(self, reduced: D.ReducedStep, grads: dict[str, Any] | None, shares: bool) -> None:
+        """Rank 0: the step row of the global batch (``shares``: each rank's loss is its share of the global
+        step's loss, so the ranks' losses add up)."""
+        row: dict[str, Any] = {S.INDEX: self.step, "lr": self.optimizer.param_groups[0].get("lr", float("nan"))}
+        row.update(reduced.row(loss_across_ranks="sum" if shares else "mean"))
+        row.update(reduced.gradients() if self._sharded is not None else (grads or {}))
+        if self._reduced is not None:
+            if self._reduced.error is not None:
+                raise self._reduced.error
+            row.update(reduced.gns(self._reduced.pop(), self.options.gns_loss) or {})
+        if self._writer is not None and not self._writer.put_step(row):
+            self._stop()
+
+    def _snapshot_distributed(self) -> None:
+        assert self.distributed is not None
+        if self._sharded is None:  # DDP: every rank holds the weights; rank 0 alone measures them
+            if self.distributed.is_writer and self.active:
+                self._guarded(self._snapshot)
+            self._last_snapshot = self.step
+            return
+        try:
+            snapshot, error = self._sharded.snapshot(self.model, self.options, compute=self.active)
+        except Exception as exc:  # noqa: BLE001 - a collective failed: a rank is gone
+            self._collectives = False
+            self._fail(exc)
+            return
+        self._last_snapshot = self.step
+        if error is not None:
+            self._fail(error)
+        elif snapshot is not None and self._writer is not None:
+            snapshot["step"] = self.step
+            if not self._writer.put_snapshot(snapshot):
+                self._stop()
+
+    def _close_distributed(self, status: str | None) -> None:
+        """Every rank: agree whether any rank stopped, take the final snapshot together, and detach; rank 0
+        closes the file. ``status`` other than complete (an exception, interpreter exit) runs no collective."""
+        if not self._started:
+            return
+        self._started = False
+        try:
+            if status == S.STATUS_COMPLETE and self._collectives:
+                try:
+                    stopped = self.distributed is not None and self.distributed.any_flag(not self.active)
+                except Exception as exc:  # noqa: BLE001 - a rank is gone
+                    stopped, self._collectives = True, False
+                    self._fail(exc)
+                if stopped:
+                    self._stopped = True
+                elif self.step > 0 and self._last_snapshot != self.step:
+                    self._snapshot_distributed()
+        finally:
+            self._collectives = False
+            self._detach()
+            _OPEN_RECORDERS.discard(self)
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                if self._stopped and status == S.STATUS_COMPLETE:
+                    status = S.STATUS_FAILED
+                writer.close(status)
+
+    def _distributed_config(self) -> dict[str, Any]:
+        assert self.distributed is not None
+        where = "cpu" if self.options.w0_device == "cpu" else "device"
+        out = self.distributed.describe()
+        if self._sharded is not None:
+            out["w0"] = f"each rank keeps its float32 shard on the {where}"
+            out["gradient_norms"] = "summed from the ranks' local gradient shards"
+            out["gns"] = "not measured under FSDP2"
+        else:
+            out["w0"] = f"rank 0 keeps float32 W_0 on the {where}"
+            out["gradient_norms"] = "of the all-reduced gradient (rank 0)"
+            out["gns"] = ("per-rank local gradients before the all-reduce (B_small: examples of one backward pass "
+                          "on one rank) vs the all-reduced gradient before clipping (B_big: the global batch)"
+                          if self._micro is not None else "off")
+        return out
+
+    def _fail(self, exc: BaseException) -> None:
+        """Stop recording on this rank after an error (raise it when strict), as :meth:`_guarded` does."""
+        if self.options.strict or isinstance(exc, RecordingError):
+            raise exc
+        was_active = self.active
+        self._stop()
+        if was_active:
+            warnings.warn(f"lorascope stopped recording to {self.path}: {type(exc).__name__}: {exc}; training "
+                          "continues and the file keeps what was written.", RecordingWarning, stacklevel=4)
+
     def _snapshot_due(self, step: int) -> bool:
         return self.schedule.is_due(step) or step == self.total_steps
 
@@ -377,13 +621,16 @@ class Recorder:
         per_example = self._per_example.pop() if self._per_example is not None else None
         if measured is None:
             return None
-        passes = len(measured[0])
-        sizes = self._logged.get("passes", self._auto.get("passes"))
-        if (sizes is None or len(sizes) != passes) and isinstance(batch_examples, int) and batch_examples > 0:
-            sizes = [batch_examples / passes] * passes  # pass sizes not seen one by one: taken as equal
+        sizes = self._pass_sizes(batch_examples, len(measured[0]))
         if per_example is None:
             return two_batch_norms(*measured, sizes, self.options.gns_loss)
         return per_example_norms(*measured, per_example[0], sizes, len(self.refs), self.options.gns_loss)
+
+    def _pass_sizes(self, batch_examples: Any, passes: int) -> list[float] | None:
+        sizes = self._logged.get("passes", self._auto.get("passes"))
+        if (sizes is None or len(sizes) != passes) and isinstance(batch_examples, int) and batch_examples > 0:
+            sizes = [batch_examples / passes] * passes  # pass sizes not seen one by one: taken as equal
+        return sizes
 
     def _uncovered_trainable_parameters(self) -> list[nn.Parameter]:
         covered = {id(t) for tensors in self._tensors for t in tensors.values()}
@@ -395,7 +642,7 @@ class Recorder:
         # checks ``active``); close() removes the hooks.
         self.active = False
         self._stopped = True
-        for hooks in (self._micro, self._per_example):
+        for hooks in (self._micro, self._per_example, self._reduced):
             if hooks is not None:
                 hooks.detach()  # tensor and module hooks, not the optimizer's: safe to remove here
 
@@ -403,7 +650,7 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for hooks in (self._micro, self._per_example):
+        for hooks in (self._micro, self._per_example, self._reduced):
             if hooks is not None:
                 hooks.detach()
         self.active = False
@@ -439,6 +686,8 @@ class Recorder:
         lora = _lora_config(self.model)
         if lora:
             config["lora"] = lora
+        if self.distributed is not None:
+            config["distributed"] = self._distributed_config()
         config.update(self._extra_config)
         return config
 

@@ -36,10 +36,15 @@ class MicroBatchNorms:
     tensors
         For each matrix, its trainable tensors (``{"weight": param}``, or a LoRA layer's adapter weights, whose
         squared norms add up into the matrix's slot).
+    cross
+        Also measure the cross terms with the running sum (needed for the accumulated gradient's norm). Without
+        them the second tensor of :meth:`pop` is zeros.
     """
 
-    def __init__(self, refs: Sequence[MatrixRef], tensors: Sequence[dict[str, torch.Tensor]]) -> None:
+    def __init__(self, refs: Sequence[MatrixRef], tensors: Sequence[dict[str, torch.Tensor]], *,
+                 cross: bool = True) -> None:
         self._n = len(refs)
+        self._with_cross = cross  # under DDP the big-batch norm comes from the reduced gradient instead
         # One hook per distinct trainable tensor, knowing which matrices (slots) it feeds and how to cut them.
         self._plan: dict[int, tuple[torch.Tensor, list[tuple[int, MatrixRef | None]]]] = {}
         for index, (ref, named) in enumerate(zip(refs, tensors)):
@@ -85,7 +90,7 @@ class MicroBatchNorms:
         with torch.no_grad():
             views = [grad if ref is None else ref.matrix(grad) for _, ref in slots]
             sq = torch.stack([v.float().square().sum() for v in views])
-            if running is not None:
+            if running is not None and self._with_cross:
                 before = [running if ref is None else ref.matrix(running) for _, ref in slots]
                 cross = torch.stack([(a.float() * b.float()).sum() for a, b in zip(before, views)])
             else:
@@ -170,3 +175,56 @@ def per_example_norms(passes: torch.Tensor, cross: torch.Tensor, per_example: to
     small[:columns] = (scale[:, None] * per_example[:, :columns]).mean(0)
     return {"gns_batch_small": 1.0, "gns_batch_big": float(n_examples), "gns_sq_norm_small": small,
             "gns_sq_norm_big": big}
+
+
+def local_small_norms(passes: torch.Tensor, sizes: Sequence[float] | None, convention: str = LOSS_MEAN,
+                      per_example: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, float, float] | None:
+    r"""One data-parallel rank's share of the small-batch noise-scale norm of a step.
+
+    Under DDP every rank's backward passes see only its local examples, before the gradient all-reduce. Each
+    pass (or, with ``per_example``, each example) is one sample of a small-batch gradient: its own mean
+    gradient :math:`\hat g` as in :func:`two_batch_norms` (under ``"mean"`` the rank's step gradient is the
+    mean over its :math:`B_r` local examples, so :math:`\hat g_k = (B_r / b_k)\, g_k`). Unlike
+    :func:`two_batch_norms` one pass is enough: the big batch is the global one across ranks.
+
+    Parameters
+    ----------
+    passes
+        (passes, n) squared norms :math:`|g_k|^2` of this rank's backward passes (:class:`MicroBatchNorms`).
+    sizes
+        Examples of each pass, or None when unknown.
+    convention
+        ``"mean"`` or ``"sum"`` (see :func:`two_batch_norms`).
+    per_example
+        (examples, n) squared norms of each example's share of the loss (:class:`PerExampleNorms`), when
+        measured: then every example is a sample of batch size 1.
+
+    Returns
+    -------
+    (sum, samples, examples) or None
+        :math:`\sum |\hat g|^2` over this rank's samples per matrix, the number of samples and the examples
+        they hold (summed over ranks, ``examples / samples`` is :math:`B_{small}`); None without pass sizes.
+    """
+    if convention not in LOSS_CONVENTIONS:
+        raise ValueError(f"convention must be one of {LOSS_CONVENTIONS}. Got {convention!r} instead.")
+    n = passes.shape[0]
+    if sizes is None or len(sizes) != n or min(sizes) <= 0:
+        return None
+    total = float(sum(sizes))
+    if per_example is not None:
+        count = per_example.shape[0]
+        if convention == LOSS_MEAN:
+            scale = torch.full((count,), float(count) ** 2, device=per_example.device)
+        else:
+            if round(total) != count:
+                sizes = [count / n] * n
+            scale = torch.cat([torch.full((round(b),), float(b) ** 2, device=per_example.device) for b in sizes])
+        width = passes.shape[1]
+        small = torch.full((width,), float("nan"), device=per_example.device)
+        columns = min(per_example.shape[1], width)
+        small[:columns] = (scale[:, None] * per_example[:, :columns]).sum(0)
+        return small, float(count), float(count)
+    b = torch.tensor([float(s) for s in sizes], device=passes.device)
+    scaled = ((total / b) ** 2)[:, None] * passes if convention == LOSS_MEAN else passes
+    return scaled.sum(0), float(n), total

@@ -8,6 +8,7 @@ from typing import Any
 
 from lorascope.errors import LorascopeError
 from lorascope.record.core import Recorder, dataset_config
+from lorascope.record.distributed import agree, wanted
 from lorascope.record.options import RecordOptions
 from lorascope.store.writer import check_writable
 
@@ -40,11 +41,12 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
                        **kwargs: Any) -> None:
         import transformers
 
-        if not state.is_world_process_zero or self.recorder is not None:
+        if self.recorder is not None:
             return
+        # Every rank builds a recorder (they all join its collectives); rank 0 alone writes the file.
         clipping = f"after clipping to max_grad_norm={args.max_grad_norm}" if args.max_grad_norm else "no clipping"
         trainer_config = {k: getattr(args, k, None) for k in _TRAINER_ARGS}
-        resume_after = self._resume_step(state.global_step)
+        resume_after = self._resume_step(state.global_step, state.is_world_process_zero, self.options.distributed)
         resumable = self.options.resumable
         if resumable is None:
             resumable = str(getattr(args, "save_strategy", "no")) not in ("no", "SaveStrategy.NO")
@@ -57,17 +59,28 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
             framework_version=transformers.__version__,
             grad_timing=f"at optimizer.step(), {clipping}",
             config={"trainer": trainer_config, **dataset_config(kwargs.get("train_dataloader"))},
+            # With average_tokens_across_devices a model given num_items_in_batch returns its share of the loss
+            # of the whole global step: the ranks' losses add up.
+            loss_shares_global_step=bool(getattr(args, "average_tokens_across_devices", False)),
         ).start(total_steps=state.max_steps or None, resume_after=resume_after, resumable=resumable)
 
-    def _resume_step(self, global_step: int) -> int | None:
-        """The step to continue the run file after, or None for a fresh file (see ``RecordOptions.resume``)."""
+    def _resume_step(self, global_step: int, writer: bool, distributed: bool | None) -> int | None:
+        """The step to continue the run file after, or None for a fresh file (see ``RecordOptions.resume``).
+
+        Only the process that writes (rank 0) looks for the file; under torch.distributed every rank raises
+        its error."""
         if not self.options.resume:
             return None
         if global_step == 0:
             raise LorascopeError(f"{self.path}: resume=True but the Trainer starts at step 0, not from a "
                                  "checkpoint; pass overwrite=True instead to replace the recording")
-        if not self.path.is_file():
-            raise LorascopeError(f"{self.path}: resume=True but there is no run file to continue")
+        error = None
+        if writer and not self.path.is_file():
+            error = LorascopeError(f"{self.path}: resume=True but there is no run file to continue")
+        if wanted(distributed):
+            agree(error)
+        elif error is not None:
+            raise error
         return int(global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

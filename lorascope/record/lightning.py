@@ -34,8 +34,9 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         import lightning
 
-        if not trainer.is_global_zero or self.recorder is not None:
+        if self.recorder is not None:
             return
+        # Every rank builds a recorder (they all join its collectives); rank 0 alone writes the file.
         if len(trainer.optimizers) != 1:
             raise ValueError(f"lorascope records one optimizer; this Trainer has {len(trainer.optimizers)}")
         total = trainer.estimated_stepping_batches

@@ -80,6 +80,11 @@ class RecordOptions:
         Continue an existing run file: a ``transformers.Trainer`` resumed from a checkpoint at step g drops the
         rows recorded after g (they are recorded again) and appends from there, measuring updates against the
         W_0 kept by ``resumable``.
+    distributed
+        ``None`` (default): when ``torch.distributed`` is initialized with more than one process, record the
+        data-parallel run (DDP or FSDP2) as one run: rank 0 writes the file, every rank takes part in the
+        collectives (see docs/distributed.md). ``True``: the same, but an error when torch.distributed is not
+        initialized. ``False``: record this process alone (then every rank needs its own path).
     """
 
     kinds: tuple[str, ...] | None = None
@@ -102,6 +107,7 @@ class RecordOptions:
     resume: bool = False
     gns: str | None = "auto"
     gns_loss: str = "mean"
+    distributed: bool | None = None
     extra_config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,6 +138,8 @@ class RecordOptions:
             raise _bad("gns", f"one of {GNS_SOURCES}", self.gns)
         if self.gns_loss not in LOSS_CONVENTIONS:
             raise _bad("gns_loss", f"one of {LOSS_CONVENTIONS}", self.gns_loss)
+        if self.distributed is not None and not isinstance(self.distributed, bool):
+            raise _bad("distributed", "None, True or False", self.distributed)
         if self.resume and self.overwrite:
             raise _bad("resume", "False when overwrite=True (continue a file, or replace it, not both)", self.resume)
         self.schedule()  # validates ``snapshots``

@@ -124,35 +124,51 @@ def take_snapshot(refs: tuple[MatrixRef, ...], model: nn.Module, w0: list[Any], 
 
     One module at a time, so the extra device memory is one matrix (and its SVD workspace).
     """
-    energy = np.full(len(refs), np.nan)
-    nonfinite = np.zeros(len(refs), dtype=np.int64)
-    spectra: list[np.ndarray | None] = []
-    factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    deltas: dict[int, np.ndarray] = {}
-    rng_kept = _rng_keeper(model, options)
+    arrays = SnapshotArrays(refs, options)
+    rng_kept = rng_keeper(model, options)
     for i, ref in enumerate(refs):
         with torch.no_grad(), rng_kept():
-            delta = update_delta(model, ref, w0[i])
-            spectrum, u, v, dense = _measure(delta, ref, options)
+            arrays.add(i, update_delta(model, ref, w0[i]))
+    return arrays.result()
+
+
+class SnapshotArrays:
+    """The host arrays of one snapshot, filled one matrix at a time by :meth:`add` (a matrix never added keeps
+    NaN energy and no spectrum)."""
+
+    def __init__(self, refs: tuple[MatrixRef, ...], options: RecordOptions) -> None:
+        self.refs, self.options = refs, options
+        self.energy = np.full(len(refs), np.nan)
+        self.nonfinite = np.zeros(len(refs), dtype=np.int64)
+        self.spectra: list[np.ndarray | None] = [None] * len(refs)
+        self.factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.deltas: dict[int, np.ndarray] = {}
+
+    def add(self, i: int, delta: torch.Tensor | LowRank) -> None:
+        """Measure the update of matrix ``i`` (on its device) and keep the results on the host."""
+        options = self.options
+        spectrum, u, v, dense = _measure(delta, self.refs[i], options)
         if dense is not None:
-            nonfinite[i] = int((~torch.isfinite(dense)).sum())
-            energy[i] = float(torch.linalg.vector_norm(dense, dtype=torch.float64) ** 2)
+            self.nonfinite[i] = int((~torch.isfinite(dense)).sum())
+            self.energy[i] = float(torch.linalg.vector_norm(dense, dtype=torch.float64) ** 2)
             if options.store_delta:
-                deltas[i] = dense.to(getattr(torch, options.store_delta)).cpu().numpy()
+                self.deltas[i] = dense.to(getattr(torch, options.store_delta)).cpu().numpy()
         if isinstance(delta, LowRank) and spectrum is not None:
-            energy[i] = float(torch.sum(spectrum.double() ** 2))
-        spectra.append(None if spectrum is None else spectrum.cpu().numpy())
+            self.energy[i] = float(torch.sum(spectrum.double() ** 2))
+        self.spectra[i] = None if spectrum is None else spectrum.cpu().numpy()
         if u is not None and v is not None:
-            factors[i] = (u.cpu().numpy(), v.cpu().numpy())
-    out: dict[str, Any] = {"energy": energy, "sv": spectra, "delta_nonfinite": nonfinite}
-    if options.factors_k:
-        out["factors"] = factors
-    if options.store_delta:
-        out["deltas"] = deltas
-    return out
+            self.factors[i] = (u.cpu().numpy(), v.cpu().numpy())
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"energy": self.energy, "sv": self.spectra, "delta_nonfinite": self.nonfinite}
+        if self.options.factors_k:
+            out["factors"] = self.factors
+        if self.options.store_delta:
+            out["deltas"] = self.deltas
+        return out
 
 
-def _rng_keeper(model: nn.Module, options: RecordOptions) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+def rng_keeper(model: nn.Module, options: RecordOptions) -> Callable[[], contextlib.AbstractContextManager[Any]]:
     """The randomized SVD (top-k spectra and factors of large matrices) draws from torch's global generators;
     fork them, so that recording never shifts the training loop's random stream (dropout, shuffling)."""
     if options.top_k is None and not options.factors_k:
