@@ -44,6 +44,14 @@ class ModelConfigError(LorascopeError, ValueError):
     """A model configuration cannot be read or turned into a model."""
 
 
+class ProbeMismatchError(ModelConfigError):
+    """A probe recording was made on another architecture than the model a recommendation is for."""
+
+
+class DatasetError(LorascopeError, ValueError):
+    """A fine-tuning dataset file is missing, not JSON Lines, or in none of the supported formats."""
+
+
 class InvalidOptionError(LorascopeError, ValueError):
     """An option or argument is out of its valid range or of the wrong type."""
 
