@@ -113,6 +113,12 @@ from lorascope_cli.compare_cmd import compare as _compare_command  # noqa: E402
 
 cli.add_command(_compare_command)
 
+from lorascope_cli.recommend_cmd import calibrate as _calibrate_command  # noqa: E402
+from lorascope_cli.recommend_cmd import recommend as _recommend_command  # noqa: E402
+
+cli.add_command(_recommend_command)
+cli.add_command(_calibrate_command)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI (console-script entry point)."""

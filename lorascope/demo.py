@@ -8,7 +8,6 @@ folder written. It takes well under two minutes on two CPU cores.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorascope.synthetic import FactsTask, markov_batches
 
 __all__ = ["DemoConfig", "DemoTransformer", "run_demo"]
 
@@ -104,29 +105,6 @@ class DemoTransformer(nn.Module):
         return out
 
 
-def _markov_batches(cfg: DemoConfig, generator: torch.Generator) -> Any:
-    """An endless stream of sequences from a fixed random sparse Markov chain (the "pretraining language")."""
-    transitions = torch.rand(cfg.vocab, cfg.vocab, generator=generator) ** 8
-    transitions /= transitions.sum(1, keepdim=True)
-    while True:
-        ids = torch.empty(cfg.batch, cfg.seq, dtype=torch.long)
-        ids[:, 0] = torch.randint(0, cfg.vocab, (cfg.batch,), generator=generator)
-        for t in range(1, cfg.seq):
-            ids[:, t] = torch.multinomial(transitions[ids[:, t - 1]], 1, generator=generator).squeeze(1)
-        yield ids
-
-
-def facts_dataset(cfg: DemoConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``facts`` random keys (``key_tokens`` tokens each) mapped to random value tokens; the loss is on the
-    value only. Information content: facts x log2(vocab) bits."""
-    keys = torch.randint(0, cfg.vocab, (cfg.facts, cfg.key_tokens), generator=generator)
-    values = torch.randint(0, cfg.vocab, (cfg.facts, 1), generator=generator)
-    ids = torch.cat([keys, values], dim=1)
-    labels = torch.full_like(ids, -100)
-    labels[:, -1] = ids[:, -1]
-    return ids, labels
-
-
 def run_demo(folder: str | os.PathLike[str] = "lorascope-demo", *, cfg: DemoConfig | None = None,
              force: bool = False, log: Any = print) -> tuple[Path, Any, Any]:
     """Pretrain, fully fine-tune with recording, analyse and write the report into ``folder``.
@@ -158,21 +136,24 @@ def _run(folder: str | os.PathLike[str], cfg: DemoConfig, force: bool, log: Any)
     log(f"pretraining a {sum(p.numel() for p in model.parameters()):,}-parameter transformer for "
         f"{cfg.pretrain_steps} steps on a Markov-chain language ...")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    stream = _markov_batches(cfg, generator)
+    stream = markov_batches(cfg.vocab, batch_size=cfg.batch, length=cfg.seq, generator=generator)
     for _ in range(cfg.pretrain_steps):
         ids = next(stream)
         model(ids, labels=ids)["loss"].backward()
         opt.step()
         opt.zero_grad()
 
-    ids, labels = facts_dataset(cfg, generator)
-    bits = cfg.facts * math.log2(cfg.vocab)
+    task = FactsTask(facts=cfg.facts, vocab_size=cfg.vocab, values=cfg.vocab // 2, key_tokens=cfg.key_tokens,
+                     seed=cfg.seed)
+    ids, labels = task.tensors()
+    bits = task.bits
     log(f"full fine-tuning on {cfg.facts} random key -> value facts ({bits:,.0f} bits) for {cfg.finetune_steps} "
         "steps, recorded by lorascope ...")
     run_path = folder / "demo_run.h5"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     with lorascope.record(model, run_path, optimizer=opt, total_steps=cfg.finetune_steps, overwrite=force,
-                          extra_config={"demo": {"facts": cfg.facts, "bits_to_learn": bits}}):
+                          extra_config={"demo": {"facts": cfg.facts, "bits_to_learn": bits},
+                                        "dataset": {"examples": cfg.facts}}):
         for _ in range(cfg.finetune_steps):
             # Two backward passes per step (gradient accumulation), so the recording also measures the
             # gradient noise scale from the norms at both batch sizes.

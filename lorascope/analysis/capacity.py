@@ -1,0 +1,177 @@
+"""LoRA capacity in bits, the dataset size at which a rank runs out, and a verdict per rank.
+
+The information view (Schulman et al., "LoRA Without Regret", 2025; Allen-Zhu & Li, 2025): a LoRA of rank r
+holds about :math:`\\kappa P(r)` bits, with :math:`P(r)` its parameter count and :math:`\\kappa` bits per LoRA
+parameter; data asking :math:`b` bits per example fills it at
+
+.. math:: N^*(r) = \\kappa P(r) / b
+
+examples (the *runway*). Past it, LoRA keeps learning, less efficiently than full fine-tuning: the loss
+curves part. :math:`\\kappa` is known only to a factor :math:`u` (:class:`CapacityConstant`), so the runway is a
+range :math:`[N^*/u, N^* u]` and a dataset of N examples gets the verdict
+
+- ``fits`` when :math:`N \\le N^*/u`,
+- ``exceeded`` when :math:`N > N^* u`,
+- ``at risk`` in between.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lorascope.analysis.information import BitsEstimate
+from lorascope.errors import InvalidOptionError
+
+__all__ = [
+    "DEFAULT_BITS_PER_PARAMETER",
+    "DEFAULT_UNCERTAINTY",
+    "CapacityConstant",
+    "RankPrediction",
+    "judge",
+    "predict_ranks",
+    "rank_needed",
+]
+
+DEFAULT_BITS_PER_PARAMETER = 1.0
+"""Bits stored per LoRA parameter when no calibration is given: the median measured by
+``python examples/capacity/default_constant.py`` (docs/capacity.md has the table)."""
+DEFAULT_UNCERTAINTY = 2.0
+"""The default constant is only known to a factor of 2 on an architecture it was not measured on."""
+VERDICTS = ("fits", "at risk", "exceeded")
+
+
+@dataclass(frozen=True)
+class CapacityConstant:
+    """Bits per LoRA parameter :math:`\\kappa`, its multiplicative uncertainty :math:`u \\ge 1`, and its source."""
+
+    bits_per_parameter: float
+    uncertainty: float
+    source: str
+
+    def __post_init__(self) -> None:
+        if not self.bits_per_parameter > 0 or not math.isfinite(self.bits_per_parameter):
+            raise InvalidOptionError(f"bits per LoRA parameter must be a positive number. Got "
+                                     f"{self.bits_per_parameter!r} instead.")
+        if not self.uncertainty >= 1 or not math.isfinite(self.uncertainty):
+            raise InvalidOptionError(f"the uncertainty factor must be a number >= 1. Got {self.uncertainty!r} instead.")
+
+    @classmethod
+    def default(cls) -> CapacityConstant:
+        return cls(DEFAULT_BITS_PER_PARAMETER, DEFAULT_UNCERTAINTY,
+                   "lorascope's default, measured on small Markov-pretrained Llama models (docs/capacity.md)")
+
+    @classmethod
+    def from_calibration(cls, calibration: Any) -> CapacityConstant:
+        """From a :class:`~lorascope.calibrate.Calibration` of this architecture."""
+        ranks = ", ".join(str(p.rank) for p in calibration.points)
+        return cls(calibration.bits_per_parameter, calibration.uncertainty,
+                   f"calibrated on this architecture at rank(s) {ranks} ({calibration.created or 'undated'})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits_per_parameter": self.bits_per_parameter, "uncertainty": self.uncertainty,
+                "source": self.source}
+
+
+@dataclass(frozen=True)
+class RankPrediction:
+    """The capacity of one candidate rank against the dataset."""
+
+    rank: int
+    ranks_by_kind: dict[str, int]
+    lora_parameters: int
+    capacity_bits: float
+    runway_examples: float
+    runway_low: float
+    runway_high: float
+    tinker_runway_examples: float | None
+    verdict: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "ranks_by_kind": dict(self.ranks_by_kind), "lora_parameters": self.lora_parameters,
+                "capacity_bits": self.capacity_bits, "runway_examples": self.runway_examples,
+                "runway_range": [self.runway_low, self.runway_high],
+                "tinker_runway_examples": self.tinker_runway_examples, "verdict": self.verdict,
+                "reason": self.reason}
+
+
+def judge(examples: float, runway: float, uncertainty: float) -> str:
+    """The verdict for ``examples`` against a runway known to a factor ``uncertainty``.
+
+    Examples
+    --------
+    >>> judge(1000, 4000, 2.0), judge(3000, 4000, 2.0), judge(9000, 4000, 2.0)
+    ('fits', 'at risk', 'exceeded')
+    """
+    if examples <= runway / uncertainty:
+        return "fits"
+    if examples > runway * uncertainty:
+        return "exceeded"
+    return "at risk"
+
+
+def predict_ranks(ranks: Sequence[int], parameters: Callable[[int], tuple[int, dict[str, int]]], *, examples: float,
+                  bits: BitsEstimate, constant: CapacityConstant,
+                  trained_tokens_per_example: float | None = None) -> list[RankPrediction]:
+    """A :class:`RankPrediction` per candidate rank.
+
+    Parameters
+    ----------
+    ranks : sequence of int
+    parameters : callable
+        ``rank -> (LoRA parameters, ranks by kind)`` for the chosen target set.
+    examples : float
+        The dataset size the verdict is for.
+    bits : BitsEstimate
+        Bits per example of this data.
+    constant : CapacityConstant
+    trained_tokens_per_example : float, optional
+        For the Tinker rule of thumb (LoRA parameters >= trained tokens): its runway
+        :math:`P(r) / T` is shown beside the information runway.
+
+    Examples
+    --------
+    >>> from lorascope.analysis.information import information_from_size
+    >>> bits = information_from_size(examples=5000, tokens_per_example=10)
+    >>> [p.verdict for p in predict_ranks([1, 64, 256], lambda r: (1000 * r, {"mlp": r}), examples=5000, bits=bits,
+    ...                                   constant=CapacityConstant(1.0, 2.0, "test"))]
+    ['exceeded', 'at risk', 'fits']
+    """
+    out = []
+    for rank in ranks:
+        count, by_kind = parameters(rank)
+        capacity = constant.bits_per_parameter * count
+        runway = capacity / bits.bits_per_example
+        low, high = runway / constant.uncertainty, runway * constant.uncertainty
+        verdict = judge(examples, runway, constant.uncertainty)
+        tinker = count / trained_tokens_per_example if trained_tokens_per_example else None
+        reason = (f"{count:,} parameters x {constant.bits_per_parameter:.3g} bits = {capacity:,.0f} bits; the data "
+                  f"asks {bits.bits_per_example:,.3g} bits per example, so rank {rank} holds ~{runway:,.0f} examples "
+                  f"({low:,.0f} to {high:,.0f}) against {examples:,.0f}")
+        out.append(RankPrediction(int(rank), dict(by_kind), int(count), capacity, runway, low, high, tinker,
+                                  verdict, reason))
+    return out
+
+
+def rank_needed(examples: float, bits: BitsEstimate, constant: CapacityConstant,
+                parameters: Callable[[int], tuple[int, dict[str, int]]], *, max_rank: int = 65536) -> int | None:
+    """The smallest power-of-two rank whose whole runway range covers ``examples`` (verdict ``fits``), or None
+    when even ``max_rank`` does not.
+
+    Examples
+    --------
+    >>> from lorascope.analysis.information import information_from_size
+    >>> bits = information_from_size(examples=5000, tokens_per_example=10)
+    >>> rank_needed(5000, bits, CapacityConstant(1.0, 2.0, "test"), lambda r: (1000 * r, {}))
+    128
+    """
+    rank = 1
+    while rank <= max_rank:
+        count, _ = parameters(rank)
+        if judge(examples, constant.bits_per_parameter * count / bits.bits_per_example, constant.uncertainty) == "fits":
+            return rank
+        rank *= 2
+    return None

@@ -1,0 +1,280 @@
+"""How many bits a dataset asks a fine-tuning update to learn.
+
+Two sources, both in bits per example so that they scale to another dataset size of the same data:
+
+From a recording (:func:`information_from_steps`, :func:`information_from_run`)
+    *Description length*: the training loss of the first epoch summed over the tokens it is computed on,
+    in bits. Every first-epoch example is scored before the model has trained on it, so this is the
+    prequential code length of the data given the starting model, an upper bound on the information the data
+    holds for that model (it includes the irreducible noise of the data).
+
+    *Absorbed*: the description length minus the code length of the same examples under the trained model,
+    estimated from the training loss at the end of the run (its last epoch, or the last tenth of the steps):
+    the information the full fine-tuning update actually took in. Only meaningful when the run saw its data
+    more than once or the data generalizes; on a single pass over unrelated facts it is about zero.
+
+From the dataset size alone (:func:`information_from_size`)
+    SFT: ``bits_per_token`` (default 1 bit, the rate of typical LLM data; Schulman et al., "LoRA Without
+    Regret", 2025) times the tokens the loss is computed on. A description-length-style upper bound: data the
+    base model already predicts well asks for less. RL with a scalar reward: ``bits_per_episode`` (default 1)
+    per episode (LoRA Without Regret: O(1) bits per episode).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from lorascope.errors import InvalidOptionError
+
+__all__ = [
+    "DEFAULT_BITS_PER_EPISODE",
+    "DEFAULT_BITS_PER_TOKEN",
+    "BitsEstimate",
+    "RecordedInformation",
+    "information_from_run",
+    "information_from_size",
+    "information_from_steps",
+]
+
+DEFAULT_BITS_PER_TOKEN = 1.0
+"""Bits per trained token assumed for SFT data when only its size is known (~0.69 nats; LoRA Without Regret)."""
+DEFAULT_BITS_PER_EPISODE = 1.0
+"""Bits per episode assumed for RL with a scalar reward (O(1); LoRA Without Regret)."""
+TASKS = ("sft", "rl")
+_TAIL_FRACTION = 0.1  # share of a single-epoch run's last steps whose loss stands for the trained model's
+
+
+@dataclass(frozen=True)
+class BitsEstimate:
+    """Bits the data asks to learn, per example, and where the number comes from.
+
+    Attributes
+    ----------
+    bits_per_example : float
+    source : str
+        ``"recording"``, ``"dataset size"`` or ``"episodes"``.
+    basis : str
+        The measure used: ``"absorbed"``, ``"description length"``, ``"bits per token"`` or ``"bits per episode"``.
+    upper_bound : bool
+        True when the number is an upper bound on what the data asks (description length, size assumption).
+    explanation : str
+        One sentence a user can check.
+    """
+
+    bits_per_example: float
+    source: str
+    basis: str
+    upper_bound: bool
+    explanation: str
+
+    def bits(self, examples: float) -> float:
+        """Bits asked by ``examples`` examples of the same data."""
+        return self.bits_per_example * examples
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits_per_example": self.bits_per_example, "source": self.source, "basis": self.basis,
+                "upper_bound": self.upper_bound, "explanation": self.explanation}
+
+
+def information_from_size(*, examples: float, tokens_per_example: float | None = None, task: str = "sft",
+                          bits_per_token: float = DEFAULT_BITS_PER_TOKEN,
+                          bits_per_episode: float = DEFAULT_BITS_PER_EPISODE) -> BitsEstimate:
+    """Bits per example from the dataset size alone.
+
+    .. math:: b_{\\mathrm{sft}} = \\beta_{\\mathrm{token}} \\, T, \\qquad b_{\\mathrm{rl}} = \\beta_{\\mathrm{episode}}
+
+    with :math:`T` the trained (completion) tokens per example.
+
+    Parameters
+    ----------
+    examples : float
+        Number of examples (SFT) or episodes (RL); only checked here.
+    tokens_per_example : float, optional
+        Trained tokens per example; required for ``task="sft"``.
+    task : {"sft", "rl"}
+    bits_per_token, bits_per_episode : float
+        The assumed rates.
+
+    Examples
+    --------
+    >>> information_from_size(examples=1000, tokens_per_example=200).bits(1000)
+    200000.0
+    >>> information_from_size(examples=10_000, task="rl").bits_per_example
+    1.0
+    """
+    _positive("examples", examples)
+    if task not in TASKS:
+        raise InvalidOptionError(f"The 'task' parameter must be one of {TASKS}. Got {task!r} instead.")
+    if task == "rl":
+        _positive("bits_per_episode", bits_per_episode)
+        return BitsEstimate(float(bits_per_episode), "episodes", "bits per episode", False,
+                            f"RL with a scalar reward: {bits_per_episode:g} bit(s) per episode (O(1) bits per "
+                            "episode; LoRA Without Regret, 2025)")
+    if tokens_per_example is None:
+        raise InvalidOptionError("The information of SFT data needs its size in tokens: give tokens per example "
+                                 "(or total tokens, or a JSONL dataset to count).")
+    _positive("tokens_per_example", tokens_per_example)
+    _positive("bits_per_token", bits_per_token)
+    return BitsEstimate(float(bits_per_token * tokens_per_example), "dataset size", "bits per token", True,
+                        f"{bits_per_token:g} bit per trained token x {tokens_per_example:,.0f} tokens per example "
+                        "(typical LLM data; an upper bound: data the base model already predicts asks for less)")
+
+
+@dataclass(frozen=True)
+class RecordedInformation:
+    """The information of a recorded run's data, in bits.
+
+    Attributes
+    ----------
+    description_length_bits : float
+        First-epoch training loss summed over the loss tokens, in bits.
+    absorbed_bits : float or None
+        ``description_length_bits`` minus the first epoch's examples coded by the trained model (the final
+        loss), floored at 0; None when the run has too few steps to tell.
+    epoch_examples : int
+        Examples of the first epoch (the dataset size when known, else every example of the run).
+    epoch_steps : int
+        Steps of the first epoch that carry a loss.
+    epochs : float
+        Examples seen over the dataset size (NaN when the dataset size is unknown).
+    final_loss_nats : float
+        Mean loss per token standing for the trained model.
+    token_basis : str
+        ``"loss tokens"`` (labels != -100) or ``"all tokens"`` (when the run did not record loss tokens).
+    notes : list of str
+    """
+
+    description_length_bits: float
+    absorbed_bits: float | None
+    epoch_examples: int
+    epoch_steps: int
+    epochs: float
+    final_loss_nats: float
+    token_basis: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def description_length_per_example(self) -> float:
+        return self.description_length_bits / self.epoch_examples
+
+    @property
+    def absorbed_per_example(self) -> float | None:
+        return None if self.absorbed_bits is None else self.absorbed_bits / self.epoch_examples
+
+    def estimate(self) -> BitsEstimate:
+        """The per-example estimate ``recommend`` uses: absorbed bits when the run saw its data more than once
+        (what full fine-tuning actually took in), else the description length (an upper bound)."""
+        if self.absorbed_bits is not None and self.epochs > 1.0 and self.absorbed_bits > 0:
+            return BitsEstimate(self.absorbed_bits / self.epoch_examples, "recording", "absorbed", False,
+                                f"full fine-tuning absorbed {self.absorbed_bits:,.0f} bits from "
+                                f"{self.epoch_examples:,} examples (first-epoch code length minus the trained "
+                                "model's)")
+        return BitsEstimate(self.description_length_bits / self.epoch_examples, "recording",
+                            "description length", True,
+                            f"first-epoch log-loss of {self.epoch_examples:,} examples: "
+                            f"{self.description_length_bits:,.0f} bits (an upper bound)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"description_length_bits": self.description_length_bits, "absorbed_bits": self.absorbed_bits,
+                "epoch_examples": self.epoch_examples, "epoch_steps": self.epoch_steps,
+                "epochs": None if math.isnan(self.epochs) else self.epochs,
+                "final_loss_nats": self.final_loss_nats, "token_basis": self.token_basis,
+                "estimate": self.estimate().to_dict(), "notes": list(self.notes)}
+
+
+def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = None) -> RecordedInformation:
+    """The description length and absorbed information of a recorded run, from its per-step rows.
+
+    .. math::
+
+        L_{\\mathrm{DL}} = \\frac{1}{\\ln 2} \\sum_{t \\in \\mathrm{epoch\\ 1}} \\ell_t \\, n_t, \\qquad
+        I_{\\mathrm{absorbed}} = \\max\\Bigl(0,\\ L_{\\mathrm{DL}} - \\frac{\\bar\\ell_{\\mathrm{end}}}{\\ln 2}
+        \\sum_{t \\in \\mathrm{epoch\\ 1}} n_t\\Bigr)
+
+    with :math:`\\ell_t` the step's mean training loss (nats per token), :math:`n_t` its loss tokens and
+    :math:`\\bar\\ell_{\\mathrm{end}}` the token-weighted mean loss of the last epoch (of the last tenth of the
+    steps for a run of one epoch or less).
+
+    Parameters
+    ----------
+    steps : xarray.Dataset
+        A run's steps view (``loss``, ``batch_examples``, ``batch_tokens``, ``batch_loss_tokens``,
+        ``examples_seen``).
+    dataset_examples : int, optional
+        Examples in one epoch. Without it every step counts as first-epoch (an over-estimate for a run that
+        repeated its data).
+
+    Raises
+    ------
+    InvalidOptionError
+        If no step has a finite loss with known examples and tokens, or ``dataset_examples`` is not positive.
+    """
+    notes: list[str] = []
+    if dataset_examples is not None:
+        _positive("dataset_examples", dataset_examples)
+    loss = steps["loss"].values.astype(np.float64)
+    examples = steps["batch_examples"].values.astype(np.float64)
+    seen = steps["examples_seen"].values.astype(np.float64)
+    tokens = (steps["batch_loss_tokens"].values if "batch_loss_tokens" in steps else
+              np.full(loss.shape, -1)).astype(np.float64)
+    token_basis = "loss tokens"
+    if not np.any(tokens > 0):
+        tokens = steps["batch_tokens"].values.astype(np.float64)
+        token_basis = "all tokens"
+        notes.append("the run did not record loss tokens (labels != -100): every input token is counted, an "
+                     "over-estimate when prompts are masked; pass labels to the model or rec.log(loss_tokens=)")
+    usable = np.isfinite(loss) & (examples > 0) & (tokens > 0) & (seen > 0)
+    if not usable.any():
+        raise InvalidOptionError("The run has no step with a finite loss and known examples and tokens: its "
+                                 "information cannot be estimated.")
+    if dataset_examples is None:
+        epochs = math.nan
+        first = usable
+        notes.append("the dataset size is unknown (not in the run's config): every step is taken as first-epoch")
+    else:
+        epochs = float(seen[-1] / dataset_examples)
+        first = usable & (seen - examples < dataset_examples)  # the step started within the first epoch
+        if seen[-1] < dataset_examples:
+            notes.append(f"the run saw {int(seen[-1]):,} of {dataset_examples:,} examples: its first epoch is "
+                         "incomplete, bits per example come from what it saw")
+    epoch_examples = int(examples[first].sum())
+    description_length = float(np.sum(loss[first] * tokens[first]) / math.log(2))
+    if dataset_examples is not None and epochs > 1.0:
+        tail = usable & (seen - examples >= seen[-1] - dataset_examples)  # the last epoch
+    else:
+        index = np.flatnonzero(usable)
+        tail = np.zeros_like(usable)
+        tail[index[-max(1, int(round(_TAIL_FRACTION * index.size))):]] = True
+    final_loss = float(np.sum(loss[tail] * tokens[tail]) / np.sum(tokens[tail]))
+    absorbed = None
+    if int(first.sum()) >= 2:
+        absorbed = max(0.0, description_length - final_loss * float(tokens[first].sum()) / math.log(2))
+    return RecordedInformation(description_length, absorbed, epoch_examples, int(first.sum()), epochs, final_loss,
+                               token_basis, notes)
+
+
+def information_from_run(path: str | os.PathLike[str], *, dataset_examples: int | None = None
+                         ) -> RecordedInformation:
+    """:func:`information_from_steps` of a run file; the epoch size defaults to the run's recorded dataset size
+    (config ``dataset.examples``, written by the HF and Lightning integrations or given by the user through
+    ``extra_config={"dataset": {"examples": N}}``)."""
+    from lorascope.store.reader import open_run
+
+    with open_run(path) as run:
+        steps = run.steps.load()
+        recorded = (run.config.get("dataset") or {}).get("examples")
+    if dataset_examples is None and isinstance(recorded, numbers.Integral) and recorded > 0:
+        dataset_examples = int(recorded)
+    return information_from_steps(steps, dataset_examples=dataset_examples)
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+        raise InvalidOptionError(f"The {name!r} parameter must be a positive number. Got {value!r} instead.")

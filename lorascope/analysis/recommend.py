@@ -1,0 +1,397 @@
+"""``lorascope.recommend``: ranks, target modules, learning rate, batch size and a PEFT config, before training.
+
+Inputs: a model (a config, built on the meta device, or an in-memory model), the dataset size, the task, and
+optionally probe recordings (a short full fine-tuning run on a slice of the data) and a calibration. The
+capacity verdict per rank follows the information view (:mod:`lorascope.analysis.capacity`); spectral evidence
+from a probe is shown beside it but does not enter the verdict (docs/capacity.md says why).
+
+Fixed recommendations, with their source (Schulman et al., "LoRA Without Regret", 2025):
+
+- targets: every linear layer, MLP and MoE experts included; attention-only LoRA underperforms MLP-only at the
+  same parameter count, so it is never recommended;
+- MoE experts: one LoRA per expert with rank = rank / active experts (at least 1);
+- alpha = 32 with PEFT's alpha / r scaling (the optimal learning rate then barely depends on the rank);
+- learning rate: about 10x the full fine-tuning one (a fit over 14 models gave 9.8x); about 15x for runs under
+  ~100 steps.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from lorascope.analysis.capacity import CapacityConstant, RankPrediction, predict_ranks, rank_needed
+from lorascope.analysis.information import (
+    DEFAULT_BITS_PER_EPISODE,
+    DEFAULT_BITS_PER_TOKEN,
+    TASKS,
+    BitsEstimate,
+    RecordedInformation,
+    information_from_run,
+    information_from_size,
+)
+from lorascope.errors import InvalidOptionError, ProbeMismatchError
+
+__all__ = ["DEFAULT_RANKS", "Recommendation", "recommend"]
+
+DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LR_MULTIPLIER, LR_MULTIPLIER_SHORT, SHORT_RUN_STEPS = 10.0, 15.0, 100
+LORA_ALPHA = 32
+RECOMMEND_FORMAT, RECOMMEND_VERSION = "lorascope-recommend", 1
+TARGET_CHOICES = ("auto", "all-linear", "all-linear+experts", "mlp-only")
+_PEFT_PREFIX = "base_model.model."
+_ACTIVE_EXPERT_KEYS = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", "top_k")
+
+
+@dataclass
+class Recommendation:
+    """What :func:`recommend` concludes; :meth:`to_dict` is the ``--json`` output (docs/capacity.md)."""
+
+    model: dict[str, Any]
+    target: str
+    task: str
+    examples: float
+    trained_tokens_per_example: float | None
+    epochs: float
+    batch_size: int | None
+    bits: BitsEstimate
+    constant: CapacityConstant
+    predictions: list[RankPrediction]
+    rank: int
+    rank_needed: int | None
+    ranks_by_kind: dict[str, int]
+    lr_multiplier: float
+    lr_reason: str
+    batch_advice: str
+    b_noise: float | None
+    peft_config: dict[str, Any]
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> RankPrediction | None:
+        return next((p for p in self.predictions if p.rank == self.rank), None)
+
+    def to_peft_config(self) -> Any:
+        """The recommended adapter as a :class:`peft.LoraConfig` (needs peft)."""
+        from lorascope.peft_config import to_peft
+
+        return to_peft(self.peft_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": RECOMMEND_FORMAT, "version": RECOMMEND_VERSION, "model": dict(self.model),
+            "task": self.task, "examples": self.examples,
+            "trained_tokens_per_example": self.trained_tokens_per_example, "epochs": self.epochs,
+            "batch_size": self.batch_size, "target": self.target, "bits": self.bits.to_dict(),
+            "bits_to_learn": self.bits.bits(self.examples), "constant": self.constant.to_dict(),
+            "predictions": [p.to_dict() for p in self.predictions], "rank": self.rank,
+            "rank_needed": self.rank_needed, "ranks_by_kind": dict(self.ranks_by_kind), "lora_alpha": LORA_ALPHA,
+            "scaling": "alpha / r (PEFT default; LoRA Without Regret)",
+            "lr_multiplier": self.lr_multiplier, "lr_reason": self.lr_reason, "batch_advice": self.batch_advice,
+            "b_noise": self.b_noise, "peft_config": dict(self.peft_config), "probes": list(self.probes),
+            "notes": list(self.notes),
+        }
+
+
+def recommend(model: Any, *, examples: int | None = None, tokens_per_example: float | None = None,
+              tokens: int | None = None, dataset: str | os.PathLike[str] | None = None, tokenizer: Any = None,
+              task: str = "sft", probes: Sequence[str | os.PathLike[str]] = (), ranks: Sequence[int] = DEFAULT_RANKS,
+              batch_size: int | None = None, epochs: float = 1, target: str = "auto", calibration: Any = None,
+              bits_per_token: float = DEFAULT_BITS_PER_TOKEN,
+              bits_per_episode: float = DEFAULT_BITS_PER_EPISODE) -> Recommendation:
+    """Recommend a LoRA for fine-tuning ``model`` on a dataset of the given size.
+
+    Parameters
+    ----------
+    model : str, os.PathLike, mapping, transformers config or torch.nn.Module
+        A ``config.json`` (or its directory, or its content): the model is built on the meta device, exact shapes
+        and no weights; or the model itself (not PEFT-wrapped).
+    examples : int, optional
+        Training examples (SFT) or episodes (RL: problems x samples per problem).
+    tokens_per_example, tokens : optional
+        Trained (completion) tokens per example, or in total. SFT needs one of them unless ``dataset`` is given.
+    dataset : path, optional
+        A JSONL file to count examples and trained tokens from (:func:`lorascope.datasets.count_dataset`), with
+        ``tokenizer`` (a tokenizer or a local directory; default: an estimate of 4 characters per token).
+    task : {"sft", "rl"}
+    probes : sequence of run files
+        Recordings of full fine-tuning on a slice of this data with this model: they replace the size-based bits
+        estimate with a measured one, and give spectral evidence and the noise scale for batch advice.
+    ranks : sequence of int
+        Candidate ranks.
+    batch_size : int, optional
+        Planned batch size in examples (for the step count of the LR advice and the batch advice).
+    epochs : float, default 1
+        Passes over the data (steps only; the bits of the data do not grow with repetition).
+    target : {"auto", "all-linear", "all-linear+experts", "mlp-only"}
+        ``"auto"`` adapts every linear layer and fused MoE experts. Attention-only is refused.
+    calibration : Calibration or path, optional
+        From ``lorascope calibrate`` on this architecture; without it the default constant is used.
+    bits_per_token, bits_per_episode : float
+        Assumed information rates when no probe is given.
+
+    Returns
+    -------
+    Recommendation
+
+    Raises
+    ------
+    ModelConfigError
+        The config cannot be read or built (unknown architecture, missing sizes).
+    ProbeMismatchError
+        A probe or the calibration comes from another architecture.
+    InvalidOptionError
+        Missing, zero or negative sizes; an unknown task or target; bad ranks.
+    """
+    from lorascope.analysis.lora_params import lora_parameters, model_from_config
+    from lorascope.calibrate import load_calibration, model_signature, resolve_target
+    from lorascope.peft_config import make_lora_config
+
+    if task not in TASKS:
+        raise InvalidOptionError(f"The 'task' parameter of recommend must be one of {TASKS}. Got {task!r} instead.")
+    if target not in TARGET_CHOICES:
+        raise InvalidOptionError(
+            f"The 'target' parameter of recommend must be one of {TARGET_CHOICES}. Got {target!r} instead."
+            + (" Attention-only LoRA underperforms MLP-only at matched parameter count (LoRA Without Regret, 2025)."
+               if target == "attention-only" else ""))
+    ranks = _check_ranks(ranks)
+    _check_positive("epochs", epochs)
+    if batch_size is not None:
+        _check_positive_int("batch_size", batch_size)
+    module = model if isinstance(model, nn.Module) else model_from_config(model)
+    signature = model_signature(module)
+    resolved = resolve_target(module, target)
+    notes: list[str] = []
+    examples, trained_tokens = _dataset_size(task, examples, tokens_per_example, tokens, dataset, tokenizer, notes)
+
+    probe_results = [_probe(path, module) for path in probes]
+    bits = information_from_size(examples=examples, tokens_per_example=trained_tokens, task=task,
+                                 bits_per_token=bits_per_token, bits_per_episode=bits_per_episode)
+    if probe_results and task == "sft":
+        largest = max(probe_results, key=lambda p: p["information"].epoch_examples)
+        bits = largest["information"].estimate()
+        notes.extend(f"probe {largest['path']}: {n}" for n in largest["information"].notes)
+    elif probe_results:
+        notes.append("RL: the bits per episode come from the reward's information, not from the probe's loss")
+
+    if calibration is not None:
+        calibration = calibration if hasattr(calibration, "points") else load_calibration(calibration)
+        _check_calibration(calibration, signature)
+        constant = CapacityConstant.from_calibration(calibration)
+    else:
+        constant = CapacityConstant.default()
+
+    count = lora_parameters(module, resolved, rank=1)
+    active = _active_experts(module)
+
+    def ranks_by_adapter(rank: int) -> dict[str, int]:
+        return {a.name: _adapter_rank(rank, a.kind, a.experts, active) for a in count.adapters}
+
+    def parameters(rank: int) -> tuple[int, dict[str, int]]:
+        per_adapter = ranks_by_adapter(rank)
+        total = sum(per_adapter[a.name] * a.per_rank for a in count.adapters)
+        by_kind = {a.kind: per_adapter[a.name] for a in count.adapters}
+        return total, by_kind
+
+    predictions = predict_ranks(ranks, parameters, examples=examples, bits=bits, constant=constant,
+                                trained_tokens_per_example=trained_tokens if task == "sft" else None)
+    needed = rank_needed(examples, bits, constant, parameters)
+    fitting = [p.rank for p in predictions if p.verdict == "fits"]
+    if fitting:
+        rank = fitting[0]
+    elif needed is not None and needed <= _max_useful_rank(count):
+        rank = needed
+        notes.append(f"no candidate rank fits; rank {needed} is the smallest power of two that does")
+    else:
+        rank = max(ranks)
+        notes.append("no LoRA rank up to the matrices' size holds this data with margin: consider full fine-tuning "
+                     f"(rank {rank}, the largest candidate, is shown)")
+    peft_config = make_lora_config(module, target=resolved, rank=ranks_by_adapter(rank), alpha=LORA_ALPHA)
+    steps = math.ceil(examples * epochs / batch_size) if batch_size else None
+    lr_multiplier, lr_reason = _learning_rate(steps)
+    b_noise, batch_advice = _batch_advice(probe_results, batch_size)
+    if resolved == "all-linear" and any(a.kind == "router" for a in count.adapters):
+        notes.append("a Linear router is adapted too (PEFT's all-linear rule); routers hold few parameters")
+    return Recommendation(
+        model=signature, target=resolved, task=task, examples=float(examples),
+        trained_tokens_per_example=trained_tokens, epochs=float(epochs), batch_size=batch_size, bits=bits,
+        constant=constant, predictions=predictions, rank=rank, rank_needed=needed,
+        ranks_by_kind=parameters(rank)[1], lr_multiplier=lr_multiplier, lr_reason=lr_reason,
+        batch_advice=batch_advice, b_noise=b_noise, peft_config=peft_config,
+        probes=[_probe_dict(p, ranks) for p in probe_results], notes=notes)
+
+
+def _adapter_rank(rank: int, kind: str, experts: int, active: int | None) -> int:
+    """One LoRA per expert with rank / active experts (LoRA Without Regret), never below 1."""
+    if kind == "moe_expert" and experts > 1 and active:
+        return max(1, rank // active)
+    return rank
+
+
+def _active_experts(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for key in _ACTIVE_EXPERT_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _max_useful_rank(count: Any) -> int:
+    """The smallest matrix dimension among the adapters: a higher rank adds nothing a full update lacks."""
+    return min(min(a.in_features, a.out_features) for a in count.adapters)
+
+
+def _dataset_size(task: str, examples: Any, tokens_per_example: Any, tokens: Any, dataset: Any, tokenizer: Any,
+                  notes: list[str]) -> tuple[float, float | None]:
+    if dataset is not None:
+        if examples is not None or tokens is not None or tokens_per_example is not None:
+            raise InvalidOptionError("Give the dataset either as a JSONL file or as sizes (examples, tokens), not "
+                                     "both.")
+        from lorascope.datasets import count_dataset
+
+        size = count_dataset(dataset, tokenizer=tokenizer)
+        notes.append(f"dataset {os.fspath(dataset)}: {size.examples:,} examples, {size.completion_tokens:,} "
+                     f"trained tokens ({size.fields}; {size.counted_with})")
+        return float(size.examples), float(size.tokens_per_example)
+    if examples is None:
+        raise InvalidOptionError("recommend needs the dataset size: the number of examples (episodes for RL), or a "
+                                 "JSONL dataset to count.")
+    _check_positive("examples", examples)
+    if tokens is not None and tokens_per_example is not None:
+        raise InvalidOptionError("Give either tokens per example or total tokens, not both.")
+    if tokens is not None:
+        _check_positive("tokens", tokens)
+        tokens_per_example = tokens / examples
+    elif tokens_per_example is not None:
+        _check_positive("tokens_per_example", tokens_per_example)
+    elif task == "sft":
+        raise InvalidOptionError("SFT needs the trained tokens: give tokens per example or total tokens (the "
+                                 "completion tokens the loss is computed on), or a JSONL dataset to count.")
+    return float(examples), None if tokens_per_example is None else float(tokens_per_example)
+
+
+def _learning_rate(steps: int | None) -> tuple[float, str]:
+    source = ("LoRA Without Regret (Schulman et al., 2025): optimal LoRA LR ~10x full fine-tuning (fit over 14 "
+              "models: 9.8x)")
+    if steps is None:
+        return LR_MULTIPLIER, f"{source}; ~15x for runs under ~100 steps (give the batch size to count the steps)"
+    if steps < SHORT_RUN_STEPS:
+        return LR_MULTIPLIER_SHORT, f"{source}; this run has {steps} steps, under ~100, where ~15x is better"
+    return LR_MULTIPLIER, f"{source}; this run has {steps:,} steps"
+
+
+def _batch_advice(probes: list[dict[str, Any]], batch_size: int | None) -> tuple[float | None, str]:
+    from lorascope.analysis.noise import batch_tradeoff
+
+    noise = [p["b_noise"] for p in probes if p["b_noise"] is not None]
+    if not noise:
+        general = ("LoRA's loss penalty vs full fine-tuning grows with batch size, independent of rank (LoRA Without "
+                   "Regret, 2025): prefer small batches (~32 or less) when the step budget allows; a probe recording "
+                   "gives the noise scale to size it")
+        return None, general
+    b_noise = float(noise[-1])
+    if batch_size is None:
+        return b_noise, (f"the probe's gradient noise scale is B_noise ~ {b_noise:.3g} examples: keep the LoRA batch "
+                         "at or below it (LoRA's penalty grows with batch size)")
+    advice = batch_tradeoff(b_noise, float(batch_size), lora=True)
+    if advice.warning:
+        return b_noise, advice.warning + f"; prefer a batch of at most ~{max(1, int(b_noise)):,}"
+    return b_noise, (f"batch {batch_size:,} is within the probe's noise scale B_noise ~ {b_noise:.3g}: data-efficient "
+                     "for LoRA")
+
+
+def _probe(path: str | os.PathLike[str], model: nn.Module) -> dict[str, Any]:
+    from lorascope.analysis.analyze import analyze
+    from lorascope.store.reader import open_run
+
+    with open_run(path) as run:
+        modules = run.modules
+        config = run.config
+    _check_probe_shapes(str(path), modules, config, model)
+    information: RecordedInformation = information_from_run(path)
+    analysis = analyze(path)
+    result = analysis.runs[0]
+    b_noise = None if result.noise is None else result.noise.final["all"]["b_simple"]
+    return {"path": str(path), "information": information, "analysis": analysis, "lora": result.is_lora,
+            "b_noise": b_noise if b_noise is not None and b_noise > 0 else None}
+
+
+def _check_probe_shapes(path: str, modules: Any, config: Mapping[str, Any], model: nn.Module) -> None:
+    from lorascope.taxonomy import classify
+
+    shapes = {ref.name: (ref.out_features, ref.in_features) for ref in classify(model, include_frozen=True).matrices}
+    probe_type = ((config.get("model") or {}).get("config") or {}).get("model_type")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if probe_type and model_type and probe_type != model_type:
+        raise ProbeMismatchError(f"probe {path} was recorded on a {probe_type!r} model, not {model_type!r}: record "
+                                 "the probe with the model you will fine-tune")
+    matched = 0
+    for name, out, inp in zip(modules["name"], modules["out_features"], modules["in_features"]):
+        base = str(name).removeprefix(_PEFT_PREFIX)
+        if base not in shapes:
+            continue
+        if shapes[base] != (int(out), int(inp)):
+            raise ProbeMismatchError(f"probe {path} is from another architecture: {base} is {out}x{inp} there and "
+                                     f"{shapes[base][0]}x{shapes[base][1]} in this model")
+        matched += 1
+    if not matched:
+        raise ProbeMismatchError(f"probe {path} is from another architecture: none of its {len(modules)} recorded "
+                                 f"matrices (e.g. {modules['name'].iloc[0]!r}) exists in this model")
+
+
+def _probe_dict(probe: dict[str, Any], ranks: Sequence[int]) -> dict[str, Any]:
+    """The probe's measured information and spectral evidence (shown, not used in the verdict)."""
+    summary = probe["analysis"].to_dict()
+    final = summary.get("final") or {}
+    spectral = None
+    if final:
+        overall = final["overall"]
+        spectral = {
+            "examples_seen": final["examples_seen"],
+            "energy_rank_0.9": overall["energy_rank"].get("0.9"),
+            "signal_rank": overall["signal_rank"],
+            "rank_residual": overall["rank_residual"],
+            "by_kind": {k: {"energy_rank_0.9": v["energy_rank"].get("0.9"), "signal_rank": v["signal_rank"]}
+                        for k, v in final["by_kind"].items()},
+            "growth_with_data": {g: c["fit"].get("exponent") for g, c in summary["curves"].items()},
+        }
+    return {"path": probe["path"], "lora": probe["lora"], "information": probe["information"].to_dict(),
+            "b_noise": probe["b_noise"], "spectral": spectral}
+
+
+def _check_calibration(calibration: Any, signature: Mapping[str, Any]) -> None:
+    for key in ("model_type", "hidden_size"):
+        mine, theirs = signature.get(key), calibration.model.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ProbeMismatchError(f"the calibration was measured on a model with {key} = {theirs!r}, this model "
+                                     f"has {mine!r}: run `lorascope calibrate` on this architecture")
+
+
+def _check_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
+    values = tuple(ranks)
+    if not values or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in values):
+        raise InvalidOptionError(f"The 'ranks' parameter of recommend must be a non-empty list of ints >= 1. Got "
+                                 f"{list(values)!r} instead.")
+    return tuple(sorted({int(r) for r in values}))
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
+        raise InvalidOptionError(f"The {name!r} parameter of recommend must be a positive number. Got {value!r} "
+                                 "instead.")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidOptionError(f"The {name!r} parameter of recommend must be an int in the range [1, inf). Got "
+                                 f"{value!r} instead.")
