@@ -28,7 +28,7 @@ from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, LorascopeError, ModelConfigError
 from lorascope.synthetic import FactsTask, stored_bits
 
-__all__ = ["Calibration", "CalibrationPoint", "calibrate", "load_calibration", "model_signature"]
+__all__ = ["Calibration", "CalibrationPoint", "calibrate", "load_calibration", "memorize_with_lora", "model_signature"]
 
 CALIBRATION_FORMAT = "lorascope-calibration"
 CALIBRATION_VERSION = 1
@@ -163,7 +163,7 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
 
 
 def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = "auto", values: int | None = None,
-              offered_bits_per_parameter: float = 4.0, epochs: int = 300, lr: float = 3e-3, batch_size: int = 128,
+              offered_bits_per_parameter: float = 2.0, epochs: int = 300, lr: float = 3e-3, batch_size: int = 128,
               seed: int = 0, base: str = "", log: Callable[[str], None] | None = None) -> Calibration:
     """Measure bits stored per LoRA parameter on ``model`` with real PEFT LoRA adapters.
 
@@ -187,7 +187,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
         :data:`~lorascope.analysis.lora_params.LORA_TARGETS`.
     values : int, optional
         Size V of the value set (default ``min(256, vocab_size // 4)``).
-    offered_bits_per_parameter : float, default 4.0
+    offered_bits_per_parameter : float, default 2.0
         Bits offered per LoRA parameter; well above what an adapter holds, so it fills up.
     epochs, lr, batch_size, seed
         Training of each adapter.
@@ -225,7 +225,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
         facts = math.ceil(offered_bits_per_parameter * params / math.log2(values))
         task = FactsTask(facts=facts, vocab_size=vocab, values=values, key_tokens=_key_tokens(facts, vocab - values),
                          seed=seed + rank)
-        point = _train_adapter(model, resolved, rank, task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+        point = memorize_with_lora(model, resolved, rank, task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
         if point.lora_parameters != params:  # PEFT's own count must agree with lorascope's accounting
             raise LorascopeError(f"PEFT created {point.lora_parameters} LoRA parameters at rank {rank}, lorascope "
                                  f"counted {params}; please report this architecture.")
@@ -255,8 +255,13 @@ def resolve_target(model: nn.Module, target: str) -> str:
     return "all-linear+experts" if fused else "all-linear"
 
 
-def _train_adapter(model: nn.Module, target: str, rank: int, task: FactsTask, *, epochs: int, lr: float,
-                   batch_size: int, seed: int) -> CalibrationPoint:
+def memorize_with_lora(model: nn.Module, target: str, rank: int, task: FactsTask, *, epochs: int, lr: float,
+                       batch_size: int, seed: int) -> CalibrationPoint:
+    """Train a PEFT LoRA of ``rank`` on ``target`` of the frozen ``model`` to memorize ``task``; the bits it holds.
+
+    Adam at ``lr``, ``epochs`` shuffled passes in batches of ``batch_size``, cross-entropy on the value token,
+    alpha 32 with alpha / r scaling; the adapters are removed afterwards (``model`` is left as it was).
+    """
     import peft
 
     from lorascope.peft_config import make_lora_config, to_peft

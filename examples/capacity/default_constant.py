@@ -5,7 +5,7 @@ Markov language of :mod:`lorascope.synthetic` so the base is a trained model) at
 prints every point and the median over all of them: the number shipped as
 ``lorascope.analysis.capacity.DEFAULT_BITS_PER_PARAMETER`` (see docs/capacity.md for the result and command).
 
-    python examples/capacity/default_constant.py            # the full measurement (about 15 minutes on 2 cores)
+    python examples/capacity/default_constant.py            # the full measurement (about 10 minutes on 2 idle cores)
     python examples/capacity/default_constant.py --quick    # one width, rank 1 and 2, fewer epochs
 """
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--widths", default="64,128")
-    parser.add_argument("--ranks", default="1,2,4")
+    parser.add_argument("--ranks", default="1,2")
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--pretrain-steps", type=int, default=500)
     args = parser.parse_args()
