@@ -130,7 +130,9 @@ class Recorder:
         self.grad_timing = grad_timing
         self._gradients_from_optimizer = gradients_from_optimizer
         self._count_batches = count_batches
-        self._extra_config = dict(config or {})
+        # The user's extra_config sections are stored at the top of the config group and win over an
+        # integration's own (e.g. a user's "dataset" over the size an integration read from its data loader).
+        self._extra_config = {**dict(config or {}), **dict(self.options.extra_config)}
         self._tensors = [tensors_of(model, ref) for ref in self.refs]
         self._other_params = self._uncovered_trainable_parameters()
         self.distributed = D.detect(self._tensors) if parallel else None
