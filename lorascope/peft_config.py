@@ -20,6 +20,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def make_lora_config(
     >>> cfg["r"], cfg["target_modules"], cfg["rank_pattern"]
     (4, ['0', '1'], {'^1$': 2})
     """
-    adapters = lora_parameters(model, target).adapters
+    adapters = _protect_from_moe_conversion(model, lora_parameters(model, target).adapters)
     ranks = _ranks(adapters, rank)
     alpha_factor, fixed_alpha = _alpha(alpha)
     base_rank = Counter(ranks.values()).most_common(1)[0][0]
@@ -167,6 +168,38 @@ def pattern_matches(key: str, name: str) -> bool:
     False
     """
     return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
+def _protect_from_moe_conversion(model: nn.Module, adapters: Sequence[LoraAdapter]) -> tuple[LoraAdapter, ...]:
+    """Target Linear layers that PEFT would rewrite as parameters instead.
+
+    For MoE architectures whose experts transformers 5 fused (Mixtral, Qwen3-MoE, DeepSeek-V3, OLMoE, ...), PEFT
+    converts a transformers-4 style config when it builds the adapter: every ``target_modules`` entry ending in
+    ``.gate_proj`` / ``.up_proj`` / ``.down_proj`` / ``.gate`` (``.w1`` / ``.w2`` / ``.w3`` for Mixtral) is moved
+    to ``target_parameters`` as the fused expert tensor, with rank and alpha doubled on ``gate_up_proj``. A dense or
+    shared-expert MLP layer named that way would silently lose its adapter and the experts' ranks would change.
+    Such a Linear layer is therefore listed through ``target_parameters`` by its ``.weight`` (same LoRA shapes and
+    parameter count; PEFT does not convert parameter targets).
+    """
+    renamed = _peft_converted_leaf_names(model)
+    if not renamed:
+        return tuple(adapters)
+    return tuple(replace(a, name=f"{a.name}.weight", via="parameter")
+                 if a.via == "module" and a.name.rsplit(".", 1)[-1] in renamed else a for a in adapters)
+
+
+def _peft_converted_leaf_names(model: nn.Module) -> frozenset[str]:
+    """The module leaf names PEFT rewrites for this model's type (empty when it rewrites none, or when this PEFT
+    version has no such conversion)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not model_type:
+        return frozenset()
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except Exception:  # no peft, transformers < 5, or a PEFT version without the conversion
+        return frozenset()
+    base = getattr(conversion, "_MODEL_TO_CONVERSION_PATTERN", {}).get(model_type)
+    return frozenset(getattr(conversion, "_MOE_TARGET_MODULE_MAPPING", {}).get(base, {}))
 
 
 def _anchored(name: str) -> str:
