@@ -3,6 +3,8 @@
 from lorascope._version import __version__
 from lorascope.analysis.analyze import Analysis, analyze
 from lorascope.analysis.compare import Comparison, compare
+from lorascope.analysis.recommend import Recommendation, recommend
+from lorascope.calibrate import Calibration, calibrate, load_calibration
 from lorascope.errors import (
     CorruptRunFileError,
     InvalidOptionError,
@@ -23,6 +25,7 @@ from lorascope.taxonomy import classify
 
 __all__ = [
     "Analysis",
+    "Calibration",
     "Comparison",
     "CorruptRunFileError",
     "InvalidOptionError",
@@ -30,6 +33,7 @@ __all__ = [
     "LorascopeWarning",
     "NotARunFileError",
     "RecordOptions",
+    "Recommendation",
     "Recorder",
     "RecordingError",
     "RecordingWarning",
@@ -43,8 +47,11 @@ __all__ = [
     "SnapshotSchedule",
     "__version__",
     "analyze",
+    "calibrate",
     "classify",
     "compare",
+    "load_calibration",
     "open_run",
+    "recommend",
     "record",
 ]
