@@ -17,7 +17,8 @@ from lorascope.errors import InvalidOptionError
 
 
 def read_predictions(path: str) -> dict[str, Any]:
-    """The predictions file: a JSON object mapping LoRA ranks to predicted falloffs, e.g. ``{"1": 2000}``."""
+    """The predictions file: a JSON object mapping LoRA ranks to predicted falloffs, e.g. ``{"1": 2000}``, or the
+    output of ``lorascope recommend --json`` (its runway per rank, in examples)."""
     file = Path(path)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -28,6 +29,8 @@ def read_predictions(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidOptionError(f"{file}: predictions must be a JSON object mapping LoRA ranks to predicted "
                                  f"falloffs, e.g. {{\"1\": 2000, \"4\": 9000}}; got a JSON {type(data).__name__}")
+    if data.get("format") == "lorascope-recommend":  # `lorascope recommend --json`: each rank's runway in examples
+        return {str(p["rank"]): p["runway_examples"] for p in data.get("predictions", [])}
     return data
 
 
@@ -47,7 +50,8 @@ def read_predictions(path: str) -> dict[str, Any]:
 @click.option("--tokens", "x_tokens", is_flag=True, help="Use tokens seen as the data axis.")
 @click.option("--steps", "x_steps", is_flag=True, help="Use optimizer steps as the data axis.")
 @click.option("--predictions", "predictions_file", type=click.Path(path_type=str), default=None,
-              help="JSON file mapping LoRA ranks to predicted falloffs (in units of the data axis).")
+              help="JSON file mapping LoRA ranks to predicted falloffs (in units of the data axis), or the output "
+                   "of `lorascope recommend --json`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of text.")
 @click.option("--force", is_flag=True, help="Overwrite compare.json and compare.png in an existing output folder.")
 def compare(full_run: str, lora_runs: tuple[str, ...], output: str, threshold: float, window: float, smooth: float,

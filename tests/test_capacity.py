@@ -233,3 +233,12 @@ def test_predicted_falloff_lands_within_2x_of_real_lora_runs_for_three_ranks():
     for row in rows:
         assert row.measured is not None, row
         assert 0.5 <= row.ratio <= 2.0, row
+
+
+def test_compare_takes_the_runways_of_a_recommend_json_as_predictions(tmp_path):
+    from lorascope_cli.compare_cmd import read_predictions
+
+    path = tmp_path / "recommend.json"
+    path.write_text(json.dumps({"format": "lorascope-recommend", "predictions": [
+        {"rank": 1, "runway_examples": 120.5}, {"rank": 4, "runway_examples": 482.0}]}))
+    assert read_predictions(str(path)) == {"1": 120.5, "4": 482.0}
