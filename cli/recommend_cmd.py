@@ -87,6 +87,8 @@ def recommend(config: str, examples: int | None, tokens_per_example: float | Non
 @click.option("--pretrain-steps", type=click.IntRange(min=0), default=300, show_default=True,
               help="Synthetic pretraining steps of a --config model.")
 @click.option("--ranks", default="1,2", show_default=True, callback=_ranks, help="Small ranks to measure.")
+@click.option("--layers", default="auto", show_default=True,
+              help="Blocks to adapt: auto (all for a small model, else the middle block), all, or indices like 3,4.")
 @click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate of the adapters.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
@@ -95,8 +97,8 @@ def recommend(config: str, examples: int | None, tokens_per_example: float | Non
               help="Where to save the calibration (pass it to `lorascope recommend --calibration`).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
-def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ranks: tuple[int, ...], epochs: int,
-              lr: float, batch_size: int, seed: int, output: str, force: bool, as_json: bool) -> None:
+def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ranks: tuple[int, ...], layers: str,
+              epochs: int, lr: float, batch_size: int, seed: int, output: str, force: bool, as_json: bool) -> None:
     """Measure bits stored per LoRA parameter on your architecture (random key -> value facts, real PEFT LoRA)."""
     from lorascope.calibrate import calibrate as run_calibrate
     from lorascope.report.recommend import format_calibration
@@ -106,15 +108,28 @@ def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ra
     out = Path(output)
     if out.exists() and not force:
         raise RunFileExistsError(f"{out} exists; pass --force to overwrite it or choose another --output.")
+    blocks = _layers(layers)
     model, base = _load_model(model_dir, config, pretrain_steps, seed)
     result = run_calibrate(model, ranks=ranks, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, base=base,
-                           log=lambda line: click.echo(line, err=True))
+                           layers=blocks, log=lambda line: click.echo(line, err=True))
     result.save(out)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         click.echo(format_calibration(result.to_dict()))
         click.echo(f"\ncalibration: {out}")
+
+
+def _layers(value: str) -> str | list[int] | None:
+    if value in ("auto", "all"):
+        return None if value == "all" else "auto"
+    try:
+        blocks = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        blocks = []
+    if not blocks or any(b < 0 for b in blocks):
+        raise InvalidOptionError(f"--layers must be auto, all or block indices such as 3,4; got {value!r}.")
+    return blocks
 
 
 def _load_model(model_dir: str | None, config: str | None, pretrain_steps: int, seed: int) -> tuple[object, str]:

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ __all__ = ["Calibration", "CalibrationPoint", "calibrate", "load_calibration", "
 
 CALIBRATION_FORMAT = "lorascope-calibration"
 CALIBRATION_VERSION = 1
+AUTO_ALL_LAYERS_BUDGET = 50_000
+"""LoRA parameters per rank up to which ``layers="auto"`` adapts every block."""
 MIN_UNCERTAINTY = 1.25
 """The smallest uncertainty factor a calibrated constant is given, even when its ranks agree exactly."""
 
@@ -164,7 +166,8 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
 
 def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = "auto", values: int | None = None,
               offered_bits_per_parameter: float = 2.0, epochs: int = 300, lr: float = 3e-3, batch_size: int = 128,
-              seed: int = 0, base: str = "", log: Callable[[str], None] | None = None) -> Calibration:
+              seed: int = 0, layers: Sequence[int] | str | None = "auto", base: str = "",
+              log: Callable[[str], None] | None = None) -> Calibration:
     """Measure bits stored per LoRA parameter on ``model`` with real PEFT LoRA adapters.
 
     For each rank r: :math:`P(r)` LoRA parameters on ``target``; :math:`N = \\lceil \\rho P(r) / \\log_2 V\\rceil`
@@ -191,6 +194,11 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
         Bits offered per LoRA parameter; well above what an adapter holds, so it fills up.
     epochs, lr, batch_size, seed
         Training of each adapter.
+    layers : "auto", sequence of int or None, default "auto"
+        Transformer blocks to adapt. The constant is per parameter, so one block measures it as well as all of them
+        at a fraction of the cost (the facts needed grow with the adapter). ``"auto"``: every block when an
+        all-block adapter has at most :data:`AUTO_ALL_LAYERS_BUDGET` parameters per rank, else the middle block;
+        None: every block.
     base : str
         A description of the base stored with the result.
     log : callable, optional
@@ -217,15 +225,15 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
     vocab = _vocab_size(model)
     values = values or min(256, vocab // 4)
     resolved = resolve_target(model, target)
+    blocks = _calibration_layers(model, resolved, layers)
     points, notes = [], []
     for rank in ranks:
-        from lorascope.analysis.lora_params import lora_parameters
-
-        params = lora_parameters(model, resolved, rank=rank).total
+        params = rank * _per_rank(model, resolved, blocks)
         facts = math.ceil(offered_bits_per_parameter * params / math.log2(values))
         task = FactsTask(facts=facts, vocab_size=vocab, values=values, key_tokens=_key_tokens(facts, vocab - values),
                          seed=seed + rank)
-        point = memorize_with_lora(model, resolved, rank, task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+        point = memorize_with_lora(model, resolved, rank, task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                   layers=blocks)
         if point.lora_parameters != params:  # PEFT's own count must agree with lorascope's accounting
             raise LorascopeError(f"PEFT created {point.lora_parameters} LoRA parameters at rank {rank}, lorascope "
                                  f"counted {params}; please report this architecture.")
@@ -240,9 +248,37 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
     return Calibration(model=model_signature(model), target=resolved, points=tuple(points),
                        task={"kind": "random key -> value facts", "values": values, "seed": seed},
                        training={"optimizer": "Adam", "lr": lr, "epochs": epochs, "batch_size": batch_size,
-                                 "lora_alpha": 32, "offered_bits_per_parameter": offered_bits_per_parameter},
+                                 "lora_alpha": 32, "offered_bits_per_parameter": offered_bits_per_parameter,
+                                 "layers": None if blocks is None else sorted(blocks)},
                        base=base, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        notes=tuple(notes))
+
+
+def _calibration_layers(model: nn.Module, target: str, layers: Sequence[int] | str | None) -> frozenset[int] | None:
+    from lorascope.analysis.lora_params import lora_parameters
+
+    if layers is None:
+        return None
+    adapters = lora_parameters(model, target).adapters
+    present = sorted({a.layer for a in adapters if a.layer >= 0})
+    if isinstance(layers, str):
+        if layers != "auto":
+            raise InvalidOptionError(f"The 'layers' parameter of calibrate must be 'auto', None or a list of block "
+                                     f"indices. Got {layers!r} instead.")
+        if sum(a.per_rank for a in adapters) <= AUTO_ALL_LAYERS_BUDGET or not present:
+            return None
+        return frozenset({present[len(present) // 2]})
+    chosen = frozenset(layers)
+    if not chosen or not chosen <= set(present):
+        raise InvalidOptionError(f"The 'layers' parameter of calibrate must name blocks of this model "
+                                 f"({present[0]}..{present[-1]}). Got {sorted(chosen)!r} instead.")
+    return chosen
+
+
+def _per_rank(model: nn.Module, target: str, layers: frozenset[int] | None) -> int:
+    from lorascope.analysis.lora_params import lora_parameters
+
+    return sum(a.per_rank for a in lora_parameters(model, target).adapters if layers is None or a.layer in layers)
 
 
 def resolve_target(model: nn.Module, target: str) -> str:
@@ -256,11 +292,12 @@ def resolve_target(model: nn.Module, target: str) -> str:
 
 
 def memorize_with_lora(model: nn.Module, target: str, rank: int, task: FactsTask, *, epochs: int, lr: float,
-                       batch_size: int, seed: int) -> CalibrationPoint:
+                       batch_size: int, seed: int, layers: Collection[int] | None = None) -> CalibrationPoint:
     """Train a PEFT LoRA of ``rank`` on ``target`` of the frozen ``model`` to memorize ``task``; the bits it holds.
 
     Adam at ``lr``, ``epochs`` shuffled passes in batches of ``batch_size``, cross-entropy on the value token,
-    alpha 32 with alpha / r scaling; the adapters are removed afterwards (``model`` is left as it was).
+    alpha 32 with alpha / r scaling, on the blocks ``layers`` (all when None); the adapters are removed afterwards
+    (``model`` is left as it was).
     """
     import peft
 
@@ -269,7 +306,7 @@ def memorize_with_lora(model: nn.Module, target: str, rank: int, task: FactsTask
     ids, labels = task.tensors()
     device = next(model.parameters()).device
     ids, values = ids.to(device), ids[:, -1].to(device)
-    config = make_lora_config(model, target=target, rank=rank, task_type=None)
+    config = make_lora_config(model, target=target, rank=rank, task_type=None, layers=layers)
     trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
     torch.manual_seed(seed)  # LoRA's A initialization
     try:

@@ -19,7 +19,7 @@ import numbers
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ def make_lora_config(
     use_rslora: bool = False,
     dropout: float = 0.0,
     task_type: str | None = "auto",
+    layers: Collection[int] | None = None,
 ) -> dict[str, Any]:
     """PEFT ``LoraConfig`` keyword arguments adapting ``target`` of ``model`` with the given ranks.
 
@@ -67,6 +68,8 @@ def make_lora_config(
         ``lora_dropout``.
     task_type : str or None, default "auto"
         PEFT task type; ``"auto"`` gives ``"CAUSAL_LM"`` for a model with an output embedding layer.
+    layers : collection of int, optional
+        Adapt only the matrices of these transformer blocks (default: every block, and matrices outside blocks).
 
     Returns
     -------
@@ -91,6 +94,11 @@ def make_lora_config(
     (4, ['0', '1'], {'^1$': 2})
     """
     adapters = _protect_from_moe_conversion(model, lora_parameters(model, target).adapters)
+    if layers is not None:
+        adapters = tuple(a for a in adapters if a.layer in set(layers))
+        if not adapters:
+            raise InvalidOptionError(f"The 'layers' parameter of make_lora_config selects no adapter of the target "
+                                     f"{target!r}: blocks {sorted(set(layers))} hold none.")
     ranks = _ranks(adapters, rank)
     alpha_factor, fixed_alpha = _alpha(alpha)
     base_rank = Counter(ranks.values()).most_common(1)[0][0]

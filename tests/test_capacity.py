@@ -242,3 +242,23 @@ def test_compare_takes_the_runways_of_a_recommend_json_as_predictions(tmp_path):
     path.write_text(json.dumps({"format": "lorascope-recommend", "predictions": [
         {"rank": 1, "runway_examples": 120.5}, {"rank": 4, "runway_examples": 482.0}]}))
     assert read_predictions(str(path)) == {"1": 120.5, "4": 482.0}
+
+
+def test_calibrate_layers_choose_the_blocks_it_adapts():
+    pytest.importorskip("peft")
+    from lorascope.analysis.lora_params import lora_parameters, model_from_config
+    from lorascope.calibrate import _calibration_layers, calibrate
+
+    wide = model_from_config({"model_type": "llama", "hidden_size": 512, "intermediate_size": 1024,
+                              "num_hidden_layers": 6, "num_attention_heads": 8, "vocab_size": 128})
+    assert lora_parameters(wide, "all-linear").per_rank > 50_000
+    assert _calibration_layers(wide, "all-linear", "auto") == {3}  # over budget: the middle block
+    assert _calibration_layers(wide, "all-linear", None) is None
+    for bad in ([], [9], "some"):
+        with pytest.raises(InvalidOptionError, match="layers"):
+            _calibration_layers(wide, "all-linear", bad)
+    model = _tiny_llama(hidden=32)
+    assert _calibration_layers(model, "all-linear", "auto") is None  # small: every block
+    result = calibrate(model, ranks=(1,), epochs=1, layers=[1])
+    per_block = lora_parameters(model, "all-linear").per_rank // 2
+    assert result.points[0].lora_parameters == per_block and result.training["layers"] == [1]
