@@ -172,7 +172,7 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     notes: list[str] = []
     examples, trained_tokens = _dataset_size(task, examples, tokens_per_example, tokens, dataset, tokenizer, notes)
 
-    probe_results = [_probe(path, module) for path in probes]
+    probe_results = [_probe(path, module, ranks) for path in probes]
     bits = information_from_size(examples=examples, tokens_per_example=trained_tokens, task=task,
                                  bits_per_token=bits_per_token, bits_per_episode=bits_per_episode)
     if probe_results and task == "sft":
@@ -310,7 +310,7 @@ def _batch_advice(probes: list[dict[str, Any]], batch_size: int | None) -> tuple
                      "for LoRA")
 
 
-def _probe(path: str | os.PathLike[str], model: nn.Module) -> dict[str, Any]:
+def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int]) -> dict[str, Any]:
     from lorascope.analysis.analyze import analyze
     from lorascope.store.reader import open_run
 
@@ -319,7 +319,7 @@ def _probe(path: str | os.PathLike[str], model: nn.Module) -> dict[str, Any]:
         config = run.config
     _check_probe_shapes(str(path), modules, config, model)
     information: RecordedInformation = information_from_run(path)
-    analysis = analyze(path)
+    analysis = analyze(path, ranks=ranks)
     result = analysis.runs[0]
     b_noise = None if result.noise is None else result.noise.final["all"]["b_simple"]
     return {"path": str(path), "information": information, "analysis": analysis, "lora": result.is_lora,
@@ -338,6 +338,8 @@ def _check_probe_shapes(path: str, modules: Any, config: Mapping[str, Any], mode
     matched = 0
     for name, out, inp in zip(modules["name"], modules["out_features"], modules["in_features"]):
         base = str(name).removeprefix(_PEFT_PREFIX)
+        if base not in shapes:  # recorded under a wrapper (a LightningModule's "model."): its longest known suffix
+            base = next((base[i + 1:] for i, c in enumerate(base) if c == "." and base[i + 1:] in shapes), base)
         if base not in shapes:
             continue
         if shapes[base] != (int(out), int(inp)):
