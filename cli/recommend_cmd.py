@@ -90,7 +90,8 @@ def recommend(config: str, examples: int | None, tokens_per_example: float | Non
 @click.option("--layers", default="auto", show_default=True,
               help="Blocks to adapt: auto (all for a small model, else the middle block), all, or indices like 3,4.")
 @click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate of the adapters.")
+@click.option("--lr", default="1e-3,3e-3", show_default=True,
+              help="Adam learning rate(s) of the adapters; several: the best at the smallest rank is used for all.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", default="lorascope-calibration.json", show_default=True,
@@ -98,7 +99,7 @@ def recommend(config: str, examples: int | None, tokens_per_example: float | Non
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
 def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ranks: tuple[int, ...], layers: str,
-              epochs: int, lr: float, batch_size: int, seed: int, output: str, force: bool, as_json: bool) -> None:
+              epochs: int, lr: str, batch_size: int, seed: int, output: str, force: bool, as_json: bool) -> None:
     """Measure bits stored per LoRA parameter on your architecture (random key -> value facts, real PEFT LoRA)."""
     from lorascope.calibrate import calibrate as run_calibrate
     from lorascope.report.recommend import format_calibration
@@ -109,8 +110,14 @@ def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ra
     if out.exists() and not force:
         raise RunFileExistsError(f"{out} exists; pass --force to overwrite it or choose another --output.")
     blocks = _layers(layers)
+    try:
+        lrs = [float(v) for v in lr.split(",") if v.strip()]
+    except ValueError:
+        lrs = []
+    if not lrs or any(not v > 0 for v in lrs):
+        raise InvalidOptionError(f"--lr must be positive numbers such as 1e-3,3e-3; got {lr!r}.")
     model, base = _load_model(model_dir, config, pretrain_steps, seed)
-    result = run_calibrate(model, ranks=ranks, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, base=base,
+    result = run_calibrate(model, ranks=ranks, epochs=epochs, lr=lrs, batch_size=batch_size, seed=seed, base=base,
                            layers=blocks, log=lambda line: click.echo(line, err=True))
     result.save(out)
     if as_json:

@@ -32,6 +32,8 @@ __all__ = ["Calibration", "CalibrationPoint", "calibrate", "load_calibration", "
 
 CALIBRATION_FORMAT = "lorascope-calibration"
 CALIBRATION_VERSION = 1
+EVALUATIONS = 5
+"""Checkpoints (evenly spaced over the epochs) at which an adapter's stored bits are measured; the best counts."""
 AUTO_ALL_LAYERS_BUDGET = 50_000
 """LoRA parameters per rank up to which ``layers="auto"`` adapts every block."""
 MIN_UNCERTAINTY = 1.25
@@ -165,14 +167,15 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
 
 
 def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = "auto", values: int | None = None,
-              offered_bits_per_parameter: float = 2.0, epochs: int = 300, lr: float = 3e-3, batch_size: int = 128,
+              offered_bits_per_parameter: float = 2.0, epochs: int = 300, lr: float | Sequence[float] = (1e-3, 3e-3),
+              batch_size: int = 128,
               seed: int = 0, layers: Sequence[int] | str | None = "auto", base: str = "",
               log: Callable[[str], None] | None = None) -> Calibration:
     """Measure bits stored per LoRA parameter on ``model`` with real PEFT LoRA adapters.
 
     For each rank r: :math:`P(r)` LoRA parameters on ``target``; :math:`N = \\lceil \\rho P(r) / \\log_2 V\\rceil`
-    facts offering :math:`\\rho` = ``offered_bits_per_parameter`` bits per parameter; Adam at ``lr`` on the
-    adapter for ``epochs`` passes (loss on the value token); then
+    facts offering :math:`\\rho` = ``offered_bits_per_parameter`` bits per parameter; Adam on the adapter for
+    ``epochs`` passes (loss on the value token); then
 
     .. math:: \\kappa_r = \\mathrm{stored\\_bits} / P(r), \\qquad \\kappa = \\mathrm{median}_r\\, \\kappa_r
 
@@ -192,8 +195,11 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
         Size V of the value set (default ``min(256, vocab_size // 4)``).
     offered_bits_per_parameter : float, default 2.0
         Bits offered per LoRA parameter; well above what an adapter holds, so it fills up.
-    epochs, lr, batch_size, seed
+    epochs, batch_size, seed
         Training of each adapter.
+    lr : float or sequence of float, default (1e-3, 3e-3)
+        Adam learning rate; given several, each is tried at the smallest rank and the one storing the most bits is
+        used for every rank (with alpha / r scaling the best LoRA learning rate barely depends on the rank).
     layers : "auto", sequence of int or None, default "auto"
         Transformer blocks to adapt. The constant is per parameter, so one block measures it as well as all of them
         at a fraction of the cost (the facts needed grow with the adapter). ``"auto"``: every block when an
@@ -220,8 +226,11 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidOptionError(f"The {name!r} parameter of calibrate must be an int in the range [1, inf). "
                                      f"Got {value!r} instead.")
-    if not lr > 0 or not offered_bits_per_parameter > 0:
-        raise InvalidOptionError("The 'lr' and 'offered_bits_per_parameter' parameters of calibrate must be positive.")
+    lrs = (lr,) if isinstance(lr, (int, float)) else tuple(lr)
+    if not lrs or not all(isinstance(v, (int, float)) and v > 0 for v in lrs) or not offered_bits_per_parameter > 0:
+        raise InvalidOptionError("The 'lr' (a number or a list of numbers) and 'offered_bits_per_parameter' "
+                                 "parameters of calibrate must be positive.")
+    lr_candidates = lrs
     vocab = _vocab_size(model)
     values = values or min(256, vocab // 4)
     resolved = resolve_target(model, target)
@@ -232,8 +241,10 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
         facts = math.ceil(offered_bits_per_parameter * params / math.log2(values))
         task = FactsTask(facts=facts, vocab_size=vocab, values=values, key_tokens=_key_tokens(facts, vocab - values),
                          seed=seed + rank)
-        point = memorize_with_lora(model, resolved, rank, task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                   layers=blocks)
+        tried = [memorize_with_lora(model, resolved, rank, task, epochs=epochs, lr=value, batch_size=batch_size,
+                                    seed=seed, layers=blocks) for value in lrs]
+        best = max(range(len(lrs)), key=lambda i: tried[i].bits_stored)
+        point, lrs = tried[best], (lrs[best],)  # the smallest rank picks the learning rate for the others
         if point.lora_parameters != params:  # PEFT's own count must agree with lorascope's accounting
             raise LorascopeError(f"PEFT created {point.lora_parameters} LoRA parameters at rank {rank}, lorascope "
                                  f"counted {params}; please report this architecture.")
@@ -247,7 +258,8 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
                 f"stored {point.bits_stored:,.0f} bits = {point.bits_per_parameter:.3f} bits/parameter")
     return Calibration(model=model_signature(model), target=resolved, points=tuple(points),
                        task={"kind": "random key -> value facts", "values": values, "seed": seed},
-                       training={"optimizer": "Adam", "lr": lr, "epochs": epochs, "batch_size": batch_size,
+                       training={"optimizer": "Adam", "lr": lrs[0], "lr_tried": list(map(float, lr_candidates)),
+                                 "epochs": epochs, "batch_size": batch_size,
                                  "lora_alpha": 32, "offered_bits_per_parameter": offered_bits_per_parameter,
                                  "layers": None if blocks is None else sorted(blocks)},
                        base=base, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -296,8 +308,9 @@ def memorize_with_lora(model: nn.Module, target: str, rank: int, task: FactsTask
     """Train a PEFT LoRA of ``rank`` on ``target`` of the frozen ``model`` to memorize ``task``; the bits it holds.
 
     Adam at ``lr``, ``epochs`` shuffled passes in batches of ``batch_size``, cross-entropy on the value token,
-    alpha 32 with alpha / r scaling, on the blocks ``layers`` (all when None); the adapters are removed afterwards
-    (``model`` is left as it was).
+    alpha 32 with alpha / r scaling, on the blocks ``layers`` (all when None). The stored bits are measured at
+    :data:`EVALUATIONS` evenly spaced checkpoints and the best one is kept (early stopping). The adapters are
+    removed afterwards (``model`` is left as it was).
     """
     import peft
 
@@ -317,9 +330,10 @@ def memorize_with_lora(model: nn.Module, target: str, rank: int, task: FactsTask
         trainable = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(trainable, lr=lr)
         generator = torch.Generator().manual_seed(seed)
-        wrapped.train()
-        epoch_loss = math.nan
-        for _ in range(epochs):
+        checkpoints = {round(epochs * k / EVALUATIONS) for k in range(1, EVALUATIONS + 1)}
+        epoch_loss, bits = math.nan, 0.0
+        for epoch in range(1, epochs + 1):
+            wrapped.train()
             order = torch.randperm(task.facts, generator=generator).to(device)
             total = 0.0
             for start in range(0, task.facts, batch_size):
@@ -330,10 +344,11 @@ def memorize_with_lora(model: nn.Module, target: str, rank: int, task: FactsTask
                 optimizer.zero_grad(set_to_none=True)
                 total += loss.item() * len(batch)
             epoch_loss = total / task.facts
-        wrapped.eval()
-        with torch.no_grad():
-            logits = torch.cat([_value_logits(wrapped, ids[i:i + 512]) for i in range(0, task.facts, 512)])
-        bits = stored_bits(logits.cpu(), task, values.cpu())
+            if epoch in checkpoints:  # the best checkpoint counts: a run that later diverges still held its bits
+                wrapped.eval()
+                with torch.no_grad():
+                    logits = torch.cat([_value_logits(wrapped, ids[i:i + 512]) for i in range(0, task.facts, 512)])
+                bits = max(bits, stored_bits(logits.cpu(), task, values.cpu()))
         count = sum(p.numel() for p in trainable)
     finally:
         wrapped.unload()  # take the adapters out again; the base weights were frozen and are unchanged

@@ -118,7 +118,8 @@ def run(ranks: tuple[int, ...], grid_points: int, epochs: int, seed: int = 0, lo
         held = {}
         for n in grid:
             task = FactsTask(facts=n, vocab_size=VOCAB, values=VALUES, key_tokens=3, seed=seed + n)
-            point = memorize_with_lora(model, "all-linear", r, task, epochs=epochs, lr=3e-3, batch_size=128, seed=seed)
+            point = memorize_with_lora(model, "all-linear", r, task, epochs=epochs, lr=calibration.training["lr"],
+                                       batch_size=128, seed=seed)
             held[n] = point.bits_stored / full[n] if full[n] > 0 else 0.0
         row = FalloffRow(r, lora_parameters(model, "all-linear", rank=r).total, predicted[r], crossing(held), held)
         rows.append(row)
