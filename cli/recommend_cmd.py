@@ -44,7 +44,8 @@ _DEFAULT_RANKS = ",".join(map(str, DEFAULT_RANKS))
 @click.option("--ranks", default=_DEFAULT_RANKS, show_default=True, callback=_ranks, help="Candidate ranks.")
 @click.option("--batch-size", type=int, default=None, help="Planned batch size in examples.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Planned passes over the data.")
-@click.option("--target", type=click.Choice(TARGET_CHOICES), default="auto", show_default=True,
+# attention-only is accepted here only to be refused by the library with its reason.
+@click.option("--target", type=click.Choice((*TARGET_CHOICES, "attention-only")), default="auto", show_default=True,
               help="LoRA target set; auto = all linear layers plus fused MoE experts.")
 @click.option("--calibration", type=click.Path(path_type=str), default=None,
               help="A calibration from `lorascope calibrate` on this architecture.")

@@ -145,9 +145,9 @@ def test_rank_needed_is_recommended_when_no_candidate_fits():
 
 
 def test_full_fine_tuning_is_suggested_when_no_useful_rank_fits():
-    # rank 32 would be needed, above the smallest matrix dimension (k_proj: 16 x 32)
-    result = recommend(LLAMA, examples=1000, tokens_per_example=8, ranks=[1, 2])
-    assert result.rank_needed == 32 and result.rank == 2
+    # rank 64 would be needed, above every adapted matrix's smaller dimension (at most 32 here)
+    result = recommend(LLAMA, examples=2000, tokens_per_example=8, ranks=[1, 2])
+    assert result.rank_needed == 64 and result.rank == 2
     assert any("consider full fine-tuning" in n for n in result.notes)
 
 
@@ -484,7 +484,7 @@ def test_missing_probe_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({}, InvalidOptionError, "needs the dataset size"),
-    ({"examples": 100}, InvalidOptionError, "SFT needs the trained tokens"),
+    ({"examples": 100}, InvalidOptionError, "SFT without a probe needs the trained tokens"),
     ({"examples": 0, "tokens_per_example": 5}, InvalidOptionError, "'examples' parameter .* Got 0 instead"),
     ({"examples": -5, "tokens_per_example": 5}, InvalidOptionError, "Got -5 instead"),
     ({"examples": math.nan, "tokens_per_example": 5}, InvalidOptionError, "Got nan instead"),

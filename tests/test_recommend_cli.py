@@ -166,7 +166,7 @@ def test_peft_config_json_path_and_text_output(configs, tmp_path):
     ("no_hidden_size", SIZES, ["gives no hidden size"]),
     ("missing", SIZES, ["No model config at"]),
     ("llama", [], ["needs the dataset size"]),
-    ("llama", ["--examples", "150"], ["SFT needs the trained tokens"]),
+    ("llama", ["--examples", "150"], ["SFT without a probe needs the trained tokens"]),
     ("llama", ["--examples", "0", "--tokens-per-example", "10"], ["'examples'", "Got 0 instead"]),
     ("llama", ["--examples", "-5", "--tokens-per-example", "10"], ["'examples'", "Got -5 instead"]),
     ("llama", ["--examples=-5", "--tokens-per-example", "10"], ["Got -5 instead"]),
@@ -198,12 +198,16 @@ def test_bad_files_are_one_line_with_exit_status_2(configs, tmp_path):
                            "hidden_size = 64", "lorascope calibrate")
 
 
-@pytest.mark.parametrize("args", [["--target", "attention-only"], ["--ranks", "0,4"], ["--ranks", "x"],
-                                  ["--task", "ppo"]])
+@pytest.mark.parametrize("args", [["--ranks", "0,4"], ["--ranks", "x"], ["--task", "ppo"]])
 def test_invalid_choices_exit_2(configs, args):
     result = _invoke("recommend", "--config", configs["llama"], *SIZES, *args)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"Invalid value for '{args[0]}'" in result.stderr
+
+
+def test_attention_only_is_refused_with_its_reason(configs):
+    _assert_one_line_error(_invoke("recommend", "--config", configs["llama"], *SIZES, "--target", "attention-only"),
+                           "attention-only", "LoRA Without Regret")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -170,17 +170,19 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     signature = model_signature(module)
     resolved = resolve_target(module, target)
     notes: list[str] = []
-    examples, trained_tokens = _dataset_size(task, examples, tokens_per_example, tokens, dataset, tokenizer, notes)
+    examples, trained_tokens = _dataset_size(task, examples, tokens_per_example, tokens, dataset, tokenizer, notes,
+                                             tokens_required=task == "sft" and not probes)
 
     probe_results = [_probe(path, module, ranks) for path in probes]
-    bits = information_from_size(examples=examples, tokens_per_example=trained_tokens, task=task,
-                                 bits_per_token=bits_per_token, bits_per_episode=bits_per_episode)
     if probe_results and task == "sft":
         largest = max(probe_results, key=lambda p: p["information"].epoch_examples)
         bits = largest["information"].estimate()
         notes.extend(f"probe {largest['path']}: {n}" for n in largest["information"].notes)
-    elif probe_results:
-        notes.append("RL: the bits per episode come from the reward's information, not from the probe's loss")
+    else:
+        bits = information_from_size(examples=examples, tokens_per_example=trained_tokens, task=task,
+                                     bits_per_token=bits_per_token, bits_per_episode=bits_per_episode)
+        if probe_results:
+            notes.append("RL: the bits per episode come from the reward's information, not from the probe's loss")
 
     if calibration is not None:
         calibration = calibration if hasattr(calibration, "points") else load_calibration(calibration)
@@ -204,7 +206,8 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     predictions = predict_ranks(ranks, parameters, examples=examples, bits=bits, constant=constant,
                                 trained_tokens_per_example=trained_tokens if task == "sft" else None)
     needed = rank_needed(examples, bits, constant, parameters)
-    fitting = [p.rank for p in predictions if p.verdict == "fits"]
+    # A rank above every adapted matrix's size adds nothing a full update lacks: never recommended.
+    fitting = [p.rank for p in predictions if p.verdict == "fits" and p.rank <= _max_useful_rank(count)]
     if fitting:
         rank = fitting[0]
     elif needed is not None and needed <= _max_useful_rank(count):
@@ -247,12 +250,13 @@ def _active_experts(model: nn.Module) -> int | None:
 
 
 def _max_useful_rank(count: Any) -> int:
-    """The smallest matrix dimension among the adapters: a higher rank adds nothing a full update lacks."""
-    return min(min(a.in_features, a.out_features) for a in count.adapters)
+    """The largest rank any adapted matrix can use, min(d_in, d_out) of the widest: past it a rank adds nothing a
+    full update lacks, on any matrix."""
+    return max(min(a.in_features, a.out_features) for a in count.adapters)
 
 
 def _dataset_size(task: str, examples: Any, tokens_per_example: Any, tokens: Any, dataset: Any, tokenizer: Any,
-                  notes: list[str]) -> tuple[float, float | None]:
+                  notes: list[str], *, tokens_required: bool) -> tuple[float, float | None]:
     if dataset is not None:
         if examples is not None or tokens is not None or tokens_per_example is not None:
             raise InvalidOptionError("Give the dataset either as a JSONL file or as sizes (examples, tokens), not "
@@ -274,9 +278,9 @@ def _dataset_size(task: str, examples: Any, tokens_per_example: Any, tokens: Any
         tokens_per_example = tokens / examples
     elif tokens_per_example is not None:
         _check_positive("tokens_per_example", tokens_per_example)
-    elif task == "sft":
-        raise InvalidOptionError("SFT needs the trained tokens: give tokens per example or total tokens (the "
-                                 "completion tokens the loss is computed on), or a JSONL dataset to count.")
+    elif tokens_required:
+        raise InvalidOptionError("SFT without a probe needs the trained tokens: give tokens per example or total "
+                                 "tokens (the completion tokens the loss is computed on), or a JSONL dataset to count.")
     return float(examples), None if tokens_per_example is None else float(tokens_per_example)
 
 
@@ -335,20 +339,16 @@ def _check_probe_shapes(path: str, modules: Any, config: Mapping[str, Any], mode
     if probe_type and model_type and probe_type != model_type:
         raise ProbeMismatchError(f"probe {path} was recorded on a {probe_type!r} model, not {model_type!r}: record "
                                  "the probe with the model you will fine-tune")
-    matched = 0
     for name, out, inp in zip(modules["name"], modules["out_features"], modules["in_features"]):
         base = str(name).removeprefix(_PEFT_PREFIX)
         if base not in shapes:  # recorded under a wrapper (a LightningModule's "model."): its longest known suffix
             base = next((base[i + 1:] for i, c in enumerate(base) if c == "." and base[i + 1:] in shapes), base)
         if base not in shapes:
-            continue
+            raise ProbeMismatchError(f"probe {path} is from another architecture: its recorded matrix {base!r} does "
+                                     "not exist in this model")
         if shapes[base] != (int(out), int(inp)):
             raise ProbeMismatchError(f"probe {path} is from another architecture: {base} is {out}x{inp} there and "
                                      f"{shapes[base][0]}x{shapes[base][1]} in this model")
-        matched += 1
-    if not matched:
-        raise ProbeMismatchError(f"probe {path} is from another architecture: none of its {len(modules)} recorded "
-                                 f"matrices (e.g. {modules['name'].iloc[0]!r}) exists in this model")
 
 
 def _probe_dict(probe: dict[str, Any], ranks: Sequence[int]) -> dict[str, Any]:
