@@ -67,6 +67,7 @@ class Recommendation:
     rank: int
     rank_needed: int | None
     ranks_by_kind: dict[str, int]
+    lora_parameters: int
     lr_multiplier: float
     lr_reason: str
     batch_advice: str
@@ -93,7 +94,8 @@ class Recommendation:
             "batch_size": self.batch_size, "target": self.target, "bits": self.bits.to_dict(),
             "bits_to_learn": self.bits.bits(self.examples), "constant": self.constant.to_dict(),
             "predictions": [p.to_dict() for p in self.predictions], "rank": self.rank,
-            "rank_needed": self.rank_needed, "ranks_by_kind": dict(self.ranks_by_kind), "lora_alpha": LORA_ALPHA,
+            "rank_needed": self.rank_needed, "ranks_by_kind": dict(self.ranks_by_kind),
+            "lora_parameters": self.lora_parameters, "lora_alpha": LORA_ALPHA,
             "scaling": "alpha / r (PEFT default; LoRA Without Regret)",
             "lr_multiplier": self.lr_multiplier, "lr_reason": self.lr_reason, "batch_advice": self.batch_advice,
             "b_noise": self.b_noise, "peft_config": dict(self.peft_config), "probes": list(self.probes),
@@ -227,7 +229,8 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
         model=signature, target=resolved, task=task, examples=float(examples),
         trained_tokens_per_example=trained_tokens, epochs=float(epochs), batch_size=batch_size, bits=bits,
         constant=constant, predictions=predictions, rank=rank, rank_needed=needed,
-        ranks_by_kind=parameters(rank)[1], lr_multiplier=lr_multiplier, lr_reason=lr_reason,
+        ranks_by_kind=parameters(rank)[1], lora_parameters=parameters(rank)[0], lr_multiplier=lr_multiplier,
+        lr_reason=lr_reason,
         batch_advice=batch_advice, b_noise=b_noise, peft_config=peft_config,
         probes=[_probe_dict(p, ranks) for p in probe_results], notes=notes)
 

@@ -41,13 +41,11 @@ def format_recommendation(summary: dict[str, Any]) -> str:
         row += [_verdict(p, summary["examples"]) + marker]
         rows.append(row)
     lines += _table(header, rows)
-    chosen = next((p for p in summary["predictions"] if p["rank"] == summary["rank"]), None)
     by_kind = ", ".join(f"{k} {r}" for k, r in summary["ranks_by_kind"].items())
     lines += [
         "",
         f"recommended: rank {summary['rank']} ({by_kind}) on {summary['target']}, lora_alpha "
-        f"{summary['lora_alpha']}, scaling {summary['scaling']}"
-        + ("" if chosen is None else f"; {_count(chosen['lora_parameters'])} LoRA parameters"),
+        f"{summary['lora_alpha']}, scaling {summary['scaling']}; {_count(summary['lora_parameters'])} LoRA parameters",
         "  attention-only LoRA is never recommended: it underperforms MLP-only at matched parameter count "
         "(LoRA Without Regret, 2025)",
         f"learning rate: {summary['lr_multiplier']:g}x your full fine-tuning LR ({summary['lr_reason']})",
