@@ -12,6 +12,7 @@ optimizer step of the ``kill`` mode, which runs until it is killed.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from datetime import timedelta
@@ -30,6 +31,7 @@ PASSES = 2  # backward passes per rank and step in the DDP run (no_sync on all b
 CLIP = 0.05  # small enough that clipping acts on most steps
 LR = 1e-2
 SNAPSHOTS = [2, 4]  # plus the final step
+HANG_SECONDS = 240  # a process still running after this long prints its stack and exits
 
 
 class TinyLM(nn.Module):
@@ -106,7 +108,7 @@ def tiny_llama():
         vocab_size=64, max_position_embeddings=64))
 
 
-def hf_trainer(model, out: Path, *, micro: int, accumulation: int):
+def hf_trainer(model, out: Path, *, micro: int, accumulation: int, distributed: bool = False):
     """An HF Trainer over :class:`Tokens` in order (the same recipe in one process and under torchrun)."""
     import transformers
 
@@ -117,7 +119,7 @@ def hf_trainer(model, out: Path, *, micro: int, accumulation: int):
     args = transformers.TrainingArguments(
         output_dir=str(out / "hf-out"), max_steps=HF_STEPS, per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation, learning_rate=1e-3, max_grad_norm=0.05, report_to=[],
-        use_cpu=True, save_strategy="no", disable_tqdm=True, ddp_backend="gloo", seed=0)
+        use_cpu=True, save_strategy="no", disable_tqdm=True, ddp_backend="gloo" if distributed else None, seed=0)
     return SequentialTrainer(model=model, args=args, train_dataset=Tokens())
 
 
@@ -139,7 +141,10 @@ def lightning_module(model: nn.Module):
             return torch.optim.AdamW(self.parameters(), lr=LR)
 
         def train_dataloader(self):
-            return torch.utils.data.DataLoader(Tokens(vocab=VOCAB), batch_size=LIGHTNING_BATCH, shuffle=False)
+            # Rank r reads the examples r, r + WORLD, ... in order (Lightning's own sampler would shuffle them).
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            mine = torch.utils.data.Subset(Tokens(vocab=VOCAB), range(rank, len(Tokens()), world))
+            return torch.utils.data.DataLoader(mine, batch_size=LIGHTNING_BATCH, shuffle=False)
 
     return Module()
 
@@ -176,7 +181,7 @@ def run_ddp(out: Path) -> None:
             nn.utils.clip_grad_norm_(model.parameters(), CLIP)
             optimizer.step()
             optimizer.zero_grad()
-    torch.distributed.destroy_process_group()
+    _shut_down()
 
 
 def _check_errors_on_every_rank(out: Path, rank: int) -> None:
@@ -221,14 +226,15 @@ def run_fsdp(out: Path) -> None:
             model(input_ids=ids, labels=ids).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-    torch.distributed.destroy_process_group()
+    _shut_down()
 
 
 def run_hf(out: Path) -> None:
     """The HF Trainer under torchrun (it sets up gloo itself), one lorascope.record line as in one process."""
-    trainer = hf_trainer(tiny_llama(), out, micro=HF_MICRO, accumulation=HF_ACCUMULATION)
+    trainer = hf_trainer(tiny_llama(), out, micro=HF_MICRO, accumulation=HF_ACCUMULATION, distributed=True)
     lorascope.record(trainer, out / "hf.h5")
     trainer.train()
+    _shut_down()
 
 
 def run_lightning(out: Path) -> None:
@@ -236,9 +242,22 @@ def run_lightning(out: Path) -> None:
     import lightning.pytorch as pl
 
     trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_steps=LIGHTNING_STEPS, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False)
     lorascope.record(trainer, out / "lightning.h5")
     trainer.fit(lightning_module(tiny_lm()))
+    _shut_down()
+
+
+def _shut_down() -> None:
+    """End the process once every rank is done. The run file is closed by then; tearing down an HF or Lightning
+    DDP run with gloo on CPU sometimes aborts ("terminate called without an active exception") or hangs in a
+    destructor, with or without lorascope, so the process leaves without running them."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_kill(out: Path) -> None:
@@ -263,6 +282,7 @@ def run_kill(out: Path) -> None:
 
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)  # never outlive the test as a hung orphan
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     {"ddp": run_ddp, "fsdp": run_fsdp, "hf": run_hf, "lightning": run_lightning, "kill": run_kill}[mode](out)
