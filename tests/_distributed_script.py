@@ -31,6 +31,7 @@ PASSES = 2  # backward passes per rank and step in the DDP run (no_sync on all b
 CLIP = 0.05  # small enough that clipping acts on most steps
 LR = 1e-2
 SNAPSHOTS = [2, 4]  # plus the final step
+PER_EXAMPLE_STEPS = 3  # a second DDP run with exact per-example norms
 HANG_SECONDS = 240  # a process still running after this long prints its stack and exits
 
 
@@ -161,26 +162,27 @@ def run_ddp(out: Path) -> None:
 
     rank = _init()
     _check_errors_on_every_rank(out, rank)
-    model = DistributedDataParallel(tiny_lm())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    with lorascope.record(model, out / "ddp.h5", optimizer=optimizer, snapshots=SNAPSHOTS,
-                          total_steps=STEPS) as recorder:
-        assert recorder.distributed is not None and recorder.distributed.mode == "ddp"
-        assert (recorder._writer is not None) == (rank == 0), "only rank 0 writes"
-        for step in range(1, STEPS + 1):
-            mine = micro_batches(step)[rank * PASSES: (rank + 1) * PASSES]
-            for k, ids in enumerate(mine):
-                if k < PASSES - 1:
-                    with model.no_sync():
+    for name, steps, gns in (("ddp.h5", STEPS, "auto"), ("ddp_per_example.h5", PER_EXAMPLE_STEPS, "per_example")):
+        model = DistributedDataParallel(tiny_lm())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        with lorascope.record(model, out / name, optimizer=optimizer, snapshots=SNAPSHOTS, total_steps=steps,
+                              gns=gns) as recorder:
+            assert recorder.distributed is not None and recorder.distributed.mode == "ddp"
+            assert (recorder._writer is not None) == (rank == 0), "only rank 0 writes"
+            for step in range(1, steps + 1):
+                mine = micro_batches(step)[rank * PASSES: (rank + 1) * PASSES]
+                for k, ids in enumerate(mine):
+                    if k < PASSES - 1:
+                        with model.no_sync():
+                            loss = lm_loss(model, ids)
+                            (loss / PASSES).backward()
+                    else:
                         loss = lm_loss(model, ids)
                         (loss / PASSES).backward()
-                else:
-                    loss = lm_loss(model, ids)
-                    (loss / PASSES).backward()
-                recorder.log(loss=loss)
-            nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            optimizer.step()
-            optimizer.zero_grad()
+                    recorder.log(loss=loss)
+                nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+                optimizer.step()
+                optimizer.zero_grad()
     _shut_down()
 
 

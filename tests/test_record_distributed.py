@@ -108,13 +108,13 @@ def _assert_same_noise_scale(distributed: lorascope.Run, single: lorascope.Run, 
         assert value is None or value == pytest.approx(expected["b_simple"], rel=10 * rtol), group
 
 
-def _single_process_ddp_twin(path: Path) -> None:
+def _single_process_ddp_twin(path: Path, steps: int = script.STEPS, gns: str = "auto") -> None:
     """The DDP run in one process: the same global batches as four accumulated passes, the same clipping."""
     model = script.tiny_lm()
     optimizer = torch.optim.AdamW(model.parameters(), lr=script.LR)
-    with lorascope.record(model, path, optimizer=optimizer, snapshots=script.SNAPSHOTS,
-                          total_steps=script.STEPS) as recorder:
-        for step in range(1, script.STEPS + 1):
+    with lorascope.record(model, path, optimizer=optimizer, snapshots=script.SNAPSHOTS, total_steps=steps,
+                          gns=gns) as recorder:
+        for step in range(1, steps + 1):
             for ids in script.micro_batches(step):
                 loss = script.lm_loss(model, ids)
                 (loss / (script.PASSES * script.WORLD)).backward()
@@ -128,7 +128,7 @@ def test_ddp_run_matches_the_single_process_run_and_its_accumulation_noise_scale
     output = _torchrun("ddp", tmp_path)
     # A path error seen by rank 0 is raised on rank 1 as well (and nobody hangs).
     assert "rank 1: RunFileExistsError" in output and "(on rank 0)" in output
-    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["ddp.h5", "exists.h5"]
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["ddp.h5", "ddp_per_example.h5", "exists.h5"]
     _single_process_ddp_twin(tmp_path / "single.h5")
     with lorascope.open_run(tmp_path / "ddp.h5") as ddp, lorascope.open_run(tmp_path / "single.h5") as single:
         _assert_same_run(ddp, single, rtol=1e-4)
@@ -143,6 +143,13 @@ def test_ddp_run_matches_the_single_process_run_and_its_accumulation_noise_scale
         _assert_same_noise_scale(ddp, single, rtol=1e-4)
         assert noise_scale(ddp.steps).final["all"]["b_simple"] > 0
         assert ddp.config["distributed"]["mode"] == "ddp" and ddp.config["distributed"]["world_size"] == 2
+    # Exact per-example norms on each rank: B_small = 1 against the global batch.
+    _single_process_ddp_twin(tmp_path / "single_per_example.h5", script.PER_EXAMPLE_STEPS, "per_example")
+    with lorascope.open_run(tmp_path / "ddp_per_example.h5") as ddp, \
+            lorascope.open_run(tmp_path / "single_per_example.h5") as single:
+        _assert_same_run(ddp, single, rtol=1e-4)
+        np.testing.assert_array_equal(ddp.steps["gns_batch_small"].values, 1)
+        _assert_same_noise_scale(ddp, single, rtol=1e-4)
 
 
 def test_fsdp2_run_matches_the_single_process_run(tmp_path, torch_single_thread):
