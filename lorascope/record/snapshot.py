@@ -149,8 +149,8 @@ class SnapshotArrays:
         options = self.options
         spectrum, u, v, dense = _measure(delta, self.refs[i], options)
         if dense is not None:
-            self.nonfinite[i] = int((~torch.isfinite(dense)).sum())
-            self.energy[i] = float(torch.linalg.vector_norm(dense, dtype=torch.float64) ** 2)
+            self.nonfinite[i] = _nonfinite(dense)
+            self.energy[i] = _energy(dense)
             if options.store_delta:
                 self.deltas[i] = dense.to(getattr(torch, options.store_delta)).cpu().numpy()
         if isinstance(delta, LowRank) and spectrum is not None:
@@ -166,6 +166,35 @@ class SnapshotArrays:
         if self.options.store_delta:
             out["deltas"] = self.deltas
         return out
+
+
+# Whole-matrix float64 norms and finite masks make temporaries of 1-2x the matrix; blocks of rows keep a snapshot's
+# peak at the update itself plus LAPACK's copy (benchmarks/distributed_snapshot.py).
+_BLOCK = 1 << 20  # elements per block
+
+
+def _row_blocks(dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if dense.numel() == 0:
+        return ()
+    return dense.split(max(1, _BLOCK // dense[0].numel()))
+
+
+def _energy(dense: torch.Tensor) -> float:
+    """||dense||_F^2, accumulated in float64."""
+    total = torch.zeros((), dtype=torch.float64, device=dense.device)
+    for block in _row_blocks(dense):
+        total += torch.linalg.vector_norm(block, dtype=torch.float64) ** 2
+    return float(total)
+
+
+def _nonfinite(dense: torch.Tensor) -> int:
+    """Number of NaN / Inf entries; a plain sum (no temporary) answers the common all-finite case."""
+    if bool(torch.isfinite(dense.sum())):
+        return 0
+    total = torch.zeros((), dtype=torch.int64, device=dense.device)
+    for block in _row_blocks(dense):
+        total += (~torch.isfinite(block)).sum()
+    return int(total)
 
 
 def rng_keeper(model: nn.Module, options: RecordOptions) -> Callable[[], contextlib.AbstractContextManager[Any]]:
@@ -192,7 +221,7 @@ def _measure(delta: torch.Tensor | LowRank, ref: MatrixRef, options: RecordOptio
         spectrum[: s.shape[0]] = s[:full_rank]
         dense = delta.dense() if options.store_delta else None
         return spectrum, (u[:, :k] if k else None), (v[:, :k] if k else None), dense
-    if not torch.isfinite(delta).all():
+    if _nonfinite(delta):
         return None, None, None, delta
     large = delta.numel() > options.top_k_min_size
     top_k = options.top_k if large else None
