@@ -296,3 +296,25 @@ def test_a_process_group_of_one_records_like_a_single_process(tmp_path, tiny_tok
         torch.distributed.destroy_process_group()
     with lorascope.open_run(tmp_path / "run.h5") as run:
         assert run.n_steps == 1 and "distributed" not in run.config
+
+
+@pytest.mark.parametrize(("env", "writes"), [
+    ({}, True), ({"RANK": "0"}, True), ({"RANK": "3"}, False), ({"SLURM_PROCID": "2"}, False),
+    ({"LOCAL_RANK": "1"}, False), ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False), ({"LOCAL_RANK": "0"}, True),
+])
+def test_only_the_writing_rank_checks_the_path_when_a_trainer_is_attached(monkeypatch, tmp_path, env, writes):
+    from lorascope.record.distributed import will_write
+    from lorascope.record.lightning import LorascopeLightningCallback
+
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert will_write(None) is writes
+    assert will_write(False) is True  # distributed=False: every process writes its own file
+    elsewhere = tmp_path / "only-on-node-0" / "run.h5"  # a folder this process's node does not have
+    if writes:
+        with pytest.raises(lorascope.LorascopeError, match="does not exist"):
+            LorascopeLightningCallback(elsewhere, lorascope.RecordOptions())
+    else:
+        assert LorascopeLightningCallback(elsewhere, lorascope.RecordOptions()).path == elsewhere

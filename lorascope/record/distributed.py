@@ -20,6 +20,7 @@ snapshot step (or at close) every rank sees the flag and all stop together, befo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,24 @@ def agree(error: BaseException | None) -> None:
     if not (isinstance(cls, type) and issubclass(cls, LorascopeError)):
         cls = LorascopeError
     raise cls(f"{message} (on rank {rank})")
+
+
+def will_write(option: bool | None) -> bool:
+    """Whether this process writes the run file, told before the process group exists (when a trainer's
+    callback is attached): only rank 0 does, unless ``distributed=False`` (every process its own file).
+
+    The rank comes from torch.distributed once initialized, else from the launcher's environment: ``RANK``
+    (torchrun, accelerate) or ``SLURM_PROCID``, else Lightning's ``NODE_RANK`` and ``LOCAL_RANK``.
+    """
+    if option is False:
+        return True
+    if _initialized():
+        return torch.distributed.get_rank() == 0
+    env = os.environ
+    for name in ("RANK", "SLURM_PROCID"):
+        if env.get(name, "").isdigit():
+            return int(env[name]) == 0
+    return all(int(env.get(name, "0") or 0) == 0 for name in ("NODE_RANK", "LOCAL_RANK"))
 
 
 def wanted(option: bool | None) -> bool:

@@ -4,11 +4,12 @@ number of steps and the trainer's arguments, and opens / closes the core recorde
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from lorascope.errors import LorascopeError
 from lorascope.record.core import Recorder, dataset_config
-from lorascope.record.distributed import agree, wanted
+from lorascope.record.distributed import agree, wanted, will_write
 from lorascope.record.options import RecordOptions
 from lorascope.store.writer import check_writable
 
@@ -33,7 +34,9 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
     """
 
     def __init__(self, path: str | os.PathLike[str], options: RecordOptions) -> None:
-        self.path = check_writable(path, overwrite=options.overwrite or options.resume)
+        # Checked now where the file will be written: on rank 0 (another node may not even have the folder).
+        overwrite = options.overwrite or options.resume
+        self.path = check_writable(path, overwrite=overwrite) if will_write(options.distributed) else Path(path)
         self.options = options
         self.recorder: Recorder | None = None
 

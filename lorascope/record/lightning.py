@@ -4,9 +4,11 @@ where Lightning exposes them, and opens / closes the core recorder."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from lorascope.record.core import Recorder, count_batch, count_loss_tokens, dataset_config
+from lorascope.record.distributed import will_write
 from lorascope.record.options import RecordOptions
 from lorascope.store import schema as S
 from lorascope.store.writer import check_writable
@@ -27,7 +29,8 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
     """
 
     def __init__(self, path: str | os.PathLike[str], options: RecordOptions) -> None:
-        self.path = check_writable(path, overwrite=options.overwrite)
+        # Checked now where the file will be written: on rank 0 (another node may not even have the folder).
+        self.path = check_writable(path, overwrite=options.overwrite) if will_write(options.distributed) else Path(path)
         self.options = options
         self.recorder: Recorder | None = None
 
