@@ -44,6 +44,10 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None,
     **overrides
         Any field of :class:`RecordOptions` (``kinds``, ``modules``, ``snapshots``, ``top_k``, ...).
 
+    Under ``torch.distributed`` with several processes (DDP, FSDP2, a Trainer launched by torchrun) call this on
+    every rank: rank 0 writes one file for the whole run and every rank joins the recorder's collectives
+    (docs/distributed.md).
+
     Returns
     -------
     Recorder or callback
