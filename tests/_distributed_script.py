@@ -1,7 +1,7 @@
 """Helper of tests/test_record_distributed.py (not a test): recorded training runs of two processes on CPU (gloo).
 
 Usage:
-    python -m torch.distributed.run --standalone --nproc_per_node 2 _distributed_script.py {ddp,fsdp,hf} OUT
+    python -m torch.distributed.run --standalone --nproc_per_node 2 _distributed_script.py {ddp,ddp_fail,fsdp,hf} OUT
     python _distributed_script.py lightning OUT      (Lightning starts the second process itself)
     RANK=.. WORLD_SIZE=2 MASTER_ADDR=.. MASTER_PORT=.. python _distributed_script.py kill OUT
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,6 +33,7 @@ CLIP = 0.05  # small enough that clipping acts on most steps
 LR = 1e-2
 SNAPSHOTS = [2, 4]  # plus the final step
 PER_EXAMPLE_STEPS = 3  # a second DDP run with exact per-example norms
+FAIL_AT, FAIL_SNAPSHOT = 2, 4  # a third one: rank 1's recorder fails at step 2; the next snapshot step is 4
 HANG_SECONDS = 240  # a process still running after this long prints its stack and exits
 
 
@@ -186,6 +188,38 @@ def run_ddp(out: Path) -> None:
     _shut_down()
 
 
+def run_ddp_fail(out: Path) -> None:
+    """A recorder error on rank 1 at step FAIL_AT: training goes on, every rank stops recording at the next
+    snapshot step, nobody waits in a collective, rank 0's file is marked failed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank = _init()
+    model = DistributedDataParallel(tiny_lm())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with lorascope.record(model, out / "ddp_fail.h5", optimizer=optimizer, snapshots=[FAIL_SNAPSHOT],
+                              total_steps=STEPS) as recorder:
+            if rank == 1:
+                measure = recorder._local_step
+
+                def broken():
+                    if recorder.step == FAIL_AT:
+                        raise RuntimeError("injected failure")
+                    return measure()
+
+                recorder._local_step = broken
+            for step in range(1, STEPS + 1):
+                loss = lm_loss(model, global_batch(step).chunk(WORLD)[rank])
+                loss.backward()
+                recorder.log(loss=loss)
+                optimizer.step()
+                optimizer.zero_grad()
+    messages = [str(w.message) for w in caught if issubclass(w.category, lorascope.RecordingWarning)]
+    print(f"rank {rank}: trained {STEPS} steps; recording warnings: {messages}", flush=True)
+    _shut_down()
+
+
 def _check_errors_on_every_rank(out: Path, rank: int) -> None:
     """Bad input found on rank 0 is raised on every rank; options refused under FSDP2 likewise."""
     existing = out / "exists.h5"
@@ -287,7 +321,9 @@ def main() -> None:
     faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)  # never outlive the test as a hung orphan
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    {"ddp": run_ddp, "fsdp": run_fsdp, "hf": run_hf, "lightning": run_lightning, "kill": run_kill}[mode](out)
+    runs = {"ddp": run_ddp, "ddp_fail": run_ddp_fail, "fsdp": run_fsdp, "hf": run_hf, "lightning": run_lightning,
+            "kill": run_kill}
+    runs[mode](out)
 
 
 if __name__ == "__main__":

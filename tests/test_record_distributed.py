@@ -152,6 +152,22 @@ def test_ddp_run_matches_the_single_process_run_and_its_accumulation_noise_scale
         _assert_same_noise_scale(ddp, single, rtol=1e-4)
 
 
+def test_a_recorder_error_on_one_rank_stops_every_rank_together_and_training_goes_on(tmp_path):
+    """Rank 1's recorder fails at step 2: its contributions are unknown from then on, every rank stops at the
+    snapshot step 4 (before any snapshot work), both ranks train to the end, rank 0's file is marked failed."""
+    output = _torchrun("ddp_fail", tmp_path)
+    assert f"rank 0: trained {script.STEPS} steps; recording warnings: []" in output
+    assert f"rank 1: trained {script.STEPS} steps; recording warnings: ['lorascope stopped recording" in output
+    assert "injected failure" in output
+    with lorascope.open_run(tmp_path / "ddp_fail.h5") as run:
+        assert run.status == "failed"
+        np.testing.assert_array_equal(run.step_index, np.arange(1, script.FAIL_SNAPSHOT + 1))
+        assert run.n_snapshots == 0
+        expected = [script.GLOBAL_BATCH] + [-1] * (script.FAIL_SNAPSHOT - script.FAIL_AT + 1)
+        np.testing.assert_array_equal(run.steps["batch_examples"].values, expected)
+        assert np.isfinite(run.steps["loss"].values[0]) and np.all(np.isnan(run.steps["loss"].values[1:]))
+
+
 def test_fsdp2_run_matches_the_single_process_run(tmp_path, torch_single_thread):
     pytest.importorskip("transformers")
     output = _torchrun("fsdp", tmp_path)
