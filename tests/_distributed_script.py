@@ -111,6 +111,24 @@ def tiny_llama():
         vocab_size=64, max_position_embeddings=64))
 
 
+LORA_STEPS = 3
+
+
+def tiny_lora_llama():
+    """A PEFT LoRA (r = 3: uneven shards of A over 2 ranks) on q, v and down of a tiny Llama, its B factors drawn
+    non-zero so that the LoRA update's start W_0 is kept too."""
+    import peft
+
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=3, lora_alpha=8,
+                                                              target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 def hf_trainer(model, out: Path, *, micro: int, accumulation: int, distributed: bool = False):
     """An HF Trainer over :class:`Tokens` in order (the same recipe in one process and under torchrun)."""
     import transformers
@@ -260,6 +278,17 @@ def run_fsdp(out: Path) -> None:
         for step in range(1, FSDP_STEPS + 1):
             ids = global_batch(step, vocab=63).chunk(WORLD)[rank]
             model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    lora = tiny_lora_llama()
+    for layer in lora.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(lora)
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=LR)
+    with lorascope.record(lora, out / "fsdp_lora.h5", optimizer=optimizer, snapshots=[1], total_steps=LORA_STEPS):
+        for step in range(1, LORA_STEPS + 1):
+            ids = global_batch(step, vocab=64).chunk(WORLD)[rank]
+            lora(input_ids=ids, labels=ids).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
     _shut_down()

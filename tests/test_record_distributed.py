@@ -170,9 +170,10 @@ def test_a_recorder_error_on_one_rank_stops_every_rank_together_and_training_goe
 
 def test_fsdp2_run_matches_the_single_process_run(tmp_path, torch_single_thread):
     pytest.importorskip("transformers")
+    pytest.importorskip("peft")
     output = _torchrun("fsdp", tmp_path)
     assert output.count("InvalidOptionError: The 'gns' option") == 2
-    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["fsdp.h5"]
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["fsdp.h5", "fsdp_lora.h5"]
     model = script.tiny_mixtral()
     optimizer = torch.optim.AdamW(model.parameters(), lr=script.LR)
     with lorascope.record(model, tmp_path / "single.h5", optimizer=optimizer, snapshots=script.FSDP_SNAPSHOTS,
@@ -191,6 +192,20 @@ def test_fsdp2_run_matches_the_single_process_run(tmp_path, torch_single_thread)
                                        atol=2e-3 * float(np.abs(single.delta(module, -1)).max()))
         assert np.all(np.isnan(fsdp.steps["gns_batch_small"].values))  # no noise scale under FSDP2
         assert fsdp.config["distributed"]["mode"] == "fsdp2"
+    # A PEFT LoRA model under FSDP2: the merged update from factors gathered to rank 0, against its W_0.
+    lora = script.tiny_lora_llama()
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=script.LR)
+    with lorascope.record(lora, tmp_path / "single_lora.h5", optimizer=optimizer, snapshots=[1],
+                          total_steps=script.LORA_STEPS):
+        for step in range(1, script.LORA_STEPS + 1):
+            ids = script.global_batch(step, vocab=64)
+            lora(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    with lorascope.open_run(tmp_path / "fsdp_lora.h5") as fsdp, \
+            lorascope.open_run(tmp_path / "single_lora.h5") as single:
+        assert np.all(fsdp.modules["lora"]) and len(fsdp.modules) == 6
+        _assert_same_run(fsdp, single, rtol=2e-4)
 
 
 def test_hf_trainer_under_torchrun_matches_one_process(tmp_path, torch_single_thread):

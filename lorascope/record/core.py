@@ -142,7 +142,7 @@ class Recorder(DataParallelSteps):
             if self.distributed.mode == D.MODE_FSDP2:
                 from lorascope.record.sharded import ShardedRecording, check_options
 
-                check_options(options, self.refs)
+                check_options(options, self.refs, model)
                 self._sharded = ShardedRecording(self.refs, self._tensors, self._other_params, self.distributed)
         self.total_steps = options.total_steps
         self.schedule = options.schedule()

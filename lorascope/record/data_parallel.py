@@ -46,7 +46,7 @@ class DataParallelSteps:
         error = None
         try:
             if self._sharded is not None:
-                self._sharded.capture_initial("device" if self.options.w0_device == "device" else "cpu")
+                self._sharded.capture_initial(self.model, "device" if self.options.w0_device == "device" else "cpu")
                 if self.distributed.is_writer:
                     self._open_file(resume_after, False, keep_w0=False)
             elif self.distributed.is_writer:

@@ -10,6 +10,8 @@
 - **Gradient norms** come from the local shards of the gradients: each rank sums its shard's squares per
   matrix, and the per-step exchange adds them up; no gradient is ever gathered.
 
+A PEFT LoRA layer's update is the merged ``scaling * B @ A``: its small factors are gathered whole to rank 0
+(W_0 of a LoRA layer, usually zero, is kept there too) and measured in factored form, as in one process.
 Parameters left out of ``fully_shard`` (plain tensors, replicated on every rank) are handled by rank 0 alone.
 """
 
@@ -26,7 +28,7 @@ import torch
 from lorascope.errors import InvalidOptionError
 from lorascope.record.distributed import DistributedContext, is_dtensor
 from lorascope.record.options import RecordOptions
-from lorascope.record.snapshot import SnapshotArrays, rng_keeper
+from lorascope.record.snapshot import LowRank, SnapshotArrays, active_adapters, minus_initial, plain_lora, rng_keeper
 from lorascope.taxonomy import MatrixRef
 
 
@@ -67,7 +69,7 @@ def layout_of(tensor: torch.Tensor, context: DistributedContext, name: str) -> S
     return ShardLayout(rows, chunk, offset, local_rows)
 
 
-def check_options(options: RecordOptions, refs: Sequence[MatrixRef]) -> None:
+def check_options(options: RecordOptions, refs: Sequence[MatrixRef], model: torch.nn.Module) -> None:
     """Options that need full gradients or whole-model files, refused under FSDP2 with the reason."""
     refused = {
         "gns": (options.gns in ("accumulation", "per_example"),
@@ -80,10 +82,11 @@ def check_options(options: RecordOptions, refs: Sequence[MatrixRef]) -> None:
     for name, (bad, why) in refused.items():
         if bad:
             raise InvalidOptionError(f"The '{name}' option of lorascope.record is not supported under FSDP2: {why}.")
-    lora = [ref.name for ref in refs if ref.lora]
-    if lora:
-        raise InvalidOptionError(f"lorascope does not record PEFT LoRA layers under FSDP2 ({lora[0]}, ...); "
-                                 "train the LoRA model with DDP, or select the base weights with modules=/kinds=")
+    other_lora = [ref.name for ref in refs if ref.lora and not plain_lora(model.get_submodule(ref.module))]
+    if other_lora:
+        raise InvalidOptionError(f"lorascope records PEFT LoRA layers on Linear / Conv1D weights under FSDP2; "
+                                 f"{other_lora[0]} is another kind (fused experts, embedding, convolution): train it "
+                                 "with DDP, or leave it out with modules= / kinds=")
 
 
 class ShardedRecording:
@@ -102,16 +105,26 @@ class ShardedRecording:
     def __init__(self, refs: tuple[MatrixRef, ...], tensors: Sequence[dict[str, torch.Tensor]],
                  other: Sequence[torch.Tensor], context: DistributedContext) -> None:
         self.refs, self.context = refs, context
-        self.params = [named["weight"] for named in tensors]
-        self.layouts = {id(p): layout_of(p, context, ref.name) for ref, p in zip(refs, self.params)}
+        self.tensors = [dict(named) for named in tensors]
+        self.params = [None if ref.lora else named["weight"] for ref, named in zip(refs, self.tensors)]
+        self.layouts = {id(t): layout_of(t, context, ref.name) for ref, named in zip(refs, self.tensors)
+                        for t in named.values()}
         self.other = list(other)
         self.other_layouts = {id(p): layout_of(p, context, "a parameter") for p in self.other}
         self._w0: dict[int, torch.Tensor] = {}
+        self._w0_lora: dict[int, LowRank | None] = {}  # rank 0: the merged update of each LoRA layer at start
 
     # -- W_0 --------------------------------------------------------------------------------------------------
-    def capture_initial(self, keep_on: str) -> None:
-        """Keep each rank's float32 shard of every recorded parameter (rank 0 alone for replicated ones)."""
-        for p in self.params:
+    def capture_initial(self, model: torch.nn.Module, keep_on: str) -> None:
+        """Keep each rank's float32 shard of every recorded parameter (rank 0 alone for replicated ones) and, on
+        rank 0, each LoRA layer's merged update (gathered: a collective)."""
+        for i, (ref, p) in enumerate(zip(self.refs, self.params)):
+            if p is None:
+                with torch.no_grad():
+                    start = self._lora_update(model, ref)
+                if start is not None and torch.any(start.left) and torch.any(start.right):
+                    self._w0_lora[i] = start if keep_on == "device" else LowRank(start.left.cpu(), start.right.cpu())
+                continue
             if id(p) in self._w0:
                 continue  # split fused experts share one parameter
             layout = self.layouts[id(p)]
@@ -122,7 +135,9 @@ class ShardedRecording:
 
     def initial_bytes(self) -> int:
         """Bytes this rank spends on W_0."""
-        return sum(t.numel() * t.element_size() for t in self._w0.values())
+        lora = sum(f.numel() * f.element_size() for w in self._w0_lora.values() if w is not None
+                   for f in (w.left, w.right))
+        return sum(t.numel() * t.element_size() for t in self._w0.values()) + lora
 
     # -- gradient norms ---------------------------------------------------------------------------------------
     def local_grad_norms(self) -> tuple[torch.Tensor, torch.Tensor | float]:
@@ -134,15 +149,16 @@ class ShardedRecording:
         pieces: list[torch.Tensor] = []
         slots: list[int] = []
         missing: list[int] = []
-        for i, (ref, p) in enumerate(zip(self.refs, self.params)):
-            grad = p.grad
-            if grad is None:
+        for i, ref in enumerate(self.refs):
+            grads = [(t, t.grad) for t in self.tensors[i].values() if t.grad is not None]
+            if not grads:
                 missing.append(i)
                 continue
-            piece = self._local_piece(ref, p, grad)
-            if piece is not None:
-                pieces.append(piece)
-                slots.append(i)
+            for t, grad in grads:  # a LoRA layer: |grad A|^2 + |grad B|^2 of its factors, as in one process
+                piece = self._local_piece(ref, t, grad)
+                if piece is not None:
+                    pieces.append(piece)
+                    slots.append(i)
         device = self.context.device
         sq = torch.zeros(n, dtype=torch.float64, device=device)
         if pieces:
@@ -173,8 +189,12 @@ class ShardedRecording:
         """This rank's part of ``ref``'s matrix in ``tensor`` (a parameter-shaped DTensor or plain tensor)."""
         layout = self.layouts[id(p)]
         if layout.replicated:
-            return ref.matrix(tensor) if self.context.is_writer else None
+            if not self.context.is_writer:
+                return None
+            return tensor if ref.lora else ref.matrix(tensor)
         local = tensor.to_local()
+        if ref.lora:
+            return local
         if local.ndim == 3 and ref.expert >= 0:
             if layout.owner(ref.expert) != self.context.rank:
                 return None
@@ -196,7 +216,7 @@ class ShardedRecording:
         rng_kept = rng_keeper(model, options)
         for i, (ref, p) in enumerate(zip(self.refs, self.params)):
             with torch.no_grad():
-                full = self._gather_update(ref, p)
+                full = self._gather_update(ref, p) if p is not None else self._lora_delta(model, ref, i)
             if full is None or arrays is None or not compute or error is not None:
                 continue
             try:
@@ -211,26 +231,55 @@ class ShardedRecording:
 
     def _gather_update(self, ref: MatrixRef, p: torch.Tensor) -> torch.Tensor | None:
         """The float32 update ``ref.matrix(W_t - W_0)`` on rank 0 (None elsewhere); a collective."""
-        context = self.context
         layout = self.layouts[id(p)]
         local = _local(p).detach()
         if layout.replicated:
-            if not context.is_writer:
+            if not self.context.is_writer:
                 return None
             return ref.matrix(local).float() - ref.matrix(self._w0[id(p)]).to(local.device)
         w0 = self._w0[id(p)]
         if local.ndim == 3 and ref.expert >= 0:
             return self._send_expert(ref, layout, local, w0)
-        delta = local.float() - w0.to(local.device)
+        full = self._gather_rows(local.float() - w0.to(local.device), layout)
+        return None if full is None else ref.matrix(full)
+
+    def _gather_rows(self, local: torch.Tensor, layout: ShardLayout) -> torch.Tensor | None:
+        """The whole tensor from its row shards, on rank 0 (None elsewhere); a collective."""
+        context = self.context
         if layout.local_rows < layout.chunk:  # gather needs equal sizes: pad the short last shards
-            pad = delta.new_zeros((layout.chunk - layout.local_rows, *delta.shape[1:]))
-            delta = torch.cat([delta, pad])
+            local = torch.cat([local, local.new_zeros((layout.chunk - layout.local_rows, *local.shape[1:]))])
         if not context.is_writer:
-            torch.distributed.gather(delta, None, dst=0)
+            torch.distributed.gather(local, None, dst=0)
             return None
-        full = delta.new_empty((layout.chunk * context.world_size, *delta.shape[1:]))
-        torch.distributed.gather(delta, list(full.chunk(context.world_size)), dst=0)
-        return ref.matrix(full[: layout.rows])
+        full = local.new_empty((layout.chunk * context.world_size, *local.shape[1:]))
+        torch.distributed.gather(local, list(full.chunk(context.world_size)), dst=0)
+        return full[: layout.rows]
+
+    def _gather_whole(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """A (small) parameter in float32 on rank 0, gathered from its shards; None elsewhere."""
+        layout = self.layouts[id(tensor)]
+        local = _local(tensor).detach().float()
+        if layout.replicated:
+            return local if self.context.is_writer else None
+        return self._gather_rows(local, layout)
+
+    def _lora_update(self, model: torch.nn.Module, ref: MatrixRef) -> LowRank | None:
+        """The merged ``scaling * B @ A`` of a LoRA layer over its active adapters, as factors on rank 0."""
+        layer = model.get_submodule(ref.module)
+        lefts, rights = [], []
+        for adapter in active_adapters(layer):
+            b = self._gather_whole(layer.lora_B[adapter].weight)
+            a = self._gather_whole(layer.lora_A[adapter].weight)
+            if b is not None and a is not None:
+                lefts.append(b * float(layer.scaling[adapter]))
+                rights.append(a)
+        if not self.context.is_writer or not lefts:
+            return None
+        return LowRank(torch.cat(lefts, 1), torch.cat(rights, 0))
+
+    def _lora_delta(self, model: torch.nn.Module, ref: MatrixRef, i: int) -> LowRank | None:
+        now = self._lora_update(model, ref)
+        return None if now is None else minus_initial(now, self._w0_lora.get(i))  # type: ignore[return-value]
 
     def _send_expert(self, ref: MatrixRef, layout: ShardLayout, local: torch.Tensor, w0: torch.Tensor
                      ) -> torch.Tensor | None:

@@ -40,16 +40,16 @@ def tensors_of(model: nn.Module, ref: MatrixRef) -> dict[str, torch.Tensor]:
     return {name: p for name, p in module.named_parameters() if not name.startswith("base_layer.")}
 
 
-def _plain_lora(layer: nn.Module) -> bool:
+def plain_lora(layer: nn.Module) -> bool:
     # A LoRA on a Linear / Conv1D: lora_A / lora_B are Linear layers and B @ A is the (out, in) update.
     # Anything else (PEFT ParamWrapper on fused experts, embeddings, convolutions) goes through get_delta_weight.
-    adapters = _active_adapters(layer)
+    adapters = active_adapters(layer)
     return bool(adapters) and all(
         isinstance(layer.lora_A[a], nn.Linear) and isinstance(layer.lora_B[a], nn.Linear) for a in adapters
     ) and type(layer).__name__ in ("Linear",)
 
 
-def _active_adapters(layer: nn.Module) -> list[str]:
+def active_adapters(layer: nn.Module) -> list[str]:
     active = getattr(layer, "active_adapters", None) or []
     return [a for a in active if a in layer.lora_A]
 
@@ -60,12 +60,12 @@ def current_update(model: nn.Module, ref: MatrixRef) -> torch.Tensor | LowRank:
     if not ref.lora:
         return ref.matrix(getattr(module, ref.parameter).detach()).float()
     with torch.no_grad():
-        if _plain_lora(module):
-            adapters = _active_adapters(module)
+        if plain_lora(module):
+            adapters = active_adapters(module)
             left = torch.cat([module.lora_B[a].weight.float() * float(module.scaling[a]) for a in adapters], 1)
             right = torch.cat([module.lora_A[a].weight.float() for a in adapters], 0)
             return LowRank(left, right)
-        total = sum(module.get_delta_weight(a).float() for a in _active_adapters(module))
+        total = sum(module.get_delta_weight(a).float() for a in active_adapters(module))
         return ref.matrix(total)
 
 
@@ -100,11 +100,15 @@ def from_storable(stored: Any, device: torch.device | str) -> torch.Tensor | Low
 
 def update_delta(model: nn.Module, ref: MatrixRef, w0: torch.Tensor | LowRank | None) -> torch.Tensor | LowRank:
     """Delta = (matrix now) - W_0, on the training device."""
-    now = current_update(model, ref)
+    return minus_initial(current_update(model, ref), w0)
+
+
+def minus_initial(now: torch.Tensor | LowRank, w0: torch.Tensor | LowRank | None) -> torch.Tensor | LowRank:
+    """``now - w0`` on ``now``'s device; a factored update stays factored (its factors concatenated)."""
     if w0 is None:
         return now
     if isinstance(now, LowRank):
-        assert isinstance(w0, LowRank)  # both come from current_update of the same layer
+        assert isinstance(w0, LowRank)  # both are the merged update of the same LoRA layer
         dev = now.left.device
         return LowRank(torch.cat([now.left, -w0.left.to(dev)], 1), torch.cat([now.right, w0.right.to(dev)], 0))
     return now - w0.to(now.device, non_blocking=True)
