@@ -30,17 +30,16 @@ def format_recommendation(summary: dict[str, Any]) -> str:
     tinker = summary["trained_tokens_per_example"] is not None
     header = ["rank", *(label for _, label in kinds), "LoRA params", "runway (examples)", "range"]
     header += ["Tinker rule"] if tinker else []
-    header += ["verdict"]
+    header += ["verdict", ""]
     rows = []
     for p in summary["predictions"]:
         low, high = p["runway_range"]
         row = [str(p["rank"]), *(str(p["ranks_by_kind"].get(k, "-")) for k, _ in kinds), _count(p["lora_parameters"]),
                _count(p["runway_examples"]), f"{_count(low)}..{_count(high)}"]
         row += [_count(p["tinker_runway_examples"])] if tinker else []
-        marker = "  <" if p["rank"] == summary["rank"] else ""
-        row += [_verdict(p, summary["examples"]) + marker]
+        row += [_verdict(p), "<" if p["rank"] == summary["rank"] else ""]
         rows.append(row)
-    lines += _table(header, rows)
+    lines += [line.rstrip() for line in _table(header, rows)]
     by_kind = ", ".join(f"{k} {r}" for k, r in summary["ranks_by_kind"].items())
     lines += [
         "",
@@ -68,7 +67,7 @@ def format_recommendation(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _verdict(prediction: dict[str, Any], examples: float) -> str:
+def _verdict(prediction: dict[str, Any]) -> str:
     if prediction["verdict"] == "exceeded":
         return f"exceeded at ~{_count(prediction['runway_examples'])}"
     return prediction["verdict"]
