@@ -45,6 +45,7 @@ def format_recommendation(summary: dict[str, Any]) -> str:
         "",
         f"recommended: rank {summary['rank']} ({by_kind}) on {summary['target']}, lora_alpha "
         f"{summary['lora_alpha']}, scaling {summary['scaling']}; {_count(summary['lora_parameters'])} LoRA parameters",
+        *(f"  why: {p['reason']}" for p in summary["predictions"] if p["rank"] == summary["rank"]),
         "  attention-only LoRA is never recommended: it underperforms MLP-only at matched parameter count "
         "(LoRA Without Regret, 2025)",
         f"learning rate: {summary['lr_multiplier']:g}x your full fine-tuning LR ({summary['lr_reason']})",
