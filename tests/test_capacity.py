@@ -262,3 +262,13 @@ def test_calibrate_layers_choose_the_blocks_it_adapts():
     result = calibrate(model, ranks=(1,), epochs=1, layers=[1])
     per_block = lora_parameters(model, "all-linear").per_rank // 2
     assert result.points[0].lora_parameters == per_block and result.training["layers"] == [1]
+
+
+def test_rank_1_holds_an_rl_run_on_an_8b_model_with_the_shipped_constant():
+    """LoRA Without Regret: 10k problems x 32 samples at O(1) bits per episode is 320k bits, which a rank-1 LoRA of
+    Llama-3.1-8B (~3M parameters) holds."""
+    llama_8b = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}
+    result = lorascope.recommend(llama_8b, examples=10_000 * 32, task="rl", ranks=[1, 8])
+    assert result.predictions[0].lora_parameters == 32 * (2 * 8192 + 2 * 5120 + 3 * (4096 + 14336))
+    assert result.rank == 1 and result.predictions[0].verdict == "fits"

@@ -35,7 +35,7 @@ __all__ = [
     "rank_needed",
 ]
 
-DEFAULT_BITS_PER_PARAMETER = 1.0
+DEFAULT_BITS_PER_PARAMETER = 0.69
 """Bits stored per LoRA parameter when no calibration is given: the median measured by
 ``python examples/capacity/default_constant.py`` (docs/capacity.md has the table)."""
 DEFAULT_UNCERTAINTY = 2.0
