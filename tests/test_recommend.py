@@ -464,6 +464,14 @@ def test_probe_recorded_under_a_wrapper_is_matched(tmp_path):
         recommend(LLAMA, examples=1000, tokens_per_example=5, probes=[wider])
 
 
+def test_a_lora_probe_is_accepted_with_a_note(tmp_path):
+    model = peft.get_peft_model(_real(LLAMA), peft.LoraConfig(r=2, lora_alpha=32, target_modules="all-linear"))
+    path = _record_probe(tmp_path / "lora.h5", model)
+    result = recommend(LLAMA, examples=1000, probes=[path], ranks=[4])
+    assert result.bits.source == "recording" and result.probes[0]["lora"]
+    assert any("is a LoRA run" in n for n in result.notes)
+
+
 @pytest.mark.parametrize("other, match", [
     ({**LLAMA, "hidden_size": 48}, "from another architecture: .* is .* there and .* in this model"),
     ({**LLAMA, "model_type": "mistral"}, "recorded on a 'mistral' model, not 'llama'"),

@@ -180,6 +180,9 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
         largest = max(probe_results, key=lambda p: p["information"].epoch_examples)
         bits = largest["information"].estimate()
         notes.extend(f"probe {largest['path']}: {n}" for n in largest["information"].notes)
+        if largest["lora"]:
+            notes.append(f"probe {largest['path']} is a LoRA run: what it absorbed is capped by its own capacity, "
+                         "so the bits to learn may be under-estimated; a full fine-tuning probe measures them")
     else:
         bits = information_from_size(examples=examples, tokens_per_example=trained_tokens, task=task,
                                      bits_per_token=bits_per_token, bits_per_episode=bits_per_episode)
