@@ -142,10 +142,9 @@ def test_matched_ranks_balance_parameter_counts(study_modules, smoke):
         assert abs(per_rank[target] * matched[target] - budget) <= per_rank[target] / 2  # the nearest rank
 
 
-@pytest.mark.slow
 def test_quick_mode(study_modules, tmp_path):
-    """``run.py --quick`` itself (about 3.5 minutes on one core): every phase, at the sizes docs/reproduction.md
-    quotes."""
+    """``run.py --quick`` itself (about 3.5 minutes on one core), the issue's CI smoke test of the study: every
+    phase, at the sizes docs/reproduction.md quotes."""
     run, _ = study_modules
     assert run.main(["--quick", "-o", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
