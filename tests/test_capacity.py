@@ -48,9 +48,12 @@ def test_description_length_is_first_epoch_loss_times_loss_tokens_in_bits():
     final = (0.5 * 30 + 0.25 * 50) / 80  # token-weighted loss of the last epoch
     assert info.final_loss_nats == pytest.approx(final)
     assert info.absorbed_bits == pytest.approx((2.0 * 30 + 1.0 * 50 - final * 80) / LN2)
-    estimate = info.estimate()  # several epochs: the absorbed bits are the estimate
+    # The marginal rates come from the second half of the first epoch: here its second step (10 examples).
+    assert info.marginal_bits_per_example == pytest.approx(1.0 * 50 / LN2 / 10)
+    assert info.marginal_absorbed_per_example == pytest.approx((1.0 - final) * 50 / LN2 / 10)
+    estimate = info.estimate()  # several epochs: the marginal absorbed bits are the estimate
     assert estimate.basis == "absorbed" and not estimate.upper_bound
-    assert estimate.bits_per_example == pytest.approx(info.absorbed_bits / 20)
+    assert estimate.bits_per_example == pytest.approx(info.marginal_absorbed_per_example)
 
 
 def test_single_epoch_run_uses_the_description_length_and_unknown_sizes_are_noted():
@@ -59,6 +62,7 @@ def test_single_epoch_run_uses_the_description_length_and_unknown_sizes_are_note
     assert info.token_basis == "all tokens" and math.isnan(info.epochs)
     assert info.description_length_bits == pytest.approx(10 * 3.0 * 40 / LN2)
     assert info.absorbed_bits == pytest.approx(0.0, abs=1e-9)
+    assert info.marginal_bits_per_example == pytest.approx(3.0 * 40 / LN2 / 4)
     assert any("loss tokens" in n for n in info.notes) and any("dataset size is unknown" in n for n in info.notes)
     assert info.estimate().basis == "description length" and info.estimate().upper_bound
 
@@ -182,6 +186,9 @@ def test_bits_to_learn_from_a_full_fine_tuning_recording_is_within_2x_of_the_tru
     assert truth / 2 <= info.absorbed_bits <= 2 * truth, (info.absorbed_bits, truth)
     assert info.estimate().basis == "absorbed"
     assert truth / 2 <= info.estimate().bits(task.facts) <= 2 * truth
+    # Per additional fact (second half of the first epoch), closer to the truth than the first-epoch average.
+    assert abs(math.log(info.marginal_absorbed_per_example / task.bits_per_fact)) <= abs(
+        math.log(info.absorbed_per_example / task.bits_per_fact))
 
 
 def test_calibrate_is_stable_across_two_small_ranks_and_leaves_the_model_unchanged(tmp_path):

@@ -395,7 +395,9 @@ def test_probe_gives_the_bits_spectral_evidence_and_noise_scale(probe):
     np.testing.assert_array_equal(steps["batch_loss_tokens"].values, MICRO * 2 * (SEQ - MASKED))
     description_length = float(np.sum(steps["loss"].values * steps["batch_loss_tokens"].values)) / math.log(2)
     assert (result.bits.source, result.bits.basis) == ("recording", "description length")
-    assert result.bits.bits_per_example == pytest.approx(description_length / N_PROBE, rel=1e-6)
+    # The rate per additional example: the second half of the first (and only) epoch, its last 2 of 4 steps.
+    late = steps["loss"].values[2:] * steps["batch_loss_tokens"].values[2:]
+    assert result.bits.bits_per_example == pytest.approx(float(np.sum(late)) / math.log(2) / (N_PROBE / 2), rel=1e-6)
     for p in result.predictions:
         assert p.runway_examples == pytest.approx(LLAMA_PER_RANK * p.rank / result.bits.bits_per_example)
     [summary] = result.to_dict()["probes"]
