@@ -67,6 +67,12 @@ def test_single_epoch_run_uses_the_description_length_and_unknown_sizes_are_note
     assert info.estimate().basis == "description length" and info.estimate().upper_bound
 
 
+def test_marginal_rate_when_the_last_step_holds_most_of_the_epoch():
+    info = information_from_steps(_steps(loss=[2.0, 1.0], examples=[10, 30], loss_tokens=[10, 30]),
+                                  dataset_examples=40)
+    assert info.marginal_bits_per_example == pytest.approx(1.0 * 30 / LN2 / 30)
+
+
 def test_information_refuses_runs_without_usable_steps_and_bad_sizes():
     with pytest.raises(InvalidOptionError, match="no step with a finite loss"):
         information_from_steps(_steps(loss=[np.nan] * 3, examples=[2] * 3, loss_tokens=[5] * 3))

@@ -276,6 +276,8 @@ def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = 
     first_index = np.flatnonzero(first)
     done = np.cumsum(examples[first_index]) - examples[first_index]  # examples before each first-epoch step
     late = first_index[done >= epoch_examples / 2] if first_index.size >= 2 else first_index
+    if not late.size:  # a last step holding more than half of the epoch: it alone is the second half
+        late = first_index[-1:]
     late_examples = float(examples[late].sum())
     marginal = float(np.sum(loss[late] * tokens[late]) / math.log(2) / late_examples)
     if absorbed is not None:
