@@ -14,6 +14,7 @@ import click
 
 from lorascope._version import __version__
 from lorascope.errors import LorascopeError
+from lorascope_cli.params import parse_ranks
 
 EXIT_BAD_INPUT = 2
 
@@ -51,21 +52,11 @@ def info(run_file: str, as_json: bool) -> None:
     click.echo(format_info(summary))
 
 
-def _parse_ranks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    try:
-        ranks = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated positive integers such as 8,16,64; got {value!r}") from None
-    if not ranks or any(r < 1 for r in ranks):
-        raise click.BadParameter(f"expected comma-separated positive integers such as 8,16,64; got {value!r}")
-    return ranks
-
-
 @cli.command()
 @click.argument("run_files", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-o", "--output", "output", default="lorascope-report", show_default=True,
               help="Report folder to write (summary.json, metrics.nc, PNG plots, report.html).")
-@click.option("--ranks", default="8,16,64", show_default=True, callback=_parse_ranks,
+@click.option("--ranks", default="8,16,64", show_default=True, callback=parse_ranks,
               help="Candidate LoRA ranks, comma-separated.")
 @click.option("--tokens", "x_tokens", is_flag=True, help="Use tokens seen instead of examples seen as the data axis.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of text.")

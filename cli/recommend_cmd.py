@@ -13,17 +13,7 @@ import click
 from lorascope.analysis.information import DEFAULT_BITS_PER_EPISODE, DEFAULT_BITS_PER_TOKEN
 from lorascope.analysis.recommend import DEFAULT_RANKS, TARGET_CHOICES
 from lorascope.errors import InvalidOptionError, RunFileExistsError
-
-
-def _ranks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    try:
-        ranks = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        ranks = ()
-    if not ranks or any(r < 1 for r in ranks):
-        raise click.BadParameter(f"expected comma-separated positive integers such as 8,16,64; got {value!r}")
-    return ranks
-
+from lorascope_cli.params import parse_ranks
 
 _DEFAULT_RANKS = ",".join(map(str, DEFAULT_RANKS))
 
@@ -41,7 +31,7 @@ _DEFAULT_RANKS = ",".join(map(str, DEFAULT_RANKS))
 @click.option("--task", type=click.Choice(["sft", "rl"]), default="sft", show_default=True)
 @click.option("--probe", "probes", multiple=True, type=click.Path(path_type=str),
               help="A full fine-tuning recording of this model on a slice of the data (repeatable).")
-@click.option("--ranks", default=_DEFAULT_RANKS, show_default=True, callback=_ranks, help="Candidate ranks.")
+@click.option("--ranks", default=_DEFAULT_RANKS, show_default=True, callback=parse_ranks, help="Candidate ranks.")
 @click.option("--batch-size", type=int, default=None, help="Planned batch size in examples.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Planned passes over the data.")
 # attention-only is accepted here only to be refused by the library with its reason.
@@ -87,7 +77,7 @@ def recommend(config: str, examples: int | None, tokens_per_example: float | Non
               help="Only a config.json: random weights, first pretrained on a synthetic language (a stand-in).")
 @click.option("--pretrain-steps", type=click.IntRange(min=0), default=300, show_default=True,
               help="Synthetic pretraining steps of a --config model.")
-@click.option("--ranks", default="1,2", show_default=True, callback=_ranks, help="Small ranks to measure.")
+@click.option("--ranks", default="1,2", show_default=True, callback=parse_ranks, help="Small ranks to measure.")
 @click.option("--layers", default="auto", show_default=True,
               help="Blocks to adapt: auto (all for a small model, else the middle block), all, or indices like 3,4.")
 @click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorascope._checks import check_positive_int, check_ranks
 from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, LorascopeError, ModelConfigError
 from lorascope.synthetic import FactsTask, stored_bits
@@ -221,11 +222,9 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
     ModelConfigError
         The model has no vocabulary size to draw facts from, or PEFT cannot adapt it.
     """
-    ranks = _check_ranks(ranks)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidOptionError(f"The {name!r} parameter of calibrate must be an int in the range [1, inf). "
-                                     f"Got {value!r} instead.")
+    ranks = check_ranks(ranks, "calibrate")
+    check_positive_int("epochs", epochs, "calibrate")
+    check_positive_int("batch_size", batch_size, "calibrate")
     lrs = (lr,) if isinstance(lr, (int, float)) else tuple(lr)
     if not lrs or not all(isinstance(v, (int, float)) and v > 0 for v in lrs) or not offered_bits_per_parameter > 0:
         raise InvalidOptionError("The 'lr' (a number or a list of numbers) and 'offered_bits_per_parameter' "
@@ -377,11 +376,3 @@ def _vocab_size(model: nn.Module) -> int:
 def _key_tokens(facts: int, key_ids: int) -> int:
     """Key length so that random keys rarely collide: ``key_ids ** k >= 1000 facts``."""
     return max(2, math.ceil(math.log(1000 * facts) / math.log(key_ids)))
-
-
-def _check_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
-    values = tuple(ranks)
-    if not values or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in values):
-        raise InvalidOptionError(f"The 'ranks' parameter of calibrate must be a non-empty list of ints >= 1. "
-                                 f"Got {list(values)!r} instead.")
-    return tuple(sorted(set(values)))

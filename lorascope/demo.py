@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorascope.synthetic import FactsTask, markov_batches
+from lorascope.synthetic import FactsTask, pretrain_on_markov
 
 __all__ = ["DemoConfig", "DemoTransformer", "run_demo"]
 
@@ -135,13 +135,8 @@ def _run(folder: str | os.PathLike[str], cfg: DemoConfig, force: bool, log: Any)
 
     log(f"pretraining a {sum(p.numel() for p in model.parameters()):,}-parameter transformer for "
         f"{cfg.pretrain_steps} steps on a Markov-chain language ...")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    stream = markov_batches(cfg.vocab, batch_size=cfg.batch, length=cfg.seq, generator=generator)
-    for _ in range(cfg.pretrain_steps):
-        ids = next(stream)
-        model(ids, labels=ids)["loss"].backward()
-        opt.step()
-        opt.zero_grad()
+    pretrain_on_markov(model, cfg.vocab, steps=cfg.pretrain_steps, seed=cfg.seed, batch_size=cfg.batch,
+                       length=cfg.seq, lr=3e-3)
 
     task = FactsTask(facts=cfg.facts, vocab_size=cfg.vocab, values=cfg.vocab // 2, key_tokens=cfg.key_tokens,
                      seed=cfg.seed)

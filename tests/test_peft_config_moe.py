@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorascope.analysis.lora_params import lora_parameters
 from lorascope.peft_config import make_lora_config, pattern_matches, to_peft
 
 transformers = pytest.importorskip("transformers")
@@ -45,7 +46,10 @@ def test_dense_mlp_of_a_qwen3_moe_keeps_its_adapter_and_rank():
     # The dense MLP Linear layers go through target_parameters, where PEFT does not rewrite them.
     assert "model.layers.0.mlp.gate_proj.weight" in config["target_parameters"]
     assert not any(name.endswith(("gate_proj", "up_proj", "down_proj")) for name in config["target_modules"])
+    ranks_by_kind = {"attention": 4, "mlp": 4, "moe_expert": 2}
+    counted = sum(ranks_by_kind[a.kind] * a.per_rank for a in lora_parameters(model, "all-linear+experts").adapters)
     wrapped = peft.get_peft_model(model, to_peft(config))
+    assert sum(p.numel() for p in wrapped.parameters() if p.requires_grad) == counted  # PEFT's count is lorascope's
     converted = wrapped.peft_config["default"]
     assert set(converted.rank_pattern) == set(config["rank_pattern"])  # PEFT added no doubled-rank pattern
     ranks = _adapter_ranks(wrapped)

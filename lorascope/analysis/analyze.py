@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from lorascope._checks import check_ranks
 from lorascope.analysis.curves import PowerLawFit, fit_power_law
 from lorascope.analysis.layers import TARGET_SETS, energy_shares, lora_capture, rank_hungry_modules
 from lorascope.analysis.metrics import DEFAULT_P, aggregate, update_metrics
@@ -208,7 +209,7 @@ def analyze(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
         raise LorascopeError("analyze needs at least one run file")
     if x not in X_AXES:
         raise LorascopeError(f"The 'x' parameter of analyze must be one of {X_AXES}. Got {x!r} instead.")
-    ranks = _validate_ranks(ranks)
+    ranks = check_ranks(ranks, "analyze")
     p = tuple(sorted({float(v) for v in p} | {CURVE_P}))
     metric_ranks = tuple(sorted(set(ranks) | {1, 2, 4, 8, 16, 32, 64, 128, 256}))
     runs = [_load(path, p, metric_ranks) for path in (progress(paths) if progress else paths)]
@@ -248,13 +249,6 @@ def _batch_advice(run: RunResult) -> BatchAdvice | None:
     if b_noise is None or b_noise <= 0 or not batches.size:
         return None
     return batch_tradeoff(float(b_noise), float(np.median(batches)), lora=run.is_lora)
-
-
-def _validate_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
-    values = tuple(ranks)
-    if not values or any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1 for r in values):
-        raise LorascopeError(f"ranks must be a non-empty list of ints >= 1. Got {list(values)!r} instead.")
-    return tuple(sorted({int(r) for r in values}))
 
 
 def _check_same_model(runs: list[RunResult]) -> None:

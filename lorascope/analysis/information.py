@@ -25,12 +25,14 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
+from lorascope._checks import check_positive
 from lorascope.errors import InvalidOptionError
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "information_from_run",
     "information_from_size",
     "information_from_steps",
+    "recorded_dataset_examples",
 ]
 
 DEFAULT_BITS_PER_TOKEN = 1.0
@@ -109,19 +112,19 @@ def information_from_size(*, examples: float, tokens_per_example: float | None =
     >>> information_from_size(examples=10_000, task="rl").bits_per_example
     1.0
     """
-    _positive("examples", examples)
+    check_positive("examples", examples)
     if task not in TASKS:
         raise InvalidOptionError(f"The 'task' parameter must be one of {TASKS}. Got {task!r} instead.")
     if task == "rl":
-        _positive("bits_per_episode", bits_per_episode)
+        check_positive("bits_per_episode", bits_per_episode)
         return BitsEstimate(float(bits_per_episode), "episodes", "bits per episode", False,
                             f"RL with a scalar reward: {bits_per_episode:g} bit(s) per episode (O(1) bits per "
                             "episode; LoRA Without Regret, 2025)")
     if tokens_per_example is None:
         raise InvalidOptionError("The information of SFT data needs its size in tokens: give tokens per example "
                                  "(or total tokens, or a JSONL dataset to count).")
-    _positive("tokens_per_example", tokens_per_example)
-    _positive("bits_per_token", bits_per_token)
+    check_positive("tokens_per_example", tokens_per_example)
+    check_positive("bits_per_token", bits_per_token)
     return BitsEstimate(float(bits_per_token * tokens_per_example), "dataset size", "bits per token", True,
                         f"{bits_per_token:g} bit per trained token x {tokens_per_example:,.0f} tokens per example "
                         "(typical LLM data; an upper bound: data the base model already predicts asks for less)")
@@ -234,7 +237,7 @@ def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = 
     """
     notes: list[str] = []
     if dataset_examples is not None:
-        _positive("dataset_examples", dataset_examples)
+        check_positive("dataset_examples", dataset_examples)
     loss = steps["loss"].values.astype(np.float64)
     examples = steps["batch_examples"].values.astype(np.float64)
     seen = steps["examples_seen"].values.astype(np.float64)
@@ -296,12 +299,11 @@ def information_from_run(path: str | os.PathLike[str], *, dataset_examples: int 
 
     with open_run(path) as run:
         steps = run.steps.load()
-        recorded = (run.config.get("dataset") or {}).get("examples")
-    if dataset_examples is None and isinstance(recorded, numbers.Integral) and recorded > 0:
-        dataset_examples = int(recorded)
-    return information_from_steps(steps, dataset_examples=dataset_examples)
+        recorded = recorded_dataset_examples(run.config)
+    return information_from_steps(steps, dataset_examples=recorded if dataset_examples is None else dataset_examples)
 
 
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
-        raise InvalidOptionError(f"The {name!r} parameter must be a positive number. Got {value!r} instead.")
+def recorded_dataset_examples(config: Mapping[str, Any]) -> int | None:
+    """The dataset size a run's config records (``config["dataset"]["examples"]``), or None."""
+    recorded = (config.get("dataset") or {}).get("examples")
+    return int(recorded) if isinstance(recorded, numbers.Integral) and recorded > 0 else None

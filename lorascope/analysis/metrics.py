@@ -13,19 +13,13 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
+from lorascope._checks import check_ranks
 from lorascope.analysis import spectra
 
 DEFAULT_P = (0.5, 0.9, 0.99)
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 __all__ = ["DEFAULT_P", "DEFAULT_RANKS", "aggregate", "update_metrics"]
-
-
-def _check_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
-    values = tuple(ranks)
-    if not values or any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1 for r in values):
-        raise ValueError(f"The 'ranks' parameter must be a non-empty list of ints >= 1. Got {list(values)!r} instead.")
-    return tuple(sorted(set(int(r) for r in values)))
 
 
 def _check_p(p: Sequence[float]) -> tuple[float, ...]:
@@ -56,7 +50,7 @@ def update_metrics(snapshots: xr.Dataset, *, p: Sequence[float] = DEFAULT_P,
         and ``energy_rank_fraction`` = k_p / min(out, in)) over ``p``, ``rank_residual`` and ``captured_energy``
         over ``rank``, ``effective_rank``, ``stable_rank``, ``signal_rank`` (Gavish-Donoho threshold).
     """
-    p_values, rank_values = _check_p(p), _check_ranks(ranks)
+    p_values, rank_values = _check_p(p), check_ranks(ranks)
     sv = snapshots["sv"].values.astype(np.float64)
     energy = snapshots["energy"].values.astype(np.float64)
     count = snapshots["sv_count"].values

@@ -18,15 +18,14 @@ Fixed recommendations, with their source (Schulman et al., "LoRA Without Regret"
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from torch import nn
 
+from lorascope._checks import check_positive, check_positive_int, check_ranks
 from lorascope.analysis.capacity import CapacityConstant, RankPrediction, predict_ranks, rank_needed
 from lorascope.analysis.information import (
     DEFAULT_BITS_PER_EPISODE,
@@ -34,8 +33,9 @@ from lorascope.analysis.information import (
     TASKS,
     BitsEstimate,
     RecordedInformation,
-    information_from_run,
     information_from_size,
+    information_from_steps,
+    recorded_dataset_examples,
 )
 from lorascope.errors import InvalidOptionError, ProbeMismatchError
 
@@ -164,10 +164,10 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
             f"The 'target' parameter of recommend must be one of {TARGET_CHOICES}. Got {target!r} instead."
             + (" Attention-only LoRA underperforms MLP-only at matched parameter count (LoRA Without Regret, 2025)."
                if target == "attention-only" else ""))
-    ranks = _check_ranks(ranks)
-    _check_positive("epochs", epochs)
+    ranks = check_ranks(ranks, "recommend")
+    check_positive("epochs", epochs, "recommend")
     if batch_size is not None:
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size, "recommend")
     module = model if isinstance(model, nn.Module) else model_from_config(model)
     signature = model_signature(module)
     resolved = resolve_target(module, target)
@@ -212,10 +212,11 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
                                 trained_tokens_per_example=trained_tokens if task == "sft" else None)
     needed = rank_needed(examples, bits, constant, parameters)
     # A rank above every adapted matrix's size adds nothing a full update lacks: never recommended.
-    fitting = [p.rank for p in predictions if p.verdict == "fits" and p.rank <= _max_useful_rank(count)]
+    useful = _max_useful_rank(count)
+    fitting = [p.rank for p in predictions if p.verdict == "fits" and p.rank <= useful]
     if fitting:
         rank = fitting[0]
-    elif needed is not None and needed <= _max_useful_rank(count):
+    elif needed is not None and needed <= useful:
         rank = needed
         notes.append(f"no candidate rank fits; rank {needed} is the smallest power of two that does")
     else:
@@ -223,6 +224,7 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
         notes.append("no LoRA rank up to the matrices' size holds this data with margin: consider full fine-tuning "
                      f"(rank {rank}, the largest candidate, is shown)")
     peft_config = make_lora_config(module, target=resolved, rank=ranks_by_adapter(rank), alpha=LORA_ALPHA)
+    chosen_parameters, chosen_by_kind = parameters(rank)
     steps = math.ceil(examples * epochs / batch_size) if batch_size else None
     lr_multiplier, lr_reason = _learning_rate(steps)
     b_noise, batch_advice = _batch_advice(probe_results, batch_size)
@@ -232,9 +234,8 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
         model=signature, target=resolved, task=task, examples=float(examples),
         trained_tokens_per_example=trained_tokens, epochs=float(epochs), batch_size=batch_size, bits=bits,
         constant=constant, predictions=predictions, rank=rank, rank_needed=needed,
-        ranks_by_kind=parameters(rank)[1], lora_parameters=parameters(rank)[0], lr_multiplier=lr_multiplier,
-        lr_reason=lr_reason,
-        batch_advice=batch_advice, b_noise=b_noise, peft_config=peft_config,
+        ranks_by_kind=chosen_by_kind, lora_parameters=chosen_parameters, lr_multiplier=lr_multiplier,
+        lr_reason=lr_reason, batch_advice=batch_advice, b_noise=b_noise, peft_config=peft_config,
         probes=[_probe_dict(p, ranks) for p in probe_results], notes=notes)
 
 
@@ -276,14 +277,14 @@ def _dataset_size(task: str, examples: Any, tokens_per_example: Any, tokens: Any
     if examples is None:
         raise InvalidOptionError("recommend needs the dataset size: the number of examples (episodes for RL), or a "
                                  "JSONL dataset to count.")
-    _check_positive("examples", examples)
+    check_positive("examples", examples, "recommend")
     if tokens is not None and tokens_per_example is not None:
         raise InvalidOptionError("Give either tokens per example or total tokens, not both.")
     if tokens is not None:
-        _check_positive("tokens", tokens)
+        check_positive("tokens", tokens, "recommend")
         tokens_per_example = tokens / examples
     elif tokens_per_example is not None:
-        _check_positive("tokens_per_example", tokens_per_example)
+        check_positive("tokens_per_example", tokens_per_example, "recommend")
     elif tokens_required:
         raise InvalidOptionError("SFT without a probe needs the trained tokens: give tokens per example or total "
                                  "tokens (the completion tokens the loss is computed on), or a JSONL dataset to count.")
@@ -327,10 +328,11 @@ def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int])
     with open_run(path) as run:
         modules = run.modules
         config = run.config
-    _check_probe_shapes(str(path), modules, config, model)
-    information: RecordedInformation = information_from_run(path)
+    _check_probe_shapes(str(path), modules, config, model)  # before the (longer) analysis
     analysis = analyze(path, ranks=ranks)
     result = analysis.runs[0]
+    information: RecordedInformation = information_from_steps(
+        result.steps, dataset_examples=recorded_dataset_examples(result.config))
     b_noise = None if result.noise is None else result.noise.final["all"]["b_simple"]
     return {"path": str(path), "information": information, "analysis": analysis, "lora": result.is_lora,
             "b_noise": b_noise if b_noise is not None and b_noise > 0 else None}
@@ -383,23 +385,3 @@ def _check_calibration(calibration: Any, signature: Mapping[str, Any]) -> None:
         if mine is not None and theirs is not None and mine != theirs:
             raise ProbeMismatchError(f"the calibration was measured on a model with {key} = {theirs!r}, this model "
                                      f"has {mine!r}: run `lorascope calibrate` on this architecture")
-
-
-def _check_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
-    values = tuple(ranks)
-    if not values or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in values):
-        raise InvalidOptionError(f"The 'ranks' parameter of recommend must be a non-empty list of ints >= 1. Got "
-                                 f"{list(values)!r} instead.")
-    return tuple(sorted({int(r) for r in values}))
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
-        raise InvalidOptionError(f"The {name!r} parameter of recommend must be a positive number. Got {value!r} "
-                                 "instead.")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InvalidOptionError(f"The {name!r} parameter of recommend must be an int in the range [1, inf). Got "
-                                 f"{value!r} instead.")
