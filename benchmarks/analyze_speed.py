@@ -79,8 +79,8 @@ def main() -> None:
 
     from click.testing import CliRunner
 
-    from lorascope.analysis.analyze import analyze
     from lorascope.report.folder import write_report
+    from lorascope.workflows.analyze import analyze
     from lorascope_cli.main import cli
 
     with tempfile.TemporaryDirectory() as tmp:

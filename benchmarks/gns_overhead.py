@@ -93,8 +93,8 @@ class Run:
         self.recorder: Any = None
         self.step_s: list[float] = []
         if config == "per_example":
+            from lorascope.model.taxonomy import classify
             from lorascope.record.per_example import PerExampleNorms
-            from lorascope.taxonomy import classify
 
             targets = {ref.module: [i] for i, ref in enumerate(classify(self.model).matrices)}
             self.norms = PerExampleNorms(self.model, targets)

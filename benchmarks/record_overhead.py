@@ -208,7 +208,7 @@ def _proc_status_kib(field: str) -> int:
 
 def memory_child(config: str, setup: Setup) -> dict[str, Any]:
     import lorascope  # imported by every configuration, so the baseline carries the same libraries
-    from lorascope.taxonomy import classify
+    from lorascope.model.taxonomy import classify
 
     torch.set_num_threads(setup.threads)
     model, optimizer, batches = fresh_run(setup)
@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     import h5py
     import transformers
 
-    from lorascope.taxonomy import classify
+    from lorascope.model.taxonomy import classify
 
     began, load_before = time.perf_counter(), os.getloadavg()[0]
     model, _ = build(setup)

@@ -1,6 +1,6 @@
 """``lorascope compare``: LoRA runs against a full fine-tuning run of the same data.
 
-Parses, calls :func:`lorascope.analysis.compare.compare` and the report writer, prints. Library errors reach the
+Parses, calls :func:`lorascope.workflows.compare.compare` and the report writer, prints. Library errors reach the
 group in :mod:`lorascope_cli.main`, which prints them as one line with exit status 2.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from lorascope.analysis.compare import DEFAULT_SMOOTH, DEFAULT_THRESHOLD, DEFAULT_WINDOW
 from lorascope.errors import InvalidOptionError
+from lorascope.workflows.compare import DEFAULT_SMOOTH, DEFAULT_THRESHOLD, DEFAULT_WINDOW
 
 
 def read_predictions(path: str) -> dict[str, Any]:
@@ -62,9 +62,9 @@ def compare(full_run: str, lora_runs: tuple[str, ...], output: str, threshold: f
     For each LoRA rank: the number of examples (or tokens, or steps) at which its training loss leaves the full
     fine-tuning curve, by a smoothed, noise-aware and sustained gap (docs/compare.md).
     """
-    from lorascope.analysis.compare import compare as run_compare
     from lorascope.report.compare import format_comparison, write_comparison
     from lorascope.report.folder import prepare_folder
+    from lorascope.workflows.compare import compare as run_compare
 
     if x_tokens and x_steps:
         raise InvalidOptionError("--tokens and --steps choose the data axis: give at most one of them")

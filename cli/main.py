@@ -69,9 +69,9 @@ def analyze(run_files: tuple[str, ...], output: str, ranks: tuple[int, ...], x_t
     """
     from tqdm import tqdm
 
-    from lorascope.analysis.analyze import analyze as run_analysis
     from lorascope.report.folder import prepare_folder, write_report
     from lorascope.report.terminal import format_summary
+    from lorascope.workflows.analyze import analyze as run_analysis
 
     prepare_folder(output, force=force)  # refuse before the (possibly long) analysis
     show = len(run_files) > 1 and not as_json

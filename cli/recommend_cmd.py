@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 
 from lorascope.analysis.information import DEFAULT_BITS_PER_EPISODE, DEFAULT_BITS_PER_TOKEN
-from lorascope.analysis.recommend import DEFAULT_RANKS, TARGET_CHOICES
 from lorascope.errors import InvalidOptionError, RunFileExistsError
+from lorascope.workflows.recommend import DEFAULT_RANKS, TARGET_CHOICES
 from lorascope_cli.params import parse_ranks
 
 _DEFAULT_RANKS = ",".join(map(str, DEFAULT_RANKS))
@@ -52,9 +52,9 @@ def recommend(config: str, examples: int | None, tokens_per_example: float | Non
               bits_per_episode: float, peft_config: str | None, as_json: bool) -> None:
     """Recommend LoRA ranks, targets, learning rate and batch size before training; predict when each rank runs
     out of capacity."""
-    from lorascope.analysis.recommend import recommend as run_recommend
-    from lorascope.peft_config import write_peft_config
+    from lorascope.model.peft_config import write_peft_config
     from lorascope.report.recommend import format_recommendation
+    from lorascope.workflows.recommend import recommend as run_recommend
 
     result = run_recommend(config, examples=examples, tokens_per_example=tokens_per_example, tokens=tokens,
                            dataset=dataset, tokenizer=tokenizer, task=task, probes=probes, ranks=ranks,
@@ -92,8 +92,8 @@ def recommend(config: str, examples: int | None, tokens_per_example: float | Non
 def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ranks: tuple[int, ...], layers: str,
               epochs: int, lr: str, batch_size: int, seed: int, output: str, force: bool, as_json: bool) -> None:
     """Measure bits stored per LoRA parameter on your architecture (random key -> value facts, real PEFT LoRA)."""
-    from lorascope.calibrate import calibrate as run_calibrate
     from lorascope.report.recommend import format_calibration
+    from lorascope.workflows.calibrate import calibrate as run_calibrate
 
     if (model_dir is None) == (config is None):
         raise InvalidOptionError("calibrate needs exactly one of --model DIR (weights) or --config FILE.")
@@ -144,8 +144,8 @@ def _load_model(model_dir: str | None, config: str | None, pretrain_steps: int, 
         except (OSError, ValueError) as exc:
             raise ModelConfigError(f"cannot load a causal LM from {model_dir!r}: {str(exc).splitlines()[0]}") from None
         return model, f"pretrained weights from {model_dir}"
-    from lorascope.analysis.lora_params import model_from_config
-    from lorascope.synthetic import pretrain_on_markov
+    from lorascope.inputs.synthetic import pretrain_on_markov
+    from lorascope.model.lora_params import model_from_config
 
     meta = model_from_config(config)  # validates the config with lorascope's messages
     torch.manual_seed(seed)

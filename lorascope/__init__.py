@@ -1,10 +1,6 @@
 """lorascope: how much rank does a fine-tuning update need, and when does a LoRA of rank r run out?"""
 
 from lorascope._version import __version__
-from lorascope.analysis.analyze import Analysis, analyze
-from lorascope.analysis.compare import Comparison, compare
-from lorascope.analysis.recommend import Recommendation, recommend
-from lorascope.calibrate import Calibration, calibrate, load_calibration
 from lorascope.errors import (
     CorruptRunFileError,
     InvalidOptionError,
@@ -19,9 +15,13 @@ from lorascope.errors import (
     SchemaVersionError,
     SelectionError,
 )
+from lorascope.model.taxonomy import classify
 from lorascope.record import Recorder, RecordOptions, SnapshotSchedule, record
 from lorascope.store import Run, RunWriter, open_run
-from lorascope.taxonomy import classify
+from lorascope.workflows.analyze import Analysis, analyze
+from lorascope.workflows.calibrate import Calibration, calibrate, load_calibration
+from lorascope.workflows.compare import Comparison, compare
+from lorascope.workflows.recommend import Recommendation, recommend
 
 __all__ = [
     "Analysis",

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorascope.synthetic import FactsTask, pretrain_on_markov
+from lorascope.inputs.synthetic import FactsTask, pretrain_on_markov
 
 __all__ = ["DemoConfig", "DemoTransformer", "run_demo"]
 
@@ -109,7 +109,7 @@ def run_demo(folder: str | os.PathLike[str] = "lorascope-demo", *, cfg: DemoConf
              force: bool = False, log: Any = print) -> tuple[Path, Any, Any]:
     """Pretrain, fully fine-tune with recording, analyse and write the report into ``folder``.
 
-    Returns the run file path, the :class:`~lorascope.analysis.analyze.Analysis` and the report files.
+    Returns the run file path, the :class:`~lorascope.workflows.analyze.Analysis` and the report files.
     """
     cfg = cfg or DemoConfig()
     threads = torch.get_num_threads()
@@ -124,8 +124,8 @@ def run_demo(folder: str | os.PathLike[str] = "lorascope-demo", *, cfg: DemoConf
 
 def _run(folder: str | os.PathLike[str], cfg: DemoConfig, force: bool, log: Any) -> tuple[Path, Any, Any]:
     import lorascope
-    from lorascope.analysis.analyze import analyze
     from lorascope.report.folder import prepare_folder, write_report
+    from lorascope.workflows.analyze import analyze
 
     folder = prepare_folder(folder, force=force)
     folder.mkdir(parents=True, exist_ok=True)

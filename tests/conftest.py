@@ -170,3 +170,9 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the long tests (marked ``long``) first: with two workers, a four-minute study scheduled last would
+    leave the other worker idle while it runs."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

@@ -1,7 +1,7 @@
 """Measure lorascope's default bits-per-LoRA-parameter constant.
 
-Runs :func:`lorascope.calibrate.calibrate` on small Llama-style models (built from configs, first pretrained on the
-Markov language of :mod:`lorascope.synthetic` so the base is a trained model) at several widths and ranks, and
+Runs :func:`lorascope.calibrate` on small Llama-style models (built from configs, first pretrained on the
+Markov language of :mod:`lorascope.inputs.synthetic` so the base is a trained model) at several widths and ranks, and
 prints every point and the median over all of them: the number shipped as
 ``lorascope.analysis.capacity.DEFAULT_BITS_PER_PARAMETER`` (see docs/capacity.md for the result and command).
 
@@ -18,8 +18,8 @@ import time
 import torch
 import transformers
 
-from lorascope.calibrate import calibrate
-from lorascope.synthetic import pretrain_on_markov
+from lorascope.inputs.synthetic import pretrain_on_markov
+from lorascope.workflows.calibrate import calibrate
 
 
 def tiny_llama(hidden: int, layers: int, vocab: int) -> transformers.LlamaForCausalLM:

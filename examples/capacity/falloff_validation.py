@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from lorascope.analysis.lora_params import lora_parameters
-from lorascope.calibrate import calibrate, memorize_with_lora
-from lorascope.synthetic import FactsTask, pretrain_on_markov, stored_bits
+from lorascope.inputs.synthetic import FactsTask, pretrain_on_markov, stored_bits
+from lorascope.model.lora_params import lora_parameters
+from lorascope.workflows.calibrate import calibrate, memorize_with_lora
 
 VOCAB, VALUES, HIDDEN = 512, 256, 64
 HELD_FRACTION = 0.9  # the LoRA has fallen off once it holds less than this share of full fine-tuning's bits

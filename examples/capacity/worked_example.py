@@ -23,7 +23,7 @@ import torch
 import transformers
 
 import lorascope
-from lorascope.synthetic import FactsTask, pretrain_on_markov
+from lorascope.inputs.synthetic import FactsTask, pretrain_on_markov
 
 VOCAB = 512
 

@@ -17,7 +17,7 @@ import torch
 import transformers
 
 import lorascope
-from lorascope.synthetic import FactsTask, markov_batches, stored_bits
+from lorascope.inputs.synthetic import FactsTask, markov_batches, stored_bits
 
 VOCAB, VALUES, KEY_TOKENS = 512, 256, 3
 HIDDEN, LAYERS, INTERMEDIATE = 64, 2, 128
@@ -34,7 +34,7 @@ def model_config() -> transformers.LlamaConfig:
 
 def pretrain_base(path: Path, *, steps: int, seed: int = 0, lr: float = 3e-3) -> float:
     """Build the model, pretrain every parameter on the Markov language with AdamW, save its state dict; the last
-    loss. (``lorascope.synthetic.pretrain_on_markov`` with a sparser chain than its default.)"""
+    loss. (``lorascope.inputs.synthetic.pretrain_on_markov`` with a sparser chain than its default.)"""
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(model_config())
     stream = markov_batches(VOCAB, batch_size=32, length=24, generator=torch.Generator().manual_seed(seed),
@@ -112,7 +112,7 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
     else:
         import peft
 
-        from lorascope.peft_config import make_lora_config, to_peft
+        from lorascope.model.peft_config import make_lora_config, to_peft
 
         for p in model.parameters():
             p.requires_grad_(False)

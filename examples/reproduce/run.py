@@ -234,7 +234,7 @@ def _execute(jobs: Sequence[dict[str, Any]], workers: int):
 
 def matched_ranks(model: Any, mlp_rank: int) -> dict[str, int]:
     """Attention-only and all-linear ranks whose LoRA parameter count is nearest that of MLP-only at ``mlp_rank``."""
-    from lorascope.analysis.lora_params import lora_parameters
+    from lorascope.model.lora_params import lora_parameters
 
     budget = lora_parameters(model, "mlp-only", rank=mlp_rank).total
     out = {"mlp-only": mlp_rank}
@@ -425,8 +425,8 @@ def _compare_brief(compared: dict[str, Any]) -> dict[str, Any]:
 
 
 def _model_summary(base: Path) -> dict[str, Any]:
-    from lorascope.analysis.lora_params import lora_parameters
-    from lorascope.calibrate import model_signature
+    from lorascope.model.lora_params import lora_parameters
+    from lorascope.workflows.calibrate import model_signature
 
     model = train.load_base(base)
     return {**model_signature(model), "lora_parameters_per_rank": {

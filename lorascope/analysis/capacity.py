@@ -65,7 +65,7 @@ class CapacityConstant:
 
     @classmethod
     def from_calibration(cls, calibration: Any) -> CapacityConstant:
-        """From a :class:`~lorascope.calibrate.Calibration` of this architecture."""
+        """From a :class:`~lorascope.workflows.calibrate.Calibration` of this architecture."""
         ranks = ", ".join(str(p.rank) for p in calibration.points)
         return cls(calibration.bits_per_parameter, calibration.uncertainty,
                    f"calibrated on this architecture at rank(s) {ranks} ({calibration.created or 'undated'})")

@@ -1,7 +1,7 @@
 """Where a LoRA loss curve leaves the full fine-tuning curve: a smoothed loss gap, its noise, and a sustained-
 excursion rule.
 
-Everything here is pure numpy over arrays sorted by the data axis; :mod:`lorascope.analysis.compare` reads the
+Everything here is pure numpy over arrays sorted by the data axis; :mod:`lorascope.workflows.compare` reads the
 run files and calls it. The rule (documented with its defaults in ``docs/compare.md``):
 
 1. **Paired gap.** At every recorded point i of the LoRA run (data axis :math:`x_i`), the raw gap is

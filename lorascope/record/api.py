@@ -8,9 +8,9 @@ from typing import Any
 from torch import nn
 
 from lorascope.errors import InvalidOptionError
+from lorascope.model.taxonomy import classify
 from lorascope.record.core import Recorder
 from lorascope.record.options import RecordOptions, make_options
-from lorascope.taxonomy import classify
 
 
 def _is_instance_of(obj: Any, module_prefixes: tuple[str, ...], class_name: str) -> bool:

@@ -20,6 +20,8 @@ from torch import nn
 
 from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, RecordingError, RecordingWarning, SelectionError
+from lorascope.model.peft import lora_config_of
+from lorascope.model.taxonomy import MatrixRef, classify
 from lorascope.record import distributed as D
 from lorascope.record.background import BackgroundWriter
 from lorascope.record.data_parallel import DataParallelSteps
@@ -29,7 +31,6 @@ from lorascope.record.snapshot import capture_initial, from_storable, take_snaps
 from lorascope.store import schema as S
 from lorascope.store.initial import initial_weights_path, load_initial_weights, save_initial_weights
 from lorascope.store.writer import RunWriter, check_writable
-from lorascope.taxonomy import MatrixRef, classify
 
 if TYPE_CHECKING:
     from lorascope.record.sharded import ShardedRecording
@@ -499,7 +500,7 @@ class Recorder(DataParallelSteps):
         model_config = getattr(self.model, "config", None)
         if model_config is not None and hasattr(model_config, "to_dict"):
             config["model"]["config"] = model_config.to_dict()
-        lora = _lora_config(self.model)
+        lora = lora_config_of(self.model)
         if lora:
             config["lora"] = lora
         if self.distributed is not None:
@@ -583,23 +584,3 @@ def _coverage_row(entry: Any) -> dict[str, Any]:
 def _jsonable(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool, type(None))) or (
         isinstance(value, (tuple, list)) and all(isinstance(v, (int, float, str, bool)) for v in value))
-
-
-def _lora_config(model: nn.Module) -> dict[str, Any] | None:
-    peft_config = getattr(model, "peft_config", None)
-    if not isinstance(peft_config, dict) or not peft_config:
-        return None
-    out = {}
-    for name, cfg in peft_config.items():
-        out[name] = {
-            "r": getattr(cfg, "r", None),
-            "lora_alpha": getattr(cfg, "lora_alpha", None),
-            "use_rslora": bool(getattr(cfg, "use_rslora", False)),
-            "scaling_rule": "alpha/sqrt(r)" if getattr(cfg, "use_rslora", False) else "alpha/r",
-            "use_dora": bool(getattr(cfg, "use_dora", False)),
-            "target_modules": sorted(cfg.target_modules) if isinstance(cfg.target_modules, (set, list))
-            else cfg.target_modules,
-            "rank_pattern": dict(getattr(cfg, "rank_pattern", {}) or {}),
-            "alpha_pattern": dict(getattr(cfg, "alpha_pattern", {}) or {}),
-        }
-    return out

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lorascope.taxonomy import MatrixRef
+from lorascope.model.taxonomy import MatrixRef
 
 LOSS_MEAN = "mean"  # the step's gradient is the mean over its examples; each pass contributes its share
 LOSS_SUM = "sum"  # each pass's loss is the mean over its own examples, summed over passes without division

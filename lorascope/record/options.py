@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorascope.errors import InvalidOptionError
+from lorascope.model.taxonomy import KINDS
 from lorascope.record.gns import LOSS_CONVENTIONS
 from lorascope.record.schedule import SnapshotSchedule
-from lorascope.taxonomy import KINDS
 
 DELTA_DTYPES = ("float16", "float32")
 GNS_SOURCES = ("auto", "accumulation", "per_example", None)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lorascope.errors import InvalidOptionError
+from lorascope.model.peft import is_lora_layer
 
 __all__ = ["PerExampleNorms"]
 
@@ -258,7 +259,7 @@ class PerExampleNorms:
             if kind and id(module) in mha_children:
                 kind, reason = "", "used by nn.MultiheadAttention through its weights, never called"
             if not kind:
-                if targets is not None and path in targets and not _is_lora_layer(module):
+                if targets is not None and path in targets and not is_lora_layer(module):
                     self.unsupported[path] = reason
                 continue
             site = _Site(path, module, kind)
@@ -287,7 +288,7 @@ class PerExampleNorms:
                 if role == "weight" and group.column >= 0 and names[group.column] is None:
                     names[group.column] = site.path
         for path, column in (targets or {}).items():
-            if path in self.unsupported or _is_lora_layer(modules[path]):
+            if path in self.unsupported or is_lora_layer(modules[path]):
                 names[column] = path
         self.columns: tuple[str | None, ...] = tuple(names)
 
@@ -570,19 +571,14 @@ def _kind_of(module: nn.Module) -> tuple[str, str]:
         return "layer_norm", ""
     if isinstance(module, getattr(nn, "RMSNorm", ())) or cls.endswith("RMSNorm"):
         return "rms_norm", ""
-    if _is_lora_layer(module):
+    if is_lora_layer(module):
         return "", "PEFT LoRA layer (not targeted: its lora_A / lora_B Linear modules go to 'other')"
     return "", f"{cls} is not a supported module ({_SUPPORTED})"
 
 
-def _is_lora_layer(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and isinstance(
-        getattr(module, "base_layer", None), nn.Module)
-
-
 def _lora_adapters(path: str, module: nn.Module) -> list[str] | str:
     """Paths of the adapter Linear modules of a PEFT LoRA layer (none for another module), or why not."""
-    if not _is_lora_layer(module):
+    if not is_lora_layer(module):
         return []
     if len(getattr(module, "lora_embedding_A", None) or {}):
         return "PEFT LoRA embedding layer (its adapters are parameters read through F.embedding, not modules)"

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from lorascope.errors import InvalidOptionError
+from lorascope.model.peft import active_adapters, is_plain_lora
+from lorascope.model.taxonomy import MatrixRef
 from lorascope.record.distributed import DistributedContext, is_dtensor
 from lorascope.record.options import RecordOptions
-from lorascope.record.snapshot import LowRank, SnapshotArrays, active_adapters, minus_initial, plain_lora, rng_keeper
-from lorascope.taxonomy import MatrixRef
+from lorascope.record.snapshot import LowRank, SnapshotArrays, minus_initial, rng_keeper
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def check_options(options: RecordOptions, refs: Sequence[MatrixRef], model: torc
     for name, (bad, why) in refused.items():
         if bad:
             raise InvalidOptionError(f"The '{name}' option of lorascope.record is not supported under FSDP2: {why}.")
-    other_lora = [ref.name for ref in refs if ref.lora and not plain_lora(model.get_submodule(ref.module))]
+    other_lora = [ref.name for ref in refs if ref.lora and not is_plain_lora(model.get_submodule(ref.module))]
     if other_lora:
         raise InvalidOptionError(f"lorascope records PEFT LoRA layers on Linear / Conv1D weights under FSDP2; "
                                  f"{other_lora[0]} is another kind (fused experts, embedding, convolution): train it "

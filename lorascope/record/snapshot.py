@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorascope.model.peft import active_adapters, is_plain_lora
+from lorascope.model.taxonomy import MatrixRef
 from lorascope.record.options import RecordOptions
 from lorascope.spectrum import singular_values, top_singular_triplets
-from lorascope.taxonomy import MatrixRef
 
 
 @dataclass
@@ -40,27 +41,13 @@ def tensors_of(model: nn.Module, ref: MatrixRef) -> dict[str, torch.Tensor]:
     return {name: p for name, p in module.named_parameters() if not name.startswith("base_layer.")}
 
 
-def plain_lora(layer: nn.Module) -> bool:
-    # A LoRA on a Linear / Conv1D: lora_A / lora_B are Linear layers and B @ A is the (out, in) update.
-    # Anything else (PEFT ParamWrapper on fused experts, embeddings, convolutions) goes through get_delta_weight.
-    adapters = active_adapters(layer)
-    return bool(adapters) and all(
-        isinstance(layer.lora_A[a], nn.Linear) and isinstance(layer.lora_B[a], nn.Linear) for a in adapters
-    ) and type(layer).__name__ in ("Linear",)
-
-
-def active_adapters(layer: nn.Module) -> list[str]:
-    active = getattr(layer, "active_adapters", None) or []
-    return [a for a in active if a in layer.lora_A]
-
-
 def current_update(model: nn.Module, ref: MatrixRef) -> torch.Tensor | LowRank:
     """The matrix now: ``W_t`` as float32 (out, in) for a weight, the merged LoRA update for a LoRA layer."""
     module = model.get_submodule(ref.module)
     if not ref.lora:
         return ref.matrix(getattr(module, ref.parameter).detach()).float()
     with torch.no_grad():
-        if plain_lora(module):
+        if is_plain_lora(module):
             adapters = active_adapters(module)
             left = torch.cat([module.lora_B[a].weight.float() * float(module.scaling[a]) for a in adapters], 1)
             right = torch.cat([module.lora_A[a].weight.float() for a in adapters], 0)

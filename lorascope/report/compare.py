@@ -1,4 +1,4 @@
-"""Rendering of a :class:`~lorascope.analysis.compare.Comparison`: a terminal table, the loss-vs-data figure in the
+"""Rendering of a :class:`~lorascope.workflows.compare.Comparison`: a terminal table, the loss-vs-data figure in the
 style of LoRA Without Regret (log data axis, full fine-tuning dark, LoRA ranks on a sequential palette, falloffs
 marked) with the smoothed gap beneath it, and the output folder (``compare.json``, ``compare.png``).
 """
@@ -20,7 +20,7 @@ from lorascope.report.plots import DPI, WIDTH_IN, X_LABELS, _plain_log_ticks, _s
 from lorascope.report.terminal import _count, _num, _table
 
 if TYPE_CHECKING:
-    from lorascope.analysis.compare import Comparison, LoraResult
+    from lorascope.workflows.compare import Comparison, LoraResult
 
 __all__ = ["CompareFiles", "format_comparison", "plot_comparison", "write_comparison"]
 
@@ -144,7 +144,7 @@ def _legend(lora: LoraResult, words: str) -> str:
 
 
 def format_comparison(summary: dict[str, Any]) -> str:
-    """Render :meth:`lorascope.analysis.compare.Comparison.to_dict` output as plain text."""
+    """Render :meth:`lorascope.workflows.compare.Comparison.to_dict` output as plain text."""
     words = X_WORDS[summary["x"]]
     crit = summary["criterion"]
     full = summary["full"]

@@ -51,7 +51,7 @@ def netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
 
 
 def write_report(analysis: Any, folder: str | os.PathLike[str], *, force: bool = False) -> ReportFiles:
-    """Write the report folder for an :class:`~lorascope.analysis.analyze.Analysis`."""
+    """Write the report folder for an :class:`~lorascope.workflows.analyze.Analysis`."""
     from lorascope.report.html import render_html
     from lorascope.report.plots import make_plots
 

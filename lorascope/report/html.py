@@ -1,4 +1,4 @@
-"""One self-contained HTML page of an :class:`~lorascope.analysis.analyze.Analysis`.
+"""One self-contained HTML page of an :class:`~lorascope.workflows.analyze.Analysis`.
 
 Numbers come from :meth:`Analysis.to_dict`, the same dictionary ``summary.json`` holds, so the page and the JSON
 never disagree. Figures are embedded as base64 ``data:`` URIs and the CSS is inline: the page loads nothing else
@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorascope._version import __version__
-from lorascope.analysis.analyze import CURVE_P
+from lorascope.workflows.analyze import CURVE_P
 
 if TYPE_CHECKING:
-    from lorascope.analysis.analyze import Analysis
+    from lorascope.workflows.analyze import Analysis
 
 __all__ = ["render_html", "headline_sentence", "crossing_sentence"]
 
@@ -62,7 +62,7 @@ def render_html(analysis: Analysis, images: Mapping[str, str | os.PathLike[str]]
     Parameters
     ----------
     analysis
-        The result of :func:`lorascope.analysis.analyze.analyze`.
+        The result of :func:`lorascope.workflows.analyze.analyze`.
     images
         Figure name to PNG file, as returned by :func:`lorascope.report.plots.make_plots`; each is embedded, in
         the given order, as a base64 data URI.

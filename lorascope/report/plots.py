@@ -1,4 +1,4 @@
-"""PNG figures of an :class:`~lorascope.analysis.analyze.Analysis`: spectra, rank curves, residuals, energy shares,
+"""PNG figures of an :class:`~lorascope.workflows.analyze.Analysis`: spectra, rank curves, residuals, energy shares,
 loss and MoE experts.
 
 Rendering only: every number comes from the analysis object (plus small reshapes of it). Figures are built with
@@ -22,12 +22,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
-from lorascope.analysis.analyze import CURVE_P
 from lorascope.analysis.curves import FLAT, TOO_FEW
 from lorascope.analysis.layers import energy_shares
+from lorascope.workflows.analyze import CURVE_P
 
 if TYPE_CHECKING:
-    from lorascope.analysis.analyze import Analysis, RunResult
+    from lorascope.workflows.analyze import Analysis, RunResult
 
 __all__ = ["PLOT_NAMES", "make_plots"]
 
@@ -51,7 +51,7 @@ def make_plots(analysis: Analysis, folder: str | Path) -> dict[str, Path]:
     Parameters
     ----------
     analysis
-        The result of :func:`lorascope.analysis.analyze.analyze`.
+        The result of :func:`lorascope.workflows.analyze.analyze`.
     folder
         Output folder, created when missing; files of the same names are replaced.
 

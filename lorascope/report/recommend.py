@@ -1,5 +1,5 @@
-"""Terminal rendering of a recommendation (:meth:`lorascope.analysis.recommend.Recommendation.to_dict`) and of a
-calibration (:meth:`lorascope.calibrate.Calibration.to_dict`)."""
+"""Terminal rendering of a recommendation (:meth:`lorascope.workflows.recommend.Recommendation.to_dict`) and of a
+calibration (:meth:`lorascope.workflows.calibrate.Calibration.to_dict`)."""
 
 from __future__ import annotations
 

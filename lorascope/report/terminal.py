@@ -37,7 +37,7 @@ def _crossing_text(crossing: dict[str, Any], x_name: str) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """Render :meth:`lorascope.analysis.analyze.Analysis.to_dict` output as plain text."""
+    """Render :meth:`lorascope.workflows.analyze.Analysis.to_dict` output as plain text."""
     lines: list[str] = []
     x_name = "examples" if summary["x"] == "examples_seen" else "tokens"
     for run in summary["runs"]:

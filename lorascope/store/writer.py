@@ -82,7 +82,7 @@ class RunWriter:
         Target file. Checked at construction; created by :meth:`open`.
     modules
         One record per recorded matrix, with the attributes (or mapping keys) of
-        :data:`lorascope.store.schema.MODULE_COLUMNS` (a :class:`lorascope.taxonomy.MatrixRef` works).
+        :data:`lorascope.store.schema.MODULE_COLUMNS` (a :class:`lorascope.model.taxonomy.MatrixRef` works).
     coverage
         One record per model parameter with ``parameter``, ``shape``, ``recorded``, ``reason``.
     config

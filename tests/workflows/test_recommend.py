@@ -18,11 +18,7 @@ peft = pytest.importorskip("peft")
 
 import lorascope  # noqa: E402
 from lorascope.analysis.capacity import CapacityConstant  # noqa: E402
-from lorascope.analysis.lora_params import lora_parameters, model_from_config  # noqa: E402
 from lorascope.analysis.noise import noise_scale  # noqa: E402
-from lorascope.analysis.recommend import LORA_ALPHA, recommend  # noqa: E402
-from lorascope.calibrate import Calibration, CalibrationPoint, model_signature  # noqa: E402
-from lorascope.datasets import count_dataset  # noqa: E402
 from lorascope.errors import (  # noqa: E402
     DatasetError,
     InvalidOptionError,
@@ -31,8 +27,12 @@ from lorascope.errors import (  # noqa: E402
     ProbeMismatchError,
     RunFileNotFoundError,
 )
-from lorascope.peft_config import pattern_matches  # noqa: E402
+from lorascope.inputs.datasets import count_dataset  # noqa: E402
+from lorascope.model.lora_params import lora_parameters, model_from_config  # noqa: E402
+from lorascope.model.peft_config import pattern_matches  # noqa: E402
 from lorascope.report.recommend import format_recommendation  # noqa: E402
+from lorascope.workflows.calibrate import Calibration, CalibrationPoint, model_signature  # noqa: E402
+from lorascope.workflows.recommend import LORA_ALPHA, recommend  # noqa: E402
 
 _COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
                max_position_embeddings=64, tie_word_embeddings=False)
@@ -483,7 +483,7 @@ def test_probe_of_another_architecture_is_refused(tmp_path, other, match):
     if other is None:
         from pathlib import Path
 
-        path = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_run.h5"  # a custom 2-block decoder
+        path = Path(__file__).resolve().parents[2] / "fixtures" / "tiny_run.h5"  # a custom 2-block decoder
     else:
         path = _record_probe(tmp_path / "other.h5", _real(other))
     with pytest.raises(ProbeMismatchError, match=match):

@@ -1,4 +1,4 @@
-"""Tests of lorascope.taxonomy on tiny locally built transformers / PEFT models and plain modules."""
+"""Tests of lorascope.model.taxonomy on tiny locally built transformers / PEFT models and plain modules."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorascope.errors import SelectionError
-from lorascope.taxonomy import KINDS, MatrixRef, classify, lora_parameter_count
+from lorascope.model.taxonomy import KINDS, MatrixRef, classify, lora_parameter_count
 
 transformers = pytest.importorskip("transformers")
 # peft 0.21 calls a transformers method deprecated in 5.x; not ours to fix.

@@ -14,7 +14,7 @@ Target sets (:data:`LORA_TARGETS`):
 ``"attention-only"``, ``"mlp-only"``, ``"experts"``
     The matrices of kind attention; mlp and moe_expert (dense MLPs, shared experts, fused experts); moe_expert.
 a sequence of kinds
-    Every matrix of those kinds (:data:`lorascope.taxonomy.KINDS`), modules through ``target_modules`` and other
+    Every matrix of those kinds (:data:`lorascope.model.taxonomy.KINDS`), modules through ``target_modules`` and other
     parameters (fused experts, a router's ``gate.weight``) through ``target_parameters``.
 
 PEFT facts this module relies on (peft 0.21, transformers 5.x): a ``ParamWrapper`` on a fused (E, out, in) tensor
@@ -38,7 +38,7 @@ from typing import Any
 from torch import nn
 
 from lorascope.errors import InvalidOptionError, ModelConfigError, SelectionError
-from lorascope.taxonomy import KINDS, MatrixRef, classify
+from lorascope.model.taxonomy import KINDS, MatrixRef, classify
 
 __all__ = [
     "LORA_TARGETS",
@@ -78,7 +78,7 @@ class LoraAdapter:
     via : str
         ``"module"`` or ``"parameter"``.
     kind : str
-        Kind of the adapted matrices (:data:`lorascope.taxonomy.KINDS`).
+        Kind of the adapted matrices (:data:`lorascope.model.taxonomy.KINDS`).
     layer : int
         Block index, -1 outside the blocks.
     experts : int
@@ -86,7 +86,7 @@ class LoraAdapter:
     out_features, in_features : int
         Shape of one adapted matrix (for ``gate_up_proj``, the fused 2I rows).
     matrices : int
-        Number of recorded matrices (:class:`~lorascope.taxonomy.MatrixRef`) this adapter covers.
+        Number of recorded matrices (:class:`~lorascope.model.taxonomy.MatrixRef`) this adapter covers.
     """
 
     name: str
@@ -136,7 +136,7 @@ class LoraParameterCount:
 
     @property
     def by_kind(self) -> dict[str, int]:
-        """LoRA parameters per unit of rank for each kind present, in :data:`~lorascope.taxonomy.KINDS` order."""
+        """LoRA parameters per unit of rank for each kind present, in :data:`~lorascope.model.taxonomy.KINDS` order."""
         counts = {kind: 0 for kind in KINDS}
         for a in self.adapters:
             counts[a.kind] += a.per_rank
@@ -261,7 +261,7 @@ def lora_parameters(model: nn.Module, target: str | Sequence[str], rank: int = 1
     model : torch.nn.Module
         The base model (not PEFT-wrapped); meta-device models (:func:`model_from_config`) work.
     target : str or sequence of str
-        A name from :data:`LORA_TARGETS` or a non-empty sequence of kinds from :data:`lorascope.taxonomy.KINDS`.
+        A name from :data:`LORA_TARGETS` or a non-empty sequence of kinds from :data:`lorascope.model.taxonomy.KINDS`.
     rank : int, default 1
         LoRA rank r for :attr:`LoraParameterCount.total`.
 

@@ -17,9 +17,9 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lorascope.analysis.lora_params import lora_parameters, model_from_config  # noqa: E402
-from lorascope.analysis.recommend import recommend  # noqa: E402
-from lorascope.calibrate import Calibration, CalibrationPoint, model_signature  # noqa: E402
+from lorascope.model.lora_params import lora_parameters, model_from_config  # noqa: E402
+from lorascope.workflows.calibrate import Calibration, CalibrationPoint, model_signature  # noqa: E402
+from lorascope.workflows.recommend import recommend  # noqa: E402
 from lorascope_cli.main import cli  # noqa: E402
 
 
@@ -37,7 +37,7 @@ CONFIGS = {
                       num_experts_per_tok=2, shared_expert_intermediate_size=24, **_COMMON),
 }
 SIZES = ["--examples", "150", "--tokens-per-example", "10", "--ranks", "1,2,4,8"]
-TINY_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_run.h5"  # a custom 2-block decoder
+TINY_RUN = Path(__file__).resolve().parents[2] / "fixtures" / "tiny_run.h5"  # a custom 2-block decoder
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("calibrate trained despite bad arguments")
 
-    for module, name in (("lorascope.calibrate", "calibrate"), ("lorascope.synthetic", "pretrain_on_markov")):
+    for module, name in (("lorascope.workflows.calibrate", "calibrate"), ("lorascope.inputs.synthetic", "pretrain_on_markov")):
         monkeypatch.setattr(importlib.import_module(module), name, refuse)  # the modules, not lorascope.calibrate()
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)

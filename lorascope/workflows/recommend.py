@@ -38,6 +38,7 @@ from lorascope.analysis.information import (
     recorded_dataset_examples,
 )
 from lorascope.errors import InvalidOptionError, ProbeMismatchError
+from lorascope.model.peft import without_peft_prefix
 
 __all__ = ["DEFAULT_RANKS", "Recommendation", "recommend"]
 
@@ -46,7 +47,6 @@ LR_MULTIPLIER, LR_MULTIPLIER_SHORT, SHORT_RUN_STEPS = 10.0, 15.0, 100
 LORA_ALPHA = 32
 RECOMMEND_FORMAT, RECOMMEND_VERSION = "lorascope-recommend", 1
 TARGET_CHOICES = ("auto", "all-linear", "all-linear+experts", "mlp-only")
-_PEFT_PREFIX = "base_model.model."
 _ACTIVE_EXPERT_KEYS = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", "top_k")
 
 
@@ -82,7 +82,7 @@ class Recommendation:
 
     def to_peft_config(self) -> Any:
         """The recommended adapter as a :class:`peft.LoraConfig` (needs peft)."""
-        from lorascope.peft_config import to_peft
+        from lorascope.model.peft_config import to_peft
 
         return to_peft(self.peft_config)
 
@@ -121,7 +121,7 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     tokens_per_example, tokens : optional
         Trained (completion) tokens per example, or in total. SFT needs one of them unless ``dataset`` is given.
     dataset : path, optional
-        A JSONL file to count examples and trained tokens from (:func:`lorascope.datasets.count_dataset`), with
+        A JSONL file to count examples and trained tokens from (:func:`lorascope.inputs.datasets.count_dataset`), with
         ``tokenizer`` (a tokenizer or a local directory; default: an estimate of 4 characters per token).
     task : {"sft", "rl"}
     probes : sequence of run files
@@ -153,9 +153,9 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     InvalidOptionError
         Missing, zero or negative sizes; an unknown task or target; bad ranks.
     """
-    from lorascope.analysis.lora_params import lora_parameters, model_from_config
-    from lorascope.calibrate import load_calibration, model_signature, resolve_target
-    from lorascope.peft_config import make_lora_config
+    from lorascope.model.lora_params import lora_parameters, model_from_config
+    from lorascope.model.peft_config import make_lora_config
+    from lorascope.workflows.calibrate import load_calibration, model_signature, resolve_target
 
     if task not in TASKS:
         raise InvalidOptionError(f"The 'task' parameter of recommend must be one of {TASKS}. Got {task!r} instead.")
@@ -268,7 +268,7 @@ def _dataset_size(task: str, examples: Any, tokens_per_example: Any, tokens: Any
         if examples is not None or tokens is not None or tokens_per_example is not None:
             raise InvalidOptionError("Give the dataset either as a JSONL file or as sizes (examples, tokens), not "
                                      "both.")
-        from lorascope.datasets import count_dataset
+        from lorascope.inputs.datasets import count_dataset
 
         size = count_dataset(dataset, tokenizer=tokenizer)
         notes.append(f"dataset {os.fspath(dataset)}: {size.examples:,} examples, {size.completion_tokens:,} "
@@ -322,8 +322,8 @@ def _batch_advice(probes: list[dict[str, Any]], batch_size: int | None) -> tuple
 
 
 def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int]) -> dict[str, Any]:
-    from lorascope.analysis.analyze import analyze
     from lorascope.store.reader import open_run
+    from lorascope.workflows.analyze import analyze
 
     with open_run(path) as run:
         modules = run.modules
@@ -339,7 +339,7 @@ def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int])
 
 
 def _check_probe_shapes(path: str, modules: Any, config: Mapping[str, Any], model: nn.Module) -> None:
-    from lorascope.taxonomy import classify
+    from lorascope.model.taxonomy import classify
 
     shapes = {ref.name: (ref.out_features, ref.in_features) for ref in classify(model, include_frozen=True).matrices}
     probe_type = ((config.get("model") or {}).get("config") or {}).get("model_type")
@@ -348,7 +348,7 @@ def _check_probe_shapes(path: str, modules: Any, config: Mapping[str, Any], mode
         raise ProbeMismatchError(f"probe {path} was recorded on a {probe_type!r} model, not {model_type!r}: record "
                                  "the probe with the model you will fine-tune")
     for name, out, inp in zip(modules["name"], modules["out_features"], modules["in_features"]):
-        base = str(name).removeprefix(_PEFT_PREFIX)
+        base = without_peft_prefix(name)
         if base not in shapes:  # recorded under a wrapper (a LightningModule's "model."): its longest known suffix
             base = next((base[i + 1:] for i, c in enumerate(base) if c == "." and base[i + 1:] in shapes), base)
         if base not in shapes:

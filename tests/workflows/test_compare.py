@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 import lorascope
-from lorascope.analysis.compare import DEFAULT_SMOOTH, DEFAULT_THRESHOLD, DEFAULT_WINDOW, compare
 from lorascope.analysis.falloff import detect_falloff, moving_median, paired_gap, thin_grid
 from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.report.compare import format_comparison, write_comparison
 from lorascope.store.writer import RunWriter
+from lorascope.workflows.compare import DEFAULT_SMOOTH, DEFAULT_THRESHOLD, DEFAULT_WINDOW, compare
 from lorascope_cli.main import cli
 
 N_STEPS, BATCH, TOKENS_PER_EXAMPLE = 400, 8, 16

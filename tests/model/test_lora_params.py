@@ -12,14 +12,14 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lorascope.analysis.lora_params import (  # noqa: E402
+from lorascope.errors import InvalidOptionError, SelectionError  # noqa: E402
+from lorascope.model.lora_params import (  # noqa: E402
     LORA_TARGETS,
     ModelConfigError,
     lora_parameters,
     model_from_config,
 )
-from lorascope.errors import InvalidOptionError, SelectionError  # noqa: E402
-from lorascope.peft_config import make_lora_config, pattern_matches, to_peft, write_peft_config  # noqa: E402
+from lorascope.model.peft_config import make_lora_config, pattern_matches, to_peft, write_peft_config  # noqa: E402
 
 _COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
                max_position_embeddings=64, tie_word_embeddings=False)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lorascope.errors import SelectionError
+from lorascope.model.peft import base_layer_of, is_lora_layer
 
 __all__ = ["KINDS", "CoverageEntry", "MatrixRef", "Taxonomy", "classify", "lora_parameter_count"]
 
@@ -328,11 +329,11 @@ def classify(
         )
     rules = _compile_kind_map(kind_map)
     heads = _output_module_ids(model)
-    lora_layers = {path: m for path, m in model.named_modules() if _is_lora_layer(m)}
+    lora_layers = {path: m for path, m in model.named_modules() if is_lora_layer(m)}
     adapted: dict[tuple[int, str], str] = {}  # (id(base module), parameter) -> LoRA layer path
     lora_names: dict[str, tuple[tuple[str, ...], bool]] = {}  # LoRA layer path -> (matrix names, recorded)
     for path, layer in lora_layers.items():
-        adapted[(id(_base_of(layer)), getattr(layer, "parameter_name", "weight"))] = path
+        adapted[(id(base_layer_of(layer)), getattr(layer, "parameter_name", "weight"))] = path
 
     matrices: list[MatrixRef] = []
     coverage: list[CoverageEntry] = []
@@ -483,7 +484,7 @@ def _expert_refs(
 
 def _lora_refs(path: str, layer: nn.Module, heads: set[int]) -> list[MatrixRef]:
     """One LoRA matrix (or one per expert, for a PEFT ``ParamWrapper`` on a fused tensor) of a LoRA layer."""
-    base = _base_of(layer)
+    base = base_layer_of(layer)
     pname = getattr(layer, "parameter_name", "weight")
     outer = _WRAPPER_RE.sub("", "." + path)[1:]  # nested ParamWrappers sit at path.base_layer
     refs, _ = _parameter_refs(outer, base, pname, getattr(base, pname), heads)
@@ -558,32 +559,9 @@ def _output_module_ids(model: nn.Module) -> set[int]:
     if not isinstance(head, nn.Module):
         return set()
     ids = {id(head)}
-    if _is_lora_layer(head):
-        ids.add(id(_base_of(head)))
+    if is_lora_layer(head):
+        ids.add(id(base_layer_of(head)))
     return ids
-
-
-# ----------------------------------------------------------------------------------------------------------
-# PEFT LoRA layers (duck-typed: peft is not imported)
-
-
-def _is_lora_layer(module: nn.Module) -> bool:
-    """A PEFT LoRA layer (``peft.tuners.lora.LoraLayer``) holding at least one adapter."""
-    lora_a = getattr(module, "lora_A", None)
-    return (
-        isinstance(lora_a, nn.ModuleDict)
-        and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
-        and isinstance(getattr(module, "base_layer", None), nn.Module)
-        and callable(getattr(module, "get_delta_weight", None))
-        and (bool(lora_a) or bool(getattr(module, "lora_embedding_A", None)))
-    )
-
-
-def _base_of(layer: nn.Module) -> nn.Module:
-    """The innermost ``base_layer`` of a (possibly nested) LoRA layer."""
-    while isinstance(getattr(layer, "base_layer", None), nn.Module):
-        layer = layer.base_layer
-    return layer
 
 
 def _adapter_owner(path: str, lora_layers: Mapping[str, nn.Module]) -> str | None:

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from lorascope.datasets import DatasetSize, count_dataset
 from lorascope.errors import DatasetError, InvalidOptionError, LorascopeError
+from lorascope.inputs.datasets import DatasetSize, count_dataset
 
 
 class Words:

@@ -16,7 +16,7 @@ import pytest
 import lorascope.errors as errors
 from lorascope import open_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_broken() -> ModuleType:

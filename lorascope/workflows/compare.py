@@ -30,6 +30,7 @@ from lorascope.analysis.falloff import (
     thin_grid,
 )
 from lorascope.errors import InvalidOptionError, LorascopeError
+from lorascope.model.peft import without_peft_prefix
 from lorascope.store.reader import Run, open_run
 
 __all__ = ["Comparison", "Criterion", "LoraResult", "PredictionRow", "RunCurve", "compare"]
@@ -44,7 +45,6 @@ DEFAULT_Z = 2.0
 DEFAULT_MIN_POINTS = 9
 MIN_STEPS = 8  # usable steps each run needs, and steps the two runs must share
 NUMERICAL_RANK_RTOL = 1e-4  # singular values below this share of s_1 count as zero (float32 spectra of B A)
-PEFT_PREFIX = "base_model.model."
 # Model-config fields that must agree for two runs to be of the same model (checked when both runs carry them).
 STRUCTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                   "num_key_value_heads", "vocab_size", "num_local_experts", "n_embd", "n_layer", "d_model")
@@ -501,7 +501,7 @@ def _check_same_model(full: _Loaded, lora: _Loaded, notes: list[str]) -> None:
     shapes = {str(n): (int(o), int(i)) for n, o, i in zip(full.modules["name"], full.modules["out_features"],
                                                          full.modules["in_features"])}
     for name, out, inp in zip(lora.modules["name"], lora.modules["out_features"], lora.modules["in_features"]):
-        base = str(name).removeprefix(PEFT_PREFIX)
+        base = without_peft_prefix(name)
         if base in shapes:
             if shapes[base] != (int(out), int(inp)):
                 raise LorascopeError(f"runs of different models cannot be compared: {base} is {shapes[base][0]}x"

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 import lorascope
-from lorascope.analysis.analyze import Analysis, analyze
 from lorascope.report.html import crossing_sentence, headline_sentence, render_html
 from lorascope.report.plots import PLOT_NAMES, make_plots
 from lorascope.store.writer import RunWriter
+from lorascope.workflows.analyze import Analysis, analyze
 
 PIL_Image = pytest.importorskip("PIL.Image")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorascope.analysis.lora_params import lora_parameters
-from lorascope.peft_config import make_lora_config, pattern_matches, to_peft
+from lorascope.model.lora_params import lora_parameters
+from lorascope.model.peft_config import make_lora_config, pattern_matches, to_peft
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -9,12 +9,12 @@ import torch
 import xarray as xr
 
 import lorascope
-from lorascope.analysis.analyze import analyze
 from lorascope.analysis.curves import fit_power_law
 from lorascope.analysis.layers import lora_capture
 from lorascope.analysis.metrics import aggregate, update_metrics
 from lorascope.errors import LorascopeError
 from lorascope.store.writer import RunWriter
+from lorascope.workflows.analyze import analyze
 
 
 @pytest.mark.parametrize("exponent", [0.3, 0.7])

@@ -1,8 +1,8 @@
 """``lorascope calibrate``: measure bits stored per LoRA parameter on the user's own architecture.
 
 A short probe: at each of a few small ranks, a real PEFT LoRA on the frozen model is trained to memorize
-random key -> value facts (:class:`~lorascope.synthetic.FactsTask`) offering more bits than the adapter can
-hold, and the bits it ends up holding (:func:`~lorascope.synthetic.stored_bits`) are divided by its parameter
+random key -> value facts (:class:`~lorascope.inputs.synthetic.FactsTask`) offering more bits than the adapter can
+hold, and the bits it ends up holding (:func:`~lorascope.inputs.synthetic.stored_bits`) are divided by its parameter
 count. The result, a :class:`Calibration`, is saved as JSON and passed to ``lorascope recommend``.
 
 Why measure: "2 bits per parameter" (Allen-Zhu & Li, 2025) is for a whole model trained long on its facts; a
@@ -27,7 +27,7 @@ from torch import nn
 from lorascope._checks import check_positive_int, check_ranks
 from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, LorascopeError, ModelConfigError
-from lorascope.synthetic import FactsTask, stored_bits
+from lorascope.inputs.synthetic import FactsTask, stored_bits
 
 __all__ = ["Calibration", "CalibrationPoint", "calibrate", "load_calibration", "memorize_with_lora", "model_signature"]
 
@@ -191,7 +191,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
         Small ranks keep the probe cheap: the facts needed grow with the rank.
     target : str, default "auto"
         ``"auto"`` (all linear layers, plus fused MoE experts when present) or a target set of
-        :data:`~lorascope.analysis.lora_params.LORA_TARGETS`.
+        :data:`~lorascope.model.lora_params.LORA_TARGETS`.
     values : int, optional
         Size V of the value set (default ``min(256, vocab_size // 4)``).
     offered_bits_per_parameter : float, default 2.0
@@ -266,7 +266,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
 
 
 def _calibration_layers(model: nn.Module, target: str, layers: Sequence[int] | str | None) -> frozenset[int] | None:
-    from lorascope.analysis.lora_params import lora_parameters
+    from lorascope.model.lora_params import lora_parameters
 
     if layers is None:
         return None
@@ -287,7 +287,7 @@ def _calibration_layers(model: nn.Module, target: str, layers: Sequence[int] | s
 
 
 def _per_rank(model: nn.Module, target: str, layers: frozenset[int] | None) -> int:
-    from lorascope.analysis.lora_params import lora_parameters
+    from lorascope.model.lora_params import lora_parameters
 
     return sum(a.per_rank for a in lora_parameters(model, target).adapters if layers is None or a.layer in layers)
 
@@ -296,7 +296,7 @@ def resolve_target(model: nn.Module, target: str) -> str:
     """``"auto"``: ``"all-linear+experts"`` when the model has fused MoE experts, else ``"all-linear"``."""
     if target != "auto":
         return target
-    from lorascope.taxonomy import classify
+    from lorascope.model.taxonomy import classify
 
     fused = any(ref.kind == "moe_expert" and ref.expert >= 0 for ref in classify(model, include_frozen=True).matrices)
     return "all-linear+experts" if fused else "all-linear"
@@ -313,7 +313,7 @@ def memorize_with_lora(model: nn.Module, target: str, rank: int, task: FactsTask
     """
     import peft
 
-    from lorascope.peft_config import make_lora_config, to_peft
+    from lorascope.model.peft_config import make_lora_config, to_peft
 
     ids, labels = task.tensors()
     device = next(model.parameters()).device

@@ -13,7 +13,7 @@ import pytest
 from lorascope import RunWriter
 from lorascope.store import schema as S
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "format.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "format.md"
 TEXT = DOC.read_text(encoding="utf-8")
 
 # Tables of the schema, the section heading they live under, and the row-count symbol of their shape cells.

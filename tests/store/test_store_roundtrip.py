@@ -580,7 +580,7 @@ def test_status_recording_after_abandon(tmp_path):
 
 
 # -- the committed real recording ---------------------------------------------------------------------------------
-TINY_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_run.h5"
+TINY_RUN = Path(__file__).resolve().parents[2] / "fixtures" / "tiny_run.h5"
 
 
 @pytest.mark.skipif(not TINY_RUN.is_file(), reason="fixtures/tiny_run.h5 not generated (fixtures/make_fixtures.py)")

@@ -2,7 +2,7 @@
 
 :func:`make_lora_config` returns a JSON-able dict of :class:`peft.LoraConfig` keyword arguments whose targets are
 spelled out name by name (``target_modules`` for modules, ``target_parameters`` for fused MoE experts and other
-parameters), so PEFT adapts exactly the matrices :func:`lorascope.analysis.lora_params.lora_parameters` counts.
+parameters), so PEFT adapts exactly the matrices :func:`lorascope.model.lora_params.lora_parameters` counts.
 Ranks that differ from ``r`` go into ``rank_pattern`` with ``^``-anchored full-name keys; PEFT matches them as
 ``re.match(rf"(.*\\.)?({key})$", name)`` and the first match wins, so an anchored key hits one name only.
 
@@ -26,9 +26,9 @@ from typing import Any
 
 from torch import nn
 
-from lorascope.analysis.lora_params import LoraAdapter, lora_parameters
 from lorascope.errors import InvalidOptionError, LorascopeError
-from lorascope.taxonomy import KINDS
+from lorascope.model.lora_params import LoraAdapter, lora_parameters
+from lorascope.model.taxonomy import KINDS
 
 __all__ = ["make_lora_config", "pattern_matches", "to_peft", "write_peft_config"]
 
@@ -51,9 +51,9 @@ def make_lora_config(
     Parameters
     ----------
     model : torch.nn.Module
-        The base model (a meta-device model from :func:`~lorascope.analysis.lora_params.model_from_config` works).
+        The base model (a meta-device model from :func:`~lorascope.model.lora_params.model_from_config` works).
     target : str or sequence of str
-        A target set of :data:`~lorascope.analysis.lora_params.LORA_TARGETS` or a sequence of kinds.
+        A target set of :data:`~lorascope.model.lora_params.LORA_TARGETS` or a sequence of kinds.
     rank : int or mapping of str to int
         One rank for all adapters, or ranks by kind (``"attention"``, ``"mlp"``, ``"moe_expert"``, ...) and/or by
         adapter name (full module name, or full parameter name such as ``"model.layers.0.mlp.experts.down_proj"``);

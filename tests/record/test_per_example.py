@@ -233,7 +233,7 @@ def test_gradient_checkpointing_gives_the_same_norms(seed, tiny_llama_config, re
 def test_peft_lora_layer_target_is_the_sum_over_its_adapter_factors(seed, tiny_llama_config):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from lorascope.taxonomy import classify
+    from lorascope.model.taxonomy import classify
 
     base = transformers.LlamaForCausalLM(tiny_llama_config(attn_implementation="eager"))
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

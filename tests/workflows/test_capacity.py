@@ -21,7 +21,7 @@ from lorascope.analysis.information import (
     information_from_steps,
 )
 from lorascope.errors import InvalidOptionError, LorascopeError
-from lorascope.synthetic import FactsTask, stored_bits
+from lorascope.inputs.synthetic import FactsTask, stored_bits
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -200,8 +200,8 @@ def test_bits_to_learn_from_a_full_fine_tuning_recording_is_within_2x_of_the_tru
 def test_calibrate_is_stable_across_two_small_ranks_and_leaves_the_model_unchanged(tmp_path):
     """Bits per LoRA parameter measured at ranks 1 and 2 agree within 1.5x (the issue's validation)."""
     pytest.importorskip("peft")
-    from lorascope.calibrate import calibrate, load_calibration
-    from lorascope.synthetic import pretrain_on_markov
+    from lorascope.inputs.synthetic import pretrain_on_markov
+    from lorascope.workflows.calibrate import calibrate, load_calibration
 
     model = _tiny_llama(hidden=32, vocab=256)
     pretrain_on_markov(model, 256, steps=150)
@@ -211,7 +211,7 @@ def test_calibrate_is_stable_across_two_small_ranks_and_leaves_the_model_unchang
     assert all(p.saturated for p in result.points)  # the adapters were full, so this is a capacity
     assert 0.05 < result.bits_per_parameter < 4.0
     assert [p.lora_parameters for p in result.points] == [
-        lorascope.analysis.lora_params.lora_parameters(model, "all-linear", rank=r).total for r in (1, 2)]
+        lorascope.model.lora_params.lora_parameters(model, "all-linear", rank=r).total for r in (1, 2)]
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any("lora" in name for name, _ in model.named_modules())
@@ -222,7 +222,7 @@ def test_calibrate_is_stable_across_two_small_ranks_and_leaves_the_model_unchang
 
 
 def test_load_calibration_refuses_other_files(tmp_path):
-    from lorascope.calibrate import load_calibration
+    from lorascope.workflows.calibrate import load_calibration
 
     with pytest.raises(LorascopeError, match="No calibration file"):
         load_calibration(tmp_path / "missing.json")
@@ -238,7 +238,7 @@ def test_load_calibration_refuses_other_files(tmp_path):
 def test_predicted_falloff_lands_within_2x_of_real_lora_runs_for_three_ranks():
     """The study of examples/capacity/falloff_validation.py: calibrate, predict N*(r) = kappa P(r) / log2 V, and
     measure where real PEFT LoRA runs hold under 90% of full fine-tuning's bits, for ranks 1, 2, 4."""
-    path = Path(__file__).resolve().parents[1] / "examples" / "capacity" / "falloff_validation.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "capacity" / "falloff_validation.py"
     spec = importlib.util.spec_from_file_location("falloff_validation", path)
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
@@ -259,8 +259,8 @@ def test_compare_takes_the_runways_of_a_recommend_json_as_predictions(tmp_path):
 
 def test_calibrate_layers_choose_the_blocks_it_adapts():
     pytest.importorskip("peft")
-    from lorascope.analysis.lora_params import lora_parameters, model_from_config
-    from lorascope.calibrate import _calibration_layers, calibrate
+    from lorascope.model.lora_params import lora_parameters, model_from_config
+    from lorascope.workflows.calibrate import _calibration_layers, calibrate
 
     wide = model_from_config({"model_type": "llama", "hidden_size": 512, "intermediate_size": 1024,
                               "num_hidden_layers": 6, "num_attention_heads": 8, "vocab_size": 128})

@@ -1,0 +1,1 @@
+"""Inputs to planning: dataset counting and synthetic tasks with known information content."""

@@ -1,0 +1,1 @@
+"""What a model is made of: parameter taxonomy, LoRA parameter counts, PEFT configs."""
