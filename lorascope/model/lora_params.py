@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lorascope.errors import InvalidOptionError, ModelConfigError, SelectionError
@@ -188,7 +189,6 @@ def model_from_config(config: str | os.PathLike[str] | Mapping[str, Any] | Any) 
         If the file is missing or not JSON, the ``model_type`` is unknown to transformers, sizes are missing,
         or transformers cannot build the architecture.
     """
-    import torch
     import transformers
 
     cfg = _load_config(config, transformers)

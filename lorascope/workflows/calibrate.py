@@ -28,6 +28,9 @@ from lorascope._checks import check_positive_int, check_ranks
 from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, LorascopeError, ModelConfigError
 from lorascope.inputs.synthetic import FactsTask, stored_bits
+from lorascope.model.lora_params import lora_parameters
+from lorascope.model.peft_config import make_lora_config, to_peft
+from lorascope.model.taxonomy import classify
 
 __all__ = ["Calibration", "CalibrationPoint", "calibrate", "load_calibration", "memorize_with_lora", "model_signature"]
 
@@ -266,8 +269,6 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
 
 
 def _calibration_layers(model: nn.Module, target: str, layers: Sequence[int] | str | None) -> frozenset[int] | None:
-    from lorascope.model.lora_params import lora_parameters
-
     if layers is None:
         return None
     adapters = lora_parameters(model, target).adapters
@@ -287,8 +288,6 @@ def _calibration_layers(model: nn.Module, target: str, layers: Sequence[int] | s
 
 
 def _per_rank(model: nn.Module, target: str, layers: frozenset[int] | None) -> int:
-    from lorascope.model.lora_params import lora_parameters
-
     return sum(a.per_rank for a in lora_parameters(model, target).adapters if layers is None or a.layer in layers)
 
 
@@ -296,8 +295,6 @@ def resolve_target(model: nn.Module, target: str) -> str:
     """``"auto"``: ``"all-linear+experts"`` when the model has fused MoE experts, else ``"all-linear"``."""
     if target != "auto":
         return target
-    from lorascope.model.taxonomy import classify
-
     fused = any(ref.kind == "moe_expert" and ref.expert >= 0 for ref in classify(model, include_frozen=True).matrices)
     return "all-linear+experts" if fused else "all-linear"
 
@@ -312,8 +309,6 @@ def memorize_with_lora(model: nn.Module, target: str, rank: int, task: FactsTask
     removed afterwards (``model`` is left as it was).
     """
     import peft
-
-    from lorascope.model.peft_config import make_lora_config, to_peft
 
     ids, labels = task.tensors()
     device = next(model.parameters()).device

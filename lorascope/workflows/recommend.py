@@ -37,8 +37,16 @@ from lorascope.analysis.information import (
     information_from_steps,
     recorded_dataset_examples,
 )
+from lorascope.analysis.noise import batch_tradeoff
 from lorascope.errors import InvalidOptionError, ProbeMismatchError
+from lorascope.inputs.datasets import count_dataset
+from lorascope.model.lora_params import lora_parameters, model_from_config
 from lorascope.model.peft import without_peft_prefix
+from lorascope.model.peft_config import make_lora_config, to_peft
+from lorascope.model.taxonomy import classify
+from lorascope.store.reader import open_run
+from lorascope.workflows.analyze import analyze
+from lorascope.workflows.calibrate import load_calibration, model_signature, resolve_target
 
 __all__ = ["DEFAULT_RANKS", "Recommendation", "recommend"]
 
@@ -82,8 +90,6 @@ class Recommendation:
 
     def to_peft_config(self) -> Any:
         """The recommended adapter as a :class:`peft.LoraConfig` (needs peft)."""
-        from lorascope.model.peft_config import to_peft
-
         return to_peft(self.peft_config)
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,10 +159,6 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     InvalidOptionError
         Missing, zero or negative sizes; an unknown task or target; bad ranks.
     """
-    from lorascope.model.lora_params import lora_parameters, model_from_config
-    from lorascope.model.peft_config import make_lora_config
-    from lorascope.workflows.calibrate import load_calibration, model_signature, resolve_target
-
     if task not in TASKS:
         raise InvalidOptionError(f"The 'task' parameter of recommend must be one of {TASKS}. Got {task!r} instead.")
     if target not in TARGET_CHOICES:
@@ -268,8 +270,6 @@ def _dataset_size(task: str, examples: Any, tokens_per_example: Any, tokens: Any
         if examples is not None or tokens is not None or tokens_per_example is not None:
             raise InvalidOptionError("Give the dataset either as a JSONL file or as sizes (examples, tokens), not "
                                      "both.")
-        from lorascope.inputs.datasets import count_dataset
-
         size = count_dataset(dataset, tokenizer=tokenizer)
         notes.append(f"dataset {os.fspath(dataset)}: {size.examples:,} examples, {size.completion_tokens:,} "
                      f"trained tokens ({size.fields}; {size.counted_with})")
@@ -302,8 +302,6 @@ def _learning_rate(steps: int | None) -> tuple[float, str]:
 
 
 def _batch_advice(probes: list[dict[str, Any]], batch_size: int | None) -> tuple[float | None, str]:
-    from lorascope.analysis.noise import batch_tradeoff
-
     noise = [p["b_noise"] for p in probes if p["b_noise"] is not None]
     if not noise:
         general = ("LoRA's loss penalty vs full fine-tuning grows with batch size, independent of rank (LoRA Without "
@@ -322,9 +320,6 @@ def _batch_advice(probes: list[dict[str, Any]], batch_size: int | None) -> tuple
 
 
 def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int]) -> dict[str, Any]:
-    from lorascope.store.reader import open_run
-    from lorascope.workflows.analyze import analyze
-
     with open_run(path) as run:
         modules = run.modules
         config = run.config
@@ -339,8 +334,6 @@ def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int])
 
 
 def _check_probe_shapes(path: str, modules: Any, config: Mapping[str, Any], model: nn.Module) -> None:
-    from lorascope.model.taxonomy import classify
-
     shapes = {ref.name: (ref.out_features, ref.in_features) for ref in classify(model, include_frozen=True).matrices}
     probe_type = ((config.get("model") or {}).get("config") or {}).get("model_type")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
