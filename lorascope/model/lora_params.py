@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorascope.errors import InvalidOptionError, ModelConfigError, SelectionError
+from lorascope._checks import check_positive_int
+from lorascope.errors import ModelConfigError, SelectionError
 from lorascope.model.taxonomy import KINDS, MatrixRef, classify
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "LoraAdapter",
     "LoraParameterCount",
     "ModelConfigError",
+    "lora_parameter_count",
     "lora_parameters",
     "model_from_config",
 ]
@@ -288,19 +290,13 @@ def lora_parameters(model: nn.Module, target: str | Sequence[str], rank: int = 1
     >>> count.per_rank, count.total, count.target_modules
     (12, 24, ('0', '1'))
     """
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise InvalidOptionError(
-            f"The 'rank' parameter of lora_parameters must be an int in the range [1, inf). Got {rank!r} instead."
-        )
+    check_positive_int("rank", rank, "lora_parameters")
     name, kinds, mode = _parse_target(target)
     tax = classify(model, include_frozen=True)
     if any(m.lora for m in tax.matrices):
         raise SelectionError("lora_parameters needs the base model; got a PEFT-wrapped model. Pass its base model.")
-    groups: dict[tuple[str, str], list[MatrixRef]] = {}
-    for ref in tax.matrices:
-        groups.setdefault((ref.module, ref.parameter), []).append(ref)
     adapters = []
-    for (module_path, pname), refs in groups.items():
+    for (module_path, pname), refs in _by_adapter(tax.matrices).items():
         module = model.get_submodule(module_path)
         via = "module" if pname == "weight" and _is_module_target(module) else "parameter"
         kind = refs[0].kind
@@ -348,10 +344,65 @@ def _is_module_target(module: nn.Module) -> bool:
     return _is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
-def _adapter(module_path: str, pname: str, via: str, refs: list[MatrixRef]) -> LoraAdapter:
-    first = refs[0]
-    experts = sorted({r.expert for r in refs}) if via == "parameter" and first.expert >= 0 else [first.expert]
+def _by_adapter(matrices: Iterable[MatrixRef]) -> dict[tuple[str, str], list[MatrixRef]]:
+    """The matrices grouped by the adapter PEFT gives them: one per (module, parameter), in model order."""
+    groups: dict[tuple[str, str], list[MatrixRef]] = {}
+    for ref in matrices:
+        groups.setdefault((ref.module, ref.parameter), []).append(ref)
+    return groups
+
+
+def _adapter_shape(refs: Sequence[MatrixRef]) -> tuple[int, int, int]:
+    """(experts, out, in) of the adapter on one parameter's matrices: a fused tensor's experts share one adapter
+    whose rows are one expert's matrices (its gate and up halves) together."""
+    experts = sorted({r.expert for r in refs})
     out = sum(r.out_features for r in refs if r.expert == experts[0])
+    return len(experts), out, refs[0].in_features
+
+
+def _adapter(module_path: str, pname: str, via: str, refs: list[MatrixRef]) -> LoraAdapter:
+    experts, out, in_features = _adapter_shape(refs)
     name = module_path if via == "module" else f"{module_path}.{pname}"
-    return LoraAdapter(name, module_path, pname, via, first.kind, first.layer, len(experts), out,
-                       first.in_features, len(refs))
+    return LoraAdapter(name, module_path, pname, via, refs[0].kind, refs[0].layer, experts, out, in_features,
+                       len(refs))
+
+
+def lora_parameter_count(matrices: Iterable[MatrixRef], rank: int) -> int:
+    """Number of trainable parameters of a rank-``rank`` LoRA on the given matrices.
+
+    .. math:: N = r \\sum_{\\text{adapters}} E \\, (d_\\text{in} + d_\\text{out})
+
+    The matrices are grouped into adapters as :func:`lora_parameters` groups them (so it works on the matrices of
+    a PEFT-wrapped model too, where it counts PEFT's trainable parameters).
+
+    Parameters
+    ----------
+    matrices : iterable of MatrixRef
+        The adapted matrices, e.g. ``classify(model).select(kinds=["attention", "mlp"]).matrices``.
+    rank : int
+        LoRA rank r, at least 1.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    SelectionError
+        If ``rank`` is not an int >= 1.
+
+    Notes
+    -----
+    The gate and up halves of one expert's fused ``gate_up_proj`` count as one adapter of shape
+    (2I, H), as PEFT ``target_parameters`` adapts the fused tensor: one A of (r, H) and one B of (2I, r).
+
+    Examples
+    --------
+    >>> lora_parameter_count(classify(nn.Linear(4, 3)).matrices, rank=2)
+    14
+    """
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise SelectionError("The 'rank' parameter of lora_parameter_count must be an int in the range [1, inf). "
+                             f"Got {rank!r} instead.")
+    shapes = [_adapter_shape(refs) for refs in _by_adapter(matrices).values()]
+    return int(rank) * sum(experts * (out + in_features) for experts, out, in_features in shapes)

@@ -17,13 +17,14 @@ What becomes a matrix:
 - PEFT LoRA layers: one matrix per adapted base parameter, marked ``lora=True``; its update is the merged
   ``scaling * B @ A`` and the adapter weights themselves are not separate matrices.
 
-Biases, norms and other 1-D parameters are listed in the coverage with their reason.
+Biases, norms and other 1-D parameters are listed in the coverage with their reason. Kinds and roles come from
+the rules of :mod:`lorascope.model.roles`; :func:`lorascope.model.lora_params.lora_parameter_count` counts the
+LoRA parameters of a set of matrices.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -34,45 +35,9 @@ from torch import nn
 
 from lorascope.errors import SelectionError
 from lorascope.model.peft import base_layer_of, is_lora_layer
+from lorascope.model.roles import KINDS, block_index, expert_index, kind_and_role, mlp_role, without_wrappers
 
-__all__ = ["KINDS", "CoverageEntry", "MatrixRef", "Taxonomy", "classify", "lora_parameter_count"]
-
-KINDS = ("attention", "mlp", "moe_expert", "router", "embedding", "head", "norm", "other")
-"""The module kinds, in report order."""
-
-_LAYER_RE = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
-_EXPERT_RE = re.compile(r"\.experts\.(\d+)(?:\.|$)")
-_WRAPPER_RE = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.|$)")
-
-_ATTENTION_ROLES = {
-    **dict.fromkeys(("q_proj", "query", "q", "wq", "to_q"), "q"),
-    **dict.fromkeys(("k_proj", "key", "k", "wk", "to_k"), "k"),
-    **dict.fromkeys(("v_proj", "value", "v", "wv", "to_v"), "v"),
-    **dict.fromkeys(("o_proj", "out_proj", "o", "wo", "to_out", "c_proj", "dense"), "o"),
-    **dict.fromkeys(("qkv_proj", "wqkv", "c_attn", "query_key_value", "qkv", "in_proj"), "qkv"),
-}
-_MLP_ROLES = {
-    **dict.fromkeys(("gate_proj", "w1", "wi_0"), "gate"),
-    **dict.fromkeys(("up_proj", "w3", "wi_1"), "up"),
-    **dict.fromkeys(("down_proj", "w2"), "down"),
-    **dict.fromkeys(("fc1", "c_fc", "dense_h_to_4h", "wi", "fc_in"), "fc_in"),
-    **dict.fromkeys(("fc2", "c_proj", "dense_4h_to_h", "wo", "fc_out"), "fc_out"),
-}
-_ATTENTION_NAMES = {
-    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "wqkv",
-    "query", "key", "value",
-}
-_MLP_NAMES = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h"}
-_MLP_CONTEXT = {
-    "mlp", "ffn", "feed_forward", "feedforward", "densereludense", "block_sparse_moe", "moe",
-    "shared_expert", "shared_experts", "experts",
-}
-_HEAD_NAMES = {"lm_head", "score", "classifier", "qa_outputs", "embed_out"}
-_EMBEDDING_ROLES = {
-    **dict.fromkeys(("wte", "embed_tokens", "word_embeddings", "tok_embeddings"), "token_embedding"),
-    **dict.fromkeys(("wpe", "position_embeddings", "embed_positions"), "position_embedding"),
-    "token_type_embeddings": "token_type_embedding",
-}
+__all__ = ["KINDS", "CoverageEntry", "MatrixRef", "Taxonomy", "classify"]
 
 
 @dataclass(frozen=True)
@@ -374,49 +339,6 @@ def classify(
     return Taxonomy(tuple(_apply_kind_map(ref, rules) for ref in matrices), tuple(coverage))
 
 
-def lora_parameter_count(matrices: Iterable[MatrixRef], rank: int) -> int:
-    """Number of trainable parameters of a rank-``rank`` LoRA on the given matrices.
-
-    .. math:: N = r \\sum_{\\text{adapters}} (d_\\text{in} + d_\\text{out})
-
-    Parameters
-    ----------
-    matrices : iterable of MatrixRef
-        The adapted matrices, e.g. ``classify(model).select(kinds=["attention", "mlp"]).matrices``.
-    rank : int
-        LoRA rank r, at least 1.
-
-    Returns
-    -------
-    int
-
-    Notes
-    -----
-    The gate and up halves of one expert's fused ``gate_up_proj`` count as one adapter of shape
-    (2I, H), as PEFT ``target_parameters`` adapts the fused tensor: one A of (r, H) and one B of (2I, r).
-
-    Examples
-    --------
-    >>> lora_parameter_count(classify(nn.Linear(4, 3)).matrices, rank=2)
-    14
-    """
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise SelectionError(
-            "The 'rank' parameter of lora_parameter_count must be an int in the range [1, inf). "
-            f"Got {rank!r} instead."
-        )
-    total = 0
-    fused: dict[tuple[str, str, int], list[int]] = {}
-    for m in matrices:
-        if m.part:
-            out_in = fused.setdefault((m.module, m.parameter, m.expert), [0, m.in_features])
-            out_in[0] += m.out_features
-        else:
-            total += m.out_features + m.in_features
-    total += sum(out + in_ for out, in_ in fused.values())
-    return int(rank) * total
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Parameters to matrices
 
@@ -443,7 +365,7 @@ def _parameter_refs(
         out, in_ = param.shape[0], math.prod(param.shape[1:])
         note = "convolution kernel flattened to (out, in * kernel)"
     else:
-        kind, role = _kind_role(path, module, id(module) in heads)
+        kind, role = kind_and_role(path, module, id(module) in heads)
         out, in_ = param.shape
         note = ""
     transposed = cls == "Conv1D" and hasattr(module, "nf") and pname == "weight"
@@ -451,7 +373,7 @@ def _parameter_refs(
         out, in_ = in_, out
         note = "Conv1D weight stored (in, out); recorded transposed to (out, in)"
     name = path if pname == "weight" and path else _join(path, pname)
-    layer, expert = _index(_LAYER_RE, path), _index(_EXPERT_RE, path)
+    layer, expert = block_index(path), expert_index(path)
     return [MatrixRef(name, path, pname, kind, role, layer, expert, int(out), int(in_), transposed)], note
 
 
@@ -467,10 +389,10 @@ def _expert_refs(
     parts = ("gate", "up") if split else ("",)
     if split:
         out //= 2
-    role_of = {"gate": "gate", "up": "up", "": _MLP_ROLES.get(pname, "")}
+    role_of = {"gate": "gate", "up": "up", "": mlp_role(pname)}
     if pname == "gate_up_proj" and not split:
         role_of[""] = "up"
-    layer = _index(_LAYER_RE, path)
+    layer = block_index(path)
     refs = [
         MatrixRef(f"{_join(path, pname)}[{expert}]" + (f".{part}" if part else ""), path, pname, "moe_expert",
                   role_of[part], layer, expert, int(out), int(in_), transposed, part, interleaved)
@@ -486,52 +408,13 @@ def _lora_refs(path: str, layer: nn.Module, heads: set[int]) -> list[MatrixRef]:
     """One LoRA matrix (or one per expert, for a PEFT ``ParamWrapper`` on a fused tensor) of a LoRA layer."""
     base = base_layer_of(layer)
     pname = getattr(layer, "parameter_name", "weight")
-    outer = _WRAPPER_RE.sub("", "." + path)[1:]  # nested ParamWrappers sit at path.base_layer
+    outer = without_wrappers(path)  # nested ParamWrappers sit at path.base_layer
     refs, _ = _parameter_refs(outer, base, pname, getattr(base, pname), heads)
     return [replace(ref, module=path, lora=True) for ref in refs]
 
 
-def _kind_role(path: str, module: nn.Module, is_head: bool) -> tuple[str, str]:
-    """Kind and role of a 2-D weight from its module type and the last components of its path."""
-    parts = _WRAPPER_RE.sub("", "." + path)[1:].lower().split(".")
-    last, context = parts[-1], parts[:-1]
-    cls = type(module).__name__.lower()
-    if isinstance(module, nn.Embedding):
-        return "embedding", _EMBEDDING_ROLES.get(last, "embedding")
-    if is_head or _HEAD_NAMES.intersection(parts) or "cls" in parts:
-        return "head", "head"
-    in_attention = any("attn" in p or "attention" in p for p in context)
-    if last == "shared_expert_gate":
-        return "router", "shared_expert_gate"
-    if "router" in cls or last == "router" or (last == "gate" and not in_attention):
-        return "router", "router"
-    if "pooler" in context:
-        return "other", "pooler"
-    if in_attention:
-        return "attention", _ATTENTION_ROLES.get(last, "")
-    if _EXPERT_RE.search("." + ".".join(parts)):
-        return "moe_expert", _MLP_ROLES.get(last, "")
-    if _MLP_CONTEXT.intersection(context):
-        return "mlp", _MLP_ROLES.get(last, "")
-    if context and context[-1] == "intermediate" and last == "dense":
-        return "mlp", "fc_in"
-    if context and context[-1] == "output" and last == "dense":
-        return "mlp", "fc_out"
-    if last in _ATTENTION_NAMES:
-        return "attention", _ATTENTION_ROLES[last]
-    if last in _MLP_NAMES:
-        return "mlp", _MLP_ROLES[last]
-    return "other", ""
-
-
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
-
-
-def _index(pattern: re.Pattern[str], path: str) -> int:
-    """The block (or expert) number in a module path, -1 when there is none."""
-    match = pattern.search("." + path)
-    return int(match.group(1)) if match else -1
 
 
 def _is_fused_experts(module: nn.Module) -> bool:

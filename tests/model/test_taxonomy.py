@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorascope.errors import SelectionError
-from lorascope.model.taxonomy import KINDS, MatrixRef, classify, lora_parameter_count
+from lorascope.model.lora_params import lora_parameter_count
+from lorascope.model.taxonomy import KINDS, MatrixRef, classify
 
 transformers = pytest.importorskip("transformers")
 # peft 0.21 calls a transformers method deprecated in 5.x; not ours to fix.
