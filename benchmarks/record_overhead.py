@@ -290,7 +290,8 @@ def breakdown(setup: Setup, workdir: Path) -> dict[str, Any]:
             micro.reset()
 
         gns_ms = best_ms(first_pass, 50)
-    snapshot_ms = best_ms(lambda: take_snapshot(recorder.refs, model, recorder._w0, options=recorder.options), 5)
+    snapshot_ms = best_ms(lambda: take_snapshot(recorder.refs, model, recorder._w0, options=recorder.options,
+                                                step=recorder.step), 5)
     shapes: dict[tuple[int, int], list[Any]] = {}
     for ref, w0 in zip(recorder.refs, recorder._w0, strict=True):
         shapes.setdefault((ref.out_features, ref.in_features), []).append((ref, w0))

@@ -4,6 +4,7 @@ them to the run file. The training thread only waits when the bounded queue is f
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -15,6 +16,7 @@ import torch
 
 from lorascope.errors import RecordingError, RecordingWarning
 from lorascope.store import schema as S
+from lorascope.store.payloads import Snapshot
 from lorascope.store.writer import RunWriter
 
 _CLOSE = "close"
@@ -70,7 +72,7 @@ class BackgroundWriter:
     def put_step(self, row: dict[str, Any]) -> bool:
         return self._put(_STEP, row)
 
-    def put_snapshot(self, snapshot: dict[str, Any]) -> bool:
+    def put_snapshot(self, snapshot: Snapshot) -> bool:
         return self._put(_SNAPSHOT, snapshot)
 
     def close(self, status: str | None = S.STATUS_COMPLETE) -> None:
@@ -99,7 +101,7 @@ class BackgroundWriter:
             )
         return False
 
-    def _put(self, kind: str, payload: dict[str, Any]) -> bool:
+    def _put(self, kind: str, payload: dict[str, Any] | Snapshot) -> bool:
         if not self.check():
             return False
         while True:
@@ -184,9 +186,11 @@ class BackgroundWriter:
                                              for v in values])
         self.writer.append_steps(columns)
 
-    def _write_snapshot(self, snapshot: dict[str, Any]) -> None:
-        host = {key: _host_tree(value) for key, value in snapshot.items()}
-        self.writer.append_snapshot(examples_seen=self.examples_seen, tokens_seen=self.tokens_seen, **host)
+    def _write_snapshot(self, snapshot: Snapshot) -> None:
+        # The recorder's arrays are on the host already, except the gradient spectra (CPU tensors).
+        grad_sv = None if snapshot.grad_sv is None else [to_host(s) for s in snapshot.grad_sv]
+        self.writer.append_snapshot(dataclasses.replace(snapshot, grad_sv=grad_sv, examples_seen=self.examples_seen,
+                                                        tokens_seen=self.tokens_seen))
 
 
 def _advance(total: int, batch: Any) -> int:
@@ -195,10 +199,3 @@ def _advance(total: int, batch: Any) -> int:
     batch = int(np.asarray(batch))
     return -1 if batch < 0 else total + batch
 
-
-def _host_tree(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _host_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_host_tree(v) for v in value)
-    return to_host(value)

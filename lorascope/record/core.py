@@ -388,12 +388,9 @@ class Recorder(DataParallelSteps):
             self._snapshot()
 
     def _snapshot(self) -> None:
-        snapshot = take_snapshot(self.refs, self.model, self._w0, options=self.options)
-        snapshot["step"] = self.step
-        if self._grad_sv is not None:
-            snapshot["grad_sv"], self._grad_sv = self._grad_sv, None
-        elif self.options.grad_sv:
-            snapshot["grad_sv"] = [None] * len(self.refs)
+        snapshot = take_snapshot(self.refs, self.model, self._w0, options=self.options, step=self.step,
+                                 grad_sv=self._grad_sv)
+        self._grad_sv = None
         self._last_snapshot = self.step
         if self._writer is not None and not self._writer.put_snapshot(snapshot):
             self._stop()

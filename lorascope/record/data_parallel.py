@@ -151,7 +151,7 @@ class DataParallelSteps:
             self._last_snapshot = self.step
             return
         try:
-            snapshot, error = self._sharded.snapshot(self.model, self.options, compute=self.active)
+            snapshot, error = self._sharded.snapshot(self.model, self.options, step=self.step, compute=self.active)
         except Exception as exc:  # noqa: BLE001 - a collective failed: a rank is gone
             self._collectives = False
             self._fail(exc)
@@ -160,7 +160,6 @@ class DataParallelSteps:
         if error is not None:
             self._fail(error)
         elif snapshot is not None and self._writer is not None:
-            snapshot["step"] = self.step
             if not self._writer.put_snapshot(snapshot):
                 self._stop()
 

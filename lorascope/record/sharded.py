@@ -21,7 +21,6 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -31,6 +30,7 @@ from lorascope.model.taxonomy import MatrixRef
 from lorascope.record.distributed import DistributedContext, is_dtensor
 from lorascope.record.options import RecordOptions
 from lorascope.record.snapshot import LowRank, SnapshotArrays, minus_initial, rng_keeper
+from lorascope.store.payloads import Snapshot
 
 
 @dataclass(frozen=True)
@@ -203,9 +203,10 @@ class ShardedRecording:
         return local  # a whole 2-D matrix (or a kernel) sharded by rows: its norm is that of the local rows
 
     # -- snapshots --------------------------------------------------------------------------------------------
-    def snapshot(self, model: torch.nn.Module, options: RecordOptions, *, compute: bool
-                 ) -> tuple[dict[str, Any] | None, BaseException | None]:
-        """Gather each matrix's update to rank 0 in turn; rank 0 measures it (when ``compute``).
+    def snapshot(self, model: torch.nn.Module, options: RecordOptions, *, step: int, compute: bool
+                 ) -> tuple[Snapshot | None, BaseException | None]:
+        """Gather each matrix's update to rank 0 in turn; rank 0 measures it (when ``compute``) as the snapshot of
+        optimizer step ``step``.
 
         Every rank must call this at the same step. Returns, on rank 0, the snapshot's host arrays (None when
         not computing or after an error) and the first error rank 0 met; a measuring error never stops the
@@ -228,7 +229,7 @@ class ShardedRecording:
             del full
         if arrays is None or not compute or error is not None:
             return None, error
-        return arrays.result(), None
+        return arrays.result(step), None
 
     def _gather_update(self, ref: MatrixRef, p: torch.Tensor) -> torch.Tensor | None:
         """The float32 update ``ref.matrix(W_t - W_0)`` on rank 0 (None elsewhere); a collective."""

@@ -20,6 +20,7 @@ from lorascope.model.peft import active_adapters, is_plain_lora
 from lorascope.model.taxonomy import MatrixRef
 from lorascope.record.options import RecordOptions
 from lorascope.spectrum import singular_values, top_singular_triplets
+from lorascope.store.payloads import Snapshot
 
 
 @dataclass
@@ -109,9 +110,10 @@ def _lowrank_svd(delta: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return ql @ u, s, qr @ vh.T
 
 
-def take_snapshot(refs: tuple[MatrixRef, ...], model: nn.Module, w0: list[Any], *,
-                  options: RecordOptions) -> dict[str, Any]:
-    """Energy, spectrum and optional factors / full update of every recorded matrix, as host arrays.
+def take_snapshot(refs: tuple[MatrixRef, ...], model: nn.Module, w0: list[Any], *, options: RecordOptions,
+                  step: int, grad_sv: list[torch.Tensor | None] | None = None) -> Snapshot:
+    """Energy, spectrum and optional factors / full update of every recorded matrix at optimizer step ``step``,
+    as host arrays (``grad_sv``: the gradient spectra read before the step, on the CPU).
 
     One module at a time, so the extra device memory is one matrix (and its SVD workspace).
     """
@@ -120,7 +122,7 @@ def take_snapshot(refs: tuple[MatrixRef, ...], model: nn.Module, w0: list[Any], 
     for i, ref in enumerate(refs):
         with torch.no_grad(), rng_kept():
             arrays.add(i, update_delta(model, ref, w0[i]))
-    return arrays.result()
+    return arrays.result(step, grad_sv=grad_sv)
 
 
 class SnapshotArrays:
@@ -150,13 +152,11 @@ class SnapshotArrays:
         if u is not None and v is not None:
             self.factors[i] = (u.cpu().numpy(), v.cpu().numpy())
 
-    def result(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"energy": self.energy, "sv": self.spectra, "delta_nonfinite": self.nonfinite}
-        if self.options.factors_k:
-            out["factors"] = self.factors
-        if self.options.store_delta:
-            out["deltas"] = self.deltas
-        return out
+    def result(self, step: int, *, grad_sv: list[Any] | None = None) -> Snapshot:
+        """The snapshot of optimizer step ``step`` (its examples and tokens seen are the writer's to fill in)."""
+        return Snapshot(step=step, energy=self.energy, sv=self.spectra, delta_nonfinite=self.nonfinite,
+                        grad_sv=grad_sv, factors=self.factors if self.options.factors_k else None,
+                        deltas=self.deltas if self.options.store_delta else None)
 
 
 # Whole-matrix float64 norms and finite masks make temporaries of 1-2x the matrix; blocks of rows keep a snapshot's

@@ -20,6 +20,7 @@ import numpy as np
 from lorascope._version import __version__
 from lorascope.errors import LorascopeError, RunFileExistsError
 from lorascope.store import schema as S
+from lorascope.store.payloads import Snapshot
 
 _STR = h5py.string_dtype("utf-8")
 # Every open of a run file, by the writer and by readers, goes without HDF5 file locking: a reader holding the
@@ -273,35 +274,34 @@ class RunWriter:
         self._append(group, columns, values, self._n_steps, n)
         self._n_steps += n
 
-    def append_snapshot(
-        self,
-        *,
-        step: int,
-        energy: Sequence[float] | np.ndarray,
-        sv: Sequence[np.ndarray | None],
-        examples_seen: int = -1,
-        tokens_seen: int = -1,
-        delta_nonfinite: Sequence[int] | np.ndarray | None = None,
-        grad_sv: Sequence[np.ndarray | None] | None = None,
-        factors: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
-        deltas: Mapping[int, np.ndarray] | None = None,
-    ) -> None:
+    def append_snapshot(self, snapshot: Snapshot | None = None, /, **fields: Any) -> None:
         """Append one snapshot.
 
-        ``sv[i]`` holds the descending singular values of module ``i`` (``None`` when not computed);
-        ``factors[i] = (U, V)`` with U (out, k'), V (in, k'), k' <= factors_k; ``deltas[i]`` is (out, in).
+        Parameters
+        ----------
+        snapshot
+            The row and its per-module payloads: ``sv[i]`` holds the descending singular values of module ``i``
+            (``None`` when not computed); ``factors[i] = (U, V)`` with U (out, k'), V (in, k'),
+            k' <= factors_k; ``deltas[i]`` is (out, in).
+        **fields
+            Instead of ``snapshot``, its fields as keywords: ``append_snapshot(step=1, energy=[...], sv=[...])``.
         """
+        if snapshot is None:
+            snapshot = Snapshot(**fields)
+        elif fields:
+            raise TypeError(f"append_snapshot takes a Snapshot or its fields, not both. Got {sorted(fields)} too.")
         f = self._require_open()
         n_mod = self.n_modules
+        sv, grad_sv = snapshot.sv, snapshot.grad_sv
         if len(sv) != n_mod:
             raise ValueError(f"sv must have one entry per module ({n_mod}). Got {len(sv)} instead.")
         values: dict[str, np.ndarray] = {
-            S.INDEX: np.array([step], dtype=np.int64),
-            "examples_seen": np.array([examples_seen], dtype=np.int64),
-            "tokens_seen": np.array([tokens_seen], dtype=np.int64),
-            "energy": self._shaped(_col("energy"), energy, 1),
-            "delta_nonfinite": self._shaped(_col("delta_nonfinite"), 0 if delta_nonfinite is None
-                                            else delta_nonfinite, 1),
+            S.INDEX: np.array([snapshot.step], dtype=np.int64),
+            "examples_seen": np.array([snapshot.examples_seen], dtype=np.int64),
+            "tokens_seen": np.array([snapshot.tokens_seen], dtype=np.int64),
+            "energy": self._shaped(_col("energy"), snapshot.energy, 1),
+            "delta_nonfinite": self._shaped(_col("delta_nonfinite"), 0 if snapshot.delta_nonfinite is None
+                                            else snapshot.delta_nonfinite, 1),
         }
         values["sv"], values["sv_count"] = self._pad_spectra(sv)
         if self.grad_sv:
@@ -314,10 +314,10 @@ class RunWriter:
             raise ValueError("grad_sv given but the file was opened without grad_sv=True")
         row = self._n_snapshots
         # Per-module payloads go first, the table (index last) after: a reader never sees a row without them.
-        if factors:
-            self._append_factors(f, factors, row)
-        if deltas:
-            self._append_deltas(f, deltas, row)
+        if snapshot.factors:
+            self._append_factors(f, snapshot.factors, row)
+        if snapshot.deltas:
+            self._append_deltas(f, snapshot.deltas, row)
         columns = S.columns_of(S.GROUP_SNAPSHOTS, grad_sv=self.grad_sv)
         self._append(f[S.GROUP_SNAPSHOTS], columns, values, row, 1)
         self._n_snapshots += 1

@@ -43,6 +43,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from test_store_concurrent import MODULES, SNAPSHOT_EVERY, snapshot_row, step_row
+    from lorascope.store.payloads import Snapshot
     from lorascope.store.writer import RunWriter
 
     path, n_steps, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
@@ -52,7 +53,7 @@ WRITER = textwrap.dedent("""
     for step in range(1, n_steps + 1):
         writer.append_steps(step_row(step))
         if step % SNAPSHOT_EVERY == 0:
-            writer.append_snapshot(**snapshot_row(step))
+            writer.append_snapshot(Snapshot(**snapshot_row(step)))
         print(step, flush=True)  # every row up to this step is flushed
         if step in hold_after:
             sys.stdin.readline()  # wait for the test (or to be killed)

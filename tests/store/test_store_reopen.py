@@ -11,6 +11,7 @@ import pytest
 
 from lorascope import open_run
 from lorascope.errors import LorascopeError
+from lorascope.store.payloads import Snapshot
 from lorascope.store.writer import RunWriter
 
 MODULES = [dict(name=f"m{i}", module=f"m{i}", parameter="weight", kind="mlp", role="", layer=i, expert=-1,
@@ -21,13 +22,14 @@ WRITE_AND_DIE = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {tests!r})
     from test_store_reopen import MODULES
+    from lorascope.store.payloads import Snapshot
     from lorascope.store.writer import RunWriter
     w = RunWriter({path!r}, MODULES, delta_dtype="float32").open()
     for step in range(1, 7):
         w.append_steps({{"step": [step], "batch_examples": [2], "examples_seen": [2 * step]}})
         if step % 2 == 0:
-            w.append_snapshot(step=step, examples_seen=2 * step, energy=[step, step],
-                              sv=[np.ones(2), np.ones(1)], deltas={{0: np.full((3, 2), step)}})
+            w.append_snapshot(Snapshot(step=step, examples_seen=2 * step, energy=[step, step],
+                                       sv=[np.ones(2), np.ones(1)], deltas={{0: np.full((3, 2), step)}}))
     w.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 """)
@@ -38,8 +40,8 @@ def _write(path, steps, snapshot_every=2):
     for step in range(1, steps + 1):
         w.append_steps({"step": [step], "examples_seen": [2 * step], "tokens_seen": [10 * step]})
         if step % snapshot_every == 0:
-            w.append_snapshot(step=step, examples_seen=2 * step, energy=[step, step], sv=[np.ones(2), None],
-                              deltas={0: np.full((3, 2), step)})
+            w.append_snapshot(Snapshot(step=step, examples_seen=2 * step, energy=[step, step],
+                                       sv=[np.ones(2), None], deltas={0: np.full((3, 2), step)}))
     return w
 
 

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from lorascope import RunWriter, __version__, open_run
 from lorascope.errors import LorascopeError, RunFileExistsError
 from lorascope.store import schema as S
+from lorascope.store.payloads import Snapshot
 from lorascope.store.writer import check_writable
 
 KINDS = ("attention", "mlp", "moe_expert", "router", "embedding", "head", "norm", "other")
@@ -213,7 +214,7 @@ def write_run(path: Path, spec: Spec) -> dict[str, Any]:
                 snap["deltas"] = {i: with_specials(rng, rng.normal(size=shape) * 10, p=0.05)
                                   for i, shape in enumerate(spec.shapes)}
                 deltas.update({(i, j): d for i, d in snap["deltas"].items()})
-            writer.append_snapshot(**snap)
+            writer.append_snapshot(Snapshot(**snap))
             snapshots.append(snap)
 
     n_steps = sum(spec.step_batches)
@@ -370,7 +371,7 @@ def test_roundtrip_sv_capacity_zero():
 def test_sv_is_a_data_variable_of_the_snapshots_view(tmp_path):
     path = tmp_path / "run.h5"
     with RunWriter(path, [module_row(0, "a", 3, 2)]) as writer:
-        writer.append_snapshot(step=1, energy=[5.0], sv=[np.array([2.0, 1.0])])
+        writer.append_snapshot(Snapshot(step=1, energy=[5.0], sv=[np.array([2.0, 1.0])]))
     with open_run(path) as run:
         snapshots = run.snapshots
         assert "sv" in snapshots.data_vars
@@ -382,7 +383,7 @@ def test_delta_skipped_at_a_snapshot_is_not_read_as_zero(tmp_path):
     with RunWriter(path, [module_row(0, "a", 3, 2)], delta_dtype="float32") as writer:
         for step in (1, 2, 3):
             deltas = None if step == 2 else {0: np.full((3, 2), float(step))}
-            writer.append_snapshot(step=step, energy=[1.0], sv=[None], deltas=deltas)
+            writer.append_snapshot(Snapshot(step=step, energy=[1.0], sv=[None], deltas=deltas))
     with open_run(path) as run:
         assert not np.any(run.delta(0, 1) == 0)
 
@@ -430,31 +431,33 @@ def writer(tmp_path):
     pytest.param(lambda w: w.append_steps({"step": [1, 2], "loss": [1.0, 2.0, 3.0]}), id="row-column-length"),
     pytest.param(lambda w: w.append_steps({"step": [1], "grad_sq_norm": [1.0]}), id="module-column-width"),
     pytest.param(lambda w: w.append_steps({"step": [1, 2], "grad_sq_norm": np.ones((3, 2))}), id="module-rows"),
-    pytest.param(lambda w: w.append_snapshot(step=1, energy=[1.0], sv=[None, None]), id="energy-length"),
-    pytest.param(lambda w: w.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None]), id="sv-entries"),
-    pytest.param(lambda w: w.append_snapshot(step=1, energy=[1.0, 2.0], sv=[np.ones(4), None]),
+    pytest.param(lambda w: w.append_snapshot(Snapshot(step=1, energy=[1.0], sv=[None, None])), id="energy-length"),
+    pytest.param(lambda w: w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[None])), id="sv-entries"),
+    pytest.param(lambda w: w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[np.ones(4), None])),
                  id="sv-longer-than-capacity"),
-    pytest.param(lambda w: w.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
-                                             delta_nonfinite=[1, 2, 3]), id="delta-nonfinite-length"),
-    pytest.param(lambda w: w.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
-                                             grad_sv=[None, None]), id="grad-sv-not-enabled"),
-    pytest.param(lambda w: w.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
-                                             factors={0: (np.ones((4, 3)), np.ones((3, 3)))}), id="factors-k"),
-    pytest.param(lambda w: w.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
-                                             factors={0: (np.ones((3, 1)), np.ones((3, 1)))}), id="factor-rows"),
-    pytest.param(lambda w: w.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
-                                             factors={1: (np.ones((2, 1)), np.ones(5))}), id="factor-ndim"),
-    pytest.param(lambda w: w.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
-                                             deltas={0: np.ones((3, 4))}), id="delta-transposed"),
+    pytest.param(lambda w: w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
+                                                      delta_nonfinite=[1, 2, 3])), id="delta-nonfinite-length"),
+    pytest.param(lambda w: w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
+                                                      grad_sv=[None, None])), id="grad-sv-not-enabled"),
+    pytest.param(lambda w: w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
+                                                      factors={0: (np.ones((4, 3)), np.ones((3, 3)))})),
+                 id="factors-k"),
+    pytest.param(lambda w: w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
+                                                      factors={0: (np.ones((3, 1)), np.ones((3, 1)))})),
+                 id="factor-rows"),
+    pytest.param(lambda w: w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
+                                                      factors={1: (np.ones((2, 1)), np.ones(5))})), id="factor-ndim"),
+    pytest.param(lambda w: w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
+                                                      deltas={0: np.ones((3, 4))})), id="delta-transposed"),
 ])
 def test_writer_rejects_bad_rows_and_keeps_the_file_readable(writer, bad):
     writer.append_steps({"step": [1], "loss": [0.5]})
-    writer.append_snapshot(step=1, energy=[1.0, 2.0], sv=[np.ones(3), None])
+    writer.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[np.ones(3), None]))
     with pytest.raises(ValueError):
         bad(writer)
     # A rejected row leaves nothing behind: the next good row takes its place.
     writer.append_steps({"step": [2], "loss": [0.25]})
-    writer.append_snapshot(step=2, energy=[3.0, 4.0], sv=[None, np.ones(2)])
+    writer.append_snapshot(Snapshot(step=2, energy=[3.0, 4.0], sv=[None, np.ones(2)]))
     writer.close()
     with open_run(writer.path) as run:
         assert run.complete
@@ -465,7 +468,7 @@ def test_writer_rejects_bad_rows_and_keeps_the_file_readable(writer, bad):
 
 def test_grad_sv_may_be_an_array_like_sv(tmp_path):
     with RunWriter(tmp_path / "run.h5", MODULES, sv_capacity=2, grad_sv=True) as w:
-        w.append_snapshot(step=1, energy=[1.0, 2.0], sv=np.ones((2, 2)), grad_sv=np.ones((2, 2)))
+        w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=np.ones((2, 2)), grad_sv=np.ones((2, 2))))
     with open_run(tmp_path / "run.h5") as run:
         np.testing.assert_array_equal(run.snapshots["grad_sv_count"].values, [[2, 2]])
 
@@ -473,16 +476,23 @@ def test_grad_sv_may_be_an_array_like_sv(tmp_path):
 def test_grad_sv_with_the_wrong_number_of_modules_is_rejected(tmp_path):
     with RunWriter(tmp_path / "run.h5", MODULES, grad_sv=True) as w:
         with pytest.raises(ValueError, match="grad_sv"):
-            w.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None], grad_sv=[np.ones(2)])
+            w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[None, None], grad_sv=[np.ones(2)]))
 
 
 def test_payloads_need_their_option(tmp_path):
     with RunWriter(tmp_path / "run.h5", MODULES) as w:
         with pytest.raises(ValueError, match="factors_k"):
-            w.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None], factors={0: (np.ones((4, 1)),
-                                                                                         np.ones((3, 1)))})
+            w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[None, None],
+                                       factors={0: (np.ones((4, 1)), np.ones((3, 1)))}))
         with pytest.raises(ValueError, match="delta_dtype"):
-            w.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None], deltas={0: np.ones((4, 3))})
+            w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[None, None], deltas={0: np.ones((4, 3))}))
+
+
+def test_a_snapshot_is_given_whole_or_as_keywords_not_both(writer):
+    writer.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None])
+    with pytest.raises(TypeError, match="not both"):
+        writer.append_snapshot(Snapshot(step=2, energy=[1.0, 2.0], sv=[None, None]), examples_seen=4)
+    assert writer._n_snapshots == 1
 
 
 def test_writer_must_be_open_to_append(tmp_path):
