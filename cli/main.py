@@ -70,6 +70,7 @@ def analyze(run_files: tuple[str, ...], output: str, ranks: tuple[int, ...], x_t
     from tqdm import tqdm
 
     from lorascope.report.folder import prepare_folder, write_report
+    from lorascope.report.format import json_text
     from lorascope.report.terminal import format_summary
     from lorascope.workflows.analyze import analyze as run_analysis
 
@@ -79,9 +80,9 @@ def analyze(run_files: tuple[str, ...], output: str, ranks: tuple[int, ...], x_t
                             progress=(lambda it: tqdm(it, desc="reading runs", unit="run")) if show else None)
     files = write_report(analysis, output, force=force)
     if as_json:
-        click.echo(json.dumps(analysis.to_dict(), indent=2, allow_nan=False))
+        click.echo(json_text(analysis.summary))  # the text summary.json holds
         return
-    click.echo(format_summary(analysis.to_dict()))
+    click.echo(format_summary(analysis.summary))
     click.echo(f"\nreport: {files.html}")
 
 
@@ -96,7 +97,7 @@ def demo(output: str, force: bool, steps: int | None) -> None:
 
     cfg = DemoConfig() if steps is None else DemoConfig(finetune_steps=steps)
     run_path, analysis, files = run_demo(output, cfg=cfg, force=force, log=lambda m: click.echo(m, err=True))
-    click.echo(format_summary(analysis.to_dict()))
+    click.echo(format_summary(analysis.summary))
     click.echo(f"\nrecording: {run_path}\nreport: {files.html}")
 
 

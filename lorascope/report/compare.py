@@ -5,7 +5,6 @@ marked) with the smoothed gap beneath it, and the output folder (``compare.json`
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from lorascope.report.folder import prepare_folder
-from lorascope.report.plots import DPI, WIDTH_IN, X_LABELS, _plain_log_ticks, _style
-from lorascope.report.terminal import _count, _num, _table
+from lorascope.report.format import MISSING, X_UNITS, count, json_text, number, significant, table
+from lorascope.report.style import DPI, WIDTH_IN, X_LABELS, figure_style, palette, plain_log_ticks
 
 if TYPE_CHECKING:
     from lorascope.workflows.compare import Comparison, LoraResult
@@ -27,7 +26,6 @@ __all__ = ["CompareFiles", "format_comparison", "plot_comparison", "write_compar
 JSON_NAME = "compare.json"
 PLOT_NAME = "compare.png"
 FULL_COLOR = (0.1, 0.1, 0.1)
-X_WORDS = {"examples_seen": "examples", "tokens_seen": "tokens", "step": "steps"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ def write_comparison(comparison: Comparison, folder: str | os.PathLike[str], *, 
     folder = prepare_folder(folder, force=force)
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / JSON_NAME
-    json_path.write_text(json.dumps(comparison.to_dict(), indent=2, allow_nan=False))
+    json_path.write_text(json_text(comparison.to_dict()))
     plot_path = plot_comparison(comparison, folder / PLOT_NAME)
     return CompareFiles(folder, json_path, plot_path)
 
@@ -64,7 +62,7 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike[str]) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _style():
+    with figure_style():
         fig = _figure(comparison)
         fig.savefig(path, format="png", dpi=DPI)
         fig.clear()
@@ -78,7 +76,7 @@ def _figure(comparison: Comparison) -> Figure:
     full = comparison.full
     top.plot(full.x, full.loss, color=FULL_COLOR, alpha=0.15, linewidth=0.8)
     top.plot(full.curve_x, full.curve_loss, color=FULL_COLOR, linewidth=2.4, label="full fine-tuning", zorder=4)
-    words = X_WORDS[comparison.x]
+    words = X_UNITS[comparison.x]
     crit = comparison.criterion
     for lora in comparison.loras:
         color = colors[id(lora)]
@@ -107,7 +105,7 @@ def _figure(comparison: Comparison) -> Figure:
     bottom.axhline(crit.threshold, color="0.35", linestyle="--", linewidth=1.0)
     bottom.axhline(0.0, color="0.6", linewidth=0.8)
     top.set_xscale("log")
-    _plain_log_ticks(bottom.xaxis)
+    plain_log_ticks(bottom.xaxis)
     handles, labels = top.get_legend_handles_labels()
     handles.append(Line2D([], [], marker="o", linestyle="", color="0.5", markeredgecolor="black"))
     labels.append("falls off the full fine-tuning curve (hollow: tentative)")
@@ -128,24 +126,21 @@ def _figure(comparison: Comparison) -> Figure:
 
 def _rank_colors(loras: list[LoraResult]) -> dict[int, Any]:
     """A sequential palette ordered by rank (unknown ranks last), so rank order reads as colour order."""
-    import seaborn as sns
-
     ordered = sorted(loras, key=lambda lo: (lo.rank is None, lo.rank or 0, lo.run.label))
-    palette = sns.color_palette("flare", max(len(ordered), 1))
-    return {id(lo): color for lo, color in zip(ordered, palette)}
+    return {id(lo): color for lo, color in zip(ordered, palette(len(ordered), "flare"))}
 
 
 def _legend(lora: LoraResult, words: str) -> str:
     if lora.status == "falloff":
-        return f"LoRA {lora.run.label}: falls off at {_count(lora.falloff_x)} {words}"
+        return f"LoRA {lora.run.label}: falls off at {count(lora.falloff_x)} {words}"
     if lora.status == "tentative":
-        return f"LoRA {lora.run.label}: tentative falloff at {_count(lora.falloff_x)} {words}"
+        return f"LoRA {lora.run.label}: tentative falloff at {count(lora.falloff_x)} {words}"
     return f"LoRA {lora.run.label}: no falloff within the data"
 
 
 def format_comparison(summary: dict[str, Any]) -> str:
     """Render :meth:`lorascope.workflows.compare.Comparison.to_dict` output as plain text."""
-    words = X_WORDS[summary["x"]]
+    words = X_UNITS[summary["x"]]
     crit = summary["criterion"]
     full = summary["full"]
     lines = [_run_line("full fine-tuning", full)]
@@ -156,18 +151,18 @@ def format_comparison(summary: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Falloff: the {gap}, moving median over ±{crit['smooth_decades']:g} decades, above "
                  f"{crit['threshold']:g} {crit['units']} by {crit['z']:g} standard errors while the {words} grow "
-                 f"{10 ** crit['window_decades']:.2f}x ({crit['window_decades']:g} decades).")
+                 f"{number(10 ** crit['window_decades'], 2)}x ({crit['window_decades']:g} decades).")
     header = ["run", "rank", "alpha", "scaling", f"falloff ({words})", "step", "gap there", "final gap", "verdict"]
     rows = []
     for lora in summary["loras"]:
         falloff = lora["falloff"]
         verdict = {"falloff": "falls off", "tentative": "tentative (data end)",
-                   "none": f"none up to {_count(lora['compared']['x_max'])} {words}"}[falloff["status"]]
-        rows.append([lora["label"], "-" if lora["rank"] is None else str(lora["rank"]),
-                     _general(lora["lora_alpha"]), _general(lora["scaling"]), _count(falloff["x"]),
-                     "-" if falloff["step"] is None else f"{falloff['step']:,}", _num(falloff["gap"], 3),
-                     _num(lora["final_gap"], 3), verdict])
-    lines.extend("  " + s for s in _table(header, rows))
+                   "none": f"none up to {count(lora['compared']['x_max'])} {words}"}[falloff["status"]]
+        rank = MISSING if lora["rank"] is None else str(lora["rank"])
+        rows.append([lora["label"], rank, significant(lora["lora_alpha"]), significant(lora["scaling"]),
+                     count(falloff["x"]), count(falloff["step"]), number(falloff["gap"], 3),
+                     number(lora["final_gap"], 3), verdict])
+    lines.extend("  " + s for s in table(header, rows))
     if summary["predictions"]:
         lines.append("")
         lines.append(f"Predicted vs measured falloff ({words}; ratio = predicted / measured):")
@@ -177,13 +172,13 @@ def format_comparison(summary: dict[str, Any]) -> str:
             if row["status"] == "no_run":
                 note = "no LoRA run of this rank"
             elif row["status"] == "none":
-                note = (f"no falloff up to {_count(row['measured_lower_bound'])}: prediction "
+                note = (f"no falloff up to {count(row['measured_lower_bound'])}: prediction "
                         + ("consistent" if row["consistent"] else "too early"))
             else:
                 note = "tentative" if row["status"] == "tentative" else ""
-            rows.append([str(row["rank"]), row["run"] or "-", _count(row["predicted"]), _count(row["measured"]),
-                         _num(row["ratio"], 2), note])
-        lines.extend("  " + s for s in _table(header, rows))
+            rows.append([str(row["rank"]), row["run"] or MISSING, count(row["predicted"]), count(row["measured"]),
+                         number(row["ratio"], 2), note])
+        lines.extend("  " + s for s in table(header, rows))
     if summary["notes"]:
         lines.append("")
         lines.append("Notes:")
@@ -191,11 +186,7 @@ def format_comparison(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _general(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
 def _run_line(name: str, run: dict[str, Any]) -> str:
     state = "complete" if run["complete"] else f"INCOMPLETE ({run['status']})"
-    return (f"{name}: {run['path']} ({state}), {run['steps']:,} steps, {_count(run['examples_seen'])} examples, "
-            f"final loss {_num(run['final_loss'], 4)}")
+    return (f"{name}: {run['path']} ({state}), {count(run['steps'])} steps, {count(run['examples_seen'])} examples, "
+            f"final loss {number(run['final_loss'], 4)}")

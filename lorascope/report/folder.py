@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
 
 from lorascope.errors import LorascopeError
+from lorascope.report.format import json_text
+
+if TYPE_CHECKING:
+    from lorascope.workflows.analyze import Analysis
 
 
 @dataclass(frozen=True)
@@ -50,19 +53,22 @@ def netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
-def write_report(analysis: Any, folder: str | os.PathLike[str], *, force: bool = False) -> ReportFiles:
-    """Write the report folder for an :class:`~lorascope.workflows.analyze.Analysis`."""
+def write_report(analysis: Analysis, folder: str | os.PathLike[str], *, force: bool = False) -> ReportFiles:
+    """Write the report folder for an :class:`~lorascope.workflows.analyze.Analysis`.
+
+    ``summary.json`` and the HTML page both render :attr:`Analysis.summary`, computed once; the figures draw the
+    analysis' arrays.
+    """
     from lorascope.report.html import render_html
     from lorascope.report.plots import make_plots
 
     folder = prepare_folder(folder, force=force)
     folder.mkdir(parents=True, exist_ok=True)
-    summary = analysis.to_dict()
     summary_path = folder / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    summary_path.write_text(json_text(analysis.summary))
     metrics_path = folder / "metrics.nc"
     netcdf_ready(analysis.to_dataset()).to_netcdf(metrics_path, engine="h5netcdf")
     images = make_plots(analysis, folder)
     html_path = folder / "report.html"
-    html_path.write_text(render_html(analysis, images), encoding="utf-8")
+    html_path.write_text(render_html(analysis.summary, images), encoding="utf-8")
     return ReportFiles(folder, summary_path, metrics_path, html_path, images)

@@ -1,7 +1,8 @@
 """One self-contained HTML page of an :class:`~lorascope.workflows.analyze.Analysis`.
 
-Numbers come from :meth:`Analysis.to_dict`, the same dictionary ``summary.json`` holds, so the page and the JSON
-never disagree. Figures are embedded as base64 ``data:`` URIs and the CSS is inline: the page loads nothing else
+The page renders :attr:`Analysis.summary`, the dictionary ``summary.json`` holds, with the numbers written as
+:mod:`lorascope.report.format` writes them everywhere, so the page, the terminal and the JSON never disagree.
+Figures are embedded as base64 ``data:`` URIs and the CSS is inline: the page loads nothing else
 (no scripts, fonts or remote images), so it can be mailed, archived or opened offline. Every string taken from the
 analysis (paths, module names, notes, reasons) is HTML-escaped.
 """
@@ -10,17 +11,14 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lorascope._version import __version__
+from lorascope.report.format import X_UNITS, approx_count, bound, count, layer, number, percent
 from lorascope.workflows.analyze import CURVE_P
-
-if TYPE_CHECKING:
-    from lorascope.workflows.analyze import Analysis
 
 __all__ = ["render_html", "headline_sentence", "crossing_sentence"]
 
@@ -37,8 +35,6 @@ CAPTIONS = {
     "loss": "Training loss of every run.",
 }
 _MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
-_X_WORDS = {"examples_seen": "examples", "tokens_seen": "tokens"}
-_MISSING = "n/a"
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0 auto;
@@ -56,13 +52,14 @@ figcaption{color:#555;font-size:.9rem}footer{color:#888;font-size:.8rem;margin-t
 """.strip()
 
 
-def render_html(analysis: Analysis, images: Mapping[str, str | os.PathLike[str]] | None = None) -> str:
+def render_html(summary: Mapping[str, Any], images: Mapping[str, str | os.PathLike[str]] | None = None) -> str:
     """Render the report page.
 
     Parameters
     ----------
-    analysis
-        The result of :func:`lorascope.workflows.analyze.analyze`.
+    summary
+        :attr:`Analysis.summary <lorascope.workflows.analyze.Analysis.summary>` of the result of
+        :func:`lorascope.workflows.analyze.analyze`.
     images
         Figure name to PNG file, as returned by :func:`lorascope.report.plots.make_plots`; each is embedded, in
         the given order, as a base64 data URI.
@@ -72,8 +69,7 @@ def render_html(analysis: Analysis, images: Mapping[str, str | os.PathLike[str]]
     str
         A complete HTML5 document that references no external resource.
     """
-    summary = analysis.to_dict()
-    unit = _X_WORDS.get(summary["x"], summary["x"])
+    unit = X_UNITS.get(summary["x"], summary["x"])
     runs = summary["runs"]
     parts = [
         "<!DOCTYPE html>",
@@ -108,20 +104,20 @@ def render_html(analysis: Analysis, images: Mapping[str, str | os.PathLike[str]]
 
 
 def headline_sentence(row: Mapping[str, Any]) -> str:
-    """The report's headline for one candidate rank, from a row of ``Analysis.to_dict()["headline"]``.
+    """The report's headline for one candidate rank, from a row of ``Analysis.summary["headline"]``.
 
     Examples
     --------
     >>> headline_sentence({"rank": 16, "captured_energy_share": 0.8388, "signal_rank": 2.54})
     "A rank-16 LoRA on all linear layers captures 83.9% of this update's energy; its signal rank is 2.5."
     """
-    return (f"A rank-{int(row['rank'])} LoRA on all linear layers captures {_pct(row['captured_energy_share'])} of "
-            f"this update's energy; its signal rank is {_num(row['signal_rank'])}.")
+    return (f"A rank-{int(row['rank'])} LoRA on all linear layers captures {percent(row['captured_energy_share'])} of "
+            f"this update's energy; its signal rank is {number(row['signal_rank'])}.")
 
 
 def crossing_sentence(group: str, curve: Mapping[str, Any], crossing: Mapping[str, Any], unit: str = "examples",
                       p: float = CURVE_P) -> str:
-    """One rank crossing in words, from ``Analysis.to_dict()["curves"][group]``.
+    """One rank crossing in words, from ``Analysis.summary["curves"][group]``.
 
     A missing bound of a predicted crossing's interval (``None`` in the summary: infinite) reads "unbounded".
 
@@ -136,13 +132,13 @@ def crossing_sentence(group: str, curve: Mapping[str, Any], crossing: Mapping[st
     level, status = int(crossing["level"]), crossing["status"]
     head = f"k_{p:g} of {group}"
     if status == "observed":
-        return f"{head} already reaches rank {level} at {_count(crossing['x'])} {unit} (observed)."
+        return f"{head} already reaches rank {level} at {count(crossing['x'])} {unit} (observed)."
     if status == "predicted":
-        return (f"{head} crosses rank {level} at ~{_count(crossing['x'])} {unit} "
-                f"(interval {_bound(crossing['x_low'])} .. {_bound(crossing['x_high'])}).")
+        return (f"{head} crosses rank {level} at ~{approx_count(crossing['x'])} {unit} "
+                f"(interval {bound(crossing['x_low'])} .. {bound(crossing['x_high'])}).")
     if fit["status"] != "ok":
         return f"{head}: no crossing of rank {level} predicted: {fit['reason']}."
-    return (f"{head} does not grow with data (exponent {_num(fit['exponent'], 3)}), so it is not predicted to "
+    return (f"{head} does not grow with data (exponent {number(fit['exponent'], 3)}), so it is not predicted to "
             f"reach rank {level}.")
 
 
@@ -155,7 +151,7 @@ def _headline(summary: Mapping[str, Any]) -> list[str]:
         return ['<p class="headline">No snapshots: no spectral results, only the loss curve.</p>']
     items = [_e(headline_sentence(row)) for row in rows]
     k = rows[0].get("energy_rank_0.9")
-    tail = (f"<p>Over all modules, 90% of the update's energy lies in k_0.9 = {_e(_num(k))} directions "
+    tail = (f"<p>Over all modules, 90% of the update's energy lies in k_0.9 = {_e(number(k))} directions "
             "(energy-weighted mean over modules).</p>" if k is not None else "")
     return ["<h2>Headline</h2>", '<ul class="headline">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>", tail]
 
@@ -164,7 +160,7 @@ def _runs_table(runs: Sequence[Mapping[str, Any]]) -> str:
     header = ["run", "status", "framework", "steps", "snapshots", "examples seen", "tokens seen", "final loss",
               "steps with non-finite gradients"]
     rows = [[r["path"], r["status"] + ("" if r["complete"] else " (incomplete)"), r["framework"], r["steps"],
-             r["snapshots"], _count(r["examples_seen"]), _count(r["tokens_seen"]), _num(r["final_loss"], 4),
+             r["snapshots"], count(r["examples_seen"]), count(r["tokens_seen"]), number(r["final_loss"], 4),
              r["nonfinite_gradient_steps"]] for r in runs]
     return _table(header, rows, left=(0, 1, 2))
 
@@ -172,13 +168,14 @@ def _runs_table(runs: Sequence[Mapping[str, Any]]) -> str:
 def _final_sections(final: Mapping[str, Any], summary: Mapping[str, Any], unit: str) -> list[str]:
     ranks = [str(r) for r in summary["ranks"]]
     ps = [str(p) for p in summary["p"]]
-    where = (f"Final snapshot of {final['run']}: step {final['step']}, {_count(final['examples_seen'])} examples, "
-             f"{_count(final['tokens_seen'])} tokens.")
+    where = (f"Final snapshot of {final['run']}: step {count(final['step'])}, {count(final['examples_seen'])} "
+             f"examples, {count(final['tokens_seen'])} tokens.")
     header = (["kind", "modules", "energy share"] + [f"k_{p}" for p in ps] + ["effective rank", "signal rank"]
               + [f"e_{r}" for r in ranks])
     groups = list(final["by_kind"].items()) + [("all", final["overall"])]
-    rows = [[name, g["modules"], _pct(g["energy_share"])] + [_num(g["energy_rank"].get(p)) for p in ps]
-            + [_num(g["effective_rank"]), _num(g["signal_rank"])] + [_pct(g["rank_residual"].get(r)) for r in ranks]
+    rows = [[name, g["modules"], percent(g["energy_share"])] + [number(g["energy_rank"].get(p)) for p in ps]
+            + [number(g["effective_rank"]), number(g["signal_rank"])]
+            + [percent(g["rank_residual"].get(r)) for r in ranks]
             for name, g in groups]
     out = ["<h2>Per kind</h2>", f"<p>{_e(where)} k_p: directions holding a share p of the update energy "
            "(energy-weighted over modules); e_r: share of the energy a rank-r approximation misses.</p>",
@@ -188,7 +185,7 @@ def _final_sections(final: Mapping[str, Any], summary: Mapping[str, Any], unit: 
             "<p>Share of the whole update's energy a rank-r LoRA on each target set could hold at best "
             "(Eckart-Young per module).</p>",
             _table(["target modules"] + [f"rank {r}" for r in ranks],
-                   [[target] + [_pct(row.get(r)) for r in ranks] for target, row in capture.items()])]
+                   [[target] + [percent(row.get(r)) for r in ranks] for target, row in capture.items()])]
     hungry = final["rank_hungry_modules"]
     if hungry:
         p = "0.9" if "0.9" in ps else ps[-1]
@@ -197,13 +194,13 @@ def _final_sections(final: Mapping[str, Any], summary: Mapping[str, Any], unit: 
         out += ["<h2>Rank-hungry modules</h2>",
                 f"<p>The modules whose update needs the most rank: sorted by k_{_e(p)} / min(out, in).</p>",
                 _table(["module", "kind", "layer", f"k_{p}", f"k_{p} / min(out, in)", residual, "signal rank"],
-                       [[h["module"], h["kind"], _layer(h["layer"]), _num(h["energy_rank"]),
-                         _pct(h["energy_rank_fraction"]), _pct(h["residual_at_rank"]), _num(h["signal_rank"])]
+                       [[h["module"], h["kind"], layer(h["layer"]), count(h["energy_rank"]),
+                         percent(h["energy_rank_fraction"]), percent(h["residual_at_rank"]), number(h["signal_rank"])]
                         for h in hungry], left=(0, 1))]
     layers = final["energy_share_by_layer"]
     if layers:
         out += ["<h2>Energy share per layer</h2>",
-                _table(["layer", "energy share"], [[_layer(k), _pct(v)] for k, v in layers.items()])]
+                _table(["layer", "energy share"], [[layer(k), percent(v)] for k, v in layers.items()])]
     excluded = final["excluded_nonfinite_modules"]
     if excluded:
         out += ["<h2>Excluded updates</h2>", "<p>Modules whose update held NaN or Inf at the final snapshot, left "
@@ -221,8 +218,8 @@ def _curve_sections(summary: Mapping[str, Any], unit: str) -> list[str]:
     for group, curve in curves.items():
         fit = curve["fit"]
         low, high = fit["exponent_interval"]
-        rows.append([group, fit["status"], fit["points"], _num(fit["exponent"], 3),
-                     f"{_num(low, 3)} .. {_num(high, 3)}", fit["reason"]])
+        rows.append([group, fit["status"], fit["points"], number(fit["exponent"], 3),
+                     f"{number(low, 3)} .. {number(high, 3)}", fit["reason"]])
         sentences += [crossing_sentence(group, curve, c, unit) for c in curve["crossings"]]
     return ["<h2>Rank curves and crossings</h2>",
             f"<p>Power law k_{CURVE_P:g} = a x^b fitted against {_e(unit)} seen, with bootstrap intervals; a fit "
@@ -236,10 +233,10 @@ def _noise_sections(summary: Mapping[str, Any]) -> list[str]:
         rows = []
         for group, values in noise["groups"].items():
             low, high = values["interval"]
-            rows.append([group, _num(values["b_simple"]), f"{_num(low)} .. {_num(high)}", values["measured_steps"],
-                         values["negative_trace_steps"]])
+            rows.append([group, number(values["b_simple"]), f"{number(low)} .. {number(high)}",
+                         values["measured_steps"], values["negative_trace_steps"]])
         out += [f"<h2>Gradient noise scale: {_e(noise['run'])}</h2>",
-                f"<p>Norms at batch {_count(noise['batch_small'])} and {_count(noise['batch_big'])} examples; "
+                f"<p>Norms at batch {count(noise['batch_small'])} and {count(noise['batch_big'])} examples; "
                 "B_simple = mean tr(Sigma) / mean |G|^2 of the unbiased per-step estimates over the last half of "
                 "the measured steps, with a bootstrap interval over those steps; the figure shows the ratio of "
                 f"their bias-corrected EMAs (smoothing {_e(noise['smoothing'])}) over training.</p>",
@@ -250,8 +247,8 @@ def _noise_sections(summary: Mapping[str, Any]) -> list[str]:
             if advice["warning"]:
                 out.append(f'<div class="banner" role="alert">{_e(advice["warning"])}</div>')
             out.append(_table(["batch", "steps / minimum", "examples / minimum"],
-                              [[_count(c["batch"]) + (" (this run)" if c["batch"] == advice["batch"] else ""),
-                                _num(c["steps_factor"], 2), _num(c["examples_factor"], 2)]
+                              [[count(c["batch"]) + (" (this run)" if c["batch"] == advice["batch"] else ""),
+                                number(c["steps_factor"], 2), number(c["examples_factor"], 2)]
                                for c in advice["candidates"]]))
     return out
 
@@ -288,29 +285,3 @@ def _title(runs: Sequence[Mapping[str, Any]]) -> str:
     names = [Path(r["path"]).name for r in runs]
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return f"lorascope report: {shown}"
-
-
-def _pct(value: Any) -> str:
-    return _MISSING if value is None else f"{100.0 * float(value):.1f}%"
-
-
-def _num(value: Any, digits: int = 1) -> str:
-    return _MISSING if value is None else f"{float(value):.{digits}f}"
-
-
-def _count(value: Any) -> str:
-    """A data count to three significant digits with thousands separators; unknown (None, -1) as n/a."""
-    if value is None or not float(value) >= 0:
-        return _MISSING
-    if math.isinf(float(value)):
-        return "unbounded"
-    return f"{float(f'{float(value):.3g}'):,.0f}"
-
-
-def _bound(value: Any) -> str:
-    """An interval bound: the summary stores an infinite bound as None."""
-    return "unbounded" if value is None else _count(value)
-
-
-def _layer(value: Any) -> str:
-    return "none" if int(value) < 0 else str(int(value))

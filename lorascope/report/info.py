@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorascope.report.format import byte_size
 
-def _size(n_bytes: int) -> str:
-    size = float(n_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
+__all__ = ["format_info"]
 
 
 def format_info(summary: dict[str, Any]) -> str:
@@ -32,7 +27,7 @@ def format_info(summary: dict[str, Any]) -> str:
         ("written by", f"lorascope {summary['lorascope_version']}, torch {summary['torch_version']}, "
                        f"{summary['framework']} {summary['framework_version']}".rstrip()),
         ("created", summary["created"] + (f", finished {summary['finished']}" if summary["finished"] else "")),
-        ("size", _size(summary["file_size_bytes"])),
+        ("size", byte_size(summary["file_size_bytes"])),
         ("modules", f"{summary['n_modules']} matrices: {kinds}"),
         ("parameters", f"{cov['recorded']} recorded, {cov['not_recorded']} not recorded (see coverage)"),
         ("steps", step_range),

@@ -1,7 +1,8 @@
 """PNG figures of an :class:`~lorascope.workflows.analyze.Analysis`: spectra, rank curves, residuals, energy shares,
 loss and MoE experts.
 
-Rendering only: every number comes from the analysis object (plus small reshapes of it). Figures are built with
+Rendering only: every number comes from the analysis object (plus small reshapes of it); the shared look (size,
+resolution, settings, log ticks) is :mod:`lorascope.report.style`. Figures are built with
 matplotlib's object API (:class:`matplotlib.figure.Figure`, saved through the Agg canvas), so nothing touches
 pyplot's global figure registry or the process-wide backend, and no figure outlives the call that drew it.
 """
@@ -10,12 +11,10 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib as mpl
 import numpy as np
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
@@ -23,7 +22,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 from lorascope.analysis.curves import FLAT, TOO_FEW
-from lorascope.analysis.layers import energy_shares
+from lorascope.report.format import layer
+from lorascope.report.style import DPI, WIDTH_IN, X_LABELS, figure_style, palette, plain_log_ticks
 from lorascope.workflows.analyze import CURVE_P
 
 if TYPE_CHECKING:
@@ -34,15 +34,8 @@ __all__ = ["PLOT_NAMES", "make_plots"]
 # Every figure make_plots may write, in the order a report shows them.
 PLOT_NAMES = ("energy_rank", "residual", "spectra", "energy_share", "experts", "noise_scale", "loss")
 
-WIDTH_IN = 10.0  # 1000 px at DPI: the width the figures are designed to be read at
-DPI = 100
 KIND_ORDER = ("attention", "mlp", "moe_expert", "router", "embedding", "head", "norm", "other")
-X_LABELS = {"examples_seen": "examples seen (training examples, log scale)",
-            "tokens_seen": "tokens seen (training tokens, log scale)",
-            "step": "optimizer steps (log scale; examples seen were not recorded)"}
 REFUSED = {TOO_FEW: "too few points", FLAT: "no significant growth"}
-_RC = {"axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
-       "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9, "figure.dpi": DPI}
 
 
 def make_plots(analysis: Analysis, folder: str | Path) -> dict[str, Path]:
@@ -84,7 +77,7 @@ def make_plots(analysis: Analysis, folder: str | Path) -> dict[str, Path]:
         "loss": _loss,
     }
     written: dict[str, Path] = {}
-    with _style():
+    with figure_style():
         for name in PLOT_NAMES:
             fig = drawers[name](analysis, suffix)
             if fig is None:
@@ -150,8 +143,8 @@ def _energy_rank(analysis: Analysis, suffix: str) -> Figure | None:
                     textcoords="offset points", ha="right", va="bottom", fontsize=9, color="0.25")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    _plain_log_ticks(ax.xaxis)
-    _plain_log_ticks(ax.yaxis)
+    plain_log_ticks(ax.xaxis)
+    plain_log_ticks(ax.yaxis)
     y_lo = min(min(ys_all), min(analysis.ranks)) / 1.5
     y_hi = max(max(ys_all), max(analysis.ranks)) * 1.5
     ax.set_ylim(y_lo, y_hi)
@@ -181,11 +174,11 @@ def _residual(analysis: Analysis, suffix: str) -> Figure | None:
     x, axis, residual = series
     fig = Figure(figsize=(WIDTH_IN, 5.0), layout="constrained")
     ax = fig.add_subplot()
-    palette = _palette(len(analysis.ranks), "viridis")
+    colors = palette(len(analysis.ranks), "viridis")
     for i, rank in enumerate(analysis.ranks):
-        ax.plot(x, residual[:, i], "o-", color=palette[i], markersize=4, label=f"rank {rank}")
+        ax.plot(x, residual[:, i], "o-", color=colors[i], markersize=4, label=f"rank {rank}")
     ax.set_xscale("log")
-    _plain_log_ticks(ax.xaxis)
+    plain_log_ticks(ax.xaxis)
     ax.set_ylim(0.0, 1.0)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel(X_LABELS[axis])
@@ -249,50 +242,41 @@ def _spectra(analysis: Analysis, suffix: str) -> Figure | None:
 
 
 def _energy_share(analysis: Analysis, suffix: str) -> Figure | None:
-    import seaborn as sns
-
-    snap = analysis.final_snapshot()
-    if snap is None:
+    shares = analysis.final_energy_shares
+    if shares is None or shares["layer_kind"].empty:
         return None
-    table = energy_shares(snap)["layer_kind"]
-    if table.empty:
-        return None
+    table = shares["layer_kind"]
     table = table[_ordered_kinds(table.columns.astype(str))]
-    table.index = [_layer_label(v) for v in table.index]
-    fig = Figure(figsize=(WIDTH_IN, _heatmap_height(len(table))), layout="constrained")
-    ax = fig.add_subplot()
-    sns.heatmap(table, ax=ax, cmap="rocket_r", vmin=0.0, annot=len(table) <= 48, fmt=".1%",
-                annot_kws={"fontsize": 8}, cbar_kws={"label": "share of all update energy", "format":
-                                                     PercentFormatter(1.0)}, linewidths=0.5, linecolor="white")
-    ax.set_xlabel("module kind")
-    ax.set_ylabel("layer (transformer block)")
-    ax.grid(False)
-    ax.set_title(_wrap(f"Where the update's energy lives: layer x kind, {_snapshot_words(snap, analysis.x)}{suffix}"))
-    return fig
+    when = _snapshot_words(analysis.final_snapshot(), analysis.x)
+    return _heatmap(table, "module kind", f"Where the update's energy lives: layer x kind, {when}{suffix}",
+                    cmap="rocket_r", annotate=len(table) <= 48, cell_gap=0.5)
 
 
 def _experts(analysis: Analysis, suffix: str) -> Figure | None:
+    shares = analysis.final_energy_shares
+    if shares is None or shares["expert"].empty:
+        return None
+    table = shares["expert"].unstack("expert")
+    when = _snapshot_words(analysis.final_snapshot(), analysis.x)
+    return _heatmap(table, "expert index", f"Update energy per MoE expert (all its matrices), {when}{suffix}",
+                    cmap="mako_r", annotate=table.size <= 400 and table.shape[1] <= 16, cell_gap=0.3)
+
+
+def _heatmap(table: Any, columns: str, title: str, *, cmap: str, annotate: bool, cell_gap: float) -> Figure:
+    """Shares of all update energy per layer (rows) and ``columns``, each cell annotated when ``annotate``."""
     import seaborn as sns
 
-    snap = analysis.final_snapshot()
-    if snap is None:
-        return None
-    per_expert = energy_shares(snap)["expert"]
-    if per_expert.empty:
-        return None
-    table = per_expert.unstack("expert")
-    table.index = [_layer_label(v) for v in table.index]
+    table = table.copy()
+    table.index = [layer(v) for v in table.index]
     fig = Figure(figsize=(WIDTH_IN, _heatmap_height(len(table))), layout="constrained")
     ax = fig.add_subplot()
-    n_cells = table.size
-    sns.heatmap(table, ax=ax, cmap="mako_r", vmin=0.0, annot=n_cells <= 400 and table.shape[1] <= 16, fmt=".1%",
-                annot_kws={"fontsize": 8}, cbar_kws={"label": "share of all update energy", "format":
-                                                     PercentFormatter(1.0)}, linewidths=0.3, linecolor="white")
-    ax.set_xlabel("expert index")
+    sns.heatmap(table, ax=ax, cmap=cmap, vmin=0.0, annot=annotate, fmt=".1%", annot_kws={"fontsize": 8},
+                cbar_kws={"label": "share of all update energy", "format": PercentFormatter(1.0)},
+                linewidths=cell_gap, linecolor="white")
+    ax.set_xlabel(columns)
     ax.set_ylabel("layer (transformer block)")
     ax.grid(False)
-    ax.set_title(_wrap(f"Update energy per MoE expert (all its matrices), "
-                       f"{_snapshot_words(snap, analysis.x)}{suffix}"))
+    ax.set_title(_wrap(title))
     return fig
 
 
@@ -300,10 +284,10 @@ def _loss(analysis: Analysis, suffix: str) -> Figure:
     axis = analysis.x if all(_has_positive_x(run.steps, analysis.x) for run in analysis.runs) else "step"
     fig = Figure(figsize=(WIDTH_IN, 5.0), layout="constrained")
     ax = fig.add_subplot()
-    palette = _palette(len(analysis.runs), "tab10")
+    colors = palette(len(analysis.runs), "tab10")
     drawn = 0
     names = _run_names(analysis.runs)
-    for color, run in zip(palette, analysis.runs):
+    for color, run in zip(colors, analysis.runs):
         steps = run.steps
         if "loss" not in steps or not steps.sizes.get("step", 0):
             continue
@@ -318,7 +302,7 @@ def _loss(analysis: Analysis, suffix: str) -> Figure:
         drawn += 1
     if drawn:
         ax.set_xscale("log")
-        _plain_log_ticks(ax.xaxis)
+        plain_log_ticks(ax.xaxis)
         ax.legend(loc="best")
     else:
         _empty(ax, "no finite training loss was recorded")
@@ -378,13 +362,6 @@ def _noise_scale(analysis: Analysis, suffix: str) -> Figure | None:
 # -- helpers ---------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _style() -> Iterator[None]:
-    """Report styling for the duration of one call; rcParams are restored afterwards."""
-    with mpl.rc_context(_RC):
-        yield
-
-
 def _ordered_kinds(kinds: Sequence[str] | Any) -> list[str]:
     kinds = [str(k) for k in kinds]
     known = [k for k in KIND_ORDER if k in kinds]
@@ -400,21 +377,15 @@ def _ordered(curves: dict[str, Any]) -> list[tuple[str, Any]]:
 def _kind_colors(kinds: Any) -> dict[str, Any]:
     import seaborn as sns
 
-    palette = sns.color_palette("colorblind", len(KIND_ORDER) + 4)
-    colors: dict[str, Any] = {k: palette[i] for i, k in enumerate(KIND_ORDER)}
-    extra = iter(palette[len(KIND_ORDER):])
+    base = sns.color_palette("colorblind", len(KIND_ORDER) + 4)
+    colors: dict[str, Any] = {k: base[i] for i, k in enumerate(KIND_ORDER)}
+    extra = iter(base[len(KIND_ORDER):])
     for kind in kinds:
         if kind == "all":
             colors["all"] = (0.0, 0.0, 0.0)
         elif kind not in colors:
             colors[kind] = next(extra, (0.5, 0.5, 0.5))
     return colors
-
-
-def _palette(n: int, name: str) -> list[Any]:
-    import seaborn as sns
-
-    return list(sns.color_palette(name, max(n, 1)))
 
 
 def _positive(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -465,10 +436,6 @@ def _heatmap_height(rows: int) -> float:
     return min(40.0, max(3.0, 1.8 + 0.3 * rows))
 
 
-def _layer_label(layer: Any) -> str:
-    return "none" if int(layer) < 0 else str(int(layer))
-
-
 def _x_words(axis: str) -> str:
     return {"examples_seen": "examples seen", "tokens_seen": "tokens seen", "step": "optimizer steps"}[axis]
 
@@ -487,27 +454,6 @@ def _run_names(runs: Sequence[RunResult]) -> dict[str, str]:
 
 def _wrap(title: str, width: int = 95) -> str:
     return "\n".join(textwrap.wrap(title, width))
-
-
-def _compact(value: float) -> str:
-    """1000 -> 1k, 2.5e6 -> 2.5M: counts stay readable on a log axis."""
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:g}{unit}"
-    return f"{value:g}"
-
-
-def _plain_log_ticks(axis: Any) -> None:
-    """Plain numbers on a log axis; minor ticks labelled when the axis spans few decades (all of them within one
-    decade, those at 2 and 5 within two), so a short range still shows numbers."""
-    def minor(value: float, _: Any) -> str:
-        low, high = sorted(axis.get_view_interval())
-        decades = math.log10(high / low) if low > 0 else math.inf
-        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
-        return _compact(value) if decades <= 1.0 or (decades <= 2.0 and mantissa in (2.0, 5.0)) else ""
-
-    axis.set_major_formatter(FuncFormatter(lambda value, _: _compact(value)))
-    axis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _confidence(analysis: Analysis) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorascope.report.terminal import _count, _table
+from lorascope.report.format import MISSING, count, number, significant, table
 
 _KIND_COLUMNS = (("attention", "attn"), ("mlp", "mlp"), ("moe_expert", "experts"))
 
@@ -16,13 +16,13 @@ def format_recommendation(summary: dict[str, Any]) -> str:
     model = summary["model"]
     name = model.get("model_type", model.get("class", "model"))
     lines = [
-        f"model: {name} ({_count(model.get('parameters'))} parameters); task {summary['task']}; "
-        f"{_count(summary['examples'])} examples"
-        + (f" x {_count(summary['trained_tokens_per_example'])} trained tokens"
+        f"model: {name} ({count(model.get('parameters'))} parameters); task {summary['task']}; "
+        f"{count(summary['examples'])} examples"
+        + (f" x {count(summary['trained_tokens_per_example'])} trained tokens"
            if summary["trained_tokens_per_example"] else ""),
-        f"bits to learn: {_count(summary['bits_to_learn'])} ({bits['explanation']})",
-        f"capacity: {constant['bits_per_parameter']:.3g} bits per LoRA parameter, known to "
-        f"x/{constant['uncertainty']:.3g} ({constant['source']})",
+        f"bits to learn: {count(summary['bits_to_learn'])} ({bits['explanation']})",
+        f"capacity: {significant(constant['bits_per_parameter'], 3)} bits per LoRA parameter, known to "
+        f"x/{significant(constant['uncertainty'], 3)} ({constant['source']})",
         "",
     ]
     kinds = [(k, label) for k, label in _KIND_COLUMNS
@@ -34,17 +34,17 @@ def format_recommendation(summary: dict[str, Any]) -> str:
     rows = []
     for p in summary["predictions"]:
         low, high = p["runway_range"]
-        row = [str(p["rank"]), *(str(p["ranks_by_kind"].get(k, "-")) for k, _ in kinds), _count(p["lora_parameters"]),
-               _count(p["runway_examples"]), f"{_count(low)}..{_count(high)}"]
-        row += [_count(p["tinker_runway_examples"])] if tinker else []
+        row = [str(p["rank"]), *(str(p["ranks_by_kind"].get(k, MISSING)) for k, _ in kinds),
+               count(p["lora_parameters"]), count(p["runway_examples"]), f"{count(low)}..{count(high)}"]
+        row += [count(p["tinker_runway_examples"])] if tinker else []
         row += [_verdict(p), "<" if p["rank"] == summary["rank"] else ""]
         rows.append(row)
-    lines += [line.rstrip() for line in _table(header, rows)]
+    lines += [line.rstrip() for line in table(header, rows)]
     by_kind = ", ".join(f"{k} {r}" for k, r in summary["ranks_by_kind"].items())
     lines += [
         "",
         f"recommended: rank {summary['rank']} ({by_kind}) on {summary['target']}, lora_alpha "
-        f"{summary['lora_alpha']}, scaling {summary['scaling']}; {_count(summary['lora_parameters'])} LoRA parameters",
+        f"{summary['lora_alpha']}, scaling {summary['scaling']}; {count(summary['lora_parameters'])} LoRA parameters",
         *(f"  why: {p['reason']}" for p in summary["predictions"] if p["rank"] == summary["rank"]),
         "  attention-only LoRA is never recommended: it underperforms MLP-only at matched parameter count "
         "(LoRA Without Regret, 2025)",
@@ -54,14 +54,14 @@ def format_recommendation(summary: dict[str, Any]) -> str:
     for probe in summary["probes"]:
         lines += ["", f"probe {probe['path']}" + (" (a LoRA run)" if probe["lora"] else "")]
         info = probe["information"]
-        absorbed = "-" if info["absorbed_bits"] is None else _count(info["absorbed_bits"])
-        lines.append(f"  first-epoch description length {_count(info['description_length_bits'])} bits, absorbed "
-                     f"{absorbed} bits over {_count(info['epoch_examples'])} examples ({info['token_basis']})")
+        lines.append(f"  first-epoch description length {count(info['description_length_bits'])} bits, absorbed "
+                     f"{count(info['absorbed_bits'])} bits over {count(info['epoch_examples'])} examples "
+                     f"({info['token_basis']})")
         spectral = probe["spectral"]
         if spectral:
-            residual = ", ".join(f"e_{r}={v:.2f}" for r, v in spectral["rank_residual"].items() if v is not None)
+            residual = ", ".join(f"e_{r}={number(v, 2)}" for r, v in spectral["rank_residual"].items() if v is not None)
             lines.append(f"  spectral evidence (not used in the verdict): k_0.9 = "
-                         f"{_count(spectral['energy_rank_0.9'])}, signal rank {_count(spectral['signal_rank'])}, "
+                         f"{count(spectral['energy_rank_0.9'])}, signal rank {count(spectral['signal_rank'])}, "
                          f"{residual}")
     if summary["notes"]:
         lines += ["", "notes:", *(f"  - {n}" for n in summary["notes"])]
@@ -70,16 +70,17 @@ def format_recommendation(summary: dict[str, Any]) -> str:
 
 def _verdict(prediction: dict[str, Any]) -> str:
     if prediction["verdict"] == "exceeded":
-        return f"exceeded at ~{_count(prediction['runway_examples'])}"
+        return f"exceeded at ~{count(prediction['runway_examples'])}"
     return prediction["verdict"]
 
 
 def format_calibration(summary: dict[str, Any]) -> str:
     """Plain text of a calibration: one row per rank and the constant."""
-    rows = [[str(p["rank"]), _count(p["lora_parameters"]), _count(p["facts"]), _count(p["bits_offered"]),
-             _count(p["bits_stored"]), f"{p['bits_per_parameter']:.3f}"] for p in summary["points"]]
-    lines = _table(["rank", "LoRA params", "facts", "bits offered", "bits stored", "bits/param"], rows)
-    lines += ["", f"bits per LoRA parameter: {summary['bits_per_parameter']:.3f} (spread over ranks "
-              f"{summary['spread']:.2f}x, uncertainty x/{summary['uncertainty']:.2f}) on {summary['target']}"]
+    rows = [[str(p["rank"]), count(p["lora_parameters"]), count(p["facts"]), count(p["bits_offered"]),
+             count(p["bits_stored"]), number(p["bits_per_parameter"], 3)] for p in summary["points"]]
+    lines = table(["rank", "LoRA params", "facts", "bits offered", "bits stored", "bits/param"], rows)
+    lines += ["", f"bits per LoRA parameter: {number(summary['bits_per_parameter'], 3)} (spread over ranks "
+              f"{number(summary['spread'], 2)}x, uncertainty x/{number(summary['uncertainty'], 2)}) on "
+              f"{summary['target']}"]
     lines += [f"  - {n}" for n in summary["notes"]]
     return "\n".join(lines)

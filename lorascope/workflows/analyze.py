@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,19 @@ class Analysis:
     def final_snapshot(self) -> xr.Dataset | None:
         run = self.final_run
         return None if run.metrics is None else run.metrics.isel(snapshot=-1)
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        """:meth:`to_dict`, computed once: the terminal, ``summary.json``, ``--json`` and the HTML page all render
+        this one dictionary (read it after :func:`analyze` has returned; treat it as read-only)."""
+        return self.to_dict()
+
+    @cached_property
+    def final_energy_shares(self) -> dict[str, Any] | None:
+        """:func:`~lorascope.analysis.layers.energy_shares` of the final snapshot (per kind, layer, (layer, kind)
+        and expert), or None without snapshots."""
+        snap = self.final_snapshot()
+        return None if snap is None else energy_shares(snap)
 
     def headline(self) -> list[dict[str, Any]]:
         """Per candidate rank: the share of the final update an all-linear LoRA of that rank could capture."""

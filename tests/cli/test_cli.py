@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import lorascope
 from lorascope.demo import DemoConfig, run_demo
+from lorascope.workflows.analyze import Analysis
 from lorascope_cli.main import cli
 
 
@@ -65,6 +66,17 @@ def test_analyze_json_matches_summary_file(recorded, tmp_path):
     result = _invoke("analyze", recorded, "-o", tmp_path / "r", "--json")
     assert result.exit_code == 0
     assert json.loads(result.output) == json.loads((tmp_path / "r" / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_analyze_computes_the_summary_once(recorded, tmp_path, monkeypatch, as_json):
+    """summary.json, the page and the printed summary all render one Analysis.summary."""
+    calls = []
+    to_dict = Analysis.to_dict
+    monkeypatch.setattr(Analysis, "to_dict", lambda self: calls.append(self) or to_dict(self))
+    result = _invoke("analyze", recorded, "-o", tmp_path / "r", *(["--json"] if as_json else []))
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1
 
 
 def test_existing_output_folder_is_refused_unless_forced(recorded, tmp_path):

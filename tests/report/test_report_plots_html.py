@@ -22,8 +22,11 @@ import pytest
 import torch
 
 import lorascope
+from lorascope.report.folder import write_report
+from lorascope.report.format import approx_count, count, number, percent
 from lorascope.report.html import crossing_sentence, headline_sentence, render_html
 from lorascope.report.plots import PLOT_NAMES, make_plots
+from lorascope.report.terminal import format_summary
 from lorascope.store.writer import RunWriter
 from lorascope.workflows.analyze import Analysis, analyze
 
@@ -179,7 +182,7 @@ def reports(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         else:
             analysis, expected = analyze(request.getfixturevalue("killed_run"), ranks=RANKS), SPECTRAL
         images, titles = _plots_with_titles(analysis, tmp_path_factory.mktemp(f"report_{name}"))
-        built[name] = Report(analysis, images, render_html(analysis, images), set(expected), titles)
+        built[name] = Report(analysis, images, render_html(analysis.summary, images), set(expected), titles)
         return built[name]
 
     return build
@@ -281,7 +284,7 @@ def test_html_is_self_contained_and_embeds_every_image(report: Report) -> None:
 
 
 def test_html_states_the_summary_numbers(report: Report) -> None:
-    summary = report.analysis.to_dict()
+    summary = report.analysis.summary
     text = _text(_parse(report.html))
     unit = {"examples_seen": "examples", "tokens_seen": "tokens"}[summary["x"]]
     for run in summary["runs"]:
@@ -312,8 +315,36 @@ def test_html_states_the_summary_numbers(report: Report) -> None:
             assert crossing_sentence(group, curve, crossing, unit) in text
 
 
+def test_terminal_and_page_write_the_same_numbers(report: Report) -> None:
+    summary = report.analysis.summary
+    terminal, page = format_summary(summary), _text(_parse(report.html))
+    values = [v for run in summary["runs"]
+              for v in (count(run["examples_seen"]), count(run["tokens_seen"]), number(run["final_loss"], 4))]
+    values += [v for row in summary["headline"]
+               for v in (percent(row["captured_energy_share"]), number(row["signal_rank"]))]
+    values += [approx_count(c["x"]) for curve in summary["curves"].values() for c in curve["crossings"]
+               if c["status"] == "predicted"]
+    values += [v for noise in summary["noise_scale"] for group in noise["groups"].values()
+               for v in (number(group["b_simple"]), *(number(b) for b in group["interval"]))]
+    for value in values:
+        assert value in terminal and value in page, value
+
+
+def test_one_report_computes_the_summary_once(killed_run: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    analysis = analyze(killed_run, ranks=RANKS)
+    calls = []
+    to_dict = Analysis.to_dict
+    monkeypatch.setattr(Analysis, "to_dict", lambda self: calls.append(self) or to_dict(self))
+    files = write_report(analysis, tmp_path / "report")
+    text = format_summary(analysis.summary)
+    assert len(calls) == 1
+    assert "At step 10 (40 examples)" in text and files.html.read_text(encoding="utf-8") == render_html(
+        analysis.summary, files.images)
+
+
 def test_html_escapes_strings_from_the_run(steps_only_run: Path) -> None:
-    page = render_html(analyze(steps_only_run, ranks=RANKS), {})
+    page = render_html(analyze(steps_only_run, ranks=RANKS).summary, {})
     assert "a<b>" not in page and "a&lt;b&gt;&amp;&#x27;q&quot;.h5" in page
     assert steps_only_run.name in _text(_parse(page))
 
