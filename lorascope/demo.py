@@ -11,13 +11,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorascope.inputs.synthetic import FactsTask, pretrain_on_markov
+
+if TYPE_CHECKING:
+    from lorascope.report.folder import ReportFiles
+    from lorascope.workflows.analyze import Analysis
 
 __all__ = ["DemoConfig", "DemoTransformer", "run_demo"]
 
@@ -106,7 +110,7 @@ class DemoTransformer(nn.Module):
 
 
 def run_demo(folder: str | os.PathLike[str] = "lorascope-demo", *, cfg: DemoConfig | None = None,
-             force: bool = False, log: Any = print) -> tuple[Path, Any, Any]:
+             force: bool = False, log: Any = print) -> tuple[Path, Analysis, ReportFiles]:
     """Pretrain, fully fine-tune with recording, analyse and write the report into ``folder``.
 
     Returns the run file path, the :class:`~lorascope.workflows.analyze.Analysis` and the report files.
@@ -122,7 +126,8 @@ def run_demo(folder: str | os.PathLike[str] = "lorascope-demo", *, cfg: DemoConf
         torch.set_num_threads(threads)
 
 
-def _run(folder: str | os.PathLike[str], cfg: DemoConfig, force: bool, log: Any) -> tuple[Path, Any, Any]:
+def _run(folder: str | os.PathLike[str], cfg: DemoConfig, force: bool, log: Any
+         ) -> tuple[Path, Analysis, ReportFiles]:
     import lorascope
     from lorascope.report.folder import prepare_folder, write_report
     from lorascope.workflows.analyze import analyze
