@@ -9,8 +9,9 @@ recordings of the same model on growing datasets, the growth law of the absorbed
 
 Growth. With one recording the bits grow linearly with the data (each additional example asks ``b`` bits). With
 recordings at several dataset sizes :math:`N_i` absorbing :math:`B_i` bits, a power law
-:math:`B(N) = B_{\\mathrm{ref}} (N / N_{\\mathrm{ref}})^g` is fitted in log-log space and anchored at the largest
-recording (:math:`B_{\\mathrm{ref}} = b N_{\\mathrm{ref}}`); a LoRA holding :math:`C = \\kappa P(r)` bits then runs out at
+:math:`B(N) = B_{\\mathrm{ref}} (N / N_{\\mathrm{ref}})^g` is fitted in log-log space and anchored at the
+largest recording (:math:`B_{\\mathrm{ref}} = b N_{\\mathrm{ref}}`); a LoRA holding :math:`C = \\kappa P(r)` bits then
+runs out at
 
 .. math:: N^*(r) = N_{\\mathrm{ref}} \\, (C / B_{\\mathrm{ref}})^{1/g}
 

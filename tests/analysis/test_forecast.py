@@ -3,8 +3,6 @@ matrices equal PEFT's count, the growth law recovers a planted exponent, and the
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
