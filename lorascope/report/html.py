@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope._version import __version__
+from lorascope.report.forecast import FORECAST_HEADER, forecast_facts, forecast_rows
 from lorascope.report.format import X_UNITS, approx_count, bound, count, layer, number, percent
 from lorascope.workflows.analyze import CURVE_P
 
@@ -86,6 +87,7 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, str | os.PathLi
         bad = [r["path"] for r in runs if not r["complete"]]
         parts.append(f'<div class="banner" role="alert"><strong>Incomplete run{"s" if len(bad) > 1 else ""}:</strong> '
                      f"{_e(', '.join(bad))}. The results cover what was written so far.</div>")
+    parts += _forecast_section(summary.get("forecast"))
     parts += _headline(summary)
     if summary["notes"]:
         parts += ["<h2>Notes</h2>", _list(summary["notes"])]
@@ -143,6 +145,18 @@ def crossing_sentence(group: str, curve: Mapping[str, Any], crossing: Mapping[st
 
 
 # -- sections --------------------------------------------------------------------------------------------------
+
+
+def _forecast_section(forecast: Mapping[str, Any] | None) -> list[str]:
+    if forecast is None:
+        return []
+    out = ['<h2 id="forecast">Forecast: where each LoRA runs out</h2>', _list(forecast_facts(forecast))]
+    rows = forecast_rows(forecast)
+    if rows:
+        out.append(_table(FORECAST_HEADER, rows, left=(0, 6)))
+    if forecast.get("notes"):
+        out.append(_list(forecast["notes"]))
+    return out
 
 
 def _headline(summary: Mapping[str, Any]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorascope.report.forecast import FORECAST_HEADER, forecast_facts, forecast_rows
 from lorascope.report.format import X_UNITS, approx_count, bound, count, number, percent, table
 
 __all__ = ["format_summary"]
@@ -19,6 +20,19 @@ def _crossing_text(crossing: dict[str, Any], x_name: str) -> str:
             f"({bound(crossing['x_low'])}..{bound(crossing['x_high'])})")
 
 
+def _forecast_lines(forecast: dict[str, Any] | None) -> list[str]:
+    if forecast is None:
+        return []
+    lines = ["", "Forecast: where a LoRA of each rank runs out on this data (the bits full fine-tuning took in, "
+                 "against the LoRA's capacity):"]
+    lines += [f"  {s}" for s in forecast_facts(forecast)]
+    rows = forecast_rows(forecast)
+    if rows:
+        lines += [f"  {s}" for s in table(FORECAST_HEADER, rows)]
+    lines += [f"  - {note}" for note in forecast.get("notes", [])]
+    return lines
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """Render :attr:`lorascope.workflows.analyze.Analysis.summary` (``summary.json``) as plain text."""
     lines: list[str] = []
@@ -31,6 +45,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary["incomplete"]:
         lines.append("WARNING: at least one run is incomplete (still being written, or the writer died); "
                      "results cover what was written so far.")
+    lines += _forecast_lines(summary.get("forecast"))
     final = summary["final"]
     if final is None:
         lines.append("No snapshots: no spectral analysis (the loss curve is in the report).")
