@@ -40,3 +40,9 @@ def check_positive_int(name: str, value: Any, caller: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InvalidOptionError(f"{_where(name, caller)} must be an int in the range [1, inf). "
                                  f"Got {value!r} instead.")
+
+
+def check_non_negative(name: str, value: Any, caller: str = "") -> None:
+    """A finite real number >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise InvalidOptionError(f"{_where(name, caller)} must be a non-negative number. Got {value!r} instead.")

@@ -2,7 +2,7 @@
 
 Two sources, both in bits per example so that they scale to another dataset size of the same data:
 
-From a recording (:func:`information_from_steps`, :func:`information_from_run`)
+From a recording (:func:`information_from_steps`; ``lorascope.workflows.runs.information_from_run`` reads a file)
     *Description length*: the training loss of the first epoch summed over the tokens it is computed on,
     in bits. Every first-epoch example is scored before the model has trained on it, so this is the
     prequential code length of the data given the starting model, an upper bound on the information the data
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,6 @@ __all__ = [
     "DEFAULT_BITS_PER_TOKEN",
     "BitsEstimate",
     "RecordedInformation",
-    "information_from_run",
     "information_from_size",
     "information_from_steps",
     "recorded_dataset_examples",
@@ -288,19 +286,6 @@ def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = 
                                            / late_examples))
     return RecordedInformation(description_length, absorbed, epoch_examples, int(first.sum()), epochs, final_loss,
                                token_basis, marginal, marginal_absorbed, notes)
-
-
-def information_from_run(path: str | os.PathLike[str], *, dataset_examples: int | None = None
-                         ) -> RecordedInformation:
-    """:func:`information_from_steps` of a run file; the epoch size defaults to the run's recorded dataset size
-    (config ``dataset.examples``, written by the HF and Lightning integrations or given by the user through
-    ``extra_config={"dataset": {"examples": N}}``)."""
-    from lorascope.store.reader import open_run
-
-    with open_run(path) as run:
-        steps = run.steps.load()
-        recorded = recorded_dataset_examples(run.config)
-    return information_from_steps(steps, dataset_examples=recorded if dataset_examples is None else dataset_examples)
 
 
 def recorded_dataset_examples(config: Mapping[str, Any]) -> int | None:

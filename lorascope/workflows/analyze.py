@@ -21,8 +21,9 @@ from lorascope.analysis.curves import PowerLawFit, fit_power_law
 from lorascope.analysis.layers import TARGET_SETS, energy_shares, lora_capture, rank_hungry_modules
 from lorascope.analysis.metrics import DEFAULT_P, aggregate, update_metrics
 from lorascope.analysis.noise import BatchAdvice, NoiseScale, batch_tradeoff, noise_scale
-from lorascope.errors import LorascopeError
-from lorascope.store.reader import open_run
+from lorascope.errors import InvalidOptionError, LorascopeError
+from lorascope.store.reader import Run
+from lorascope.workflows.runs import LoadedRun, ModelFacts, RunLike, check_same_model, load_run
 
 __all__ = ["Analysis", "RunResult", "analyze", "DEFAULT_CANDIDATE_RANKS"]
 
@@ -194,7 +195,7 @@ class Analysis:
         return ds
 
 
-def analyze(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+def analyze(paths: RunLike | Sequence[RunLike], *,
             ranks: Sequence[int] = DEFAULT_CANDIDATE_RANKS, p: Sequence[float] = DEFAULT_P,
             x: str = "examples_seen", progress: Callable[[Any], Any] | None = None) -> Analysis:
     """Analyse one or more run files.
@@ -202,7 +203,8 @@ def analyze(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     Parameters
     ----------
     paths
-        One run file, or several runs of the same model (for instance trained on different dataset sizes).
+        One run file, or several runs of the same model (for instance trained on different dataset sizes); paths
+        or open :class:`~lorascope.Run` objects (left open).
     ranks
         Candidate LoRA ranks: residuals, captures and the dataset size at which k_0.9 crosses each.
     p
@@ -218,29 +220,35 @@ def analyze(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
         Runs of different models passed together, an invalid ``ranks``/``p``/``x``, or an unreadable file
         (a :class:`~lorascope.errors.RunFileError`).
     """
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    paths = [paths] if isinstance(paths, (str, os.PathLike, Run)) else list(paths)
     if not paths:
         raise LorascopeError("analyze needs at least one run file")
     if x not in X_AXES:
-        raise LorascopeError(f"The 'x' parameter of analyze must be one of {X_AXES}. Got {x!r} instead.")
+        raise InvalidOptionError(f"The 'x' parameter of analyze must be one of {X_AXES}. Got {x!r} instead.")
     ranks = check_ranks(ranks, "analyze")
     p = tuple(sorted({float(v) for v in p} | {CURVE_P}))
     metric_ranks = tuple(sorted(set(ranks) | {1, 2, 4, 8, 16, 32, 64, 128, 256}))
-    runs = [_load(path, p, metric_ranks) for path in (progress(paths) if progress else paths)]
-    _check_same_model(runs)
+    runs, first = [], None
+    for source in progress(paths) if progress else paths:
+        loaded = load_run(source)
+        facts = ModelFacts.of_run(loaded)
+        if first is None:
+            first = facts
+        else:
+            check_same_model(first, facts, refusal="cannot share a curve", matrices="same")
+        runs.append(_result(loaded, p, metric_ranks))
     analysis = Analysis(runs=runs, ranks=ranks, p=p, x=x)
     _add_notes(analysis)
     analysis.curves = _curves(analysis)
     return analysis
 
 
-def _load(path: str | os.PathLike[str], p: tuple[float, ...], ranks: tuple[int, ...]) -> RunResult:
-    with open_run(path) as run:
-        steps = run.steps.load()
-        snapshots = run.snapshots.load() if run.n_snapshots else None
-        result = RunResult(path=str(path), status=run.status, complete=run.complete,
-                           framework=str(run.attrs.get("framework", "")), modules=run.modules, steps=steps,
-                           metrics=None, by_kind=None, by_layer=None, overall=None, config=run.config)
+def _result(run: LoadedRun, p: tuple[float, ...], ranks: tuple[int, ...]) -> RunResult:
+    """What one run contributes: its noise scale, batch advice and (with snapshots) its metrics."""
+    steps, snapshots = run.steps, run.snapshots
+    result = RunResult(path=run.path, status=run.status, complete=run.complete, framework=run.framework,
+                       modules=run.modules, steps=steps, metrics=None, by_kind=None, by_layer=None, overall=None,
+                       config=run.config)
     result.noise = noise_scale(steps) if steps.sizes.get("step", 0) else None
     result.batch_advice = _batch_advice(result)
     if snapshots is not None:
@@ -263,19 +271,6 @@ def _batch_advice(run: RunResult) -> BatchAdvice | None:
     if b_noise is None or b_noise <= 0 or not batches.size:
         return None
     return batch_tradeoff(float(b_noise), float(np.median(batches)), lora=run.is_lora)
-
-
-def _check_same_model(runs: list[RunResult]) -> None:
-    first = runs[0]
-    signature = list(zip(first.modules["name"], first.modules["out_features"], first.modules["in_features"]))
-    for run in runs[1:]:
-        other = list(zip(run.modules["name"], run.modules["out_features"], run.modules["in_features"]))
-        if other != signature:
-            diff = next(((a, b) for a, b in zip(signature, other) if a != b), None)
-            detail = (f"first difference: {diff[0][0]} {diff[0][1]}x{diff[0][2]} vs {diff[1][0]} {diff[1][1]}x"
-                      f"{diff[1][2]}" if diff else f"{len(signature)} vs {len(other)} matrices")
-            raise LorascopeError(f"runs of different models cannot share a curve: {first.path} and {run.path} "
-                                 f"record different matrices ({detail})")
 
 
 def _add_notes(analysis: Analysis) -> None:

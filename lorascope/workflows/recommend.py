@@ -34,19 +34,16 @@ from lorascope.analysis.information import (
     BitsEstimate,
     RecordedInformation,
     information_from_size,
-    information_from_steps,
-    recorded_dataset_examples,
 )
 from lorascope.analysis.noise import batch_tradeoff
 from lorascope.errors import InvalidOptionError, ProbeMismatchError
 from lorascope.inputs.datasets import count_dataset
 from lorascope.model.lora_params import lora_parameters, model_from_config
-from lorascope.model.peft import without_peft_prefix
 from lorascope.model.peft_config import make_lora_config, to_peft
-from lorascope.model.taxonomy import classify
 from lorascope.store.reader import open_run
-from lorascope.workflows.analyze import analyze
+from lorascope.workflows.analyze import Analysis, analyze
 from lorascope.workflows.calibrate import load_calibration, model_signature, resolve_target
+from lorascope.workflows.runs import ModelFacts, information_from_run, model_difference
 
 __all__ = ["DEFAULT_RANKS", "Recommendation", "recommend"]
 
@@ -107,6 +104,49 @@ class Recommendation:
             "b_noise": self.b_noise, "peft_config": dict(self.peft_config), "probes": list(self.probes),
             "notes": list(self.notes),
         }
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A probe recording as :func:`recommend` uses it.
+
+    Attributes
+    ----------
+    path : str
+    information : RecordedInformation
+        The information its data asked (the bits per example when it is the largest probe of an SFT task).
+    analysis : Analysis
+        Its spectra and curves: evidence shown beside the verdict, not used in it.
+    lora : bool
+        The probe is a LoRA run (what it absorbed is capped by its own capacity).
+    b_noise : float or None
+        Its gradient noise scale in examples (None without a positive estimate).
+    """
+
+    path: str
+    information: RecordedInformation
+    analysis: Analysis
+    lora: bool
+    b_noise: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The probe's measured information and spectral evidence (shown, not used in the verdict)."""
+        summary = self.analysis.to_dict()
+        final = summary.get("final") or {}
+        spectral = None
+        if final:
+            overall = final["overall"]
+            spectral = {
+                "examples_seen": final["examples_seen"],
+                "energy_rank_0.9": overall["energy_rank"].get("0.9"),
+                "signal_rank": overall["signal_rank"],
+                "rank_residual": overall["rank_residual"],
+                "by_kind": {k: {"energy_rank_0.9": v["energy_rank"].get("0.9"), "signal_rank": v["signal_rank"]}
+                            for k, v in final["by_kind"].items()},
+                "growth_with_data": {g: c["fit"].get("exponent") for g, c in summary["curves"].items()},
+            }
+        return {"path": self.path, "lora": self.lora, "information": self.information.to_dict(),
+                "b_noise": self.b_noise, "spectral": spectral}
 
 
 def recommend(model: Any, *, examples: int | None = None, tokens_per_example: float | None = None,
@@ -179,11 +219,11 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
 
     probe_results = [_probe(path, module, ranks) for path in probes]
     if probe_results and task == "sft":
-        largest = max(probe_results, key=lambda p: p["information"].epoch_examples)
-        bits = largest["information"].estimate()
-        notes.extend(f"probe {largest['path']}: {n}" for n in largest["information"].notes)
-        if largest["lora"]:
-            notes.append(f"probe {largest['path']} is a LoRA run: what it absorbed is capped by its own capacity, "
+        largest = max(probe_results, key=lambda p: p.information.epoch_examples)
+        bits = largest.information.estimate()
+        notes.extend(f"probe {largest.path}: {n}" for n in largest.information.notes)
+        if largest.lora:
+            notes.append(f"probe {largest.path} is a LoRA run: what it absorbed is capped by its own capacity, "
                          "so the bits to learn may be under-estimated; a full fine-tuning probe measures them")
     else:
         bits = information_from_size(examples=examples, tokens_per_example=trained_tokens, task=task,
@@ -238,7 +278,7 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
         constant=constant, predictions=predictions, rank=rank, rank_needed=needed,
         ranks_by_kind=chosen_by_kind, lora_parameters=chosen_parameters, lr_multiplier=lr_multiplier,
         lr_reason=lr_reason, batch_advice=batch_advice, b_noise=b_noise, peft_config=peft_config,
-        probes=[_probe_dict(p, ranks) for p in probe_results], notes=notes)
+        probes=[p.to_dict() for p in probe_results], notes=notes)
 
 
 def _adapter_rank(rank: int, kind: str, experts: int, active: int | None) -> int:
@@ -301,8 +341,8 @@ def _learning_rate(steps: int | None) -> tuple[float, str]:
     return LR_MULTIPLIER, f"{source}; this run has {steps:,} steps"
 
 
-def _batch_advice(probes: list[dict[str, Any]], batch_size: int | None) -> tuple[float | None, str]:
-    noise = [p["b_noise"] for p in probes if p["b_noise"] is not None]
+def _batch_advice(probes: list[Probe], batch_size: int | None) -> tuple[float | None, str]:
+    noise = [p.b_noise for p in probes if p.b_noise is not None]
     if not noise:
         general = ("LoRA's loss penalty vs full fine-tuning grows with batch size, independent of rank (LoRA Without "
                    "Regret, 2025): prefer small batches (~32 or less) when the step budget allows; a probe recording "
@@ -319,57 +359,32 @@ def _batch_advice(probes: list[dict[str, Any]], batch_size: int | None) -> tuple
                      "for LoRA")
 
 
-def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int]) -> dict[str, Any]:
+def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int]) -> Probe:
     with open_run(path) as run:
-        modules = run.modules
-        config = run.config
-    _check_probe_shapes(str(path), modules, config, model)  # before the (longer) analysis
-    analysis = analyze(path, ranks=ranks)
+        _check_probe(str(path), ModelFacts.of_run(run), model)  # before the (longer) analysis
+        information = information_from_run(run)
+        analysis = analyze(run, ranks=ranks)
     result = analysis.runs[0]
-    information: RecordedInformation = information_from_steps(
-        result.steps, dataset_examples=recorded_dataset_examples(result.config))
     b_noise = None if result.noise is None else result.noise.final["all"]["b_simple"]
-    return {"path": str(path), "information": information, "analysis": analysis, "lora": result.is_lora,
-            "b_noise": b_noise if b_noise is not None and b_noise > 0 else None}
+    return Probe(str(path), information, analysis, result.is_lora,
+                 b_noise if b_noise is not None and b_noise > 0 else None)
 
 
-def _check_probe_shapes(path: str, modules: Any, config: Mapping[str, Any], model: nn.Module) -> None:
-    shapes = {ref.name: (ref.out_features, ref.in_features) for ref in classify(model, include_frozen=True).matrices}
-    probe_type = ((config.get("model") or {}).get("config") or {}).get("model_type")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if probe_type and model_type and probe_type != model_type:
-        raise ProbeMismatchError(f"probe {path} was recorded on a {probe_type!r} model, not {model_type!r}: record "
-                                 "the probe with the model you will fine-tune")
-    for name, out, inp in zip(modules["name"], modules["out_features"], modules["in_features"]):
-        base = without_peft_prefix(name)
-        if base not in shapes:  # recorded under a wrapper (a LightningModule's "model."): its longest known suffix
-            base = next((base[i + 1:] for i, c in enumerate(base) if c == "." and base[i + 1:] in shapes), base)
-        if base not in shapes:
-            raise ProbeMismatchError(f"probe {path} is from another architecture: its recorded matrix {base!r} does "
-                                     "not exist in this model")
-        if shapes[base] != (int(out), int(inp)):
-            raise ProbeMismatchError(f"probe {path} is from another architecture: {base} is {out}x{inp} there and "
-                                     f"{shapes[base][0]}x{shapes[base][1]} in this model")
-
-
-def _probe_dict(probe: dict[str, Any], ranks: Sequence[int]) -> dict[str, Any]:
-    """The probe's measured information and spectral evidence (shown, not used in the verdict)."""
-    summary = probe["analysis"].to_dict()
-    final = summary.get("final") or {}
-    spectral = None
-    if final:
-        overall = final["overall"]
-        spectral = {
-            "examples_seen": final["examples_seen"],
-            "energy_rank_0.9": overall["energy_rank"].get("0.9"),
-            "signal_rank": overall["signal_rank"],
-            "rank_residual": overall["rank_residual"],
-            "by_kind": {k: {"energy_rank_0.9": v["energy_rank"].get("0.9"), "signal_rank": v["signal_rank"]}
-                        for k, v in final["by_kind"].items()},
-            "growth_with_data": {g: c["fit"].get("exponent") for g, c in summary["curves"].items()},
-        }
-    return {"path": probe["path"], "lora": probe["lora"], "information": probe["information"].to_dict(),
-            "b_noise": probe["b_noise"], "spectral": spectral}
+def _check_probe(path: str, probe: ModelFacts, model: nn.Module) -> None:
+    """Refuse a probe recorded on another architecture than ``model`` (its model type, or a recorded matrix that
+    the model lacks or holds with another shape)."""
+    difference, _ = model_difference(ModelFacts.of_model(model), probe, keys=("model_type",), matrices="contained")
+    if difference is None:
+        return
+    if difference.kind == "config":
+        raise ProbeMismatchError(f"probe {path} was recorded on a {difference.other!r} model, not "
+                                 f"{difference.reference!r}: record the probe with the model you will fine-tune")
+    if difference.kind == "missing":
+        raise ProbeMismatchError(f"probe {path} is from another architecture: its recorded matrix "
+                                 f"{difference.name!r} does not exist in this model")
+    (out, inp), (model_out, model_in) = difference.other, difference.reference
+    raise ProbeMismatchError(f"probe {path} is from another architecture: {difference.name} is {out}x{inp} there "
+                             f"and {model_out}x{model_in} in this model")
 
 
 def _check_calibration(calibration: Any, signature: Mapping[str, Any]) -> None:

@@ -15,13 +15,10 @@ import xarray as xr
 
 import lorascope
 from lorascope.analysis.capacity import CapacityConstant, judge, predict_ranks, rank_needed
-from lorascope.analysis.information import (
-    information_from_run,
-    information_from_size,
-    information_from_steps,
-)
+from lorascope.analysis.information import information_from_size, information_from_steps
 from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.inputs.synthetic import FactsTask, stored_bits
+from lorascope.workflows.runs import information_from_run
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
