@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from lorascope.errors import InvalidOptionError
+
 __all__ = ["Crossing", "PowerLawFit", "fit_power_law"]
 
 MIN_POINTS = 3  # two parameters, plus at least one degree of freedom for the residual spread
@@ -138,11 +140,12 @@ def fit_power_law(x: Any, y: Any, *, n_boot: int = 1000, confidence: float = 0.9
     ('ok', 0.5)
     """
     if not 0 < confidence < 1:
-        raise ValueError(f"The 'confidence' parameter of fit_power_law must be in (0, 1). Got {confidence!r} instead.")
+        raise InvalidOptionError(f"The 'confidence' parameter of fit_power_law must be in (0, 1). "
+                                 f"Got {confidence!r} instead.")
     x = np.asarray(x, dtype=np.float64).reshape(-1)
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same length. Got {x.shape[0]} and {y.shape[0]} instead.")
+        raise InvalidOptionError(f"x and y must have the same length. Got {x.shape[0]} and {y.shape[0]} instead.")
     keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
     x, y = x[keep], y[keep]
     order = np.argsort(x, kind="stable")

@@ -15,6 +15,7 @@ import xarray as xr
 
 from lorascope._checks import check_ranks
 from lorascope.analysis import spectra
+from lorascope.errors import InvalidOptionError
 
 DEFAULT_P = (0.5, 0.9, 0.99)
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -25,7 +26,8 @@ __all__ = ["DEFAULT_P", "DEFAULT_RANKS", "aggregate", "update_metrics"]
 def _check_p(p: Sequence[float]) -> tuple[float, ...]:
     values = tuple(float(x) for x in p)
     if not values or any(not (0.0 < x <= 1.0) for x in values):
-        raise ValueError(f"The 'p' parameter must be a non-empty list of floats in (0, 1]. Got {list(p)!r} instead.")
+        raise InvalidOptionError(f"The 'p' parameter of update_metrics must be a non-empty list of floats in (0, 1]. "
+                                 f"Got {list(p)!r} instead.")
     return values
 
 
@@ -114,8 +116,8 @@ def aggregate(metrics: xr.Dataset, by: str = "kind") -> xr.Dataset:
     if by == "all":
         metrics = metrics.assign_coords(all=("module", np.full(metrics.sizes["module"], "all")))
     if by not in metrics.coords:
-        raise ValueError(f"The 'by' parameter of aggregate must be a module coordinate such as kind, layer or expert. "
-                         f"Got {by!r} instead.")
+        raise InvalidOptionError(f"The 'by' parameter of aggregate must be a module coordinate such as kind, layer "
+                                 f"or expert. Got {by!r} instead.")
     valid = metrics["valid"]
     energy = metrics["energy"].where(valid, 0.0)
     captured = metrics["captured_energy"].where(valid, 0.0)

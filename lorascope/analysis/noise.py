@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from lorascope._checks import check_positive
+from lorascope.errors import InvalidOptionError
+
 __all__ = ["BatchAdvice", "NoiseScale", "batch_tradeoff", "noise_scale", "unbiased_estimates"]
 
 DEFAULT_SMOOTHING = 0.95
@@ -109,7 +112,8 @@ def noise_scale(steps: xr.Dataset, *, smoothing: float = DEFAULT_SMOOTHING, n_bo
         None when no step has norms at two batch sizes.
     """
     if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"The 'smoothing' parameter of noise_scale must be in [0, 1). Got {smoothing!r} instead.")
+        raise InvalidOptionError(f"The 'smoothing' parameter of noise_scale must be in [0, 1). "
+                                 f"Got {smoothing!r} instead.")
     b_small = steps["gns_batch_small"].values.astype(np.float64)
     b_big = steps["gns_batch_big"].values.astype(np.float64)
     measured = np.isfinite(b_small) & np.isfinite(b_big) & (b_big > b_small)
@@ -201,8 +205,8 @@ def batch_tradeoff(b_noise: float, batch: float, *, lora: bool = False,
     >>> advice.examples_factor[advice.candidates.index(256.0)]
     5.0
     """
-    if not b_noise > 0 or not batch > 0:
-        raise ValueError(f"b_noise and batch must be positive. Got {b_noise!r} and {batch!r} instead.")
+    check_positive("b_noise", b_noise, "batch_tradeoff")
+    check_positive("batch", batch, "batch_tradeoff")
     if candidates is None:
         candidates = tuple(sorted({float(2**k) for k in range(0, 14)} | {float(batch)}))
     steps = tuple(1.0 + b_noise / c for c in candidates)

@@ -14,6 +14,8 @@ import warnings
 import numpy as np
 from numpy.typing import ArrayLike
 
+from lorascope.errors import InvalidOptionError
+
 __all__ = [
     "effective_rank",
     "energy",
@@ -28,7 +30,8 @@ __all__ = [
 def _sigma(sigma: ArrayLike) -> np.ndarray:
     s = np.asarray(sigma, dtype=np.float64)
     if s.ndim == 0:
-        raise ValueError(f"sigma must have at least one axis (the singular values). Got a scalar {s!r} instead.")
+        raise InvalidOptionError(f"sigma must have at least one axis (the singular values). "
+                                 f"Got a scalar {s!r} instead.")
     return s
 
 
@@ -87,7 +90,8 @@ def energy_rank(sigma: ArrayLike, p: float = 0.9, *, total_energy: ArrayLike | N
     (3.0, True)
     """
     if not (0.0 < p <= 1.0):
-        raise ValueError(f"The 'p' parameter of energy_rank must be a float in the range (0, 1]. Got {p!r} instead.")
+        raise InvalidOptionError(f"The 'p' parameter of energy_rank must be a float in the range (0, 1]. "
+                                 f"Got {p!r} instead.")
     s = _sigma(sigma)
     total = _total(s, total_energy)
     cumulative = np.cumsum(np.nan_to_num(s, nan=0.0) ** 2, axis=-1)
@@ -115,7 +119,8 @@ def rank_residual(sigma: ArrayLike, r: int, *, total_energy: ArrayLike | None = 
     0.3571
     """
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
-        raise ValueError(f"The 'r' parameter of rank_residual must be an int in the range [0, inf). Got {r!r} instead.")
+        raise InvalidOptionError(f"The 'r' parameter of rank_residual must be an int in the range [0, inf). "
+                                 f"Got {r!r} instead.")
     s = _sigma(sigma)
     total = _total(s, total_energy)
     head = np.nansum(s[..., :r] ** 2, axis=-1)
@@ -180,7 +185,8 @@ def gavish_donoho_omega(beta: ArrayLike) -> np.ndarray:
     """
     b = np.asarray(beta, dtype=np.float64)
     if np.any((b <= 0) | (b > 1)):
-        raise ValueError(f"The 'beta' parameter of gavish_donoho_omega must be in the range (0, 1]. Got {beta!r}.")
+        raise InvalidOptionError(f"The 'beta' parameter of gavish_donoho_omega must be in the range (0, 1]. "
+                                 f"Got {beta!r} instead.")
     return 0.56 * b**3 - 0.95 * b**2 + 1.82 * b + 1.43
 
 
@@ -207,7 +213,8 @@ def signal_rank(sigma: ArrayLike, shape: tuple[int, int], *, noise_sigma: ArrayL
     """
     m, n = int(shape[0]), int(shape[1])
     if m < 1 or n < 1:
-        raise ValueError(f"The 'shape' parameter of signal_rank must be two positive ints. Got {shape!r} instead.")
+        raise InvalidOptionError(f"The 'shape' parameter of signal_rank must be two positive ints. "
+                                 f"Got {shape!r} instead.")
     s = _sigma(sigma)
     filled = np.nan_to_num(s, nan=-np.inf)
     if noise_sigma is None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from lorascope.errors import SelectionError
+from lorascope.errors import InvalidOptionError, SelectionError
 from lorascope.model.peft import base_layer_of, is_lora_layer
 from lorascope.model.roles import KINDS, block_index, expert_index, kind_and_role, mlp_role, without_wrappers
 
@@ -108,8 +108,8 @@ class MatrixRef:
 
         Raises
         ------
-        ValueError
-            If ``tensor`` does not have the layout this reference was built from.
+        InvalidOptionError
+            If ``tensor`` does not have the layout this reference was built from (a ``ValueError`` too).
         """
         m = tensor
         if m.ndim == 3 and self.expert >= 0:
@@ -126,7 +126,7 @@ class MatrixRef:
                 half = m.shape[0] // 2
                 m = m[:half] if first else m[half:]
         if tuple(m.shape) != (self.out_features, self.in_features):
-            raise ValueError(
+            raise InvalidOptionError(
                 f"MatrixRef {self.name!r} expected the full {self.parameter!r} tensor of {self.module!r}, "
                 f"giving a ({self.out_features}, {self.in_features}) matrix; got a tensor of shape "
                 f"{tuple(tensor.shape)}, giving {tuple(m.shape)}. Pass the whole parameter (or its update) "
