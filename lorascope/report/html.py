@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from lorascope._version import __version__
+from lorascope.report.curves import CURVES_CAVEAT, crossings_sentence
 from lorascope.report.forecast import FORECAST_HEADER, forecast_facts, forecast_rows
-from lorascope.report.format import X_UNITS, approx_count, bound, count, layer, number, percent
+from lorascope.report.format import X_UNITS, count, layer, number, percent
 from lorascope.workflows.analyze import CURVE_P
 
-__all__ = ["render_html", "headline_sentence", "crossing_sentence"]
+__all__ = ["render_html", "headline_sentence"]
 
 CAPTIONS = {
     "energy_rank": "Energy rank k_0.9 against data, with the power-law fit, its bootstrap band and the candidate "
@@ -117,33 +118,6 @@ def headline_sentence(row: Mapping[str, Any]) -> str:
             f"this update's energy; its signal rank is {number(row['signal_rank'])}.")
 
 
-def crossing_sentence(group: str, curve: Mapping[str, Any], crossing: Mapping[str, Any], unit: str = "examples",
-                      p: float = CURVE_P) -> str:
-    """One rank crossing in words, from ``Analysis.summary["curves"][group]``.
-
-    A missing bound of a predicted crossing's interval (``None`` in the summary: infinite) reads "unbounded".
-
-    Examples
-    --------
-    >>> fit = {"status": "ok", "reason": "5 points", "exponent": 0.5}
-    >>> crossing_sentence("mlp", {"fit": fit}, {"level": 16, "status": "predicted", "x": 12345.0,
-    ...                   "x_low": 8000.0, "x_high": None}, "examples")
-    'k_0.9 of mlp crosses rank 16 at ~12,300 examples (interval 8,000 .. unbounded).'
-    """
-    fit = curve["fit"]
-    level, status = int(crossing["level"]), crossing["status"]
-    head = f"k_{p:g} of {group}"
-    if status == "observed":
-        return f"{head} already reaches rank {level} at {count(crossing['x'])} {unit} (observed)."
-    if status == "predicted":
-        return (f"{head} crosses rank {level} at ~{approx_count(crossing['x'])} {unit} "
-                f"(interval {bound(crossing['x_low'])} .. {bound(crossing['x_high'])}).")
-    if fit["status"] != "ok":
-        return f"{head}: no crossing of rank {level} predicted: {fit['reason']}."
-    return (f"{head} does not grow with data (exponent {number(fit['exponent'], 3)}), so it is not predicted to "
-            f"reach rank {level}.")
-
-
 # -- sections --------------------------------------------------------------------------------------------------
 
 
@@ -234,10 +208,11 @@ def _curve_sections(summary: Mapping[str, Any], unit: str) -> list[str]:
         low, high = fit["exponent_interval"]
         rows.append([group, fit["status"], fit["points"], number(fit["exponent"], 3),
                      f"{number(low, 3)} .. {number(high, 3)}", fit["reason"]])
-        sentences += [crossing_sentence(group, curve, c, unit) for c in curve["crossings"]]
+        if curve["crossings"]:
+            sentences.append(crossings_sentence(group, curve, unit, CURVE_P))
     return ["<h2>Rank curves and crossings</h2>",
             f"<p>Power law k_{CURVE_P:g} = a x^b fitted against {_e(unit)} seen, with bootstrap intervals; a fit "
-            "is refused (status and reason below) when it would be meaningless.</p>",
+            f"is refused (status and reason below) when it would be meaningless. This is {_e(CURVES_CAVEAT)}.</p>",
             _table(header, rows, left=(0, 1, 5)), _list(sentences)]
 
 

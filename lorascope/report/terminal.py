@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorascope.report.curves import CURVES_CAVEAT, crossings_sentence
 from lorascope.report.forecast import FORECAST_HEADER, forecast_facts, forecast_rows
-from lorascope.report.format import X_UNITS, approx_count, bound, count, number, percent, table
+from lorascope.report.format import X_UNITS, count, number, percent, table
 
 __all__ = ["format_summary"]
-
-
-def _crossing_text(crossing: dict[str, Any], x_name: str) -> str:
-    level = int(crossing["level"])
-    if crossing["status"] == "observed":
-        return f"r={level} already reached at {count(crossing['x'])} {x_name}"
-    if crossing["status"] == "never":
-        return f"r={level} not reached (no growth)"
-    return (f"r={level} at ~{approx_count(crossing['x'])} {x_name} "
-            f"({bound(crossing['x_low'])}..{bound(crossing['x_high'])})")
 
 
 def _forecast_lines(forecast: dict[str, Any] | None) -> list[str]:
@@ -81,16 +72,17 @@ def format_summary(summary: dict[str, Any]) -> str:
                              f"({percent(m['energy_rank_fraction'])} of its dimension)")
     if summary["curves"]:
         lines.append("")
-        lines.append(f"Rank vs data (k_0.9 against {x_name} seen, power law with bootstrap interval):")
+        lines.append(f"Rank vs data (k_0.9 against {x_name} seen, power law with bootstrap interval; {CURVES_CAVEAT}):")
         for group, curve in summary["curves"].items():
             fit = curve["fit"]
             if fit["status"] == "ok":
                 lo, hi = fit["exponent_interval"]
-                crossings = "; ".join(_crossing_text(c, x_name) for c in curve["crossings"])
                 lines.append(f"  {group}: k_0.9 ~ {number(fit['prefactor'], 3)} x^{number(fit['exponent'], 3)} "
-                             f"(exponent {number(lo, 3)}..{number(hi, 3)}); {crossings}")
+                             f"(exponent {number(lo, 3)}..{number(hi, 3)})")
             else:
                 lines.append(f"  {group}: no fit: {fit['reason']}")
+            if curve["crossings"]:
+                lines.append(f"    {crossings_sentence(group, curve, x_name)}")
     for noise in summary.get("noise_scale", []):
         lines.append("")
         overall = noise["groups"]["all"]

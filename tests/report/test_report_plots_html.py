@@ -22,9 +22,10 @@ import pytest
 import torch
 
 import lorascope
+from lorascope.report.curves import crossings_sentence
 from lorascope.report.folder import write_report
 from lorascope.report.format import approx_count, count, number, percent
-from lorascope.report.html import crossing_sentence, headline_sentence, render_html
+from lorascope.report.html import headline_sentence, render_html
 from lorascope.report.plots import PLOT_NAMES, make_plots
 from lorascope.report.terminal import format_summary
 from lorascope.store.writer import RunWriter
@@ -311,8 +312,8 @@ def test_html_states_the_summary_numbers(report: Report) -> None:
         assert module in text
     for group, curve in summary["curves"].items():
         assert curve["fit"]["reason"] in text
-        for crossing in curve["crossings"]:
-            assert crossing_sentence(group, curve, crossing, unit) in text
+        if curve["crossings"]:
+            assert crossings_sentence(group, curve, unit) in text
 
 
 def test_terminal_and_page_write_the_same_numbers(report: Report) -> None:
@@ -350,20 +351,20 @@ def test_html_escapes_strings_from_the_run(steps_only_run: Path) -> None:
 
 
 def test_crossing_and_headline_sentences() -> None:
-    ok = {"fit": {"status": "ok", "reason": "5 points", "exponent": 0.5}}
-    assert crossing_sentence("mlp", ok, {"level": 16, "status": "predicted", "x": 12345.0, "x_low": 8000.0,
-                                         "x_high": 20049.0}) == \
-        "k_0.9 of mlp crosses rank 16 at ~12,300 examples (interval 8,000 .. 20,000)."
-    assert crossing_sentence("mlp", ok, {"level": 8, "status": "observed", "x": 40.0, "x_low": 40.0,
-                                         "x_high": 40.0}, "tokens") == \
-        "k_0.9 of mlp already reaches rank 8 at 40 tokens (observed)."
-    flat = {"fit": {"status": "flat", "reason": "no significant growth", "exponent": 0.01}}
-    assert crossing_sentence("all", flat, {"level": 64, "status": "never", "x": None, "x_low": None,
-                                           "x_high": None}) == \
-        "k_0.9 of all: no crossing of rank 64 predicted: no significant growth."
-    shrinking = {"fit": {"status": "ok", "reason": "", "exponent": -0.02}}
-    assert "does not grow with data (exponent -0.020)" in crossing_sentence(
-        "attention", shrinking, {"level": 16, "status": "never", "x": None, "x_low": None, "x_high": None})
+    ok = {"fit": {"status": "ok", "reason": "5 points", "exponent": 0.5}, "points": [[10.0, 3.0], [40.0, 9.0]]}
+    predicted = {"level": 16, "status": "predicted", "x": 12345.0, "x_low": 8000.0, "x_high": 20049.0}
+    assert crossings_sentence("mlp", {**ok, "crossings": [predicted]}) == \
+        "k_0.9 of mlp: crosses rank 16 at ~12,300 examples (8,000..20,000)."
+    later = {"level": 8, "status": "observed", "x": 40.0, "x_low": 40.0, "x_high": 40.0}
+    start = [{"level": r, "status": "observed", "x": 10.0, "x_low": 10.0, "x_high": 10.0} for r in (1, 2)]
+    assert crossings_sentence("mlp", {**ok, "crossings": [*start, later]}, "tokens") == (
+        "k_0.9 of mlp: already above rank 1, 2 at the first snapshot (10 tokens); reaches rank 8 at 40 tokens "
+        "(observed).")
+    flat = {"fit": {"status": "flat", "reason": "no significant growth", "exponent": 0.01}, "points": [],
+            "crossings": [{"level": r, "status": "never", "x": None, "x_low": None, "x_high": None} for r in (32, 64)]}
+    assert crossings_sentence("all", flat) == "k_0.9 of all: not predicted to reach rank 32, 64: no significant growth."
+    shrinking = {**flat, "fit": {"status": "ok", "reason": "", "exponent": -0.02}}
+    assert "no growth with data (exponent -0.020)" in crossings_sentence("attention", shrinking)
     assert headline_sentence({"rank": 8, "captured_energy_share": 0.5, "signal_rank": None}) == \
         "A rank-8 LoRA on all linear layers captures 50.0% of this update's energy; its signal rank is n/a."
 
