@@ -13,27 +13,27 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, RecordingError, RecordingWarning, SelectionError
-from lorascope.model.peft import lora_config_of
 from lorascope.model.taxonomy import MatrixRef, classify
 from lorascope.record import distributed as D
 from lorascope.record.background import BackgroundWriter
-from lorascope.record.data_parallel import DataParallelSteps
+from lorascope.record.batches import BatchTally, StepBatch
+from lorascope.record.data_parallel import DistributedSteps, RecorderCalls, agree_on_path, local_step
 from lorascope.record.gns import MicroBatchNorms, per_example_norms, two_batch_norms
+from lorascope.record.grad_norms import GradientNorms, uncovered_parameters
 from lorascope.record.options import RecordOptions
+from lorascope.record.run_config import coverage_rows, run_config, sv_capacity
+from lorascope.record.sharded import ShardedRecording, check_options
 from lorascope.record.snapshot import capture_initial, from_storable, take_snapshot, tensors_of, to_storable
 from lorascope.store import schema as S
 from lorascope.store.initial import initial_weights_path, load_initial_weights, save_initial_weights
+from lorascope.store.payloads import Snapshot
 from lorascope.store.writer import RunWriter, check_writable
-
-if TYPE_CHECKING:
-    from lorascope.record.sharded import ShardedRecording
 
 # Where the recorded gradient is seen relative to gradient clipping, stored in the config.
 GRAD_AT_OPTIMIZER_STEP = "at optimizer.step(), after any clipping the training loop applies"
@@ -72,7 +72,7 @@ def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-class Recorder(DataParallelSteps):
+class Recorder:
     """Records one training run of ``model`` driven by ``optimizer`` into the run file ``path``.
 
     Build it with :func:`lorascope.record`. Usable as a context manager in a plain loop::
@@ -119,72 +119,86 @@ class Recorder(DataParallelSteps):
         parallel = D.wanted(options.distributed)
         if not parallel:
             self.path = check_writable(path, overwrite=options.overwrite or options.resume)
-        taxonomy = classify(model, kind_map=options.kind_map)
-        if options.kinds is not None or options.modules is not None:
-            taxonomy = taxonomy.select(kinds=options.kinds, regex=options.modules)
-        if not taxonomy.matrices:
-            raise SelectionError(f"{type(model).__name__} has no trainable matrix to record; coverage: "
-                                 + "; ".join(f"{c.parameter}: {c.reason}" for c in taxonomy.coverage[:8]))
-        self.refs: tuple[MatrixRef, ...] = taxonomy.matrices
-        self.coverage = taxonomy.coverage
+        self._select_matrices()
         self.framework, self.framework_version = framework, framework_version
         self.grad_timing = grad_timing
         self._gradients_from_optimizer = gradients_from_optimizer
         self._count_batches = count_batches
+        self._loss_shares_global_step = loss_shares_global_step
         # The user's extra_config sections are stored at the top of the config group and win over an
         # integration's own (e.g. a user's "dataset" over the size an integration read from its data loader).
         self._extra_config = {**dict(config or {}), **dict(self.options.extra_config)}
         self._tensors = [tensors_of(model, ref) for ref in self.refs]
-        self._other_params = self._uncovered_trainable_parameters()
+        self._other_params = uncovered_parameters(model, self._tensors)
+        self._norms = GradientNorms(self.refs, self._tensors, self._other_params)
         self.distributed = D.detect(self._tensors) if parallel else None
         self._sharded: ShardedRecording | None = None
         if self.distributed is not None:
-            self.path = self._agree_on_path(path)
-            if self.distributed.mode == D.MODE_FSDP2:
-                from lorascope.record.sharded import ShardedRecording, check_options
+            self.path = agree_on_path(self.distributed, path, overwrite=options.overwrite or options.resume)
+            self._sharded = self._shard(self.distributed)
+        self._init_run_state()
+        self._set_up_noise_scale()
+        self._distributed_steps = None if self.distributed is None else self._set_up_distributed(self.distributed)
 
-                check_options(options, self.refs, model)
-                self._sharded = ShardedRecording(self.refs, self._tensors, self._other_params, self.distributed)
-        self.total_steps = options.total_steps
-        self.schedule = options.schedule()
+    # -- set-up steps of __init__ ----------------------------------------------------------------------
+    def _select_matrices(self) -> None:
+        """The recorded matrices (``refs``) and the model's coverage; raises when the selection is empty."""
+        taxonomy = classify(self.model, kind_map=self.options.kind_map)
+        if self.options.kinds is not None or self.options.modules is not None:
+            taxonomy = taxonomy.select(kinds=self.options.kinds, regex=self.options.modules)
+        if not taxonomy.matrices:
+            raise SelectionError(f"{type(self.model).__name__} has no trainable matrix to record; coverage: "
+                                 + "; ".join(f"{c.parameter}: {c.reason}" for c in taxonomy.coverage[:8]))
+        self.refs: tuple[MatrixRef, ...] = taxonomy.matrices
+        self.coverage = taxonomy.coverage
+
+    def _shard(self, context: D.DistributedContext) -> ShardedRecording | None:
+        """Under FSDP2: refuse the options it cannot serve, and keep the state of this rank's shards."""
+        if context.mode != D.MODE_FSDP2:
+            return None
+        check_options(self.options, self.refs, self.model)
+        return ShardedRecording(self.refs, self._tensors, self._other_params, context)
+
+    def _init_run_state(self) -> None:
+        """What changes while recording: the step, the schedule, the writer, the hooks and one step's inputs."""
+        self.total_steps = self.options.total_steps
+        self.schedule = self.options.schedule()
         self.step = 0
         self.active = False
         self._stopped = False  # recording stopped early (a recorder error or a write failure)
         self._writer: BackgroundWriter | None = None
         self._handles: list[Any] = []
-        self._w0: list[torch.Tensor | None] = []
+        self._w0: list[Any] = []
         self._last_snapshot = -1
         self._grads: dict[str, torch.Tensor] | None = None
+        self._shard_grads: tuple[torch.Tensor, Any] | None = None  # FSDP2: this rank's local squared norms
         self._grad_sv: list[torch.Tensor | None] | None = None
-        self._auto: dict[str, Any] = {}
-        self._logged: dict[str, Any] = {}
-        self._present_cache: dict[tuple[bool, ...], torch.Tensor] = {}
+        self._logged, self._counted = BatchTally(), BatchTally()  # the loop's log() calls; the forward hooks
+
+    def _set_up_noise_scale(self) -> None:
         # Per-pass norms also give the per-example source its step norm before clipping. Under DDP each rank's
         # passes give the small-batch norms (its local gradients before the all-reduce); under FSDP2 the sharded
         # parameters see no per-pass gradient (the noise scale is off there, see sharded.check_options).
-        gns = options.gns is not None and self._sharded is None
+        gns = self.options.gns is not None and self._sharded is None
         self._micro = MicroBatchNorms(self.refs, self._tensors, cross=self.distributed is None) if gns else None
         self._per_example = None
-        if options.gns == "per_example" and gns:
+        if self.options.gns == "per_example" and gns:
             from lorascope.record.per_example import PerExampleNorms
 
             # One column per matrix that is a whole module weight; split fused experts have no per-example
             # norms (their columns stay NaN).
             targets = {ref.module: [i] for i, ref in enumerate(self.refs)
                        if ref.expert < 0 and not ref.part and (ref.lora or ref.parameter == "weight")}
-            self._per_example = PerExampleNorms(model, targets)
-        self._reduced: D.ReducedGradNorms | None = None
-        self._exchange: D.StepExchange | None = None
-        self._collectives = False  # this rank joins the per-step exchange (from start until all ranks stop)
-        self._started = False
-        self._loss_shares_global_step = loss_shares_global_step
-        if self.distributed is not None:
-            ddp = self._sharded is None
-            if ddp and gns and self.distributed.is_writer:
-                self._reduced = D.ReducedGradNorms(
-                    [t for named in self._tensors for t in named.values()],
-                    lambda: self._squared_norms([_grad_view(r, t) for r, t in zip(self.refs, self._tensors)]))
-            self._exchange = D.StepExchange(self.distributed, len(self.refs), gns=ddp and gns, sharded=not ddp)
+            self._per_example = PerExampleNorms(self.model, targets)
+
+    def _set_up_distributed(self, context: D.DistributedContext) -> DistributedSteps:
+        calls = RecorderCalls(is_active=lambda: self.active, stop=self._stop, fail=self._fail,
+                              guarded=self._guarded, put_step=self._put_step, put_snapshot=self._put_snapshot,
+                              snapshot=self._snapshot, snapshot_taken=self._snapshot_taken)
+        return DistributedSteps(
+            context, self.model, self.options, calls, n_modules=len(self.refs), sharded=self._sharded,
+            gns=self.options.gns is not None, grad_tensors=[t for named in self._tensors for t in named.values()],
+            measure=self._norms.squared_now)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, *, total_steps: int | None = None, config: dict[str, Any] | None = None,
@@ -201,17 +215,20 @@ class Recorder(DataParallelSteps):
             self.schedule = self.options.schedule(self.total_steps)
         self._extra_config.update(config or {})
         _close_recorders_of(self.path)  # a crashed run in this process may still hold the file
-        if self.distributed is None:
+        if self._distributed_steps is None:
             self._open_file(resume_after, resumable)
         else:
-            self._start_distributed(resume_after, resumable)
+            self._distributed_steps.start(
+                lambda keep_w0: self._open_file(resume_after, resumable and keep_w0, keep_w0=keep_w0),
+                lambda: self._close_writer(S.STATUS_FAILED))
+            if resume_after is not None and self._sharded is None:
+                self.step = self._last_snapshot = int(resume_after)
         if self._gradients_from_optimizer:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_pre_step))
-        post_step = self._on_post_step if self.distributed is None else self._on_post_step_distributed
+        post_step = self._on_post_step if self._distributed_steps is None else self._on_post_step_distributed
         self._handles.append(self.optimizer.register_step_post_hook(post_step))
-        for hooks in (self._micro, self._per_example, self._reduced):
-            if hooks is not None:
-                hooks.attach()
+        for hooks in self._tensor_hooks():
+            hooks.attach()
         if self._count_batches:
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._on_forward, with_kwargs=True))
@@ -240,11 +257,14 @@ class Recorder(DataParallelSteps):
         writer = RunWriter(
             self.path,
             self.refs,
-            coverage=[_coverage_row(c) for c in self.coverage],
-            config=self._config(),
+            coverage=coverage_rows(self.coverage),
+            config=run_config(self.model, self.optimizer, self.options, grad_timing=self.grad_timing,
+                              total_steps=self.total_steps, schedule=self.schedule, extra=self._extra_config,
+                              distributed=None if self._distributed_steps is None
+                              else self._distributed_steps.describe(noise_scale=self._micro is not None)),
             framework=self.framework,
             framework_version=self.framework_version,
-            sv_capacity=self._sv_capacity(),
+            sv_capacity=sv_capacity(self.refs, self.options),
             grad_sv=self.options.grad_sv,
             factors_k=self.options.factors_k,
             delta_dtype=self.options.store_delta,
@@ -258,8 +278,8 @@ class Recorder(DataParallelSteps):
         """Take the final snapshot (if the last step has none), detach, drain the queue and close the file.
 
         ``status=None`` leaves the file marked incomplete (``recording``)."""
-        if self.distributed is not None:
-            self._close_distributed(status)
+        if self._distributed_steps is not None:
+            self._close_distributed(self._distributed_steps, status)
             _OPEN_RECORDERS.discard(self)
             return
         if self._writer is None:
@@ -269,11 +289,37 @@ class Recorder(DataParallelSteps):
                 self._guarded(self._snapshot)
         finally:
             self._detach()
-            writer, self._writer = self._writer, None
             _OPEN_RECORDERS.discard(self)
-            if self._stopped and status == S.STATUS_COMPLETE:
-                status = S.STATUS_FAILED  # the file lacks the steps after the stop: never claim it complete
-            writer.close(status)
+            self._close_writer(status)
+
+    def _close_distributed(self, distributed: DistributedSteps, status: str | None) -> None:
+        """Every rank: agree whether any rank stopped, take the final snapshot together, and detach; rank 0
+        closes the file. ``status`` other than complete (an exception, interpreter exit) runs no collective."""
+        if not distributed.started:
+            return
+        try:
+            if status == S.STATUS_COMPLETE and distributed.collectives:
+                try:
+                    stopped = distributed.any_stopped()
+                except Exception as exc:  # noqa: BLE001 - a rank is gone
+                    stopped = True
+                    self._fail(exc)
+                if stopped:
+                    self._stopped = True
+                elif self.step > 0 and self._last_snapshot != self.step:
+                    self._snapshot_distributed()
+        finally:
+            distributed.end()
+            self._detach()
+            self._close_writer(status)
+
+    def _close_writer(self, status: str | None) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        if self._stopped and status == S.STATUS_COMPLETE:
+            status = S.STATUS_FAILED  # the file lacks the steps after the stop: never claim it complete
+        writer.close(status)
 
     def __enter__(self) -> Recorder:
         return self.start()
@@ -295,14 +341,13 @@ class Recorder(DataParallelSteps):
         if examples is not None:
             if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
                 raise InvalidOptionError(f"examples must be an int >= 0. Got {examples!r} instead.")
-            self._logged["examples"] = self._logged.get("examples", 0) + examples
-            self._logged.setdefault("passes", []).append(examples)
+            self._logged.add_examples(examples)
         if tokens is not None:
-            self._logged["tokens"] = self._logged.get("tokens", 0) + _detached(tokens)
+            self._logged.add_tokens(tokens)
         if loss_tokens is not None:
-            self._logged["loss_tokens"] = self._logged.get("loss_tokens", 0) + _detached(loss_tokens)
+            self._logged.add_loss_tokens(loss_tokens)
         if loss is not None:
-            _accumulate_loss(self._logged, loss)
+            self._logged.add_loss(loss)
 
     # -- hooks -----------------------------------------------------------------------------------------
     def capture_gradients(self) -> None:
@@ -318,17 +363,25 @@ class Recorder(DataParallelSteps):
         if self.active:
             self._guarded(self._after_step)
 
+    def _on_post_step_distributed(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Every rank after each optimizer step (see :meth:`DistributedSteps.after_step`)."""
+        distributed = self._distributed_steps
+        if distributed is None or not distributed.collectives:
+            return
+        self.step += 1
+        shares = self._loss_shares_global_step and self._step_batch().loss_shares_step
+        try:
+            snapshot_now = distributed.after_step(
+                self.step, self._local_step, lr=self._lr(), grads=self._grads,
+                loss_across_ranks="sum" if shares else "mean", snapshot_due=self._snapshot_due(self.step))
+        finally:
+            self._end_step()
+        if snapshot_now:
+            self._snapshot_distributed()
+
     def _on_forward_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.active and module.training and torch.is_grad_enabled():
-            examples, tokens = count_batch(args, kwargs)
-            if examples is not None:
-                self._auto["examples"] = self._auto.get("examples", 0) + examples
-                self._auto.setdefault("passes", []).append(examples)
-            if tokens is not None:
-                self._auto["tokens"] = self._auto.get("tokens", 0) + tokens
-            loss_tokens = count_loss_tokens(kwargs)
-            if loss_tokens is not None:
-                self._auto["loss_tokens"] = self._auto.get("loss_tokens", 0) + loss_tokens
+            self._counted.add_call(args, kwargs)
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.active and module.training and torch.is_grad_enabled():
@@ -336,7 +389,7 @@ class Recorder(DataParallelSteps):
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 # Given ``num_items_in_batch`` (transformers Trainer), a model divides its summed loss by the item
                 # count of the whole optimizer step, so the step's loss is the sum over micro-batches.
-                _accumulate_loss(self._auto, loss, share_of_step=kwargs.get("num_items_in_batch") is not None)
+                self._counted.add_loss(loss, share_of_step=kwargs.get("num_items_in_batch") is not None)
 
     # -- work ------------------------------------------------------------------------------------------
     def _guarded(self, fn: Callable[[], None]) -> None:
@@ -349,18 +402,29 @@ class Recorder(DataParallelSteps):
             if self.options.strict:
                 raise
             self._stop()
-            warnings.warn(f"lorascope stopped recording to {self.path}: {type(exc).__name__}: {exc}; training "
-                          "continues and the file keeps what was written.", RecordingWarning, stacklevel=3)
+            warnings.warn(self._stop_message(exc), RecordingWarning, stacklevel=3)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Stop recording on this rank after an error (raise it when strict), as :meth:`_guarded` does."""
+        if self.options.strict or isinstance(exc, RecordingError):
+            raise exc
+        was_active = self.active
+        self._stop()
+        if was_active:
+            warnings.warn(self._stop_message(exc), RecordingWarning, stacklevel=4)
+
+    def _stop_message(self, exc: BaseException) -> str:
+        return (f"lorascope stopped recording to {self.path}: {type(exc).__name__}: {exc}; training continues and "
+                "the file keeps what was written.")
 
     def _capture_gradients(self) -> None:
-        if self.distributed is not None and not self._capture_gradients_distributed():
+        if self._sharded is not None:  # FSDP2: every rank keeps its shards' squared norms for the exchange
+            self._shard_grads = self._sharded.local_grad_norms()
             return
-        grads: list[torch.Tensor | None] = [_grad_view(ref, tensors) for ref, tensors in
-                                           zip(self.refs, self._tensors, strict=True)]
-        self._grads = {"grad_sq_norm": self._squared_norms(grads),
-                       "grad_sq_norm_other": self._other_squared_norm()}
-        sq = self._grads["grad_sq_norm"]
-        self._grads["grad_nonfinite_modules"] = (~torch.isfinite(sq)).sum(dtype=torch.int32)
+        if self.distributed is not None and not self.distributed.is_writer:
+            return  # DDP: rank 0 reads the reduced gradients like a single process, the others have none to read
+        grads = self._norms.gradients()
+        self._grads = self._norms.step_columns(grads)
         if self.options.grad_sv and self._snapshot_due(self.step + 1):
             from lorascope.spectrum import singular_values
 
@@ -370,64 +434,67 @@ class Recorder(DataParallelSteps):
         self.step += 1
         if self._grads is None and self._gradients_from_optimizer is False:
             warnings.warn("no gradients were captured before this optimizer step", RecordingWarning, stacklevel=2)
-        row: dict[str, Any] = {
-            S.INDEX: self.step,
-            "lr": self.optimizer.param_groups[0].get("lr", float("nan")),
-            "batch_examples": self._logged.get("examples", self._auto.get("examples")),
-            "batch_tokens": self._logged.get("tokens", self._auto.get("tokens")),
-            "batch_loss_tokens": self._logged.get("loss_tokens", self._auto.get("loss_tokens")),
-            "loss": _mean_loss(self._logged) if "loss_count" in self._logged else _mean_loss(self._auto),
-        }
+        batch = self._step_batch()
+        row: dict[str, Any] = {S.INDEX: self.step, "lr": self._lr(), "batch_examples": batch.examples,
+                               "batch_tokens": batch.tokens, "batch_loss_tokens": batch.loss_tokens,
+                               "loss": batch.loss}
         row.update(self._grads or {})
-        row.update(self._noise_scale_inputs(row["batch_examples"]) or {})
-        self._grads, self._logged, self._auto = None, {}, {}
-        if self._writer is not None and not self._writer.put_step(row):
-            self._stop()  # the writer failed and said so once: stop recording (no more snapshots), train on
-            return
-        if self._snapshot_due(self.step):
+        row.update(self._noise_scale_inputs(batch) or {})
+        self._end_step()
+        if self._put_step(row) and self._snapshot_due(self.step):
             self._snapshot()
+
+    def _step_batch(self) -> StepBatch:
+        return StepBatch.of(self._logged, self._counted)
+
+    def _end_step(self) -> None:
+        """Forget the inputs of the step just recorded."""
+        self._grads, self._shard_grads = None, None
+        self._logged, self._counted = BatchTally(), BatchTally()
+
+    def _lr(self) -> Any:
+        return self.optimizer.param_groups[0].get("lr", float("nan"))
+
+    def _put_step(self, row: dict[str, Any]) -> bool:
+        """Queue a step row; False when the writer failed (it said so once): recording stops, training goes on."""
+        if self._writer is not None and not self._writer.put_step(row):
+            self._stop()
+            return False
+        return True
+
+    def _put_snapshot(self, snapshot: Snapshot) -> None:
+        if self._writer is not None and not self._writer.put_snapshot(snapshot):
+            self._stop()
 
     def _snapshot(self) -> None:
         snapshot = take_snapshot(self.refs, self.model, self._w0, options=self.options, step=self.step,
                                  grad_sv=self._grad_sv)
         self._grad_sv = None
         self._last_snapshot = self.step
-        if self._writer is not None and not self._writer.put_snapshot(snapshot):
-            self._stop()
+        self._put_snapshot(snapshot)
 
-    @staticmethod
-    def _step_loss(store: dict[str, Any]) -> Any:
-        return _mean_loss(store)
+    def _snapshot_distributed(self) -> None:
+        """Every rank at a snapshot step (see :meth:`DistributedSteps.snapshot`)."""
+        if self._distributed_steps is not None:
+            self._distributed_steps.snapshot(self.step)
+
+    def _snapshot_taken(self, step: int) -> None:
+        self._last_snapshot = step
 
     def _snapshot_due(self, step: int) -> bool:
         return self.schedule.is_due(step) or step == self.total_steps
 
-    def _squared_norms(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
-        present = tuple(g is not None for g in grads)
-        tensors = [g for g in grads if g is not None]
-        if not tensors:
-            return torch.full((len(grads),), float("nan"))
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-        device = norms[0].device
-        sq = torch.stack([n.to(device) for n in norms]).square()
-        if all(present):
-            return sq
-        index = self._present_cache.get(present)
-        if index is None:
-            index = torch.tensor([i for i, p in enumerate(present) if p], device=device)
-            self._present_cache[present] = index
-        full = torch.full((len(grads),), float("nan"), device=device)
-        return full.index_copy_(0, index, sq)
+    def _local_step(self) -> D.LocalStep:
+        """This rank's contribution to the step's exchange (under torch.distributed)."""
+        passes = per_example = None
+        if self._micro is not None:
+            passes = self._micro.pop()
+            measured = self._per_example.pop() if self._per_example is not None else None
+            per_example = None if measured is None else measured[0]
+        return local_step(self._step_batch(), shard_grads=self._shard_grads, passes=passes, per_example=per_example,
+                          convention=self.options.gns_loss)
 
-    def _other_squared_norm(self) -> torch.Tensor | float:
-        grads = [p.grad for p in self._other_params if p.grad is not None]
-        if not grads:
-            return float("nan") if not self._other_params else 0.0
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        device = norms[0].device
-        return torch.stack([n.to(device) for n in norms]).double().square().sum()
-
-    def _noise_scale_inputs(self, batch_examples: Any) -> dict[str, Any] | None:
+    def _noise_scale_inputs(self, batch: StepBatch) -> dict[str, Any] | None:
         """Two-batch-size norms of this step from its backward passes (see lorascope.record.gns)."""
         if self._micro is None:
             return None
@@ -435,20 +502,15 @@ class Recorder(DataParallelSteps):
         per_example = self._per_example.pop() if self._per_example is not None else None
         if measured is None:
             return None
-        sizes = self._pass_sizes(batch_examples, len(measured[0]))
+        sizes = batch.pass_sizes(len(measured[0]))
         if per_example is None:
             return two_batch_norms(*measured, sizes, self.options.gns_loss)
         return per_example_norms(*measured, per_example[0], sizes, len(self.refs), self.options.gns_loss)
 
-    def _pass_sizes(self, batch_examples: Any, passes: int) -> list[float] | None:
-        sizes = self._logged.get("passes", self._auto.get("passes"))
-        if (sizes is None or len(sizes) != passes) and isinstance(batch_examples, int) and batch_examples > 0:
-            sizes = [batch_examples / passes] * passes  # pass sizes not seen one by one: taken as equal
-        return sizes
-
-    def _uncovered_trainable_parameters(self) -> list[nn.Parameter]:
-        covered = {id(t) for tensors in self._tensors for t in tensors.values()}
-        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in covered]
+    def _tensor_hooks(self) -> list[Any]:
+        """The tensor and module hooks of the noise scale (attached at start, detached at a stop)."""
+        reduced = None if self._distributed_steps is None else self._distributed_steps.reduced
+        return [hooks for hooks in (self._micro, self._per_example, reduced) if hooks is not None]
 
     def _stop(self) -> None:
         # Called from inside the optimizer's step hooks, while torch iterates its hook dicts: removing a hook now
@@ -456,128 +518,13 @@ class Recorder(DataParallelSteps):
         # checks ``active``); close() removes the hooks.
         self.active = False
         self._stopped = True
-        for hooks in (self._micro, self._per_example, self._reduced):
-            if hooks is not None:
-                hooks.detach()  # tensor and module hooks, not the optimizer's: safe to remove here
+        for hooks in self._tensor_hooks():
+            hooks.detach()  # tensor and module hooks, not the optimizer's: safe to remove here
 
     def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for hooks in (self._micro, self._per_example, self._reduced):
-            if hooks is not None:
-                hooks.detach()
+        for hooks in self._tensor_hooks():
+            hooks.detach()
         self.active = False
-
-    def _sv_capacity(self) -> int:
-        top_k = self.options.top_k
-        caps = []
-        for ref in self.refs:
-            full = min(ref.out_features, ref.in_features)
-            large = ref.out_features * ref.in_features > self.options.top_k_min_size
-            caps.append(min(full, top_k) if (top_k is not None and large) else full)
-        return max(caps, default=0)
-
-    def _config(self) -> dict[str, Any]:
-        optimizer = {
-            "class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__name__}",
-            "defaults": {k: v for k, v in self.optimizer.defaults.items() if _jsonable(v)},
-            "param_groups": len(self.optimizer.param_groups),
-        }
-        recorder = self.options.to_config()
-        recorder.update({
-            "lorascope_version": __version__,
-            "grad_timing": self.grad_timing,
-            "total_steps": self.total_steps,
-            "schedule": repr(self.schedule),
-            "w0_dtype": "float32",
-            "grad_sq_norm_lora": "|grad A|^2 + |grad B|^2 of the adapter factors",
-        })
-        config = {"recorder": recorder, "optimizer": optimizer, "model": {"class": type(self.model).__name__}}
-        model_config = getattr(self.model, "config", None)
-        if model_config is not None and hasattr(model_config, "to_dict"):
-            config["model"]["config"] = model_config.to_dict()
-        lora = lora_config_of(self.model)
-        if lora:
-            config["lora"] = lora
-        if self.distributed is not None:
-            config["distributed"] = self._distributed_config()
-        config.update(self._extra_config)
-        return config
-
-
-def count_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | None, Any]:
-    """Examples and tokens of one forward call: the leading dimension of ``input_ids`` (or of the first tensor
-    argument) and the number of unmasked tokens (``attention_mask.sum()``, kept on the device) or, for integer
-    token-id input without a mask, its number of elements."""
-    ids = kwargs.get("input_ids")
-    if ids is None:
-        ids = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    if ids is None:
-        ids = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-    if not isinstance(ids, torch.Tensor) or ids.ndim == 0:
-        return None, None
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.shape[:2] == ids.shape[:2]:
-        tokens: Any = mask.detach().sum()
-    elif not ids.is_floating_point() and ids.ndim == 2:
-        tokens = ids.numel()
-    else:
-        tokens = None
-    return int(ids.shape[0]), tokens
-
-
-def dataset_config(loader: Any) -> dict[str, Any]:
-    """``{"dataset": {"examples": N}}`` for a training data loader whose dataset has a length (the epoch size
-    that ``recommend`` needs to find a probe run's first epoch), else ``{}``."""
-    try:
-        return {"dataset": {"examples": int(len(loader.dataset))}}
-    except (AttributeError, TypeError):
-        return {}
-
-
-def count_loss_tokens(kwargs: dict[str, Any]) -> Any:
-    """Tokens the loss of one forward call is computed on: ``(labels != -100).sum()`` (kept on the device), or
-    None without integer ``labels``. For a causal LM whose first label is not masked this counts one token per
-    sequence more than the shifted loss uses."""
-    labels = kwargs.get("labels")
-    if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.ndim >= 1:
-        return labels.detach().ne(-100).sum()
-    return None
-
-
-def _grad_view(ref: MatrixRef, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    if ref.lora:
-        grads = [t.grad for t in tensors.values() if t.grad is not None]
-        return torch.cat([g.reshape(-1) for g in grads]) if grads else None
-    grad = tensors["weight"].grad
-    return None if grad is None else ref.matrix(grad)
-
-
-def _detached(value: Any) -> Any:
-    return value.detach() if isinstance(value, torch.Tensor) else value
-
-
-def _accumulate_loss(store: dict[str, Any], loss: Any, *, share_of_step: bool = False) -> None:
-    value = loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else float(loss)
-    store["loss_sum"] = store.get("loss_sum", 0.0) + value
-    store["loss_count"] = store.get("loss_count", 0) + 1
-    store["loss_share_of_step"] = store.get("loss_share_of_step", True) and share_of_step
-
-
-def _mean_loss(store: dict[str, Any]) -> Any:
-    if not store.get("loss_count"):
-        return None
-    if store.get("loss_share_of_step"):  # each micro-batch loss is already normalized over the whole step
-        return store["loss_sum"]
-    return store["loss_sum"] / store["loss_count"]
-
-
-def _coverage_row(entry: Any) -> dict[str, Any]:
-    return {"parameter": entry.parameter, "shape": "x".join(map(str, entry.shape)), "recorded": entry.recorded,
-            "reason": entry.reason}
-
-
-def _jsonable(value: Any) -> bool:
-    return isinstance(value, (int, float, str, bool, type(None))) or (
-        isinstance(value, (tuple, list)) and all(isinstance(v, (int, float, str, bool)) for v in value))

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from lorascope.errors import LorascopeError
-from lorascope.record.core import Recorder, dataset_config
+from lorascope.record.batches import dataset_config
+from lorascope.record.core import Recorder
 from lorascope.record.distributed import agree, wanted, will_write
 from lorascope.record.options import RecordOptions
 from lorascope.store.writer import check_writable

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lorascope.record.core import Recorder, count_batch, count_loss_tokens, dataset_config
+from lorascope.record.batches import count_batch, count_loss_tokens, dataset_config
+from lorascope.record.core import Recorder
 from lorascope.record.distributed import will_write
 from lorascope.record.options import RecordOptions
 from lorascope.store import schema as S
