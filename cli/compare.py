@@ -7,31 +7,13 @@ group in :mod:`lorascope_cli.main`, which prints them as one line with exit stat
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
 
 import click
 
 from lorascope.errors import InvalidOptionError
-from lorascope.workflows.compare import DEFAULT_SMOOTH, DEFAULT_THRESHOLD, DEFAULT_WINDOW
-
-
-def read_predictions(path: str) -> dict[str, Any]:
-    """The predictions file: a JSON object mapping LoRA ranks to predicted falloffs, e.g. ``{"1": 2000}``, or the
-    output of ``lorascope recommend --json`` (its runway per rank, in examples)."""
-    file = Path(path)
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidOptionError(f"{file}: no such predictions file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidOptionError(f"{file}: not a readable JSON predictions file ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise InvalidOptionError(f"{file}: predictions must be a JSON object mapping LoRA ranks to predicted "
-                                 f"falloffs, e.g. {{\"1\": 2000, \"4\": 9000}}; got a JSON {type(data).__name__}")
-    if data.get("format") == "lorascope-recommend":  # `lorascope recommend --json`: each rank's runway in examples
-        return {str(p["rank"]): p["runway_examples"] for p in data.get("predictions", [])}
-    return data
+from lorascope.report.folder import prepare_folder
+from lorascope.workflows.compare import DEFAULT_SMOOTH, DEFAULT_THRESHOLD, DEFAULT_WINDOW, read_predictions
+from lorascope.workflows.compare import compare as run_compare
 
 
 @click.command("compare")
@@ -62,9 +44,7 @@ def compare(full_run: str, lora_runs: tuple[str, ...], output: str, threshold: f
     For each LoRA rank: the number of examples (or tokens, or steps) at which its training loss leaves the full
     fine-tuning curve, by a smoothed, noise-aware and sustained gap (docs/compare.md).
     """
-    from lorascope.report.compare import format_comparison, write_comparison
-    from lorascope.report.folder import prepare_folder
-    from lorascope.workflows.compare import compare as run_compare
+    from lorascope.report.compare import format_comparison, write_comparison  # matplotlib: loaded when it runs
 
     if x_tokens and x_steps:
         raise InvalidOptionError("--tokens and --steps choose the data axis: give at most one of them")

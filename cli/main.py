@@ -101,12 +101,12 @@ def demo(output: str, force: bool, steps: int | None) -> None:
     click.echo(f"\nrecording: {run_path}\nreport: {files.html}")
 
 
-from lorascope_cli.compare_cmd import compare as _compare_command  # noqa: E402
+from lorascope_cli.compare import compare as _compare_command  # noqa: E402
 
 cli.add_command(_compare_command)
 
-from lorascope_cli.recommend_cmd import calibrate as _calibrate_command  # noqa: E402
-from lorascope_cli.recommend_cmd import recommend as _recommend_command  # noqa: E402
+from lorascope_cli.calibrate import calibrate as _calibrate_command  # noqa: E402
+from lorascope_cli.recommend import recommend as _recommend_command  # noqa: E402
 
 cli.add_command(_recommend_command)
 cli.add_command(_calibrate_command)

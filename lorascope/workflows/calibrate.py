@@ -27,12 +27,13 @@ from torch import nn
 from lorascope._checks import check_positive_int, check_ranks
 from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, LorascopeError, ModelConfigError
-from lorascope.inputs.synthetic import FactsTask, stored_bits
-from lorascope.model.lora_params import lora_parameters
+from lorascope.inputs import synthetic
+from lorascope.model.lora_params import lora_parameters, model_from_config
 from lorascope.model.peft_config import make_lora_config, to_peft
 from lorascope.model.taxonomy import classify
 
-__all__ = ["Calibration", "CalibrationPoint", "calibrate", "load_calibration", "memorize_with_lora", "model_signature"]
+__all__ = ["Calibration", "CalibrationPoint", "base_model", "calibrate", "load_calibration", "memorize_with_lora",
+           "model_signature"]
 
 CALIBRATION_FORMAT = "lorascope-calibration"
 CALIBRATION_VERSION = 1
@@ -170,6 +171,60 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
     return signature
 
 
+def base_model(model_dir: str | os.PathLike[str] | None = None, config: str | os.PathLike[str] | None = None, *,
+               pretrain_steps: int = 300, seed: int = 0,
+               log: Callable[[str], None] | None = None) -> tuple[nn.Module, str]:
+    """The base model to calibrate on, and a description of it for :attr:`Calibration.base`.
+
+    Parameters
+    ----------
+    model_dir : str or os.PathLike, optional
+        A local transformers causal-LM directory with its weights (the base you will fine-tune); nothing is
+        downloaded.
+    config : str or os.PathLike, optional
+        Only a ``config.json`` (or its directory): the model gets random weights, first trained for
+        ``pretrain_steps`` on a synthetic language (:func:`~lorascope.inputs.synthetic.pretrain_on_markov`), a
+        stand-in for real weights.
+    pretrain_steps : int, default 300
+        Synthetic pretraining steps of a ``config`` model (0: none).
+    seed : int, default 0
+        Seed of the random weights and of the synthetic pretraining.
+    log : callable, optional
+        Receives a line before the synthetic pretraining starts.
+
+    Raises
+    ------
+    InvalidOptionError
+        Not exactly one of ``model_dir`` and ``config``.
+    ModelConfigError
+        ``model_dir`` is not a directory transformers loads a causal LM from, or ``config`` cannot be read or built.
+    """
+    import transformers
+
+    if (model_dir is None) == (config is None):
+        raise InvalidOptionError("base_model needs exactly one of 'model_dir' (a model directory with weights) or "
+                                 "'config' (a config.json).")
+    if model_dir is not None:
+        if not Path(model_dir).is_dir():
+            raise ModelConfigError(f"{str(model_dir)!r} is not a directory holding a transformers model.")
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelConfigError(f"cannot load a causal LM from {str(model_dir)!r}: {str(exc).splitlines()[0]}"
+                                   ) from None
+        return model, f"pretrained weights from {model_dir}"
+    meta = model_from_config(config)  # validates the config with lorascope's messages
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(meta.config)
+    vocab = model.get_output_embeddings().out_features
+    if pretrain_steps:
+        if log:
+            log(f"pretraining the randomly initialized model for {pretrain_steps} steps on a synthetic language "
+                "(a stand-in for real weights) ...")
+        synthetic.pretrain_on_markov(model, vocab, steps=pretrain_steps, seed=seed)
+    return model, f"config {config}: random weights + {pretrain_steps} synthetic pretraining steps"
+
+
 def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = "auto", values: int | None = None,
               offered_bits_per_parameter: float = 2.0, epochs: int = 300, lr: float | Sequence[float] = (1e-3, 3e-3),
               batch_size: int = 128,
@@ -241,8 +296,8 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
     for rank in ranks:
         params = rank * _per_rank(model, resolved, blocks)
         facts = math.ceil(offered_bits_per_parameter * params / math.log2(values))
-        task = FactsTask(facts=facts, vocab_size=vocab, values=values, key_tokens=_key_tokens(facts, vocab - values),
-                         seed=seed + rank)
+        task = synthetic.FactsTask(facts=facts, vocab_size=vocab, values=values,
+                                   key_tokens=_key_tokens(facts, vocab - values), seed=seed + rank)
         tried = [memorize_with_lora(model, resolved, rank, task, epochs=epochs, lr=value, batch_size=batch_size,
                                     seed=seed, layers=blocks) for value in lrs]
         best = max(range(len(lrs)), key=lambda i: tried[i].bits_stored)
@@ -299,7 +354,7 @@ def resolve_target(model: nn.Module, target: str) -> str:
     return "all-linear+experts" if fused else "all-linear"
 
 
-def memorize_with_lora(model: nn.Module, target: str, rank: int, task: FactsTask, *, epochs: int, lr: float,
+def memorize_with_lora(model: nn.Module, target: str, rank: int, task: synthetic.FactsTask, *, epochs: int, lr: float,
                        batch_size: int, seed: int, layers: Collection[int] | None = None) -> CalibrationPoint:
     """Train a PEFT LoRA of ``rank`` on ``target`` of the frozen ``model`` to memorize ``task``; the bits it holds.
 
@@ -342,7 +397,7 @@ def memorize_with_lora(model: nn.Module, target: str, rank: int, task: FactsTask
                 wrapped.eval()
                 with torch.no_grad():
                     logits = torch.cat([_value_logits(wrapped, ids[i:i + 512]) for i in range(0, task.facts, 512)])
-                bits = max(bits, stored_bits(logits.cpu(), task, values.cpu()))
+                bits = max(bits, synthetic.stored_bits(logits.cpu(), task, values.cpu()))
         count = sum(p.numel() for p in trainable)
     finally:
         wrapped.unload()  # take the adapters out again; the base weights were frozen and are unchanged

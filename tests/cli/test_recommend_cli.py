@@ -227,7 +227,8 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("calibrate trained despite bad arguments")
 
-    for module, name in (("lorascope.workflows.calibrate", "calibrate"), ("lorascope.inputs.synthetic", "pretrain_on_markov")):
+    for module, name in (("lorascope.workflows.calibrate", "calibrate"),
+                         ("lorascope.inputs.synthetic", "pretrain_on_markov")):
         monkeypatch.setattr(importlib.import_module(module), name, refuse)  # the modules, not lorascope.calibrate()
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)

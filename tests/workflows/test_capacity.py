@@ -246,7 +246,7 @@ def test_predicted_falloff_lands_within_2x_of_real_lora_runs_for_three_ranks():
 
 
 def test_compare_takes_the_runways_of_a_recommend_json_as_predictions(tmp_path):
-    from lorascope_cli.compare_cmd import read_predictions
+    from lorascope.workflows.compare import read_predictions
 
     path = tmp_path / "recommend.json"
     path.write_text(json.dumps({"format": "lorascope-recommend", "predictions": [
