@@ -388,8 +388,11 @@ def _check_probe(path: str, probe: ModelFacts, model: nn.Module) -> None:
 
 
 def _check_calibration(calibration: Any, signature: Mapping[str, Any]) -> None:
-    for key in ("model_type", "hidden_size"):
-        mine, theirs = signature.get(key), calibration.model.get(key)
-        if mine is not None and theirs is not None and mine != theirs:
-            raise ProbeMismatchError(f"the calibration was measured on a model with {key} = {theirs!r}, this model "
-                                     f"has {mine!r}: run `lorascope calibrate` on this architecture")
+    """Refuse a calibration measured on another architecture (its model type or hidden size)."""
+    difference, _ = model_difference(ModelFacts("this model", signature, ()),
+                                     ModelFacts("the calibration", calibration.model, ()),
+                                     keys=("model_type", "hidden_size"))
+    if difference is not None:
+        raise ProbeMismatchError(f"the calibration was measured on a model with {difference.name} = "
+                                 f"{difference.other!r}, this model has {difference.reference!r}: run `lorascope "
+                                 "calibrate` on this architecture")
