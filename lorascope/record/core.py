@@ -66,8 +66,8 @@ def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         optimizer, seen = inner, seen + 1
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise InvalidOptionError(
-            f"optimizer must be a torch.optim.Optimizer (or a wrapper holding one in .optimizer). "
-            f"Got {type(optimizer).__name__} instead."
+            f"The 'optimizer' parameter of lorascope.record must be a torch.optim.Optimizer (or a wrapper holding "
+            f"one in .optimizer). Got {type(optimizer).__name__} instead."
         )
     return optimizer
 
@@ -109,7 +109,8 @@ class Recorder:
         loss_shares_global_step: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise InvalidOptionError(f"model must be a torch.nn.Module. Got {type(model).__name__} instead.")
+            raise InvalidOptionError(f"The 'model' parameter of Recorder must be a torch.nn.Module. "
+                                     f"Got {type(model).__name__} instead.")
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module  # the names of a single-process run; DDP's forward calls the module's hooks
         self.model = model
@@ -340,7 +341,8 @@ class Recorder:
         """
         if examples is not None:
             if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
-                raise InvalidOptionError(f"examples must be an int >= 0. Got {examples!r} instead.")
+                raise InvalidOptionError(f"The 'examples' parameter of Recorder.log must be an int in the range "
+                                         f"[0, inf). Got {examples!r} instead.")
             self._logged.add_examples(examples)
         if tokens is not None:
             self._logged.add_tokens(tokens)

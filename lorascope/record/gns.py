@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lorascope.errors import InvalidOptionError
 from lorascope.model.taxonomy import MatrixRef
 
 LOSS_MEAN = "mean"  # the step's gradient is the mean over its examples; each pass contributes its share
@@ -125,8 +126,7 @@ def two_batch_norms(passes: torch.Tensor, cross: torch.Tensor, sizes: Sequence[i
     n = passes.shape[0]
     if n < 2:
         return None
-    if convention not in LOSS_CONVENTIONS:
-        raise ValueError(f"convention must be one of {LOSS_CONVENTIONS}. Got {convention!r} instead.")
+    _check_convention(convention, "two_batch_norms")
     if sizes is None or len(sizes) != n or min(sizes) <= 0:
         return None  # without the pass sizes there are no batch sizes to put the norms against
     b = torch.tensor([float(s) for s in sizes], device=passes.device)
@@ -159,8 +159,7 @@ def per_example_norms(passes: torch.Tensor, cross: torch.Tensor, per_example: to
     n_examples = per_example.shape[0]
     if n_examples < 2:
         return None
-    if convention not in LOSS_CONVENTIONS:
-        raise ValueError(f"convention must be one of {LOSS_CONVENTIONS}. Got {convention!r} instead.")
+    _check_convention(convention, "per_example_norms")
     n_passes = passes.shape[0]
     big = passes.sum(0) + 2.0 * cross.sum(0)
     if convention == LOSS_MEAN:
@@ -206,8 +205,7 @@ def local_small_norms(passes: torch.Tensor, sizes: Sequence[float] | None, conve
         :math:`\sum |\hat g|^2` over this rank's samples per matrix, the number of samples and the examples
         they hold (summed over ranks, ``examples / samples`` is :math:`B_{small}`); None without pass sizes.
     """
-    if convention not in LOSS_CONVENTIONS:
-        raise ValueError(f"convention must be one of {LOSS_CONVENTIONS}. Got {convention!r} instead.")
+    _check_convention(convention, "local_small_norms")
     n = passes.shape[0]
     if sizes is None or len(sizes) != n or min(sizes) <= 0:
         return None
@@ -228,3 +226,9 @@ def local_small_norms(passes: torch.Tensor, sizes: Sequence[float] | None, conve
     b = torch.tensor([float(s) for s in sizes], device=passes.device)
     scaled = ((total / b) ** 2)[:, None] * passes if convention == LOSS_MEAN else passes
     return scaled.sum(0), float(n), total
+
+
+def _check_convention(convention: str, caller: str) -> None:
+    if convention not in LOSS_CONVENTIONS:
+        raise InvalidOptionError(f"The 'convention' parameter of {caller} must be one of {LOSS_CONVENTIONS}. "
+                                 f"Got {convention!r} instead.")

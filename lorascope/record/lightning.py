@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lorascope.errors import InvalidOptionError
 from lorascope.record.batches import count_batch, count_loss_tokens, dataset_config
 from lorascope.record.core import Recorder
 from lorascope.record.distributed import will_write
@@ -42,7 +43,8 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
             return
         # Every rank builds a recorder (they all join its collectives); rank 0 alone writes the file.
         if len(trainer.optimizers) != 1:
-            raise ValueError(f"lorascope records one optimizer; this Trainer has {len(trainer.optimizers)}")
+            raise InvalidOptionError(f"lorascope records one optimizer; this Trainer has {len(trainer.optimizers)}. "
+                                     "Record a LightningModule whose configure_optimizers returns one optimizer.")
         total = trainer.estimated_stepping_batches
         self.recorder = Recorder(
             pl_module,

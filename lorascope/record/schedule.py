@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from lorascope._checks import check_positive_int
 from lorascope.errors import InvalidOptionError
 
 
@@ -37,10 +38,8 @@ class SnapshotSchedule:
     @classmethod
     def every(cls, interval: int) -> SnapshotSchedule:
         """Every ``interval`` optimizer steps."""
-        if not isinstance(interval, int) or interval < 1:
-            raise InvalidOptionError(f"The 'interval' parameter of SnapshotSchedule.every must be an int in the "
-                                     f"range [1, inf). Got {interval!r} instead.")
-        return cls("every", interval=interval)
+        check_positive_int("interval", interval, "SnapshotSchedule.every")
+        return cls("every", interval=int(interval))
 
     @classmethod
     def explicit(cls, steps: Iterable[int]) -> SnapshotSchedule:

@@ -10,6 +10,8 @@ import torch
 
 import lorascope
 from lorascope.analysis.noise import batch_tradeoff, noise_scale, unbiased_estimates
+from lorascope.errors import InvalidOptionError
+from lorascope.record.gns import local_small_norms, per_example_norms, two_batch_norms
 
 N, D = 512, 12
 
@@ -54,6 +56,16 @@ def _fixed_problem(seed: int, logistic: bool):
     with torch.no_grad():
         model.weight.mul_(0.3)
     return x, y, model, torch.optim.SGD(model.parameters(), lr=0.0), _exact_b_simple(model, x, y, logistic)
+
+
+@pytest.mark.parametrize("measure", [
+    lambda: two_batch_norms(torch.ones(2, 3), torch.zeros(2, 3), [1, 1], "median"),
+    lambda: per_example_norms(torch.ones(2, 3), torch.zeros(2, 3), torch.ones(4, 3), [2, 2], 3, "median"),
+    lambda: local_small_norms(torch.ones(2, 3), [1, 1], "median"),
+], ids=["two_batch_norms", "per_example_norms", "local_small_norms"])
+def test_an_unknown_loss_convention_is_an_invalid_option(measure):
+    with pytest.raises(InvalidOptionError, match=r"The 'convention' parameter of \w+ must be one of"):
+        measure()
 
 
 @pytest.mark.parametrize("logistic", [False, True], ids=["linear", "logistic"])

@@ -228,6 +228,40 @@ def test_unknown_option_lists_the_valid_ones(run_path, tiny_token_model):
     assert "top_kk" in str(info.value) and "top_k" in str(info.value).replace("top_kk", "")
 
 
+def test_log_rejects_a_negative_example_count(run_path, tiny_token_model):
+    model, optimizer = _plain(tiny_token_model)
+    with lorascope.record(model, run_path, optimizer=optimizer) as recorder:
+        with pytest.raises(InvalidOptionError, match=r"The 'examples' parameter of Recorder.log .* Got -1 instead"):
+            recorder.log(examples=-1)
+
+
+def test_lightning_trainer_with_two_optimizers_is_refused_before_the_first_step(run_path):
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+            self.automatic_optimization = False
+            self.steps = 0
+
+        def training_step(self, batch, batch_idx):
+            self.steps += 1
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.fc1.parameters(), lr=0.1), torch.optim.SGD(self.fc2.parameters(), lr=0.1)]
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    lorascope.record(trainer, run_path)
+    module = Module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(InvalidOptionError, match="one optimizer; this Trainer has 2"):
+            trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4))))
+    assert module.steps == 0
+
+
 # -- bad numbers during training ----------------------------------------------------------------------------------
 
 def test_nan_gradient_is_recorded_and_counted(run_path, tiny_token_model):
