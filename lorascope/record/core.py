@@ -171,12 +171,13 @@ class Recorder:
         self._handles: list[Any] = []
         self._w0: list[Any] = []
         self._last_snapshot = -1
-        self._grads: dict[str, torch.Tensor] | None = None
+        self._grads: dict[str, Any] | None = None  # the gradient columns of the step row
         self._shard_grads: tuple[torch.Tensor, Any] | None = None  # FSDP2: this rank's local squared norms
         self._grad_sv: list[torch.Tensor | None] | None = None
         self._logged, self._counted = BatchTally(), BatchTally()  # the loop's log() calls; the forward hooks
 
     def _set_up_noise_scale(self) -> None:
+        """The tensor hooks of the gradient noise scale: per-pass norms, and per-example norms when asked."""
         # Per-pass norms also give the per-example source its step norm before clipping. Under DDP each rank's
         # passes give the small-batch norms (its local gradients before the all-reduce); under FSDP2 the sharded
         # parameters see no per-pass gradient (the noise scale is off there, see sharded.check_options).
@@ -193,6 +194,7 @@ class Recorder:
             self._per_example = PerExampleNorms(self.model, targets)
 
     def _set_up_distributed(self, context: D.DistributedContext) -> DistributedSteps:
+        """The rank-aware steps, handed the recorder's own work (writing, stopping, single-process snapshots)."""
         calls = RecorderCalls(is_active=lambda: self.active, stop=self._stop, fail=self._fail,
                               guarded=self._guarded, put_step=self._put_step, put_snapshot=self._put_snapshot,
                               snapshot=self._snapshot, snapshot_taken=self._snapshot_taken)

@@ -20,7 +20,7 @@ from torch import nn
 
 from lorascope.record import distributed as D
 from lorascope.record.batches import StepBatch
-from lorascope.record.gns import local_small_norms
+from lorascope.record.gns import LOSS_MEAN, local_small_norms
 from lorascope.record.options import RecordOptions
 from lorascope.record.sharded import ShardedRecording
 from lorascope.store import schema as S
@@ -74,7 +74,7 @@ def agree_on_path(context: D.DistributedContext, path: str | os.PathLike[str], *
 
 def local_step(batch: StepBatch, *, shard_grads: tuple[torch.Tensor, Any] | None = None,
                passes: tuple[torch.Tensor, torch.Tensor] | None = None, per_example: torch.Tensor | None = None,
-               convention: str = "mean") -> D.LocalStep:
+               convention: str = LOSS_MEAN) -> D.LocalStep:
     """What this rank contributes to the step's exchange: its batch, its shards' squared gradient norms
     (``shard_grads``, FSDP2) and its small-batch noise-scale norms from the step's per-pass norms (``passes``,
     :meth:`~lorascope.record.gns.MicroBatchNorms.pop`) and, when measured, per-example norms."""
@@ -110,9 +110,10 @@ class DistributedSteps:
         FSDP2's W_0 shards, local gradient norms and snapshot gathers; None under DDP.
     gns
         Measure the noise-scale inputs (DDP only): the small-batch norms go through the exchange, and rank 0
-        measures the big-batch norm of the all-reduced gradient with ``measure(grad_tensors)``.
+        measures the big-batch norm of the all-reduced gradient by calling ``measure()`` once the backward pass
+        that produced the gradients of ``grad_tensors`` has ended.
     grad_tensors, measure
-        The recorded trainable tensors, and the (M,) squared norms of their gradients now.
+        The recorded trainable tensors, and a function returning the (M,) squared norms of their gradients.
 
     Attributes
     ----------
