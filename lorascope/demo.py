@@ -23,7 +23,11 @@ if TYPE_CHECKING:
     from lorascope.report.folder import ReportFiles
     from lorascope.workflows.analyze import Analysis
 
-__all__ = ["DemoConfig", "DemoTransformer", "run_demo"]
+__all__ = ["REPRODUCED_BITS_PER_PARAMETER", "DemoConfig", "DemoTransformer", "measured_falloffs", "run_demo"]
+
+REPRODUCED_BITS_PER_PARAMETER = (0.51, 0.67)
+"""Bits asked per LoRA parameter where real PEFT LoRA runs fell off on this task (random facts, all-linear LoRA,
+ranks 1 to 16), measured by the reproduction study (docs/reproduction.md)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,17 @@ class DemoTransformer(nn.Module):
         return out
 
 
+def measured_falloffs(rows: list[Any], bits_per_fact: float) -> str:
+    """Where the reproduction study's measurements put each all-linear rank's falloff on the demo's facts: the
+    truth the forecast is checked against."""
+    low, high = REPRODUCED_BITS_PER_PARAMETER
+    spans = [f"rank {r.prediction.rank} at {low * r.prediction.lora_parameters / bits_per_fact:,.0f}.."
+             f"{high * r.prediction.lora_parameters / bits_per_fact:,.0f}" for r in rows if r.target == "all-linear"]
+    return (f"truth for the demo's task: {bits_per_fact:g} bits per fact; real PEFT LoRA runs on this task fell off at "
+            f"{low:g}-{high:g} bits per LoRA parameter (docs/reproduction.md), so all-linear LoRA falls off at "
+            + ", ".join(spans) + " facts")
+
+
 def run_demo(folder: str | os.PathLike[str] = "lorascope-demo", *, cfg: DemoConfig | None = None,
              force: bool = False, log: Any = print) -> tuple[Path, Analysis, ReportFiles]:
     """Pretrain, fully fine-tune with recording, analyse and write the report into ``folder``.
@@ -153,7 +168,7 @@ def _run(folder: str | os.PathLike[str], cfg: DemoConfig, force: bool, log: Any
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     with lorascope.record(model, run_path, optimizer=opt, total_steps=cfg.finetune_steps, overwrite=force,
                           extra_config={"demo": {"facts": cfg.facts, "bits_to_learn": bits},
-                                        "dataset": {"examples": cfg.facts}}):
+                                        "dataset": {"examples": cfg.facts, "bits_per_example": task.bits_per_fact}}):
         for _ in range(cfg.finetune_steps):
             # Two backward passes per step (gradient accumulation), so the recording also measures the
             # gradient noise scale from the norms at both batch sizes.
@@ -165,5 +180,7 @@ def _run(folder: str | os.PathLike[str], cfg: DemoConfig, force: bool, log: Any
 
     log("analysing the recording ...")
     analysis = analyze(run_path, ranks=(4, 8, 16))
+    if analysis.forecast is not None:
+        analysis.forecast.notes.append(measured_falloffs(analysis.forecast.rows, task.bits_per_fact))
     files = write_report(analysis, folder / "report", force=True)
     return run_path, analysis, files

@@ -30,20 +30,12 @@ import numpy as np
 
 from lorascope.analysis.capacity import CapacityConstant, RankPrediction, judge
 from lorascope.analysis.information import BitsEstimate, RecordedInformation
+from lorascope.analysis.layers import TARGET_SETS
 from lorascope.errors import InvalidOptionError
 
-__all__ = ["FORECAST_TARGETS", "Forecast", "GrowthLaw", "Matrix", "TargetForecast", "bits_growth", "forecast",
+__all__ = ["Forecast", "GrowthLaw", "Matrix", "TargetForecast", "bits_growth", "forecast",
            "lora_parameters_of"]
 
-FORECAST_TARGETS: Mapping[str, tuple[str, ...]] = {
-    "all-linear": ("attention", "mlp", "moe_expert", "other"),
-    "mlp-only": ("mlp", "moe_expert"),
-    "attention-only": ("attention",),
-}
-"""Kinds each LoRA target set adapts. ``all-linear`` follows PEFT's rule (every linear layer but the output head,
-so a plain model's layers of kind ``other``, a ``Sequential`` of ``Linear``, count in it) plus fused MoE experts,
-as :func:`lorascope.recommend` targets them; routers are left out (most are not ``nn.Linear`` in transformers 5,
-and a router's adapter holds a few hundred parameters)."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +165,7 @@ class Forecast:
 
 
 def forecast(informations: Sequence[RecordedInformation], matrices: Sequence[Matrix], ranks: Sequence[int], *,
-             constant: CapacityConstant | None = None, targets: Mapping[str, Sequence[str]] = FORECAST_TARGETS,
+             constant: CapacityConstant | None = None, targets: Mapping[str, Sequence[str]] = TARGET_SETS,
              active_experts: int | None = None, truth_bits_per_example: float | None = None) -> Forecast:
     """Per target set and rank, the dataset size at which a LoRA runs out, from the recordings' information.
 
@@ -215,7 +207,7 @@ def forecast(informations: Sequence[RecordedInformation], matrices: Sequence[Mat
         for rank in ranks:
             count, by_kind = lora_parameters_of(matrices, kinds, rank, active_experts)
             rows.append(TargetForecast(target, _prediction(rank, count, by_kind, growth, bits, dataset, constant)))
-    notes = [f"growth with data: {growth.source}"]
+    notes = []
     if bits.upper_bound:
         notes.append("the bits are an upper bound (the recording saw its data once): the falloff may come later")
     return Forecast(bits, growth, dataset, constant, rows, truth_bits_per_example, notes)

@@ -11,12 +11,15 @@ import xarray as xr
 
 __all__ = ["TARGET_SETS", "energy_shares", "lora_capture", "rank_hungry_modules"]
 
-# Kinds each common LoRA target set adapts (PEFT's "all-linear" leaves the output head out).
 TARGET_SETS: Mapping[str, tuple[str, ...]] = {
-    "attention-only": ("attention",),
+    "all-linear": ("attention", "mlp", "moe_expert", "other"),
     "mlp-only": ("mlp", "moe_expert"),
-    "all-linear": ("attention", "mlp", "moe_expert"),
+    "attention-only": ("attention",),
 }
+"""Kinds each LoRA target set adapts. ``all-linear`` follows PEFT's rule (every linear layer but the output head,
+so a plain model's layers of kind ``other``, a ``Sequential`` of ``Linear``, count in it) plus fused MoE experts,
+as :func:`lorascope.recommend` targets them; routers are left out (most are not ``nn.Linear`` in transformers 5,
+and a router's adapter holds a few hundred parameters)."""
 
 
 def _valid_energy(snapshot: xr.Dataset) -> xr.DataArray:

@@ -8,9 +8,13 @@ from typing import Any
 
 from lorascope.report.format import approx_count, count, number, significant
 
-__all__ = ["FORECAST_HEADER", "forecast_facts", "forecast_rows"]
+__all__ = ["forecast_facts", "forecast_header", "forecast_rows"]
 
-FORECAST_HEADER = ["target", "rank", "LoRA parameters", "capacity (bits)", "runs out at ~", "range", "verdict"]
+
+def forecast_header(forecast: Mapping[str, Any]) -> list[str]:
+    """The table's column names; the verdict is for the recorded dataset size."""
+    return ["target", "rank", "LoRA parameters", "capacity (bits)", "runs out at ~ (examples)", "range",
+            f"at {count(forecast.get('dataset_examples'))} examples"]
 
 
 def forecast_facts(forecast: Mapping[str, Any]) -> list[str]:
@@ -26,7 +30,8 @@ def forecast_facts(forecast: Mapping[str, Any]) -> list[str]:
         asked += (f" Truth, known for this task: {number(truth, 2)} bits per example (the estimate is "
                   f"{number(bits['bits_per_example'] / truth, 2)}x it).")
     growth = forecast["growth"]
-    return [asked, bits["explanation"] + ".",
+    explanation = bits["explanation"]
+    return [asked, explanation[:1].upper() + explanation[1:] + ".",
             f"Growth with data: bits ~ N^{number(growth['exponent'], 2)} ({growth['source']}).",
             f"LoRA capacity: {significant(constant['bits_per_parameter'], 3)} bits per LoRA parameter, known to a "
             f"factor {significant(constant['uncertainty'], 3)} ({constant['source']})."]

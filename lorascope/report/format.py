@@ -111,12 +111,12 @@ def byte_size(n_bytes: int) -> str:
 
 
 def layer(value: Any) -> str:
-    """A transformer block index; -1 (outside the blocks) reads "none".
+    """A transformer block index; -1 (embeddings, the head, anything outside the blocks) says so.
 
     >>> layer(3), layer(-1)
-    ('3', 'none')
+    ('3', 'outside the blocks')
     """
-    return "none" if int(value) < 0 else str(int(value))
+    return "outside the blocks" if int(value) < 0 else str(int(value))
 
 
 def table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:

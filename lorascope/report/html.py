@@ -18,7 +18,7 @@ from typing import Any
 
 from lorascope._version import __version__
 from lorascope.report.curves import CURVES_CAVEAT, crossings_sentence
-from lorascope.report.forecast import FORECAST_HEADER, forecast_facts, forecast_rows
+from lorascope.report.forecast import forecast_facts, forecast_header, forecast_rows
 from lorascope.report.format import X_UNITS, count, layer, number, percent
 from lorascope.workflows.analyze import CURVE_P
 
@@ -127,7 +127,7 @@ def _forecast_section(forecast: Mapping[str, Any] | None) -> list[str]:
     out = ['<h2 id="forecast">Forecast: where each LoRA runs out</h2>', _list(forecast_facts(forecast))]
     rows = forecast_rows(forecast)
     if rows:
-        out.append(_table(FORECAST_HEADER, rows, left=(0, 6)))
+        out.append(_table(forecast_header(forecast), rows, left=(0, 6)))
     if forecast.get("notes"):
         out.append(_list(forecast["notes"]))
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorascope.report.curves import CURVES_CAVEAT, crossings_sentence
-from lorascope.report.forecast import FORECAST_HEADER, forecast_facts, forecast_rows
+from lorascope.report.forecast import forecast_facts, forecast_header, forecast_rows
 from lorascope.report.format import X_UNITS, count, number, percent, table
 
 __all__ = ["format_summary"]
@@ -19,7 +19,7 @@ def _forecast_lines(forecast: dict[str, Any] | None) -> list[str]:
     lines += [f"  {s}" for s in forecast_facts(forecast)]
     rows = forecast_rows(forecast)
     if rows:
-        lines += [f"  {s}" for s in table(FORECAST_HEADER, rows)]
+        lines += [f"  {s}" for s in table(forecast_header(forecast), rows)]
     lines += [f"  - {note}" for note in forecast.get("notes", [])]
     return lines
 

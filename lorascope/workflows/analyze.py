@@ -17,12 +17,15 @@ import numpy as np
 import xarray as xr
 
 from lorascope._checks import check_ranks
+from lorascope.analysis.capacity import CapacityConstant
 from lorascope.analysis.curves import PowerLawFit, fit_power_law
+from lorascope.analysis.forecast import Forecast
 from lorascope.analysis.layers import TARGET_SETS, energy_shares, lora_capture, rank_hungry_modules
 from lorascope.analysis.metrics import DEFAULT_P, aggregate, update_metrics
 from lorascope.analysis.noise import BatchAdvice, NoiseScale, batch_tradeoff, noise_scale
 from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.store.reader import Run
+from lorascope.workflows.forecast import forecast_runs
 from lorascope.workflows.runs import LoadedRun, ModelFacts, RunLike, check_same_model, load_run
 
 __all__ = ["Analysis", "RunResult", "analyze", "DEFAULT_CANDIDATE_RANKS"]
@@ -95,6 +98,9 @@ class Analysis:
         k_0.9 (energy-weighted per kind, and over all modules) against ``x``, fitted and extrapolated.
     notes : list[str]
         What could not be computed and why; incomplete runs; excluded non-finite updates.
+    forecast : Forecast or None
+        Where a LoRA of each candidate rank and target set runs out on this data, from the full fine-tuning
+        runs; ``forecast_missing`` says why when there is none.
     """
 
     runs: list[RunResult]
@@ -103,6 +109,8 @@ class Analysis:
     x: str
     curves: dict[str, CurveResult] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    forecast: Forecast | None = None
+    forecast_missing: str | None = None
 
     @property
     def incomplete(self) -> bool:
@@ -149,6 +157,7 @@ class Analysis:
             "format": SUMMARY_FORMAT,
             "version": SUMMARY_VERSION,
             "incomplete": self.incomplete,
+            "forecast": self.forecast.to_dict() if self.forecast is not None else {"missing": self.forecast_missing},
             "notes": list(self.notes),
             "ranks": list(self.ranks),
             "p": list(self.p),
@@ -197,7 +206,8 @@ class Analysis:
 
 def analyze(paths: RunLike | Sequence[RunLike], *,
             ranks: Sequence[int] = DEFAULT_CANDIDATE_RANKS, p: Sequence[float] = DEFAULT_P,
-            x: str = "examples_seen", progress: Callable[[Any], Any] | None = None) -> Analysis:
+            x: str = "examples_seen", progress: Callable[[Any], Any] | None = None,
+            constant: CapacityConstant | None = None) -> Analysis:
     """Analyse one or more run files.
 
     Parameters
@@ -213,6 +223,9 @@ def analyze(paths: RunLike | Sequence[RunLike], *,
         Data axis: "examples_seen" or "tokens_seen".
     progress
         Optional wrapper of an iterable (e.g. ``tqdm.tqdm``) for a progress bar over the runs.
+    constant
+        Bits per LoRA parameter for the forecast (default: lorascope's measured default; a calibration's
+        :meth:`CapacityConstant.from_calibration <lorascope.analysis.capacity.CapacityConstant.from_calibration>`).
 
     Raises
     ------
@@ -240,6 +253,7 @@ def analyze(paths: RunLike | Sequence[RunLike], *,
     analysis = Analysis(runs=runs, ranks=ranks, p=p, x=x)
     _add_notes(analysis)
     analysis.curves = _curves(analysis)
+    analysis.forecast, analysis.forecast_missing = forecast_runs(runs, ranks, constant=constant)
     return analysis
 
 

@@ -43,6 +43,7 @@ from lorascope.model.peft_config import make_lora_config, to_peft
 from lorascope.store.reader import open_run
 from lorascope.workflows.analyze import Analysis, analyze
 from lorascope.workflows.calibrate import load_calibration, model_signature, resolve_target
+from lorascope.workflows.forecast import active_experts
 from lorascope.workflows.runs import ModelFacts, information_from_run, model_difference
 
 __all__ = ["DEFAULT_RANKS", "Recommendation", "recommend"]
@@ -52,7 +53,6 @@ LR_MULTIPLIER, LR_MULTIPLIER_SHORT, SHORT_RUN_STEPS = 10.0, 15.0, 100
 LORA_ALPHA = 32
 RECOMMEND_FORMAT, RECOMMEND_VERSION = "lorascope-recommend", 1
 TARGET_CHOICES = ("auto", "all-linear", "all-linear+experts", "mlp-only")
-_ACTIVE_EXPERT_KEYS = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", "top_k")
 
 
 @dataclass
@@ -291,11 +291,7 @@ def _adapter_rank(rank: int, kind: str, experts: int, active: int | None) -> int
 def _active_experts(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     text = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    for key in _ACTIVE_EXPERT_KEYS:
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return active_experts(text.to_dict()) if hasattr(text, "to_dict") else None
 
 
 def _max_useful_rank(count: Any) -> int:

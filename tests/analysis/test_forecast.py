@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lorascope.analysis.capacity import CapacityConstant, predict_ranks
-from lorascope.analysis.forecast import FORECAST_TARGETS, Matrix, bits_growth, forecast, lora_parameters_of
+from lorascope.analysis.forecast import Matrix, bits_growth, forecast, lora_parameters_of
 from lorascope.analysis.information import RecordedInformation
+from lorascope.analysis.layers import TARGET_SETS
 from lorascope.errors import InvalidOptionError
 from lorascope.model.lora_params import lora_parameters
 from lorascope.model.taxonomy import classify
@@ -31,7 +32,7 @@ def test_parameters_from_recorded_shapes_equal_peft_counts_on_a_llama(tiny_llama
     matrices = _matrices(model)
     for target in ("all-linear", "mlp-only", "attention-only"):
         expected = lora_parameters(model, target, rank=rank).total
-        assert lora_parameters_of(matrices, FORECAST_TARGETS[target], rank)[0] == expected, target
+        assert lora_parameters_of(matrices, TARGET_SETS[target], rank)[0] == expected, target
 
 
 def test_parameters_of_fused_experts_follow_recommends_rank_per_active_expert(tiny_mixtral_config):
@@ -42,7 +43,7 @@ def test_parameters_of_fused_experts_follow_recommends_rank_per_active_expert(ti
     matrices = _matrices(model)
     rec = lorascope.recommend(model, examples=1000, tokens_per_example=10, ranks=[2, 8])
     for prediction in rec.predictions:
-        count, by_kind = lora_parameters_of(matrices, FORECAST_TARGETS["all-linear"], prediction.rank, 2)
+        count, by_kind = lora_parameters_of(matrices, TARGET_SETS["all-linear"], prediction.rank, 2)
         assert count == prediction.lora_parameters
         assert by_kind["moe_expert"] == prediction.rank // 2
 
@@ -51,7 +52,7 @@ def test_a_plain_models_linear_layers_count_as_all_linear(tiny_token_model):
     model = tiny_token_model()
     matrices = _matrices(model)
     assert {m.kind for m in matrices} >= {"other", "mlp"}
-    assert lora_parameters_of(matrices, FORECAST_TARGETS["all-linear"], 4)[0] == lora_parameters(
+    assert lora_parameters_of(matrices, TARGET_SETS["all-linear"], 4)[0] == lora_parameters(
         model, "all-linear", rank=4).total
 
 
@@ -69,7 +70,7 @@ def test_one_recording_grows_linearly_and_gives_the_capacity_rules_runway():
     matrices = [Matrix("mlp", 64, 32, "a"), Matrix("attention", 32, 32, "b")]
     result = forecast([info], matrices, [1, 8], constant=constant)
     assert result.growth.exponent == 1.0
-    reference = predict_ranks([1, 8], lambda r: lora_parameters_of(matrices, FORECAST_TARGETS["all-linear"], r),
+    reference = predict_ranks([1, 8], lambda r: lora_parameters_of(matrices, TARGET_SETS["all-linear"], r),
                               examples=500, bits=info.estimate(), constant=constant)
     for row, ref in zip([r for r in result.rows if r.target == "all-linear"], reference):
         assert row.prediction.runway_examples == pytest.approx(ref.runway_examples)

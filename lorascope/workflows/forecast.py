@@ -1,0 +1,83 @@
+"""The forecast of ``lorascope analyze``: a full fine-tuning recording read as a probe.
+
+Picks the full fine-tuning runs of an analysis, measures their information with the estimator
+``lorascope recommend --probe`` uses, reads the LoRA-adaptable matrices off the run's modules table, and hands
+both to :func:`lorascope.analysis.forecast.forecast`. When no forecast can be made, one sentence says why.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from lorascope.analysis.capacity import CapacityConstant
+from lorascope.analysis.forecast import Forecast, Matrix, forecast
+from lorascope.analysis.information import RecordedInformation, information_from_steps, recorded_dataset_examples
+from lorascope.errors import InvalidOptionError
+
+__all__ = ["ACTIVE_EXPERT_KEYS", "active_experts", "forecast_runs", "matrices_of"]
+
+ACTIVE_EXPERT_KEYS = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", "top_k")
+MIN_FIRST_EPOCH_STEPS = 4  # the marginal rate reads the second half of the first epoch: two steps at least
+
+
+def active_experts(config: Mapping[str, Any] | None) -> int | None:
+    """Experts routed per token, from a model config (a dict; a multimodal config's ``text_config`` first)."""
+    if not config:
+        return None
+    for section in (config.get("text_config") or {}, config):
+        for key in ACTIVE_EXPERT_KEYS:
+            value = section.get(key)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+                return int(value)
+    return None
+
+
+def matrices_of(modules: pd.DataFrame) -> list[Matrix]:
+    """The recorded matrices as a LoRA would adapt them; the gate and up halves of a fused tensor share an
+    adapter (one per expert)."""
+    return [Matrix(str(kind), int(out), int(inp), f"{module}.{parameter}[{expert}]", int(expert))
+            for kind, out, inp, module, parameter, expert in zip(
+                modules["kind"], modules["out_features"], modules["in_features"], modules["module"],
+                modules["parameter"], modules["expert"])]
+
+
+def forecast_runs(runs: Sequence[Any], ranks: Sequence[int], *,
+                  constant: CapacityConstant | None = None) -> tuple[Forecast | None, str | None]:
+    """The forecast from an analysis's runs (:class:`~lorascope.workflows.analyze.RunResult`), or None and why.
+
+    Every full fine-tuning run with a recorded dataset size counts, as one dataset size of the growth law.
+    """
+    full = [run for run in runs if not run.is_lora]
+    if not full:
+        return None, ("every run is a LoRA recording: what a LoRA absorbs is capped by its own capacity, so the "
+                      "forecast needs a full fine-tuning recording of the same data")
+    informations: list[RecordedInformation] = []
+    for run in full:
+        examples = recorded_dataset_examples(run.config)
+        if examples is None:
+            return None, (f"{run.path} does not record its dataset size (config dataset.examples): the HF and "
+                          "Lightning integrations write it; in a plain loop pass extra_config={'dataset': "
+                          "{'examples': N}} to lorascope.record")
+        try:
+            information = information_from_steps(run.steps, dataset_examples=examples)
+        except InvalidOptionError as exc:
+            return None, f"{run.path}: {exc}"
+        if information.epoch_steps < MIN_FIRST_EPOCH_STEPS:
+            return None, (f"{run.path} has {information.epoch_steps} step(s) in its first epoch: the bits per "
+                          f"additional example need at least {MIN_FIRST_EPOCH_STEPS} (a smaller batch or a larger "
+                          "dataset)")
+        informations.append(information)
+    largest = max(range(len(full)), key=lambda i: informations[i].epoch_examples)
+    config = full[largest].config
+    truth = (config.get("dataset") or {}).get("bits_per_example")
+    result = forecast(informations, matrices_of(full[largest].modules), ranks, constant=constant,
+                      active_experts=active_experts((config.get("model") or {}).get("config")),
+                      truth_bits_per_example=float(truth) if isinstance(truth, numbers.Real) else None)
+    if not result.rows:
+        return None, "no recorded matrix is one a LoRA adapts (attention, MLP, MoE experts or other linear layers)"
+    result.notes.extend(n for info in informations for n in info.notes)
+    return result, None
