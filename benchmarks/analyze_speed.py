@@ -40,6 +40,7 @@ def smollm_modules() -> list[dict]:
 
 
 def write_recording(path: Path, n_snapshots: int, n_steps: int, seed: int = 0) -> float:
+    from lorascope.store.payloads import Snapshot
     from lorascope.store.writer import RunWriter
 
     rng = np.random.default_rng(seed)
@@ -62,8 +63,8 @@ def write_recording(path: Path, n_snapshots: int, n_steps: int, seed: int = 0) -
             s = np.sort(np.abs(s))[::-1] * np.sqrt(step)
             spectra.append(s)
             energies.append(float(np.sum(s**2)))
-        writer.append_snapshot(step=int(step), examples_seen=int(step) * 32, tokens_seen=int(step) * 32 * 512,
-                               energy=energies, sv=spectra)
+        writer.append_snapshot(Snapshot(step=int(step), examples_seen=int(step) * 32,
+                                        tokens_seen=int(step) * 32 * 512, energy=energies, sv=spectra))
     writer.close()
     return time.perf_counter() - start
 

@@ -274,7 +274,7 @@ class RunWriter:
         self._append(group, columns, values, self._n_steps, n)
         self._n_steps += n
 
-    def append_snapshot(self, snapshot: Snapshot | None = None, /, **fields: Any) -> None:
+    def append_snapshot(self, snapshot: Snapshot, /) -> None:
         """Append one snapshot.
 
         Parameters
@@ -283,13 +283,10 @@ class RunWriter:
             The row and its per-module payloads: ``sv[i]`` holds the descending singular values of module ``i``
             (``None`` when not computed); ``factors[i] = (U, V)`` with U (out, k'), V (in, k'),
             k' <= factors_k; ``deltas[i]`` is (out, in).
-        **fields
-            Instead of ``snapshot``, its fields as keywords: ``append_snapshot(step=1, energy=[...], sv=[...])``.
         """
-        if snapshot is None:
-            snapshot = Snapshot(**fields)
-        elif fields:
-            raise TypeError(f"append_snapshot takes a Snapshot or its fields, not both. Got {sorted(fields)} too.")
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"append_snapshot takes a lorascope.store.payloads.Snapshot. "
+                            f"Got {type(snapshot).__name__} instead.")
         f = self._require_open()
         n_mod = self.n_modules
         sv, grad_sv = snapshot.sv, snapshot.grad_sv

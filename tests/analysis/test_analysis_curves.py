@@ -13,6 +13,7 @@ from lorascope.analysis.curves import fit_power_law
 from lorascope.analysis.layers import lora_capture
 from lorascope.analysis.metrics import aggregate, update_metrics
 from lorascope.errors import LorascopeError
+from lorascope.store.payloads import Snapshot
 from lorascope.store.writer import RunWriter
 from lorascope.workflows.analyze import analyze
 
@@ -118,8 +119,8 @@ def _write_run(path, energy_rank_growth: bool = True, n_snap: int = 6, shapes=((
             full = min(s)
             values = np.where(np.arange(full) < min(k, full), 1.0, 1e-4)
             spectra.append(values)
-        writer.append_snapshot(step=j + 1, examples_seen=int(ex), energy=[float(np.sum(v**2)) for v in spectra],
-                               sv=spectra)
+        writer.append_snapshot(Snapshot(step=j + 1, examples_seen=int(ex),
+                                        energy=[float(np.sum(v**2)) for v in spectra], sv=spectra))
     writer.close()
 
 
@@ -169,7 +170,7 @@ def test_analyze_without_snapshots_or_with_one(tmp_path):
     path = tmp_path / "one.h5"
     with RunWriter(path, mods) as writer:
         writer.append_steps({"step": [1], "examples_seen": [4]})
-        writer.append_snapshot(step=1, examples_seen=4, energy=[1.0], sv=[np.array([1.0, 0.0, 0.0, 0.0])])
+        writer.append_snapshot(Snapshot(step=1, examples_seen=4, energy=[1.0], sv=[np.array([1.0, 0.0, 0.0, 0.0])]))
     analysis = analyze(path)
     assert analysis.curves["all"].fit.status == "too_few_points"
     assert any("single snapshot" in note for note in analysis.notes)

@@ -28,6 +28,7 @@ from lorascope.report.format import approx_count, count, number, percent
 from lorascope.report.html import headline_sentence, render_html
 from lorascope.report.plots import PLOT_NAMES, make_plots
 from lorascope.report.terminal import format_summary
+from lorascope.store.payloads import Snapshot
 from lorascope.store.writer import RunWriter
 from lorascope.workflows.analyze import Analysis, analyze
 
@@ -123,8 +124,8 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sv = [np.sort(rng.random(16))[::-1].astype(np.float32) for _ in modules]
     energy = [float(np.sum(s.astype(np.float64) ** 2)) for s in sv]
     sv[2], energy[2] = None, float("nan")
-    writer.append_snapshot(step=10, examples_seen=40, tokens_seen=640, energy=energy, sv=sv,
-                           delta_nonfinite=[0, 0, 7, 0, 0, 0])
+    writer.append_snapshot(Snapshot(step=10, examples_seen=40, tokens_seen=640, energy=energy, sv=sv,
+                                    delta_nonfinite=[0, 0, 7, 0, 0, 0]))
     writer.abandon()
     return path
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lorascope import RunWriter
+from lorascope.store import Snapshot
 from lorascope.store import schema as S
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "format.md"
@@ -123,7 +124,7 @@ def test_the_reading_examples_run(tmp_path, monkeypatch):
                     layer=0, expert=-1, out_features=3, in_features=2)]
     with RunWriter(tmp_path / "run.h5", modules, config={"recorder": {"snapshots": "log"}}) as writer:
         writer.append_steps({"step": [1, 2], "loss": [2.0, 1.5]})
-        writer.append_snapshot(step=2, energy=[5.0], sv=[np.array([2.0, 1.0])])
+        writer.append_snapshot(Snapshot(step=2, energy=[5.0], sv=[np.array([2.0, 1.0])]))
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", TEXT, flags=re.DOTALL)
     assert len(blocks) >= 2

@@ -488,11 +488,12 @@ def test_payloads_need_their_option(tmp_path):
             w.append_snapshot(Snapshot(step=1, energy=[1.0, 2.0], sv=[None, None], deltas={0: np.ones((4, 3))}))
 
 
-def test_a_snapshot_is_given_whole_or_as_keywords_not_both(writer):
-    writer.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None])
-    with pytest.raises(TypeError, match="not both"):
-        writer.append_snapshot(Snapshot(step=2, energy=[1.0, 2.0], sv=[None, None]), examples_seen=4)
-    assert writer._n_snapshots == 1
+def test_append_snapshot_refuses_anything_but_a_snapshot(writer):
+    with pytest.raises(TypeError, match="takes a lorascope.store.payloads.Snapshot. Got dict instead"):
+        writer.append_snapshot({"step": 1, "energy": [1.0, 2.0], "sv": [None, None]})
+    with pytest.raises(TypeError):
+        writer.append_snapshot(step=1, energy=[1.0, 2.0], sv=[None, None])
+    assert writer._n_snapshots == 0
 
 
 def test_writer_must_be_open_to_append(tmp_path):

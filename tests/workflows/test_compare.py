@@ -13,6 +13,7 @@ import lorascope
 from lorascope.analysis.falloff import detect_falloff, moving_median, paired_gap, thin_grid
 from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.report.compare import format_comparison, write_comparison
+from lorascope.store.payloads import Snapshot
 from lorascope.store.writer import RunWriter
 from lorascope.workflows.compare import DEFAULT_SMOOTH, DEFAULT_THRESHOLD, DEFAULT_WINDOW, compare
 from lorascope_cli.main import cli
@@ -47,9 +48,9 @@ def write_run(path, loss, *, rank=None, batch=BATCH, examples=True, shape=(8, 4)
         if lora_spectrum is not None:
             sv = np.zeros(min(shape))
             sv[: len(lora_spectrum)] = lora_spectrum
-            writer.append_snapshot(step=int(steps[-1]), examples_seen=int(batch * steps[-1]),
-                                   tokens_seen=int(TOKENS_PER_EXAMPLE * batch * steps[-1]),
-                                   energy=[float(np.sum(sv**2))], sv=[sv])
+            writer.append_snapshot(Snapshot(step=int(steps[-1]), examples_seen=int(batch * steps[-1]),
+                                            tokens_seen=int(TOKENS_PER_EXAMPLE * batch * steps[-1]),
+                                            energy=[float(np.sum(sv**2))], sv=[sv]))
     return path
 
 
