@@ -111,6 +111,10 @@ class RecordOptions:
     extra_config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.extra_config is None:  # "no extra sections", as a caller passing an optional mapping writes it
+            object.__setattr__(self, "extra_config", {})
+        elif not isinstance(self.extra_config, Mapping):
+            raise _bad("extra_config", "None or a mapping of config sections", self.extra_config)
         if self.kinds is not None:
             kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
             unknown = [k for k in kinds if k not in KINDS]
