@@ -6,8 +6,6 @@ group in :mod:`lorascope_cli.main`, which prints them as one line with exit stat
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from lorascope.errors import InvalidOptionError
@@ -45,6 +43,7 @@ def compare(full_run: str, lora_runs: tuple[str, ...], output: str, threshold: f
     fine-tuning curve, by a smoothed, noise-aware and sustained gap (docs/compare.md).
     """
     from lorascope.report.compare import format_comparison, write_comparison  # matplotlib: loaded when it runs
+    from lorascope.report.format import json_text
 
     if x_tokens and x_steps:
         raise InvalidOptionError("--tokens and --steps choose the data axis: give at most one of them")
@@ -55,7 +54,7 @@ def compare(full_run: str, lora_runs: tuple[str, ...], output: str, threshold: f
                              relative=relative, predictions=predictions)
     files = write_comparison(comparison, output, force=force)
     if as_json:
-        click.echo(json.dumps(comparison.to_dict(), indent=2, allow_nan=False))
+        click.echo(json_text(comparison.summary))
         return
-    click.echo(format_comparison(comparison.to_dict()))
+    click.echo(format_comparison(comparison.summary))
     click.echo(f"\nplot: {files.plot}\njson: {files.json}")

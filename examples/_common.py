@@ -78,6 +78,18 @@ def print_headline(analysis: Any) -> None:
     for run in summary["runs"]:
         print(f"{run['path']}: {run['status']} recording of {run['steps']} steps ({run['examples_seen']} examples, "
               f"{run['snapshots']} snapshots), final loss {run['final_loss']:.3f}")
+    forecast = summary["forecast"]  # what analyze leads with: where a LoRA of each rank runs out on this data
+    if "missing" in forecast:
+        print(f"no forecast: {forecast['missing']}")
+    else:
+        bound = " (an upper bound: the run saw its data once)" if forecast["bits"]["upper_bound"] else ""
+        print(f"the data asked {forecast['bits']['bits_per_example']:.3g} bits per example{bound}; an all-linear LoRA "
+              "runs out at about:")
+        for row in forecast["rows"]:
+            if row["target"] == "all-linear":
+                low, high = row["runway_range"]
+                print(f"  rank {row['rank']:>2}: {row['runway_examples']:,.0f} examples ({low:,.0f}..{high:,.0f}), "
+                      f"{row['verdict']} at {forecast['dataset_examples']:,.0f}")
     rows = summary["headline"]  # one row per candidate rank
     if rows:
         print(f"the update's signal rank: {rows[0]['signal_rank']:.0f}; "

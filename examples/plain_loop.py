@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> lorascope.Analysis:
     torch.manual_seed(0)
     model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    # total_steps spreads the log-spaced snapshots over the whole run; overwrite replaces an earlier run.h5.
-    with lorascope.record(model, path, optimizer=opt, total_steps=STEPS, overwrite=True) as rec:
+    # total_steps spreads the log-spaced snapshots over the whole run; overwrite replaces an earlier run.h5; the
+    # dataset size (which HF and Lightning read from their data loaders) lets analyze forecast LoRA capacity.
+    with lorascope.record(model, path, optimizer=opt, total_steps=STEPS, overwrite=True,
+                          extra_config={"dataset": {"examples": STEPS * BATCH}}) as rec:
         for ids in data:
             loss = model.loss(ids)
             loss.backward()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -284,6 +285,12 @@ class Comparison:
     @property
     def incomplete(self) -> bool:
         return not self.full.complete or any(not lora.run.complete for lora in self.loras)
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        """:meth:`to_dict`, computed once: ``compare.json``, ``--json`` and the terminal render this one dictionary
+        (read it after :func:`lorascope.compare` has returned; treat it as read-only)."""
+        return self.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (schema in docs/compare.md); strict JSON (no NaN)."""

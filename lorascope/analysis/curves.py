@@ -29,7 +29,8 @@ class Crossing:
     """Where a fitted curve reaches a level (a candidate rank): the estimate and its bootstrap interval.
 
     ``status`` is "observed" (the data already reach the level at ``x``), "predicted" (extrapolated), or
-    "never" (the fit does not grow, or the interval is unbounded).
+    "never" (the fit does not grow, the interval is unbounded, or the level is above what the measure can reach;
+    ``reason`` then says so).
     """
 
     level: float
@@ -37,10 +38,11 @@ class Crossing:
     x: float
     x_low: float
     x_high: float
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"level": self.level, "status": self.status, "x": _num(self.x), "x_low": _num(self.x_low),
-                "x_high": _num(self.x_high)}
+                "x_high": _num(self.x_high), "reason": self.reason or None}
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,15 @@ class PowerLawFit:
         low, high = _interval(draws, self.confidence)
         return estimate, low, high
 
-    def crossing(self, level: float) -> Crossing:
-        """The x at which the curve reaches ``level`` (e.g. a LoRA rank r for an energy-rank curve)."""
+    def crossing(self, level: float, *, ceiling: float | None = None) -> Crossing:
+        """The x at which the curve reaches ``level`` (e.g. a LoRA rank r for an energy-rank curve).
+
+        ``ceiling`` is the largest value the measure can take (an energy rank's: the matrices' min(out, in));
+        a level above it is never reached, whatever the fit says.
+        """
+        if ceiling is not None and level > ceiling:
+            return Crossing(level, "never", np.inf, np.inf, np.inf,
+                            f"rank {level:g} is above the matrices' dimension ({ceiling:g})")
         reached = np.flatnonzero(self.y >= level)
         if reached.size:
             x = float(self.x[reached[0]])

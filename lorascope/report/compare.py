@@ -47,7 +47,7 @@ def write_comparison(comparison: Comparison, folder: str | os.PathLike[str], *, 
     folder = prepare_folder(folder, force=force)
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / JSON_NAME
-    json_path.write_text(json_text(comparison.to_dict()))
+    json_path.write_text(json_text(comparison.summary))
     plot_path = plot_comparison(comparison, folder / PLOT_NAME)
     return CompareFiles(folder, json_path, plot_path)
 

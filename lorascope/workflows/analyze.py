@@ -175,7 +175,7 @@ class Analysis:
         snap = self.final_snapshot()
         if snap is not None:
             run = self.final_run
-            shares = energy_shares(snap)
+            shares = self.final_energy_shares
             out["final"] = {
                 "run": run.path,
                 "step": int(snap["step"]),
@@ -334,9 +334,16 @@ def _curves(analysis: Analysis) -> dict[str, CurveResult]:
     curves = {}
     for group, (xs, ys) in series.items():
         fit = fit_power_law(xs, ys)
+        ceiling = _largest_rank(analysis.final_run.modules, None if group == "all" else group)
         curves[group] = CurveResult(group, np.asarray(xs), np.asarray(ys), fit,
-                                    [fit.crossing(r) for r in analysis.ranks])
+                                    [fit.crossing(r, ceiling=ceiling) for r in analysis.ranks])
     return curves
+
+
+def _largest_rank(modules: Any, kind: str | None) -> float | None:
+    """The largest rank a group's updates can have: the widest min(out, in) among its matrices."""
+    rows = modules if kind is None else modules[modules["kind"] == kind]
+    return float((rows[["out_features", "in_features"]].min(axis=1)).max()) if len(rows) else None
 
 
 def _final_x(x: str) -> Callable[[RunResult], float]:

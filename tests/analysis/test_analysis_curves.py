@@ -204,3 +204,12 @@ def test_invalid_ranks_and_axis(tmp_path):
 @pytest.fixture
 def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+def test_a_rank_above_the_matrices_dimension_is_never_crossed():
+    x = np.array([10.0, 20.0, 40.0, 80.0, 160.0])
+    fit = fit_power_law(x, 2.0 * x**0.5)
+    assert fit.crossing(64.0).status == "predicted"  # the fit alone extrapolates to any rank
+    capped = fit.crossing(64.0, ceiling=32.0)
+    assert capped.status == "never" and "above the matrices' dimension (32)" in capped.reason
+    assert capped.to_dict()["reason"] == capped.reason and fit.crossing(16.0).to_dict()["reason"] is None
