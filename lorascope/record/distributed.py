@@ -317,7 +317,7 @@ class ReducedStep:
         ex = self.exchange
         sq = self.packed[ex._grad: ex._grad + ex.n]
         return {"grad_sq_norm": sq, "grad_sq_norm_other": self.packed[ex._grad + ex.n],
-                "grad_nonfinite_modules": (~torch.isfinite(sq)).sum(dtype=torch.int32)}
+                "grad_nonfinite_modules": torch.isinf(sq).sum(dtype=torch.int32)}
 
 
 # -- the reduced gradient before clipping (DDP) ------------------------------------------------------------------

@@ -53,14 +53,16 @@ class GradientNorms:
         return [grad_view(ref, named) for ref, named in zip(self.refs, self.tensors, strict=True)]
 
     def step_columns(self, grads: list[torch.Tensor | None]) -> dict[str, Any]:
-        """The gradient columns of a step row: ``grad_sq_norm`` (M,) (NaN for a matrix without gradient),
-        ``grad_sq_norm_other`` and ``grad_nonfinite_modules``, as device tensors."""
+        """The gradient columns of a step row: ``grad_sq_norm`` (M,) (NaN for a matrix without gradient, +Inf for
+        a gradient holding NaN or Inf), ``grad_sq_norm_other`` and ``grad_nonfinite_modules`` (the +Inf ones: a
+        matrix without a gradient is not counted), as device tensors."""
         sq = self.squared(grads)
         return {"grad_sq_norm": sq, "grad_sq_norm_other": self.other_squared(),
-                "grad_nonfinite_modules": (~torch.isfinite(sq)).sum(dtype=torch.int32)}
+                "grad_nonfinite_modules": torch.isinf(sq).sum(dtype=torch.int32)}
 
     def squared(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
-        """(M,) squared norms of ``grads`` in float32, NaN where a gradient is None."""
+        """(M,) squared norms of ``grads`` in float32: NaN where a gradient is None (no gradient), +Inf where it
+        holds NaN or Inf (a non-finite gradient), so that the two stay apart in the file."""
         present = tuple(g is not None for g in grads)
         tensors = [g for g in grads if g is not None]
         if not tensors:
@@ -68,6 +70,7 @@ class GradientNorms:
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
         device = norms[0].device
         sq = torch.stack([n.to(device) for n in norms]).square()
+        sq = torch.where(torch.isnan(sq), torch.inf, sq)  # a NaN entry makes the norm NaN: a non-finite gradient
         if all(present):
             return sq
         index = self._present_cache.get(present)

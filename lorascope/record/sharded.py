@@ -165,6 +165,7 @@ class ShardedRecording:
         if pieces:
             norms = torch._foreach_norm(pieces, 2, dtype=torch.float32)
             values = torch.stack([v.to(device) for v in norms]).double().square()
+            values = torch.where(torch.isnan(values), torch.inf, values)  # a non-finite gradient, as in one process
             sq.index_add_(0, torch.tensor(slots, device=device), values)
         if missing:
             sq[torch.tensor(missing, device=device)] = float("nan")

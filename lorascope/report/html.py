@@ -19,7 +19,7 @@ from typing import Any
 from lorascope._version import __version__
 from lorascope.report.curves import CURVES_CAVEAT, crossings_sentence
 from lorascope.report.forecast import forecast_facts, forecast_header, forecast_rows
-from lorascope.report.format import X_UNITS, count, layer, number, percent
+from lorascope.report.format import MISSING, X_UNITS, count, layer, number, percent
 from lorascope.workflows.analyze import CURVE_P
 
 __all__ = ["render_html", "headline_sentence"]
@@ -88,6 +88,11 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, str | os.PathLi
         bad = [r["path"] for r in runs if not r["complete"]]
         parts.append(f'<div class="banner" role="alert"><strong>Incomplete run{"s" if len(bad) > 1 else ""}:</strong> '
                      f"{_e(', '.join(bad))}. The results cover what was written so far.</div>")
+    for run in runs:
+        if run.get("divergence"):
+            div = run["divergence"]
+            parts.append(f'<div class="banner" role="alert"><strong>Diverged run:</strong> {_e(run["path"])} turned '
+                         f"non-finite at step {_e(count(div['step']))}; see the notes for where.</div>")
     parts += _forecast_section(summary.get("forecast"))
     parts += _headline(summary)
     if summary["notes"]:
@@ -167,6 +172,7 @@ def _final_sections(final: Mapping[str, Any], summary: Mapping[str, Any], unit: 
             for name, g in groups]
     out = ["<h2>Per kind</h2>", f"<p>{_e(where)} k_p: directions holding a share p of the update energy "
            "(energy-weighted over modules); e_r: share of the energy a rank-r approximation misses.</p>",
+           *([f"<p>{MISSING}: {_e(final['missing'])}.</p>"] if final.get("missing") else []),
            _table(header, rows)]
     capture = final["lora_capture"]
     out += ["<h2>LoRA target capture</h2>",

@@ -300,6 +300,11 @@ def _loss(analysis: Analysis, suffix: str) -> Figure:
         ax.plot(x[keep], y[keep], "-", color=color, linewidth=1.4, marker="." if keep.sum() < 50 else None,
                 label=label)
         drawn += 1
+        if run.divergence is not None:  # where the run turned non-finite: a dashed line, named in the legend
+            at = x[steps["step"].values == run.divergence.step]
+            if at.size and np.isfinite(at[0]) and at[0] > 0:
+                ax.axvline(at[0], color=color, linestyle="--", linewidth=1.0,
+                           label=f"{names[run.path]}: diverged at step {run.divergence.step}")
     if drawn:
         ax.set_xscale("log")
         plain_log_ticks(ax.xaxis)

@@ -32,7 +32,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         state = "complete" if run["complete"] else f"INCOMPLETE ({run['status']})"
         lines.append(f"run {run['path']}: {state}, {count(run['steps'])} steps, {run['snapshots']} snapshots, "
                      f"{count(run['examples_seen'])} examples, {count(run['tokens_seen'])} tokens, final loss "
-                     f"{number(run['final_loss'], 4)}")
+                     f"{number(run['final_loss'], 4)}"
+                     + (f"; DIVERGED at step {count(run['divergence']['step'])} (see the notes)"
+                        if run.get("divergence") else ""))
     if summary["incomplete"]:
         lines.append("WARNING: at least one run is incomplete (still being written, or the writer died); "
                      "results cover what was written so far.")
@@ -44,6 +46,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"At step {count(final['step'])} ({count(final['examples_seen'])} examples), over all recorded "
                      "matrices:")
+        if final.get("missing"):
+            lines.append(f"  n/a: {final['missing']}")
         for item in summary["headline"]:
             lines.append(f"  a rank-{item['rank']} LoRA (all-linear) captures "
                          f"{percent(item['captured_energy_share'])} of this update's energy; its signal rank is "

@@ -19,6 +19,7 @@ import xarray as xr
 from lorascope._checks import check_ranks
 from lorascope.analysis.capacity import CapacityConstant
 from lorascope.analysis.curves import PowerLawFit, fit_power_law
+from lorascope.analysis.divergence import Divergence, find_divergence, zero_updates
 from lorascope.analysis.forecast import Forecast
 from lorascope.analysis.layers import TARGET_SETS, energy_shares, lora_capture, rank_hungry_modules
 from lorascope.analysis.metrics import DEFAULT_P, aggregate, update_metrics
@@ -55,6 +56,7 @@ class RunResult:
     config: dict[str, Any] = field(default_factory=dict)
     noise: NoiseScale | None = None
     batch_advice: BatchAdvice | None = None
+    divergence: Divergence | None = None  # where the run's loss, gradients or updates turned NaN/Inf
 
     @property
     def is_lora(self) -> bool:
@@ -74,9 +76,12 @@ class CurveResult:
     y: np.ndarray
     fit: PowerLawFit
     crossings: list[Any]
+    missing: list[str | None] = field(default_factory=list)  # per point: why its y is NaN (None where it is not)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fit": self.fit.to_dict(), "points": [[float(a), float(b)] for a, b in zip(self.x, self.y)],
+        return {"fit": self.fit.to_dict(), "points": [[_num(a), _num(b)] for a, b in zip(self.x, self.y)],
+                "missing_points": [{"x": _num(a), "reason": why}
+                                   for a, why in zip(self.x, self.missing) if why is not None],
                 "crossings": [c.to_dict() for c in self.crossings]}
 
 
@@ -189,6 +194,7 @@ class Analysis:
                 "energy_share_by_expert": {f"{k[0]}.{k[1]}": _num(v) for k, v in shares["expert"].items()},
                 "rank_hungry_modules": _records(rank_hungry_modules(snap, p=CURVE_P, rank=max(self.ranks))),
                 "excluded_nonfinite_modules": [str(m) for m in snap["module"].values[~snap["valid"].values]],
+                "missing": _snapshot_missing(snap),
             }
         return out
 
@@ -265,6 +271,7 @@ def _result(run: LoadedRun, p: tuple[float, ...], ranks: tuple[int, ...]) -> Run
                        config=run.config)
     result.noise = noise_scale(steps) if steps.sizes.get("step", 0) else None
     result.batch_advice = _batch_advice(result)
+    result.divergence = find_divergence(steps, snapshots)
     if snapshots is not None:
         metrics = update_metrics(snapshots, p=p, ranks=ranks)
         result.metrics = metrics
@@ -307,6 +314,9 @@ def _add_notes(analysis: Analysis) -> None:
             if bad:
                 analysis.notes.append(f"{run.path}: {bad} module-snapshot(s) with non-finite updates were "
                                       "excluded from every aggregate and fit")
+            analysis.notes.extend(f"{run.path}: {note}" for note in _zero_update_notes(run.metrics))
+        if run.divergence is not None:
+            analysis.notes.append(f"{run.path}: {_divergence_note(run.divergence)}")
     if len(analysis.runs) == 1 and analysis.runs[0].n_snapshots == 1:
         analysis.notes.append("a single snapshot: no rank-vs-data curve (it needs at least 3 points)")
 
@@ -318,10 +328,15 @@ def _curves(analysis: Analysis) -> dict[str, CurveResult]:
         return {}
     series: dict[str, tuple[list[float], list[float]]] = {}
 
-    def add(group: str, xs: Any, ys: Any) -> None:
+    reasons: dict[str, list[str | None]] = {}
+
+    def add(group: str, xs: Any, ys: Any, agg: xr.Dataset) -> None:
         entry = series.setdefault(group, ([], []))
         entry[0].extend(np.atleast_1d(xs).tolist())
         entry[1].extend(np.atleast_1d(ys).tolist())
+        reasons.setdefault(group, []).extend(
+            _point_missing(y, m, e) for y, m, e in zip(np.atleast_1d(ys), np.atleast_1d(agg["modules"].values),
+                                                       np.atleast_1d(agg["energy"].values)))
 
     several = len(with_snaps) > 1
     for run in with_snaps:
@@ -329,15 +344,72 @@ def _curves(analysis: Analysis) -> dict[str, CurveResult]:
         by_kind, overall = pick(run.by_kind), pick(run.overall)
         xs = by_kind[analysis.x].values
         for kind in by_kind["kind"].values:
-            add(str(kind), xs, by_kind["energy_rank"].sel(kind=kind, p=CURVE_P).values)
-        add("all", xs, overall["energy_rank"].sel(all="all", p=CURVE_P).values)
+            add(str(kind), xs, by_kind["energy_rank"].sel(kind=kind, p=CURVE_P).values, by_kind.sel(kind=kind))
+        add("all", xs, overall["energy_rank"].sel(all="all", p=CURVE_P).values, overall.sel(all="all"))
     curves = {}
     for group, (xs, ys) in series.items():
         fit = fit_power_law(xs, ys)
         ceiling = _largest_rank(analysis.final_run.modules, None if group == "all" else group)
         curves[group] = CurveResult(group, np.asarray(xs), np.asarray(ys), fit,
-                                    [fit.crossing(r, ceiling=ceiling) for r in analysis.ranks])
+                                    [fit.crossing(r, ceiling=ceiling) for r in analysis.ranks], reasons[group])
     return curves
+
+
+NONFINITE_UPDATE = "every update of the group is non-finite (NaN or Inf) at this snapshot"
+ZERO_UPDATE = "the group's update is exactly zero at this snapshot (no matrix moved): its ranks are undefined"
+
+
+def _point_missing(y: float, modules: float, energy: float) -> str | None:
+    """Why a curve point's k_0.9 is NaN (None when it is a number)."""
+    if np.isfinite(y):
+        return None
+    if modules == 0:
+        return NONFINITE_UPDATE
+    return ZERO_UPDATE if energy == 0 else "k_0.9 is undefined at this snapshot"
+
+
+def _snapshot_missing(snap: xr.Dataset) -> str | None:
+    """Why the final snapshot's overall numbers are n/a (None when they are not)."""
+    valid = snap["valid"].values
+    if not valid.any():
+        return "every recorded matrix's update is non-finite (NaN or Inf) at this snapshot"
+    if not np.nansum(snap["energy"].values[valid]) > 0:
+        return "every finite update is exactly zero at this snapshot (no matrix moved): ranks are undefined"
+    return None
+
+
+def _zero_update_notes(metrics: xr.Dataset) -> list[str]:
+    """Notes on updates that are exactly zero: the whole run, or matrices that never moved."""
+    zero = zero_updates(metrics)
+    if not zero.size or not zero.any():
+        return []
+    if zero.all():
+        return ["no recorded matrix moved: every update is exactly zero (a learning rate of 0, or no gradient "
+                "reached them); energy ranks, residuals and captures are n/a"]
+    still = [str(m) for m in metrics["module"].values[zero.all(axis=0)]]
+    if still:
+        shown = ", ".join(still[:5]) + (f" and {len(still) - 5} more" if len(still) > 5 else "")
+        return [f"{len(still)} matrix(es) never moved (a zero update at every snapshot: frozen, unused, or a "
+                f"learning rate of 0): {shown}; their ranks are n/a and they weigh nothing in the aggregates"]
+    return [f"{int(zero.sum())} module-snapshot(s) with an exactly zero update: their ranks are n/a and they weigh "
+            "nothing in the aggregates"]
+
+
+def _divergence_note(div: Divergence) -> str:
+    """Where a run diverged, in words."""
+    seen = f" ({div.examples_seen:,} examples)" if div.examples_seen is not None else ""
+    parts = [f"diverged at step {div.step}{seen}"]
+    if div.loss_step is not None:
+        parts.append(f"first non-finite loss at step {div.loss_step}")
+    for label, step, attr in (("gradient", div.gradient_step, "gradient_step"),
+                              ("update", div.update_step, "update_step")):
+        if step is not None:
+            first = [m.module for m in div.modules if getattr(m, attr) == step]
+            where = "step" if label == "gradient" else "the snapshot of step"
+            shown = ", ".join(first[:5]) + (f" and {len(first) - 5} more" if len(first) > 5 else "")
+            parts.append(f"first non-finite {label} at {where} {step} ({shown})")
+    return ("; ".join(parts) + "; non-finite updates are excluded from the aggregates and fits, and the final loss "
+            "is n/a (per module: runs[].divergence in summary.json)")
 
 
 def _largest_rank(modules: Any, kind: str | None) -> float | None:
@@ -385,7 +457,8 @@ def _run_dict(run: RunResult, x: str) -> dict[str, Any]:
         "snapshots": run.n_snapshots,
         "examples_seen": int(steps["examples_seen"].values[-1]) if steps.sizes.get("step", 0) else 0,
         "tokens_seen": int(steps["tokens_seen"].values[-1]) if steps.sizes.get("step", 0) else 0,
-        "final_loss": float(finite[-1]) if finite.size else None,
+        "final_loss": float(finite[-1]) if finite.size and run.divergence is None else None,
+        "divergence": None if run.divergence is None else run.divergence.to_dict(),
         "nonfinite_gradient_steps": int((steps["grad_nonfinite_modules"].values > 0).sum())
         if "grad_nonfinite_modules" in steps else 0,
     }
