@@ -68,6 +68,10 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None,
         from lorascope.record.hf import LorascopeCallback
 
         _check_selection(target.model, opts)
+        if opts.contributions and opts.loss_fn is None:
+            from lorascope.record.hf import trainer_loss
+
+            opts = opts.replace(loss_fn=trainer_loss(target))
         callback = LorascopeCallback(path, opts)
         target.add_callback(callback)
         return callback

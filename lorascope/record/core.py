@@ -23,6 +23,7 @@ from lorascope.model.taxonomy import MatrixRef, classify
 from lorascope.record import distributed as D
 from lorascope.record.background import BackgroundWriter
 from lorascope.record.batches import BatchTally, StepBatch
+from lorascope.record.contributions import HeldLoss, refuse_contributions, with_held_losses
 from lorascope.record.data_parallel import DistributedSteps, RecorderCalls, agree_on_path, local_step
 from lorascope.record.gns import MicroBatchNorms, per_example_norms, two_batch_norms
 from lorascope.record.grad_norms import GradientNorms, uncovered_parameters
@@ -138,6 +139,7 @@ class Recorder:
             self.path = agree_on_path(self.distributed, path, overwrite=options.overwrite or options.resume)
             self._sharded = self._shard(self.distributed)
         self._init_run_state()
+        self._held = self._set_up_contributions(parallel)
         self._set_up_noise_scale()
         self._distributed_steps = None if self.distributed is None else self._set_up_distributed(self.distributed)
 
@@ -175,6 +177,20 @@ class Recorder:
         self._shard_grads: tuple[torch.Tensor, Any] | None = None  # FSDP2: this rank's local squared norms
         self._grad_sv: list[torch.Tensor | None] | None = None
         self._logged, self._counted = BatchTally(), BatchTally()  # the loop's log() calls; the forward hooks
+
+    def _set_up_contributions(self, parallel: bool) -> HeldLoss | None:
+        """The held batch's losses of ``contributions=True``, checked once now (one clear error before training)."""
+        options = self.options
+        if not options.contributions:
+            return None
+        refuse_contributions(self.refs, distributed=parallel)
+        if options.held_batch is None:
+            raise InvalidOptionError("contributions=True needs held_batch= (a batch kept for measuring the loss; a "
+                                     "transformers.Trainer takes the first batch of its training data by itself)")
+        held = HeldLoss(self.model, self.refs, options.held_batch, options.loss_fn,
+                        layers=options.contributions == "layers", keep_on=options.w0_device)
+        held.check()
+        return held
 
     def _set_up_noise_scale(self) -> None:
         """The tensor hooks of the gradient noise scale: per-pass norms, and per-example norms when asked."""
@@ -473,6 +489,8 @@ class Recorder:
     def _snapshot(self) -> None:
         snapshot = take_snapshot(self.refs, self.model, self._w0, options=self.options, step=self.step,
                                  grad_sv=self._grad_sv)
+        if self._held is not None:
+            snapshot = with_held_losses(snapshot, self._held.measure(self._w0))
         self._grad_sv = None
         self._last_snapshot = self.step
         self._put_snapshot(snapshot)

@@ -3,9 +3,14 @@ number of steps and the trainer's arguments, and opens / closes the core recorde
 
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lorascope.errors import LorascopeError
 from lorascope.record.batches import dataset_config
@@ -54,11 +59,15 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
         resumable = self.options.resumable
         if resumable is None:
             resumable = str(getattr(args, "save_strategy", "no")) not in ("no", "SaveStrategy.NO")
+        options = self.options
+        if options.contributions and options.held_batch is None:
+            options = options.replace(held_batch=first_batch(kwargs.get("train_dataloader"),
+                                                             args.per_device_train_batch_size))
         self.recorder = Recorder(
             model,
             self.path,
             optimizer=optimizer,
-            options=self.options,
+            options=options,
             framework="transformers",
             framework_version=transformers.__version__,
             grad_timing=f"at optimizer.step(), {clipping}",
@@ -91,4 +100,34 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
         if self.recorder is not None:
             self.recorder.close()
             self.recorder = None
+
+
+def trainer_loss(trainer: Any) -> Callable[[Any, Any], Any]:
+    """``trainer.compute_loss(model, batch)``, the Trainer held weakly (the options never keep a Trainer alive)."""
+    owner = weakref.ref(trainer)
+
+    def compute_loss(model: Any, batch: Any) -> Any:
+        live = owner()
+        if live is None:
+            raise RuntimeError("the transformers.Trainer whose compute_loss measures the held batch is gone")
+        return live.compute_loss(model, batch)
+
+    compute_loss.__qualname__ = f"{type(trainer).__name__}.compute_loss"
+    return compute_loss
+
+
+def first_batch(dataloader: Any, batch_size: int) -> Any:
+    """The held batch of ``contributions=True``: the training dataset's first ``batch_size`` examples, collated
+    by the Trainer's collator. Read from the dataset, not by iterating the data loader, so that neither its
+    sampler's nor the global random stream moves (the training order stays what it would have been)."""
+    if dataloader is None:
+        raise LorascopeError("contributions=True: the Trainer gave no train_dataloader at train begin; pass "
+                             "held_batch= to lorascope.record")
+    dataset = dataloader.dataset
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            examples = list(itertools.islice(iter(dataset), batch_size))
+        else:
+            examples = [dataset[i] for i in range(min(batch_size, len(dataset)))]
+        return dataloader.collate_fn(examples)
 

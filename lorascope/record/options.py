@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ from lorascope.record.schedule import SnapshotSchedule
 DELTA_DTYPES = ("float16", "float32")
 GNS_SOURCES = ("auto", "accumulation", "per_example", None)
 W0_DEVICES = ("cpu", "device")
+CONTRIBUTIONS = (False, True, "layers")
 
 
 def _bad(name: str, expected: str, got: Any) -> InvalidOptionError:
@@ -85,6 +86,17 @@ class RecordOptions:
         data-parallel run (DDP or FSDP2) as one run: rank 0 writes the file, every rank takes part in the
         collectives (see docs/distributed.md). ``True``: the same, but an error when torch.distributed is not
         initialized. ``False``: record this process alone (then every rank needs its own path).
+    contributions
+        ``False`` (default), ``True`` or ``"layers"``: at each snapshot, the loss of ``held_batch`` now, with every
+        recorded matrix reverted to W_0, and with each kind's matrices reverted (``"layers"``: also each
+        transformer layer's); the weights are restored exactly after (see docs/recording.md). Not under
+        torch.distributed, nor for a PEFT LoRA model.
+    held_batch
+        The batch those losses are measured on: a mapping of tensors, or a tuple (then with ``loss_fn``). A
+        ``transformers.Trainer`` without one uses the first batch of its training data loader.
+    loss_fn
+        ``(model, batch) -> scalar loss tensor``; ``None``: ``model(**batch).loss`` (a Trainer: its
+        ``compute_loss``).
     """
 
     kinds: tuple[str, ...] | None = None
@@ -108,6 +120,9 @@ class RecordOptions:
     gns: str | None = "auto"
     gns_loss: str = "mean"
     distributed: bool | None = None
+    contributions: bool | str = False
+    held_batch: Any = field(default=None, compare=False, repr=False)
+    loss_fn: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     extra_config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -144,9 +159,25 @@ class RecordOptions:
             raise _bad("gns_loss", f"one of {LOSS_CONVENTIONS}", self.gns_loss)
         if self.distributed is not None and not isinstance(self.distributed, bool):
             raise _bad("distributed", "None, True or False", self.distributed)
+        self._check_contributions()
         if self.resume and self.overwrite:
             raise _bad("resume", "False when overwrite=True (continue a file, or replace it, not both)", self.resume)
         self.schedule()  # validates ``snapshots``
+
+    def _check_contributions(self) -> None:
+        if not any(self.contributions is c for c in CONTRIBUTIONS[:2]) and self.contributions != "layers":
+            raise _bad("contributions", 'False, True or "layers"', self.contributions)
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise _bad("loss_fn", "None or a callable (model, batch) -> scalar loss", self.loss_fn)
+        batch = self.held_batch
+        if batch is not None and not isinstance(batch, (Mapping, tuple, list)):
+            raise _bad("held_batch", "None, a mapping of tensors, or a tuple", type(batch).__name__)
+        if not self.contributions and (batch is not None or self.loss_fn is not None):
+            raise _bad("contributions", 'True or "layers" when held_batch or loss_fn is given', self.contributions)
+        if isinstance(batch, (tuple, list)) and self.loss_fn is None:
+            raise InvalidOptionError("The 'held_batch' option of lorascope.record is a tuple: pass loss_fn=(model, "
+                                     "batch) -> scalar loss (only a mapping batch has the default "
+                                     "model(**batch).loss).")
 
     def replace(self, **changes: Any) -> RecordOptions:
         """A copy with some options changed (validated again)."""
@@ -170,12 +201,22 @@ class RecordOptions:
 
     def to_config(self) -> dict[str, Any]:
         """JSON-ready description stored in the run file's config group."""
-        out = dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, held_batch=None, loss_fn=None))
+        out["held_batch"] = _describe_batch(self.held_batch)
+        out["loss_fn"] = None if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
         out["snapshots"] = self.snapshots if isinstance(self.snapshots, (str, int, list, tuple)) else repr(
             self.snapshots)
         out["kind_map"] = dict(self.kind_map or {})
         out["extra_config"] = dict(self.extra_config)
         return out
+
+
+def _describe_batch(batch: Any) -> str | None:
+    """A short text of a held batch for the config: its entries and their shapes (never the values)."""
+    if batch is None:
+        return None
+    items = batch.items() if isinstance(batch, Mapping) else enumerate(batch)
+    return ", ".join(f"{k}: {'x'.join(map(str, getattr(v, 'shape', ()))) or type(v).__name__}" for k, v in items)
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

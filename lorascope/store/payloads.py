@@ -33,6 +33,10 @@ class Snapshot:
         ``{module index: (U, V)}`` with U (out, k'), V (in, k'), k' <= the file's ``factors_k``.
     deltas
         ``{module index: update}``, each (out, in), for a file opened with a ``delta_dtype``.
+    held_loss, held_loss_start
+        The held batch's loss now and with every recorded matrix at W_0 (NaN: not measured).
+    held_loss_without_kind, held_loss_without_layer
+        (M,) the held batch's loss with the matrix's kind (layer) reverted to W_0 (``None``: not measured).
     """
 
     step: int
@@ -44,3 +48,7 @@ class Snapshot:
     grad_sv: Sequence[np.ndarray | None] | None = None
     factors: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None
     deltas: Mapping[int, np.ndarray] | None = None
+    held_loss: float = float("nan")
+    held_loss_start: float = float("nan")
+    held_loss_without_kind: Sequence[float] | np.ndarray | None = None
+    held_loss_without_layer: Sequence[float] | np.ndarray | None = None

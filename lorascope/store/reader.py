@@ -300,8 +300,10 @@ class Run:
 
     def _table(self, group: str, columns: tuple[S.Column, ...], row_dim: str) -> xr.Dataset:
         n = self._rows(group)
+        n_mod = len(self.modules)
         raw = {c.name: self._dataset(f"{group}/{c.name}")[:n] if c.required or f"{group}/{c.name}" in self._file
-               else np.full((n,), c.fill, dtype=c.numpy_dtype) for c in columns}  # an optional column absent
+               else np.full((n,) if c.layout == S.ROW else (n, n_mod), c.fill, dtype=c.numpy_dtype)
+               for c in columns}  # an optional column absent
         dims = {S.ROW: (row_dim,), S.ROW_MODULE: (row_dim, "module"), S.ROW_MODULE_SV: (row_dim, "module", "sv_index")}
         index = S.INDEX if row_dim == "step" else "step"
         coords: dict[str, Any] = {

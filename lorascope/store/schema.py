@@ -135,6 +135,17 @@ SNAPSHOT_COLUMNS = (
            "singular values of Delta, descending, NaN-padded past sv_count"),
     Column("sv_count", "int32", ROW_MODULE, 0, "", "number of singular values stored; below min(out, in) for top-k"),
     Column("delta_nonfinite", "int64", ROW_MODULE, 0, "entries", "NaN or Inf entries of Delta (spectrum skipped)"),
+    # Recorded with contributions=True (lorascope/record/contributions.py): the loss of a held batch, NaN otherwise.
+    Column("held_loss", "float64", ROW, np.nan, "nats per token",
+           "loss of the held batch at the snapshot (eval mode, no gradients)", required=False),
+    Column("held_loss_start", "float64", ROW, np.nan, "nats per token",
+           "loss of the held batch with every recorded matrix reverted to W_0", required=False),
+    Column("held_loss_without_kind", "float64", ROW_MODULE, np.nan, "nats per token",
+           "loss of the held batch with the recorded matrices of this matrix's kind reverted to W_0",
+           required=False),
+    Column("held_loss_without_layer", "float64", ROW_MODULE, np.nan, "nats per token",
+           "loss of the held batch with the recorded matrices of this matrix's transformer layer reverted to W_0 "
+           "(contributions='layers'; NaN outside the blocks)", required=False),
 )
 
 # Present only when the recorder was asked for the gradient's own spectrum at snapshot steps.

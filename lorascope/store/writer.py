@@ -301,6 +301,9 @@ class RunWriter:
                                             else snapshot.delta_nonfinite, 1),
         }
         values["sv"], values["sv_count"] = self._pad_spectra(sv)
+        for name in ("held_loss", "held_loss_start", "held_loss_without_kind", "held_loss_without_layer"):
+            value = getattr(snapshot, name)
+            values[name] = self._shaped(_col(name), np.nan if value is None else value, 1)
         if self.grad_sv:
             if grad_sv is None:
                 grad_sv = [None] * n_mod
@@ -351,6 +354,8 @@ class RunWriter:
                 start: int, n: int) -> None:
         ordered = [c for c in columns if c.name != S.INDEX] + [c for c in columns if c.name == S.INDEX]
         for column in ordered:
+            if not column.required and column.name not in group:
+                continue  # a file written before this optional column existed, continued by a resumed run
             ds = group[column.name]
             ds.resize(start + n, axis=0)
             ds[start:start + n] = values[column.name]
