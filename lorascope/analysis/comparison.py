@@ -18,10 +18,12 @@ import numpy as np
 
 from lorascope.analysis.falloff import (
     FALLOFF,
+    LAG,
     MAD_TO_SIGMA,
     MEDIAN_SE,
     NONE,
     TENTATIVE,
+    classify_lag,
     detect_falloff,
     moving_median,
     paired_gap,
@@ -496,12 +498,21 @@ def falloff_against(full: RunCurve, lora: RunCurve, identity: LoraIdentity, crit
         notes.append(f"{lora.path}: the gap exceeded the threshold from {x} = {start:,.0f} and was no longer clearly "
                      f"above it from {end:,.0f} on (a transient excursion, not a falloff)")
     index = int(rows[found.index]) if found.status in (FALLOFF, TENTATIVE) else -1
-    if 0 <= index - inside[0] < criterion.min_points:
-        notes.append(f"{lora.path}: above the full fine-tuning curve from its first steps (the first medians span "
-                     f"{criterion.min_points} steps): it never tracked full fine-tuning, which points at its learning "
-                     "rate or setup rather than at its rank's capacity")
+    status = found.status
+    if 0 <= index - inside[0] < criterion.min_points:  # above from the first steps: it never tracked full FT
+        closing, start, end = classify_lag(found.gap)
+        if closing:
+            status, index = LAG, -1
+            notes.append(f"{lora.path}: behind full fine-tuning from its first steps, and the gap closes ({start:.3g} "
+                         f"at the start, {end:.3g} at the end): a lag in learning speed (its learning rate or "
+                         "warm-up), not a capacity falloff")
+        else:
+            notes.append(f"{lora.path}: above the full fine-tuning curve from its first steps (the first medians "
+                         f"span {criterion.min_points} steps) and the gap does not close ({start:.3g} at the start, "
+                         f"{end:.3g} at the end): it never tracked full fine-tuning, so this falloff may be its "
+                         "learning rate or setup as much as its rank's capacity")
     return LoraResult(run=lora, rank=identity.rank, rank_source=identity.rank_source, lora_alpha=identity.lora_alpha,
-                      scaling=identity.scaling, scaling_rule=identity.scaling_rule, status=found.status,
+                      scaling=identity.scaling, scaling_rule=identity.scaling_rule, status=status,
                       falloff_index=index, grid_x=grid_x, gap=found.gap, gap_se=found.se, noise_sigma=found.sigma,
                       transients=transients)
 
@@ -515,7 +526,7 @@ def prediction_rows(predictions: Mapping[int, float], results: Sequence[LoraResu
         if not matching:
             rows.append(PredictionRow(rank, predicted, None, "no_run", None, None, None, None))
         for result in matching:
-            if result.status == NONE:
+            if result.status in (NONE, LAG):
                 bound = result.compared_range[1]
                 rows.append(PredictionRow(rank, predicted, result.run.label, NONE, None, None, bound,
                                           predicted >= bound))

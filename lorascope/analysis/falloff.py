@@ -22,6 +22,11 @@ run files and calls it. The rule (documented with its defaults in ``docs/compare
    too: such an excursion is reported as transient (for instance a LoRA run that lags early and catches up),
    and the search goes on after it. An excursion that reaches the end of the data before it has lasted W
    decades is *tentative*; without either, there is no falloff within the data.
+6. **Lag or capacity.** A LoRA run whose gap is above from its first steps never tracked full fine-tuning, so
+   the rule cannot see a falloff *from* the curve. When its gap closes (it ends below :data:`CLOSING` of where it
+   started) it is a *lag* in learning speed (a learning rate or warm-up that starts it slower), not a capacity
+   falloff (:func:`classify_lag`); a gap that stays counts as a falloff, with a note that it may be the setup as
+   much as capacity.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FalloffDetection", "detect_falloff", "moving_median", "paired_gap", "thin_grid"]
+__all__ = ["FalloffDetection", "classify_lag", "detect_falloff", "moving_median", "paired_gap", "thin_grid"]
 
 MAD_TO_SIGMA = 1.4826  # sigma of a normal distribution per unit of median absolute deviation
 MEDIAN_SE = 1.2533  # sqrt(pi / 2): standard error of a median of n normal draws is 1.2533 sigma / sqrt(n)
@@ -41,6 +46,8 @@ GRID_PER_DECADE = 100  # evaluation points per decade of the data axis, at most
 FALLOFF = "falloff"
 TENTATIVE = "tentative"
 NONE = "none"
+LAG = "lag"  # above from the first steps and closing: a learning-speed lag, not a capacity falloff
+CLOSING = 0.5  # a gap that ends below this share of where it started is closing
 
 
 @dataclass(frozen=True)
@@ -226,6 +233,27 @@ def detect_falloff(log_x: Any, gap: Any, se: Any, *, threshold: float, window: f
     if n - tail >= 2 and tail >= last_transient_end:
         return FalloffDetection(TENTATIVE, tail, d, s, float(sigma), transients)
     return FalloffDetection(NONE, -1, d, s, float(sigma), transients)
+
+
+def classify_lag(gap: Any, *, points: int = MIN_SUSTAIN_POINTS) -> tuple[bool, float, float]:
+    """Whether a gap that is above from the first steps closes: (closing, gap at the start, gap at the end).
+
+    Start and end are medians of the first and last ``points`` finite grid values; the gap closes when the end is
+    below :data:`CLOSING` of the start.
+
+    Examples
+    --------
+    >>> classify_lag([0.8, 0.7, 0.6, 0.4, 0.2, 0.1, 0.05, 0.05])[0]      # behind early, then catching up
+    True
+    >>> classify_lag([0.3, 0.3, 0.35, 0.4, 0.4, 0.45, 0.5, 0.5])[0]      # behind and staying behind
+    False
+    """
+    d = np.asarray(gap, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size < 2 * points:
+        return False, float("nan"), float("nan")
+    start, end = float(np.median(d[:points])), float(np.median(d[-points:]))
+    return bool(start > 0 and end < CLOSING * start), start, end
 
 
 def _all_in(flags: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -135,6 +135,8 @@ def _legend(lora: LoraResult, words: str) -> str:
         return f"LoRA {lora.run.label}: falls off at {count(lora.falloff_x)} {words}"
     if lora.status == "tentative":
         return f"LoRA {lora.run.label}: tentative falloff at {count(lora.falloff_x)} {words}"
+    if lora.status == "lag":
+        return f"LoRA {lora.run.label}: slower from the start, closing the gap (no capacity falloff)"
     return f"LoRA {lora.run.label}: no falloff within the data"
 
 
@@ -157,6 +159,7 @@ def format_comparison(summary: dict[str, Any]) -> str:
     for lora in summary["loras"]:
         falloff = lora["falloff"]
         verdict = {"falloff": "falls off", "tentative": "tentative (data end)",
+                   "lag": "lag, closing (no falloff)",
                    "none": f"none up to {count(lora['compared']['x_max'])} {words}"}[falloff["status"]]
         rank = MISSING if lora["rank"] is None else str(lora["rank"])
         rows.append([lora["label"], rank, significant(lora["lora_alpha"]), significant(lora["scaling"]),

@@ -139,6 +139,29 @@ def test_lora_above_from_the_start_is_flagged(tmp_path):
     assert not any("never tracked" in note for note in result.notes)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_lora_slower_from_the_start_that_closes_the_gap_is_a_lag_not_a_falloff(tmp_path, seed):
+    full, lora = curves(seed)
+    steps = np.arange(1, N_STEPS + 1)
+    lora = lora + 0.8 / np.sqrt(steps)  # behind from step 1, converging: still 0.04 above at the last step
+    result = compare(write_run(tmp_path / "full.h5", full), write_run(tmp_path / "lora.h5", lora, rank=4),
+                     predictions={4: 100})
+    run = result.loras[0]
+    assert run.status == "lag" and run.falloff_x is None
+    assert any("a lag in learning speed" in note for note in result.notes)
+    (row,) = result.predictions  # no falloff measured: the prediction is checked against the end of the data
+    assert row.measured is None and row.measured_lower_bound == run.compared_range[1] and row.consistent is False
+    assert "lag, closing" in format_comparison(result.summary)
+
+
+def test_a_lora_behind_from_the_start_whose_gap_stays_is_still_a_falloff(tmp_path):
+    full, lora = curves(0)
+    lora = lora + 0.3 + 0.02 * np.log(np.arange(1, N_STEPS + 1))  # behind from step 1 and drifting further
+    result = compare(write_run(tmp_path / "full.h5", full), write_run(tmp_path / "lora.h5", lora, rank=1))
+    assert result.loras[0].status == "falloff" and result.loras[0].falloff_step == 1
+    assert any("the gap does not close" in note for note in result.notes)
+
+
 def test_falloff_at_the_end_of_the_data_is_tentative(tmp_path):
     full, lora = curves(0, falloff_step=370, jump=0.3, slope=0.0)
     run = compare(write_run(tmp_path / "full.h5", full), write_run(tmp_path / "lora.h5", lora, rank=4)).loras[0]
