@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope._version import __version__
+from lorascope.report.contributions import contributions_facts, contributions_header, contributions_rows
 from lorascope.report.curves import CURVES_CAVEAT, crossings_sentence
 from lorascope.report.forecast import forecast_facts, forecast_header, forecast_rows
 from lorascope.report.format import MISSING, X_UNITS, count, layer, number, percent
@@ -94,6 +95,7 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, str | os.PathLi
             parts.append(f'<div class="banner" role="alert"><strong>Diverged run:</strong> {_e(run["path"])} turned '
                          f"non-finite at step {_e(count(div['step']))}; see the notes for where.</div>")
     parts += _forecast_section(summary.get("forecast"))
+    parts += _contributions_section(summary.get("contributions"))
     parts += _headline(summary)
     if summary["notes"]:
         parts += ["<h2>Notes</h2>", _list(summary["notes"])]
@@ -124,6 +126,19 @@ def headline_sentence(row: Mapping[str, Any]) -> str:
 
 
 # -- sections --------------------------------------------------------------------------------------------------
+
+
+def _contributions_section(contributions: Mapping[str, Any] | None) -> list[str]:
+    if contributions is None:
+        return []
+    out = ['<h2 id="contributions">Contributions: which part runs out first</h2>',
+           _list(contributions_facts(contributions))]
+    rows = contributions_rows(contributions)
+    if rows:
+        out.append(_table(contributions_header(contributions), rows))
+    if contributions.get("notes"):
+        out.append(_list(contributions["notes"]))
+    return out
 
 
 def _forecast_section(forecast: Mapping[str, Any] | None) -> list[str]:

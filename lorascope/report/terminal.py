@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorascope.report.contributions import contributions_facts, contributions_header, contributions_rows
 from lorascope.report.curves import CURVES_CAVEAT, crossings_sentence
 from lorascope.report.forecast import forecast_facts, forecast_header, forecast_rows
 from lorascope.report.format import X_UNITS, count, number, percent, table
@@ -24,6 +25,19 @@ def _forecast_lines(forecast: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _contributions_lines(contributions: dict[str, Any] | None) -> list[str]:
+    if contributions is None:
+        return []
+    lines = ["", "Contributions: what each kind of the update is worth on a held batch, and which LoRA runs out "
+                 "first:"]
+    lines += [f"  {s}" for s in contributions_facts(contributions)]
+    rows = contributions_rows(contributions)
+    if rows:
+        lines += [f"  {s}" for s in table(contributions_header(contributions), rows)]
+    lines += [f"  - {note}" for note in contributions.get("notes", [])]
+    return lines
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """Render :attr:`lorascope.workflows.analyze.Analysis.summary` (``summary.json``) as plain text."""
     lines: list[str] = []
@@ -39,6 +53,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("WARNING: at least one run is incomplete (still being written, or the writer died); "
                      "results cover what was written so far.")
     lines += _forecast_lines(summary.get("forecast"))
+    lines += _contributions_lines(summary.get("contributions"))
     final = summary["final"]
     if final is None:
         lines.append("No snapshots: no spectral analysis (the loss curve is in the report).")

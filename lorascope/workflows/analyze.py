@@ -18,6 +18,7 @@ import xarray as xr
 
 from lorascope._checks import check_ranks
 from lorascope.analysis.capacity import CapacityConstant
+from lorascope.analysis.contributions import Contributions
 from lorascope.analysis.curves import PowerLawFit, fit_power_law
 from lorascope.analysis.divergence import Divergence, find_divergence, zero_updates
 from lorascope.analysis.forecast import Forecast
@@ -26,6 +27,7 @@ from lorascope.analysis.metrics import DEFAULT_P, aggregate, update_metrics
 from lorascope.analysis.noise import BatchAdvice, NoiseScale, batch_tradeoff, noise_scale
 from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.store.reader import Run
+from lorascope.workflows.contributions import contributions_of_run
 from lorascope.workflows.forecast import forecast_runs
 from lorascope.workflows.runs import LoadedRun, ModelFacts, RunLike, check_same_model, load_run
 
@@ -53,6 +55,7 @@ class RunResult:
     by_layer: xr.Dataset | None
     overall: xr.Dataset | None
     final_spectra: xr.DataArray | None = None  # singular values at the last snapshot (module, sv), NaN-padded
+    final_held: xr.Dataset | None = None  # the held-batch loss columns of the last snapshot (contributions=True)
     config: dict[str, Any] = field(default_factory=dict)
     noise: NoiseScale | None = None
     batch_advice: BatchAdvice | None = None
@@ -106,6 +109,9 @@ class Analysis:
     forecast : Forecast or None
         Where a LoRA of each candidate rank and target set runs out on this data, from the full fine-tuning
         runs; ``forecast_missing`` says why when there is none.
+    contributions : Contributions or None
+        Per kind (and layer) the share of the held batch's loss reduction, its bits and the rank at which its
+        LoRA runs out, at the final snapshot of the final run; ``contributions_missing`` says why when none.
     """
 
     runs: list[RunResult]
@@ -116,6 +122,8 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     forecast: Forecast | None = None
     forecast_missing: str | None = None
+    contributions: Contributions | None = None
+    contributions_missing: str | None = None
 
     @property
     def incomplete(self) -> bool:
@@ -163,6 +171,8 @@ class Analysis:
             "version": SUMMARY_VERSION,
             "incomplete": self.incomplete,
             "forecast": self.forecast.to_dict() if self.forecast is not None else {"missing": self.forecast_missing},
+            "contributions": self.contributions.to_dict() if self.contributions is not None
+            else {"missing": self.contributions_missing},
             "notes": list(self.notes),
             "ranks": list(self.ranks),
             "p": list(self.p),
@@ -260,6 +270,8 @@ def analyze(paths: RunLike | Sequence[RunLike], *,
     _add_notes(analysis)
     analysis.curves = _curves(analysis)
     analysis.forecast, analysis.forecast_missing = forecast_runs(runs, ranks, constant=constant)
+    analysis.contributions, analysis.contributions_missing = contributions_of_run(analysis.final_run, ranks,
+                                                                                  analysis.forecast)
     return analysis
 
 
@@ -279,6 +291,7 @@ def _result(run: LoadedRun, p: tuple[float, ...], ranks: tuple[int, ...]) -> Run
         result.by_layer = aggregate(metrics, "layer")
         result.overall = aggregate(metrics, "all")
         result.final_spectra = snapshots["sv"].isel(snapshot=-1)
+        result.final_held = snapshots[[n for n in snapshots.data_vars if n.startswith("held_loss")]].isel(snapshot=-1)
     return result
 
 
