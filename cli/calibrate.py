@@ -7,12 +7,12 @@ Library errors reach the group in :mod:`lorascope_cli.main`, which prints them a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 import lorascope.workflows.calibrate as calibration
 from lorascope.errors import InvalidOptionError, RunFileExistsError
+from lorascope.report.folder import check_output_path
 from lorascope.report.recommend import format_calibration
 from lorascope_cli.params import parse_layers, parse_learning_rates, parse_ranks
 
@@ -41,7 +41,7 @@ def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ra
     """Measure bits stored per LoRA parameter on your architecture (random key -> value facts, real PEFT LoRA)."""
     if (model_dir is None) == (config is None):
         raise InvalidOptionError("calibrate needs exactly one of --model DIR (weights) or --config FILE.")
-    out = Path(output)
+    out = check_output_path(output, folder=False, name="--output")
     if out.exists() and not force:
         raise RunFileExistsError(f"{out} exists; pass --force to overwrite it or choose another --output.")
     blocks, lrs = parse_layers(layers), parse_learning_rates(lr)

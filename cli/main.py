@@ -6,6 +6,7 @@ here, at the boundary, and printed as one line with exit status 2.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from typing import Any
@@ -19,15 +20,56 @@ from lorascope_cli.params import parse_ranks
 EXIT_BAD_INPUT = 2
 
 
+class OneLineError(click.ClickException):
+    """An error the CLI prints as one line, ``error: ...``, on stderr, with exit status 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {' '.join(self.format_message().split())}", err=True)
+
+
+def _one_line(exc: BaseException) -> OneLineError:
+    """The one-line form of an input error: a lorascope error, a click usage error (a bad option value, a missing
+    argument, an unknown option or command: with where to find the usage) or an operating-system error on a path."""
+    if isinstance(exc, click.UsageError):
+        hint = f" (usage: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        return OneLineError(exc.format_message() + hint)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return OneLineError(f"{exc.filename}: {exc.strerror or exc}")
+    return OneLineError(str(exc))
+
+
+# NoArgsIsHelpError (a bare ``lorascope``) shows the help, as it should; every other error is one line.
+_INPUT_ERRORS = (LorascopeError, click.ClickException, OSError)
+
+
 class _Group(click.Group):
-    """A click group that turns lorascope's input errors into one line on stderr and exit status 2."""
+    """A click group that turns every input error (lorascope's, click's argument errors, an unusable path) into
+    one line on stderr and exit status 2; click's usage text appears only with ``--help``."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _INPUT_ERRORS as exc:
+            if _passes_through(exc):
+                raise
+            raise _one_line(exc) from exc
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except LorascopeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(EXIT_BAD_INPUT)
+        except _INPUT_ERRORS as exc:
+            if _passes_through(exc):
+                raise
+            raise _one_line(exc) from exc
+
+
+def _passes_through(exc: BaseException) -> bool:
+    """Already one line, the help of a bare ``lorascope``, or a closed pipe (``| head``): click's own handling."""
+    return (isinstance(exc, (OneLineError, click.exceptions.NoArgsIsHelpError))
+            or (isinstance(exc, OSError) and exc.errno == errno.EPIPE))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from lorascope._checks import MAX_RANK
 from lorascope.errors import InvalidOptionError
 
 
@@ -13,8 +14,9 @@ def parse_ranks(ctx: click.Context, param: click.Parameter, value: str) -> tuple
         ranks = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         ranks = ()
-    if not ranks or any(r < 1 for r in ranks):
-        raise click.BadParameter(f"expected comma-separated positive integers such as 8,16,64; got {value!r}")
+    if not ranks or any(not 1 <= r <= MAX_RANK for r in ranks):
+        raise click.BadParameter(f"expected comma-separated integers from 1 to {MAX_RANK} such as 8,16,64; "
+                                 f"got {value!r}")
     return ranks
 
 

@@ -6,11 +6,13 @@ Library errors reach the group in :mod:`lorascope_cli.main`, which prints them a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from lorascope.analysis.information import DEFAULT_BITS_PER_EPISODE, DEFAULT_BITS_PER_TOKEN
 from lorascope.model.peft_config import write_peft_config
+from lorascope.report.folder import check_output_path
 from lorascope.report.recommend import format_recommendation
 from lorascope.workflows.recommend import DEFAULT_RANKS, TARGET_CHOICES
 from lorascope.workflows.recommend import recommend as run_recommend
@@ -53,6 +55,8 @@ def recommend(config: str, examples: int | None, tokens_per_example: float | Non
               bits_per_episode: float, peft_config: str | None, as_json: bool) -> None:
     """Recommend LoRA ranks, targets, learning rate and batch size before training; predict when each rank runs
     out of capacity."""
+    if peft_config:  # refused before the work, not after it
+        check_output_path(peft_config, folder=Path(peft_config).suffix != ".json", name="--peft-config")
     result = run_recommend(config, examples=examples, tokens_per_example=tokens_per_example, tokens=tokens,
                            dataset=dataset, tokenizer=tokenizer, task=task, probes=probes, ranks=ranks,
                            batch_size=batch_size, epochs=epochs, target=target, calibration=calibration,

@@ -16,16 +16,22 @@ def _where(name: str, caller: str) -> str:
     return f"The {name!r} parameter" + (f" of {caller}" if caller else "")
 
 
+# The largest rank lorascope accepts: 2**20, above the smaller dimension of any weight matrix trained today (a
+# LoRA rank is at most min(out, in)); larger values are typing errors, refused before any work.
+MAX_RANK = 2**20
+
+
 def check_ranks(ranks: Sequence[int], caller: str = "") -> tuple[int, ...]:
-    """Candidate LoRA ranks: a non-empty sequence of ints >= 1, returned sorted without repeats.
+    """Candidate LoRA ranks: a non-empty sequence of ints in [1, :data:`MAX_RANK`], returned sorted without repeats.
 
     >>> check_ranks([16, 4, 4])
     (4, 16)
     """
     values = tuple(ranks)
-    if not values or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in values):
-        raise InvalidOptionError(f"{_where('ranks', caller)} must be a non-empty list of ints >= 1. "
-                                 f"Got {list(values)!r} instead.")
+    if not values or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= MAX_RANK
+                         for r in values):
+        raise InvalidOptionError(f"{_where('ranks', caller)} must be a non-empty list of ints in the range "
+                                 f"[1, {MAX_RANK}]. Got {list(values)!r} instead.")
     return tuple(sorted({int(r) for r in values}))
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xarray as xr
 
-from lorascope.errors import LorascopeError
+from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.report.format import json_text
 
 if TYPE_CHECKING:
@@ -28,11 +28,42 @@ class ReportFiles:
     images: dict[str, Path]
 
 
+def check_output_path(path: str | os.PathLike[str], *, folder: bool, name: str = "output") -> Path:
+    """A path a command will write, checked before any work: a folder (created with its parents when missing)
+    or a file (its folder must exist), under an existing folder this process may write in.
+
+    What is already there (an existing file, a non-empty folder) is the caller's to refuse or overwrite.
+
+    Raises
+    ------
+    InvalidOptionError
+        One line naming the path and what is wrong with it.
+    """
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise InvalidOptionError(f"{name} {path}: is a folder; give a file path")
+    parent = path if folder else path.parent
+    if not folder and not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise InvalidOptionError(f"{name} {path}: the folder {parent} {what}; create it or choose another path")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidOptionError(f"{name} {path}: {existing} exists and is not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidOptionError(f"{name} {path}: cannot write in {existing} (permission denied); choose another "
+                                 "path")
+    return path
+
+
 def prepare_folder(folder: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Check the output folder before any work: refuse an existing non-empty one unless ``force``."""
+    """Check the output folder before any work: refuse an existing non-empty one unless ``force``, and one that
+    cannot be created or written (:func:`check_output_path`)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise LorascopeError(f"{folder}: exists and is not a folder; choose another output path")
+    check_output_path(folder, folder=True, name="output folder")
     # With force, the report's own files are overwritten in place; nothing else in the folder is touched.
     if folder.is_dir() and any(folder.iterdir()) and not force:
         raise LorascopeError(f"{folder}: output folder exists and is not empty; pass --force (force=True) to "
