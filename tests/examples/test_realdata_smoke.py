@@ -1,0 +1,87 @@
+"""The real-data study (examples/realdata/run.py) end to end at its smoke tier (in-process, seconds).
+
+The smoke tier's numbers mean nothing; the test checks that every phase wrote its files, that predictions.json was
+written before the first LoRA run, and that the result tables hold every rank, criterion and predictor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+pytest.importorskip("sklearn")
+
+STUDY = Path(__file__).resolve().parents[2] / "examples" / "realdata"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    sys.path.insert(0, str(STUDY))
+    try:
+        run = importlib.import_module("run")
+        out = tmp_path_factory.mktemp("realdata") / "out"
+        assert run.main(["--smoke", "-o", str(out)]) == 0
+        yield run, out, json.loads((out / "results.json").read_text())
+    finally:
+        sys.path.remove(str(STUDY))
+
+
+def test_every_phase_wrote_its_files(smoke):
+    run, out, results = smoke
+    for name in run.OUTPUTS:
+        assert (out / name).exists(), name
+    tier = run.TIERS["smoke"]
+    names = {r["name"] for r in results["runs"]}
+    assert len(names) == (len(tier.full_lrs) + len(tier.ranks) * len(tier.lora_lrs)) * len(tier.sizes) * len(
+        tier.seeds)
+    for name in names:
+        assert (out / "runs" / f"{name}.h5").stat().st_size > 0
+    corpus = json.loads((out / "corpus.json").read_text())
+    assert corpus["a"]["bytes"] > 100_000 and corpus["b"]["training_pool_sequences"] >= max(tier.sizes)
+    assert "# Real-data study" in (out / "results.md").read_text()
+
+
+def test_predictions_precede_the_lora_runs(smoke):
+    _, out, results = smoke
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions["lora_runs_before"] == 0
+    written = (out / "predictions.json").stat().st_mtime
+    lora = [r for r in results["runs"] if r["target"] != "full"]
+    full = [r for r in results["runs"] if r["target"] == "full"]
+    assert lora and full
+    for r in lora:
+        assert (out / "runs" / f"{r['name']}.h5").stat().st_mtime >= written
+    for r in full:
+        assert (out / "runs" / f"{r['name']}.h5").stat().st_mtime <= written
+
+
+def test_predictions_refused_once_a_lora_run_exists(smoke):
+    run, out, _ = smoke
+    with pytest.raises(RuntimeError, match="predictions must come first"):
+        run.predict(run.TIERS["smoke"], out, None, {}, print)
+
+
+def test_results_hold_every_rank_criterion_and_predictor(smoke):
+    run, _, results = smoke
+    tier = run.TIERS["smoke"]
+    ranks = sorted(str(r) for r in tier.ranks)
+    for criterion in ("train", "held"):
+        assert sorted(results["falloff"][criterion]) == ranks
+        for f in results["falloff"][criterion].values():
+            assert f["status"] in ("measured", "at_or_below", "beyond")
+    assert {"forecast: all sizes (growth law)", "forecast: size only (1 bit per token)"} <= set(results["predictors"])
+    assert {f"forecast: N={n} (linear)" for n in tier.sizes} <= set(results["predictors"])
+    for cells in results["predictors"].values():
+        for criterion in ("train", "held"):
+            assert sorted(cells[criterion]) == ranks
+            for cell in cells[criterion].values():
+                assert cell["ratio"] is None or cell["ratio"] > 0
+    assert sorted(results["bits_per_example"]) == sorted(str(n) for n in tier.sizes)
+    assert results["growth"]["exponent"] > 0
+    assert results["lr_cells"] == len(results["learning_rates"]) > 0
