@@ -48,10 +48,10 @@ def compare(full_run: str, lora_runs: tuple[str, ...], output: str, threshold: f
     if x_tokens and x_steps:
         raise InvalidOptionError("--tokens and --steps choose the data axis: give at most one of them")
     x = "tokens_seen" if x_tokens else "step" if x_steps else "examples_seen"
-    predictions = read_predictions(predictions_file) if predictions_file is not None else None
+    predicted = read_predictions(predictions_file) if predictions_file is not None else {}
     prepare_folder(output, force=force)  # refuse before reading the runs
     comparison = run_compare(full_run, list(lora_runs), x=x, threshold=threshold, window=window, smooth=smooth,
-                             relative=relative, predictions=predictions)
+                             relative=relative, **predicted)
     files = write_comparison(comparison, output, force=force)
     if as_json:
         click.echo(json_text(comparison.summary))

@@ -239,7 +239,8 @@ class LoraResult:
 class PredictionRow:
     """A predicted falloff (from a capacity model) beside the measured one for a rank.
 
-    ``ratio`` is predicted / measured (above 1: the prediction was too late). Without a measured falloff
+    ``ratio`` is predicted / measured (above 1: the prediction was too late); ``predicted`` is infinite (null in
+    JSON) when no falloff is expected within the run. Without a measured falloff
     ``measured_lower_bound`` is the end of the compared data, and ``consistent`` says whether the prediction
     lies beyond it too.
     """
@@ -254,7 +255,7 @@ class PredictionRow:
     consistent: bool | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "run": self.label, "predicted": self.predicted, "status": self.status,
+        return {"rank": self.rank, "run": self.label, "predicted": _num(self.predicted), "status": self.status,
                 "measured": self.measured, "ratio": self.ratio, "measured_lower_bound": self.measured_lower_bound,
                 "consistent": self.consistent}
 
@@ -532,8 +533,9 @@ def prediction_rows(predictions: Mapping[int, float], results: Sequence[LoraResu
                                           predicted >= bound))
             else:
                 measured = float(result.falloff_x)
-                rows.append(PredictionRow(rank, predicted, result.run.label, result.status, measured,
-                                          predicted / measured, None, None))
+                ratio = predicted / measured if math.isfinite(predicted) else None
+                rows.append(PredictionRow(rank, predicted, result.run.label, result.status, measured, ratio, None,
+                                          None))
     return rows
 
 

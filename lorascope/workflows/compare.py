@@ -40,6 +40,8 @@ from lorascope.analysis.comparison import (
     numerical_rank,
     prediction_rows,
 )
+from lorascope.analysis.departure import absorbed_bits_curve, expected_departures
+from lorascope.analysis.information import recorded_dataset_examples
 from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.store.reader import Run
 from lorascope.workflows.runs import LoadedRun, ModelFacts, RunLike, check_same_model, load_run
@@ -51,7 +53,8 @@ def compare(full: RunLike, loras: RunLike | Sequence[RunLike], *, x: str = "exam
             threshold: float = DEFAULT_THRESHOLD, window: float = DEFAULT_WINDOW, smooth: float = DEFAULT_SMOOTH,
             z: float = DEFAULT_Z, min_points: int = DEFAULT_MIN_POINTS, relative: bool = False,
             ranks: Sequence[int | None] | None = None, labels: Sequence[str] | None = None,
-            predictions: Mapping[Any, float] | None = None) -> Comparison:
+            predictions: Mapping[Any, float] | None = None,
+            capacities: Mapping[Any, float] | None = None) -> Comparison:
     """Where each LoRA run leaves the full fine-tuning loss curve.
 
     For each LoRA run, the raw gap :math:`d_i = L^{\\mathrm{LoRA}}_i - L^{\\mathrm{Full}}(x_i)` (full fine-tuning
@@ -91,6 +94,11 @@ def compare(full: RunLike, loras: RunLike | Sequence[RunLike], *, x: str = "exam
         Display names per LoRA run (default "r=<rank>", with the file name where ranks repeat).
     predictions
         Predicted falloff per rank, in units of ``x``: each becomes a predicted-vs-measured row.
+    capacities
+        Instead of ``predictions``: the bits each rank's LoRA holds (``capacity_bits`` of ``lorascope recommend``
+        or of analyze's forecast). They are translated into the units compare measures in: the point where the full
+        fine-tuning run has absorbed that many bits (:mod:`lorascope.analysis.departure`; needs the full run's
+        dataset size).
 
     Returns
     -------
@@ -140,14 +148,46 @@ def compare(full: RunLike, loras: RunLike | Sequence[RunLike], *, x: str = "exam
     results = [falloff_against(full_curve, loss_curve(run, x, label or default, criterion), identity, criterion, x,
                                notes)
                for run, identity, label, default in zip(series, identities, labels, default_labels)]
+    if capacities is not None:
+        if preds:
+            raise InvalidOptionError("Give predicted falloffs either as points of the data axis (predictions) or as "
+                                     "capacities in bits (capacities), not both.")
+        preds = _departures(_predictions(capacities, "capacities"), full_run, full_series, x, notes)
     return Comparison(x=x, criterion=criterion, full=full_curve, loras=results,
                       predictions=prediction_rows(preds, results), notes=notes)
 
 
+def _departures(capacities: dict[int, float], run: LoadedRun, series: LossSeries, x: str, notes: list[str]
+                ) -> dict[int, float]:
+    """Each rank's capacity as the point of ``x`` where full fine-tuning has absorbed it (inf: not in the run)."""
+    dataset = recorded_dataset_examples(run.config)
+    steps = run.steps
+    tokens = steps["batch_loss_tokens"].values if "batch_loss_tokens" in steps else np.array([-1])
+    if not (tokens > 0).any():
+        tokens = steps["batch_tokens"].values
+    examples = steps["batch_examples"].values
+    known = (tokens > 0) & (examples > 0)
+    if dataset is None or not known.any():
+        notes.append(f"{run.path}: capacities cannot be placed on the curve without the run's dataset size and its "
+                     "token counts; no predicted rows")
+        return {}
+    absorbed = absorbed_bits_curve(series.examples_seen, series.loss,
+                                   loss_tokens_per_example=float(tokens[known].sum() / examples[known].sum()),
+                                   dataset_examples=float(dataset))
+    seen = expected_departures(capacities, series.examples_seen, absorbed)
+    usable = series.usable("examples_seen")
+    notes.append(f"predicted falloffs: where {run.path} had absorbed each rank's capacity (bits), "
+                 "docs/compare.md")
+    return {rank: value if math.isinf(value) else float(np.interp(value, series.examples_seen[usable],
+                                                                    series.axis(x)[usable]))
+            for rank, value in seen.items()}
+
+
 def read_predictions(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The predictions file of ``lorascope compare --predictions``: a JSON object mapping LoRA ranks to predicted
-    falloffs, e.g. ``{"1": 2000}``, or the output of ``lorascope recommend --json`` (its runway per rank, in
-    examples).
+    """The predictions file of ``lorascope compare --predictions``, as keyword arguments of :func:`compare`: a JSON
+    object mapping LoRA ranks to predicted falloffs in units of the data axis, e.g. ``{"1": 2000}``
+    (``{"predictions": ...}``), or the output of ``lorascope recommend --json``, whose capacity per rank in bits
+    compare places on the full fine-tuning run's curve (``{"capacities": ...}``).
 
     Raises
     ------
@@ -164,9 +204,9 @@ def read_predictions(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidOptionError(f"{file}: predictions must be a JSON object mapping LoRA ranks to predicted "
                                  f"falloffs, e.g. {{\"1\": 2000, \"4\": 9000}}; got a JSON {type(data).__name__}")
-    if data.get("format") == "lorascope-recommend":  # `lorascope recommend --json`: each rank's runway in examples
-        return {str(p["rank"]): p["runway_examples"] for p in data.get("predictions", [])}
-    return data
+    if data.get("format") == "lorascope-recommend":  # `lorascope recommend --json`: each rank's capacity in bits
+        return {"capacities": {str(p["rank"]): p["capacity_bits"] for p in data.get("predictions", [])}}
+    return {"predictions": data}
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -223,11 +263,11 @@ def _per_run(values: Sequence[Any] | None, n: int, name: str) -> list[Any]:
     return values
 
 
-def _predictions(predictions: Mapping[Any, float] | None) -> dict[int, float]:
+def _predictions(predictions: Mapping[Any, float] | None, name: str = "predictions") -> dict[int, float]:
     if predictions is None:
         return {}
     if not isinstance(predictions, Mapping):
-        raise InvalidOptionError("The 'predictions' parameter of compare must map LoRA ranks to predicted falloffs, "
+        raise InvalidOptionError(f"The {name!r} parameter of compare must map LoRA ranks to numbers, "
                                  f"e.g. {{1: 2000, 4: 9000}}. Got a {type(predictions).__name__} instead.")
     out = {}
     for key, value in predictions.items():
@@ -237,10 +277,10 @@ def _predictions(predictions: Mapping[Any, float] | None) -> dict[int, float]:
         except (TypeError, ValueError):
             ok = False
         if not ok or isinstance(key, bool):
-            raise InvalidOptionError(f"predictions: keys must be LoRA ranks (ints >= 1). Got {key!r} instead.")
+            raise InvalidOptionError(f"{name}: keys must be LoRA ranks (ints >= 1). Got {key!r} instead.")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise InvalidOptionError(f"predictions: the predicted falloff of rank {rank} must be a number > 0. Got "
-                                     f"{value!r} instead.")
+            raise InvalidOptionError(f"{name}: the value of rank {rank} must be a number > 0. Got {value!r} "
+                                     "instead.")
         out[rank] = float(value)
     return out
 

@@ -245,13 +245,17 @@ def test_predicted_falloff_lands_within_2x_of_real_lora_runs_for_three_ranks():
         assert 0.5 <= row.ratio <= 2.0, row
 
 
-def test_compare_takes_the_runways_of_a_recommend_json_as_predictions(tmp_path):
+def test_compare_takes_the_capacities_of_a_recommend_json(tmp_path):
     from lorascope.workflows.compare import read_predictions
 
     path = tmp_path / "recommend.json"
     path.write_text(json.dumps({"format": "lorascope-recommend", "predictions": [
-        {"rank": 1, "runway_examples": 120.5}, {"rank": 4, "runway_examples": 482.0}]}))
-    assert read_predictions(str(path)) == {"1": 120.5, "4": 482.0}
+        {"rank": 1, "runway_examples": 120.5, "capacity_bits": 964.0},
+        {"rank": 4, "runway_examples": 482.0, "capacity_bits": 3856.0}]}))
+    assert read_predictions(str(path)) == {"capacities": {"1": 964.0, "4": 3856.0}}
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"1": 2000}))
+    assert read_predictions(str(plain)) == {"predictions": {"1": 2000}}
 
 
 def test_calibrate_layers_choose_the_blocks_it_adapts():

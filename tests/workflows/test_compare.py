@@ -546,3 +546,23 @@ def test_real_recordings_of_different_models_are_refused(real_runs):
     full, _, wide = real_runs
     with pytest.raises(LorascopeError, match="different models.*hidden_size = 32.*hidden_size = 48"):
         compare(full, wide)
+
+
+def test_capacities_are_placed_where_full_finetuning_absorbed_them(tmp_path):
+    # Full fine-tuning on 100 examples of 2 loss tokens, 10 per step, 40 steps: 2.0 nats per token over the first
+    # epoch, then the loss falls linearly to 0.5, so it has absorbed 100 x 2 x (2.0 - loss) / ln 2 bits by then.
+    steps = np.arange(1, 41)
+    seen = 10 * steps
+    loss = np.where(seen <= 100, 2.0, 2.0 - 1.5 * (seen - 100) / 300)
+    full = tmp_path / "full.h5"
+    with RunWriter(full, [dict(MODULE, lora=False)], config={"dataset": {"examples": 100}}, overwrite=True) as w:
+        w.append_steps({"step": steps, "examples_seen": seen, "tokens_seen": 2 * seen, "loss": loss,
+                        "batch_examples": np.full(40, 10), "batch_loss_tokens": np.full(40, 20)})
+    lora = write_run(tmp_path / "lora.h5", loss, rank=1, batch=10)
+    result = compare(full, lora, capacities={1: 100 * 2 * 0.75 / np.log(2), 4: 1e6})
+    rows = {row.rank: row for row in result.predictions}
+    # 0.75 nats saved per token: the loss reaches 1.25 at 100 + 0.5 x 300 = 250 examples seen (moving median: +-1 step)
+    assert abs(rows[1].predicted - 250) <= 10
+    assert rows[4].predicted == np.inf and rows[4].to_dict()["predicted"] is None  # never absorbed within the run
+    with pytest.raises(InvalidOptionError, match="not both"):
+        compare(full, lora, predictions={1: 100}, capacities={1: 50.0})
