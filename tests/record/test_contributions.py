@@ -199,3 +199,35 @@ def test_hf_trainer_takes_its_first_batch_and_compute_loss(tmp_path, tiny_llama_
         assert float(last["held_loss_start"]) > float(last["held_loss"])
         assert np.isfinite(last["held_loss_without_kind"].values).all()
         assert run.config["recorder"]["loss_fn"] == "Trainer.compute_loss"
+
+
+def test_fused_moe_experts_reverted_at_the_parameter(seed, tiny_mixtral_config):
+    # Fused 3-D expert tensors are recorded per expert and half; reverting the kind must restore each whole
+    # tensor (checked against a copy of the model with its expert tensors set back by hand), then put it back.
+    from lorascope.model.taxonomy import classify
+    from lorascope.record.contributions import HeldLoss
+    from lorascope.record.snapshot import capture_initial
+
+    torch.manual_seed(seed)
+    model = transformers.MixtralForCausalLM(tiny_mixtral_config())
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    refs = classify(model).matrices
+    assert any(ref.kind == "moe_expert" and ref.part for ref in refs)
+    w0 = [capture_initial(model, ref) for ref in refs]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    now = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = _batches(seed, 1)[0]
+    losses = HeldLoss(model, refs, batch, None).measure(w0)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, now[name]), name
+    experts = {f"{ref.module}.{ref.parameter}" for ref in refs if ref.kind == "moe_expert"}
+    reverted = {k: (start[k] if k in experts else v) for k, v in now.items()}
+    model.load_state_dict(reverted)
+    model.eval()
+    with torch.no_grad():
+        expected = float(model(**batch).loss)
+    kinds = np.array([ref.kind for ref in refs])
+    np.testing.assert_allclose(losses.held_loss_without_kind[kinds == "moe_expert"], expected, rtol=1e-6)
+    assert losses.held_loss_without_kind[kinds == "moe_expert"][0] != pytest.approx(losses.held_loss, rel=1e-4)
