@@ -183,7 +183,9 @@ class Recorder:
         options = self.options
         if not options.contributions:
             return None
-        refuse_contributions(self.refs, distributed=parallel)
+        several = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        refuse_contributions(self.refs, distributed=parallel or several)
         if options.held_batch is None:
             raise InvalidOptionError("contributions=True needs held_batch= (a batch kept for measuring the loss; a "
                                      "transformers.Trainer takes the first batch of its training data by itself)")

@@ -231,3 +231,15 @@ def test_fused_moe_experts_reverted_at_the_parameter(seed, tiny_mixtral_config):
     kinds = np.array([ref.kind for ref in refs])
     np.testing.assert_allclose(losses.held_loss_without_kind[kinds == "moe_expert"], expected, rtol=1e-6)
     assert losses.held_loss_without_kind[kinds == "moe_expert"][0] != pytest.approx(losses.held_loss, rel=1e-4)
+
+
+def test_refused_under_torch_distributed(monkeypatch, run_path, tiny_llama_config):
+    # Several processes (here faked: a process group of 2 recorded per process with distributed=False): a revert
+    # on one rank alone would break the replicas' agreement, or a shard's.
+    model = _llama(tiny_llama_config(), 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(InvalidOptionError, match="torch.distributed"):
+        lorascope.record(model, run_path, optimizer=opt, distributed=False, contributions=True,
+                         held_batch=_batches(0, 1)[0])
