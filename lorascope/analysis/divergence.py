@@ -12,6 +12,8 @@ A diverged run keeps being recorded: its loss, gradient norms and updates turn N
 
 :func:`zero_updates` counts the other non-finite source of a report: an update that is exactly zero (a learning
 rate of 0, a matrix that never received a gradient), whose ranks are undefined (NaN, "n/a" in reports).
+:func:`missing_gradients` counts, per matrix, the steps without a gradient (NaN norm: frozen for part of the run,
+unused by the forward pass, a skipped step), which are not a divergence.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-__all__ = ["Divergence", "ModuleDivergence", "find_divergence", "zero_updates"]
+__all__ = ["Divergence", "ModuleDivergence", "find_divergence", "missing_gradients", "zero_updates"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +149,20 @@ def zero_updates(metrics: xr.Dataset) -> np.ndarray:
     Its energy ranks, residuals and captures are undefined (NaN); aggregates weight it by its energy, zero.
     """
     return (metrics["valid"] & (metrics["energy"] == 0)).values
+
+
+def missing_gradients(steps: xr.Dataset) -> dict[str, int]:
+    """Per recorded matrix with at least one, the number of steps without a gradient (``grad_sq_norm`` NaN).
+
+    Files written before the recorder stored a non-finite gradient as +Inf hold NaN for both; there a NaN
+    gradient is counted here.
+
+    >>> steps = xr.Dataset({"grad_sq_norm": (("step", "module"), [[1.0, np.nan], [np.inf, np.nan]])},
+    ...                    coords={"step": [1, 2], "module": ["a", "b"]})
+    >>> missing_gradients(steps)
+    {'b': 2}
+    """
+    if "grad_sq_norm" not in steps or not steps.sizes.get("step", 0):
+        return {}
+    counts = np.isnan(steps["grad_sq_norm"].transpose("step", "module").values).sum(axis=0)
+    return {str(m): int(c) for m, c in zip(steps["module"].values, counts) if c}

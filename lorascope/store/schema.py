@@ -112,11 +112,13 @@ STEP_COLUMNS = (
            "tokens the loss is computed on in this step (labels != -100, all micro-batches); -1 when unknown",
            required=False),
     Column("grad_sq_norm", "float32", ROW_MODULE, np.nan, "squared gradient units",
-           "squared Frobenius norm of each recorded matrix's gradient at the optimizer step"),
+           "squared Frobenius norm of each recorded matrix's gradient at the optimizer step; NaN: no gradient "
+           "(frozen, unused, skipped), +Inf: the gradient holds NaN or Inf"),
     Column("grad_sq_norm_other", "float64", ROW, np.nan, "squared gradient units",
            "squared norm of the gradient of every trainable parameter outside the modules table"),
     Column("grad_nonfinite_modules", "int32", ROW, 0, "modules",
-           "number of recorded matrices whose gradient holds NaN or Inf at this step"),
+           "number of recorded matrices whose gradient holds NaN or Inf at this step (a missing gradient is not "
+           "counted)"),
     Column("gns_batch_small", "float64", ROW, np.nan, "examples", "small batch size B_small of the noise-scale pair"),
     Column("gns_batch_big", "float64", ROW, np.nan, "examples", "big batch size B_big of the noise-scale pair"),
     Column("gns_sq_norm_small", "float32", ROW_MODULE, np.nan, "squared gradient units",

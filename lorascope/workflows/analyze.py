@@ -20,7 +20,7 @@ from lorascope._checks import check_ranks
 from lorascope.analysis.capacity import CapacityConstant
 from lorascope.analysis.contributions import Contributions
 from lorascope.analysis.curves import PowerLawFit, fit_power_law
-from lorascope.analysis.divergence import Divergence, find_divergence, zero_updates
+from lorascope.analysis.divergence import Divergence, find_divergence, missing_gradients, zero_updates
 from lorascope.analysis.forecast import Forecast
 from lorascope.analysis.layers import TARGET_SETS, energy_shares, lora_capture, rank_hungry_modules
 from lorascope.analysis.metrics import DEFAULT_P, aggregate, update_metrics
@@ -328,6 +328,13 @@ def _add_notes(analysis: Analysis) -> None:
                 analysis.notes.append(f"{run.path}: {bad} module-snapshot(s) with non-finite updates were "
                                       "excluded from every aggregate and fit")
             analysis.notes.extend(f"{run.path}: {note}" for note in _zero_update_notes(run.metrics))
+        no_gradient = missing_gradients(run.steps)
+        if no_gradient:
+            shown = ", ".join(f"{m} ({n} of {run.steps.sizes['step']} steps)" for m, n in list(no_gradient.items())[:5])
+            more = f" and {len(no_gradient) - 5} more" if len(no_gradient) > 5 else ""
+            analysis.notes.append(f"{run.path}: {len(no_gradient)} matrix(es) had no gradient at some steps (frozen "
+                                  f"for part of the run, unused, or a skipped step; not a non-finite gradient): "
+                                  f"{shown}{more}")
         if run.divergence is not None:
             analysis.notes.append(f"{run.path}: {_divergence_note(run.divergence)}")
     if len(analysis.runs) == 1 and analysis.runs[0].n_snapshots == 1:
@@ -472,6 +479,7 @@ def _run_dict(run: RunResult, x: str) -> dict[str, Any]:
         "tokens_seen": int(steps["tokens_seen"].values[-1]) if steps.sizes.get("step", 0) else 0,
         "final_loss": float(finite[-1]) if finite.size and run.divergence is None else None,
         "divergence": None if run.divergence is None else run.divergence.to_dict(),
+        "no_gradient_steps": missing_gradients(steps),
         "nonfinite_gradient_steps": int((steps["grad_nonfinite_modules"].values > 0).sum())
         if "grad_nonfinite_modules" in steps else 0,
     }

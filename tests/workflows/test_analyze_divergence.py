@@ -44,9 +44,11 @@ def _train(model: torch.nn.Module, path: Path, how: str) -> None:
             if how == "nan_weight" and step == BAD_STEP:
                 with torch.no_grad():
                     model.out.weight[0, 0] = float("nan")  # after step BAD_STEP: the next step is the first NaN
+            if how == "frozen_midway" and step == BAD_STEP:
+                model.mlp[0].weight.requires_grad_(False)  # no gradient from the next step on
 
 
-CASES = ("nan_loss", "inf_grad", "nan_weight", "lr0", "frozen", "unused")
+CASES = ("nan_loss", "inf_grad", "nan_weight", "lr0", "frozen", "unused", "frozen_midway")
 
 
 def _strict(text: str) -> dict:
@@ -56,35 +58,43 @@ def _strict(text: str) -> dict:
     return json.loads(text, parse_constant=refuse)
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    """Per case: the CliRunner result of ``lorascope analyze`` and its report folder."""
-    from conftest import TinyTokenModel
+class _Reports(dict):
+    """Per case, built on first use (so that each test worker records only the cases its tests need): the
+    CliRunner result of ``lorascope analyze`` and its report folder."""
 
-    class WithSpare(TinyTokenModel):
-        """A trainable matrix the forward pass never uses: no gradient, a zero update."""
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.spare = torch.nn.Linear(24, 24)
+    def __missing__(self, how: str):
+        from conftest import TinyTokenModel
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("diverge")
-    out = {}
-    try:
-        for how in CASES:
+        class WithSpare(TinyTokenModel):
+            """A trainable matrix the forward pass never uses: no gradient, a zero update."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.spare = torch.nn.Linear(24, 24)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
             torch.manual_seed(0)
             model = WithSpare() if how == "unused" else TinyTokenModel()
             if how == "frozen":
                 model.mlp[0].weight.requires_grad_(False)
-            path = folder / f"{how}.h5"
+            path = self.folder / f"{how}.h5"
             _train(model, path, how)
-            report = folder / f"report-{how}"
-            out[how] = (CliRunner().invoke(cli, ["analyze", str(path), "-o", str(report)]), report)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+            report = self.folder / f"report-{how}"
+            self[how] = (CliRunner().invoke(cli, ["analyze", str(path), "-o", str(report)]), report)
+        finally:
+            torch.set_num_threads(threads)
+        return self[how]
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    return _Reports(tmp_path_factory.mktemp("diverge"))
 
 
 @pytest.mark.parametrize("how", CASES)
@@ -154,7 +164,9 @@ def test_a_module_without_gradient_is_no_gradient_not_a_non_finite_one(reports, 
     summary = _strict((report / "summary.json").read_text())
     run = summary["runs"][0]
     assert run["divergence"] is None and run["nonfinite_gradient_steps"] == 0
+    assert run["no_gradient_steps"] == {"spare": STEPS}
     assert any("never moved" in note and "spare" in note for note in summary["notes"])
+    assert any("no gradient" in note and f"spare ({STEPS} of {STEPS} steps)" in note for note in summary["notes"])
     with lorascope.open_run(Path(str(report).replace("report-unused", "unused.h5"))) as recorded:
         spare = list(recorded.modules["name"]).index("spare")
         grad = recorded.steps["grad_sq_norm"].values
@@ -174,3 +186,17 @@ def test_find_divergence_tells_an_unreported_loss_from_a_diverged_one():
     assert (div.step, div.loss_step, div.gradient_step, div.update_step, div.examples_seen) == (4, 4, 4, None, 16)
     assert [(m.module, m.gradient_step) for m in div.modules] == [("a", 4), ("b", 5)]
     assert find_divergence(steps.isel(step=[0, 1, 2])) is None  # NaN loss with finite gradients: not reported
+
+
+def test_a_module_frozen_midway_has_no_gradient_and_no_divergence(reports):
+    result, report = reports["frozen_midway"]
+    summary = _strict((report / "summary.json").read_text())
+    run = summary["runs"][0]
+    assert run["divergence"] is None and run["nonfinite_gradient_steps"] == 0
+    assert run["no_gradient_steps"] == {"mlp.0": STEPS - BAD_STEP}
+    assert math.isfinite(run["final_loss"]) and summary["final"]["missing"] is None
+    assert "DIVERGED" not in result.output and "no gradient" in result.output
+    with lorascope.open_run(Path(str(report).replace("report-frozen_midway", "frozen_midway.h5"))) as recorded:
+        grad = recorded.steps["grad_sq_norm"].sel(module="mlp.0").values
+        assert np.all(np.isfinite(grad[:BAD_STEP])) and np.all(np.isnan(grad[BAD_STEP:]))
+        assert np.all(recorded.steps["grad_nonfinite_modules"].values == 0)
