@@ -97,7 +97,7 @@ def _figure(comparison: Comparison) -> Figure:
     predicted = False
     for row in comparison.predictions:
         match = next((lo for lo in comparison.loras if lo.run.label == row.label), None)
-        if match is None:
+        if match is None or not np.isfinite(row.predicted):  # none expected within the run: nothing to mark
             continue
         top.plot([row.predicted], [0.0], "v", color=colors[id(match)], markersize=10, markeredgecolor="black",
                  transform=top.get_xaxis_transform(), clip_on=False, zorder=7)
@@ -179,7 +179,9 @@ def format_comparison(summary: dict[str, Any]) -> str:
                         + ("consistent" if row["consistent"] else "too early"))
             else:
                 note = "tentative" if row["status"] == "tentative" else ""
-            rows.append([str(row["rank"]), row["run"] or MISSING, count(row["predicted"]), count(row["measured"]),
+            # null: the run never absorbed the rank's capacity, so no falloff is expected within it
+            predicted = "none in run" if row["predicted"] is None else count(row["predicted"])
+            rows.append([str(row["rank"]), row["run"] or MISSING, predicted, count(row["measured"]),
                          number(row["ratio"], 2), note])
         lines.extend("  " + s for s in table(header, rows))
     if summary["notes"]:
