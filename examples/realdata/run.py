@@ -13,6 +13,7 @@ loss reduction, on the training sequences and, separately, on held-out text. doc
     python examples/realdata/run.py --smoke         # seconds: the test suite's tier (numbers meaningless)
     python examples/realdata/run.py                 # the study: about 15 minutes on one core
     python examples/realdata/run.py -o DIR --force  # another output folder; --force writes into a non-empty one
+    python examples/realdata/run.py --report docs/realdata/results.json   # the tables of docs/realdata.md
 
 Writes into the output folder (default ``realdata-out/``): ``corpus.json``, ``base.pt``, ``runs/*.h5``,
 ``predictions.json`` (before the first LoRA run), ``results.json`` and ``results.md``.
@@ -64,12 +65,16 @@ class Tier:
 
 TIERS = {
     "default": Tier("default", hidden=64, layers=2, intermediate=128, pretrain_steps=800, pretrain_lr=3e-3,
-                    sizes=(64, 256, 1024), ranks=(1, 4, 16), epochs=5, min_steps=0, batch_size=16,
-                    full_lrs=(1e-3, 3e-3, 1e-2), lora_lrs=(3e-3, 1e-2, 3e-2), seeds=(0, 1), held_out=1024),
+                    sizes=(64, 256, 1024), ranks=(1, 4, 16, 64), epochs=5, min_steps=0, batch_size=16,
+                    full_lrs=(1e-3, 3e-3), lora_lrs=(1e-3, 3e-3), seeds=(0, 1),
+                    held_out=1024),
     "smoke": Tier("smoke", hidden=32, layers=1, intermediate=64, pretrain_steps=20, pretrain_lr=3e-3,
                   sizes=(32, 64), ranks=(1, 4), epochs=2, min_steps=8, batch_size=8, full_lrs=(3e-3,),
                   lora_lrs=(1e-2,), seeds=(0,), held_out=64),
 }
+LR_LADDER = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+"""Where a learning-rate grid is extended to when a condition's best learning rate sits at its edge."""
+MAX_EXTENSIONS = 2  # per condition and side
 OUTPUTS = ("corpus.json", "base.pt", "runs", "predictions.json", "results.json", "results.md")
 
 
@@ -78,7 +83,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="seconds: the test suite's tier (numbers meaningless)")
     parser.add_argument("-o", "--output", default="realdata-out", help="output folder (default: realdata-out)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    parser.add_argument("--report", metavar="RESULTS_JSON",
+                        help="print the tables of a results.json (e.g. docs/realdata/results.json) and exit")
+    parser.add_argument("--remeasure", metavar="DIR",
+                        help="recompute results.json and results.md of a finished study from its run results and "
+                             "predictions.json (no training)")
     args = parser.parse_args(argv)
+    if args.report:
+        print(markdown(json.loads(Path(args.report).read_text())), end="")
+        return 0
+    if args.remeasure:
+        remeasure(Path(args.remeasure))
+        return 0
     tier = TIERS["smoke" if args.smoke else "default"]
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -263,22 +279,45 @@ def study(tier: Tier, out: Path, log: Callable[[str], None] = print) -> dict[str
 
     results: dict[str, dict[str, Any]] = {}
 
-    def run_all(specs: list[RunSpec]) -> None:
-        for spec in specs:
+    def run_one(spec: RunSpec) -> dict[str, Any]:
+        if spec.name not in results:
             r = train_run(tier, spec, base_path, pool, held, out / "runs" / f"{spec.name}.h5")
             results[spec.name] = r
             say(f"{spec.name}: train {r['train_loss']:.3f}, held-out {r['held_loss']:.3f} nats/byte "
                 f"({r['steps']} steps, {r['seconds']:.1f} s)")
+        return results[spec.name]
+
+    def run_all(target: str, ranks: Sequence[int], grid: Sequence[float]) -> None:
+        """Every condition at every learning rate of ``grid``, the grid extended along LR_LADDER (at most
+        MAX_EXTENSIONS per side) while the best run by training or by held-out loss sits at an edge."""
+        for s in tier.seeds:
+            for n in tier.sizes:
+                for r in ranks:
+                    lrs = sorted(grid)
+                    for lr in lrs:
+                        run_one(RunSpec(target, r, n, lr, s))
+                    added = {"low": 0, "high": 0}
+                    while len(lrs) >= 2:
+                        runs = [results[RunSpec(target, r, n, lr, s).name] for lr in lrs]
+                        edges = {measure.lr_grid_edge(min(runs, key=lambda x, by=by: (_finite(x[by]), x["lr"])), lrs)
+                                 for by in ("train_loss", "held_loss")} - {None}
+                        grow = [e for e in sorted(edges) if added[e] < MAX_EXTENSIONS and _next_lr(lrs, e)]
+                        if not grow:
+                            break
+                        for e in grow:
+                            lr = _next_lr(lrs, e)
+                            added[e] += 1
+                            run_one(RunSpec(target, r, n, lr, s))
+                            lrs = sorted({*lrs, lr})
 
     # Phase 1: full fine-tuning at every N, learning rate and seed. No LoRA run exists yet.
-    run_all([RunSpec("full", 0, n, lr, s) for s in tier.seeds for n in tier.sizes for lr in tier.full_lrs])
+    run_all("full", [0], tier.full_lrs)
 
     # Phase 2: predictions, from the full fine-tuning recordings only.
     predictions = predict(tier, out, base, results, say)
 
     # Phase 3: the LoRA runs.
-    run_all([RunSpec("all-linear", r, n, lr, s) for s in tier.seeds for n in tier.sizes for r in tier.ranks
-             for lr in tier.lora_lrs])
+    run_all("all-linear", tier.ranks, tier.lora_lrs)
 
     # Phase 4: measure and report.
     summary = measure_all(tier, results, base_losses, predictions)
@@ -291,14 +330,56 @@ def study(tier: Tier, out: Path, log: Callable[[str], None] = print) -> dict[str
     return summary
 
 
+def _next_lr(lrs: Sequence[float], edge: str) -> float | None:
+    """The ladder's next learning rate below (edge "low") or above ("high") the grid ``lrs``, None past its end."""
+    if edge == "low":
+        below = [lr for lr in LR_LADDER if lr < min(lrs) * 0.99]
+        return below[-1] if below else None
+    above = [lr for lr in LR_LADDER if lr > max(lrs) * 1.01]
+    return above[0] if above else None
+
+
+def _edge(lr: float, grid: Sequence[float]) -> str | None:
+    """"low" / "high" when ``lr`` is at an end of a grid of several that the ladder could still extend, "ladder
+    end" when it is at the ladder's end, else None (bracketed)."""
+    if len(grid) < 2 or min(grid) < lr < max(grid):
+        return None
+    side = "low" if lr == min(grid) else "high"
+    return side if _next_lr(grid, side) else f"{side} (ladder end)"
+
+
+def _runs_of(results: dict[str, dict], target: str, rank: int, n: int, seed: int) -> list[dict]:
+    return [r for r in results.values()
+            if (r["target"], r["rank"], r["examples"], r["seed"]) == (target, rank, n, seed)]
+
+
+def _int_keys(x: Any) -> Any:
+    """JSON's string keys back to ints where they are numbers (ranks, dataset sizes)."""
+    if isinstance(x, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in x.items()}
+    return x
+
+
+def remeasure(out: Path) -> dict[str, Any]:
+    """Measurement and report again from a finished study's ``results.json`` and ``predictions.json``."""
+    old = json.loads((out / "results.json").read_text())
+    predictions = _int_keys(json.loads((out / "predictions.json").read_text()))
+    tier = Tier(**{k: tuple(v) if isinstance(v, list) else v for k, v in old["tier"].items()})
+    results = {r["name"]: r for r in old["runs"]}
+    summary = measure_all(tier, results, _int_keys(old["base"]["losses"]), predictions)
+    summary.update({k: old[k] for k in ("tier", "corpus", "base", "runtime_seconds", "runs")})
+    (out / "results.json").write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+    (out / "results.md").write_text(markdown(summary))
+    return summary
+
+
 def _public(r: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in r.items() if k != "path"}
 
 
 def best_full(tier: Tier, results: dict[str, dict], seed: int, by: str) -> dict[int, dict]:
     """Per N, the full fine-tuning run of ``seed`` with the lowest ``by`` loss over the learning-rate grid."""
-    return {n: min((results[RunSpec("full", 0, n, lr, seed).name] for lr in tier.full_lrs),
-                   key=lambda r: (_finite(r[by]), r["lr"])) for n in tier.sizes}
+    return {n: min(_runs_of(results, "full", 0, n, seed), key=lambda r: (_finite(r[by]), r["lr"])) for n in tier.sizes}
 
 
 def _finite(x: float) -> float:
@@ -361,9 +442,7 @@ def measure_all(tier: Tier, results: dict[str, dict], base_losses: dict[str, Any
     measured falloffs, the ratios predicted / measured, the bits per example and the learning-rate table."""
 
     def best(target: str, rank: int, n: int, seed: int, by: str) -> dict:
-        lrs = tier.full_lrs if target == "full" else tier.lora_lrs
-        return min((results[RunSpec(target, rank, n, lr, seed).name] for lr in lrs),
-                   key=lambda r: (_finite(r[by]), r["lr"]))
+        return min(_runs_of(results, target, rank, n, seed), key=lambda r: (_finite(r[by]), r["lr"]))
 
     criteria = {"train": "train_loss", "held": "held_loss"}
     held_share: dict[str, dict[int, dict[int, float]]] = {c: {r: {} for r in tier.ranks} for c in criteria}
@@ -381,12 +460,12 @@ def measure_all(tier: Tier, results: dict[str, dict], base_losses: dict[str, Any
                 held_share[c][r][n] = (start - lora) / (start - full) if start - full > 0 else math.nan
     for n in tier.sizes:
         for target, rank in [("full", 0)] + [("all-linear", r) for r in tier.ranks]:
-            grid = tier.full_lrs if target == "full" else tier.lora_lrs
             for s in tier.seeds:
+                grid = sorted(r["lr"] for r in _runs_of(results, target, rank, n, s))
                 for c, by in criteria.items():
                     b = best(target, rank, n, s, by)
                     lr_rows.append({"target": target, "rank": rank, "examples": n, "seed": s, "criterion": c,
-                                    "best_lr": b["lr"], "edge": measure.lr_grid_edge(b, grid)})
+                                    "grid": grid, "best_lr": b["lr"], "edge": _edge(b["lr"], grid)})
     falloff = {c: {r: measure.crossing({n: v for n, v in held_share[c][r].items() if math.isfinite(v)})
                    for r in tier.ranks} for c in criteria}
     predictors = {}
@@ -411,9 +490,23 @@ def measure_all(tier: Tier, results: dict[str, dict], base_losses: dict[str, Any
     reduction_bits = {n: {m: (losses["train"][n]["base"] - v) * per_seq * n for m, v in losses["train"][n].items()
                           if m != "base"} for n in tier.sizes}
     params = {r: predictions["information"]["all sizes (growth law)"][r]["lora_parameters"] for r in tier.ranks}
+    # Bits per LoRA parameter: what each rank held (its training-loss reduction in bits over P(r)), and the kappa
+    # that would have put the growth-law forecast exactly on each measured falloff (B(N_measured) / P(r)).
+    held_per_parameter = {r: {n: reduction_bits[n][f"r{r}"] / params[r] for n in tier.sizes} for r in tier.ranks}
+    law = predictions["forecast_all_sizes"]["growth"]
+
+    def law_bits(n: float) -> float:
+        return law["reference_bits"] * (n / law["reference_examples"]) ** law["exponent"]
+
+    implied_kappa = {c: {r: (law_bits(falloff[c][r]["examples"]) / params[r]
+                             if falloff[c][r]["status"] == "measured" else None) for r in tier.ranks}
+                     for c in criteria}
     return {"held_fraction_level": HELD_FRACTION, "losses": losses, "held_share": held_share, "falloff": falloff,
             "predictors": predictors, "bits_per_example": bits, "growth": growth,
-            "training_loss_reduction_bits": reduction_bits, "lora_parameters": params, "learning_rates": lr_rows,
+            "training_loss_reduction_bits": reduction_bits, "lora_parameters": params,
+            "held_bits_per_lora_parameter": held_per_parameter, "implied_kappa": implied_kappa,
+            "kappa_default": predictions["forecast_all_sizes"]["constant"]["bits_per_parameter"],
+            "learning_rates": lr_rows,
             "lr_edges": sum(1 for row in lr_rows if row["edge"]), "lr_cells": len(lr_rows)}
 
 
@@ -449,7 +542,8 @@ def markdown(s: dict[str, Any]) -> str:
              f"{s['corpus']['b']['source']} ({s['corpus']['b']['training_pool_sequences']:,} training sequences "
              f"of {s['corpus']['sequence_bytes']} bytes, {s['corpus']['b']['held_out_sequences']:,} held out). "
              f"Base loss on B held-out {s['base']['losses']['held']:.3f} nats/byte (uniform "
-             f"{s['base']['losses']['uniform']:.3f}). Seeds {tier['seeds']}; runtime {s['runtime_seconds']:.0f} s.",
+             f"{s['base']['losses']['uniform']:.3f}). Seeds {', '.join(str(x) for x in tier['seeds'])}; "
+             f"runtime {s['runtime_seconds']:.0f} s.",
              ""]
     for c, title in (("train", "training loss"), ("held", "held-out loss")):
         lines += [f"## Loss (nats/byte, {title}; seed mean, learning rate tuned per cell on this loss)", "",
@@ -480,6 +574,16 @@ def markdown(s: dict[str, Any]) -> str:
     for n in sizes:
         b = _get(s["bits_per_example"], n)
         lines.append(f"| {n} | {b['bits_per_example']:.2f} | {_n(b['absorbed_bits'])} |")
+    lines += ["", "Bits per LoRA parameter each rank held (its training-loss reduction on its N sequences, in bits, "
+              f"over P(r)); the forecast assumes kappa = {s['kappa_default']:.2f}:", "",
+              "| rank | P(r) | " + " | ".join(f"N={n}" for n in sizes)
+              + " | kappa that fits the measured falloff (train / held-out) |", "|---|---|" + "---|" * (len(sizes) + 1)]
+    for r in ranks:
+        held_pp = _get(s["held_bits_per_lora_parameter"], r)
+        implied = [_get(s["implied_kappa"][c], r) for c in ("train", "held")]
+        lines.append(f"| {r} | {_get(s['lora_parameters'], r):,} | "
+                     + " | ".join(f"{_get(held_pp, n):.2f}" for n in sizes) + " | "
+                     + " / ".join("-" if k is None else f"{k:.2f}" for k in implied) + " |")
     lines += ["", f"Fitted growth exponent g = {s['growth']['exponent']:.3f} ({s['growth']['source']}).", "",
               f"Learning rates: {s['lr_edges']} of {s['lr_cells']} (method, N, seed, criterion) cells have their "
               "best learning rate at an edge of the grid (see results.json `learning_rates`).", ""]

@@ -85,3 +85,15 @@ def test_results_hold_every_rank_criterion_and_predictor(smoke):
     assert sorted(results["bits_per_example"]) == sorted(str(n) for n in tier.sizes)
     assert results["growth"]["exponent"] > 0
     assert results["lr_cells"] == len(results["learning_rates"]) > 0
+
+
+def test_remeasure_and_report_reproduce_the_results(smoke, tmp_path, capsys):
+    import shutil
+
+    run, out, results = smoke
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "base.pt"))
+    assert run.main(["--remeasure", str(copy)]) == 0
+    assert json.loads((copy / "results.json").read_text()) == results
+    assert run.main(["--report", str(copy / "results.json")]) == 0
+    assert capsys.readouterr().out == (out / "results.md").read_text()
