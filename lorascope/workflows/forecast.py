@@ -80,4 +80,7 @@ def forecast_runs(runs: Sequence[Any], ranks: Sequence[int], *,
     if not result.rows:
         return None, "no recorded matrix is one a LoRA adapts (attention, MLP, MoE experts or other linear layers)"
     result.notes.extend(n for info in informations for n in info.notes)
+    result.notes.extend(f"{run.path} diverged at step {run.divergence.step}: its bits come from the finite losses "
+                        "before it, what the data asks only as far as the run got" for run in full
+                        if getattr(run, "divergence", None) is not None)
     return result, None

@@ -228,6 +228,10 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
         largest = max(probe_results, key=lambda p: p.information.epoch_examples)
         bits = largest.information.estimate()
         notes.extend(f"probe {largest.path}: {n}" for n in largest.information.notes)
+        divergence = largest.analysis.runs[0].divergence
+        if divergence is not None:
+            notes.append(f"probe {largest.path} diverged at step {divergence.step}: its bits come from the finite "
+                         "losses before it, what the data asks only as far as the run got")
         if largest.lora:
             notes.append(f"probe {largest.path} is a LoRA run: what it absorbed is capped by its own capacity, "
                          "so the bits to learn may be under-estimated; a full fine-tuning probe measures them")

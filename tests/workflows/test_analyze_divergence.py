@@ -29,7 +29,8 @@ def _train(model: torch.nn.Module, path: Path, how: str) -> None:
     lr = 0.0 if how == "lr0" else 3e-3
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     data = torch.Generator().manual_seed(1)
-    with lorascope.record(model, path, optimizer=opt, total_steps=STEPS) as rec:
+    with lorascope.record(model, path, optimizer=opt, total_steps=STEPS,
+                          extra_config={"dataset": {"examples": 8 * STEPS}}) as rec:  # for the forecast
         for step in range(1, STEPS + 1):
             ids = torch.randint(0, model.vocab, (8, 12), generator=data)
             loss = model.loss(ids)
@@ -136,6 +137,8 @@ def test_a_diverged_run_says_where_it_diverged(reports, how, step, loss_step, fi
     assert any(f"diverged at step {step}" in note for note in summary["notes"])
     assert "non-finite" in summary["final"]["missing"]  # the final snapshot's numbers are n/a, with the reason
     assert f"diverged at step {step}" in (report / "report.html").read_text()
+    # the forecast's bits come from the losses before the divergence, and it says so
+    assert any(f"diverged at step {step}" in note for note in summary["forecast"]["notes"]), summary["forecast"]
 
 
 def test_a_run_with_lr_0_reports_zero_updates_not_a_divergence(reports):
@@ -200,3 +203,28 @@ def test_a_module_frozen_midway_has_no_gradient_and_no_divergence(reports):
         grad = recorded.steps["grad_sq_norm"].sel(module="mlp.0").values
         assert np.all(np.isfinite(grad[:BAD_STEP])) and np.all(np.isnan(grad[BAD_STEP:]))
         assert np.all(recorded.steps["grad_nonfinite_modules"].values == 0)
+
+
+def test_a_diverged_probe_says_so_in_the_recommendation(tmp_path, tiny_llama_config):
+    transformers = pytest.importorskip("transformers")
+    from lorascope.workflows.recommend import recommend
+
+    config = tiny_llama_config()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = torch.Generator().manual_seed(0)
+    probe = tmp_path / "probe.h5"
+    with lorascope.record(model, probe, optimizer=opt, total_steps=STEPS,
+                          extra_config={"dataset": {"examples": 8 * STEPS}}) as rec:
+        for step in range(1, STEPS + 1):
+            ids = torch.randint(0, config.vocab_size, (8, 12), generator=data)
+            loss = model(input_ids=ids, labels=ids).loss * (float("nan") if step >= BAD_STEP else 1.0)
+            loss.backward()
+            rec.log(loss=loss, examples=len(ids), tokens=ids[:, 1:].numel())
+            opt.step()
+            opt.zero_grad()
+    config.save_pretrained(tmp_path / "model")
+    result = recommend(tmp_path / "model", examples=1000, tokens_per_example=10, probes=[probe])
+    assert any(f"diverged at step {BAD_STEP}" in note for note in result.notes), result.notes
+    json.dumps(result.to_dict(), allow_nan=False)
