@@ -4,7 +4,8 @@ A diverged run keeps being recorded: its loss, gradient norms and updates turn N
 :func:`find_divergence` locates that step three ways, from what a run file holds:
 
 - the **loss**: the first step whose loss is ±Inf, or NaN while a recorded gradient is non-finite at the same
-  step (a NaN loss alone also means "not reported", the file's fill value, so it needs the gradient to confirm it);
+  step in a run that reported a finite loss before (a NaN loss alone also means "not reported", the file's fill
+  value, so it needs the gradient to confirm it);
 - the **gradient**, per matrix: the first step whose squared gradient norm is +Inf (the recorder stores +Inf for a
   gradient holding NaN or Inf, and NaN for a matrix without a gradient at that step, which is not a divergence);
 - the **update**, per matrix: the first snapshot whose update :math:`\\Delta = W_t - W_0` holds NaN or Inf entries
@@ -106,7 +107,8 @@ def find_divergence(steps: xr.Dataset, snapshots: xr.Dataset | None = None) -> D
     bad_grad_rows = (steps["grad_nonfinite_modules"].values > 0) if "grad_nonfinite_modules" in steps \
         else np.zeros(n, dtype=bool)
     loss = steps["loss"].values.astype(np.float64) if "loss" in steps else np.full(n, np.nan)
-    loss_step = _first(step_ids, np.isinf(loss) | (np.isnan(loss) & bad_grad_rows))
+    reported = np.logical_or.accumulate(np.isfinite(loss)) if n else np.zeros(0, dtype=bool)  # a loss before
+    loss_step = _first(step_ids, np.isinf(loss) | (np.isnan(loss) & bad_grad_rows & reported))
 
     names = [str(m) for m in steps["module"].values] if "module" in steps.coords else []
     grad_steps: dict[str, int] = {}

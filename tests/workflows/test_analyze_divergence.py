@@ -189,6 +189,8 @@ def test_find_divergence_tells_an_unreported_loss_from_a_diverged_one():
     assert (div.step, div.loss_step, div.gradient_step, div.update_step, div.examples_seen) == (4, 4, 4, None, 16)
     assert [(m.module, m.gradient_step) for m in div.modules] == [("a", 4), ("b", 5)]
     assert find_divergence(steps.isel(step=[0, 1, 2])) is None  # NaN loss with finite gradients: not reported
+    unreported = find_divergence(steps.assign(loss=("step", np.full(5, np.nan))))  # a run that never logs a loss
+    assert (unreported.step, unreported.loss_step, unreported.gradient_step) == (4, None, 4)
 
 
 def test_a_module_frozen_midway_has_no_gradient_and_no_divergence(reports):
