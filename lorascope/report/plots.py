@@ -134,7 +134,9 @@ def _energy_rank(analysis: Analysis, suffix: str) -> Figure | None:
                 ax.plot([crossing.x], [crossing.level], "s", color=color, markersize=7, markerfacecolor="none",
                         markeredgewidth=1.5)
     if not xs_all:
-        _empty(ax, "no snapshot has a positive data count: nothing to place on a log axis")
+        undefined = any(why is not None for curve in analysis.curves.values() for why in curve.missing)
+        _empty(ax, f"no snapshot has a defined k_{CURVE_P:g}: every update is zero or non-finite (see the notes)"
+               if undefined else "no snapshot has a positive data count: nothing to place on a log axis")
         ax.set_title(f"k_{CURVE_P:g} vs {_x_words(analysis.x)}{suffix}")
         return fig
     for rank in analysis.ranks:
@@ -177,6 +179,9 @@ def _residual(analysis: Analysis, suffix: str) -> Figure | None:
     colors = palette(len(analysis.ranks), "viridis")
     for i, rank in enumerate(analysis.ranks):
         ax.plot(x, residual[:, i], "o-", color=colors[i], markersize=4, label=f"rank {rank}")
+    if not np.isfinite(residual).any():
+        ax.text(0.5, 0.5, "n/a: e_r is undefined at every snapshot, every update being zero or non-finite (see the "
+                "notes)", transform=ax.transAxes, ha="center", va="center", fontsize=10, color="0.3")
     ax.set_xscale("log")
     plain_log_ticks(ax.xaxis)
     ax.set_ylim(0.0, 1.0)
@@ -217,7 +222,10 @@ def _spectra(analysis: Analysis, suffix: str) -> Figure | None:
             ax.add_collection(LineCollection(segments, colors=[colors[kind]], linewidths=0.8, alpha=0.35))
         top = float(full_rank[members].max()) if members.size else float(ranks.max())
         agg = 1.0 - by_kind["rank_residual"].sel(kind=kind).values
-        line = _cumulative(ranks, agg, top)
+        line = _cumulative(ranks, agg, top) if np.isfinite(agg).any() else np.empty((0, 2))
+        if not segments and not len(line):  # every update of the kind non-finite or zero: say so, draw nothing
+            ax.text(0.5, 0.5, "n/a: no finite,\nnon-zero update", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=10, color="0.3")
         if len(line):
             ax.plot(line[:, 0], line[:, 1], "o-", color="black", linewidth=2, markersize=3,
                     label="kind (energy-weighted)")
@@ -229,13 +237,14 @@ def _spectra(analysis: Analysis, suffix: str) -> Figure | None:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_title(f"{kind} ({members.size} module{'s' if members.size != 1 else ''}"
-                     + (f"; {excluded} non-finite, excluded)" if excluded else ")"))
+                     + (f" + {excluded} non-finite)" if excluded else ")"))
         ax.set_xlabel("rank r (log2)")
     for ax in axes[:, 0]:
         ax.set_ylabel("energy in top-r directions")
     for ax in list(axes.flat)[len(kinds):]:
         ax.set_visible(False)
-    axes.flat[0].legend(loc="lower right")
+    if axes.flat[0].get_legend_handles_labels()[0]:
+        axes.flat[0].legend(loc="lower right")
     fig.suptitle(_wrap(f"Cumulative energy share of each module's update (thin lines) at the final snapshot, "
                        f"{_snapshot_words(snap, analysis.x)}; dotted: candidate ranks{suffix}"), fontsize=12)
     return fig
