@@ -447,6 +447,7 @@ def measure_all(tier: Tier, results: dict[str, dict], base_losses: dict[str, Any
     criteria = {"train": "train_loss", "held": "held_loss"}
     held_share: dict[str, dict[int, dict[int, float]]] = {c: {r: {} for r in tier.ranks} for c in criteria}
     losses: dict[str, Any] = {c: {} for c in criteria}
+    by_seed: dict[str, dict[int, dict[int, list[float]]]] = {c: {r: {} for r in tier.ranks} for c in criteria}
     lr_rows = []
     for c, by in criteria.items():
         for n in tier.sizes:
@@ -458,6 +459,9 @@ def measure_all(tier: Tier, results: dict[str, dict], base_losses: dict[str, Any
                 lora = statistics.fmean(best("all-linear", r, n, s, by)[by] for s in tier.seeds)
                 losses[c][n][f"r{r}"] = lora
                 held_share[c][r][n] = (start - lora) / (start - full) if start - full > 0 else math.nan
+                for s in tier.seeds:  # the same share per seed: the noise of the table
+                    f, lo = best("full", 0, n, s, by)[by], best("all-linear", r, n, s, by)[by]
+                    by_seed[c][r].setdefault(n, []).append((start - lo) / (start - f) if start - f > 0 else math.nan)
     for n in tier.sizes:
         for target, rank in [("full", 0)] + [("all-linear", r) for r in tier.ranks]:
             for s in tier.seeds:
@@ -501,7 +505,8 @@ def measure_all(tier: Tier, results: dict[str, dict], base_losses: dict[str, Any
     implied_kappa = {c: {r: (law_bits(falloff[c][r]["examples"]) / params[r]
                              if falloff[c][r]["status"] == "measured" else None) for r in tier.ranks}
                      for c in criteria}
-    return {"held_fraction_level": HELD_FRACTION, "losses": losses, "held_share": held_share, "falloff": falloff,
+    return {"held_fraction_level": HELD_FRACTION, "losses": losses, "held_share": held_share,
+            "held_share_by_seed": by_seed, "falloff": falloff,
             "predictors": predictors, "bits_per_example": bits, "growth": growth,
             "training_loss_reduction_bits": reduction_bits, "lora_parameters": params,
             "held_bits_per_lora_parameter": held_per_parameter, "implied_kappa": implied_kappa,
@@ -554,11 +559,13 @@ def markdown(s: dict[str, Any]) -> str:
             lines.append(f"| {n} | {row['base']:.3f} | {row['full']:.3f} | "
                          + " | ".join(f"{row[f'r{r}']:.3f}" for r in ranks) + " |")
         lines += ["", f"Share of full fine-tuning's loss reduction LoRA holds ({title}):", "",
-                  "| rank | " + " | ".join(f"N={n}" for n in sizes) + " | falloff (< 90%) |",
+                  "| rank | " + " | ".join(f"N={n} (per seed)" for n in sizes) + " | falloff (< 90%) |",
                   "|---|" + "---|" * (len(sizes) + 1)]
         for r in ranks:
             shares = _get(s["held_share"][c], r)
-            lines.append(f"| {r} | " + " | ".join(f"{_get(shares, n):.2f}" for n in sizes)
+            seeds = _get(s["held_share_by_seed"][c], r)
+            lines.append(f"| {r} | " + " | ".join(
+                f"{_get(shares, n):.2f} ({', '.join(f'{v:.2f}' for v in _get(seeds, n))})" for n in sizes)
                          + f" | {_falloff(_get(s['falloff'][c], r))} |")
         lines.append("")
     lines += ["## Predicted falloff (examples) vs measured: predicted (predicted / measured)", ""]
