@@ -217,6 +217,8 @@ class Analysis:
         kind = run.by_kind.rename({name: f"kind_{name}" for name in run.by_kind.data_vars}).rename(kind="kind_group")
         ds = xr.merge([run.metrics, kind], compat="override", join="outer")
         ds.attrs.update({"run": run.path, "status": run.status, "x": self.x})
+        if run.divergence is not None:  # non-finite values are NaN in the variables; where they start is here
+            ds.attrs["diverged_at_step"] = run.divergence.step
         return ds
 
 

@@ -139,6 +139,10 @@ def test_a_diverged_run_says_where_it_diverged(reports, how, step, loss_step, fi
     assert f"diverged at step {step}" in (report / "report.html").read_text()
     # the forecast's bits come from the losses before the divergence, and it says so
     assert any(f"diverged at step {step}" in note for note in summary["forecast"]["notes"]), summary["forecast"]
+    with xr.open_dataset(report / "metrics.nc", engine="h5netcdf") as ds:  # NaN where undefined, and where it began
+        assert ds.attrs["diverged_at_step"] == step
+        assert np.isnan(ds["energy_rank"].isel(snapshot=-1).values).all()
+        assert np.isfinite(ds["energy_rank"].isel(snapshot=0).values).all()
 
 
 def test_a_run_with_lr_0_reports_zero_updates_not_a_divergence(reports):
