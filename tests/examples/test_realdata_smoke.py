@@ -97,3 +97,13 @@ def test_remeasure_and_report_reproduce_the_results(smoke, tmp_path, capsys):
     assert json.loads((copy / "results.json").read_text()) == results
     assert run.main(["--report", str(copy / "results.json")]) == 0
     assert capsys.readouterr().out == (out / "results.md").read_text()
+
+
+def test_docs_tables_are_the_checked_in_json(smoke, capsys):
+    """docs/realdata.md's tables are `run.py --report docs/realdata/results.json`, unedited."""
+    run, _, _ = smoke
+    docs = STUDY.parents[1] / "docs"
+    assert run.main(["--report", str(docs / "realdata" / "results.json")]) == 0
+    doc = (docs / "realdata.md").read_text()
+    for line in capsys.readouterr().out.splitlines()[1:]:
+        assert ("#" + line if line.startswith("## ") else line) in doc, line
