@@ -234,3 +234,11 @@ def test_a_diverged_probe_says_so_in_the_recommendation(tmp_path, tiny_llama_con
     result = recommend(tmp_path / "model", examples=1000, tokens_per_example=10, probes=[probe])
     assert any(f"diverged at step {BAD_STEP}" in note for note in result.notes), result.notes
     json.dumps(result.to_dict(), allow_nan=False)
+
+
+def test_json_output_of_a_diverged_run_is_strict(reports, tmp_path):
+    _, report = reports["inf_grad"]
+    path = Path(str(report).replace("report-inf_grad", "inf_grad.h5"))
+    result = CliRunner().invoke(cli, ["analyze", str(path), "-o", str(tmp_path / "r"), "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert _strict(result.stdout)["runs"][0]["divergence"]["step"] == BAD_STEP
