@@ -74,8 +74,8 @@ class PartRank:
         return None if self.runway is None else bool(self.runway >= 1.0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "lora_parameters": self.lora_parameters, "capacity_bits": self.capacity_bits,
-                "runway": self.runway, "holds": self.holds, "runway_examples": self.runway_examples}
+        return {"rank": self.rank, "lora_parameters": self.lora_parameters, "capacity_bits": _num(self.capacity_bits),
+                "runway": _num(self.runway), "holds": self.holds, "runway_examples": _num(self.runway_examples)}
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class PartContribution:
 
     def to_dict(self) -> dict[str, Any]:
         return {"group": self.group, "name": self.name, "loss_without": _num(self.loss_without),
-                "share": _num(self.share), "bits": self.bits, "rank_needed": self.rank_needed,
+                "share": _num(self.share), "bits": _num(self.bits), "rank_needed": self.rank_needed,
                 "ranks": [r.to_dict() for r in self.ranks]}
 
 
@@ -117,7 +117,7 @@ class Contributions:
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "loss": _num(self.loss), "loss_start": _num(self.loss_start),
                 "reduction": _num(self.reduction), "interaction": _num(self.interaction),
-                "bits_to_learn": self.bits_to_learn, "kinds": [k.to_dict() for k in self.kinds],
+                "bits_to_learn": _num(self.bits_to_learn), "kinds": [k.to_dict() for k in self.kinds],
                 "layers": [x.to_dict() for x in self.layers],
                 "first_to_run_out": {str(r): k for r, k in self.first_to_run_out.items()},
                 "notes": list(self.notes)}
@@ -247,5 +247,5 @@ def _first_out(parts: list[PartContribution], rank: int) -> str | None:
     return min(runways)[1] if runways else None
 
 
-def _num(value: float) -> float | None:
+def _num(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None

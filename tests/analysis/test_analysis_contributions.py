@@ -3,6 +3,7 @@ each kind needs and the kind that runs out first; NaN shares when the update did
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -46,6 +47,7 @@ def test_no_reduction_gives_nan_shares_with_a_note(loss, start):
     assert all(math.isnan(k.share) for k in result.kinds) and math.isnan(result.interaction)
     assert any("did not lower" in n for n in result.notes)
     assert result.to_dict()["kinds"][0]["share"] is None
+    json.dumps(result.to_dict(), allow_nan=False)
 
 
 def test_bits_runways_needed_ranks_and_first_out(probe_forecast):
@@ -92,6 +94,7 @@ def test_without_forecast_gives_shares_only():
     assert result.bits_to_learn is None and result.first_to_run_out == {}
     assert all(k.bits is None and k.rank_needed is None for k in result.kinds)
     assert any("no forecast" in n for n in result.notes)
+    json.dumps(result.to_dict(), allow_nan=False)  # strict JSON: undefined numbers are null
 
 
 def test_wrong_length_is_an_error():
