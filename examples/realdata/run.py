@@ -11,7 +11,7 @@ LoRA runs, and the measured falloff per rank: the dataset size where LoRA holds 
 loss reduction, on the training sequences and, separately, on held-out text. docs/realdata.md describes it.
 
     python examples/realdata/run.py --smoke         # seconds: the test suite's tier (numbers meaningless)
-    python examples/realdata/run.py                 # the study: about 15 minutes on one core
+    python examples/realdata/run.py                 # the study: about 12 minutes, one process
     python examples/realdata/run.py -o DIR --force  # another output folder; --force writes into a non-empty one
     python examples/realdata/run.py --report docs/realdata/results.json   # the tables of docs/realdata.md
 

@@ -7,6 +7,7 @@ written before the first LoRA run, and that the result tables hold every rank, c
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -22,14 +23,17 @@ STUDY = Path(__file__).resolve().parents[2] / "examples" / "realdata"
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    sys.path.insert(0, str(STUDY))
+    # Its own module name: examples/reproduce/run.py is a module "run" too (tests/examples/test_reproduce_quick.py)
+    spec = importlib.util.spec_from_file_location("realdata_run", STUDY / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    sys.modules["realdata_run"] = run
     try:
-        run = importlib.import_module("run")
+        spec.loader.exec_module(run)
         out = tmp_path_factory.mktemp("realdata") / "out"
         assert run.main(["--smoke", "-o", str(out)]) == 0
         yield run, out, json.loads((out / "results.json").read_text())
     finally:
-        sys.path.remove(str(STUDY))
+        sys.modules.pop("realdata_run", None)
 
 
 def test_every_phase_wrote_its_files(smoke):
