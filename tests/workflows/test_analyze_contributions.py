@@ -12,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import lorascope  # noqa: E402
+from lorascope.report.html import render_html  # noqa: E402
 from lorascope.report.terminal import format_summary  # noqa: E402
 from lorascope.workflows.contributions import MISSING  # noqa: E402
 
@@ -67,6 +68,9 @@ def test_planted_mlp_share_and_first_out(seed, tmp_path, tiny_llama_config):
     text = format_summary(summary)
     assert "Contributions" in text and "mlp" in text
     assert text.index("Contributions") > text.index("Forecast")
+    page = render_html(summary)
+    assert page.index('id="contributions"') > page.index('id="forecast"')
+    assert "<td class=l>mlp</td><td>100.0%</td>" in page
 
 
 def test_recording_without_contributions_says_why(tmp_path, tiny_llama_config):
