@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lorascope.analysis.capacity import CapacityConstant, RankPrediction, judge
+from lorascope.analysis.capacity import REAL_TEXT_FINDING, CapacityConstant, RankPrediction, judge
 from lorascope.analysis.information import BitsEstimate, RecordedInformation
 from lorascope.analysis.layers import TARGET_SETS
 from lorascope.errors import InvalidOptionError
@@ -210,6 +210,8 @@ def forecast(informations: Sequence[RecordedInformation], matrices: Sequence[Mat
     notes = []
     if bits.upper_bound:
         notes.append("the bits are an upper bound (the recording saw its data once): the falloff may come later")
+    if truth_bits_per_example is None:  # data of unknown information: what the real-text study found applies
+        notes.append(f"the forecast is {REAL_TEXT_FINDING}")
     return Forecast(bits, growth, dataset, constant, rows, truth_bits_per_example, notes)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from lorascope._checks import check_positive, check_positive_int, check_ranks
-from lorascope.analysis.capacity import CapacityConstant, RankPrediction, predict_ranks, rank_needed
+from lorascope.analysis.capacity import REAL_TEXT_FINDING, CapacityConstant, RankPrediction, predict_ranks, rank_needed
 from lorascope.analysis.information import (
     DEFAULT_BITS_PER_EPISODE,
     DEFAULT_BITS_PER_TOKEN,
@@ -223,6 +223,8 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     examples, trained_tokens = _dataset_size(task, examples, tokens_per_example, tokens, dataset, tokenizer, notes,
                                              tokens_required=task == "sft" and not probes)
 
+    if task == "sft":
+        notes.append(f"the runways are {REAL_TEXT_FINDING}")
     probe_results = [_probe(path, module, ranks) for path in probes]
     if probe_results and task == "sft":
         largest = max(probe_results, key=lambda p: p.information.epoch_examples)

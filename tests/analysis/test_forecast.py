@@ -70,6 +70,10 @@ def test_one_recording_grows_linearly_and_gives_the_capacity_rules_runway():
     matrices = [Matrix("mlp", 64, 32, "a"), Matrix("attention", 32, 32, "b")]
     result = forecast([info], matrices, [1, 8], constant=constant)
     assert result.growth.exponent == 1.0
+    # data of unknown information carry what the real-text study measured; a task of known information does not
+    assert any("docs/realdata.md" in note for note in result.notes)
+    known = forecast([info], matrices, [1], constant=constant, truth_bits_per_example=6.0)
+    assert not any("docs/realdata.md" in note for note in known.notes)
     reference = predict_ranks([1, 8], lambda r: lora_parameters_of(matrices, TARGET_SETS["all-linear"], r),
                               examples=500, bits=info.estimate(), constant=constant)
     for row, ref in zip([r for r in result.rows if r.target == "all-linear"], reference):

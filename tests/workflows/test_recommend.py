@@ -227,6 +227,7 @@ def test_learning_rate_multiplier_and_its_source(examples, batch_size, epochs, m
     assert "LoRA Without Regret" in result.lr_reason and "10x" in result.lr_reason and steps in result.lr_reason
     # the published rule and what this project measured against it, side by side (docs/reproduction.md)
     assert "0.43x, not ~10x" in result.lr_reason and "not bracketed" in result.lr_reason
+    assert any("docs/realdata.md" in note for note in result.notes)  # what the real-text study found, with the runways
 
 
 def test_alpha_and_to_dict_are_json_ready():
