@@ -36,6 +36,9 @@ from lorascope.errors import InvalidOptionError
 
 __all__ = ["Contributions", "PartContribution", "PartRank", "contributions", "loss_shares"]
 
+STRONG_INTERACTION = 0.25
+"""Above this |interaction| a note says the attributed bits do not add up to the bits to learn."""
+
 
 def loss_shares(loss: float, loss_start: float, loss_without: Sequence[float]) -> tuple[np.ndarray, float]:
     """The share of the loss reduction each part accounts for, and the interaction.
@@ -168,6 +171,11 @@ def contributions(loss: float, loss_start: float, loss_without_kind: Sequence[fl
     if np.isnan(shares).all() and names:
         notes.append(f"the update did not lower the held batch's loss (L_0 - L = {loss_start - loss:.3g}), or a "
                      "loss is not finite: no shares")
+    if math.isfinite(interaction) and abs(interaction) > STRONG_INTERACTION:
+        notes.append(f"the kinds interact strongly (interaction {interaction:.0%}: reverting one kind alone gives back "
+                     f"{1 - interaction:.0%} of the loss reduction in all), so the bits attributed to the kinds "
+                     f"{'cover only part of' if interaction > 0 else 'exceed'} the bits to learn and their runways "
+                     f"are {'optimistic' if interaction > 0 else 'pessimistic'}")
     bits_to_learn = None
     if forecast is not None:
         bits_to_learn = float(forecast.growth.bits(forecast.dataset_examples))

@@ -100,3 +100,11 @@ def test_without_forecast_gives_shares_only():
 def test_wrong_length_is_an_error():
     with pytest.raises(Exception, match="one value per matrix"):
         contributions(1.0, 3.0, [1.0], MATRICES, [2])
+
+
+def test_strong_interaction_is_noted():
+    # Reverting either kind alone gives back little: most of the reduction needs both (interaction 80%).
+    result = contributions(0.0, 5.0, [0.5, 0.5, 0.5, 0.0], MATRICES, [2])
+    assert result.interaction == pytest.approx(0.8)
+    assert any("interact strongly" in n and "optimistic" in n for n in result.notes)
+    assert not any("interact" in n for n in contributions(1.0, 3.0, WITHOUT_KIND, MATRICES, [2]).notes)
