@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["REPRODUCED_BITS_PER_PARAMETER", "DemoConfig", "DemoTransformer", "measured_falloffs", "run_demo"]
 
+HELD_FACTS = 128  # facts in the held batch whose loss measures each kind's contribution
 REPRODUCED_BITS_PER_PARAMETER = (0.51, 0.67)
 """Bits asked per LoRA parameter where real PEFT LoRA runs fell off on this task (random facts, all-linear LoRA,
 ranks 1 to 16), measured by the reproduction study (docs/reproduction.md)."""
@@ -166,9 +167,14 @@ def _run(folder: str | os.PathLike[str], cfg: DemoConfig, force: bool, log: Any
         "steps, recorded by lorascope ...")
     run_path = folder / "demo_run.h5"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    # A held batch of training facts: at each snapshot the recorder measures its loss with each kind's update
+    # reverted (contributions), so the report says which part of the update the facts live in.
+    held = {"ids": ids[:HELD_FACTS], "labels": labels[:HELD_FACTS]}
     with lorascope.record(model, run_path, optimizer=opt, total_steps=cfg.finetune_steps, overwrite=force,
                           extra_config={"demo": {"facts": cfg.facts, "bits_to_learn": bits},
-                                        "dataset": {"examples": cfg.facts, "bits_per_example": task.bits_per_fact}}):
+                                        "dataset": {"examples": cfg.facts, "bits_per_example": task.bits_per_fact}},
+                          contributions=True, held_batch=held,
+                          loss_fn=lambda m, b: m(b["ids"], labels=b["labels"])["loss"]):
         for _ in range(cfg.finetune_steps):
             # Two backward passes per step (gradient accumulation), so the recording also measures the
             # gradient noise scale from the norms at both batch sizes.

@@ -195,7 +195,13 @@ def contributions(loss: float, loss_start: float, loss_without_kind: Sequence[fl
             adaptable = TARGET_SETS["all-linear"]
             layer_parts = [part_of("layer", str(n), adaptable, list(np.flatnonzero(layer_of == n)), v, s)
                            for n, v, s in zip(numbers, values, layer_shares)]
-    first = {int(r): _first_out(kind_parts, int(r)) for r in ranks} if bits_to_learn is not None else {}
+    adapted = [part for part in kind_parts if part.name in TARGET_SETS["all-linear"]]
+    outside = [part for part in kind_parts if part.name not in TARGET_SETS["all-linear"] and part.share >= 0.005]
+    if outside:
+        notes.append(", ".join(f"{part.name} ({part.share:.0%})" for part in outside) + " of the reduction is in "
+                     "parts an all-linear LoRA does not adapt: no rank holds it (PEFT's modules_to_save trains such a "
+                     "part fully); the part that runs out first is chosen among the adapted kinds")
+    first = {int(r): _first_out(adapted, int(r)) for r in ranks} if bits_to_learn is not None else {}
     return Contributions(step, float(loss), float(loss_start), interaction, kind_parts, layer_parts, bits_to_learn,
                          first, notes)
 

@@ -12,30 +12,28 @@ from lorascope.report.format import X_UNITS, count, number, percent, table
 __all__ = ["format_summary"]
 
 
+def _section(title: str, facts: list[str], header: list[str], rows: list[list[str]], notes: list[str]) -> list[str]:
+    """A report section: its title, its sentences, its table (when it has rows) and its notes."""
+    lines = ["", title, *(f"  {s}" for s in facts)]
+    if rows:
+        lines += [f"  {s}" for s in table(header, rows)]
+    return lines + [f"  - {note}" for note in notes]
+
+
 def _forecast_lines(forecast: dict[str, Any] | None) -> list[str]:
     if forecast is None:
         return []
-    lines = ["", "Forecast: where a LoRA of each rank runs out on this data (the bits full fine-tuning took in, "
-                 "against the LoRA's capacity):"]
-    lines += [f"  {s}" for s in forecast_facts(forecast)]
-    rows = forecast_rows(forecast)
-    if rows:
-        lines += [f"  {s}" for s in table(forecast_header(forecast), rows)]
-    lines += [f"  - {note}" for note in forecast.get("notes", [])]
-    return lines
+    return _section("Forecast: where a LoRA of each rank runs out on this data (the bits full fine-tuning took in, "
+                    "against the LoRA's capacity):", forecast_facts(forecast), forecast_header(forecast),
+                    forecast_rows(forecast), forecast.get("notes", []))
 
 
 def _contributions_lines(contributions: dict[str, Any] | None) -> list[str]:
     if contributions is None:
         return []
-    lines = ["", "Contributions: what each kind of the update is worth on a held batch, and which LoRA runs out "
-                 "first:"]
-    lines += [f"  {s}" for s in contributions_facts(contributions)]
-    rows = contributions_rows(contributions)
-    if rows:
-        lines += [f"  {s}" for s in table(contributions_header(contributions), rows)]
-    lines += [f"  - {note}" for note in contributions.get("notes", [])]
-    return lines
+    return _section("Contributions: what each kind of the update is worth on a held batch, and which LoRA runs out "
+                    "first:", contributions_facts(contributions), contributions_header(contributions),
+                    contributions_rows(contributions), contributions.get("notes", []))
 
 
 def format_summary(summary: dict[str, Any]) -> str:

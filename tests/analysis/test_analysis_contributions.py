@@ -108,3 +108,17 @@ def test_strong_interaction_is_noted():
     assert result.interaction == pytest.approx(0.8)
     assert any("interact strongly" in n and "optimistic" in n for n in result.notes)
     assert not any("interact" in n for n in contributions(1.0, 3.0, WITHOUT_KIND, MATRICES, [2]).notes)
+
+
+def test_the_part_that_runs_out_first_is_one_an_all_linear_lora_adapts():
+    from lorascope.analysis.capacity import CapacityConstant
+    from lorascope.analysis.forecast import forecast
+    from lorascope.analysis.information import RecordedInformation
+
+    m = [Matrix("attention", 64, 64, "q"), Matrix("mlp", 128, 64, "up"), Matrix("head", 500, 64, "lm_head")]
+    info = RecordedInformation(8000.0, 7000.0, 100, 10, 4.0, 0.01, "loss tokens", 70.0, 70.0)
+    f = forecast([info], m, [1], constant=CapacityConstant(1.0, 2.0, "test"))
+    # the head holds most of the reduction, but no all-linear LoRA adapts it: it is named in a note, not chosen
+    c = contributions(0.5, 3.0, [0.9, 1.0, 2.5], m, [1], forecast=f)
+    assert c.first_to_run_out[1] in ("attention", "mlp")
+    assert any("head (80%)" in note and "no rank holds it" in note for note in c.notes)
