@@ -226,8 +226,8 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     if task == "sft":
         notes.append(f"the runways are {REAL_TEXT_FINDING}")
     probe_results = [_probe(path, module, ranks) for path in probes]
-    if probe_results and task == "sft":
-        largest = max(probe_results, key=lambda p: p.information.epoch_examples)
+    largest = max(probe_results, key=lambda p: p.information.epoch_examples) if probe_results else None
+    if largest is not None and task == "sft":
         bits = largest.information.estimate()
         notes.extend(f"probe {largest.path}: {n}" for n in largest.information.notes)
         divergence = largest.analysis.runs[0].divergence
@@ -253,8 +253,14 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     count = lora_parameters(module, resolved, rank=1)
     active = _active_experts(module)
 
+    useful = _max_useful_rank(count)
+    kind_ranks = _measured_kind_ranks(largest if task == "sft" else None, count, active, constant,
+                                      bits.bits(examples), useful, notes)
+
     def ranks_by_adapter(rank: int) -> dict[str, int]:
-        return {a.name: _adapter_rank(rank, a.kind, a.experts, active) for a in count.adapters}
+        # a kind whose measured share of the bits needs more than this rank gets its measured rank
+        return {a.name: max(_adapter_rank(rank, a.kind, a.experts, active), kind_ranks.get(a.kind, 0))
+                for a in count.adapters}
 
     def parameters(rank: int) -> tuple[int, dict[str, int]]:
         per_adapter = ranks_by_adapter(rank)
@@ -265,8 +271,7 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     predictions = predict_ranks(ranks, parameters, examples=examples, bits=bits, constant=constant,
                                 trained_tokens_per_example=trained_tokens if task == "sft" else None)
     needed = rank_needed(examples, bits, constant, parameters)
-    # A rank above every adapted matrix's size adds nothing a full update lacks: never recommended.
-    useful = _max_useful_rank(count)
+    # A rank above every adapted matrix's size adds nothing a full update lacks: never recommended (useful).
     fitting = [p.rank for p in predictions if p.verdict == "fits" and p.rank <= useful]
     if fitting:
         rank = fitting[0]
@@ -291,6 +296,28 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
         ranks_by_kind=chosen_by_kind, lora_parameters=chosen_parameters, lr_multiplier=lr_multiplier,
         lr_reason=lr_reason, batch_advice=batch_advice, b_noise=b_noise, peft_config=peft_config,
         probes=[p.to_dict() for p in probe_results], notes=notes)
+
+
+def _measured_kind_ranks(probe: Probe | None, count: Any, active: int | None, constant: CapacityConstant,
+                         bits_to_learn: float, max_rank: int, notes: list[str]) -> dict[str, int]:
+    """Per adapted kind, the smallest rank whose LoRA holds the kind's share of the planned dataset's bits, from a
+    probe recorded with ``contributions=True`` (its share of the held loss reduction); empty without one."""
+    contributions = None if probe is None else probe.analysis.contributions
+    if contributions is None:
+        return {}
+    out = {}
+    for part in contributions.kinds:
+        adapters = [a for a in count.adapters if a.kind == part.name]
+        if not adapters or not math.isfinite(part.share) or part.share <= 0:
+            continue
+        wanted = part.share * bits_to_learn
+        out[part.name] = next((r for r in range(1, max_rank + 1) if constant.bits_per_parameter * sum(
+            _adapter_rank(r, a.kind, a.experts, active) * a.per_rank for a in adapters) >= wanted), max_rank)
+    if out:
+        notes.append(f"per-kind ranks measured by probe {probe.path}'s contributions (each kind's share of the bits, "
+                     "held at the bits per LoRA parameter): " + ", ".join(f"{k} {r}" for k, r in out.items())
+                     + "; a kind that needs more than the chosen rank gets its rank in rank_pattern")
+    return out
 
 
 def _adapter_rank(rank: int, kind: str, experts: int, active: int | None) -> int:

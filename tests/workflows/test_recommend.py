@@ -561,3 +561,32 @@ def test_bad_model_config_files_are_refused(tmp_path):
 def test_every_refusal_is_a_lorascope_error():
     for error in (InvalidOptionError, ModelConfigError, ProbeMismatchError, DatasetError, RunFileNotFoundError):
         assert issubclass(error, LorascopeError)
+
+
+def test_a_probe_with_contributions_gives_the_per_kind_ranks_a_measured_basis(tmp_path):
+    """A probe recorded with contributions=True: each adapted kind gets at least the rank its share of the planned
+    bits needs (in rank_pattern when above the chosen rank), and the note says where the ranks come from."""
+    model = _real(LLAMA, 0)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 8, (N_PROBE, SEQ), generator=generator)
+    held = {"input_ids": ids[:MICRO], "labels": ids[:MICRO]}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    path = tmp_path / "probe.h5"
+    with lorascope.record(model, path, optimizer=optimizer, extra_config={"dataset": {"examples": N_PROBE}},
+                          contributions=True, held_batch=held):
+        for _ in range(3):  # three epochs
+            for rows in ids.split(MICRO):
+                model(input_ids=rows, labels=rows).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    result = recommend(LLAMA, examples=200_000, probes=[path], ranks=[1])
+    contributions = lorascope.analyze(path, ranks=[1]).contributions
+    assert contributions is not None
+    note = next(n for n in result.notes if "per-kind ranks measured by probe" in n)
+    measured = {k: int(r) for k, r in re.findall(r"\b(attention|mlp) (\d+)", note)}
+    assert set(measured) == {p.name for p in contributions.kinds if p.name in ("attention", "mlp") and p.share > 0}
+    assert max(measured.values()) > result.rank  # 200,000 examples ask more than rank 1 holds
+    for kind, rank in measured.items():  # the chosen config gives each kind at least its measured rank
+        assert result.ranks_by_kind[kind] == max(result.rank, rank)
+    config = result.peft_config  # r is the most common rank, rank_pattern the others
+    assert {config["r"], *config["rank_pattern"].values()} == {max(result.rank, r) for r in measured.values()}
