@@ -114,7 +114,7 @@ def bits_growth(informations: Sequence[RecordedInformation], bits: BitsEstimate)
     usable = [(n, b) for n, b in points if n > 0 and b > 0 and math.isfinite(b)]
     if len({n for n, _ in usable}) < 2:
         return GrowthLaw(1.0, reference, anchor, tuple(points),
-                         "linear: one dataset size (record the same model on 2+ dataset sizes to measure the growth)")
+                         "assumed linear from one dataset size; record the same model on 2+ sizes to measure it")
     x, y = np.log([n for n, _ in usable]), np.log([b for _, b in usable])
     exponent = float(np.polyfit(x, y, 1)[0])
     if not exponent > 0:
