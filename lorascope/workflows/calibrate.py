@@ -43,6 +43,8 @@ AUTO_ALL_LAYERS_BUDGET = 50_000
 """LoRA parameters per rank up to which ``layers="auto"`` adapts every block."""
 MIN_UNCERTAINTY = 1.25
 """The smallest uncertainty factor a calibrated constant is given, even when its ranks agree exactly."""
+LEARNED_FRACTION = 0.05
+"""A rank whose adapter held less than this share of the bits offered did not learn: left out of the constant."""
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,19 @@ class CalibrationPoint:
         return self.bits_stored / self.lora_parameters
 
     @property
+    def learned(self) -> bool:
+        """False when the adapter held under :data:`LEARNED_FRACTION` of the bits offered: it did not learn the
+        facts (too few epochs, a learning rate that failed), so it says nothing about capacity."""
+        return self.bits_stored >= LEARNED_FRACTION * self.bits_offered
+
+    @property
     def saturated(self) -> bool:
         """True when the adapter held less than 80% of what was offered (so it was full, as intended)."""
         return self.bits_stored < 0.8 * self.bits_offered
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "bits_per_parameter": self.bits_per_parameter, "saturated": self.saturated}
+        return {**asdict(self), "bits_per_parameter": self.bits_per_parameter, "saturated": self.saturated,
+                "learned": self.learned}
 
 
 @dataclass(frozen=True)
@@ -98,14 +107,19 @@ class Calibration:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
+    def counted(self) -> tuple[CalibrationPoint, ...]:
+        """The points the constant is taken from: the ranks whose adapter learned (all, when none did)."""
+        return tuple(p for p in self.points if p.learned) or self.points
+
+    @property
     def bits_per_parameter(self) -> float:
-        """The constant: the median over ranks of bits stored per LoRA parameter."""
-        return float(statistics.median(p.bits_per_parameter for p in self.points))
+        """The constant: the median over the ranks that learned of bits stored per LoRA parameter."""
+        return float(statistics.median(p.bits_per_parameter for p in self.counted))
 
     @property
     def spread(self) -> float:
-        """Largest over smallest per-rank constant (1 = the ranks agree)."""
-        values = [p.bits_per_parameter for p in self.points]
+        """Largest over smallest per-rank constant among the ranks that learned (1 = they agree)."""
+        values = [p.bits_per_parameter for p in self.counted]
         return max(values) / min(values) if min(values) > 0 else math.inf
 
     @property
@@ -305,7 +319,11 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
         if point.lora_parameters != params:  # PEFT's own count must agree with lorascope's accounting
             raise LorascopeError(f"PEFT created {point.lora_parameters} LoRA parameters at rank {rank}, lorascope "
                                  f"counted {params}; please report this architecture.")
-        if not point.saturated:
+        if not point.learned:
+            notes.append(f"rank {rank}: the adapter held {point.bits_stored / point.bits_offered:.1%} of the bits "
+                         "offered: it did not learn the facts (more epochs or another learning rate), so this rank "
+                         "is left out of the constant")
+        elif not point.saturated:
             notes.append(f"rank {rank}: the adapter held {point.bits_stored / point.bits_offered:.0%} of the bits "
                          "offered, so it may not be full: the constant is a lower bound; raise "
                          "offered_bits_per_parameter")

@@ -286,3 +286,20 @@ def test_rank_1_holds_an_rl_run_on_an_8b_model_with_the_shipped_constant():
     result = lorascope.recommend(llama_8b, examples=10_000 * 32, task="rl", ranks=[1, 8])
     assert result.predictions[0].lora_parameters == 32 * (2 * 8192 + 2 * 5120 + 3 * (4096 + 14336))
     assert result.rank == 1 and result.predictions[0].verdict == "fits"
+
+
+def test_a_rank_whose_adapter_did_not_learn_is_left_out_of_the_constant(tmp_path):
+    """The real-data study's base (docs/realdata.md): rank 1 held 0.1% of the bits offered, rank 2 held 0.74 bits per
+    parameter; averaging them gave 0.37 without a word. A rank that did not learn says nothing about capacity."""
+    from lorascope.workflows.calibrate import Calibration, CalibrationPoint, load_calibration
+
+    failed = CalibrationPoint(1, 1000, 250, 2000.0, 2.0, 5.0, 300)  # 0.1% of what was offered
+    learned = CalibrationPoint(2, 2000, 500, 4000.0, 1480.0, 1.0, 300)  # 0.74 bits per parameter
+    cal = Calibration(model={"model_type": "llama"}, target="all-linear", points=(failed, learned), task={},
+                      training={})
+    assert (failed.learned, learned.learned) == (False, True)
+    assert cal.bits_per_parameter == pytest.approx(0.74) and cal.spread == 1.0
+    reloaded = load_calibration(cal.save(tmp_path / "cal.json"))
+    assert reloaded.bits_per_parameter == pytest.approx(0.74)
+    nobody = Calibration(model={}, target="all-linear", points=(failed,), task={}, training={})
+    assert nobody.bits_per_parameter == pytest.approx(0.002)  # none learned: all points count, the spread says so
