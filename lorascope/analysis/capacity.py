@@ -34,6 +34,7 @@ __all__ = [
     "judge",
     "predict_ranks",
     "rank_needed",
+    "smallest_rank_holding",
 ]
 
 DEFAULT_BITS_PER_PARAMETER = 0.69
@@ -182,3 +183,26 @@ def rank_needed(examples: float, bits: BitsEstimate, constant: CapacityConstant,
             return rank
         rank *= 2
     return None
+
+
+def smallest_rank_holding(bits: float, capacity_at: Callable[[int], float], max_rank: int) -> int | None:
+    """The smallest rank r in [1, ``max_rank``] with ``capacity_at(r) >= bits`` (binary search: capacity grows with
+    r); 0 when there are no bits to hold, None when even ``max_rank`` does not hold them.
+
+    Examples
+    --------
+    >>> smallest_rank_holding(1000.0, lambda r: 0.5 * 300 * r, 64), smallest_rank_holding(1e9, lambda r: r, 64)
+    (7, None)
+    """
+    if bits <= 0:
+        return 0
+    if max_rank < 1 or capacity_at(max_rank) < bits:
+        return None
+    low, high = 1, max_rank
+    while low < high:
+        mid = (low + high) // 2
+        if capacity_at(mid) >= bits:
+            high = mid
+        else:
+            low = mid + 1
+    return low

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from lorascope.analysis.capacity import smallest_rank_holding
 from lorascope.analysis.forecast import Forecast, Matrix, lora_parameters_of
 from lorascope.analysis.layers import TARGET_SETS
 from lorascope.errors import InvalidOptionError
@@ -236,22 +237,12 @@ class _PartBuilder:
 
     def _rank_needed(self, mats: list[Matrix], kinds: Sequence[str], bits: float | None,
                      kappa: float | None) -> int | None:
-        """The smallest rank whose capacity holds ``bits`` (binary search: the parameter count grows with r)."""
+        """The smallest rank whose capacity holds ``bits``, up to the widest matrix's min(out, in)."""
         if bits is None or kappa is None:
             return None
-        if bits <= 0:
-            return 0
         high = max((min(m.out_features, m.in_features) for m in mats if m.kind in kinds), default=0)
-        if high == 0 or kappa * lora_parameters_of(mats, kinds, high, self.active)[0] < bits:
-            return None
-        low = 1
-        while low < high:
-            mid = (low + high) // 2
-            if kappa * lora_parameters_of(mats, kinds, mid, self.active)[0] >= bits:
-                high = mid
-            else:
-                low = mid + 1
-        return low
+        return smallest_rank_holding(bits, lambda r: kappa * lora_parameters_of(mats, kinds, r, self.active)[0],
+                                     high)
 
 
 def _first_out(parts: list[PartContribution], rank: int) -> str | None:

@@ -26,7 +26,14 @@ from typing import Any
 from torch import nn
 
 from lorascope._checks import check_positive, check_positive_int, check_ranks
-from lorascope.analysis.capacity import REAL_TEXT_FINDING, CapacityConstant, RankPrediction, predict_ranks, rank_needed
+from lorascope.analysis.capacity import (
+    REAL_TEXT_FINDING,
+    CapacityConstant,
+    RankPrediction,
+    predict_ranks,
+    rank_needed,
+    smallest_rank_holding,
+)
 from lorascope.analysis.information import (
     DEFAULT_BITS_PER_EPISODE,
     DEFAULT_BITS_PER_TOKEN,
@@ -310,9 +317,15 @@ def _measured_kind_ranks(probe: Probe | None, count: Any, active: int | None, co
         adapters = [a for a in count.adapters if a.kind == part.name]
         if not adapters or not math.isfinite(part.share) or part.share <= 0:
             continue
-        wanted = part.share * bits_to_learn
-        out[part.name] = next((r for r in range(1, max_rank + 1) if constant.bits_per_parameter * sum(
-            _adapter_rank(r, a.kind, a.experts, active) * a.per_rank for a in adapters) >= wanted), max_rank)
+        def capacity_at(r: int, adapters: list[Any] = adapters) -> float:
+            return constant.bits_per_parameter * sum(_adapter_rank(r, a.kind, a.experts, active) * a.per_rank
+                                                     for a in adapters)
+
+        needed = smallest_rank_holding(part.share * bits_to_learn, capacity_at, max_rank)
+        if needed is None:
+            notes.append(f"no rank up to the matrices' size ({max_rank}) holds {part.name}'s share of the bits "
+                         f"({part.share:.0%}): it gets rank {max_rank}")
+        out[part.name] = max_rank if needed is None else needed
     if out:
         notes.append(f"per-kind ranks measured by probe {probe.path}'s contributions (each kind's share of the bits, "
                      "held at the bits per LoRA parameter): " + ", ".join(f"{k} {r}" for k, r in out.items())
