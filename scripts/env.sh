@@ -12,6 +12,6 @@ want=$(cat pyproject.toml scripts/env.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet torch==2.13.0
-  .venv/bin/python -m pip install --quiet -e ".[hf,lightning,dev]" torch==2.13.0
+  .venv/bin/python -m pip install --quiet -e ".[hf,lightning,trackers,trl,dev]" torch==2.13.0
   echo "$want" > "$stamp"
 fi
