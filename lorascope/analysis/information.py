@@ -39,9 +39,11 @@ __all__ = [
     "DEFAULT_BITS_PER_TOKEN",
     "BitsEstimate",
     "RecordedInformation",
+    "StepArrays",
     "information_from_size",
     "information_from_steps",
     "recorded_dataset_examples",
+    "step_arrays",
 ]
 
 DEFAULT_BITS_PER_TOKEN = 1.0
@@ -54,7 +56,15 @@ _TAIL_FRACTION = 0.1  # share of a single-epoch run's last steps whose loss stan
 
 @dataclass(frozen=True)
 class BitsEstimate:
-    """Bits the data asks to learn, per example, and where the number comes from.
+    """Bits the data asks to learn, and how they grow with the dataset size.
+
+    .. math::
+
+        B(N) = F + b N \\quad (g = 1), \\qquad B(N) = (F + b N_{\\mathrm{ref}}) (N / N_{\\mathrm{ref}})^g
+
+    with :math:`b` the bits per additional example, :math:`F` a one-time cost every dataset pays once (the format
+    a probe learns in its first steps), and :math:`g` the growth exponent fitted on probes of several dataset sizes
+    (1: linear, random facts; below 1: data that generalises).
 
     Attributes
     ----------
@@ -62,11 +72,22 @@ class BitsEstimate:
     source : str
         ``"recording"``, ``"dataset size"`` or ``"episodes"``.
     basis : str
-        The measure used: ``"absorbed"``, ``"description length"``, ``"bits per token"`` or ``"bits per episode"``.
+        The measure used: ``"absorbed under the planned recipe"``, ``"absorbed"``, ``"description length"``,
+        ``"bits per token"`` or ``"bits per episode"``.
     upper_bound : bool
         True when the number is an upper bound on what the data asks (description length, size assumption).
     explanation : str
         One sentence a user can check.
+    one_time_bits : float
+        :math:`F`.
+    exponent : float
+        :math:`g`.
+    reference_examples : float, optional
+        :math:`N_{\\mathrm{ref}}`, the dataset size the growth law is anchored at (needed when :math:`g \\ne 1`).
+    relative_error : float
+        One standard error of the bits, relative (0 when not measured).
+    growth_source : str
+        Where :math:`g` comes from.
     """
 
     bits_per_example: float
@@ -74,14 +95,36 @@ class BitsEstimate:
     basis: str
     upper_bound: bool
     explanation: str
+    one_time_bits: float = 0.0
+    exponent: float = 1.0
+    reference_examples: float | None = None
+    relative_error: float = 0.0
+    growth_source: str = "linear: each additional example asks the same bits"
+
+    def __post_init__(self) -> None:
+        if self.exponent != 1.0 and not (self.reference_examples or 0) > 0:
+            raise InvalidOptionError("A growth exponent other than 1 needs the dataset size it is anchored at.")
 
     def bits(self, examples: float) -> float:
         """Bits asked by ``examples`` examples of the same data."""
-        return self.bits_per_example * examples
+        if self.exponent == 1.0:
+            return self.one_time_bits + self.bits_per_example * examples
+        reference = float(self.reference_examples or 0)
+        return (self.one_time_bits + self.bits_per_example * reference) * (examples / reference) ** self.exponent
+
+    def examples_for(self, bits: float) -> float:
+        """The dataset size whose data asks ``bits`` bits (0 when the one-time cost alone exceeds them)."""
+        if self.exponent == 1.0:
+            return max(0.0, bits - self.one_time_bits) / self.bits_per_example
+        reference = float(self.reference_examples or 0)
+        return reference * (bits / (self.one_time_bits + self.bits_per_example * reference)) ** (1 / self.exponent)
 
     def to_dict(self) -> dict[str, Any]:
         return {"bits_per_example": self.bits_per_example, "source": self.source, "basis": self.basis,
-                "upper_bound": self.upper_bound, "explanation": self.explanation}
+                "upper_bound": self.upper_bound, "explanation": self.explanation,
+                "one_time_bits": self.one_time_bits, "exponent": self.exponent,
+                "reference_examples": self.reference_examples, "relative_error": self.relative_error,
+                "growth_source": self.growth_source}
 
 
 def information_from_size(*, examples: float, tokens_per_example: float | None = None, task: str = "sft",
@@ -233,24 +276,11 @@ def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = 
     InvalidOptionError
         If no step has a finite loss with known examples and tokens, or ``dataset_examples`` is not positive.
     """
-    notes: list[str] = []
     if dataset_examples is not None:
         check_positive("dataset_examples", dataset_examples)
-    loss = steps["loss"].values.astype(np.float64)
-    examples = steps["batch_examples"].values.astype(np.float64)
-    seen = steps["examples_seen"].values.astype(np.float64)
-    tokens = (steps["batch_loss_tokens"].values if "batch_loss_tokens" in steps else
-              np.full(loss.shape, -1)).astype(np.float64)
-    token_basis = "loss tokens"
-    if not np.any(tokens > 0):
-        tokens = steps["batch_tokens"].values.astype(np.float64)
-        token_basis = "all tokens"
-        notes.append("the run did not record loss tokens (labels != -100): every input token is counted, an "
-                     "over-estimate when prompts are masked; pass labels to the model or rec.log(loss_tokens=)")
-    usable = np.isfinite(loss) & (examples > 0) & (tokens > 0) & (seen > 0)
-    if not usable.any():
-        raise InvalidOptionError("The run has no step with a finite loss and known examples and tokens: its "
-                                 "information cannot be estimated.")
+    arrays = step_arrays(steps)
+    loss, examples, seen, tokens, usable = arrays.loss, arrays.examples, arrays.seen, arrays.tokens, arrays.usable
+    notes, token_basis = list(arrays.notes), arrays.token_basis
     if dataset_examples is None:
         epochs = math.nan
         first = usable
@@ -286,6 +316,47 @@ def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = 
                                            / late_examples))
     return RecordedInformation(description_length, absorbed, epoch_examples, int(first.sum()), epochs, final_loss,
                                token_basis, marginal, marginal_absorbed, notes)
+
+
+@dataclass(frozen=True)
+class StepArrays:
+    """A run's per-step rows as float64 arrays, with the steps usable for information (a finite loss, known
+    examples, tokens and examples seen) and the token basis (loss tokens, or all tokens when not recorded)."""
+
+    loss: np.ndarray
+    examples: np.ndarray
+    seen: np.ndarray
+    tokens: np.ndarray
+    usable: np.ndarray
+    token_basis: str
+    notes: tuple[str, ...]
+
+
+def step_arrays(steps: xr.Dataset) -> StepArrays:
+    """The per-step arrays information is computed from.
+
+    Raises
+    ------
+    InvalidOptionError
+        If no step has a finite loss with known examples and tokens.
+    """
+    notes: tuple[str, ...] = ()
+    loss = steps["loss"].values.astype(np.float64)
+    examples = steps["batch_examples"].values.astype(np.float64)
+    seen = steps["examples_seen"].values.astype(np.float64)
+    tokens = (steps["batch_loss_tokens"].values if "batch_loss_tokens" in steps else
+              np.full(loss.shape, -1)).astype(np.float64)
+    token_basis = "loss tokens"
+    if not np.any(tokens > 0):
+        tokens = steps["batch_tokens"].values.astype(np.float64)
+        token_basis = "all tokens"
+        notes = ("the run did not record loss tokens (labels != -100): every input token is counted, an "
+                 "over-estimate when prompts are masked; pass labels to the model or rec.log(loss_tokens=)",)
+    usable = np.isfinite(loss) & (examples > 0) & (tokens > 0) & (seen > 0)
+    if not usable.any():
+        raise InvalidOptionError("The run has no step with a finite loss and known examples and tokens: its "
+                                 "information cannot be estimated.")
+    return StepArrays(loss, examples, seen, tokens, usable, token_basis, notes)
 
 
 def recorded_dataset_examples(config: Mapping[str, Any]) -> int | None:
