@@ -17,6 +17,7 @@ from lorascope.errors import (
 )
 from lorascope.model.taxonomy import classify
 from lorascope.record import Recorder, RecordOptions, SnapshotSchedule, record
+from lorascope.report.notebook import register_renderers as _register_renderers
 from lorascope.store import Run, RunWriter, open_run
 from lorascope.workflows.analyze import Analysis, analyze
 from lorascope.workflows.calibrate import Calibration, calibrate, load_calibration
@@ -55,3 +56,5 @@ __all__ = [
     "recommend",
     "record",
 ]
+
+_register_renderers()  # Jupyter display of Run, Analysis, Comparison, Recommendation (see lorascope._display)

@@ -45,6 +45,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "errors":    LAYERS,
     "_checks":   LAYERS,
     "_version":  LAYERS,
+    "_display":  LAYERS,  # the display hooks the report fills (docs/design.md, "Notebooks")
 }
 ORCHESTRATORS = {"__init__", "demo"}  # the public surface and `lorascope demo` use every layer: no row
 EVERYWHERE = ("lorascope_cli", "cli")  # no module of the library imports the command-line application

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from lorascope import _display
 from lorascope.analysis.falloff import (
     FALLOFF,
     LAG,
@@ -294,6 +295,14 @@ class Comparison:
         """:meth:`to_dict`, computed once: ``compare.json``, ``--json`` and the terminal render this one dictionary
         (read it after :func:`lorascope.compare` has returned; treat it as read-only)."""
         return self.to_dict()
+
+    def _repr_html_(self) -> str | None:  # Jupyter; rendered by lorascope.report.notebook via lorascope._display
+        return _display.html("comparison", self.summary)
+
+    @property
+    def plot(self) -> Any:
+        """The figure as a matplotlib figure: ``comparison.plot.loss()`` (``compare.png``)."""
+        return _display.figures("comparison", self)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (schema in docs/compare.md); strict JSON (no NaN)."""

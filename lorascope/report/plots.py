@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 from lorascope.analysis.curves import FLAT, TOO_FEW
+from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.report.format import layer
 from lorascope.report.style import DPI, WIDTH_IN, X_LABELS, figure_style, palette, plain_log_ticks
 from lorascope.workflows.analyze import CURVE_P
@@ -29,7 +30,7 @@ from lorascope.workflows.analyze import CURVE_P
 if TYPE_CHECKING:
     from lorascope.workflows.analyze import Analysis, RunResult
 
-__all__ = ["PLOT_NAMES", "make_plots"]
+__all__ = ["PLOT_NAMES", "AnalysisFigures", "draw_figure", "make_plots"]
 
 # Every figure make_plots may write, in the order a report shows them.
 PLOT_NAMES = ("energy_rank", "residual", "spectra", "energy_share", "experts", "noise_scale", "loss")
@@ -66,20 +67,10 @@ def make_plots(analysis: Analysis, folder: str | Path) -> dict[str, Path]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    suffix = " (incomplete)" if analysis.incomplete else ""
-    drawers = {
-        "energy_rank": _energy_rank,
-        "residual": _residual,
-        "spectra": _spectra,
-        "energy_share": _energy_share,
-        "experts": _experts,
-        "noise_scale": _noise_scale,
-        "loss": _loss,
-    }
     written: dict[str, Path] = {}
     with figure_style():
         for name in PLOT_NAMES:
-            fig = drawers[name](analysis, suffix)
+            fig = draw_figure(analysis, name)
             if fig is None:
                 continue
             path = folder / f"{name}.png"
@@ -87,6 +78,67 @@ def make_plots(analysis: Analysis, folder: str | Path) -> dict[str, Path]:
             fig.clear()  # a Figure without pyplot is freed with its last reference; clearing drops artists now
             written[name] = path
     return written
+
+
+def draw_figure(analysis: Analysis, name: str) -> Figure | None:
+    """One figure of the report (a name of :data:`PLOT_NAMES`) in the report's style, or None where the analysis
+    has nothing to draw (see :func:`make_plots`). The figure is not saved and belongs to no pyplot registry."""
+    if name not in _DRAWERS:
+        raise InvalidOptionError(f"The 'name' parameter of draw_figure must be one of {PLOT_NAMES}. Got {name!r} "
+                                 "instead.")
+    with figure_style():
+        return _DRAWERS[name](analysis, " (incomplete)" if analysis.incomplete else "")
+
+
+class AnalysisFigures:
+    """The report's figures of one :class:`~lorascope.workflows.analyze.Analysis` as matplotlib figures, for
+    restyling or saving in another format: ``analysis.plot.spectra()``, then ``fig.axes[0].set_title(...)``,
+    ``fig.savefig("spectra.pdf")``. In Jupyter, after ``%matplotlib inline``, a figure that ends a cell is
+    shown.
+
+    Each method draws afresh and raises :class:`~lorascope.errors.LorascopeError` where the analysis has nothing
+    to draw (no snapshots, no MoE experts, no noise-scale estimate).
+    """
+
+    def __init__(self, analysis: Analysis) -> None:
+        self._analysis = analysis
+
+    def __repr__(self) -> str:
+        return f"<figures of an Analysis: {', '.join(n + '()' for n in PLOT_NAMES)}>"
+
+    def _draw(self, name: str) -> Figure:
+        fig = draw_figure(self._analysis, name)
+        if fig is None:
+            raise LorascopeError(f"no {name} figure for this analysis: {_NEEDS[name]}")
+        return fig
+
+    def energy_rank(self) -> Figure:
+        """k_0.9 per kind against data, its power-law fit and band, the candidate ranks and the crossings."""
+        return self._draw("energy_rank")
+
+    def residual(self) -> Figure:
+        """The rank-r residual e_r over all recorded modules against data, one line per candidate rank."""
+        return self._draw("residual")
+
+    def spectra(self) -> Figure:
+        """The cumulative energy share of each module's update at the final snapshot, one panel per kind."""
+        return self._draw("spectra")
+
+    def energy_share(self) -> Figure:
+        """The share of the update's energy per layer and kind at the final snapshot (a heatmap)."""
+        return self._draw("energy_share")
+
+    def experts(self) -> Figure:
+        """The share of the update's energy per MoE expert and layer at the final snapshot (a heatmap)."""
+        return self._draw("experts")
+
+    def noise_scale(self) -> Figure:
+        """The gradient noise scale over training and the steps / examples tradeoff at the final estimate."""
+        return self._draw("noise_scale")
+
+    def loss(self) -> Figure:
+        """The training loss of every run against data."""
+        return self._draw("loss")
 
 
 # -- figures ---------------------------------------------------------------------------------------------------
@@ -476,3 +528,11 @@ def _confidence(analysis: Analysis) -> float:
 
 def _empty(ax: Any, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.3")
+
+
+_DRAWERS = {"energy_rank": _energy_rank, "residual": _residual, "spectra": _spectra, "energy_share": _energy_share,
+            "experts": _experts, "noise_scale": _noise_scale, "loss": _loss}
+_NEEDS = {"energy_rank": "it needs at least one snapshot", "residual": "it needs at least one snapshot",
+          "spectra": "it needs at least one snapshot", "energy_share": "it needs at least one snapshot",
+          "experts": "it needs MoE experts among the recorded modules",
+          "noise_scale": "it needs a noise-scale estimate (two batch sizes per step)", "loss": ""}

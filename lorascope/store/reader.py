@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from lorascope import _display
 from lorascope.errors import (
     CorruptRunFileError,
     NotARunFileError,
@@ -211,6 +212,11 @@ class Run:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _repr_html_(self) -> str | None:  # Jupyter; rendered by lorascope.report.notebook via lorascope._display
+        from lorascope.store.info import run_summary  # info reads through this module
+
+        return _display.html("run", run_summary(self)) if self._file else None
 
     def __repr__(self) -> str:
         if not self._file:

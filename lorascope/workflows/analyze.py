@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from lorascope import _display
 from lorascope._checks import check_ranks
 from lorascope.analysis.capacity import CapacityConstant
 from lorascope.analysis.contributions import Contributions
@@ -151,6 +152,15 @@ class Analysis:
         and expert), or None without snapshots."""
         snap = self.final_snapshot()
         return None if snap is None else energy_shares(snap)
+
+    def _repr_html_(self) -> str | None:  # Jupyter; rendered by lorascope.report.notebook via lorascope._display
+        return _display.html("analysis", self.summary)
+
+    @property
+    def plot(self) -> Any:
+        """The report's figures as matplotlib figures: ``analysis.plot.spectra()`` (see
+        :class:`lorascope.report.plots.AnalysisFigures`)."""
+        return _display.figures("analysis", self)
 
     def headline(self) -> list[dict[str, Any]]:
         """Per candidate rank: the share of the final update an all-linear LoRA of that rank could capture."""

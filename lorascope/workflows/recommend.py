@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from lorascope import _display
 from lorascope._checks import check_positive, check_positive_int, check_ranks
 from lorascope.analysis.capacity import (
     REAL_TEXT_FINDING,
@@ -97,6 +98,9 @@ class Recommendation:
     @property
     def chosen(self) -> RankPrediction | None:
         return next((p for p in self.predictions if p.rank == self.rank), None)
+
+    def _repr_html_(self) -> str | None:  # Jupyter; rendered by lorascope.report.notebook via lorascope._display
+        return _display.html("recommendation", self.to_dict())
 
     def to_peft_config(self) -> Any:
         """The recommended adapter as a :class:`peft.LoraConfig` (needs peft)."""
