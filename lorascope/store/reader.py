@@ -18,9 +18,9 @@ from lorascope.errors import (
     NotARunFileError,
     RunFileError,
     RunFileNotFoundError,
-    SchemaVersionError,
 )
 from lorascope.store import schema as S
+from lorascope.store.validate import check_all_values, check_file, check_header, check_values
 
 __all__ = ["Run", "open_run"]
 
@@ -65,6 +65,13 @@ def _decode(value: Any) -> Any:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
+def _row_or_fill(ds: h5py.Dataset, row: int) -> np.ndarray:
+    """Row ``row`` of a per-module dataset, which grows only at the snapshots that stored it: NaN past its end."""
+    if row < ds.shape[0]:
+        return ds[row]
+    return np.full(ds.shape[1:], np.nan, dtype=ds.dtype)
+
+
 class Run:
     """A recorded run, opened read-only.
 
@@ -82,6 +89,9 @@ class Run:
         One row per model parameter: whether it is recorded and why (not).
     config : dict
         Named configuration sections, parsed from JSON.
+    flags : tuple of str
+        What the validation on open kept but flags (repeated step numbers, energy not measured, rows a killed
+        writer left uncommitted); see :mod:`lorascope.store.validate` for what is refused instead.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -104,16 +114,13 @@ class Run:
     def _read(self) -> None:
         if self._file.swmr_mode:
             self._refresh_datasets()
-        self._validate_header()
+        check_header(self._file.attrs, self.path)
         self.attrs = {k: _decode(v) for k, v in self._file.attrs.items()}
+        self.flags = check_file(self._file, self.path, complete=self.complete)
         self.modules = self._static_table(S.GROUP_MODULES, S.MODULE_COLUMNS)
         self.coverage = self._static_table(S.GROUP_COVERAGE, S.COVERAGE_COLUMNS)
         self.config = self._read_config()
-        for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
-            if not isinstance(self._file.get(group), h5py.Group):
-                raise self._fail(f"required group '{group}' is missing")
         self.grad_sv = "grad_sv" in self._file[S.GROUP_SNAPSHOTS]
-        self._check_tables()
 
     # -- metadata --------------------------------------------------------------------------------------
     @property
@@ -171,7 +178,7 @@ class Run:
             return None
         key = S.module_key(self._module_index(module))
         row = self._snapshot_row(snapshot)
-        return group[S.FACTOR_U][key][row], group[S.FACTOR_V][key][row]
+        return _row_or_fill(group[S.FACTOR_U][key], row), _row_or_fill(group[S.FACTOR_V][key], row)
 
     def delta(self, module: int | str, snapshot: int) -> np.ndarray | None:
         """The full update (out, in) of a module at a snapshot, or None when deltas were not stored (NaN where
@@ -179,13 +186,25 @@ class Run:
         group = self._file.get(S.GROUP_DELTAS)
         if group is None:
             return None
-        return group[S.module_key(self._module_index(module))][self._snapshot_row(snapshot)]
+        return _row_or_fill(group[S.module_key(self._module_index(module))], self._snapshot_row(snapshot))
 
     def _snapshot_row(self, snapshot: int) -> int:
         n = self.n_snapshots
         if not -n <= snapshot < n:
             raise IndexError(f"{self.path}: snapshot {snapshot} out of range; the run has {n} snapshot(s)")
         return snapshot % n
+
+    def check_values(self) -> None:
+        """Check the values of every committed row of both tables, block by block (``lorascope info``; the views
+        check the arrays they read): singular values and squared norms are never negative.
+
+        Raises
+        ------
+        CorruptRunFileError
+            Naming the column and the rule.
+        """
+        check_all_values(self._file, {S.GROUP_STEPS: self.n_steps, S.GROUP_SNAPSHOTS: self.n_snapshots},
+                         self.path)
 
     def refresh(self) -> None:
         """Re-open the file to see the rows and the status a live writer has written since."""
@@ -228,25 +247,6 @@ class Run:
     def _fail(self, message: str) -> CorruptRunFileError:
         return CorruptRunFileError(f"{self.path}: {message}")
 
-    def _validate_header(self) -> None:
-        attrs = self._file.attrs
-        if _decode(attrs.get(S.ATTR_FORMAT)) != S.FORMAT_NAME:
-            raise NotARunFileError(f"{self.path}: HDF5 file but not a lorascope run "
-                                   f"(root attribute '{S.ATTR_FORMAT}' is not '{S.FORMAT_NAME}')")
-        version = attrs.get(S.ATTR_SCHEMA_VERSION)
-        try:
-            version = int(version)
-        except (TypeError, ValueError):
-            raise self._fail(f"root attribute '{S.ATTR_SCHEMA_VERSION}' is missing or not an integer") from None
-        if version > S.SCHEMA_VERSION:
-            raise SchemaVersionError(f"{self.path}: schema version {version} is newer than this lorascope reads "
-                                     f"({S.SCHEMA_VERSION}); upgrade lorascope")
-        if version < 1:
-            raise SchemaVersionError(f"{self.path}: schema version {version} is not a valid version")
-        for name in S.ROOT_ATTRS:
-            if name not in attrs:
-                raise self._fail(f"root attribute '{name}' is missing")
-
     def _dataset(self, path: str) -> h5py.Dataset:
         ds = self._file.get(path)
         if not isinstance(ds, h5py.Dataset):
@@ -259,10 +259,7 @@ class Run:
             ds = self._dataset(f"{group}/{column.name}")
             values = ds.asstr()[()] if column.dtype == "str" else ds[()]
             data[column.name] = np.asarray(values, dtype=object if column.dtype == "str" else column.numpy_dtype)
-        lengths = {name: len(v) for name, v in data.items()}
-        if len(set(lengths.values())) > 1:
-            raise self._fail(f"columns of '{group}' have mismatched lengths {lengths}")
-        return pd.DataFrame(data)
+        return pd.DataFrame(data)  # dtypes, shapes and lengths checked on open (lorascope.store.validate)
 
     def _read_config(self) -> dict[str, Any]:
         group = self._file.get(S.GROUP_CONFIG)
@@ -279,23 +276,6 @@ class Run:
     def _rows(self, group: str) -> int:
         return int(self._dataset(f"{group}/{S.INDEX}").shape[0])
 
-    def _check_tables(self) -> None:
-        n_mod = len(self.modules)
-        for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
-            n = self._rows(group)
-            for column in S.columns_of(group, grad_sv=self.grad_sv):
-                if not column.required and f"{group}/{column.name}" not in self._file:
-                    continue
-                ds = self._dataset(f"{group}/{column.name}")
-                rows = ds.shape[0] if ds.ndim else 0
-                # The index is extended last: other columns may run ahead of it in a live or killed file,
-                # never behind it; in a closed file all lengths agree.
-                if rows < n or (self.complete and rows != n):
-                    raise self._fail(f"'{group}/{column.name}' has {rows} rows but '{group}/{S.INDEX}' has {n}")
-                if column.layout != S.ROW and (ds.ndim < 2 or ds.shape[1] != n_mod):
-                    raise self._fail(f"'{group}/{column.name}' has shape {ds.shape}, expected {n_mod} modules "
-                                     "on axis 1 (one per row of the modules table)")
-
     def _module_index(self, module: int | str) -> int:
         if isinstance(module, str):
             matches = np.flatnonzero(self.modules["name"].to_numpy() == module)
@@ -310,6 +290,7 @@ class Run:
         raw = {c.name: self._dataset(f"{group}/{c.name}")[:n] if c.required or f"{group}/{c.name}" in self._file
                else np.full((n,) if c.layout == S.ROW else (n, n_mod), c.fill, dtype=c.numpy_dtype)
                for c in columns}  # an optional column absent
+        check_values(group, raw, self.path)
         dims = {S.ROW: (row_dim,), S.ROW_MODULE: (row_dim, "module"), S.ROW_MODULE_SV: (row_dim, "module", "sv_index")}
         index = S.INDEX if row_dim == "step" else "step"
         coords: dict[str, Any] = {
@@ -352,6 +333,8 @@ def open_run(path: str | os.PathLike[str]) -> Run:
     SchemaVersionError
         Written by a newer lorascope.
     CorruptRunFileError
-        A required group or dataset is missing or the tables have inconsistent lengths.
+        A required group, dataset or attribute is missing, or one breaks a rule of the schema (its type, dtype,
+        shape, length, or an invariant such as a step index that decreases): the message names it and the rule.
+        What is refused, repaired or only flagged (:attr:`Run.flags`): :mod:`lorascope.store.validate`.
     """
     return Run(path)

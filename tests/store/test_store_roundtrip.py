@@ -33,6 +33,10 @@ STEP_ROW_INT = ("examples_seen", "tokens_seen", "batch_examples", "batch_tokens"
 STEP_ROW_FLOAT = ("loss", "lr", "grad_sq_norm_other", "gns_batch_small", "gns_batch_big")
 STEP_MODULE_FLOAT = ("grad_sq_norm", "gns_sq_norm_small", "gns_sq_norm_big")
 SPECIALS = np.array([np.nan, np.inf, -np.inf])
+# Singular values, energies and squared norms are never negative: the reader refuses a file that holds one
+# (lorascope/store/validate.py), so they are drawn as magnitudes (NaN and +Inf stay: they are data).
+NON_NEGATIVE = {"energy", "sv", "grad_sv", "grad_sq_norm", "grad_sq_norm_other", "gns_sq_norm_small",
+                "gns_sq_norm_big"}
 
 # Text without NUL (HDF5 strings are NUL-terminated) and without lone surrogates (not encodable as UTF-8).
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
@@ -123,7 +127,7 @@ def with_specials(rng: np.random.Generator, values: np.ndarray, p: float = 0.15)
 
 
 def spectrum(rng: np.random.Generator, length: int) -> np.ndarray:
-    return with_specials(rng, np.sort(rng.random(length) * 10)[::-1], p=0.1).astype(np.float32)
+    return np.abs(with_specials(rng, np.sort(rng.random(length) * 10)[::-1], p=0.1)).astype(np.float32)
 
 
 def draw_spectra(rng: np.random.Generator, spec: Spec) -> list[np.ndarray | None]:
@@ -180,6 +184,8 @@ def write_run(path: Path, spec: Spec) -> dict[str, Any]:
                 elif col.numpy_dtype.kind == "f":
                     shape = (n,) if col.layout == S.ROW else (n, n_mod)
                     rows[col.name] = with_specials(rng, rng.normal(size=shape) * 100).astype(col.numpy_dtype)
+                if col.name in NON_NEGATIVE:
+                    rows[col.name] = np.abs(rows[col.name])
                 else:
                     rows[col.name] = rng.integers(-1, 10**12, size=n).astype(col.numpy_dtype).tolist()
             writer.append_steps(rows)
@@ -193,7 +199,7 @@ def write_run(path: Path, spec: Spec) -> dict[str, Any]:
             step += int(rng.integers(1, 4))
             snap: dict[str, Any] = {
                 "step": step,
-                "energy": with_specials(rng, rng.random(n_mod) * 50),
+                "energy": np.abs(with_specials(rng, rng.random(n_mod) * 50)),
                 "sv": draw_spectra(rng, spec),
             }
             if rng.random() < 0.7:
