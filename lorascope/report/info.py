@@ -33,5 +33,6 @@ def format_info(summary: dict[str, Any]) -> str:
         ("steps", step_range),
         ("snapshots", snap_text),
     ]
+    rows += [("flagged", flag) for flag in summary.get("flags", [])]  # kept, but worth knowing (docs/format.md)
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)

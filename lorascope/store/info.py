@@ -9,7 +9,8 @@ from lorascope.store.reader import Run, open_run
 
 
 def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Summarise a run file without reading its spectra.
+    """Summarise a run file, after the validation of every committed value (the spectra are read once, block by
+    block, to check them; the per-module singular vectors and updates are not read).
 
     Returns
     -------
@@ -17,9 +18,15 @@ def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         ``path``, ``status``, ``complete``, ``schema_version``, versions, ``framework``, ``created``,
         ``finished``, ``file_size_bytes``, ``modules_by_kind`` (kind -> count), ``n_modules``, ``steps``
         (count, first, last), ``snapshots`` (count and the list of steps), ``coverage`` (recorded / not recorded
-        parameter counts).
+        parameter counts), ``flags`` (what the validation kept but flags, :attr:`Run.flags`).
+
+    Raises
+    ------
+    RunFileError
+        What :func:`~lorascope.open_run` or :meth:`Run.check_values` refuses, one line naming the dataset and rule.
     """
     with open_run(path) as run:
+        run.check_values()  # what the views would refuse, info refuses too (lorascope.store.validate)
         return run_summary(run)
 
 
@@ -50,4 +57,5 @@ def run_summary(run: Run) -> dict[str, Any]:
         },
         "snapshots": {"count": int(len(snapshot_steps)), "steps": [int(s) for s in snapshot_steps]},
         "coverage": {"recorded": int(recorded.sum()), "not_recorded": int((~recorded).sum())},
+        "flags": list(run.flags),
     }
