@@ -13,6 +13,12 @@ range :math:`[N^*/u, N^* u]` and a dataset of N examples gets the verdict
 - ``fits`` when :math:`N \\le N^*/u`,
 - ``exceeded`` when :math:`N > N^* u`,
 - ``at risk`` in between.
+
+A calibrated constant may vary with the adapter's size, :math:`\\kappa(P)`
+(:class:`~lorascope.analysis.capacity_fit.KappaFit`): the capacity of a rank is then
+:meth:`CapacityConstant.capacity_bits` :math:`= \\kappa(P) P`, and outside the measured range its uncertainty
+widens (:meth:`CapacityConstant.uncertainty_at`). An ``exceeded`` verdict also says what was measured past
+capacity (:meth:`CapacityConstant.past_capacity`): a collapse, a plateau, or that it was not measured.
 """
 
 from __future__ import annotations
@@ -22,18 +28,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lorascope.analysis.capacity_fit import CapacityBracket, KappaFit
 from lorascope.analysis.information import BitsEstimate
 from lorascope.errors import InvalidOptionError
 
 __all__ = [
     "DEFAULT_BITS_PER_PARAMETER",
     "DEFAULT_UNCERTAINTY",
+    "PAST_CAPACITY_FINDING",
     "REAL_TEXT_FINDING",
     "CapacityConstant",
     "RankPrediction",
     "judge",
     "predict_ranks",
     "rank_needed",
+    "runway_range",
     "smallest_rank_holding",
 ]
 
@@ -49,15 +58,36 @@ REAL_TEXT_FINDING = (
     "rank rather than falling off at a runway, and forecast runways 5-27x later than the measured crossings at "
     "ranks 16 and 64: on data that generalises, read a runway as optimistic and a verdict as a rough guide")
 """What this project measured against the forecast on real text, said wherever a forecast is shown."""
+PAST_CAPACITY_FINDING = (
+    "not measured on this base (lorascope calibrate brackets it); on random facts this project saw a LoRA hold almost "
+    "nothing at ~2x its capacity at a fixed step budget (issue 13), and, trained 300 epochs, a plateau to ~6x its "
+    "capacity then almost nothing by ~10x (docs/capacity.md)")
+"""What is expected past a rank's runway when no calibration measured it."""
 
 
 @dataclass(frozen=True)
 class CapacityConstant:
-    """Bits per LoRA parameter :math:`\\kappa`, its multiplicative uncertainty :math:`u \\ge 1`, and its source."""
+    """Bits per LoRA parameter :math:`\\kappa`, its multiplicative uncertainty :math:`u \\ge 1`, and its source.
+
+    Attributes
+    ----------
+    bits_per_parameter : float
+        One value of :math:`\\kappa` for printing and JSON: the constant itself when ``fit`` is None, else the
+        calibration's median over the ranks it measured.
+    uncertainty : float
+        :math:`u` inside the measured range (:meth:`uncertainty_at` widens it outside).
+    source : str
+    fit : KappaFit, optional
+        :math:`\\kappa(P)` fitted by ``lorascope calibrate`` over several ranks; None: flat.
+    bracket : CapacityBracket, optional
+        What one calibrated adapter held below and above its capacity; None: not measured.
+    """
 
     bits_per_parameter: float
     uncertainty: float
     source: str
+    fit: KappaFit | None = None
+    bracket: CapacityBracket | None = None
 
     def __post_init__(self) -> None:
         if not self.bits_per_parameter > 0 or not math.isfinite(self.bits_per_parameter):
@@ -73,14 +103,76 @@ class CapacityConstant:
 
     @classmethod
     def from_calibration(cls, calibration: Any) -> CapacityConstant:
-        """From a :class:`~lorascope.workflows.calibrate.Calibration` of this architecture."""
+        """From a :class:`~lorascope.workflows.calibrate.Calibration` of this architecture: its median, its
+        uncertainty, its fit :math:`\\kappa(P)` (when it has one) and its capacity bracket.
+
+        Raises
+        ------
+        InvalidOptionError
+            No rank of the calibration learned the facts.
+        """
+        if not any(p.learned for p in calibration.points):
+            raise InvalidOptionError(
+                "The calibration has no rank whose adapter learned the facts (each held under 5% of the bits offered), "
+                "so it measures no capacity; rerun lorascope calibrate with more --epochs or another --lr.")
         ranks = ", ".join(str(p.rank) for p in calibration.points)
+        fit = calibration.fit
+        law = "" if fit is None else (
+            f"; kappa(P) = {fit.at(fit.parameters_low):.3g} at {fit.parameters_low:,.0f} to "
+            f"{fit.at(fit.parameters_high):.3g} at {fit.parameters_high:,.0f} LoRA parameters (P^{fit.exponent:+.2f}), "
+            "held at the nearest end outside")
         return cls(calibration.bits_per_parameter, calibration.uncertainty,
-                   f"calibrated on this architecture at rank(s) {ranks} ({calibration.created or 'undated'})")
+                   f"calibrated on this architecture at rank(s) {ranks} ({calibration.created or 'undated'}){law}",
+                   fit=fit, bracket=calibration.bracket)
+
+    @property
+    def collapse(self) -> float | None:
+        """The load, as a multiple of the adapter's capacity, at which ``calibrate`` measured it to collapse (hold
+        under half of its most); None when no collapse was measured (a plateau, or no bracket)."""
+        if self.bracket is None or self.bracket.finding != "collapse":
+            return None
+        return self.bracket.multiple(self.bracket.examined_load)
+
+    def bits_per_parameter_at(self, parameters: float) -> float:
+        """:math:`\\kappa(P)`: the fit at ``parameters`` (held at the nearest measured end outside the measured
+        range), or the flat constant.
+
+        >>> CapacityConstant(0.69, 2.0, "flat").bits_per_parameter_at(1e6)
+        0.69
+        """
+        return self.bits_per_parameter if self.fit is None else self.fit.at(parameters)
+
+    def capacity_bits(self, parameters: float) -> float:
+        """Bits an adapter of ``parameters`` LoRA parameters holds: :math:`\\kappa(P)\\,P`.
+
+        >>> CapacityConstant(0.5, 2.0, "flat").capacity_bits(1000)
+        500.0
+        """
+        return self.bits_per_parameter_at(parameters) * float(parameters)
+
+    def uncertainty_at(self, parameters: float) -> float:
+        """:math:`u(P)`: the uncertainty, widened outside the measured range by the factor the fitted power law
+        would move :math:`\\kappa` there (:meth:`KappaFit.extrapolation`), so that the range covers both the held
+        value and the trend continuing."""
+        return self.uncertainty if self.fit is None else self.uncertainty * self.fit.extrapolation(parameters)
+
+    def past_capacity(self) -> str:
+        """What is expected past a rank's runway: the calibration's bracket, or that it was not measured."""
+        b = self.bracket
+        if b is None or b.finding in ("not learned", "growing"):
+            why = "" if b is None else (f" (calibrate's bracket did not reach capacity: rank {b.rank}'s held bits "
+                                        f"{'were zero' if b.finding == 'not learned' else 'still grew'} up to "
+                                        f"{b.loads[-1]:g} bits offered per parameter)")
+            return f"past capacity: {PAST_CAPACITY_FINDING}{why}"
+        where = (f"at ~{b.multiple(b.examined_load):.2g}x its capacity the rank-{b.rank} adapter held "
+                 f"{b.examined_share:.0%} of what it held at capacity, measured by calibrate")
+        return f"collapse: {where}" if b.finding == "collapse" else f"a plateau: {where}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"bits_per_parameter": self.bits_per_parameter, "uncertainty": self.uncertainty,
-                "source": self.source}
+                "source": self.source, "fit": None if self.fit is None else self.fit.to_dict(),
+                "collapse": self.collapse, "bracket": None if self.bracket is None else self.bracket.to_dict(),
+                "past_capacity": self.past_capacity()}
 
 
 @dataclass(frozen=True)
@@ -151,17 +243,37 @@ def predict_ranks(ranks: Sequence[int], parameters: Callable[[int], tuple[int, d
     out = []
     for rank in ranks:
         count, by_kind = parameters(rank)
-        capacity = constant.bits_per_parameter * count
-        runway = capacity / bits.bits_per_example
-        low, high = runway / constant.uncertainty, runway * constant.uncertainty
-        verdict = judge(examples, runway, constant.uncertainty)
+        capacity = constant.capacity_bits(count)
+        runway, low, high = runway_range(capacity, bits, constant.uncertainty_at(count))
+        verdict = judge(examples, runway, runway / low if low > 0 else math.inf)
         tinker = count / trained_tokens_per_example if trained_tokens_per_example else None
-        reason = (f"{count:,} parameters x {constant.bits_per_parameter:.3g} bits = {capacity:,.0f} bits; the data "
-                  f"asks {bits.bits_per_example:,.3g} bits per example, so rank {rank} holds ~{runway:,.0f} examples "
-                  f"({low:,.0f} to {high:,.0f}) against {examples:,.0f}")
+        reason = (f"{count:,} parameters x {constant.bits_per_parameter_at(count):.3g} bits = {capacity:,.0f} bits; "
+                  f"the data asks {bits.bits_per_example:,.3g} bits per example, so rank {rank} holds "
+                  f"~{runway:,.0f} examples ({low:,.0f} to {high:,.0f}) against {examples:,.0f}")
+        fit = constant.fit
+        if fit is not None and not fit.parameters_low <= count <= fit.parameters_high:
+            reason += (f" (outside the calibrated {fit.parameters_low:,.0f} to {fit.parameters_high:,.0f} LoRA "
+                       f"parameters: kappa held at the nearest end, the range widened x{fit.extrapolation(count):.2g})")
+        if verdict == "exceeded":
+            reason += f"; past the runway (~{examples / runway:.2g}x): {constant.past_capacity()}"
         out.append(RankPrediction(int(rank), dict(by_kind), int(count), capacity, runway, low, high, tinker,
                                   verdict, reason))
     return out
+
+
+def runway_range(capacity: float, bits: BitsEstimate, uncertainty: float) -> tuple[float, float, float]:
+    """The dataset size whose bits fill ``capacity``, and its range: the capacity known to a factor
+    ``uncertainty`` and the bits to one standard error (:attr:`BitsEstimate.relative_error`), through the bits'
+    growth law (:meth:`BitsEstimate.examples_for`).
+
+    Examples
+    --------
+    >>> from lorascope.analysis.information import BitsEstimate
+    >>> runway_range(1000.0, BitsEstimate(2.0, "test", "test", False, "", one_time_bits=200.0), 2.0)
+    (400.0, 150.0, 900.0)
+    """
+    factor = uncertainty * (1.0 + bits.relative_error)
+    return bits.examples_for(capacity), bits.examples_for(capacity / factor), bits.examples_for(capacity * factor)
 
 
 def rank_needed(examples: float, bits: BitsEstimate, constant: CapacityConstant,
@@ -179,7 +291,8 @@ def rank_needed(examples: float, bits: BitsEstimate, constant: CapacityConstant,
     rank = 1
     while rank <= max_rank:
         count, _ = parameters(rank)
-        if judge(examples, constant.bits_per_parameter * count / bits.bits_per_example, constant.uncertainty) == "fits":
+        runway, low, _ = runway_range(constant.capacity_bits(count), bits, constant.uncertainty_at(count))
+        if judge(examples, runway, runway / low if low > 0 else math.inf) == "fits":
             return rank
         rank *= 2
     return None

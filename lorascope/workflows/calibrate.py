@@ -1,23 +1,25 @@
 """``lorascope calibrate``: measure bits stored per LoRA parameter on the user's own architecture.
 
-A short probe: at each of a few small ranks, a real PEFT LoRA on the frozen model is trained to memorize
-random key -> value facts (:class:`~lorascope.inputs.synthetic.FactsTask`) offering more bits than the adapter can
-hold, and the bits it ends up holding (:func:`~lorascope.inputs.synthetic.stored_bits`) are divided by its parameter
-count. The result, a :class:`Calibration`, is saved as JSON and passed to ``lorascope recommend``.
+A short probe: at each of several ranks, a real PEFT LoRA on the frozen model is trained to memorize random
+key -> value facts (:class:`~lorascope.inputs.synthetic.FactsTask`), and the bits it ends up holding
+(:func:`~lorascope.inputs.synthetic.stored_bits`) are divided by its parameter count. At the smallest rank the
+facts offered are bracketed (below and above what the adapter holds) to find its capacity and whether it collapses
+past it; the other ranks are offered the load at which that adapter held the most, and kappa(P) is fitted over all
+of them. The result, a :class:`Calibration` (:mod:`lorascope.workflows.calibration`), is saved as JSON and passed to
+``lorascope recommend``.
 
 Why measure: "2 bits per parameter" (Allen-Zhu & Li, 2025) is for a whole model trained long on its facts; a
-low-rank adapter on a frozen base can store far less, and how much depends on the base.
+low-rank adapter on a frozen base can store far less, how much depends on the base, and on random facts it fell
+with the adapter's size (issue 13).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import math
+import numbers
 import os
-import statistics
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,149 +27,26 @@ import torch
 from torch import nn
 
 from lorascope._checks import check_positive_int, check_ranks
-from lorascope._version import __version__
 from lorascope.errors import InvalidOptionError, LorascopeError, ModelConfigError
 from lorascope.inputs import synthetic
 from lorascope.model.lora_params import lora_parameters, model_from_config
 from lorascope.model.peft_config import make_lora_config, to_peft
 from lorascope.model.taxonomy import classify
+from lorascope.workflows.calibration import Calibration, CalibrationPoint, load_calibration
 
-__all__ = ["Calibration", "CalibrationPoint", "base_model", "calibrate", "load_calibration", "memorize_with_lora",
-           "model_signature"]
+__all__ = ["DEFAULT_BRACKET", "DEFAULT_RANKS", "Calibration", "CalibrationPoint", "base_model", "calibrate",
+           "load_calibration", "memorize_with_lora", "model_signature"]
 
-CALIBRATION_FORMAT = "lorascope-calibration"
-CALIBRATION_VERSION = 1
 EVALUATIONS = 5
 """Checkpoints (evenly spaced over the epochs) at which an adapter's stored bits are measured; the best counts."""
 AUTO_ALL_LAYERS_BUDGET = 50_000
 """LoRA parameters per rank up to which ``layers="auto"`` adapts every block."""
-MIN_UNCERTAINTY = 1.25
-"""The smallest uncertainty factor a calibrated constant is given, even when its ranks agree exactly."""
-LEARNED_FRACTION = 0.05
-"""A rank whose adapter held less than this share of the bits offered did not learn: left out of the constant."""
-
-
-@dataclass(frozen=True)
-class CalibrationPoint:
-    """One rank of a calibration run: what was offered, what the adapter held."""
-
-    rank: int
-    lora_parameters: int
-    facts: int
-    bits_offered: float
-    bits_stored: float
-    final_loss_nats: float
-    epochs: int
-
-    @property
-    def bits_per_parameter(self) -> float:
-        return self.bits_stored / self.lora_parameters
-
-    @property
-    def learned(self) -> bool:
-        """False when the adapter held under :data:`LEARNED_FRACTION` of the bits offered: it did not learn the
-        facts (too few epochs, a learning rate that failed), so it says nothing about capacity."""
-        return self.bits_stored >= LEARNED_FRACTION * self.bits_offered
-
-    @property
-    def saturated(self) -> bool:
-        """True when the adapter held less than 80% of what was offered (so it was full, as intended)."""
-        return self.bits_stored < 0.8 * self.bits_offered
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "bits_per_parameter": self.bits_per_parameter, "saturated": self.saturated,
-                "learned": self.learned}
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Bits per LoRA parameter measured on one architecture.
-
-    Attributes
-    ----------
-    model : dict
-        :func:`model_signature` of the calibrated model (``model_type``, ``hidden_size``, ...).
-    target : str
-        The LoRA target set used.
-    points : tuple of CalibrationPoint
-    task, training : dict
-        The facts task (values, key tokens, seed) and the training settings.
-    base : str
-        What the frozen base was (pretrained weights, or a config with synthetic pretraining).
-    """
-
-    model: dict[str, Any]
-    target: str
-    points: tuple[CalibrationPoint, ...]
-    task: dict[str, Any]
-    training: dict[str, Any]
-    base: str = ""
-    created: str = ""
-    lorascope_version: str = __version__
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def counted(self) -> tuple[CalibrationPoint, ...]:
-        """The points the constant is taken from: the ranks whose adapter learned (all, when none did)."""
-        return tuple(p for p in self.points if p.learned) or self.points
-
-    @property
-    def bits_per_parameter(self) -> float:
-        """The constant: the median over the ranks that learned of bits stored per LoRA parameter."""
-        return float(statistics.median(p.bits_per_parameter for p in self.counted))
-
-    @property
-    def spread(self) -> float:
-        """Largest over smallest per-rank constant among the ranks that learned (1 = they agree)."""
-        values = [p.bits_per_parameter for p in self.counted]
-        return max(values) / min(values) if min(values) > 0 else math.inf
-
-    @property
-    def uncertainty(self) -> float:
-        """Multiplicative uncertainty of the constant: the spread over ranks, at least :data:`MIN_UNCERTAINTY`."""
-        return max(MIN_UNCERTAINTY, self.spread)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
-                "lorascope_version": self.lorascope_version, "created": self.created, "model": dict(self.model),
-                "base": self.base, "target": self.target, "task": dict(self.task), "training": dict(self.training),
-                "points": [p.to_dict() for p in self.points], "bits_per_parameter": self.bits_per_parameter,
-                "spread": self.spread, "uncertainty": self.uncertainty, "notes": list(self.notes)}
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the calibration as JSON (what ``lorascope recommend --calibration`` reads)."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
-
-def load_calibration(path: str | os.PathLike[str]) -> Calibration:
-    """Read a calibration written by :meth:`Calibration.save` / ``lorascope calibrate``.
-
-    Raises
-    ------
-    LorascopeError
-        If the file is missing, not JSON, or not a lorascope calibration.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise LorascopeError(f"No calibration file at {str(path)!r}; write one with `lorascope calibrate`.")
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != CALIBRATION_FORMAT:
-            raise ValueError("not a lorascope calibration")
-        if data.get("version") != CALIBRATION_VERSION:
-            raise ValueError(f"calibration format version {data.get('version')!r}, this lorascope reads "
-                             f"{CALIBRATION_VERSION}")
-        points = tuple(CalibrationPoint(**{k: p[k] for k in CalibrationPoint.__dataclass_fields__})
-                       for p in data["points"])
-        if not points or any(p.lora_parameters <= 0 for p in points):
-            raise ValueError("no valid calibration points")
-        return Calibration(model=data["model"], target=data["target"], points=points, task=data["task"],
-                           training=data["training"], base=data.get("base", ""), created=data.get("created", ""),
-                           lorascope_version=data.get("lorascope_version", ""), notes=tuple(data.get("notes", ())))
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        raise LorascopeError(f"{str(path)!r} is not a valid lorascope calibration file ({exc}).") from None
+DEFAULT_RANKS = (1, 2, 4, 8, 16)
+"""Ranks measured by default: enough octaves of P to fit kappa(P)."""
+DEFAULT_BRACKET = (0.5, 1.0, 2.0, 4.0)
+"""Loads (bits offered per LoRA parameter) tried at the smallest rank, below and above its capacity."""
+DEFAULT_LOAD = 2.0
+"""The load offered without a bracket, and where the learning rates are tried."""
 
 
 def model_signature(model: nn.Module) -> dict[str, Any]:
@@ -239,49 +118,61 @@ def base_model(model_dir: str | os.PathLike[str] | None = None, config: str | os
     return model, f"config {config}: random weights + {pretrain_steps} synthetic pretraining steps"
 
 
-def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = "auto", values: int | None = None,
-              offered_bits_per_parameter: float = 2.0, epochs: int = 300, lr: float | Sequence[float] = (1e-3, 3e-3),
-              batch_size: int = 128,
-              seed: int = 0, layers: Sequence[int] | str | None = "auto", base: str = "",
+def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target: str = "auto",
+              values: int | None = None, offered_bits_per_parameter: float | None = None,
+              bracket: Sequence[float] | None = DEFAULT_BRACKET, budget: int | None = None, epochs: int = 300,
+              lr: float | Sequence[float] = (1e-3, 3e-3), batch_size: int = 128, seed: int = 0,
+              layers: Sequence[int] | str | None = "auto", base: str = "",
               log: Callable[[str], None] | None = None) -> Calibration:
-    """Measure bits stored per LoRA parameter on ``model`` with real PEFT LoRA adapters.
+    """Measure bits stored per LoRA parameter on ``model`` with real PEFT LoRA adapters, at several ranks.
 
-    For each rank r: :math:`P(r)` LoRA parameters on ``target``; :math:`N = \\lceil \\rho P(r) / \\log_2 V\\rceil`
-    facts offering :math:`\\rho` = ``offered_bits_per_parameter`` bits per parameter; Adam on the adapter for
-    ``epochs`` passes (loss on the value token); then
+    For each rank r: :math:`P(r)` LoRA parameters on ``target``; :math:`N = \\lceil \\rho P(r) / \\log_2
+    V\\rceil` facts offering :math:`\\rho` bits per parameter (the *load*); Adam on the adapter for ``epochs``
+    passes (loss on the value token); then :math:`\\kappa_r = \\mathrm{stored\\_bits} / P(r)`, and over the
+    ranks that learned the fit (:func:`~lorascope.analysis.capacity_fit.fit_kappa`)
 
-    .. math:: \\kappa_r = \\mathrm{stored\\_bits} / P(r), \\qquad \\kappa = \\mathrm{median}_r\\, \\kappa_r
+    .. math:: \\log \\kappa(P) = a + g \\log P
 
-    The model is left as it was (adapters are removed with PEFT's ``unload``; base weights never change).
+    In order: the learning rates are tried at the smallest rank at the given load, else at the bracket's load
+    nearest :data:`DEFAULT_LOAD` (2 bits per parameter); that rank is then offered each other load of ``bracket``,
+    which gives its capacity and whether it collapses past it
+    (:func:`~lorascope.analysis.capacity_fit.bracket_capacity`); every other rank is offered the load at which
+    the bracketed adapter held the most. The model is left as it was (adapters are removed with PEFT's ``unload``;
+    base weights never change).
 
     Parameters
     ----------
     model : torch.nn.Module
         A causal LM taking ``input_ids`` and returning logits (transformers models do); its trained weights
         should be the base you will fine-tune: the constant depends on them.
-    ranks : sequence of int, default (1, 2)
-        Small ranks keep the probe cheap: the facts needed grow with the rank.
+    ranks : sequence of int, default (1, 2, 4, 8, 16)
+        The facts needed, so the cost, grow with the rank; ``budget`` caps it.
     target : str, default "auto"
         ``"auto"`` (all linear layers, plus fused MoE experts when present) or a target set of
         :data:`~lorascope.model.lora_params.LORA_TARGETS`.
     values : int, optional
         Size V of the value set (default ``min(256, vocab_size // 4)``).
-    offered_bits_per_parameter : float, default 2.0
-        Bits offered per LoRA parameter; well above what an adapter holds, so it fills up.
+    offered_bits_per_parameter : float, optional
+        The load offered at every rank. Default: the bracket's best load (:data:`DEFAULT_LOAD` without a bracket).
+    bracket : sequence of float or None, default (0.5, 1, 2, 4)
+        Loads offered to the smallest rank's adapter; None or fewer than two loads: no bracket.
+    budget : int, optional
+        The most adapter-training examples to spend (facts x epochs, summed over every adapter trained: learning
+        rates tried, bracket loads and ranks). A load or rank that would pass it is skipped, with a note (a rank
+        skipped skips the larger ones too). None: no limit.
     epochs, batch_size, seed
         Training of each adapter.
     lr : float or sequence of float, default (1e-3, 3e-3)
         Adam learning rate; given several, each is tried at the smallest rank and the one storing the most bits is
-        used for every rank (with alpha / r scaling the best LoRA learning rate barely depends on the rank).
+        used for every adapter (with alpha / r scaling the best LoRA learning rate barely depends on the rank).
     layers : "auto", sequence of int or None, default "auto"
-        Transformer blocks to adapt. The constant is per parameter, so one block measures it as well as all of them
-        at a fraction of the cost (the facts needed grow with the adapter). ``"auto"``: every block when an
-        all-block adapter has at most :data:`AUTO_ALL_LAYERS_BUDGET` parameters per rank, else the middle block;
-        None: every block.
+        Transformer blocks to adapt. The constant is per parameter, so one block measures it at a fraction of the
+        cost. ``"auto"``: every block when an all-block adapter has at most :data:`AUTO_ALL_LAYERS_BUDGET`
+        parameters per rank, else the middle block; None: every block.
     base : str
         A description of the base stored with the result.
     log : callable, optional
-        Receives one progress line per rank.
+        Receives one progress line per adapter trained.
 
     Returns
     -------
@@ -290,7 +181,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
     Raises
     ------
     InvalidOptionError
-        Bad ranks, sizes or training settings.
+        Bad ranks, loads, budget or training settings, or a budget that covers not even the first adapter.
     ModelConfigError
         The model has no vocabulary size to draw facts from, or PEFT cannot adapt it.
     """
@@ -298,47 +189,121 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = (1, 2), target: str = 
     check_positive_int("epochs", epochs, "calibrate")
     check_positive_int("batch_size", batch_size, "calibrate")
     lrs = (lr,) if isinstance(lr, (int, float)) else tuple(lr)
-    if not lrs or not all(isinstance(v, (int, float)) and v > 0 for v in lrs) or not offered_bits_per_parameter > 0:
-        raise InvalidOptionError("The 'lr' (a number or a list of numbers) and 'offered_bits_per_parameter' "
-                                 "parameters of calibrate must be positive.")
-    lr_candidates = lrs
+    if not lrs or not all(isinstance(v, (int, float)) and v > 0 for v in lrs):
+        raise InvalidOptionError(f"The 'lr' parameter of calibrate must be a positive number or a list of them. "
+                                 f"Got {lr!r} instead.")
+    if offered_bits_per_parameter is not None and not _positive(offered_bits_per_parameter):
+        raise InvalidOptionError(f"The 'offered_bits_per_parameter' parameter of calibrate must be a positive number "
+                                 f"or None. Got {offered_bits_per_parameter!r} instead.")
+    loads = tuple(sorted(set(bracket or ())))
+    if not all(_positive(v) for v in loads):
+        raise InvalidOptionError(f"The 'bracket' parameter of calibrate must be positive loads (bits offered per "
+                                 f"LoRA parameter) such as (0.5, 1, 2, 4), or None. Got {bracket!r} instead.")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1):
+        raise InvalidOptionError(f"The 'budget' parameter of calibrate must be an int in the range [1, inf) "
+                                 f"(adapter-training examples: facts x epochs) or None. Got {budget!r} instead.")
+    loads = loads if len(loads) >= 2 else ()
     vocab = _vocab_size(model)
     values = values or min(256, vocab // 4)
     resolved = resolve_target(model, target)
     blocks = _calibration_layers(model, resolved, layers)
-    points, notes = [], []
-    for rank in ranks:
-        params = rank * _per_rank(model, resolved, blocks)
-        facts = math.ceil(offered_bits_per_parameter * params / math.log2(values))
+    per_rank = _per_rank(model, resolved, blocks)
+    notes: list[str] = []
+    spent = 0
+
+    def facts_for(rank: int, load: float) -> int:
+        return math.ceil(load * rank * per_rank / math.log2(values))
+
+    def train(rank: int, load: float, rate: float, what: str) -> CalibrationPoint:
+        nonlocal spent
+        facts = facts_for(rank, load)
         task = synthetic.FactsTask(facts=facts, vocab_size=vocab, values=values,
                                    key_tokens=_key_tokens(facts, vocab - values), seed=seed + rank)
-        tried = [memorize_with_lora(model, resolved, rank, task, epochs=epochs, lr=value, batch_size=batch_size,
-                                    seed=seed, layers=blocks) for value in lrs]
-        best = max(range(len(lrs)), key=lambda i: tried[i].bits_stored)
-        point, lrs = tried[best], (lrs[best],)  # the smallest rank picks the learning rate for the others
-        if point.lora_parameters != params:  # PEFT's own count must agree with lorascope's accounting
+        point = memorize_with_lora(model, resolved, rank, task, epochs=epochs, lr=rate, batch_size=batch_size,
+                                   seed=seed, layers=blocks)
+        spent += facts * epochs
+        if point.lora_parameters != rank * per_rank:  # PEFT's own count must agree with lorascope's accounting
             raise LorascopeError(f"PEFT created {point.lora_parameters} LoRA parameters at rank {rank}, lorascope "
-                                 f"counted {params}; please report this architecture.")
-        if not point.learned:
-            notes.append(f"rank {rank}: the adapter held {point.bits_stored / point.bits_offered:.1%} of the bits "
-                         "offered: it did not learn the facts (more epochs or another learning rate), so this rank "
-                         "is left out of the constant")
-        elif not point.saturated:
-            notes.append(f"rank {rank}: the adapter held {point.bits_stored / point.bits_offered:.0%} of the bits "
-                         "offered, so it may not be full: the constant is a lower bound; raise "
-                         "offered_bits_per_parameter")
-        points.append(point)
-        if log:
-            log(f"rank {rank}: {params:,} LoRA parameters, {facts:,} facts ({point.bits_offered:,.0f} bits offered), "
-                f"stored {point.bits_stored:,.0f} bits = {point.bits_per_parameter:.3f} bits/parameter")
+                                 f"counted {rank * per_rank}; please report this architecture.")
+        if log and what:
+            log(f"{what}: {_describe(point)}")
+        return point
+
+    def affordable(rank: int, load: float, times: int = 1) -> bool:
+        return budget is None or spent + times * facts_for(rank, load) * epochs <= budget
+
+    first = ranks[0]
+    # learning rates are tried at the given load, else at the bracket's load nearest DEFAULT_LOAD (no extra adapter)
+    trial_load = offered_bits_per_parameter or min(loads or (DEFAULT_LOAD,),
+                                                   key=lambda v: abs(math.log(v / DEFAULT_LOAD)))
+    if not affordable(first, trial_load, len(lrs)):
+        raise InvalidOptionError(
+            f"The 'budget' parameter of calibrate covers no measurement: rank {first} at {trial_load:g} bits per "
+            f"parameter with {len(lrs)} learning rate(s) needs {len(lrs) * facts_for(first, trial_load) * epochs:,} "
+            f"adapter-training examples (facts x epochs). Got {budget!r} instead.")
+    tried = [train(first, trial_load, rate, f"learning rate {rate:g} at rank {first}") for rate in lrs]
+    best = max(range(len(lrs)), key=lambda i: tried[i].bits_stored)
+    rate, at_load = lrs[best], {trial_load: tried[best]}
+    for load in loads:
+        if load in at_load:
+            continue
+        if affordable(first, load):
+            at_load[load] = train(first, load, rate, f"bracket, rank {first} at load {load:g}")
+        else:
+            notes.append(f"bracket: load {load:g} at rank {first} skipped, over the budget ({budget:,} examples)")
+    bracket_points = tuple(at_load[v] for v in loads if v in at_load)
+    if len(bracket_points) < 2:
+        bracket_points = ()
+    if offered_bits_per_parameter is not None:
+        load = offered_bits_per_parameter
+    elif bracket_points:  # the load at which the bracketed adapter held the most
+        load = max((v for v in loads if v in at_load), key=lambda v: at_load[v].bits_stored)
+    else:
+        load = trial_load
+    points = [at_load[load] if load in at_load else train(first, load, rate, "")]
+    if log:  # one line per rank, each starting "rank ": the CLI's progress bar counts them
+        log(f"rank {first}: {_describe(points[0])}")
+    for position, rank in enumerate(ranks[1:], start=1):
+        if not affordable(rank, load):
+            notes.append(f"ranks {', '.join(map(str, ranks[position:]))} skipped: rank {rank} needs "
+                         f"{facts_for(rank, load) * epochs:,} adapter-training examples, the budget "
+                         f"({budget:,}) has {budget - spent:,} left")
+            break
+        points.append(train(rank, load, rate, f"rank {rank}"))
+    notes += _point_notes(points)
     return Calibration(model=model_signature(model), target=resolved, points=tuple(points),
                        task={"kind": "random key -> value facts", "values": values, "seed": seed},
-                       training={"optimizer": "Adam", "lr": lrs[0], "lr_tried": list(map(float, lr_candidates)),
-                                 "epochs": epochs, "batch_size": batch_size,
-                                 "lora_alpha": 32, "offered_bits_per_parameter": offered_bits_per_parameter,
+                       training={"optimizer": "Adam", "lr": rate, "lr_tried": list(map(float, lrs)),
+                                 "epochs": epochs, "batch_size": batch_size, "lora_alpha": 32,
+                                 "offered_bits_per_parameter": load, "bracket_loads": list(loads),
+                                 "budget": budget, "examples_trained": spent,
                                  "layers": None if blocks is None else sorted(blocks)},
                        base=base, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       notes=tuple(notes))
+                       notes=tuple(notes), bracket_points=bracket_points)
+
+
+def _describe(point: CalibrationPoint) -> str:
+    return (f"{point.lora_parameters:,} LoRA parameters, {point.facts:,} facts ({point.bits_offered:,.0f} bits "
+            f"offered, {point.load:.2g} per parameter), stored {point.bits_stored:,.0f} bits = "
+            f"{point.bits_per_parameter:.3f} bits/parameter")
+
+
+def _point_notes(points: Sequence[CalibrationPoint]) -> list[str]:
+    notes = []
+    for point in points:
+        if not point.learned:
+            notes.append(f"rank {point.rank}: the adapter held {point.bits_stored / point.bits_offered:.1%} of the "
+                         "bits offered: it did not learn the facts (more epochs or another learning rate), so this "
+                         "rank is left out of the constant")
+        elif not point.saturated:
+            notes.append(f"rank {point.rank}: the adapter held {point.bits_stored / point.bits_offered:.0%} of the "
+                         "bits offered, so it may not be full: its bits per parameter are a lower bound; raise "
+                         "offered_bits_per_parameter")
+    return notes
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _calibration_layers(model: nn.Module, target: str, layers: Sequence[int] | str | None) -> frozenset[int] | None:

@@ -203,7 +203,7 @@ def test_calibrate_is_stable_across_two_small_ranks_and_leaves_the_model_unchang
     model = _tiny_llama(hidden=32, vocab=256)
     pretrain_on_markov(model, 256, steps=150)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = calibrate(model, ranks=(1, 2), epochs=120, values=64)
+    result = calibrate(model, ranks=(1, 2), epochs=120, values=64, bracket=None, offered_bits_per_parameter=2.0)
     assert result.spread <= 1.5, [p.bits_per_parameter for p in result.points]
     assert all(p.saturated for p in result.points)  # the adapters were full, so this is a capacity
     assert 0.05 < result.bits_per_parameter < 4.0

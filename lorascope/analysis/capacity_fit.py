@@ -1,0 +1,238 @@
+"""How bits per LoRA parameter change with the adapter's size, and what an adapter holds past its capacity.
+
+Bits per parameter :math:`\\kappa` is not one number: on random facts at a fixed training budget it fell from about
+0.85 (ranks 1-2) to about 0.5 (rank 32) (issue 13). :func:`fit_kappa` fits the power law
+
+.. math:: \\log \\kappa(P) = a + g \\log P
+
+over measured adapters of :math:`P` parameters, and :class:`KappaFit` evaluates it, holding :math:`\\kappa` at the
+nearest measured end outside the measured range (:meth:`KappaFit.at`) and saying how far the law would move it
+there (:meth:`KappaFit.extrapolation`).
+
+Past its capacity an adapter may hold less, not more: offered twice what it holds, a LoRA trained on random facts
+collapsed to almost nothing (issue 13). :func:`bracket_capacity` reads the bits one adapter held at several loads
+(bits offered per parameter) as a :class:`CapacityBracket`: where the held bits stop growing (capacity), and whether
+they then fall under half their maximum (a collapse) or stay (a plateau).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lorascope.errors import InvalidOptionError
+
+__all__ = ["COLLAPSE_FRACTION", "PLATEAU_FRACTION", "CapacityBracket", "KappaFit", "bracket_capacity", "fit_kappa"]
+
+COLLAPSE_FRACTION = 0.5
+"""An adapter offered more than its capacity *collapsed* when it held under this share of the most it held."""
+PLATEAU_FRACTION = 0.9
+"""Held bits *stopped growing* at the smallest load where they reach this share of the most held."""
+
+
+@dataclass(frozen=True)
+class KappaFit:
+    """:math:`\\log \\kappa = a + g \\log P` (natural logarithms), fitted over adapters of ``parameters_low`` to
+    ``parameters_high`` parameters.
+
+    ``residual`` is the standard deviation of the fit's log residuals (``n - 2`` degrees of freedom), NaN with
+    two points or fewer.
+    """
+
+    intercept: float
+    exponent: float
+    parameters_low: float
+    parameters_high: float
+    residual: float
+    points: int
+
+    def at(self, parameters: float) -> float:
+        """:math:`\\kappa` at ``parameters``; outside the measured range, the value at the nearest measured end.
+
+        >>> fit = KappaFit(math.log(2.0), -0.5, 100.0, 10_000.0, 0.0, 3)
+        >>> round(fit.at(400), 6), round(fit.at(1.0), 6), round(fit.at(1e6), 6)
+        (0.1, 0.2, 0.02)
+        """
+        clamped = min(max(float(parameters), self.parameters_low), self.parameters_high)
+        return math.exp(self.intercept + self.exponent * math.log(clamped))
+
+    def extrapolation(self, parameters: float) -> float:
+        """How far the power law would move :math:`\\kappa` from the held value at ``parameters``: a factor >= 1,
+        1 inside the measured range, :math:`(P / P_{high})^{|g|}` above it and :math:`(P_{low} / P)^{|g|}` below.
+
+        >>> KappaFit(0.0, -0.5, 100.0, 10_000.0, 0.0, 3).extrapolation(40_000)
+        2.0
+        """
+        distance = max(float(parameters) / self.parameters_high, self.parameters_low / float(parameters), 1.0)
+        return distance ** abs(self.exponent)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"intercept": self.intercept, "exponent": self.exponent,
+                "parameters_range": [self.parameters_low, self.parameters_high],
+                "residual": None if math.isnan(self.residual) else self.residual, "points": self.points}
+
+
+def fit_kappa(parameters: Sequence[float], bits_per_parameter: Sequence[float]) -> KappaFit:
+    """Least-squares fit of :math:`\\log \\kappa = a + g \\log P` to measured adapters.
+
+    .. math:: g = \\frac{\\sum_i (x_i - \\bar x)(y_i - \\bar y)}{\\sum_i (x_i - \\bar x)^2}, \\quad
+              a = \\bar y - g \\bar x, \\qquad x_i = \\log P_i,\\ y_i = \\log \\kappa_i
+
+    With one point, or points all of one size, :math:`g = 0` and :math:`\\kappa` is their geometric mean.
+
+    Parameters
+    ----------
+    parameters : sequence of float
+        LoRA parameter counts :math:`P_i > 0`.
+    bits_per_parameter : sequence of float
+        Bits held per parameter :math:`\\kappa_i > 0` by each adapter.
+
+    Returns
+    -------
+    KappaFit
+
+    Raises
+    ------
+    InvalidOptionError
+        Empty or unequal sequences, or a count or value that is not a positive finite number.
+
+    Examples
+    --------
+    >>> fit = fit_kappa([1000, 2000, 4000, 8000], [0.9 * (p / 1000) ** -0.2 for p in (1000, 2000, 4000, 8000)])
+    >>> round(fit.exponent, 6), round(fit.at(1000), 6), fit.residual < 1e-9
+    (-0.2, 0.9, True)
+    """
+    xs_raw, ys_raw = list(parameters), list(bits_per_parameter)
+    if not xs_raw or len(xs_raw) != len(ys_raw) or not all(
+            _real(v) and math.isfinite(v) and v > 0 for v in xs_raw + ys_raw):
+        raise InvalidOptionError("fit_kappa needs as many parameter counts as bits per parameter, all positive "
+                                 f"finite numbers. Got {xs_raw!r} and {ys_raw!r} instead.")
+    xs, ys = [math.log(v) for v in xs_raw], [math.log(v) for v in ys_raw]
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    exponent = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
+    intercept = mean_y - exponent * mean_x
+    residuals = [y - intercept - exponent * x for x, y in zip(xs, ys)]
+    residual = math.sqrt(sum(r * r for r in residuals) / (n - 2)) if n > 2 else math.nan
+    return KappaFit(intercept, exponent, float(min(xs_raw)), float(max(xs_raw)), residual, n)
+
+
+@dataclass(frozen=True)
+class CapacityBracket:
+    """The bits one adapter of ``lora_parameters`` parameters held at increasing loads (bits offered per parameter).
+
+    Everything else is derived: the most held and where (``best_load``), where the held bits stopped growing
+    (``capacity_load``: the smallest load holding :data:`PLATEAU_FRACTION` of the most), and what happened above
+    it (``finding``):
+
+    - ``"collapse"``: at a load above the best one the adapter held under :data:`COLLAPSE_FRACTION` of its most
+      (``collapse_load``, the smallest such load);
+    - ``"plateau"``: the held bits stopped growing and never fell that far up to the largest load offered;
+    - ``"growing"``: they still grew at the largest load: capacity was not reached, nothing bracketed;
+    - ``"not learned"``: the adapter held nothing at any load.
+
+    Loads are also given as multiples of the adapter's capacity, :math:`\\text{load} / \\kappa_r` with
+    :math:`\\kappa_r` = the most held / ``lora_parameters``.
+    """
+
+    rank: int
+    lora_parameters: int
+    loads: tuple[float, ...]
+    held_bits: tuple[float, ...]
+
+    @property
+    def held_max(self) -> float:
+        return max(self.held_bits)
+
+    @property
+    def best_load(self) -> float:
+        return self.loads[self.held_bits.index(self.held_max)]
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """The adapter's capacity per parameter: the most it held over its parameter count."""
+        return self.held_max / self.lora_parameters
+
+    @property
+    def capacity_load(self) -> float:
+        return next(load for load, held in zip(self.loads, self.held_bits) if held >= PLATEAU_FRACTION * self.held_max)
+
+    @property
+    def collapse_load(self) -> float | None:
+        best = self.loads.index(self.best_load)
+        return next((load for load, held in zip(self.loads[best + 1:], self.held_bits[best + 1:])
+                     if held < COLLAPSE_FRACTION * self.held_max), None)
+
+    @property
+    def finding(self) -> str:
+        if self.held_max <= 0:
+            return "not learned"
+        if self.collapse_load is not None:
+            return "collapse"
+        return "plateau" if self.capacity_load < self.loads[-1] else "growing"
+
+    @property
+    def examined_load(self) -> float:
+        """The load the finding speaks of: the collapse load, else the largest load offered."""
+        return self.collapse_load if self.collapse_load is not None else self.loads[-1]
+
+    @property
+    def examined_share(self) -> float:
+        """What the adapter held at :attr:`examined_load`, as a share of the most it held."""
+        held = self.held_bits[self.loads.index(self.examined_load)]
+        return held / self.held_max if self.held_max > 0 else 0.0
+
+    def multiple(self, load: float) -> float:
+        """``load`` as a multiple of this adapter's capacity (inf when it held nothing)."""
+        return load / self.bits_per_parameter if self.held_max > 0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        collapse = self.collapse_load
+        learned = self.held_max > 0
+        return {"rank": self.rank, "lora_parameters": self.lora_parameters, "loads": list(self.loads),
+                "held_bits": list(self.held_bits), "finding": self.finding, "best_load": self.best_load,
+                "bits_per_parameter": self.bits_per_parameter, "capacity_load": self.capacity_load,
+                "collapse_load": collapse,
+                "collapse": None if collapse is None or not learned else self.multiple(collapse),
+                "examined_load": self.examined_load,
+                "examined_multiple": self.multiple(self.examined_load) if learned else None,
+                "examined_share": self.examined_share}
+
+
+def bracket_capacity(loads: Sequence[float], held_bits: Sequence[float], *, lora_parameters: int,
+                     rank: int) -> CapacityBracket:
+    """One adapter's held bits at two or more loads, as a :class:`CapacityBracket` (sorted by load).
+
+    Raises
+    ------
+    InvalidOptionError
+        Fewer than two loads, repeated or non-positive loads, negative held bits, or unequal lengths.
+
+    Examples
+    --------
+    >>> b = bracket_capacity([0.5, 1, 2, 4], [500, 850, 900, 40], lora_parameters=1000, rank=1)
+    >>> b.finding, b.capacity_load, b.collapse_load, round(b.multiple(b.collapse_load), 2)
+    ('collapse', 1.0, 4.0, 4.44)
+    >>> bracket_capacity([0.5, 1, 2, 4], [500, 850, 900, 880], lora_parameters=1000, rank=1).finding
+    'plateau'
+    """
+    values = [*loads, *held_bits]
+    pairs = sorted(zip(loads, held_bits)) if all(_real(v) and math.isfinite(v) for v in values) else []
+    if (len(pairs) < 2 or len(loads) != len(held_bits) or len({p[0] for p in pairs}) != len(pairs)
+            or pairs[0][0] <= 0 or min(p[1] for p in pairs) < 0):
+        raise InvalidOptionError("A capacity bracket needs two or more distinct positive loads, each with the "
+                                 f"non-negative bits held there. Got loads {list(loads)!r} and held bits "
+                                 f"{list(held_bits)!r} instead.")
+    if not isinstance(lora_parameters, int) or lora_parameters < 1:
+        raise InvalidOptionError(f"The 'lora_parameters' parameter of bracket_capacity must be an int in the range "
+                                 f"[1, inf). Got {lora_parameters!r} instead.")
+    return CapacityBracket(int(rank), lora_parameters, tuple(float(p[0]) for p in pairs),
+                           tuple(float(p[1]) for p in pairs))
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

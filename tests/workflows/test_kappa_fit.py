@@ -1,0 +1,265 @@
+"""kappa as a function of the LoRA parameter count, and what an adapter holds past its capacity (issue 13 item 2):
+the fit against planted power laws, clamping outside the measured range, collapse and plateau on planted held-bits
+sequences, the verdict text, calibration files old and new, bad input, and a real (tiny) bracketed calibrate run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lorascope.analysis.capacity import CapacityConstant, predict_ranks, rank_needed
+from lorascope.analysis.capacity_fit import bracket_capacity, fit_kappa
+from lorascope.analysis.information import information_from_size
+from lorascope.errors import InvalidOptionError, LorascopeError
+from lorascope.workflows.calibration import Calibration, CalibrationPoint, load_calibration
+
+PER_RANK = 1000
+
+
+def _point(rank: int, kappa: float, load: float = 2.0, per_rank: int = PER_RANK) -> CalibrationPoint:
+    params = per_rank * rank
+    return CalibrationPoint(rank=rank, lora_parameters=params, facts=int(load * params / 8),
+                            bits_offered=load * params, bits_stored=kappa * params, final_loss_nats=1.0, epochs=3)
+
+
+def _calibration(points, bracket_points=(), **changes) -> Calibration:
+    return Calibration(model={"model_type": "llama", "hidden_size": 64}, target="all-linear", points=tuple(points),
+                       task={}, training={}, created="2026-01-01", bracket_points=tuple(bracket_points), **changes)
+
+
+def _law(a: float, g: float):
+    return lambda p: math.exp(a) * p ** g
+
+
+# -- the fit ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("exponent", [-0.15, 0.0, 0.2])
+def test_the_fit_recovers_a_planted_power_law_and_its_uncertainty_is_the_residual(exponent, seed):
+    law = _law(0.4, exponent)
+    ranks = (1, 2, 4, 8, 16)
+    exact = _calibration([_point(r, law(PER_RANK * r)) for r in ranks])
+    fit = exact.fit
+    assert fit is not None and fit.points == 5
+    assert fit.exponent == pytest.approx(exponent, abs=1e-9) and fit.intercept == pytest.approx(0.4, abs=1e-9)
+    assert (fit.parameters_low, fit.parameters_high) == (PER_RANK, 16 * PER_RANK)
+    assert exact.uncertainty == pytest.approx(1.25)  # no residual: the floor
+    # Against numpy's least squares on noisy points; the uncertainty is exp(2 s) of the residuals.
+    noise = np.random.default_rng(seed).normal(0, 0.1, len(ranks))
+    noisy = _calibration([_point(r, law(PER_RANK * r) * math.exp(e)) for r, e in zip(ranks, noise)])
+    x = np.log([PER_RANK * r for r in ranks])
+    y = np.log([p.bits_per_parameter for p in noisy.points])
+    slope, intercept = np.polyfit(x, y, 1)
+    assert noisy.fit.exponent == pytest.approx(slope, rel=1e-7) and noisy.fit.intercept == pytest.approx(intercept)
+    s = math.sqrt(np.sum((y - intercept - slope * x) ** 2) / (len(x) - 2))
+    assert noisy.fit.residual == pytest.approx(s) and noisy.uncertainty == pytest.approx(max(1.25, math.exp(2 * s)))
+
+
+def test_kappa_is_flat_with_fewer_than_three_learned_ranks_or_a_narrow_span():
+    """Two adjacent ranks cannot tell a trend from noise: the median, and the spread as the uncertainty."""
+    two = _calibration([_point(1, 0.5), _point(2, 0.8)])
+    assert two.fit is None and two.bits_per_parameter == pytest.approx(0.65) and two.uncertainty == pytest.approx(1.6)
+    constant = CapacityConstant.from_calibration(two)
+    assert constant.bits_per_parameter_at(PER_RANK) == constant.bits_per_parameter_at(1e9) == pytest.approx(0.65)
+    narrow = _calibration([_point(4, 0.5), _point(5, 0.6), _point(6, 0.7)])  # 1.5x in parameters
+    assert narrow.fit is None
+    failed = CalibrationPoint(8, 8 * PER_RANK, 100, 16_000.0, 10.0, 5.0, 3)  # held 0.06%: not learned
+    assert _calibration([_point(1, 0.5), _point(2, 0.8), failed]).fit is None
+    assert fit_kappa([500], [0.7]).exponent == 0.0 and fit_kappa([500], [0.7]).at(1e6) == pytest.approx(0.7)
+
+
+def test_fit_kappa_refuses_bad_input_in_one_message():
+    for parameters, kappas in (([], []), ([1, 2], [0.5]), ([1, -2], [0.5, 0.5]), ([1, 2], [0.5, math.nan])):
+        with pytest.raises(InvalidOptionError, match="fit_kappa needs"):
+            fit_kappa(parameters, kappas)
+
+
+# -- clamping and the runway --------------------------------------------------------------------------------
+def test_outside_the_measured_range_kappa_is_held_at_the_nearest_end_and_the_range_widens():
+    law = _law(0.0, -0.2)
+    constant = CapacityConstant.from_calibration(_calibration([_point(r, law(PER_RANK * r)) for r in (1, 2, 4)]))
+    low, high = PER_RANK, 4 * PER_RANK
+    assert constant.bits_per_parameter_at(2 * PER_RANK) == pytest.approx(law(2 * PER_RANK))  # inside: the law
+    assert constant.bits_per_parameter_at(64 * PER_RANK) == pytest.approx(law(high))  # above: held at the end
+    assert constant.bits_per_parameter_at(10) == pytest.approx(law(low))  # below
+    assert constant.capacity_bits(64 * PER_RANK) == pytest.approx(law(high) * 64 * PER_RANK)
+    u = constant.uncertainty
+    assert constant.uncertainty_at(3 * PER_RANK) == pytest.approx(u)
+    assert constant.uncertainty_at(64 * PER_RANK) == pytest.approx(u * 16 ** 0.2)  # covers the law continuing
+    assert constant.uncertainty_at(64 * PER_RANK) / u >= law(high) / law(64 * PER_RANK) * (1 - 1e-9)
+    # predict_ranks and rank_needed use kappa(P) and u(P) at each candidate rank.
+    bits = information_from_size(examples=1000, tokens_per_example=8)
+    params = lambda r: (PER_RANK * r, {"mlp": r})  # noqa: E731
+    predictions = predict_ranks([1, 2, 64], params, examples=1000, bits=bits, constant=constant)
+    for p in predictions:
+        assert p.capacity_bits == pytest.approx(constant.capacity_bits(p.lora_parameters))
+        assert p.runway_high / p.runway_examples == pytest.approx(constant.uncertainty_at(p.lora_parameters))
+    assert "outside the calibrated" in predictions[2].reason and "outside" not in predictions[0].reason
+    needed = rank_needed(1000, bits, constant, params)
+    holds = lambda r: constant.capacity_bits(PER_RANK * r) / 8 / constant.uncertainty_at(PER_RANK * r)  # noqa: E731
+    assert holds(needed) >= 1000 > holds(needed // 2)
+
+
+def test_the_default_constant_stays_flat():
+    constant = CapacityConstant.default()
+    assert constant.fit is None and constant.collapse is None and constant.bracket is None
+    assert constant.bits_per_parameter_at(1e9) == constant.bits_per_parameter == 0.69
+    assert constant.capacity_bits(1000) == pytest.approx(690) and constant.uncertainty_at(1e12) == 2.0
+
+
+# -- collapse and plateau -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("held", "finding", "capacity_load", "collapse_load"), [
+    ((400, 800, 850, 30), "collapse", 1.0, 4.0),  # the issue's facts: almost nothing at ~2x capacity and above
+    ((400, 800, 200, 10), "collapse", 1.0, 2.0),
+    ((400, 800, 850, 820), "plateau", 1.0, None),
+    ((400, 800, 850, 500), "plateau", 1.0, None),  # fell, but not under half of its most
+    ((400, 800, 1600, 3000), "growing", 4.0, None),  # never full: nothing bracketed
+    ((0, 0, 0, 0), "not learned", 0.5, None),
+])
+def test_collapse_and_plateau_are_read_from_planted_held_bits(held, finding, capacity_load, collapse_load):
+    bracket = bracket_capacity([4, 0.5, 2, 1], [held[3], held[0], held[2], held[1]], lora_parameters=1000, rank=2)
+    assert bracket.loads == (0.5, 1.0, 2.0, 4.0)  # sorted with their held bits
+    assert (bracket.finding, bracket.capacity_load, bracket.collapse_load) == (finding, capacity_load, collapse_load)
+    if finding == "collapse":
+        kappa = max(held) / 1000
+        assert bracket.multiple(collapse_load) == pytest.approx(collapse_load / kappa)
+        assert bracket.examined_share == pytest.approx(held[[0.5, 1, 2, 4].index(collapse_load)] / max(held))
+
+
+def test_bracket_capacity_refuses_bad_input():
+    for loads, held in (([1], [5]), ([1, 1], [5, 6]), ([0, 1], [5, 6]), ([1, 2], [5, -1]), ([1, 2], [5])):
+        with pytest.raises(InvalidOptionError, match="capacity bracket needs"):
+            bracket_capacity(loads, held, lora_parameters=100, rank=1)
+
+
+def test_an_exceeded_verdict_says_what_calibrate_measured_past_capacity():
+    points = [_point(1, 0.8), _point(2, 0.8)]
+    collapsed = [_point(1, min(load, 0.8) if load <= 2 else 0.016, load) for load in (0.5, 1, 2, 4)]
+    plateau = [_point(1, min(load, 0.8) if load <= 2 else 0.75, load) for load in (0.5, 1, 2, 4)]
+    bits = information_from_size(examples=100_000, tokens_per_example=8)
+    params = lambda r: (PER_RANK * r, {"mlp": r})  # noqa: E731
+
+    def reason(calibration):
+        constant = CapacityConstant.from_calibration(calibration)
+        (prediction,) = predict_ranks([1], params, examples=100_000, bits=bits, constant=constant)
+        assert prediction.verdict == "exceeded"
+        return constant, prediction.reason
+
+    constant, text = reason(_calibration(points, collapsed))
+    assert constant.collapse == pytest.approx(4 / 0.8)
+    assert "collapse: at ~5x its capacity the rank-1 adapter held 2% of what it held at capacity, measured by " \
+           "calibrate" in text
+    constant, text = reason(_calibration(points, plateau))
+    assert constant.collapse is None and "a plateau: at ~5x its capacity the rank-1 adapter held 94%" in text
+    constant, text = reason(_calibration(points))
+    assert constant.bracket is None and "not measured on this base" in text and "~2x its capacity" in text
+    fits = predict_ranks([64], params, examples=10, bits=bits, constant=constant)[0]
+    assert fits.verdict == "fits" and "past" not in fits.reason
+
+
+# -- files --------------------------------------------------------------------------------------------------
+def test_a_calibration_round_trips_with_its_fit_and_bracket(tmp_path):
+    law = _law(-0.2, -0.15)
+    bracket = [_point(1, min(load, 0.8) if load <= 2 else 0.01, load) for load in (0.5, 1, 2, 4)]
+    calibration = _calibration([_point(r, law(PER_RANK * r)) for r in (1, 2, 4, 8)], bracket)
+    data = json.loads(calibration.save(tmp_path / "cal.json").read_text())
+    assert data["version"] == 2 and data["fit"]["exponent"] == pytest.approx(-0.15)
+    assert data["bracket"]["finding"] == "collapse" and data["collapse"] == pytest.approx(4 / 0.8)
+    assert [p["load"] for p in data["bracket"]["points"]] == [0.5, 1, 2, 4]
+    reloaded = load_calibration(tmp_path / "cal.json")
+    assert reloaded == calibration
+    assert reloaded.fit == calibration.fit and reloaded.bracket == calibration.bracket
+
+
+def test_a_version_1_calibration_still_loads_as_a_flat_constant(tmp_path):
+    """Files written before kappa(P): read as they were then, the median over the ranks, no bracket."""
+    law = _law(1.0, -0.3)
+    points = [_point(r, law(PER_RANK * r)) for r in (1, 2, 4, 8)]
+    v1_fields = ("rank", "lora_parameters", "facts", "bits_offered", "bits_stored", "final_loss_nats", "epochs",
+                 "bits_per_parameter", "saturated", "learned")  # what version 1 wrote per point
+    v1 = {"format": "lorascope-calibration", "version": 1, "lorascope_version": "0.1", "created": "2026-11-29",
+          "model": {"model_type": "llama"}, "base": "", "target": "all-linear", "task": {}, "training": {},
+          "points": [{k: p.to_dict()[k] for k in v1_fields} for p in points], "bits_per_parameter": 0.0,
+          "spread": 1.0, "uncertainty": 1.25, "notes": []}
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(v1))
+    calibration = load_calibration(path)
+    assert calibration.fit is None and calibration.bracket is None and calibration.collapse is None
+    constant = CapacityConstant.from_calibration(calibration)
+    median = float(np.median([p.bits_per_parameter for p in points]))
+    assert constant.bits_per_parameter_at(PER_RANK) == constant.bits_per_parameter_at(1e7) == pytest.approx(median)
+    path.write_text(json.dumps({**v1, "version": 3}))
+    with pytest.raises(LorascopeError, match="version 3, this lorascope reads 1 and 2"):
+        load_calibration(path)
+
+
+def test_a_calibration_where_no_rank_learned_is_one_clear_error():
+    failed = CalibrationPoint(1, 1000, 250, 2000.0, 2.0, 5.0, 300)
+    with pytest.raises(InvalidOptionError, match="no rank whose adapter learned") as info:
+        CapacityConstant.from_calibration(_calibration([failed]))
+    assert "\n" not in str(info.value) and "--epochs" in str(info.value)
+
+
+# -- a real calibrate run -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_base():
+    """A 2-block Llama of width 32, briefly pretrained on the Markov language (a few seconds)."""
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from lorascope.inputs.synthetic import pretrain_on_markov
+
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=4, intermediate_size=64, vocab_size=256,
+                                      max_position_embeddings=32, tie_word_embeddings=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    pretrain_on_markov(model, 256, steps=50)
+    yield model
+    torch.set_num_threads(threads)
+
+
+FAST = dict(values=64, layers=[1], epochs=20, lr=3e-3, batch_size=128)  # one block: half the facts, same kappa
+
+
+def test_a_bracketed_calibration_fits_kappa_and_reads_what_lies_past_capacity(tiny_base, tmp_path):
+    from lorascope.workflows.calibrate import calibrate
+
+    lines: list[str] = []
+    result = calibrate(tiny_base, ranks=(1, 2, 4), bracket=(0.5, 2, 8), log=lines.append, **FAST)
+    bracket = result.bracket
+    assert bracket is not None and bracket.rank == 1 and bracket.loads == pytest.approx((0.5, 2, 8), rel=0.02)
+    assert bracket.finding in ("collapse", "plateau"), bracket
+    assert [p.rank for p in result.points] == [1, 2, 4]
+    best = max(result.bracket_points, key=lambda p: p.bits_stored)
+    assert result.points[0] == best  # the smallest rank's point is its bracket's best load ...
+    assert all(p.load == pytest.approx(best.load, rel=0.02) for p in result.points)  # ... offered to every rank
+    assert result.fit is not None and result.fit.points == 3, [p.bits_per_parameter for p in result.points]
+    assert result.training["examples_trained"] == sum(p.facts * p.epochs for p in {*result.points,
+                                                                                     *result.bracket_points})
+    assert [line.split(":")[0] for line in lines if line.startswith("rank ")] == ["rank 1", "rank 2", "rank 4"]
+    constant = CapacityConstant.from_calibration(load_calibration(result.save(tmp_path / "cal.json")))
+    assert constant.fit == result.fit and constant.bracket == bracket
+    assert constant.past_capacity().startswith("collapse: at ~" if bracket.finding == "collapse" else "a plateau")
+
+
+def test_the_budget_skips_loads_and_ranks_it_cannot_pay_for_with_a_note(tiny_base):
+    from lorascope.workflows.calibrate import calibrate
+
+    cheap = {**FAST, "epochs": 1}
+    # rank 1 (544 LoRA parameters, 6 bits per fact): 182 facts at load 2, 46 at 0.5, 726 at 8; rank 2 at load 2: 363
+    result = calibrate(tiny_base, ranks=(1, 2, 4), bracket=(0.5, 2, 8), budget=182 + 46 + 363, **cheap)
+    assert [p.rank for p in result.points] == [1, 2] and result.training["examples_trained"] <= 182 + 46 + 363
+    assert any("load 8 at rank 1 skipped" in n for n in result.notes)
+    assert any(n.startswith("ranks 4 skipped") for n in result.notes), result.notes
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(InvalidOptionError, match="'budget' parameter of calibrate must be an int"):
+            calibrate(tiny_base, ranks=(1,), budget=bad, **cheap)
+    with pytest.raises(InvalidOptionError, match="covers no measurement: rank 1 at 2 bits per parameter"):
+        calibrate(tiny_base, ranks=(1,), budget=10, **cheap)
+    with pytest.raises(InvalidOptionError, match="'bracket' parameter of calibrate"):
+        calibrate(tiny_base, ranks=(1,), bracket=(1, -2), **cheap)
