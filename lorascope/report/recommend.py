@@ -75,12 +75,44 @@ def _verdict(prediction: dict[str, Any]) -> str:
 
 
 def format_calibration(summary: dict[str, Any]) -> str:
-    """Plain text of a calibration: one row per rank and the constant."""
+    """Plain text of a calibration: one row per rank, the constant, the fit kappa(P) and the capacity bracket."""
     rows = [[str(p["rank"]), count(p["lora_parameters"]), count(p["facts"]), count(p["bits_offered"]),
              count(p["bits_stored"]), number(p["bits_per_parameter"], 3)] for p in summary["points"]]
     lines = table(["rank", "LoRA params", "facts", "bits offered", "bits stored", "bits/param"], rows)
-    lines += ["", f"bits per LoRA parameter: {number(summary['bits_per_parameter'], 3)} (spread over ranks "
+    lines += ["", f"bits per LoRA parameter: {number(summary['bits_per_parameter'], 3)} (median; spread over ranks "
               f"{number(summary['spread'], 2)}x, uncertainty x/{number(summary['uncertainty'], 2)}) on "
               f"{summary['target']}"]
+    fit = summary.get("fit")
+    if fit:
+        low, high = fit["parameters_range"]
+        lines.append(f"kappa(P) = exp({number(fit['intercept'], 3)}) x P^{number(fit['exponent'], 3)} over "
+                     f"{count(low)} to {count(high)} LoRA parameters ({fit['points']} ranks; held at the nearest end "
+                     "outside)")
+    else:
+        lines.append("kappa(P): flat (fewer than three learned ranks spanning 4x in parameters)")
+    bracket = summary.get("bracket")
+    if bracket:
+        lines += ["", f"bracket at rank {bracket['rank']} ({count(bracket['lora_parameters'])} LoRA parameters):"]
+        lines += ["  " + line for line in table(
+            ["load (bits offered/param)", "bits held", "held/param", "x capacity"],
+            [[number(load, 3), count(held), number(held / bracket["lora_parameters"], 3),
+              number(load / bracket["bits_per_parameter"], 2) if bracket["bits_per_parameter"] else MISSING]
+             for load, held in zip(bracket["loads"], bracket["held_bits"])])]
+        lines.append(f"  {_bracket_finding(bracket)}")
     lines += [f"  - {n}" for n in summary["notes"]]
     return "\n".join(lines)
+
+
+def _bracket_finding(bracket: dict[str, Any]) -> str:
+    finding = bracket["finding"]
+    if finding == "not learned":
+        return "the adapter held nothing at any load: capacity not measured"
+    head = f"capacity: held bits stop growing at load {number(bracket['capacity_load'], 3)}"
+    if finding == "growing":
+        return head.replace("stop", "still grow") + " (not bracketed: offer larger loads)"
+    share = f"{bracket['examined_share']:.0%}"
+    if finding == "collapse":
+        return (f"{head}; collapse at load {number(bracket['collapse_load'], 3)} (~{number(bracket['collapse'], 2)}x "
+                f"capacity): held {share} of its most")
+    return (f"{head}; a plateau: at load {number(bracket['examined_load'], 3)} (~"
+            f"{number(bracket['examined_multiple'], 2)}x capacity) it still held {share} of its most")
