@@ -41,6 +41,7 @@ from lorascope.analysis.comparison import (
     prediction_rows,
 )
 from lorascope.analysis.departure import absorbed_bits_curve, expected_departures
+from lorascope.analysis.divergence import find_divergence
 from lorascope.analysis.information import recorded_dataset_examples
 from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.store.reader import Run
@@ -127,6 +128,7 @@ def compare(full: RunLike, loras: RunLike | Sequence[RunLike], *, x: str = "exam
         raise LorascopeError(f"{full_run.path}: is a LoRA run ({_lora_evidence(full_run)}); the first run must be "
                              "full fine-tuning")
     full_facts = ModelFacts.of_run(full_run)
+    _note_divergence(full_run, "the full fine-tuning run", notes)
     loaded = []
     for source, rank in zip(lora_list, ranks):
         item = load_run(source, snapshots="lora")
@@ -137,6 +139,7 @@ def compare(full: RunLike, loras: RunLike | Sequence[RunLike], *, x: str = "exam
                                  "compare takes the full fine-tuning run first, then LoRA runs (give its rank "
                                  "explicitly for a LoRA PEFT does not describe)")
         check_same_model(full_facts, ModelFacts.of_run(item), refusal="cannot be compared", notes=notes)
+        _note_divergence(item, "LoRA run", notes)
         loaded.append(item)
     full_series, series = _series(full_run), [_series(item) for item in loaded]
     check_data(full_series, series, x, notes)
@@ -227,6 +230,20 @@ def _series(run: LoadedRun) -> LossSeries:
                       tokens_seen=np.asarray(steps["tokens_seen"].values),
                       loss=np.asarray(steps["loss"].values, dtype=np.float64),
                       batch_examples=np.asarray(steps["batch_examples"].values))
+
+
+def _note_divergence(run: LoadedRun, role: str, notes: list[str]) -> None:
+    """A note where a run's loss, gradients or updates turned NaN or Inf (:func:`find_divergence`): its curve has
+    only its finite losses, and a falloff or a gap after that step is the divergence, not the rank."""
+    div = find_divergence(run.steps, run.snapshots)
+    if div is None:
+        return
+    seen = f" ({div.examples_seen:,} examples)" if div.examples_seen is not None else ""
+    what = [f"{name} at step {step}" for name, step in (("loss", div.loss_step), ("gradient", div.gradient_step),
+                                                         ("update", div.update_step)) if step is not None]
+    notes.append(f"{run.path}: {role} diverged at step {div.step}{seen} (first non-finite {', '.join(what)}); its "
+                 "curve holds only its finite losses, and what it shows after that step is the divergence, not "
+                 "the rank")
 
 
 def _spectrum_rank(run: LoadedRun) -> int | None:
