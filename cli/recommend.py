@@ -36,7 +36,10 @@ _DEFAULT_RANKS = ",".join(map(str, DEFAULT_RANKS))
               help="A full fine-tuning recording of this model on a slice of the data (repeatable).")
 @click.option("--ranks", default=_DEFAULT_RANKS, show_default=True, callback=parse_ranks, help="Candidate ranks.")
 @click.option("--batch-size", type=int, default=None, help="Planned batch size in examples.")
-@click.option("--epochs", type=float, default=1.0, show_default=True, help="Planned passes over the data.")
+@click.option("--epochs", type=float, default=1.0, show_default=True,
+              help="Planned passes over the data (with --probe: the bits are what full fine-tuning absorbs in them).")
+@click.option("--full-ft-lr", type=float, default=None,
+              help="The full fine-tuning learning rate of the plan, compared with the probes' (optional).")
 # attention-only is accepted here only to be refused by the library with its reason.
 @click.option("--target", type=click.Choice((*TARGET_CHOICES, "attention-only")), default="auto", show_default=True,
               help="LoRA target set; auto = all linear layers plus fused MoE experts.")
@@ -51,16 +54,16 @@ _DEFAULT_RANKS = ",".join(map(str, DEFAULT_RANKS))
 @click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
 def recommend(config: str, examples: int | None, tokens_per_example: float | None, tokens: int | None,
               dataset: str | None, tokenizer: str | None, task: str, probes: tuple[str, ...], ranks: tuple[int, ...],
-              batch_size: int | None, epochs: float, target: str, calibration: str | None, bits_per_token: float,
-              bits_per_episode: float, peft_config: str | None, as_json: bool) -> None:
+              batch_size: int | None, epochs: float, full_ft_lr: float | None, target: str, calibration: str | None,
+              bits_per_token: float, bits_per_episode: float, peft_config: str | None, as_json: bool) -> None:
     """Recommend LoRA ranks, targets, learning rate and batch size before training; predict when each rank runs
     out of capacity."""
     if peft_config:  # refused before the work, not after it
         check_output_path(peft_config, folder=Path(peft_config).suffix != ".json", name="--peft-config")
     result = run_recommend(config, examples=examples, tokens_per_example=tokens_per_example, tokens=tokens,
                            dataset=dataset, tokenizer=tokenizer, task=task, probes=probes, ranks=ranks,
-                           batch_size=batch_size, epochs=epochs, target=target, calibration=calibration,
-                           bits_per_token=bits_per_token, bits_per_episode=bits_per_episode)
+                           batch_size=batch_size, epochs=epochs, full_ft_lr=full_ft_lr, target=target,
+                           calibration=calibration, bits_per_token=bits_per_token, bits_per_episode=bits_per_episode)
     written = write_peft_config(result.peft_config, peft_config) if peft_config else None
     summary = result.to_dict()
     if as_json:

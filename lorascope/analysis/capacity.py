@@ -60,8 +60,8 @@ REAL_TEXT_FINDING = (
 """What this project measured against the forecast on real text, said wherever a forecast is shown."""
 PAST_CAPACITY_FINDING = (
     "not measured on this base (lorascope calibrate brackets it); on random facts this project saw a LoRA hold almost "
-    "nothing at ~2x its capacity at a fixed step budget (issue 13), and, trained 300 epochs, a plateau to ~6x its "
-    "capacity then almost nothing by ~10x (docs/capacity.md)")
+    "nothing at ~2x its capacity at a fixed step budget (issue 13), and, trained 300 epochs, a plateau to ~5x its "
+    "capacity then almost nothing by ~8x (docs/capacity.md)")
 """What is expected past a rank's runway when no calibration measured it."""
 
 

@@ -179,7 +179,7 @@ def contributions(loss: float, loss_start: float, loss_without_kind: Sequence[fl
                      f"are {'optimistic' if interaction > 0 else 'pessimistic'}")
     bits_to_learn = None
     if forecast is not None:
-        bits_to_learn = float(forecast.growth.bits(forecast.dataset_examples))
+        bits_to_learn = float(forecast.bits.bits(forecast.dataset_examples))
     else:
         notes.append("no forecast: shares without bits or ranks")
     part_of = _PartBuilder(matrices, ranks, forecast, bits_to_learn, active_experts)
@@ -230,7 +230,7 @@ class _PartBuilder:
             runway = capacity / bits if bits and count else None
             examples = None
             if runway is not None and self.forecast is not None:
-                examples = float(self.forecast.growth.examples_for(capacity / share))
+                examples = float(self.forecast.bits.examples_for(capacity / share))
             rows.append(PartRank(r, int(count), capacity, runway, examples))
         return PartContribution(group, name, float(loss_without), float(share), bits, rows,
                                 self._rank_needed(mats, kinds, bits, kappa))

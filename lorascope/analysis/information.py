@@ -88,6 +88,9 @@ class BitsEstimate:
         One standard error of the bits, relative (0 when not measured).
     growth_source : str
         Where :math:`g` comes from.
+    ceiling_per_example : float, optional
+        The most an example can ask, its prequential code length: :math:`B(N) \\le F + d N` however :math:`g` was
+        fitted (a fitted :math:`g > 1` cannot run past memorising every example).
     """
 
     bits_per_example: float
@@ -100,6 +103,7 @@ class BitsEstimate:
     reference_examples: float | None = None
     relative_error: float = 0.0
     growth_source: str = "linear: each additional example asks the same bits"
+    ceiling_per_example: float | None = None
 
     def __post_init__(self) -> None:
         if self.exponent != 1.0 and not (self.reference_examples or 0) > 0:
@@ -110,21 +114,27 @@ class BitsEstimate:
         if self.exponent == 1.0:
             return self.one_time_bits + self.bits_per_example * examples
         reference = float(self.reference_examples or 0)
-        return (self.one_time_bits + self.bits_per_example * reference) * (examples / reference) ** self.exponent
+        law = (self.one_time_bits + self.bits_per_example * reference) * (examples / reference) ** self.exponent
+        if self.ceiling_per_example is None:
+            return law
+        return min(law, self.one_time_bits + self.ceiling_per_example * examples)
 
     def examples_for(self, bits: float) -> float:
         """The dataset size whose data asks ``bits`` bits (0 when the one-time cost alone exceeds them)."""
         if self.exponent == 1.0:
             return max(0.0, bits - self.one_time_bits) / self.bits_per_example
         reference = float(self.reference_examples or 0)
-        return reference * (bits / (self.one_time_bits + self.bits_per_example * reference)) ** (1 / self.exponent)
+        law = reference * (bits / (self.one_time_bits + self.bits_per_example * reference)) ** (1 / self.exponent)
+        if self.ceiling_per_example is None:
+            return law
+        return max(law, max(0.0, bits - self.one_time_bits) / self.ceiling_per_example)  # bits(N) is the min
 
     def to_dict(self) -> dict[str, Any]:
         return {"bits_per_example": self.bits_per_example, "source": self.source, "basis": self.basis,
                 "upper_bound": self.upper_bound, "explanation": self.explanation,
                 "one_time_bits": self.one_time_bits, "exponent": self.exponent,
                 "reference_examples": self.reference_examples, "relative_error": self.relative_error,
-                "growth_source": self.growth_source}
+                "growth_source": self.growth_source, "ceiling_per_example": self.ceiling_per_example}
 
 
 def information_from_size(*, examples: float, tokens_per_example: float | None = None, task: str = "sft",

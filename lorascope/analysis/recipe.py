@@ -47,7 +47,7 @@ from lorascope.analysis.information import BitsEstimate, step_arrays
 from lorascope.errors import InvalidOptionError
 
 __all__ = ["END_WINDOW", "LR_TOLERANCE", "MIN_SIZE_RATIO", "ProbeRecipe", "Recipe", "RecipeInformation",
-           "bits_for_plan", "information_for_recipe"]
+           "bits_for_plan", "information_as_run", "information_for_recipe"]
 
 END_WINDOW = 0.25
 """Share of an epoch, before the planned end, whose training loss stands for the trained model's code length."""
@@ -55,6 +55,9 @@ LR_TOLERANCE = 1.5
 """Learning rates within this factor count as the same recipe."""
 RESOLUTION = 0.01
 """Share of the code length below which absorbed bits are not told from zero (when the step noise is smaller)."""
+EXTRAPOLATION_ERROR = 0.5
+"""Relative error added per doubling of the epochs a probe is extrapolated over: probes of 4 epochs extrapolated to
+16 missed the measured bits by 0.53x to 1.4x (docs/information/recipe_consistency.json)."""
 MIN_SIZE_RATIO = 1.5
 """Probes' dataset sizes must span at least this factor for a growth exponent to be fitted."""
 MIN_LATE_STEPS = 2  # the marginal code length reads at least this many steps of the first epoch's second half
@@ -113,7 +116,8 @@ class RecipeInformation:
     one_time_bits : float
         :math:`F`.
     relative_error : float
-        One standard error of it, relative (step-to-step noise of the two losses; extrapolation not included).
+        One standard error of it, relative: the step-to-step noise of the two losses, plus
+        :data:`EXTRAPOLATION_ERROR` per doubling of the epochs when extrapolated.
     code_length_per_example : float
         :math:`d`, the prequential code length per additional example: the most an example can ask.
     end_loss_nats : float
@@ -166,7 +170,8 @@ class RecipeInformation:
             f"{self.code_length_per_example:,.3g} bits per example (second half of the first epoch) minus the code "
             f"length under the trained model, on {self.token_basis}; plus {self.one_time_bits:,.0f} bits paid once "
             "(the first half-epoch's cost above that rate)", one_time_bits=self.one_time_bits,
-            reference_examples=float(self.dataset_examples), relative_error=self.relative_error)
+            reference_examples=float(self.dataset_examples), relative_error=self.relative_error,
+            ceiling_per_example=self.code_length_per_example)
 
     def to_dict(self) -> dict[str, Any]:
         return {"absorbed_per_example": self.absorbed_per_example, "one_time_bits": self.one_time_bits,
@@ -264,10 +269,24 @@ def information_for_recipe(steps: xr.Dataset, *, dataset_examples: int | None, p
                      f"probe resolves ({resolution:,.3g}): taken at {resolution:,.3g}, an upper bound")
         absorbed = resolution
     error = error_bits / absorbed if absorbed > 0 else math.inf
+    if extrapolated:
+        error = math.hypot(error, EXTRAPOLATION_ERROR * math.log2(planned.epochs / probe_epochs))
     probe = ProbeRecipe(probe_epochs, learning_rate, float(np.median(examples[usable])))
     _compare_recipes(planned, probe, notes)
     return RecipeInformation(absorbed, one_time, error, code, end, per_token, int(dataset_examples), float(read_at),
                              extrapolated, below, per_epoch, probe, planned, arrays.token_basis, notes)
+
+
+def information_as_run(steps: xr.Dataset, *, dataset_examples: int | None,
+                       learning_rate: float | None = None) -> RecipeInformation:
+    """:func:`information_for_recipe` with the probe's own recipe as the plan: what a recording absorbed, read at
+    its own last epoch (``lorascope analyze``'s forecast)."""
+    if dataset_examples is None:
+        return information_for_recipe(steps, dataset_examples=None, planned=Recipe())  # refused with its reason
+    seen = step_arrays(steps).seen
+    epochs = float(np.nanmax(seen)) / dataset_examples
+    return information_for_recipe(steps, dataset_examples=dataset_examples, planned=Recipe(epochs=epochs),
+                                  learning_rate=learning_rate)
 
 
 def bits_for_plan(informations: Sequence[RecipeInformation]) -> BitsEstimate:
@@ -276,7 +295,9 @@ def bits_for_plan(informations: Sequence[RecipeInformation]) -> BitsEstimate:
     One probe, or probes of one dataset size: linear growth, :math:`F + a N` from the largest probe. Probes of
     dataset sizes spanning at least :data:`MIN_SIZE_RATIO`: the exponent :math:`g` of :math:`B(N) \\propto N^g`
     is fitted in log-log space on each probe's :math:`F + a N` and anchored at the largest probe; its relative
-    error then includes the fit's residual spread.
+    error then includes the fit's residual spread. Data that generalises grows with :math:`g < 1`; at a fixed
+    number of epochs a larger dataset also gets more steps, so memorised data can grow with :math:`g > 1`, up
+    to the ceiling of memorising every example (:attr:`BitsEstimate.ceiling_per_example`).
 
     Raises
     ------

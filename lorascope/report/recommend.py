@@ -21,6 +21,8 @@ def format_recommendation(summary: dict[str, Any]) -> str:
         + (f" x {count(summary['trained_tokens_per_example'])} trained tokens"
            if summary["trained_tokens_per_example"] else ""),
         f"bits to learn: {count(summary['bits_to_learn'])} ({bits['explanation']})",
+        f"  growth with the dataset size: {bits['growth_source']}"
+        + (f"; standard error +-{bits['relative_error']:.0%}" if bits.get("relative_error") else ""),
         f"capacity: {significant(constant['bits_per_parameter'], 3)} bits per LoRA parameter, known to "
         f"x/{significant(constant['uncertainty'], 3)} ({constant['source']})",
         "",
@@ -57,6 +59,13 @@ def format_recommendation(summary: dict[str, Any]) -> str:
         lines.append(f"  first-epoch description length {count(info['description_length_bits'])} bits, absorbed "
                      f"{count(info['absorbed_bits'])} bits over {count(info['epoch_examples'])} examples "
                      f"({info['token_basis']})")
+        planned = probe.get("planned_recipe")
+        if planned:
+            curve = ", ".join(f"{e:g}: {significant(a, 3)}" for e, a in planned["per_epoch"])
+            lines.append(f"  under the planned {planned['planned']['epochs']:g} epoch(s): "
+                         f"{significant(planned['absorbed_per_example'], 3)} bits per example absorbed, "
+                         f"{count(planned['one_time_bits'])} paid once; its {planned['probe']['epochs']:.3g} epochs "
+                         f"absorbed per example by epoch: {curve or 'no whole epoch'}")
         spectral = probe["spectral"]
         if spectral:
             residual = ", ".join(f"e_{r}={number(v, 2)}" for r, v in spectral["rank_residual"].items() if v is not None)

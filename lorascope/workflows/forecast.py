@@ -15,13 +15,13 @@ import pandas as pd
 
 from lorascope.analysis.capacity import CapacityConstant
 from lorascope.analysis.forecast import Forecast, Matrix, forecast
-from lorascope.analysis.information import RecordedInformation, information_from_steps, recorded_dataset_examples
+from lorascope.analysis.information import recorded_dataset_examples
+from lorascope.analysis.recipe import RecipeInformation, information_as_run
 from lorascope.errors import InvalidOptionError
 
 __all__ = ["ACTIVE_EXPERT_KEYS", "active_experts", "forecast_runs", "matrices_of"]
 
 ACTIVE_EXPERT_KEYS = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", "top_k")
-MIN_FIRST_EPOCH_STEPS = 4  # the marginal rate reads the second half of the first epoch: two steps at least
 
 
 def active_experts(config: Mapping[str, Any] | None) -> int | None:
@@ -55,7 +55,7 @@ def forecast_runs(runs: Sequence[Any], ranks: Sequence[int], *,
     if not full:
         return None, ("every run is a LoRA recording: what a LoRA absorbs is capped by its own capacity, so the "
                       "forecast needs a full fine-tuning recording of the same data")
-    informations: list[RecordedInformation] = []
+    informations: list[RecipeInformation] = []
     for run in full:
         examples = recorded_dataset_examples(run.config)
         if examples is None:
@@ -63,15 +63,10 @@ def forecast_runs(runs: Sequence[Any], ranks: Sequence[int], *,
                           "Lightning integrations write it; in a plain loop pass extra_config={'dataset': "
                           "{'examples': N}} to lorascope.record")
         try:
-            information = information_from_steps(run.steps, dataset_examples=examples)
+            informations.append(information_as_run(run.steps, dataset_examples=examples))
         except InvalidOptionError as exc:
             return None, f"{run.path}: {exc}"
-        if information.epoch_steps < MIN_FIRST_EPOCH_STEPS:
-            return None, (f"{run.path} has {information.epoch_steps} step(s) in its first epoch: the bits per "
-                          f"additional example need at least {MIN_FIRST_EPOCH_STEPS} (a smaller batch or a larger "
-                          "dataset)")
-        informations.append(information)
-    largest = max(range(len(full)), key=lambda i: informations[i].epoch_examples)
+    largest = max(range(len(full)), key=lambda i: informations[i].dataset_examples)
     config = full[largest].config
     truth = (config.get("dataset") or {}).get("bits_per_example")
     result = forecast(informations, matrices_of(full[largest].modules), ranks, constant=constant,

@@ -42,8 +42,10 @@ from lorascope.analysis.information import (
     BitsEstimate,
     RecordedInformation,
     information_from_size,
+    recorded_dataset_examples,
 )
 from lorascope.analysis.noise import batch_tradeoff
+from lorascope.analysis.recipe import Recipe, RecipeInformation, bits_for_plan, information_for_recipe
 from lorascope.errors import InvalidOptionError, ProbeMismatchError
 from lorascope.inputs.datasets import count_dataset
 from lorascope.model.lora_params import lora_parameters, model_from_config
@@ -131,7 +133,9 @@ class Probe:
     ----------
     path : str
     information : RecordedInformation
-        The information its data asked (the bits per example when it is the largest probe of an SFT task).
+        The information of its data as the probe ran (description length, what it absorbed).
+    planned : RecipeInformation
+        What its data asks under the planned recipe (the bits :func:`recommend` uses for SFT).
     analysis : Analysis
         Its spectra and curves: evidence shown beside the verdict, not used in it.
     lora : bool
@@ -142,6 +146,7 @@ class Probe:
 
     path: str
     information: RecordedInformation
+    planned: RecipeInformation
     analysis: Analysis
     lora: bool
     b_noise: float | None
@@ -163,13 +168,15 @@ class Probe:
                 "growth_with_data": {g: c["fit"].get("exponent") for g, c in summary["curves"].items()},
             }
         return {"path": self.path, "lora": self.lora, "information": self.information.to_dict(),
+                "planned_recipe": self.planned.to_dict(),
                 "b_noise": self.b_noise, "spectral": spectral}
 
 
 def recommend(model: Any, *, examples: int | None = None, tokens_per_example: float | None = None,
               tokens: int | None = None, dataset: str | os.PathLike[str] | None = None, tokenizer: Any = None,
               task: str = "sft", probes: Sequence[str | os.PathLike[str]] = (), ranks: Sequence[int] = DEFAULT_RANKS,
-              batch_size: int | None = None, epochs: float = 1, target: str = "auto", calibration: Any = None,
+              batch_size: int | None = None, epochs: float = 1, full_ft_lr: float | None = None,
+              target: str = "auto", calibration: Any = None,
               bits_per_token: float = DEFAULT_BITS_PER_TOKEN,
               bits_per_episode: float = DEFAULT_BITS_PER_EPISODE) -> Recommendation:
     """Recommend a LoRA for fine-tuning ``model`` on a dataset of the given size.
@@ -188,14 +195,20 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
         ``tokenizer`` (a tokenizer or a local directory; default: an estimate of 4 characters per token).
     task : {"sft", "rl"}
     probes : sequence of run files
-        Recordings of full fine-tuning on a slice of this data with this model: they replace the size-based bits
-        estimate with a measured one, and give spectral evidence and the noise scale for batch advice.
+        Recordings of full fine-tuning on a slice of this data with this model (with their dataset size): they
+        replace the size-based bits estimate with the bits absorbed under the planned recipe, and give spectral
+        evidence and the noise scale for batch advice. Probes on 2-3 slice sizes measure how the bits grow with
+        the dataset size.
     ranks : sequence of int
         Candidate ranks.
     batch_size : int, optional
         Planned batch size in examples (for the step count of the LR advice and the batch advice).
     epochs : float, default 1
-        Passes over the data (steps only; the bits of the data do not grow with repetition).
+        Planned passes over the data. With probes, the bits to learn are what full fine-tuning absorbs in this many
+        epochs (:mod:`lorascope.analysis.recipe`): more epochs memorise more.
+    full_ft_lr : float, optional
+        The full fine-tuning learning rate the plan corresponds to (a LoRA's is ``lr_multiplier`` times it):
+        compared with the probes' learning rates, and a note says which way a mismatch moves the bits.
     target : {"auto", "all-linear", "all-linear+experts", "mlp-only"}
         ``"auto"`` adapts every linear layer and fused MoE experts. Attention-only is refused.
     calibration : Calibration or path, optional
@@ -236,11 +249,13 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
 
     if task == "sft":
         notes.append(f"the runways are {REAL_TEXT_FINDING}")
-    probe_results = [_probe(path, module, ranks) for path in probes]
-    largest = max(probe_results, key=lambda p: p.information.epoch_examples) if probe_results else None
+    planned = Recipe(epochs=epochs, learning_rate=full_ft_lr, batch_size=batch_size)
+    probe_results = [_probe(path, module, ranks, planned) for path in probes]
+    full = [p for p in probe_results if not p.lora] or probe_results
+    largest = max(full, key=lambda p: p.information.epoch_examples) if full else None
     if largest is not None and task == "sft":
-        bits = largest.information.estimate()
-        notes.extend(f"probe {largest.path}: {n}" for n in largest.information.notes)
+        bits = bits_for_plan([p.planned for p in full])
+        notes.extend(f"probe {largest.path}: {n}" for n in (*largest.information.notes, *largest.planned.notes))
         divergence = largest.analysis.runs[0].divergence
         if divergence is not None:
             notes.append(f"probe {largest.path} diverged at step {divergence.step}: its bits come from the finite "
@@ -322,8 +337,8 @@ def _measured_kind_ranks(probe: Probe | None, count: Any, active: int | None, co
         if not adapters or not math.isfinite(part.share) or part.share <= 0:
             continue
         def capacity_at(r: int, adapters: list[Any] = adapters) -> float:
-            return constant.bits_per_parameter * sum(_adapter_rank(r, a.kind, a.experts, active) * a.per_rank
-                                                     for a in adapters)
+            return constant.capacity_bits(sum(_adapter_rank(r, a.kind, a.experts, active) * a.per_rank
+                                              for a in adapters))
 
         needed = smallest_rank_holding(part.share * bits_to_learn, capacity_at, max_rank)
         if needed is None:
@@ -415,15 +430,32 @@ def _batch_advice(probes: list[Probe], batch_size: int | None) -> tuple[float | 
                      "for LoRA")
 
 
-def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int]) -> Probe:
+def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int], planned: Recipe) -> Probe:
     with open_run(path) as run:
         _check_probe(str(path), ModelFacts.of_run(run), model)  # before the (longer) analysis
         information = information_from_run(run)
+        examples = recorded_dataset_examples(run.config)
+        if examples is None:
+            raise InvalidOptionError(f"probe {path} does not record its dataset size (config dataset.examples), which "
+                                     "the bits under the planned recipe need: the HF and Lightning integrations write "
+                                     "it; in a plain loop pass extra_config={'dataset': {'examples': N}} to "
+                                     "lorascope.record")
+        try:
+            recipe = information_for_recipe(run.steps, dataset_examples=examples, planned=planned,
+                                            learning_rate=_learning_rate_of(run.config))
+        except InvalidOptionError as exc:
+            raise InvalidOptionError(f"probe {path}: {exc}") from None
         analysis = analyze(run, ranks=ranks)
     result = analysis.runs[0]
     b_noise = None if result.noise is None else result.noise.final["all"]["b_simple"]
-    return Probe(str(path), information, analysis, result.is_lora,
+    return Probe(str(path), information, recipe, analysis, result.is_lora,
                  b_noise if b_noise is not None and b_noise > 0 else None)
+
+
+def _learning_rate_of(config: Mapping[str, Any]) -> float | None:
+    """The learning rate a run's optimizer was built with (its defaults), when recorded."""
+    value = ((config.get("optimizer") or {}).get("defaults") or {}).get("lr")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
 
 def _check_probe(path: str, probe: ModelFacts, model: nn.Module) -> None:

@@ -12,7 +12,7 @@ import pytest
 from lorascope.analysis.capacity import CapacityConstant
 from lorascope.analysis.contributions import contributions, loss_shares
 from lorascope.analysis.forecast import Matrix, forecast
-from lorascope.analysis.information import RecordedInformation
+from lorascope.analysis.recipe import ProbeRecipe, Recipe, RecipeInformation
 
 MATRICES = [Matrix("attention", 8, 8, "q"), Matrix("mlp", 16, 8, "up"), Matrix("mlp", 8, 16, "down"),
             Matrix("head", 50, 8, "lm_head")]
@@ -21,12 +21,18 @@ LAYERS = [0, 0, 1, -1]
 WITHOUT_KIND = [1.5, 2.2, 2.2, 1.0]
 
 
+def _information(bits_per_example: float) -> RecipeInformation:
+    """A recording of 100 examples over 4 epochs that absorbed ``bits_per_example`` each, no one-time cost."""
+    return RecipeInformation(bits_per_example, 0.0, 0.0, 1e6, 0.01, 1.0, 100, 4.0, False, False, (),
+                             ProbeRecipe(4.0, None, 10), Recipe(epochs=4), "loss tokens")
+
+
 @pytest.fixture
 def probe_forecast():
     # 780 bits to learn over 100 examples (linear growth), 4 bits per LoRA parameter.
-    info = RecordedInformation(800.0, 780.0, 100, 10, 4.0, 0.01, "loss tokens", 8.0, 7.8)
+    info = _information(7.8)
     result = forecast([info], MATRICES, [2], constant=CapacityConstant(4.0, 2.0, "test"))
-    assert result.growth.bits(result.dataset_examples) == pytest.approx(780.0)
+    assert result.bits.bits(result.dataset_examples) == pytest.approx(780.0)
     return result
 
 
@@ -73,7 +79,7 @@ def test_bits_runways_needed_ranks_and_first_out(probe_forecast):
 
 
 def test_no_rank_holds_a_large_share():
-    info = RecordedInformation(1e6, 1e6, 100, 10, 4.0, 0.01, "loss tokens", 8.0, 7.8)
+    info = _information(1e4)
     big = forecast([info], MATRICES, [2], constant=CapacityConstant(1.0, 2.0, "test"))
     result = contributions(1.0, 3.0, WITHOUT_KIND, MATRICES, [2], forecast=big)
     assert all(k.rank_needed is None for k in result.kinds if k.name != "head")
@@ -111,12 +117,8 @@ def test_strong_interaction_is_noted():
 
 
 def test_the_part_that_runs_out_first_is_one_an_all_linear_lora_adapts():
-    from lorascope.analysis.capacity import CapacityConstant
-    from lorascope.analysis.forecast import forecast
-    from lorascope.analysis.information import RecordedInformation
-
     m = [Matrix("attention", 64, 64, "q"), Matrix("mlp", 128, 64, "up"), Matrix("head", 500, 64, "lm_head")]
-    info = RecordedInformation(8000.0, 7000.0, 100, 10, 4.0, 0.01, "loss tokens", 70.0, 70.0)
+    info = _information(70.0)
     f = forecast([info], m, [1], constant=CapacityConstant(1.0, 2.0, "test"))
     # the head holds most of the reduction, but no all-linear LoRA adapts it: it is named in a note, not chosen
     c = contributions(0.5, 3.0, [0.9, 1.0, 2.5], m, [1], forecast=f)

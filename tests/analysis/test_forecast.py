@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lorascope.analysis.capacity import CapacityConstant, predict_ranks
-from lorascope.analysis.forecast import Matrix, bits_growth, forecast, lora_parameters_of
-from lorascope.analysis.information import RecordedInformation
+from lorascope.analysis.forecast import Matrix, forecast, lora_parameters_of
 from lorascope.analysis.layers import TARGET_SETS
+from lorascope.analysis.recipe import ProbeRecipe, Recipe, RecipeInformation
 from lorascope.errors import InvalidOptionError
 from lorascope.model.lora_params import lora_parameters
 from lorascope.model.taxonomy import classify
@@ -20,9 +20,10 @@ def _matrices(model: torch.nn.Module) -> list[Matrix]:
                    ref.expert) for ref in classify(model).matrices]
 
 
-def _information(examples: int, absorbed: float, marginal: float, epochs: float = 4.0) -> RecordedInformation:
-    return RecordedInformation(absorbed * 1.1, absorbed, examples, 10, epochs, 0.01, "loss tokens", marginal * 1.05,
-                               marginal)
+def _information(examples: int, absorbed_bits: float, epochs: float = 4.0) -> RecipeInformation:
+    """A recording of ``examples`` examples that absorbed ``absorbed_bits`` in all (no one-time cost)."""
+    return RecipeInformation(absorbed_bits / examples, 0.0, 0.0, 1e6, 0.01, 1.0, examples, epochs, False, False, (),
+                             ProbeRecipe(epochs, None, 10), Recipe(epochs=epochs), "loss tokens")
 
 
 @pytest.mark.parametrize("rank", [1, 3, 16])
@@ -57,19 +58,20 @@ def test_a_plain_models_linear_layers_count_as_all_linear(tiny_token_model):
 
 
 def test_growth_law_recovers_a_planted_exponent():
-    infos = [_information(n, 50.0 * n ** 0.6, 3.0) for n in (100, 400, 1600)]
-    growth = bits_growth(infos, infos[-1].estimate())
+    infos = [_information(n, 50.0 * n ** 0.6) for n in (100, 400, 1600)]
+    growth = forecast(infos, [Matrix("mlp", 16, 8, "up")], [1]).bits
     assert growth.exponent == pytest.approx(0.6, rel=1e-9)
     assert growth.reference_examples == 1600
+    assert growth.bits(5000.0) == pytest.approx(50.0 * 5000 ** 0.6)
     assert growth.examples_for(growth.bits(5000.0)) == pytest.approx(5000.0)
 
 
 def test_one_recording_grows_linearly_and_gives_the_capacity_rules_runway():
-    info = _information(500, 3000.0, 6.0)
+    info = _information(500, 3000.0)
     constant = CapacityConstant(0.5, 2.0, "test")
     matrices = [Matrix("mlp", 64, 32, "a"), Matrix("attention", 32, 32, "b")]
     result = forecast([info], matrices, [1, 8], constant=constant)
-    assert result.growth.exponent == 1.0
+    assert result.bits.exponent == 1.0 and result.to_dict()["growth"]["exponent"] == 1.0
     # data of unknown information carry what the real-text study measured; a task of known information does not
     assert any("docs/realdata.md" in note for note in result.notes)
     known = forecast([info], matrices, [1], constant=constant, truth_bits_per_example=6.0)
@@ -84,7 +86,7 @@ def test_one_recording_grows_linearly_and_gives_the_capacity_rules_runway():
 
 
 def test_sub_linear_growth_moves_the_falloff_later():
-    infos = [_information(n, 40.0 * n ** 0.5, 2.0) for n in (256, 1024)]
+    infos = [_information(n, 2.0 * 32 * n ** 0.5) for n in (256, 1024)]  # 2 bits per example at 1,024
     constant = CapacityConstant(1.0, 2.0, "test")
     matrices = [Matrix("mlp", 512, 512, "a")]  # rank 4: 4,096 bits, twice what the largest recording absorbed
     linear = forecast(infos[-1:], matrices, [4], constant=constant).rows[0].prediction

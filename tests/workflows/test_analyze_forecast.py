@@ -83,13 +83,14 @@ def test_several_recordings_give_one_forecast_with_a_growth_law(tmp_path):
     analysis = lorascope.analyze(paths, ranks=(2, 4))
     forecast = analysis.forecast
     assert forecast is not None and forecast.dataset_examples == 128
-    assert len(forecast.growth.points) == 2 and forecast.growth.source.startswith("fitted on 2 dataset sizes")
-    assert forecast.growth.exponent > 0
+    growth = analysis.summary["forecast"]["growth"]
+    assert len(growth["points"]) == 2 and growth["source"].startswith("fitted on 2 probes")
+    assert forecast.bits.exponent > 0
 
 
 @pytest.mark.parametrize("case, reason", [
     ("no dataset size", "does not record its dataset size"),
-    ("too short", "step(s) in its first epoch"),
+    ("too short", "step(s) in the second half of its first epoch"),
 ])
 def test_a_recording_without_a_forecast_still_gets_its_report_and_one_line_why(tmp_path, case, reason):
     if case == "no dataset size":

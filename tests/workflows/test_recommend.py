@@ -397,12 +397,21 @@ def test_probe_gives_the_bits_spectral_evidence_and_noise_scale(probe):
         steps = run.steps.load()
     np.testing.assert_array_equal(steps["batch_loss_tokens"].values, MICRO * 2 * (SEQ - MASKED))
     description_length = float(np.sum(steps["loss"].values * steps["batch_loss_tokens"].values)) / math.log(2)
-    assert (result.bits.source, result.bits.basis) == ("recording", "description length")
-    # The rate per additional example: the second half of the first (and only) epoch, its last 2 of 4 steps.
-    late = steps["loss"].values[2:] * steps["batch_loss_tokens"].values[2:]
-    assert result.bits.bits_per_example == pytest.approx(float(np.sum(late)) / math.log(2) / (N_PROBE / 2), rel=1e-6)
+    assert (result.bits.source, result.bits.basis) == ("recording", "absorbed under the planned recipe")
+    # Planned: 1 epoch, as the probe ran. The prequential code per additional example: the second half of the
+    # first epoch (its last 2 of 4 steps); minus the code under the model at the plan's end: its last quarter
+    # epoch (the last step); floored at what the probe resolves.
+    loss, tokens = steps["loss"].values, steps["batch_loss_tokens"].values
+    code = float(np.sum(loss[2:] * tokens[2:])) / math.log(2) / (N_PROBE / 2)
+    absorbed = code - loss[-1] * tokens[-1] / MICRO / 2 / math.log(2)
+    planned = result.to_dict()["probes"][0]["planned_recipe"]
+    assert planned["code_length_per_example"] == pytest.approx(code, rel=1e-6)
+    if planned["below_resolution"]:  # taken at the probe's resolution, an upper bound
+        assert absorbed < result.bits.bits_per_example and result.bits.upper_bound
+    else:
+        assert result.bits.bits_per_example == pytest.approx(absorbed, rel=1e-6)
     for p in result.predictions:
-        assert p.runway_examples == pytest.approx(LLAMA_PER_RANK * p.rank / result.bits.bits_per_example)
+        assert p.runway_examples == pytest.approx(result.bits.examples_for(LLAMA_PER_RANK * p.rank))
     [summary] = result.to_dict()["probes"]
     assert summary["path"] == str(probe) and summary["lora"] is False
     info = summary["information"]
