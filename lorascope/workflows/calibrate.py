@@ -4,9 +4,9 @@ A short probe: at each of several ranks, a real PEFT LoRA on the frozen model is
 key -> value facts (:class:`~lorascope.inputs.synthetic.FactsTask`), and the bits it ends up holding
 (:func:`~lorascope.inputs.synthetic.stored_bits`) are divided by its parameter count. At the smallest rank the
 facts offered are bracketed (below and above what the adapter holds) to find its capacity and whether it collapses
-past it; the other ranks are offered the load at which that adapter held the most, and kappa(P) is fitted over all
-of them. The result, a :class:`Calibration` (:mod:`lorascope.workflows.calibration`), is saved as JSON and passed to
-``lorascope recommend``.
+past it; the other ranks are offered the load at which that adapter's held bits stopped growing, and kappa(P) is
+fitted over all of them. The result, a :class:`Calibration` (:mod:`lorascope.workflows.calibration`), is saved as
+JSON and passed to ``lorascope recommend``.
 
 Why measure: "2 bits per parameter" (Allen-Zhu & Li, 2025) is for a whole model trained long on its facts; a
 low-rank adapter on a frozen base can store far less, how much depends on the base, and on random facts it fell
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lorascope._checks import check_positive_int, check_ranks
+from lorascope.analysis.capacity_fit import bracket_capacity
 from lorascope.errors import InvalidOptionError, LorascopeError, ModelConfigError
 from lorascope.inputs import synthetic
 from lorascope.model.lora_params import lora_parameters, model_from_config
@@ -43,8 +44,10 @@ AUTO_ALL_LAYERS_BUDGET = 50_000
 """LoRA parameters per rank up to which ``layers="auto"`` adapts every block."""
 DEFAULT_RANKS = (1, 2, 4, 8, 16)
 """Ranks measured by default: enough octaves of P to fit kappa(P)."""
-DEFAULT_BRACKET = (0.5, 1.0, 2.0, 4.0)
-"""Loads (bits offered per LoRA parameter) tried at the smallest rank, below and above its capacity."""
+DEFAULT_BRACKET = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Loads (bits offered per LoRA parameter) tried at the smallest rank, below and above its capacity: at 300 epochs
+the falloff validation's rank 1 (0.9 bits per parameter) held on to ~5x its capacity and collapsed by ~8x
+(docs/capacity.md), so the bracket reaches ~9x."""
 DEFAULT_LOAD = 2.0
 """The load offered without a bracket, and where the learning rates are tried."""
 
@@ -137,8 +140,9 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     nearest :data:`DEFAULT_LOAD` (2 bits per parameter); that rank is then offered each other load of ``bracket``,
     which gives its capacity and whether it collapses past it
     (:func:`~lorascope.analysis.capacity_fit.bracket_capacity`); every other rank is offered the load at which
-    the bracketed adapter held the most. The model is left as it was (adapters are removed with PEFT's ``unload``;
-    base weights never change).
+    the bracketed adapter's held bits stopped growing (its ``capacity_load``: the smallest load holding 90% of its
+    most, the cheapest load that fills an adapter). The model is left as it was (adapters are removed with PEFT's
+    ``unload``; base weights never change).
 
     Parameters
     ----------
@@ -153,8 +157,8 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     values : int, optional
         Size V of the value set (default ``min(256, vocab_size // 4)``).
     offered_bits_per_parameter : float, optional
-        The load offered at every rank. Default: the bracket's best load (:data:`DEFAULT_LOAD` without a bracket).
-    bracket : sequence of float or None, default (0.5, 1, 2, 4)
+        The load offered at every rank. Default: the bracket's capacity load (:data:`DEFAULT_LOAD` without one).
+    bracket : sequence of float or None, default (0.5, 1, 2, 4, 8)
         Loads offered to the smallest rank's adapter; None or fewer than two loads: no bracket.
     budget : int, optional
         The most adapter-training examples to spend (facts x epochs, summed over every adapter trained: learning
@@ -256,8 +260,11 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         bracket_points = ()
     if offered_bits_per_parameter is not None:
         load = offered_bits_per_parameter
-    elif bracket_points:  # the load at which the bracketed adapter held the most
-        load = max((v for v in loads if v in at_load), key=lambda v: at_load[v].bits_stored)
+    elif bracket_points:  # the load at which the bracketed adapter's held bits stopped growing
+        capacity_load = bracket_capacity([p.load for p in bracket_points], [p.bits_stored for p in bracket_points],
+                                         lora_parameters=bracket_points[0].lora_parameters,
+                                         rank=first).capacity_load
+        load = min((v for v in loads if v in at_load), key=lambda v: abs(at_load[v].load - capacity_load))
     else:
         load = trial_load
     points = [at_load[load] if load in at_load else train(first, load, rate, "")]

@@ -235,9 +235,9 @@ def test_a_bracketed_calibration_fits_kappa_and_reads_what_lies_past_capacity(ti
     assert bracket is not None and bracket.rank == 1 and bracket.loads == pytest.approx((0.5, 2, 8), rel=0.02)
     assert bracket.finding in ("collapse", "plateau"), bracket
     assert [p.rank for p in result.points] == [1, 2, 4]
-    best = max(result.bracket_points, key=lambda p: p.bits_stored)
-    assert result.points[0] == best  # the smallest rank's point is its bracket's best load ...
-    assert all(p.load == pytest.approx(best.load, rel=0.02) for p in result.points)  # ... offered to every rank
+    full = next(p for p in result.bracket_points if p.load == bracket.capacity_load)
+    assert result.points[0] == full  # the smallest rank's point is where its held bits stopped growing ...
+    assert all(p.load == pytest.approx(full.load, rel=0.02) for p in result.points)  # ... offered to every rank
     assert result.fit is not None and result.fit.points == 3, [p.bits_per_parameter for p in result.points]
     assert result.training["examples_trained"] == sum(p.facts * p.epochs for p in {*result.points,
                                                                                      *result.bracket_points})
