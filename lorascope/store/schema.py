@@ -6,6 +6,15 @@ described for humans in ``docs/format.md``; a test checks that every name below 
 Tables are column-per-dataset. Every per-step and per-snapshot dataset has the row axis first and is
 resizable along it. The ``step`` column of each table is its *index*: the writer extends it last, so its
 length is the number of committed rows and every other column holds at least that many.
+
+A reader checks a file against these definitions once, when it opens it (:mod:`lorascope.store.validate`): it
+refuses what breaks them (a missing group, dataset or attribute; an attribute of another type, such as a
+``schema_version`` that is not an integer or a ``status`` outside :data:`STATUSES`; a dataset of another dtype
+kind or other axes than its :class:`Column` says; a decreasing index; a ``sv_count`` outside [0, min(capacity,
+out, in)]; a negative energy, singular value or squared norm), repairs only what the writing protocol defines
+(rows past the index are not read, an optional column absent reads as its fill), and flags what may be true
+(repeated steps, an energy not measured). Measurements are never judged: NaN and Inf are what a diverged run
+records. Why each is refused or flagged: ``docs/format.md``, "What the reader refuses, repairs and flags".
 """
 
 from __future__ import annotations
