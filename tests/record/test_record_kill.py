@@ -10,17 +10,21 @@ the item being written and one pending step row, at most LAG printed steps can b
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import lorascope
+from lorascope_cli.main import cli
 
 SCRIPT = Path(__file__).with_name("_record_kill_script.py")
 QUEUE_SIZE = 4  # as in the script
@@ -122,18 +126,43 @@ def _check_prefix(run: lorascope.Run, last_printed: int, *, live: bool = False, 
 
 
 def _kill_points():
-    """Steps after which to kill (0: right after the file is created): two in the default suite, more when slow."""
-    return [pytest.param(random.Random(seed).randint(0, 12), id=f"seed{seed}",
-                         marks=[pytest.mark.slow] if seed >= 2 else []) for seed in range(14)]
+    """(step after which to kill, 0: right after the file is created; then a delay of up to 50 ms, so that kills land
+    anywhere in the training and the writing of a step): two in the default suite, 40 more when slow."""
+    points = []
+    for seed in range(42):
+        draw = random.Random(seed)
+        points.append(pytest.param(draw.randint(0, 12), draw.random() * 0.05, id=f"seed{seed}",
+                                   marks=[pytest.mark.slow] if seed >= 2 else []))
+    return points
 
 
-@pytest.mark.parametrize("kill_after", _kill_points())
-def test_killed_run_leaves_a_readable_prefix(kill_after, tmp_path, start_training):
+def _commands_read(run_path: Path, folder: Path, n_steps: int) -> None:
+    """``lorascope info`` reports the killed run as incomplete and ``lorascope analyze`` analyses it (a run killed
+    before its first step has nothing to analyse: one line and exit 2, never a traceback)."""
+    runner = CliRunner()
+    info = runner.invoke(cli, ["info", "--json", str(run_path)])
+    assert info.exit_code == 0, (info.output, info.exception)
+    summary = json.loads(info.stdout)
+    assert summary["status"] == "recording" and not summary["complete"] and summary["steps"]["count"] == n_steps
+    report = runner.invoke(cli, ["analyze", str(run_path), "-o", str(folder / "report"), "--json"])
+    if n_steps:
+        assert report.exit_code == 0, (report.output, report.exception)
+        assert json.loads(report.stdout)["runs"][0]["complete"] is False
+    else:
+        assert report.exit_code in (0, 2) and len(report.stderr.splitlines()) <= 1, (report.output, report.exception)
+
+
+@pytest.mark.parametrize(("kill_after", "delay_s"), _kill_points())
+def test_killed_run_leaves_a_readable_prefix(kill_after, delay_s, tmp_path, start_training):
     run_path = tmp_path / "run.h5"
     child = start_training(run_path)
-    last_printed = _kill(child, _wait_for(child, kill_after))
+    last_read = _wait_for(child, kill_after)
+    time.sleep(delay_s)
+    last_printed = _kill(child, last_read)
     with lorascope.open_run(run_path) as run:
         _check_prefix(run, last_printed)
+        n_steps = run.n_steps
+    _commands_read(run_path, tmp_path, n_steps)
 
 
 def test_live_file_is_readable_by_another_process_while_training_writes_it(tmp_path, start_training):
