@@ -22,6 +22,8 @@ from lorascope.store.writer import RunWriter
 _CLOSE = "close"
 _STEP = "step"
 _SNAPSHOT = "snapshot"
+_MARK = "mark"
+_MISSING = "missing"
 _STEP_BATCH = 256  # step rows appended per HDF5 write at most
 _COUNTS = ("batch_examples", "batch_tokens", "batch_loss_tokens")
 
@@ -54,6 +56,9 @@ class BackgroundWriter:
         self.examples_seen = examples_seen
         self.tokens_seen = tokens_seen
         self._pending_steps: list[dict[str, Any]] = []
+        # Running totals at the steps of snapshots still being computed by the snapshot worker: a snapshot
+        # arrives after later step rows, and must carry the totals of its own step.
+        self._marked: dict[int, tuple[int, int]] = {}
 
     # -- training thread -------------------------------------------------------------------------------
     def start(self, resume_after: int | None = None) -> None:
@@ -75,12 +80,26 @@ class BackgroundWriter:
     def put_snapshot(self, snapshot: Snapshot) -> bool:
         return self._put(_SNAPSHOT, snapshot)
 
-    def close(self, status: str | None = S.STATUS_COMPLETE) -> None:
-        """Drain the queue, close the file with ``status`` (None: leave it incomplete) and stop the thread."""
+    def mark_snapshot(self, step: int) -> bool:
+        """The snapshot of ``step`` (the last step queued) will arrive later, from the snapshot worker."""
+        return self._put(_MARK, step)
+
+    def deliver_snapshot(self, snapshot: Snapshot) -> bool:
+        """Queue a snapshot from another thread (the snapshot worker): never raises nor warns; False when the
+        writer has failed (the training thread says so at its next row)."""
+        return self._put_quietly(_SNAPSHOT, snapshot)
+
+    def put_missing(self, step: int, reason: str) -> bool:
+        """Queue a row of ``snapshots_missing`` (from any thread, quietly as :meth:`deliver_snapshot`)."""
+        return self._put_quietly(_MISSING, (step, reason))
+
+    def close(self, status: str | None = S.STATUS_COMPLETE, *, config: dict[str, Any] | None = None) -> None:
+        """Drain the queue, close the file with ``status`` (None: leave it incomplete) and stop the thread;
+        ``config``: sections to add to the config group (stamped with the status)."""
         if self._thread is None:
             return
         if self._thread.is_alive():
-            self._queue.put((_CLOSE, status))
+            self._queue.put((_CLOSE, (status, config)))
             self._thread.join()
         self._thread = None
         self.check()
@@ -101,8 +120,13 @@ class BackgroundWriter:
             )
         return False
 
-    def _put(self, kind: str, payload: dict[str, Any] | Snapshot) -> bool:
+    def _put(self, kind: str, payload: Any) -> bool:
         if not self.check():
+            return False
+        return self._put_quietly(kind, payload) or self.check()
+
+    def _put_quietly(self, kind: str, payload: Any) -> bool:
+        if self.error is not None:
             return False
         while True:
             try:
@@ -111,11 +135,12 @@ class BackgroundWriter:
             except queue.Full:
                 # A full queue means the writer is slow (expected backpressure) or dead (then stop waiting).
                 if self._thread is None or not self._thread.is_alive():
-                    return self.check()
+                    return self.error is None
 
     # -- writer thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
         status: str | None = S.STATUS_FAILED
+        config = None
         try:
             while True:
                 # Step rows are appended in batches, at most flush_seconds apart: one HDF5 append and flush per
@@ -129,7 +154,7 @@ class BackgroundWriter:
                     self._write_steps()
                     continue
                 if kind == _CLOSE:
-                    status = payload
+                    status, config = payload
                     self._write_steps()
                     break
                 if kind == _STEP:
@@ -137,6 +162,12 @@ class BackgroundWriter:
                     due = time.monotonic() - self._last_write >= self.flush_seconds
                     if len(self._pending_steps) >= _STEP_BATCH or due:
                         self._write_steps()
+                elif kind == _MARK:
+                    self._write_steps()  # as a snapshot does: the step rows reach the file at snapshot steps
+                    self._marked[payload] = (self.examples_seen, self.tokens_seen)
+                elif kind == _MISSING:
+                    self._write_steps()
+                    self.writer.append_missing(*payload)
                 else:
                     self._write_steps()
                     self._write_snapshot(payload)
@@ -148,7 +179,7 @@ class BackgroundWriter:
             except BaseException:  # noqa: BLE001 - the file keeps what was flushed
                 self.writer.abandon()
             return
-        self.writer.close(status)
+        self.writer.close(status, config=config)
 
     def _drain(self) -> None:
         """Discard what is queued so a blocked training thread can go on."""
@@ -189,8 +220,9 @@ class BackgroundWriter:
     def _write_snapshot(self, snapshot: Snapshot) -> None:
         # The recorder's arrays are on the host already, except the gradient spectra (CPU tensors).
         grad_sv = None if snapshot.grad_sv is None else [to_host(s) for s in snapshot.grad_sv]
-        self.writer.append_snapshot(dataclasses.replace(snapshot, grad_sv=grad_sv, examples_seen=self.examples_seen,
-                                                        tokens_seen=self.tokens_seen))
+        examples, tokens = self._marked.pop(snapshot.step, (self.examples_seen, self.tokens_seen))
+        self.writer.append_snapshot(dataclasses.replace(snapshot, grad_sv=grad_sv, examples_seen=examples,
+                                                        tokens_seen=tokens))
 
 
 def _advance(total: int, batch: Any) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -23,14 +24,15 @@ from lorascope.model.taxonomy import MatrixRef, classify
 from lorascope.record import distributed as D
 from lorascope.record.background import BackgroundWriter
 from lorascope.record.batches import BatchTally, StepBatch
-from lorascope.record.contributions import HeldLoss, refuse_contributions, with_held_losses
+from lorascope.record.contributions import HeldLoss, refuse_contributions
 from lorascope.record.data_parallel import DistributedSteps, RecorderCalls, agree_on_path, local_step
 from lorascope.record.gns import MicroBatchNorms, per_example_norms, two_batch_norms
 from lorascope.record.grad_norms import GradientNorms, uncovered_parameters
 from lorascope.record.options import RecordOptions
 from lorascope.record.run_config import coverage_rows, run_config, sv_capacity
 from lorascope.record.sharded import ShardedRecording, check_options
-from lorascope.record.snapshot import capture_initial, from_storable, take_snapshot, tensors_of, to_storable
+from lorascope.record.snapshot import capture_initial, from_storable, tensors_of, to_storable
+from lorascope.record.snapshot_taker import SnapshotTaker, WriterCalls
 from lorascope.store import schema as S
 from lorascope.store.initial import initial_weights_path, load_initial_weights, save_initial_weights
 from lorascope.store.payloads import Snapshot
@@ -176,6 +178,8 @@ class Recorder:
         self._grads: dict[str, Any] | None = None  # the gradient columns of the step row
         self._shard_grads: tuple[torch.Tensor, Any] | None = None  # FSDP2: this rank's local squared norms
         self._grad_sv: list[torch.Tensor | None] | None = None
+        self._closing = False  # close() is taking the final snapshot
+        self._taker = SnapshotTaker(self.refs, self._tensors, self.options)
         self._logged, self._counted = BatchTally(), BatchTally()  # the loop's log() calls; the forward hooks
 
     def _set_up_contributions(self, parallel: bool) -> HeldLoss | None:
@@ -294,6 +298,11 @@ class Recorder:
         self._writer = BackgroundWriter(writer, queue_size=self.options.queue_size, strict=self.options.strict,
                                         flush_seconds=self.options.flush_seconds)
         self._writer.start(resume_after)
+        # Under torch.distributed every rank must agree on which steps were snapshotted: no thinning, no skipping.
+        single = self._distributed_steps is None
+        self._taker.start(WriterCalls(put_snapshot=self._put_snapshot, deliver=self._writer.deliver_snapshot,
+                                      missing=self._writer.put_missing, mark=self._writer.mark_snapshot),
+                          thinnable=single and self.schedule.thinnable, may_skip=single)
 
     def close(self, status: str | None = S.STATUS_COMPLETE) -> None:
         """Take the final snapshot (if the last step has none), detach, drain the queue and close the file.
@@ -305,6 +314,7 @@ class Recorder:
             return
         if self._writer is None:
             return
+        self._closing = True
         try:
             if self.active and status == S.STATUS_COMPLETE and self.step > 0 and self._last_snapshot != self.step:
                 self._guarded(self._snapshot)
@@ -328,6 +338,7 @@ class Recorder:
                 if stopped:
                     self._stopped = True
                 elif self.step > 0 and self._last_snapshot != self.step:
+                    self._closing = True
                     self._snapshot_distributed()
         finally:
             distributed.end()
@@ -338,9 +349,10 @@ class Recorder:
         writer, self._writer = self._writer, None
         if writer is None:
             return
+        self._taker.close()  # the pending snapshots reach the writer before it closes
         if self._stopped and status == S.STATUS_COMPLETE:
             status = S.STATUS_FAILED  # the file lacks the steps after the stop: never claim it complete
-        writer.close(status)
+        writer.close(status, config={"recording_cost": self._taker.cost_section()})
 
     def __enter__(self) -> Recorder:
         return self.start()
@@ -379,11 +391,16 @@ class Recorder:
             self._guarded(self._capture_gradients)
 
     def _on_pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        started = time.perf_counter()
         self.capture_gradients()
+        self._taker.cost.step_seconds += time.perf_counter() - started
 
     def _on_post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.active:
+            started, cost = time.perf_counter(), self._taker.cost
+            in_snapshots = cost.snapshot_seconds
             self._guarded(self._after_step)
+            cost.step_seconds += time.perf_counter() - started - (cost.snapshot_seconds - in_snapshots)
 
     def _on_post_step_distributed(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Every rank after each optimizer step (see :meth:`DistributedSteps.after_step`)."""
@@ -489,13 +506,12 @@ class Recorder:
             self._stop()
 
     def _snapshot(self) -> None:
-        snapshot = take_snapshot(self.refs, self.model, self._w0, options=self.options, step=self.step,
-                                 grad_sv=self._grad_sv)
-        if self._held is not None:
-            snapshot = with_held_losses(snapshot, self._held.measure(self._w0))
-        self._grad_sv = None
-        self._last_snapshot = self.step
-        self._put_snapshot(snapshot)
+        """The snapshot of this step (see :class:`SnapshotTaker`: on the worker thread by default; thinned by the
+        time budget unless it is the final one)."""
+        final = self._closing or self.step == self.total_steps
+        grad_sv, self._grad_sv = self._grad_sv, None
+        if self._taker.take(self.model, self._w0, step=self.step, final=final, grad_sv=grad_sv, held=self._held):
+            self._last_snapshot = self.step
 
     def _snapshot_distributed(self) -> None:
         """Every rank at a snapshot step (see :meth:`DistributedSteps.snapshot`)."""

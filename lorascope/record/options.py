@@ -16,6 +16,7 @@ DELTA_DTYPES = ("float16", "float32")
 GNS_SOURCES = ("auto", "accumulation", "per_example", None)
 W0_DEVICES = ("cpu", "device")
 CONTRIBUTIONS = (False, True, "layers")
+SNAPSHOT_BACKLOG = ("wait", "skip")
 
 
 def _bad(name: str, expected: str, got: Any) -> InvalidOptionError:
@@ -62,6 +63,26 @@ class RecordOptions:
     flush_seconds
         Step rows are appended to the file in batches at most this many seconds apart (0: after every step);
         snapshots are written at once. A killed run loses at most the last batch of step rows.
+    snapshot_worker
+        ``True`` (default): at a snapshot step the training thread only copies the recorded matrices to host
+        memory and a worker thread computes the spectra (docs/recording.md). ``False``: everything on the training
+        thread, as before. The worker is not used with ``factors_k`` or a top-k spectrum of a large matrix.
+    snapshot_threads
+        BLAS threads of the snapshot worker (numpy / scipy, limited with threadpoolctl while it computes; torch's
+        thread settings are never changed).
+    snapshot_buffer_mib
+        Host memory (MiB) the copies of pending snapshots may hold; ``None``: one snapshot's copies (the recorded
+        matrices in their own dtype). One snapshot larger than this is still taken when nothing else is pending.
+    snapshot_backlog
+        When a snapshot is due while the pending ones fill the buffer: ``"wait"`` (default; the training thread
+        waits for the worker) or ``"skip"`` (the snapshot is not taken; its step and the reason are written to
+        the file's ``snapshots_missing``). The final snapshot always waits.
+    time_budget
+        Share of the training time the snapshots may cost (default 0.05): a snapshot of the log-spaced schedule
+        that would take the training thread's snapshot time plus the worker's CPU time above this share of the
+        training time so far is thinned (not taken; its step and the reason go to ``snapshots_missing``). The
+        final snapshot is never thinned, nor are snapshots while they have cost under 2 s in all (small models);
+        a schedule of explicit steps or ``every`` N steps is taken as asked. ``None``: no budget.
     overwrite
         Replace an existing run file.
     resumable
@@ -114,6 +135,11 @@ class RecordOptions:
     strict: bool = False
     queue_size: int = 64
     flush_seconds: float = 1.0
+    snapshot_worker: bool = True
+    snapshot_threads: int = 1
+    snapshot_buffer_mib: float | None = None
+    snapshot_backlog: str = "wait"
+    time_budget: float | None = 0.05
     overwrite: bool = False
     resumable: bool | None = None
     resume: bool = False
@@ -149,6 +175,7 @@ class RecordOptions:
         if isinstance(self.flush_seconds, bool) or not isinstance(self.flush_seconds, (int, float)) \
                 or not 0 <= self.flush_seconds < float("inf"):
             raise _bad("flush_seconds", "a number of seconds >= 0", self.flush_seconds)
+        self._check_snapshot_work()
         if self.store_delta not in (None, *DELTA_DTYPES):
             raise _bad("store_delta", f"None or one of {DELTA_DTYPES}", self.store_delta)
         if self.w0_device not in W0_DEVICES:
@@ -163,6 +190,21 @@ class RecordOptions:
         if self.resume and self.overwrite:
             raise _bad("resume", "False when overwrite=True (continue a file, or replace it, not both)", self.resume)
         self.schedule()  # validates ``snapshots``
+
+    def _check_snapshot_work(self) -> None:
+        if not isinstance(self.snapshot_worker, bool):
+            raise _bad("snapshot_worker", "True or False", self.snapshot_worker)
+        _check_int("snapshot_threads", self.snapshot_threads, 1)
+        mib = self.snapshot_buffer_mib
+        if mib is not None and (isinstance(mib, bool) or not isinstance(mib, (int, float))
+                                or not 0 < mib < float("inf")):
+            raise _bad("snapshot_buffer_mib", "None or a number of MiB > 0", mib)
+        if self.snapshot_backlog not in SNAPSHOT_BACKLOG:
+            raise _bad("snapshot_backlog", f"one of {SNAPSHOT_BACKLOG}", self.snapshot_backlog)
+        budget = self.time_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget <= 1):
+            raise _bad("time_budget", "None or a share of the training time in (0, 1]", budget)
 
     def _check_contributions(self) -> None:
         if not any(self.contributions is c for c in CONTRIBUTIONS[:2]) and self.contributions != "layers":

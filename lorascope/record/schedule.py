@@ -64,6 +64,12 @@ class SnapshotSchedule:
             return step in self.steps
         return step in self._log_steps(step)
 
+    @property
+    def thinnable(self) -> bool:
+        """Whether the time budget may thin this schedule: the log-spaced one (steps given by the user, or every
+        N steps, are taken as asked)."""
+        return self.kind == "log"
+
     def planned(self, up_to: int) -> list[int]:
         """The snapshot steps in ``[1, up_to]`` (for documentation and tests)."""
         return [s for s in range(1, up_to + 1) if self.is_due(s)]
@@ -91,3 +97,28 @@ def _log_grid(total: int, points: int) -> frozenset[int]:
             grid.add(total)
         _GRID_CACHE[key] = frozenset(grid)
     return _GRID_CACHE[key]
+
+
+# Snapshots that cost less than this in all (seconds) are never thinned: on small models the budget would make the
+# schedule depend on timing noise for no saving worth having.
+BUDGET_GRACE_SECONDS = 2.0
+
+
+def within_budget(spent_seconds: float, next_seconds: float, elapsed_seconds: float, budget: float) -> bool:
+    """Whether a snapshot expected to cost ``next_seconds`` keeps the snapshots' cost within ``budget`` (a share)
+    of the training time so far, or within :data:`BUDGET_GRACE_SECONDS` in all:
+
+    .. math::
+
+        t_{spent} + t_{next} \\le \\max(b \\, t_{elapsed}, t_{grace})
+
+    The log-spaced schedule is densest at the start, where the training time is shortest: this thins those
+    early steps first, and takes the later, sparser ones as the training time grows. The recorder never thins
+    the final snapshot.
+
+    Examples
+    --------
+    >>> within_budget(0.0, 0.2, 10.0, 0.05), within_budget(3.0, 0.2, 10.0, 0.05), within_budget(3.0, 2.0, 100, 0.05)
+    (True, False, True)
+    """
+    return spent_seconds + next_seconds <= max(budget * elapsed_seconds, BUDGET_GRACE_SECONDS)

@@ -60,6 +60,7 @@ GROUP_STEPS = "steps"
 GROUP_SNAPSHOTS = "snapshots"
 GROUP_FACTORS = "snapshots/factors"
 GROUP_DELTAS = "snapshots/deltas"
+GROUP_MISSING = "snapshots_missing"
 
 INDEX = "step"
 
@@ -166,6 +167,16 @@ GRAD_SV_COLUMNS = (
     Column("grad_sv_count", "int32", ROW_MODULE, 0, "", "number of gradient singular values stored"),
 )
 
+# Snapshots the schedule asked for that are missing or incomplete, one row each, with the reason (an optional
+# group: files written before it lack it and read as "none missing"). Fixed-width text (SWMR appends it in place).
+MISSING_REASON_BYTES = 240
+MISSING_COLUMNS = (
+    Column(INDEX, "int64", ROW, -1, "optimizer steps", "optimizer step of the snapshot that is missing or incomplete"),
+    Column("reason", f"S{MISSING_REASON_BYTES}", ROW, "", "",
+           "why, in ASCII: 'thinned: ...' (time budget), 'skipped: ...' (snapshot worker behind), 'failed: ...' "
+           "(the snapshot, or the matrix named, could not be computed)"),
+)
+
 # Optional per-module datasets, one each, named by the module's row index (zero-padded, 6 digits).
 FACTOR_U = "u"  # (snapshot, out_features, k) left singular vectors
 FACTOR_V = "v"  # (snapshot, in_features, k) right singular vectors
@@ -192,4 +203,6 @@ def columns_of(group: str, *, grad_sv: bool = False) -> tuple[Column, ...]:
         return MODULE_COLUMNS
     if group == GROUP_COVERAGE:
         return COVERAGE_COLUMNS
+    if group == GROUP_MISSING:
+        return MISSING_COLUMNS
     raise KeyError(group)

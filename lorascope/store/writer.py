@@ -141,6 +141,7 @@ class RunWriter:
         self._file: h5py.File | None = None
         self._n_steps = 0
         self._n_snapshots = 0
+        self._n_missing = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
     @property
@@ -179,6 +180,8 @@ class RunWriter:
             snaps.attrs[S.ATTR_FACTORS_K] = np.int64(self.factors_k)
             snaps.attrs[S.ATTR_DELTA_DTYPE] = self.delta_dtype or ""
             self._create_per_module(f)
+            self._create_table(f, S.GROUP_MISSING, S.MISSING_COLUMNS, rows_per_chunk=16)
+            self._n_missing = 0
             f.swmr_mode = True
         except BaseException:
             f.close()
@@ -209,6 +212,11 @@ class RunWriter:
             self.grad_sv = "grad_sv" in snaps
             self._n_steps = _truncate_after(f[S.GROUP_STEPS], after_step)
             self._n_snapshots = _truncate_after(snaps, after_step)
+            if S.GROUP_MISSING in f:
+                self._n_missing = _keep_missing_until(f[S.GROUP_MISSING], after_step)
+            else:  # a file written before the table existed
+                self._create_table(f, S.GROUP_MISSING, S.MISSING_COLUMNS, rows_per_chunk=16)
+                self._n_missing = 0
             totals = (-1, -1)
             if self._n_steps:
                 last = self._n_steps - 1
@@ -225,9 +233,11 @@ class RunWriter:
         self._file = f
         return totals
 
-    def close(self, status: str | None = S.STATUS_COMPLETE) -> None:
+    def close(self, status: str | None = S.STATUS_COMPLETE, *, config: Mapping[str, Any] | None = None) -> None:
         """Flush, close, and stamp the final status (``complete`` or ``failed``); ``None`` leaves the file
-        marked ``recording`` (incomplete), as when the writer cannot tell whether the run finished."""
+        marked ``recording`` (incomplete), as when the writer cannot tell whether the run finished.
+
+        ``config``: more JSON sections for the config group, known only at the end (the recording's own cost)."""
         if status is not None and status not in S.STATUSES:
             raise ValueError(f"status must be one of {S.STATUSES}. Got {status!r} instead.")
         if self._file is None:
@@ -241,6 +251,8 @@ class RunWriter:
             return
         # Attributes are stamped outside the SWMR session, where attribute writes are safe.
         with h5py.File(self.path, "r+", libver="latest", locking=False) as f:
+            for key, section in (config or {}).items():
+                f[S.GROUP_CONFIG].attrs[key] = json.dumps(section, default=_json_default, sort_keys=True)
             f.attrs[S.ATTR_STATUS] = status
             f.attrs[S.ATTR_FINISHED] = _now()
 
@@ -321,6 +333,16 @@ class RunWriter:
         columns = S.columns_of(S.GROUP_SNAPSHOTS, grad_sv=self.grad_sv)
         self._append(f[S.GROUP_SNAPSHOTS], columns, values, row, 1)
         self._n_snapshots += 1
+
+    def append_missing(self, step: int, reason: str) -> None:
+        """Append one row to ``snapshots_missing``: the snapshot of optimizer ``step`` is missing or incomplete,
+        and why (ASCII, cut to the column's width)."""
+        f = self._require_open()
+        text = reason.encode("ascii", "replace")[: S.MISSING_REASON_BYTES]
+        values = {S.INDEX: np.array([step], dtype=np.int64),
+                  "reason": np.array([text], dtype=S.MISSING_COLUMNS[1].numpy_dtype)}
+        self._append(f[S.GROUP_MISSING], S.MISSING_COLUMNS, values, self._n_missing, 1)
+        self._n_missing += 1
 
     # -- internals -------------------------------------------------------------------------------------
     def _require_open(self) -> h5py.File:
@@ -411,7 +433,7 @@ class RunWriter:
                 maxshape=(None, *(t or None for t in trailing)),
                 chunks=(rows_per_chunk, *(max(1, t) for t in trailing)),
                 dtype=column.numpy_dtype,
-                fillvalue=column.fill,
+                fillvalue=np.array(column.fill, dtype=column.numpy_dtype),
                 **_COMPRESSION,
             )
         return group
@@ -473,6 +495,19 @@ def _truncate_after(table: h5py.Group, after_step: int | None) -> int:
 
     table.visititems(cut)
     return keep
+
+
+def _keep_missing_until(table: h5py.Group, after_step: int) -> int:
+    """Keep the rows of ``snapshots_missing`` with step <= ``after_step`` (its rows are in the order the recorder
+    decided, not sorted by step). Returns the number kept."""
+    n = table[S.INDEX].shape[0]
+    steps, reasons = table[S.INDEX][:n], table["reason"][:n]
+    keep = steps <= after_step
+    table[S.INDEX].resize(0, axis=0)
+    for name, values in (("reason", reasons[keep]), (S.INDEX, steps[keep])):
+        table[name].resize(len(values), axis=0)
+        table[name][:] = values
+    return int(keep.sum())
 
 
 def _get(record: Any, name: str) -> Any:

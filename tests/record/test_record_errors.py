@@ -12,7 +12,7 @@ import torch
 
 import lorascope
 from lorascope.errors import InvalidOptionError, LorascopeError, RecordingError, RunFileExistsError, SelectionError
-from lorascope.record import core as record_core
+from lorascope.record import snapshot_taker
 from lorascope.store.writer import RunWriter
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -391,7 +391,7 @@ def test_recorder_error_stops_recording_and_training_continues(monkeypatch, run_
     with lorascope.record(model, run_path, optimizer=optimizer, snapshots=[3]):
         user_hook_calls = []
         optimizer.register_step_post_hook(lambda *args: user_hook_calls.append(1))
-        monkeypatch.setattr(record_core, "take_snapshot", broken_snapshot)
+        monkeypatch.setattr(snapshot_taker, "capture", broken_snapshot)  # the training thread's part
         with pytest.warns(lorascope.RecordingWarning, match="recorder bug"):
             for _ in range(5):
                 model.loss(torch.randint(0, model.vocab, (2, 6))).backward()

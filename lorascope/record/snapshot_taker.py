@@ -1,0 +1,196 @@
+"""How the recorder takes a snapshot: where (the worker thread, or the training thread), whether (the time
+budget, the backlog policy), and what it cost.
+
+The recorder is composed with one :class:`SnapshotTaker`; it calls :meth:`SnapshotTaker.take` at every scheduled
+step and reads :meth:`SnapshotTaker.cost_section` when it closes the file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorascope.model.taxonomy import MatrixRef
+from lorascope.record.contributions import HeldLoss, with_held_losses
+from lorascope.record.options import RecordOptions
+from lorascope.record.schedule import within_budget
+from lorascope.record.snapshot import take_snapshot
+from lorascope.record.snapshot_worker import SnapshotWorker, capture, host_copy_bytes
+from lorascope.store.payloads import Snapshot
+
+_MIB = 1 << 20
+
+
+@dataclass
+class RecordingCost:
+    """What recording has cost the training loop so far (seconds), and what the snapshots became."""
+
+    budget: float | None
+    started: float
+    step_seconds: float = 0.0  # training thread in the per-step hooks, snapshots excluded
+    snapshot_seconds: float = 0.0  # training thread at snapshot steps: copies, waits, spectra taken in place
+    taken: int = 0
+    thinned: int = 0
+    skipped: int = 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+@dataclass(frozen=True)
+class WriterCalls:
+    """What the taker may ask of the writer thread (the recorder's :class:`BackgroundWriter`)."""
+
+    put_snapshot: Callable[[Snapshot], Any]  # training thread
+    deliver: Callable[[Snapshot], Any]  # worker thread
+    missing: Callable[[int, str], Any]  # any thread
+    mark: Callable[[int], Any]  # training thread: remember the totals of this step for a later snapshot
+
+
+def uses_worker(options: RecordOptions, refs: Sequence[MatrixRef]) -> bool:
+    """Whether snapshots go to the worker: asked for, and no option needing the training device's generators or
+    singular vectors (``factors_k``, a top-k spectrum of a matrix above ``top_k_min_size``)."""
+    if not options.snapshot_worker or options.factors_k:
+        return False
+    large = any(ref.out_features * ref.in_features > options.top_k_min_size for ref in refs)
+    return options.top_k is None or not large
+
+
+class SnapshotTaker:
+    """Takes the snapshots of one recording.
+
+    Parameters
+    ----------
+    refs, tensors
+        The recorded matrices and their trainable tensors.
+    options
+        The recorder's options (``snapshot_worker``, ``snapshot_threads``, ``snapshot_buffer_mib``,
+        ``snapshot_backlog``, ``time_budget``, ...).
+    """
+
+    def __init__(self, refs: Sequence[MatrixRef], tensors: Sequence[dict[str, torch.Tensor]],
+                 options: RecordOptions) -> None:
+        self.refs, self.options = tuple(refs), options
+        self._thinnable = False
+        self._may_skip = False
+        self._nbytes = host_copy_bytes(self.refs, tensors, options.w0_device == "device")
+        self._use_worker = uses_worker(options, self.refs)
+        self.worker: SnapshotWorker | None = None
+        self._calls: WriterCalls | None = None
+        self.cost = RecordingCost(options.time_budget, time.monotonic())
+
+    def start(self, calls: WriterCalls, *, thinnable: bool, may_skip: bool) -> None:
+        """Start the worker (when used) and the clock. ``thinnable``: the schedule may be thinned by the time
+        budget (the log-spaced one, in a single process); ``may_skip``: ``snapshot_backlog="skip"`` may skip."""
+        self._calls = calls
+        self._thinnable = thinnable and self.options.time_budget is not None
+        self._may_skip = may_skip and self.options.snapshot_backlog == "skip"
+        self.cost = RecordingCost(self.options.time_budget, time.monotonic())
+        if self._use_worker:
+            mib = self.options.snapshot_buffer_mib
+            buffer = self._nbytes if mib is None else int(mib * _MIB)
+            self.worker = SnapshotWorker(self.refs, deliver=calls.deliver, missing=calls.missing,
+                                         buffer_bytes=buffer, threads=self.options.snapshot_threads,
+                                         store_delta=self.options.store_delta)
+            self.worker.start()
+
+    def close(self) -> None:
+        """Finish the pending snapshots (the writer must still be open)."""
+        if self.worker is not None:
+            self.worker.close()
+
+    # -- training thread -------------------------------------------------------------------------------------
+    def take(self, model: nn.Module, w0: list[Any], *, step: int, final: bool,
+             grad_sv: list[Any] | None = None, held: HeldLoss | None = None) -> bool:
+        """The snapshot of optimizer step ``step``; False when it was thinned or skipped (its reason is in the
+        file's ``snapshots_missing``). The final snapshot is never thinned nor skipped."""
+        assert self._calls is not None
+        started = time.perf_counter()
+        try:
+            if not final and self._thinnable and not self._within_budget():
+                self.cost.thinned += 1
+                self._calls.missing(step, self._thinned_reason())
+                return False
+            worker = self.worker
+            if worker is not None and worker.alive:
+                taken = self._to_worker(worker, model, w0, step=step, final=final, grad_sv=grad_sv, held=held)
+            else:
+                snapshot = take_snapshot(self.refs, model, w0, options=self.options, step=step, grad_sv=grad_sv)
+                if held is not None:
+                    snapshot = with_held_losses(snapshot, held.measure(w0))
+                self._calls.put_snapshot(snapshot)
+                taken = True
+            self.cost.taken += taken
+            return taken
+        finally:
+            self.cost.snapshot_seconds += time.perf_counter() - started
+
+    def _to_worker(self, worker: SnapshotWorker, model: nn.Module, w0: list[Any], *, step: int, final: bool,
+                   grad_sv: list[Any] | None, held: HeldLoss | None) -> bool:
+        assert self._calls is not None
+        if not worker.reserve(self._nbytes, wait=final or not self._may_skip):
+            self.cost.skipped += 1
+            self._calls.missing(step, f"skipped: the snapshot worker was behind (snapshot_backlog='skip'; "
+                                      f"{worker.in_flight} snapshot(s) pending, buffer {worker.buffer_bytes / _MIB:.1f}"
+                                      " MiB)")
+            return False
+        try:
+            job = capture(self.refs, model, w0, step=step, nbytes=self._nbytes)
+            job.grad_sv = grad_sv
+            if held is not None:
+                job.held = held.measure(w0)  # after the copies: it reverts and restores the weights
+            self._calls.mark(step)
+        except BaseException:
+            worker.release(self._nbytes)
+            raise
+        worker.submit(job)
+        return True
+
+    def _snapshot_cost(self) -> tuple[float, float]:
+        """(seconds spent on snapshots so far, expected seconds of the next one): the training thread's time at
+        snapshot steps plus the worker's CPU time, counted in full as if taken from training (true when training
+        uses every core; an overestimate when a core is spare)."""
+        cost, worker = self.cost, self.worker
+        worker_seconds = worker_each = 0.0
+        pending = 0
+        if worker is not None:
+            worker_seconds = worker.cpu_seconds
+            worker_each = worker.cpu_seconds / worker.computed if worker.computed else 0.0
+            pending = max(0, worker.in_flight)
+        thread_each = cost.snapshot_seconds / cost.taken if cost.taken else 0.0
+        spent = cost.snapshot_seconds + worker_seconds + pending * worker_each
+        return spent, thread_each + worker_each
+
+    def _within_budget(self) -> bool:
+        spent, expected = self._snapshot_cost()
+        assert self.cost.budget is not None
+        return within_budget(spent, expected, self.cost.elapsed(), self.cost.budget)
+
+    def _thinned_reason(self) -> str:
+        spent, expected = self._snapshot_cost()
+        return (f"thinned: time_budget={self.cost.budget:g}; snapshots had cost {spent:.3g} s of "
+                f"{self.cost.elapsed():.3g} s of training and the next was expected to cost {expected:.3g} s")
+
+    def cost_section(self) -> dict[str, Any]:
+        """The ``recording_cost`` config section written when the file is closed."""
+        cost, worker = self.cost, self.worker
+        elapsed = cost.elapsed()
+        worker_seconds = 0.0 if worker is None else worker.cpu_seconds
+        total = cost.step_seconds + cost.snapshot_seconds + worker_seconds
+        return {
+            "time_budget": cost.budget,
+            "training_seconds": elapsed,
+            "step_hooks_seconds": cost.step_seconds,
+            "snapshot_training_thread_seconds": cost.snapshot_seconds,
+            "snapshot_worker_cpu_seconds": worker_seconds,
+            "share_of_training": total / elapsed if elapsed > 0 else None,
+            "snapshot_worker": worker is not None,
+            "snapshots_taken": cost.taken,
+            "snapshots_thinned": cost.thinned,
+            "snapshots_skipped": cost.skipped,
+        }

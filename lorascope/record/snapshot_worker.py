@@ -1,0 +1,333 @@
+"""Snapshot spectra off the training thread.
+
+At a snapshot step the training thread only copies what it must to host memory (:func:`capture`): each recorded
+matrix in its own dtype (W_0 stays where it is kept, on the host by default), or, with W_0 kept on the device,
+the float32 update Delta = W_t - W_0 computed there; a PEFT LoRA layer's small factors. On CUDA the copies go to
+pinned buffers without blocking the device (an event marks when they are complete). A worker thread
+(:class:`SnapshotWorker`) turns each copy into the energy, non-finite count and singular values of its update
+with numpy / LAPACK, with the BLAS limited to its own thread budget (threadpoolctl), and hands the finished
+:class:`~lorascope.store.payloads.Snapshot` to the writer thread. Training never waits for the spectra; it waits
+only when the copies of pending snapshots would exceed their memory bound (``snapshot_backlog="wait"``) or skips
+the snapshot with its reason in the file (``"skip"``).
+
+The kernel is the float64 Gram route of :func:`lorascope.spectrum.singular_values_many` for a dense update
+(:math:`G = \\Delta^T \\Delta` accumulated in float64 over blocks of rows, :math:`s_i = \\sqrt{\\max(\\lambda_i(G),
+0)}`, the energy :math:`\\|\\Delta\\|_F^2 = \\operatorname{tr} G`), and two thin QR factorisations for a factored
+LoRA update, :math:`L R = Q_L (R_L R_R^T) Q_R^T`. Both compute in float64 from the float32 update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorascope.model.taxonomy import MatrixRef
+from lorascope.record.contributions import HeldLosses, with_held_losses
+from lorascope.record.snapshot import LowRank, current_update, minus_initial
+from lorascope.store.payloads import Snapshot
+
+# Rows of float64 held at once while accumulating a Gram matrix (plus the n x n product of each block).
+_GRAM_BLOCK = 1 << 22
+_CLOSE = None
+
+
+@dataclass
+class HostMatrix:
+    """One matrix of a pending snapshot, on the host: ``dense`` (out, in) in the parameter's dtype with ``w0``
+    still to subtract (``None``: already subtracted, or a LoRA update that starts at zero), or the factors of a
+    LoRA update ``left @ right`` (W_0 already subtracted)."""
+
+    dense: torch.Tensor | None = None
+    w0: torch.Tensor | None = None
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+
+
+@dataclass
+class SnapshotJob:
+    """What the training thread hands the worker for one snapshot."""
+
+    step: int
+    matrices: list[HostMatrix | None]  # None: the copy failed (its reason is in ``failures``)
+    nbytes: int
+    ready: Any = None  # a CUDA event recorded after the copies, or None
+    grad_sv: list[Any] | None = None
+    held: HeldLosses | None = None
+    failures: dict[int, str] = field(default_factory=dict)
+
+
+def host_copy_bytes(refs: Sequence[MatrixRef], tensors: Sequence[dict[str, torch.Tensor]], w0_on_device: bool) -> int:
+    """Host bytes one snapshot's copies take: each dense matrix in its parameter's dtype (float32 when W_0 is on the
+    device and the update is taken there), a LoRA layer's factors in float32 (twice: now and at the start)."""
+    total = 0
+    for ref, named in zip(refs, tensors, strict=True):
+        if ref.lora and _factored(named):
+            total += 2 * 4 * sum(t.numel() for t in named.values())
+        elif ref.lora:
+            total += 4 * ref.out_features * ref.in_features
+        else:
+            itemsize = 4 if w0_on_device else named["weight"].element_size()
+            total += itemsize * ref.out_features * ref.in_features
+    return total
+
+
+def _factored(named: dict[str, torch.Tensor]) -> bool:
+    return any("lora_A" in name for name in named) and any("lora_B" in name for name in named)
+
+
+def capture(refs: Sequence[MatrixRef], model: nn.Module, w0: Sequence[Any], *, step: int, nbytes: int) -> SnapshotJob:
+    """Copy what a snapshot needs to host memory, one matrix at a time (training thread).
+
+    A copy that fails (out of memory) leaves that matrix out, with its reason; the snapshot goes on."""
+    job = SnapshotJob(step=step, matrices=[], nbytes=nbytes)
+    cuda = False
+    for i, ref in enumerate(refs):
+        try:
+            with torch.no_grad():
+                matrix, on_cuda = _capture_one(model, ref, w0[i])
+            cuda = cuda or on_cuda
+            job.matrices.append(matrix)
+        except Exception as exc:  # noqa: BLE001 - recorded as a missing matrix
+            job.matrices.append(None)
+            job.failures[i] = f"{type(exc).__name__}: {exc}"
+    if cuda:
+        job.ready = torch.cuda.Event()
+        job.ready.record()
+    return job
+
+
+def _capture_one(model: nn.Module, ref: MatrixRef, w0: Any) -> tuple[HostMatrix, bool]:
+    module = model.get_submodule(ref.module)
+    if ref.lora:
+        update = minus_initial(current_update(model, ref), w0)
+        if isinstance(update, LowRank):
+            cuda = update.left.device.type == "cuda"
+            return HostMatrix(left=_to_host(update.left), right=_to_host(update.right)), cuda
+        return HostMatrix(dense=_to_host(update)), update.device.type == "cuda"
+    now = ref.matrix(getattr(module, ref.parameter).detach())
+    cuda = now.device.type == "cuda"
+    if w0 is not None and w0.device.type != "cpu":  # W_0 kept on the device: take the update there
+        return HostMatrix(dense=_to_host(now.float() - w0)), cuda
+    return HostMatrix(dense=_to_host(now), w0=w0), cuda
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``tensor`` in its own dtype; from CUDA into pinned memory, without waiting for the device."""
+    cuda = tensor.device.type == "cuda"
+    host = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="cpu", pin_memory=cuda)
+    host.copy_(tensor, non_blocking=cuda)
+    return host
+
+
+# -- the worker's arithmetic (numpy only: no torch op runs on the worker thread) -----------------------------------
+
+def _float32(tensor: torch.Tensor) -> np.ndarray:
+    """A host tensor as a float32 numpy array, converted exactly (bfloat16 by its bit pattern), sharing memory
+    when it already is float32."""
+    if tensor.dtype == torch.float32:
+        return tensor.numpy()
+    if tensor.dtype == torch.bfloat16:
+        bits = tensor.view(torch.int16).numpy().view(np.uint16).astype(np.uint32)
+        return np.left_shift(bits, 16).view(np.float32)
+    if tensor.dtype in (torch.float16, torch.float64):
+        return tensor.numpy().astype(np.float32)
+    raise TypeError(f"cannot measure a matrix of dtype {tensor.dtype}")
+
+
+def dense_update(matrix: HostMatrix) -> np.ndarray:
+    """Delta = W_t - W_0 in float32, as the recorder has always taken it (W_t cast to float32, then differenced)."""
+    assert matrix.dense is not None
+    now = _float32(matrix.dense)
+    if matrix.w0 is None:
+        return now
+    return np.subtract(now, matrix.w0.numpy(), out=now)  # ``now`` is the worker's own copy
+
+
+def gram_measure(delta: np.ndarray) -> tuple[float, int, np.ndarray | None]:
+    """(energy, non-finite entries, singular values or None) of a dense float32 update by the float64 Gram route.
+
+    The Gram matrix of the smaller side is accumulated in float64 over blocks of rows, so the extra memory is one
+    block and the n x n Gram matrix; its trace is the exact energy (float64 accumulation). A non-finite entry
+    reaches the diagonal of its column: then the entries are counted and no spectrum is computed."""
+    tall = delta if delta.shape[0] >= delta.shape[1] else delta.T
+    m, n = tall.shape
+    if n == 0:
+        return 0.0, 0, np.zeros(0)
+    rows = max(1024, _GRAM_BLOCK // n)
+    gram: np.ndarray | None = None
+    for start in range(0, m, rows):
+        block = np.ascontiguousarray(tall[start:start + rows], dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite entries are counted below
+            product = block.T @ block  # numpy hands A^T A to BLAS syrk
+            gram = product if gram is None else np.add(gram, product, out=gram)
+    assert gram is not None
+    energy = float(np.trace(gram))
+    if not np.isfinite(np.diagonal(gram)).all():
+        return energy, int(np.count_nonzero(~np.isfinite(delta))), None
+    spectrum = np.sqrt(np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None))
+    return energy, 0, spectrum
+
+
+def factored_measure(left: np.ndarray, right: np.ndarray, full_rank: int) -> tuple[float, int, np.ndarray | None]:
+    """(energy, non-finite entries, singular values zero-padded to ``full_rank``) of ``left @ right`` from two thin
+    QR factorisations in float64: :math:`L R = Q_L (R_L R_R^T) Q_R^T`."""
+    if not (np.isfinite(left).all() and np.isfinite(right).all()):
+        dense = left @ right
+        return float(np.sum(np.square(dense, dtype=np.float64))), int(np.count_nonzero(~np.isfinite(dense))), None
+    r_left = np.linalg.qr(left.astype(np.float64), mode="r")
+    r_right = np.linalg.qr(right.T.astype(np.float64), mode="r")
+    s = np.linalg.svd(r_left @ r_right.T, compute_uv=False)
+    spectrum = np.zeros(full_rank)
+    spectrum[: min(full_rank, s.shape[0])] = s[:full_rank]
+    return float(np.sum(np.square(s))), 0, spectrum
+
+
+@contextlib.contextmanager
+def blas_threads(limit: int) -> Iterator[None]:
+    """numpy / scipy BLAS limited to ``limit`` threads while the worker computes (threadpoolctl; without it, BLAS
+    keeps its own setting). torch's threads are never touched."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=limit, user_api="blas"):
+        yield
+
+
+class SnapshotWorker:
+    """The thread that computes snapshot spectra from host copies, one snapshot at a time, in order.
+
+    Parameters
+    ----------
+    refs
+        The recorded matrices.
+    deliver
+        Called on the worker thread with each finished :class:`Snapshot` (the writer's queue).
+    missing
+        Called with ``(step, reason)`` for a snapshot or matrix that could not be computed.
+    buffer_bytes
+        Host bytes the copies of pending snapshots (queued or being computed) may hold; one snapshot larger than
+        this is still taken when nothing else is pending.
+    threads
+        BLAS threads of the worker.
+    store_delta
+        Also keep every full update in this dtype ("float16", "float32" or None).
+    """
+
+    def __init__(self, refs: Sequence[MatrixRef], *, deliver: Callable[[Snapshot], Any],
+                 missing: Callable[[int, str], Any], buffer_bytes: int, threads: int,
+                 store_delta: str | None = None) -> None:
+        self.refs = tuple(refs)
+        self._deliver, self._missing = deliver, missing
+        self.buffer_bytes, self.threads, self.store_delta = int(buffer_bytes), int(threads), store_delta
+        self._jobs: queue.Queue[SnapshotJob | None] = queue.Queue()
+        self._room = threading.Condition()
+        self._pending_bytes = 0
+        self.in_flight = 0
+        self.cpu_seconds = 0.0  # worker-thread CPU time spent on snapshots so far
+        self.computed = 0
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lorascope-snapshots", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- training thread -----------------------------------------------------------------------------------
+    def reserve(self, nbytes: int, *, wait: bool) -> bool:
+        """Room for one more snapshot's copies: True when reserved (after waiting, with ``wait``), False when the
+        pending snapshots fill the buffer and ``wait`` is false."""
+        with self._room:
+            while self._pending_bytes and self._pending_bytes + nbytes > self.buffer_bytes:
+                if not wait or not self.alive:
+                    return False
+                self._room.wait(timeout=0.5)
+            self._pending_bytes += nbytes
+            self.in_flight += 1
+            return True
+
+    def release(self, nbytes: int) -> None:
+        """Give back a reservation that was never submitted."""
+        with self._room:
+            self._pending_bytes -= nbytes
+            self.in_flight -= 1
+            self._room.notify_all()
+
+    def submit(self, job: SnapshotJob) -> None:
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        """Finish every pending snapshot, then stop the thread."""
+        if self._thread is None:
+            return
+        if self._thread.is_alive():
+            self._jobs.put(_CLOSE)
+            self._thread.join()
+        self._thread = None
+
+    # -- worker thread -------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _CLOSE:
+                return
+            started = time.thread_time()
+            try:
+                with blas_threads(self.threads):
+                    snapshot = self.compute(job)
+                self._deliver(snapshot)
+            except Exception as exc:  # noqa: BLE001 - the snapshot is missing, training goes on
+                self._missing(job.step, f"failed: {type(exc).__name__}: {exc}")
+            finally:
+                self.cpu_seconds += time.thread_time() - started
+                self.computed += 1
+                job.matrices.clear()  # drop the copies before making room for the next snapshot
+                self.release(job.nbytes)
+
+    def compute(self, job: SnapshotJob) -> Snapshot:
+        """The snapshot of one job (callable directly, e.g. in tests)."""
+        if job.ready is not None:
+            job.ready.synchronize()
+        n = len(self.refs)
+        energy = np.full(n, np.nan)
+        nonfinite = np.zeros(n, dtype=np.int64)
+        spectra: list[np.ndarray | None] = [None] * n
+        deltas: dict[int, np.ndarray] = {}
+        for i, (ref, matrix) in enumerate(zip(self.refs, job.matrices, strict=True)):
+            reason = job.failures.get(i)
+            if matrix is not None:
+                try:
+                    energy[i], nonfinite[i], spectra[i], delta = self._measure(ref, matrix)
+                    if self.store_delta and delta is not None:
+                        deltas[i] = delta.astype(self.store_delta)
+                except Exception as exc:  # noqa: BLE001 - this matrix is missing from the snapshot
+                    reason = f"{type(exc).__name__}: {exc}"
+            if reason is not None:
+                self._missing(job.step, f"failed: matrix {ref.name}: {reason}")
+        snapshot = Snapshot(step=job.step, energy=energy, sv=spectra, delta_nonfinite=nonfinite,
+                            grad_sv=job.grad_sv, deltas=deltas if self.store_delta else None)
+        return snapshot if job.held is None else with_held_losses(snapshot, job.held)
+
+    def _measure(self, ref: MatrixRef, matrix: HostMatrix
+                 ) -> tuple[float, int, np.ndarray | None, np.ndarray | None]:
+        if matrix.left is not None and matrix.right is not None:
+            left, right = _float32(matrix.left), _float32(matrix.right)
+            full_rank = min(ref.out_features, ref.in_features)
+            energy, nonfinite, spectrum = factored_measure(left, right, full_rank)
+            return energy, nonfinite, spectrum, (left @ right if self.store_delta else None)
+        delta = dense_update(matrix)
+        energy, nonfinite, spectrum = gram_measure(delta)
+        return energy, nonfinite, spectrum, delta

@@ -1,0 +1,145 @@
+"""The recording's time budget (issue 16, item 2): the log-spaced schedule is thinned when snapshots cost more
+than ``time_budget`` of the training time, never its final snapshot; the file says which steps were thinned and
+why, and what recording cost. Costs are made large on purpose (a slow capture); nothing here asserts a time."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import lorascope
+from lorascope.errors import InvalidOptionError
+from lorascope.record import snapshot_taker
+from lorascope.record.schedule import BUDGET_GRACE_SECONDS, SnapshotSchedule, within_budget
+from lorascope.store import RunWriter
+from lorascope.store import schema as S
+from lorascope.store.payloads import Snapshot
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def missing_rows(path) -> list[tuple[int, str]]:
+    with h5py.File(path, "r", locking=False) as f:
+        group = f["snapshots_missing"]
+        n = group["step"].shape[0]
+        return [(int(s), r.decode()) for s, r in zip(group["step"][:n], group["reason"][:n], strict=True)]
+
+
+def cost_of(path) -> dict:
+    with h5py.File(path, "r", locking=False) as f:
+        return json.loads(f["config"].attrs["recording_cost"])
+
+
+def slow_capture(monkeypatch, seconds: float) -> None:
+    """Every snapshot costs the training thread ``seconds`` (as a large model's copies would)."""
+    real = snapshot_taker.capture
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot_taker, "capture", slow)
+
+
+def train(model, path, *, steps: int, seed: int, **options):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = torch.Generator().manual_seed(seed)
+    with lorascope.record(model, path, optimizer=optimizer, **options) as recorder:
+        for _ in range(steps):
+            model.loss(torch.randint(0, model.vocab, (4, 10), generator=data)).backward()
+            recorder.log(examples=4)
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def test_within_budget_is_spent_plus_next_against_the_share_of_elapsed_time():
+    assert within_budget(0.0, 0.1, 10.0, 0.05)
+    assert within_budget(0.4, 0.1, 10.0, 0.05)  # 0.5 <= 0.5
+    assert within_budget(BUDGET_GRACE_SECONDS - 1, 1, 1.0, 0.05)  # the grace of small recordings
+    assert not within_budget(BUDGET_GRACE_SECONDS, 0.1, 10.0, 0.05)
+    assert not within_budget(BUDGET_GRACE_SECONDS, 0.1, 40.0, 0.05)  # 2.1 > max(2.0, 2.0)
+    assert within_budget(BUDGET_GRACE_SECONDS, 0.1, 42.0, 0.05)
+
+
+def test_only_the_log_schedule_is_thinnable():
+    assert SnapshotSchedule.log(24, 100).thinnable
+    assert not SnapshotSchedule.every(5).thinnable
+    assert not SnapshotSchedule.explicit([1, 2]).thinnable
+
+
+def test_over_budget_snapshots_are_thinned_never_the_final_one(seed, run_path, tiny_token_model, monkeypatch):
+    # Each snapshot costs 1.5 s: the grace holds the first one, the budget (0.05 of a few seconds) no other.
+    slow_capture(monkeypatch, 1.5)
+    steps = 12
+    train(tiny_token_model(), run_path, steps=steps, seed=seed, total_steps=steps, time_budget=0.05)
+    planned = SnapshotSchedule.log(24, steps).planned(steps)
+    with lorascope.open_run(run_path) as run:
+        assert run.complete
+        taken = run.snapshot_index.tolist()
+    rows = missing_rows(run_path)
+    assert taken[0] == 1 and taken[-1] == steps
+    assert sorted(taken + [s for s, _ in rows]) == planned  # every planned step is taken or said thinned
+    assert len(rows) >= len(planned) - 3
+    assert all(r.startswith("thinned: time_budget=0.05; snapshots had cost") for _, r in rows)
+    cost = cost_of(run_path)
+    assert cost["time_budget"] == 0.05
+    assert (cost["snapshots_taken"], cost["snapshots_thinned"]) == (len(taken), len(rows))
+    assert cost["snapshot_training_thread_seconds"] >= 1.5 * len(taken)
+    assert cost["share_of_training"] > 0.5  # the slow captures dominate this run
+
+
+def test_no_budget_takes_every_planned_snapshot(seed, run_path, tiny_token_model, monkeypatch):
+    slow_capture(monkeypatch, 0.3)
+    train(tiny_token_model(), run_path, steps=8, seed=seed, total_steps=8, time_budget=None)
+    with lorascope.open_run(run_path) as run:
+        np.testing.assert_array_equal(run.snapshot_index, np.arange(1, 9))
+    assert missing_rows(run_path) == []
+    assert cost_of(run_path)["snapshots_thinned"] == 0
+
+
+def test_explicit_steps_are_taken_as_asked(seed, run_path, tiny_token_model, monkeypatch):
+    slow_capture(monkeypatch, 1.2)
+    train(tiny_token_model(), run_path, steps=4, seed=seed, snapshots=[1, 2, 3], time_budget=0.01)
+    with lorascope.open_run(run_path) as run:
+        np.testing.assert_array_equal(run.snapshot_index, [1, 2, 3, 4])
+    assert missing_rows(run_path) == []
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("time_budget", 0), ("time_budget", 1.5), ("time_budget", True), ("time_budget", "5%"),
+    ("snapshot_threads", 0), ("snapshot_buffer_mib", 0), ("snapshot_buffer_mib", float("inf")),
+    ("snapshot_backlog", "drop"), ("snapshot_worker", 1),
+])
+def test_bad_snapshot_options_are_refused_with_the_usual_message(name, value):
+    with pytest.raises(InvalidOptionError, match=f"The '{name}' option of lorascope.record must be"):
+        lorascope.RecordOptions(**{name: value})
+
+
+def test_files_without_the_missing_table_are_continued(tmp_path):
+    """A file written before ``snapshots_missing`` existed reads as before, and a resumed run adds the table."""
+    path = tmp_path / "run.h5"
+    modules = [dict(name="q", module="q", parameter="weight", kind="attention", role="q", layer=0, expert=-1,
+                    out_features=3, in_features=2)]
+    with RunWriter(path, modules) as writer:
+        writer.append_steps({"step": [1, 2, 3], "loss": [2.0, 1.5, 1.2]})
+        writer.append_snapshot(Snapshot(step=2, energy=[5.0], sv=[np.array([2.0, 1.0])]))
+        writer.append_missing(3, "thinned: a test")
+    with h5py.File(path, "r+", locking=False) as f:
+        assert [int(s) for s in f["snapshots_missing/step"]] == [3]
+        del f[S.GROUP_MISSING]  # as an older file
+    with lorascope.open_run(path) as run:
+        assert run.n_snapshots == 1
+    writer = RunWriter(path, modules, overwrite=True)
+    writer.reopen(2)
+    writer.append_missing(3, "skipped: again")
+    writer.close()
+    assert missing_rows(path) == [(3, "skipped: again")]
+    writer = RunWriter(path, modules, overwrite=True)
+    writer.reopen(2)  # rows after the resumed step are dropped
+    writer.close()
+    assert missing_rows(path) == []
