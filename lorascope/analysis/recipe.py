@@ -94,15 +94,18 @@ class Recipe:
 
 @dataclass(frozen=True)
 class ProbeRecipe:
-    """What a probe ran: its epochs (examples seen over the dataset size), learning rate and batch size, the last
-    two None when the run does not say."""
+    """What a probe ran: its epochs (examples seen over the dataset size), peak learning rate, batch size and
+    learning-rate schedule (``"constant"``, ``"decaying"`` when it ends under half its peak, ``"varying"``), each
+    None when the run does not say."""
 
     epochs: float
     learning_rate: float | None
     batch_size: float | None
+    schedule: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "batch_size": self.batch_size}
+        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "batch_size": self.batch_size,
+                "schedule": self.schedule}
 
 
 @dataclass(frozen=True)
@@ -271,8 +274,20 @@ def information_for_recipe(steps: xr.Dataset, *, dataset_examples: int | None, p
     error = error_bits / absorbed if absorbed > 0 else math.inf
     if extrapolated:
         error = math.hypot(error, EXTRAPOLATION_ERROR * math.log2(planned.epochs / probe_epochs))
-    probe = ProbeRecipe(probe_epochs, learning_rate, float(np.median(examples[usable])))
+    rates = steps["lr"].values.astype(np.float64) if "lr" in steps else np.full(seen.shape, np.nan)
+    schedule = _schedule(rates)
+    if learning_rate is None and schedule is not None:
+        learning_rate = float(np.nanmax(rates))
+    probe = ProbeRecipe(probe_epochs, learning_rate, float(np.median(examples[usable])), schedule)
     _compare_recipes(planned, probe, notes)
+    if schedule == "decaying" and not extrapolated and planned.epochs < probe_epochs - 1e-9:
+        at_plan = rates[np.flatnonzero(seen <= planned.epochs * n + 1e-9)[-1:]]
+        share = float(at_plan[0] / np.nanmax(rates)) if at_plan.size and np.isfinite(at_plan[0]) else math.nan
+        if share > 0.5:
+            notes.append(f"the probe's learning rate decays over its own {probe_epochs:.3g} epochs and was still "
+                         f"{share:.0%} of its peak at the planned epoch {planned.epochs:g}: for a plan that decays "
+                         "over its own length these bits are likely an over-estimate (up to 1.5x on random facts, "
+                         "docs/information.md); a probe of the planned length measures them")
     return RecipeInformation(absorbed, one_time, error, code, end, per_token, int(dataset_examples), float(read_at),
                              extrapolated, below, per_epoch, probe, planned, arrays.token_basis, notes)
 
@@ -377,6 +392,17 @@ def _extrapolate(per_epoch: tuple[tuple[float, float], ...], last: float, probe_
 
 def _curve(per_epoch: tuple[tuple[float, float], ...]) -> str:
     return ", ".join(f"epoch {e:g}: {a:,.3g}" for e, a in per_epoch) or "no whole epoch"
+
+
+def _schedule(rates: np.ndarray) -> str | None:
+    """The probe's learning-rate schedule from its recorded per-step learning rates (None when not recorded)."""
+    finite = rates[np.isfinite(rates) & (rates > 0)]
+    if not finite.size:
+        return None
+    peak = float(finite.max())
+    if finite.min() >= 0.9 * peak:
+        return "constant"
+    return "decaying" if finite[-1] < 0.5 * peak else "varying"
 
 
 def _compare_recipes(planned: Recipe, probe: ProbeRecipe, notes: list[str]) -> None:

@@ -163,3 +163,18 @@ def test_bad_input_is_one_line():
             information_for_recipe(steps, dataset_examples=None, planned=Recipe())
         except error as exc:
             assert "\n" not in str(exc)
+
+
+def test_the_probes_schedule_is_read_from_its_learning_rates_and_a_decay_read_early_is_named():
+    steps = _epochs(FIRST, [3.0] * 8, [2.0] * 8, [1.0] * 8)
+    constant = steps.assign(lr=("step", np.full(32, 1e-3)))
+    info = information_for_recipe(constant, dataset_examples=64, planned=Recipe(epochs=2, learning_rate=1e-3))
+    assert (info.probe.schedule, info.probe.learning_rate) == ("constant", 1e-3) and not info.notes
+    decaying = steps.assign(lr=("step", 1e-3 * (1 - np.arange(32) / 32)))
+    early = information_for_recipe(decaying, dataset_examples=64, planned=Recipe(epochs=2))
+    assert early.probe.schedule == "decaying"
+    assert any("decays over its own 4 epochs and was still 53% of its peak" in n and "over-estimate" in n
+               for n in early.notes)
+    at_end = information_for_recipe(decaying, dataset_examples=64, planned=Recipe(epochs=4))
+    assert not any("decays" in n for n in at_end.notes)
+    assert information_for_recipe(steps, dataset_examples=64, planned=Recipe(epochs=2)).probe.schedule is None

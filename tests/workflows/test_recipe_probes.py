@@ -110,3 +110,24 @@ def test_a_probe_without_its_dataset_size_is_one_line(tmp_path):
     with pytest.raises(InvalidOptionError, match="does not record its dataset size") as caught:
         recommend(_model(), examples=100, probes=[path])
     assert "\n" not in str(caught.value)
+
+
+def test_the_cli_reads_the_plan_and_refuses_what_a_probe_cannot_answer_in_one_line(probes, tmp_path):
+    from click.testing import CliRunner
+
+    from lorascope_cli.main import cli
+
+    folder = tmp_path / "model"
+    _model().config.save_pretrained(folder)
+    run = CliRunner().invoke(cli, ["recommend", "--config", str(folder), "--examples", "4096", "--probe",
+                                   str(probes[(4, 1e-3)]), "--epochs", "4", "--full-ft-lr", "1e-4", "--json"])
+    assert run.exit_code == 0, run.output
+    summary = json.loads(run.stdout)
+    assert summary["bits"]["basis"] == "absorbed under the planned recipe"
+    assert summary["probes"][0]["planned_recipe"]["planned"] == {"epochs": 4.0, "learning_rate": 1e-4,
+                                                                 "batch_size": None}
+    assert any("10x the planned" in n for n in summary["notes"])
+    for args, fragment in ((["--epochs", "0"], "epochs"), (["--full-ft-lr", "-1"], "learning_rate")):
+        bad = CliRunner().invoke(cli, ["recommend", "--config", str(folder), "--examples", "4096", "--probe",
+                                       str(probes[(4, 1e-3)]), *args])
+        assert bad.exit_code == 2 and len(bad.stderr.splitlines()) == 1 and fragment in bad.stderr, bad.output
