@@ -129,11 +129,10 @@ def two_batch_norms(passes: torch.Tensor, cross: torch.Tensor, sizes: Sequence[i
     _check_convention(convention, "two_batch_norms")
     if sizes is None or len(sizes) != n or min(sizes) <= 0:
         return None  # without the pass sizes there are no batch sizes to put the norms against
-    b = torch.tensor([float(s) for s in sizes], device=passes.device)
-    total = float(b.sum())
+    total = float(sum(sizes))  # host arithmetic on host numbers: no device synchronisation in the step
     big = passes.sum(0) + 2.0 * cross.sum(0)
     if convention == LOSS_MEAN:
-        small = ((total / b) ** 2)[:, None] * passes
+        small = _weighted_passes(passes, [(total / float(s)) ** 2 for s in sizes])
     else:
         small = passes
         big = big / n**2
@@ -223,9 +222,14 @@ def local_small_norms(passes: torch.Tensor, sizes: Sequence[float] | None, conve
         columns = min(per_example.shape[1], width)
         small[:columns] = (scale[:, None] * per_example[:, :columns]).sum(0)
         return small, float(count), float(count)
-    b = torch.tensor([float(s) for s in sizes], device=passes.device)
-    scaled = ((total / b) ** 2)[:, None] * passes if convention == LOSS_MEAN else passes
+    scaled = _weighted_passes(passes, [(total / float(s)) ** 2 for s in sizes]) if convention == LOSS_MEAN else passes
     return scaled.sum(0), float(n), total
+
+
+def _weighted_passes(passes: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """(passes, n) rows each multiplied by its host weight, without building a device tensor from host values
+    (``torch.tensor(..., device=cuda)`` copies synchronously)."""
+    return torch.stack([passes[k] * weight for k, weight in enumerate(weights)])
 
 
 def _check_convention(convention: str, caller: str) -> None:
