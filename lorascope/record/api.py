@@ -11,6 +11,7 @@ from lorascope.errors import InvalidOptionError
 from lorascope.model.taxonomy import classify
 from lorascope.record.core import Recorder
 from lorascope.record.options import RecordOptions, make_options
+from lorascope.record.trackers import tracker_sink
 
 
 def _is_instance_of(obj: Any, module_prefixes: tuple[str, ...], class_name: str) -> bool:
@@ -25,7 +26,7 @@ def _check_selection(model: nn.Module, options: RecordOptions) -> None:
         taxonomy.select(kinds=options.kinds, regex=options.modules)
 
 
-def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None,
+def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None, tracker: Any = None,
            options: RecordOptions | None = None, **overrides: Any) -> Any:
     """Record what training does to each weight matrix into the run file ``path``.
 
@@ -39,6 +40,11 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None,
         The run file to create. Checked now: an existing file needs ``overwrite=True``.
     optimizer
         The optimizer of a plain loop.
+    tracker
+        Where the live metrics go (docs/recording.md, "Live metrics in your tracker"): a TensorBoard
+        ``SummaryWriter``, a wandb run, an mlflow run (or the ``wandb`` / ``mlflow`` module), or a callable
+        ``f(scalars, step)``. ``None`` (default): a Trainer's own logging (``report_to`` / its loggers), nowhere
+        in a plain loop; ``False``: nowhere.
     options
         A reusable :class:`RecordOptions`; keyword arguments override its fields.
     **overrides
@@ -57,13 +63,14 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None,
     Raises
     ------
     InvalidOptionError
-        An unsupported target, a missing optimizer, or an option out of range.
+        An unsupported target, a missing optimizer, a tracker it cannot write to, or an option out of range.
     RunFileExistsError, LorascopeError
         The path exists without ``overwrite=True``, or cannot be written.
     SelectionError
         ``kinds`` / ``modules`` select no matrix (the message lists what the model has).
     """
     opts = make_options(options, overrides)
+    sink = None if tracker is None or tracker is False else tracker_sink(tracker)
     if _is_instance_of(target, ("transformers.",), "Trainer"):
         from lorascope.record.hf import LorascopeCallback
 
@@ -72,13 +79,15 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None,
             from lorascope.record.hf import trainer_loss
 
             opts = opts.replace(loss_fn=trainer_loss(target))
-        callback = LorascopeCallback(path, opts)
+        from lorascope.record.hf import trainer_log
+
+        callback = LorascopeCallback(path, opts, tracker=None if tracker is False else sink or trainer_log(target))
         target.add_callback(callback)
         return callback
     if _is_instance_of(target, ("lightning.", "pytorch_lightning."), "Trainer"):
         from lorascope.record.lightning import LorascopeLightningCallback
 
-        callback = LorascopeLightningCallback(path, opts)
+        callback = LorascopeLightningCallback(path, opts, tracker=False if tracker is False else sink)
         target.callbacks.append(callback)
         return callback
     if isinstance(target, nn.Module):
@@ -87,7 +96,12 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None,
                 f"recording a plain {type(target).__name__} needs its optimizer: "
                 "lorascope.record(model, path, optimizer=optimizer)"
             )
-        return Recorder(target, path, optimizer=optimizer, options=opts).start()
+        recorder = Recorder(target, path, optimizer=optimizer, options=opts)
+        if sink is not None:
+            from lorascope.record.live_metrics import LiveMetrics
+
+            recorder.publish_live(LiveMetrics(recorder.refs, sink))
+        return recorder.start()
     raise InvalidOptionError(
         f"lorascope.record cannot record a {type(target).__module__}.{type(target).__name__}; expected a "
         "transformers.Trainer, a lightning.pytorch.Trainer, or a torch.nn.Module with optimizer="

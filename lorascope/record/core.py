@@ -96,6 +96,8 @@ class Recorder:
     gathers). A path error found on rank 0 is raised on every rank.
     """
 
+    _live: Any = None  # LiveMetrics (record/live_metrics.py) when the run publishes live metrics: publish_live()
+
     def __init__(
         self,
         model: nn.Module,
@@ -295,6 +297,8 @@ class Recorder:
             delta_dtype=self.options.store_delta,
             overwrite=self.options.overwrite or resume_after is not None,
         )
+        if self._live is not None:
+            writer = self._live.tap(writer)  # the snapshots written, whichever thread computed them
         self._writer = BackgroundWriter(writer, queue_size=self.options.queue_size, strict=self.options.strict,
                                         flush_seconds=self.options.flush_seconds)
         self._writer.start(resume_after)
@@ -322,6 +326,7 @@ class Recorder:
             self._detach()
             _OPEN_RECORDERS.discard(self)
             self._close_writer(status)
+            self._publish_live()
 
     def _close_distributed(self, distributed: DistributedSteps, status: str | None) -> None:
         """Every rank: agree whether any rank stopped, take the final snapshot together, and detach; rank 0
@@ -359,6 +364,17 @@ class Recorder:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.close(S.STATUS_COMPLETE if exc_type is None else S.STATUS_FAILED)
+
+    # -- live metrics ------------------------------------------------------------------------------------
+    def publish_live(self, live: Any) -> Recorder:
+        """Hand every step row and written snapshot to ``live`` (a :class:`~lorascope.record.live_metrics.LiveMetrics`,
+        docs/recording.md "Live metrics in your tracker"); call before :meth:`start`."""
+        self._live = live
+        return self
+
+    def _publish_live(self) -> None:
+        if self._live is not None and self._live.on_step_publishes:
+            self._live.publish()
 
     # -- metadata from the training loop -----------------------------------------------------------------
     def log(self, *, loss: Any = None, examples: int | None = None, tokens: Any = None,
@@ -479,9 +495,12 @@ class Recorder:
                                "loss": batch.loss}
         row.update(self._grads or {})
         row.update(self._noise_scale_inputs(batch) or {})
+        if self._live is not None:
+            self._live.on_step(row)
         self._end_step()
         if self._put_step(row) and self._snapshot_due(self.step):
             self._snapshot()
+        self._publish_live()
 
     def _step_batch(self) -> StepBatch:
         return StepBatch.of(self._logged, self._counted)

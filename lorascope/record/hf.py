@@ -8,7 +8,7 @@ import os
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,7 +17,11 @@ from lorascope.record.batches import dataset_config
 from lorascope.record.core import Recorder
 from lorascope.record.distributed import agree, wanted, will_write
 from lorascope.record.options import RecordOptions
+from lorascope.record.trackers import Sink
 from lorascope.store.writer import check_writable
+
+if TYPE_CHECKING:
+    from lorascope.record.live_metrics import LiveMetrics
 
 try:  # transformers is an optional extra; without it this class is never handed out by lorascope.record
     from transformers import TrainerCallback as _Base
@@ -39,12 +43,14 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
     the micro-batches of gradient accumulation. The recorder opens at train begin and closes at train end.
     """
 
-    def __init__(self, path: str | os.PathLike[str], options: RecordOptions) -> None:
+    def __init__(self, path: str | os.PathLike[str], options: RecordOptions, *, tracker: Sink | None = None) -> None:
         # Checked now where the file will be written: on rank 0 (another node may not even have the folder).
         overwrite = options.overwrite or options.resume
         self.path = check_writable(path, overwrite=overwrite) if will_write(options.distributed) else Path(path)
         self.options = options
         self.recorder: Recorder | None = None
+        self._tracker = tracker  # where the live metrics go (trainer_log: the Trainer's own logging), or None
+        self._live: LiveMetrics | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
@@ -63,7 +69,7 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
         if options.contributions and options.held_batch is None:
             options = options.replace(held_batch=first_batch(kwargs.get("train_dataloader"),
                                                              args.per_device_train_batch_size))
-        self.recorder = Recorder(
+        recorder = Recorder(
             model,
             self.path,
             optimizer=optimizer,
@@ -75,7 +81,20 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
             # With average_tokens_across_devices a model given num_items_in_batch returns its share of the loss
             # of the whole global step: the ranks' losses add up.
             loss_shares_global_step=bool(getattr(args, "average_tokens_across_devices", False)),
-        ).start(total_steps=state.max_steps or None, resume_after=resume_after, resumable=resumable)
+        )
+        if self._tracker is not None:
+            from lorascope.record.live_metrics import LiveMetrics
+
+            self._live = LiveMetrics(recorder.refs, self._tracker, where=getattr(self._tracker, "where", "the tracker"),
+                                     on_step=False)
+            recorder.publish_live(self._live)
+        self.recorder = recorder.start(total_steps=state.max_steps or None, resume_after=resume_after,
+                                       resumable=resumable)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # After the optimizer step and the global step's increment: the Trainer's logging reports this step.
+        if self._live is not None:
+            self._live.publish()
 
     def _resume_step(self, global_step: int, writer: bool, distributed: bool | None) -> int | None:
         """The step to continue the run file after, or None for a fresh file (see ``RecordOptions.resume``).
@@ -100,6 +119,24 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
         if self.recorder is not None:
             self.recorder.close()
             self.recorder = None
+        if self._live is not None:
+            self._live.publish()  # the final snapshot's
+            self._live = None
+
+
+def trainer_log(trainer: Any) -> Sink:
+    """The live metrics' sink through ``trainer.log`` (so ``report_to`` decides where they go), the Trainer held
+    weakly. The Trainer logs them at its current global step and prefixes them as it does its own (``train/``
+    under TensorBoard and W&B); ``lorascope/step`` is the optimizer step of the snapshot they come from."""
+    owner = weakref.ref(trainer)
+
+    def log(scalars: dict[str, float], step: int) -> None:
+        live = owner()
+        if live is not None:
+            live.log({**scalars, "lorascope/step": step})
+
+    log.where = "the Trainer's logging (report_to)"  # type: ignore[attr-defined]
+    return log
 
 
 def trainer_loss(trainer: Any) -> Callable[[Any, Any], Any]:

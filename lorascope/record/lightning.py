@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorascope.errors import InvalidOptionError
 from lorascope.record.batches import count_batch, count_loss_tokens, dataset_config
 from lorascope.record.core import Recorder
 from lorascope.record.distributed import will_write
 from lorascope.record.options import RecordOptions
+from lorascope.record.trackers import Sink
 from lorascope.store import schema as S
 from lorascope.store.writer import check_writable
+
+if TYPE_CHECKING:
+    from lorascope.record.live_metrics import LiveMetrics
 
 try:  # lightning is an optional extra
     from lightning.pytorch.callbacks import Callback as _Base
@@ -30,11 +34,14 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
     (Lightning divides it by the accumulation count; it is multiplied back).
     """
 
-    def __init__(self, path: str | os.PathLike[str], options: RecordOptions) -> None:
+    def __init__(self, path: str | os.PathLike[str], options: RecordOptions, *,
+                 tracker: Sink | bool | None = None) -> None:
         # Checked now where the file will be written: on rank 0 (another node may not even have the folder).
         self.path = check_writable(path, overwrite=options.overwrite) if will_write(options.distributed) else Path(path)
         self.options = options
         self.recorder: Recorder | None = None
+        self._tracker = tracker  # the live metrics' sink; None: the Trainer's loggers; False: nowhere
+        self._live: LiveMetrics | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         import lightning
@@ -46,7 +53,7 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
             raise InvalidOptionError(f"lorascope records one optimizer; this Trainer has {len(trainer.optimizers)}. "
                                      "Record a LightningModule whose configure_optimizers returns one optimizer.")
         total = trainer.estimated_stepping_batches
-        self.recorder = Recorder(
+        recorder = Recorder(
             pl_module,
             self.path,
             optimizer=trainer.optimizers[0],
@@ -63,7 +70,16 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
                 "max_steps": trainer.max_steps,
                 "max_epochs": trainer.max_epochs,
             }, **dataset_config(trainer.train_dataloader)},
-        ).start(total_steps=int(total) if total and total != float("inf") else None)
+        )
+        sink, where = self._tracker, "the tracker"
+        if sink is None and trainer.loggers:
+            sink, where = _loggers_sink(list(trainer.loggers)), "the Trainer's loggers"
+        if callable(sink):
+            from lorascope.record.live_metrics import LiveMetrics
+
+            self._live = LiveMetrics(recorder.refs, sink, where=where, on_step=False)
+            recorder.publish_live(self._live)
+        self.recorder = recorder.start(total_steps=int(total) if total and total != float("inf") else None)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.recorder is not None:
@@ -79,6 +95,10 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
         if self.recorder is not None:
             self.recorder.capture_gradients()
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._live is not None:  # on the training thread, after the optimizer step: the loggers are not thread-safe
+            self._live.publish()
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._close(S.STATUS_COMPLETE)
 
@@ -89,6 +109,19 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
         if self.recorder is not None:
             self.recorder.close(status)
             self.recorder = None
+        if self._live is not None:
+            self._live.publish()  # the final snapshot's
+            self._live = None
+
+
+def _loggers_sink(loggers: list[Any]) -> Sink:
+    """The live metrics' sink through the Trainer's loggers (TensorBoardLogger, CSVLogger, WandbLogger, ...)."""
+
+    def log(scalars: dict[str, float], step: int) -> None:
+        for logger in loggers:
+            logger.log_metrics(scalars, step=step)
+
+    return log
 
 
 def _as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

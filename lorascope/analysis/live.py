@@ -1,0 +1,186 @@
+"""The scalars the recorder publishes while training (docs/recording.md, "Live metrics in your tracker").
+
+They are analyze's own numbers, computed from one snapshot at a time: per kind of matrix (and ``all``) the
+energy rank :math:`k_{0.9}`, the signal rank, the rank-r residual :math:`e_r` at the candidate ranks and the
+energy share come from :func:`lorascope.analysis.metrics.update_metrics` and
+:func:`~lorascope.analysis.metrics.aggregate` (energy-weighted exactly as in ``lorascope analyze``); the gradient
+noise scale is the ratio of the bias-corrected EMAs of :func:`lorascope.analysis.noise.unbiased_estimates`,
+updated step by step (:class:`NoiseScaleEMA`), as :func:`lorascope.analysis.noise.noise_scale` computes it
+over a whole run. Pure: arrays in, a ``{name: float}`` out; the recorder decides where they go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+
+from lorascope.analysis.metrics import DEFAULT_RANKS, aggregate, update_metrics
+from lorascope.analysis.noise import DEFAULT_SMOOTHING, unbiased_estimates
+
+__all__ = ["PREFIX", "NoiseScaleEMA", "group_norms", "live_ranks", "metric_name", "noise_scale_scalars",
+           "snapshot_scalars"]
+
+PREFIX = "lorascope"
+ALL = "all"  # the group of every recorded matrix
+
+
+def metric_name(kind: str, metric: str) -> str:
+    """The one naming scheme of the published scalars.
+
+    >>> metric_name("attention", "energy_rank_p90")
+    'lorascope/attention/energy_rank_p90'
+    """
+    return f"{PREFIX}/{kind}/{metric}"
+
+
+def live_ranks(out_features: Sequence[int], in_features: Sequence[int],
+               candidates: Sequence[int] = DEFAULT_RANKS) -> tuple[int, ...]:
+    """The candidate ranks worth a residual: those below the largest matrix rank min(out, in) of the run.
+
+    >>> live_ranks([64, 64], [32, 128])
+    (1, 2, 4, 8, 16, 32)
+    """
+    full = max((min(int(o), int(i)) for o, i in zip(out_features, in_features)), default=0)
+    return tuple(r for r in candidates if r < full) or tuple(candidates[:1])
+
+
+def snapshot_scalars(energy: Sequence[float] | np.ndarray, sv: Sequence[np.ndarray | None],
+                     out_features: Sequence[int], in_features: Sequence[int], kinds: Sequence[str], *,
+                     delta_nonfinite: Sequence[int] | np.ndarray | None = None,
+                     ranks: Sequence[int] | None = None) -> dict[str, float]:
+    """Per kind and for ``all``: k_0.9, signal rank, e_r at ``ranks`` and energy share of one snapshot.
+
+    Parameters
+    ----------
+    energy
+        (M,) :math:`\\|\\Delta\\|_F^2` of each recorded matrix.
+    sv
+        M descending spectra (``None`` where none was computed).
+    out_features, in_features, kinds
+        (M,) the matrices' shapes and kinds.
+    delta_nonfinite
+        (M,) non-finite entries of each update (such matrices are left out, as analyze does).
+    ranks
+        Candidate ranks of the residuals; default :func:`live_ranks`.
+
+    Returns
+    -------
+    dict
+        ``lorascope/<kind>/energy_rank_p90``, ``.../signal_rank``, ``.../rank_residual_r<r>``,
+        ``.../energy_share``; a value that is not finite (no valid matrix of the kind) is left out.
+
+    Examples
+    --------
+    >>> out = snapshot_scalars([14.0], [np.array([3.0, 2.0, 1.0])], [3], [3], ["mlp"], ranks=[1])
+    >>> round(out["lorascope/mlp/rank_residual_r1"], 4), out["lorascope/mlp/energy_rank_p90"]
+    (0.3571, 2.0)
+    """
+    energy = np.asarray(energy, dtype=np.float64)
+    m = energy.shape[0]
+    width = max((0 if s is None else len(s) for s in sv), default=0)
+    padded = np.full((1, m, max(width, 1)), np.nan)
+    for j, s in enumerate(sv):
+        if s is not None and len(s):
+            padded[0, j, : len(s)] = np.asarray(s, dtype=np.float64)
+    count = np.array([[0 if s is None else len(s) for s in sv]])
+    nonfinite = np.zeros((1, m), dtype=np.int64) if delta_nonfinite is None else \
+        np.asarray(delta_nonfinite, dtype=np.int64)[None, :]
+    module = {"out_features": ("module", np.asarray(out_features, dtype=np.int64)),
+              "in_features": ("module", np.asarray(in_features, dtype=np.int64)),
+              "kind": ("module", np.asarray(kinds, dtype=object))}
+    snapshots = xr.Dataset(
+        {"sv": (("snapshot", "module", "sv_index"), padded), "energy": (("snapshot", "module"), energy[None, :]),
+         "sv_count": (("snapshot", "module"), count), "delta_nonfinite": (("snapshot", "module"), nonfinite)},
+        coords=module)
+    chosen = tuple(ranks) if ranks is not None else live_ranks(out_features, in_features)
+    metrics = update_metrics(snapshots, p=(0.9,), ranks=chosen)
+    out: dict[str, float] = {}
+    for by in ("kind", ALL):
+        groups = aggregate(metrics, by=by).isel(snapshot=0)
+        for group in groups[by].values:
+            g = groups.sel({by: group})
+            values = {"energy_rank_p90": g["energy_rank"].sel(p=0.9), "signal_rank": g["signal_rank"],
+                      "energy_share": g["energy_share"],
+                      **{f"rank_residual_r{r}": g["rank_residual"].sel(rank=r) for r in chosen}}
+            for metric, value in values.items():
+                value = float(value)
+                if np.isfinite(value):
+                    out[metric_name(str(group), metric)] = value
+    return out
+
+
+@dataclass(frozen=True)
+class NoiseScaleEMA:
+    """Running bias-corrected EMAs of :math:`|G|^2` and :math:`\\mathrm{tr}\\,\\Sigma` per group of matrices.
+
+    The streaming form of :func:`lorascope.analysis.noise.noise_scale`: :meth:`update` with each step's norms
+    (a step without them leaves the averages as they are), :meth:`b_simple` the ratio of the EMAs. Immutable:
+    :meth:`update` returns the next state.
+
+    Examples
+    --------
+    >>> ema = NoiseScaleEMA().update({"all": (1.0 + 8.0 / 2, 1.0 + 8.0 / 8)}, 2, 8)  # |G|^2 = 1, tr = 8
+    >>> ema.b_simple()
+    {'all': 8.0}
+    """
+
+    smoothing: float = DEFAULT_SMOOTHING
+    g2: tuple[tuple[str, float], ...] = ()
+    trace: tuple[tuple[str, float], ...] = ()
+    weight: tuple[tuple[str, float], ...] = ()
+
+    def update(self, sq_norms: dict[str, tuple[float, float]], b_small: float, b_big: float) -> NoiseScaleEMA:
+        """Add one step: per group (squared norm at ``b_small``, squared norm at ``b_big``)."""
+        g2, trace, weight = dict(self.g2), dict(self.trace), dict(self.weight)
+        a = self.smoothing
+        for group, (small, big) in sq_norms.items():
+            step_g2, step_trace = (float(v) for v in unbiased_estimates(small, big, b_small, b_big))
+            if not (np.isfinite(step_g2) and np.isfinite(step_trace)):
+                continue
+            g2[group] = a * g2.get(group, 0.0) + (1 - a) * step_g2
+            trace[group] = a * trace.get(group, 0.0) + (1 - a) * step_trace
+            weight[group] = a * weight.get(group, 0.0) + (1 - a)
+        return NoiseScaleEMA(a, tuple(g2.items()), tuple(trace.items()), tuple(weight.items()))
+
+    def b_simple(self) -> dict[str, float]:
+        """:math:`B_{\\mathrm{simple}} = \\mathrm{EMA}[\\mathrm{tr}\\Sigma] / \\mathrm{EMA}[|G|^2]` per group with
+        a positive :math:`|G|^2` average (the bias corrections cancel in the ratio)."""
+        trace = dict(self.trace)
+        return {group: trace[group] / g2 for group, g2 in self.g2 if g2 > 0 and np.isfinite(trace[group] / g2)}
+
+
+def group_norms(sq_small: Sequence[float] | np.ndarray, sq_big: Sequence[float] | np.ndarray,
+                kinds: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """One step's squared norms summed per kind and over ``all``, as :func:`lorascope.analysis.noise.noise_scale`
+    sums them (norms add over parameter blocks; a matrix whose norms are not finite is left out of the step).
+
+    >>> group_norms([1.0, 2.0, np.nan], [0.5, 1.0, 3.0], ["mlp", "mlp", "attention"])
+    {'all': (3.0, 1.5), 'attention': (0.0, 0.0), 'mlp': (3.0, 1.5)}
+    """
+    small, big = np.asarray(sq_small, dtype=np.float64), np.asarray(sq_big, dtype=np.float64)
+    names = np.asarray(kinds, dtype=str)
+    ok = np.isfinite(small) & np.isfinite(big)
+    out = {ALL: (float(small[ok].sum()), float(big[ok].sum()))}
+    for kind in sorted(set(names.tolist())):
+        chosen = ok & (names == kind)
+        out[kind] = (float(small[chosen].sum()), float(big[chosen].sum()))
+    return out
+
+
+def noise_scale_scalars(ema: NoiseScaleEMA, batch_examples: float | None) -> dict[str, float]:
+    """``lorascope/<group>/noise_scale`` (B_simple) and, for ``all`` with a known batch size,
+    ``lorascope/all/batch_over_noise_scale`` (B / B_noise: above 1 for LoRA, above 4 for full fine-tuning,
+    the batch spends more examples than it needs, :func:`lorascope.analysis.noise.batch_tradeoff`).
+
+    >>> ema = NoiseScaleEMA().update({"all": (5.0, 2.0)}, 2, 8)
+    >>> noise_scale_scalars(ema, 16)
+    {'lorascope/all/noise_scale': 8.0, 'lorascope/all/batch_over_noise_scale': 2.0}
+    """
+    out = {metric_name(group, "noise_scale"): value for group, value in ema.b_simple().items()}
+    b_noise = out.get(metric_name(ALL, "noise_scale"))
+    if b_noise is not None and b_noise > 0 and batch_examples is not None and batch_examples > 0:
+        out[metric_name(ALL, "batch_over_noise_scale")] = float(batch_examples) / b_noise
+    return out
