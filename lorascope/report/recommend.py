@@ -104,7 +104,7 @@ def format_calibration(summary: dict[str, Any]) -> str:
         lines += ["", f"bracket at rank {bracket['rank']} ({count(bracket['lora_parameters'])} LoRA parameters):"]
         lines += ["  " + line for line in table(
             ["load (bits offered/param)", "bits held", "held/param", "x capacity"],
-            [[number(load, 3), count(held), number(held / bracket["lora_parameters"], 3),
+            [[significant(load, 3), count(held), number(held / bracket["lora_parameters"], 3),
               number(load / bracket["bits_per_parameter"], 2) if bracket["bits_per_parameter"] else MISSING]
              for load, held in zip(bracket["loads"], bracket["held_bits"])])]
         lines.append(f"  {_bracket_finding(bracket)}")
@@ -116,12 +116,14 @@ def _bracket_finding(bracket: dict[str, Any]) -> str:
     finding = bracket["finding"]
     if finding == "not learned":
         return "the adapter held nothing at any load: capacity not measured"
-    head = f"capacity: held bits stop growing at load {number(bracket['capacity_load'], 3)}"
+    largest = significant(bracket["loads"][-1], 3)
     if finding == "growing":
-        return head.replace("stop", "still grow") + " (not bracketed: offer larger loads)"
+        return (f"capacity not reached: held bits still grew at the largest load, {largest} (not bracketed: offer "
+                "larger loads, or more epochs)")
+    head = f"capacity: held bits stop growing at load {significant(bracket['capacity_load'], 3)}"
     share = f"{bracket['examined_share']:.0%}"
     if finding == "collapse":
-        return (f"{head}; collapse at load {number(bracket['collapse_load'], 3)} (~{number(bracket['collapse'], 2)}x "
-                f"capacity): held {share} of its most")
-    return (f"{head}; a plateau: at load {number(bracket['examined_load'], 3)} (~"
-            f"{number(bracket['examined_multiple'], 2)}x capacity) it still held {share} of its most")
+        return (f"{head}; collapse at load {significant(bracket['collapse_load'], 3)} "
+                f"(~{significant(bracket['collapse'], 2)}x capacity): held {share} of its most")
+    return (f"{head}; a plateau: at load {significant(bracket['examined_load'], 3)} "
+            f"(~{significant(bracket['examined_multiple'], 2)}x capacity) it still held {share} of its most")

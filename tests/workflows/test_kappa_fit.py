@@ -263,3 +263,19 @@ def test_the_budget_skips_loads_and_ranks_it_cannot_pay_for_with_a_note(tiny_bas
         calibrate(tiny_base, ranks=(1,), budget=10, **cheap)
     with pytest.raises(InvalidOptionError, match="'bracket' parameter of calibrate"):
         calibrate(tiny_base, ranks=(1,), bracket=(1, -2), **cheap)
+
+
+@pytest.mark.parametrize(("held_at_4", "says"), [
+    (0.016, "capacity: held bits stop growing at load 1; collapse at load 4 (~5x capacity): held 2% of its most"),
+    (0.75, "capacity: held bits stop growing at load 1; a plateau: at load 4 (~5x capacity) it still held 94%"),
+    (3.0, "capacity not reached: held bits still grew at the largest load, 4 (not bracketed"),
+])
+def test_the_printed_calibration_shows_the_fit_and_what_the_bracket_found(held_at_4, says):
+    from lorascope.report.recommend import format_calibration
+
+    bracket = [_point(1, min(load, 0.8) if load <= 2 else held_at_4, load) for load in (0.5, 1, 2, 4)]
+    text = format_calibration(_calibration([_point(r, 0.8 * r ** -0.1) for r in (1, 2, 4)], bracket).to_dict())
+    assert "kappa(P) = exp(" in text and "over 1,000 to 4,000 LoRA parameters (3 ranks" in text
+    assert says in text, text
+    flat = format_calibration(_calibration([_point(1, 0.8), _point(2, 0.8)]).to_dict())
+    assert "kappa(P): flat" in flat and "bracket" not in flat
