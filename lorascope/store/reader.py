@@ -20,7 +20,13 @@ from lorascope.errors import (
     RunFileNotFoundError,
 )
 from lorascope.store import schema as S
-from lorascope.store.validate import check_all_values, check_file, check_header, check_values
+from lorascope.store.validate import (
+    check_all_values,
+    check_config_section,
+    check_file,
+    check_header,
+    check_values,
+)
 
 __all__ = ["Run", "open_run"]
 
@@ -271,6 +277,7 @@ class Run:
                 config[key] = json.loads(_decode(value))
             except (TypeError, ValueError):
                 raise self._fail(f"config section '{key}' is not valid JSON") from None
+            check_config_section(key, config[key], self.path)
         return config
 
     def _rows(self, group: str) -> int:

@@ -47,6 +47,14 @@ ROOT_ATTRS = (
     ATTR_STATUS,
 )
 
+# Config sections lorascope itself reads, each a JSON object, with the fields inside that must be objects too when
+# present (a reader refuses anything else; a section it does not read, such as one from extra_config, may hold any
+# JSON).
+CONFIG_OBJECTS: dict[str, tuple[str, ...]] = {
+    "recorder": (), "optimizer": ("defaults",), "trainer": (), "lora": (), "model": ("config",), "dataset": (),
+    "distributed": (),
+}
+
 # Values of the status attribute. A file left as "recording" by a killed writer is incomplete.
 STATUS_RECORDING = "recording"
 STATUS_COMPLETE = "complete"

@@ -36,7 +36,7 @@ import numpy as np
 from lorascope.errors import CorruptRunFileError, NotARunFileError, SchemaVersionError
 from lorascope.store import schema as S
 
-__all__ = ["check_all_values", "check_file", "check_header", "check_values"]
+__all__ = ["check_all_values", "check_config_section", "check_file", "check_header", "check_values"]
 
 _NDIM = {S.ROW: 1, S.ROW_MODULE: 2, S.ROW_MODULE_SV: 3}
 _KIND_WORDS = {"str": "strings", "bool": "booleans", "i": "integers", "f": "floats"}
@@ -168,6 +168,25 @@ def check_file(f: h5py.File, path: Path, *, complete: bool) -> tuple[str, ...]:
                      "non-finite update: not measured there; read as no spectrum")
     _check_payloads(f, shapes, factors_k, delta_dtype, n, complete, fail)
     return tuple(flags)
+
+
+def check_config_section(name: str, value: Any, path: Path) -> None:
+    """A config section lorascope reads (:data:`~lorascope.store.schema.CONFIG_OBJECTS`) is a JSON object, and so
+    are the fields inside it that lorascope reads as objects."""
+    if name not in S.CONFIG_OBJECTS:
+        return
+    fail = _failer(path)
+    if not isinstance(value, dict):
+        raise fail(f"config section '{name}' must be a JSON object; got a JSON {_json_type(value)}")
+    for field in S.CONFIG_OBJECTS[name]:
+        if value.get(field) is not None and not isinstance(value[field], dict):
+            raise fail(f"config section '{name}': '{field}' must be a JSON object; got a JSON "
+                       f"{_json_type(value[field])}")
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
 
 def check_values(group: str, raw: Mapping[str, np.ndarray], path: Path) -> None:

@@ -127,6 +127,17 @@ RETYPED: dict[str, object] = {"int": np.int64(3), "float": 1.5, "str": "1", "byt
                               "array": np.arange(3), "bool": np.bool_(True), "negative": np.int64(-2)}
 CONFIG_TEXT = {"not_json": "{broken", "a_list": "[1, 2]", "a_number": "7", "wrong_fields": '{"r": "eight"}',
                "negative_examples": '{"examples": -5, "r": -1, "lora_alpha": null}'}
+DEEP_CONFIG = {  # fields inside the sections lorascope reads, of the wrong JSON type
+    "lora_adapter_a_list": ("lora", '{"default": [1, 2]}'),
+    "lora_fields_text": ("lora", '{"default": {"r": "eight", "lora_alpha": "x", "rank_pattern": [1]}}'),
+    "model_config_a_list": ("model", '{"config": [1]}'),
+    "model_config_fields_text": ("model", '{"config": {"num_local_experts": "x", "num_experts_per_tok": -1, '
+                                          '"model_type": 3}}'),
+    "optimizer_defaults_a_list": ("optimizer", '{"defaults": [1]}'),
+    "optimizer_lr_text": ("optimizer", '{"defaults": {"lr": "fast"}}'),
+    "dataset_examples_text": ("dataset", '{"examples": "many", "bits_per_example": "x"}'),
+    "extra_section_a_string": ("notes", '"a user section may hold any JSON"'),
+}
 
 
 def _retype(group: str, name: str, value: object) -> Mutation:
@@ -157,6 +168,8 @@ def _structure_mutations() -> dict[str, Mutation]:
         for kind, text in CONFIG_TEXT.items():
             out[f"config_{kind}:{section}"] = _retype(S.GROUP_CONFIG, section, text)
         out[f"config_int:{section}"] = _retype(S.GROUP_CONFIG, section, np.int64(4))
+    for kind, (section, text) in DEEP_CONFIG.items():
+        out[f"config_{kind}:{section}"] = _retype(S.GROUP_CONFIG, section, text)
     return out
 
 
@@ -179,7 +192,8 @@ NAMED = ["extra_axis:steps/loss", "bytes:steps/loss", "negative:snapshots/sv_cou
          "attr_float:schema_version", "attr_int:status", "reversed:steps/step", "huge:snapshots/sv_count",
          "negative:snapshots/sv", "nan:snapshots/energy", "remove_group:snapshots", "remove_group:snapshots/deltas",
          "remove:modules/name", "transposed:snapshots/sv", "float16:steps/step", "config_not_json:recorder",
-         "config_wrong_fields:lora", "attr_array:snapshots.sv_capacity", "remove_attr:snapshots.factors_k",
+         "config_wrong_fields:lora", "config_a_list:dataset", "config_lora_fields_text:lora",
+         "config_model_config_fields_text:model", "attr_array:snapshots.sv_capacity", "remove_attr:snapshots.factors_k",
          "zeros:modules/out_features", "nan:steps/examples_seen", "inf:steps/grad_sq_norm", "zeros:snapshots/energy",
          "killed:status_recording", "denormal:snapshots/sv"]
 _rng = random.Random(15)

@@ -104,6 +104,10 @@ REFUSED = {
     "grad_sv_without_count": (lambda f: f["snapshots"].create_dataset("grad_sv", data=np.zeros((4, 3, 4), "f4")),
                               "'snapshots/grad_sv' and 'grad_sv_count' must both be present"),
     "created_an_integer": (_attr(S.ATTR_CREATED, np.int64(2026)), "'created' must be a string"),
+    "dataset_section_a_list": (_attr("dataset", "[1, 2]", "config"),
+                               "config section 'dataset' must be a JSON object; got a JSON array"),
+    "model_config_a_number": (_attr("model", '{"config": 3}', "config"),
+                              "config section 'model': 'config' must be a JSON object; got a JSON number"),
 }
 
 
@@ -207,6 +211,12 @@ def test_the_payload_of_a_snapshot_a_module_did_not_store_is_nan(tmp_path):
         assert u.shape == (3, 1) and np.isnan(u).all() and np.isnan(v).all()
         assert np.isnan(run.delta(0, 1)).all() and np.isnan(run.delta(1, 0)).all()
         np.testing.assert_array_equal(run.delta(0, 0), np.ones((3, 2)))
+
+
+def test_a_config_section_lorascope_does_not_read_may_hold_any_json(edited):
+    path = edited(_attr("notes", '["a", "list"]', "config"))
+    with open_run(path) as run:
+        assert run.config["notes"] == ["a", "list"]
 
 
 def test_the_valid_source_opens_without_flags(source):
