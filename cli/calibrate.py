@@ -15,6 +15,7 @@ from lorascope.errors import InvalidOptionError, RunFileExistsError
 from lorascope.report.folder import check_output_path
 from lorascope.report.recommend import format_calibration
 from lorascope_cli.params import parse_layers, parse_learning_rates, parse_ranks
+from lorascope_cli.progress import progress_log, quiet_option
 
 
 @click.command()
@@ -46,9 +47,10 @@ from lorascope_cli.params import parse_layers, parse_learning_rates, parse_ranks
               help="Where to save the calibration (pass it to `lorascope recommend --calibration`).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
+@quiet_option
 def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ranks: tuple[int, ...], bracket: str,
               load: float | None, budget: int | None, layers: str, epochs: int, lr: str, batch_size: int, seed: int,
-              output: str, force: bool, as_json: bool) -> None:
+              output: str, force: bool, as_json: bool, quiet: bool) -> None:
     """Measure bits stored per LoRA parameter on your architecture (random key -> value facts, real PEFT LoRA):
     kappa(P) over several ranks, and what an adapter holds past its capacity."""
     if (model_dir is None) == (config is None):
@@ -64,14 +66,14 @@ def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ra
         raise RunFileExistsError(f"{out} exists; pass --force to overwrite it or choose another --output.")
     blocks, lrs = parse_layers(layers), parse_learning_rates(lr)
 
-    def log(line: str) -> None:
-        click.echo(line, err=True)
-
-    # Through the module, so that a test can stand in for the long steps.
-    model, base = calibration.base_model(model_dir, config, pretrain_steps=pretrain_steps, seed=seed, log=log)
-    result = calibration.calibrate(model, ranks=ranks, bracket=loads, offered_bits_per_parameter=load, budget=budget,
-                                   epochs=epochs, lr=lrs, batch_size=batch_size, seed=seed, base=base, layers=blocks,
-                                   log=log)
+    # A bar over the ranks on a terminal, advanced by the line calibrate logs as each rank is measured.
+    with progress_log("calibrating", "rank", len(ranks), quiet=quiet, counts=lambda line: line.startswith("rank ")
+                      ) as log:
+        # Through the module, so that a test can stand in for the long steps.
+        model, base = calibration.base_model(model_dir, config, pretrain_steps=pretrain_steps, seed=seed, log=log)
+        result = calibration.calibrate(model, ranks=ranks, bracket=loads, offered_bits_per_parameter=load,
+                                       budget=budget, epochs=epochs, lr=lrs, batch_size=batch_size, seed=seed,
+                                       base=base, layers=blocks, log=log)
     result.save(out)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))

@@ -12,6 +12,7 @@ from lorascope.errors import InvalidOptionError
 from lorascope.report.folder import prepare_folder
 from lorascope.workflows.compare import DEFAULT_SMOOTH, DEFAULT_THRESHOLD, DEFAULT_WINDOW, read_predictions
 from lorascope.workflows.compare import compare as run_compare
+from lorascope_cli.progress import progress_over, quiet_option
 
 
 @click.command("compare")
@@ -34,9 +35,10 @@ from lorascope.workflows.compare import compare as run_compare
                    "of `lorascope recommend --json`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of text.")
 @click.option("--force", is_flag=True, help="Overwrite compare.json and compare.png in an existing output folder.")
+@quiet_option
 def compare(full_run: str, lora_runs: tuple[str, ...], output: str, threshold: float, window: float, smooth: float,
             relative: bool, x_tokens: bool, x_steps: bool, predictions_file: str | None, as_json: bool,
-            force: bool) -> None:
+            force: bool, quiet: bool) -> None:
     """Compare LoRA runs (LORA_RUNS) against the full fine-tuning run FULL_RUN of the same data.
 
     For each LoRA rank: the number of examples (or tokens, or steps) at which its training loss leaves the full
@@ -51,7 +53,8 @@ def compare(full_run: str, lora_runs: tuple[str, ...], output: str, threshold: f
     predicted = read_predictions(predictions_file) if predictions_file is not None else {}
     prepare_folder(output, force=force)  # refuse before reading the runs
     comparison = run_compare(full_run, list(lora_runs), x=x, threshold=threshold, window=window, smooth=smooth,
-                             relative=relative, **predicted)
+                             relative=relative, progress=progress_over("reading LoRA runs", "run", quiet=quiet),
+                             **predicted)
     files = write_comparison(comparison, output, force=force)
     if as_json:
         click.echo(json_text(comparison.summary))

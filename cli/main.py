@@ -16,6 +16,7 @@ import click
 from lorascope._version import __version__
 from lorascope.errors import LorascopeError
 from lorascope_cli.params import parse_ranks
+from lorascope_cli.progress import progress_over, quiet_option
 
 EXIT_BAD_INPUT = 2
 
@@ -103,23 +104,21 @@ def info(run_file: str, as_json: bool) -> None:
 @click.option("--tokens", "x_tokens", is_flag=True, help="Use tokens seen instead of examples seen as the data axis.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of text.")
 @click.option("--force", is_flag=True, help="Overwrite the report files in an existing output folder.")
+@quiet_option
 def analyze(run_files: tuple[str, ...], output: str, ranks: tuple[int, ...], x_tokens: bool, as_json: bool,
-            force: bool) -> None:
+            force: bool, quiet: bool) -> None:
     """Analyse RUN_FILES: spectra, rank-vs-data curves, per-layer report; write a report folder.
 
     Several files of the same model trained on different dataset sizes give one curve point each.
     """
-    from tqdm import tqdm
-
     from lorascope.report.folder import prepare_folder, write_report
     from lorascope.report.format import json_text
     from lorascope.report.terminal import format_summary
     from lorascope.workflows.analyze import analyze as run_analysis
 
     prepare_folder(output, force=force)  # refuse before the (possibly long) analysis
-    show = len(run_files) > 1 and not as_json
     analysis = run_analysis(run_files, ranks=ranks, x="tokens_seen" if x_tokens else "examples_seen",
-                            progress=(lambda it: tqdm(it, desc="reading runs", unit="run")) if show else None)
+                            progress=progress_over("reading runs", "run", quiet=quiet or len(run_files) < 2))
     files = write_report(analysis, output, force=force)
     if as_json:
         click.echo(json_text(analysis.summary))  # the text summary.json holds
@@ -132,13 +131,15 @@ def analyze(run_files: tuple[str, ...], output: str, ranks: tuple[int, ...], x_t
 @click.option("-o", "--output", "output", default="lorascope-demo", show_default=True, help="Folder to write into.")
 @click.option("--force", is_flag=True, help="Overwrite the demo's files in an existing output folder.")
 @click.option("--steps", type=click.IntRange(min=2), default=None, help="Fine-tuning steps (default 400).")
-def demo(output: str, force: bool, steps: int | None) -> None:
+@quiet_option
+def demo(output: str, force: bool, steps: int | None, quiet: bool) -> None:
     """Train a small built-in transformer on CPU with full fine-tuning, record it, and analyse it."""
     from lorascope.demo import DemoConfig, run_demo
     from lorascope.report.terminal import format_summary
 
     cfg = DemoConfig() if steps is None else DemoConfig(finetune_steps=steps)
-    run_path, analysis, files = run_demo(output, cfg=cfg, force=force, log=lambda m: click.echo(m, err=True))
+    run_path, analysis, files = run_demo(output, cfg=cfg, force=force,
+                                       log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
     click.echo(format_summary(analysis.summary))
     click.echo(f"\nrecording: {run_path}\nreport: {files.html}")
 

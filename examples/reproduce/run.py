@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-o", "--output", default="reproduce-out", help="output folder (default: reproduce-out)")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: 2 full, 1 quick)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr (drawn on a terminal)")
     args = parser.parse_args(argv)
     tier = TIERS["quick" if args.quick else "smoke" if args.smoke else "full"]
     if args.jobs is not None:
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.force:
         _clear(out)
-    study(tier, out)
+    study(tier, out, quiet=args.quiet)
     return 0
 
 
@@ -117,7 +118,7 @@ def _clear(out: Path) -> None:
             path.unlink()
 
 
-def study(tier: Tier, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+def study(tier: Tier, out: Path, log: Callable[[str], None] = print, quiet: bool = False) -> dict[str, Any]:
     """Run every phase of the study into ``out``; returns what ``results.json`` holds."""
     import torch
 
@@ -133,7 +134,7 @@ def study(tier: Tier, out: Path, log: Callable[[str], None] = print) -> dict[str
     say(f"base: tiny Llama pretrained on the Markov language for {tier.pretrain_steps} steps (loss "
         f"{pretrain_loss:.2f} nats)")
     largest = max((*tier.sizes, tier.batch_examples, tier.target_examples, tier.probe_examples))
-    runner = Runner(out, base, largest, tier.jobs, say)
+    runner = Runner(out, base, largest, tier.jobs, say, quiet=quiet)
 
     matched = matched_ranks(train.load_base(base), tier.target_mlp_rank)
     before, after = plan(tier, matched)
@@ -192,8 +193,10 @@ class Runner:
     """Runs training jobs (each once: a run shared by two experiments is trained once), in worker processes when
     ``jobs`` > 1, and keeps their results by run name."""
 
-    def __init__(self, out: Path, base: Path, largest: int, jobs: int, say: Callable[[str], None]) -> None:
+    def __init__(self, out: Path, base: Path, largest: int, jobs: int, say: Callable[[str], None],
+                 quiet: bool = False) -> None:
         self.out, self.base, self.largest, self.jobs, self.say = out, base, largest, jobs, say
+        self.quiet = quiet  # no progress bar (tqdm draws one only when stderr is a terminal anyway)
         self.results: dict[str, dict[str, Any]] = {}
         self.extras: list[dict[str, Any]] = []
 
@@ -207,15 +210,24 @@ class Runner:
                                    "path": str(path), "seed": 0}
         jobs = sorted(todo.values(), key=lambda j: -j["epochs"] * j["examples"]) + list(extra)  # longest first
         self.say(f"{len(jobs)} jobs on {self.jobs} process(es)")
-        for result in _execute(jobs, self.jobs):
-            if result["kind"] == "calibrate":
-                self.extras.append(result)
-                self.say(f"calibrate: {result['bits_per_parameter']:.3f} bits per LoRA parameter "
-                         f"({result['seconds']:.0f} s)")
-                continue
-            self.results[result["name"]] = result
-            self.say(f"{result['name']}: loss {result['final_loss']:.3f}, holds {result['bits_held']:.0f} of "
-                     f"{result['bits_offered']:.0f} bits ({result['seconds']:.1f} s)")
+        from tqdm import tqdm
+
+        with tqdm(total=len(jobs), desc="training runs", unit="run", disable=True if self.quiet else None,
+                  leave=False) as bar:
+            for result in _execute(jobs, self.jobs):
+                bar.update(1)
+                with tqdm.external_write_mode():  # the log lines go to stdout above the bar
+                    self._log(result)
+
+    def _log(self, result: dict[str, Any]) -> None:
+        if result["kind"] == "calibrate":
+            self.extras.append(result)
+            self.say(f"calibrate: {result['bits_per_parameter']:.3f} bits per LoRA parameter "
+                     f"({result['seconds']:.0f} s)")
+            return
+        self.results[result["name"]] = result
+        self.say(f"{result['name']}: loss {result['final_loss']:.3f}, holds {result['bits_held']:.0f} of "
+                 f"{result['bits_offered']:.0f} bits ({result['seconds']:.1f} s)")
 
 
 def _execute(jobs: Sequence[dict[str, Any]], workers: int):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,8 @@ def compare(full: RunLike, loras: RunLike | Sequence[RunLike], *, x: str = "exam
             z: float = DEFAULT_Z, min_points: int = DEFAULT_MIN_POINTS, relative: bool = False,
             ranks: Sequence[int | None] | None = None, labels: Sequence[str] | None = None,
             predictions: Mapping[Any, float] | None = None,
-            capacities: Mapping[Any, float] | None = None) -> Comparison:
+            capacities: Mapping[Any, float] | None = None, progress: Callable[[Any], Any] | None = None
+            ) -> Comparison:
     """Where each LoRA run leaves the full fine-tuning loss curve.
 
     For each LoRA run, the raw gap :math:`d_i = L^{\\mathrm{LoRA}}_i - L^{\\mathrm{Full}}(x_i)` (full fine-tuning
@@ -100,6 +101,8 @@ def compare(full: RunLike, loras: RunLike | Sequence[RunLike], *, x: str = "exam
         or of analyze's forecast). They are translated into the units compare measures in: the point where the full
         fine-tuning run has absorbed that many bits (:mod:`lorascope.analysis.departure`; needs the full run's
         dataset size).
+    progress
+        Optional wrapper of an iterable (e.g. ``tqdm.tqdm``) for a progress bar over the LoRA runs read.
 
     Returns
     -------
@@ -130,7 +133,8 @@ def compare(full: RunLike, loras: RunLike | Sequence[RunLike], *, x: str = "exam
     full_facts = ModelFacts.of_run(full_run)
     _note_divergence(full_run, "the full fine-tuning run", notes)
     loaded = []
-    for source, rank in zip(lora_list, ranks):
+    pairs = list(zip(lora_list, ranks))
+    for source, rank in progress(pairs) if progress else pairs:
         item = load_run(source, snapshots="lora")
         if Path(item.path) == Path(full_run.path):
             raise LorascopeError(f"{item.path}: given both as the full fine-tuning run and as a LoRA run")
