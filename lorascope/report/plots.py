@@ -150,7 +150,8 @@ def _energy_rank(analysis: Analysis, suffix: str) -> Figure | None:
     fig = Figure(figsize=(WIDTH_IN, 6.0), layout="constrained")
     ax = fig.add_subplot()
     colors = _kind_colors(analysis.curves)
-    xs_all, ys_all = [], []
+    xs_all: list[float] = []
+    ys_all: list[float] = []
     beyond = extrapolated = False
     for group, curve in _ordered(analysis.curves):
         color = colors[group]
@@ -209,7 +210,7 @@ def _energy_rank(analysis: Analysis, suffix: str) -> Figure | None:
            else "no power-law fit (reasons in the legend)")
     ax.set_title(_wrap(f"Energy rank k_{CURVE_P:g} vs {_x_words(analysis.x)}: {how}{suffix}"))
     handles, labels = ax.get_legend_handles_labels()
-    markers = [Line2D([], [], marker="s", linestyle="none", markerfacecolor="none", color="0.2",
+    markers: list[Any] = [Line2D([], [], marker="s", linestyle="none", markerfacecolor="none", color="0.2",
                                 label="rank reached (observed)"),
                Line2D([], [], marker="D", linestyle="none", color="0.6", markeredgecolor="black",
                                 label="rank crossing predicted (interval)")]
@@ -386,6 +387,8 @@ def _noise_scale(analysis: Analysis, suffix: str) -> Figure | None:
     fig = Figure(figsize=(WIDTH_IN, 4.6), layout="constrained")
     left, right = fig.subplots(1, 2)
     for run in runs:
+        if run.noise is None:  # not reached: runs holds the runs with an estimate
+            continue
         series = run.noise.series
         groups = [str(g) for g in series["group"].values]
         colors = _kind_colors([g for g in groups if g != "all"])
@@ -484,7 +487,8 @@ def _overall_series(analysis: Analysis) -> tuple[np.ndarray, str, np.ndarray] | 
     runs: list[RunResult] = [r for r in analysis.runs if r.n_snapshots and r.overall is not None]
     if not runs:
         return None
-    picks = [r.overall.isel(snapshot=[-1]) for r in runs] if len(runs) > 1 else [runs[0].overall]
+    overall = [r.overall for r in runs if r.overall is not None]  # every run here (checked above)
+    picks = [o.isel(snapshot=[-1]) for o in overall] if len(overall) > 1 else overall
     axis = analysis.x if all((p[analysis.x].values > 0).all() for p in picks) else "step"
     x = np.concatenate([p[axis].values for p in picks]).astype(float)
     residual = np.concatenate([p["rank_residual"].sel(all="all", rank=list(analysis.ranks)).values
