@@ -93,8 +93,10 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # After the optimizer step and the global step's increment: the Trainer's logging reports this step.
-        if self._live is not None:
+        if self._live is not None and self._live.pending:
+            should_log = control.should_log  # trainer.log clears it: the Trainer's own log of this step must stay
             self._live.publish()
+            control.should_log = should_log
 
     def _resume_step(self, global_step: int, writer: bool, distributed: bool | None) -> int | None:
         """The step to continue the run file after, or None for a fresh file (see ``RecordOptions.resume``).
