@@ -50,10 +50,6 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None, 
     **overrides
         Any field of :class:`RecordOptions` (``kinds``, ``modules``, ``snapshots``, ``top_k``, ...).
 
-    Under ``torch.distributed`` with several processes (DDP, FSDP2, a Trainer launched by torchrun) call this on
-    every rank: rank 0 writes one file for the whole run and every rank joins the recorder's collectives
-    (docs/distributed.md).
-
     Returns
     -------
     Recorder or callback
@@ -68,6 +64,12 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None, 
         The path exists without ``overwrite=True``, or cannot be written.
     SelectionError
         ``kinds`` / ``modules`` select no matrix (the message lists what the model has).
+
+    Notes
+    -----
+    Under ``torch.distributed`` with several processes (DDP, FSDP2, a Trainer launched by torchrun) call this on
+    every rank: rank 0 writes one file for the whole run and every rank joins the recorder's collectives
+    (docs/distributed.md).
     """
     opts = make_options(options, overrides)
     sink = None if tracker is None or tracker is False else tracker_sink(tracker)
