@@ -277,12 +277,12 @@ def _check_index(f: h5py.File, group: str, fail: Callable[[str], Exception], fla
     if ds.ndim != 1:
         raise fail(f"'{name}' has shape {ds.shape}, expected one axis (one row per entry)")
     index = ds[()]
-    steps = np.diff(index)
-    if (steps < 0).any():
-        at = int(np.flatnonzero(steps < 0)[0])
+    decreasing, repeated = index[1:] < index[:-1], index[1:] == index[:-1]  # no np.diff: unsigned ints wrap
+    if decreasing.any():
+        at = int(np.flatnonzero(decreasing)[0])
         raise fail(f"'{name}' must not decrease; row {at + 1} holds {int(index[at + 1])} after {int(index[at])}")
-    if (steps == 0).any():
-        flags.append(f"'{name}': {int((steps == 0).sum())} repeated step number(s)")
+    if repeated.any():
+        flags.append(f"'{name}': {int(repeated.sum())} repeated step number(s)")
     return int(index.shape[0])
 
 

@@ -87,6 +87,8 @@ REFUSED = {
     # more of the same rules
     "status_unknown": (_attr(S.ATTR_STATUS, "done"), "'status' must be one of recording, complete, failed"),
     "snapshot_steps_decreasing": (_set("snapshots/step", (3,), 1), "'snapshots/step' must not decrease"),
+    "unsigned_steps_decreasing": (_replace("steps/step", lambda v: v[::-1].astype(np.uint64)),
+                                  "'steps/step' must not decrease; row 1 holds 11 after 12"),
     "negative_energy": (_set("snapshots/energy", (0, 2), -1.0), "'snapshots/energy' must be >= 0"),
     "energy_of_integers": (_replace("snapshots/energy", lambda v: np.zeros(v.shape, np.int64)),
                            "'snapshots/energy' must hold floats"),
