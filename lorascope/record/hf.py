@@ -18,6 +18,7 @@ from lorascope.record.core import Recorder
 from lorascope.record.distributed import agree, wanted, will_write
 from lorascope.record.options import RecordOptions
 from lorascope.record.trackers import Sink
+from lorascope.record.trl import trl_config
 from lorascope.store.writer import check_writable
 
 if TYPE_CHECKING:
@@ -77,7 +78,9 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
             framework="transformers",
             framework_version=transformers.__version__,
             grad_timing=f"at optimizer.step(), {clipping}",
-            config={"trainer": trainer_config, **dataset_config(kwargs.get("train_dataloader"))},
+            # TRL's trainers: the task, and for RL the dataset in episodes (record/trl.py)
+            config={"trainer": trainer_config, **dataset_config(kwargs.get("train_dataloader")),
+                    **trl_config(args, kwargs.get("train_dataloader"))},
             # With average_tokens_across_devices a model given num_items_in_batch returns its share of the loss
             # of the whole global step: the ranks' losses add up.
             loss_shares_global_step=bool(getattr(args, "average_tokens_across_devices", False)),
@@ -127,15 +130,19 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
 
 
 def trainer_log(trainer: Any) -> Sink:
-    """The live metrics' sink through ``trainer.log`` (so ``report_to`` decides where they go), the Trainer held
-    weakly. The Trainer logs them at its current global step and prefixes them as it does its own (``train/``
+    """The live metrics' sink through the Trainer's logging (so ``report_to`` decides where they go), the Trainer
+    held weakly. The Trainer logs them at its current global step and prefixes them as it does its own (``train/``
     under TensorBoard and W&B); ``lorascope/step`` is the optimizer step of the snapshot they come from."""
+    import transformers
+
     owner = weakref.ref(trainer)
 
     def log(scalars: dict[str, float], step: int) -> None:
         live = owner()
         if live is not None:
-            live.log({**scalars, "lorascope/step": step})
+            # transformers.Trainer's own log, not a subclass's: TRL's trainers merge (and then clear) the metrics
+            # they accumulate between their logging steps into every log call, which ours must leave alone.
+            transformers.Trainer.log(live, {**scalars, "lorascope/step": step})
 
     log.where = "the Trainer's logging (report_to)"  # type: ignore[attr-defined]
     return log
