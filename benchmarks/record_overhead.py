@@ -1,13 +1,16 @@
 """Recording overhead: a small Llama trained on CPU with and without ``lorascope.record``, in one process.
 
-Three configurations, each trained for ``--steps`` optimizer steps from the same initial weights on the same
+Five configurations, each trained for ``--steps`` optimizer steps from the same initial weights on the same
 seeded random tokens:
 
 ``baseline``   no recorder;
 ``stats``      (a) per-step statistics only: ``snapshots=[10**9]`` so no snapshot falls inside the loop;
-``snapshots``  (b) the default log-spaced snapshot schedule with ``total_steps`` given.
+``inthread``   (b0) the log-spaced schedule with every spectrum on the training thread and no time budget
+               (``snapshot_worker=False, time_budget=None``: the recorder before issue 16);
+``worker``     (b1) the same schedule, spectra on the snapshot worker, no time budget;
+``snapshots``  (b) the defaults: worker and ``time_budget=0.05``, ``total_steps`` given.
 
-In each of ``--rounds`` rounds the three configurations get fresh models, optimizers and recorders and are
+In each of ``--rounds`` rounds the configurations get fresh models, optimizers and recorders and are
 advanced side by side in alternating blocks of ``--block`` steps (A/B/C, then B/C/A, ...), so that drift and
 bursts of outside load on a shared machine hit every configuration alike. Only the training steps are timed:
 attaching the recorder (``start``: W_0 copy, file creation) and closing it (final snapshot, draining the
@@ -52,12 +55,15 @@ from typing import Any
 import numpy as np
 import torch
 
-CONFIGS = ("baseline", "stats", "snapshots")
+CONFIGS = ("baseline", "stats", "inthread", "worker", "snapshots")
 LABELS = {
     "baseline": "baseline (no recorder)",
     "stats": "(a) per-step stats only",
-    "snapshots": "(b) default log snapshots",
+    "inthread": "(b0) log, training thread",
+    "worker": "(b1) log, worker, no budget",
+    "snapshots": "(b) defaults (worker+budget)",
 }
+SNAPSHOT_CONFIGS = ("inthread", "worker", "snapshots")
 TARGETS = {"stats": 1.02, "snapshots": 1.08}
 MEMORY_TARGET = 1.25  # extra peak RSS / one fp32 copy of the recorded weights: "about one copy"
 
@@ -116,6 +122,10 @@ def record_options(config: str, setup: Setup) -> dict[str, Any] | None:
         return None
     if config == "stats":
         return {"snapshots": [10**9]}  # no snapshot inside the loop; close() still takes the final one
+    if config == "inthread":
+        return {"total_steps": setup.steps, "snapshot_worker": False, "time_budget": None}
+    if config == "worker":
+        return {"total_steps": setup.steps, "time_budget": None}
     return {"total_steps": setup.steps}  # the default log-spaced schedule fitted to the run
 
 
@@ -153,6 +163,7 @@ class _Run:
             self.start_s = time.perf_counter() - t0
             self._writer_thread = self.recorder._writer._thread  # private: only to read the writer's CPU clock
             self._writer_cpu0 = _thread_cpu_s(self._writer_thread)
+        self.cost: dict[str, Any] = {}
         self.step_s: list[float] = []
         self.block_s: list[float] = []
         self.block_cpu_s: list[float] = []
@@ -171,19 +182,20 @@ class _Run:
         n_snapshots = 0
         if self.recorder is not None:
             self.writer_cpu_s = _thread_cpu_s(self._writer_thread) - self._writer_cpu0
-            if self.config == "snapshots":
-                n_snapshots = len(self.recorder.schedule.planned(self.setup.steps))
+            if self.config in SNAPSHOT_CONFIGS:  # taken in the loop (the budget may thin the schedule)
+                n_snapshots = self.recorder._taker.cost.taken  # private: the recorder's own count
+            self.cost = self.recorder._taker.cost_section()
             t0 = time.perf_counter()
             self.recorder.close()
             self.close_s = time.perf_counter() - t0
         return {"config": self.config, "step_s": self.step_s, "block_s": self.block_s,
                 "block_cpu_s": self.block_cpu_s, "loop_s": sum(self.block_s), "loop_cpu_s": sum(self.block_cpu_s),
                 "writer_cpu_s": self.writer_cpu_s, "start_s": self.start_s, "close_s": self.close_s,
-                "snapshots_in_loop": n_snapshots}
+                "snapshots_in_loop": n_snapshots, "recording_cost": self.cost}
 
 
 def timed_round(setup: Setup, workdir: Path, round_index: int) -> list[dict[str, Any]]:
-    """The three configurations side by side, each with its own model, optimizer and recorder, advanced in
+    """The configurations side by side, each with its own model, optimizer and recorder, advanced in
     alternating blocks of ``setup.block`` steps (order rotated per block), so that outside load and drift hit
     every configuration alike. Only the steps are timed; start and close are timed apart."""
     runs = [_Run(config, setup, workdir / f"r{round_index}-{config}.h5") for config in CONFIGS]
@@ -214,7 +226,7 @@ def memory_child(config: str, setup: Setup) -> dict[str, Any]:
     model, optimizer, batches = fresh_run(setup)
     refs = classify(model).matrices
     options = record_options(config, setup)
-    if options is not None and config == "snapshots":
+    if options is not None and config in SNAPSHOT_CONFIGS:
         options = {**options, "total_steps": setup.memory_steps}  # the log schedule fitted to this shorter run
     with tempfile.TemporaryDirectory(prefix="lorascope-bench-mem-") as tmp:
         recorder, w0_bytes = None, 0
@@ -235,7 +247,8 @@ def memory_child(config: str, setup: Setup) -> dict[str, Any]:
 def measure_memory(setup: Setup) -> list[dict[str, Any]]:
     results = []
     for repeat in range(setup.memory_repeats):
-        order = CONFIGS[repeat % 3:] + CONFIGS[:repeat % 3]
+        k = repeat % len(CONFIGS)
+        order = CONFIGS[k:] + CONFIGS[:k]
         for config in order:
             command = [sys.executable, __file__, "--memory-child", config, "--setup-json", json.dumps(asdict(setup))]
             done = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -292,6 +305,20 @@ def breakdown(setup: Setup, workdir: Path) -> dict[str, Any]:
         gns_ms = best_ms(first_pass, 50)
     snapshot_ms = best_ms(lambda: take_snapshot(recorder.refs, model, recorder._w0, options=recorder.options,
                                                 step=recorder.step), 5)
+    # The snapshot worker's path: what the training thread does (copies) and what the worker computes.
+    from lorascope.record.snapshot_worker import SnapshotWorker, blas_threads, capture, host_copy_bytes
+
+    nbytes = host_copy_bytes(recorder.refs, recorder._tensors, False)  # private: the recorder's tensors
+    capture_ms = best_ms(lambda: capture(recorder.refs, model, recorder._w0, step=recorder.step, nbytes=nbytes), 5)
+    job = capture(recorder.refs, model, recorder._w0, step=recorder.step, nbytes=nbytes)
+    worker = SnapshotWorker(recorder.refs, deliver=lambda s: None, missing=lambda s, r: None, buffer_bytes=nbytes,
+                            threads=1)
+
+    def worker_compute() -> None:
+        with blas_threads(1):
+            worker.compute(job)
+
+    worker_ms = best_ms(worker_compute, 5)
     shapes: dict[tuple[int, int], list[Any]] = {}
     for ref, w0 in zip(recorder.refs, recorder._w0, strict=True):
         shapes.setdefault((ref.out_features, ref.in_features), []).append((ref, w0))
@@ -313,7 +340,8 @@ def breakdown(setup: Setup, workdir: Path) -> dict[str, Any]:
     optimizer.zero_grad(set_to_none=True)
     recorder.close()
     return {"grad_stats_ms": grad_ms, "gns_hooks_ms": gns_ms, "snapshot_ms": snapshot_ms, "per_shape": per_shape,
-            "all_spectra_many_ms": many_ms}
+            "all_spectra_many_ms": many_ms, "capture_ms": capture_ms, "worker_compute_ms": worker_ms,
+            "copy_mib": nbytes / 2**20}
 
 
 # -- statistics and the table ---------------------------------------------------------------------------------
@@ -441,18 +469,30 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"target {LABELS[config]}: extra memory {value:.2f} copies: {verdict(value, MEMORY_TARGET)}")
     if "breakdown" in report:
         b, base_ms = report["breakdown"], timing["baseline"]["mean_step_ms"]
-        n_snap = timing["snapshots"]["snapshots_in_loop"]
+        n_snap = timing["inthread"]["snapshots_in_loop"]
         print(f"\nwhere the time goes (timed directly, best of 5-50 calls; baseline mean step {base_ms:.1f} ms):")
         print(f"  gradient statistics (optimizer pre-step hook): {b['grad_stats_ms']:.2f} ms per step = "
               f"{100 * b['grad_stats_ms'] / base_ms:.1f}% of a step")
         print(f"  gradient-noise-scale tensor hooks (gns='auto'), one backward pass per step: "
               f"{b['gns_hooks_ms']:.2f} ms per step = {100 * b['gns_hooks_ms'] / base_ms:.1f}% of a step")
         print(f"  writer thread CPU: {timing['stats']['writer_cpu_ms_per_step']:.2f} ms per step (stats), "
-              f"{timing['snapshots']['writer_cpu_ms_per_step']:.2f} ms per step (snapshots)")
+              f"{timing['snapshots']['writer_cpu_ms_per_step']:.2f} ms per step (defaults)")
         amortized = b["snapshot_ms"] * n_snap / s["steps"]
-        print(f"  one snapshot (training thread): {b['snapshot_ms']:.1f} ms = {b['snapshot_ms'] / base_ms:.2f} steps; "
-              f"x {n_snap} snapshots / {s['steps']} steps = {amortized:.2f} ms per step = "
-              f"{100 * amortized / base_ms:.1f}% of a step")
+        print(f"  one snapshot on the training thread (b0): {b['snapshot_ms']:.1f} ms = "
+              f"{b['snapshot_ms'] / base_ms:.2f} steps; x {n_snap} snapshots / {s['steps']} steps = {amortized:.2f} ms "
+              f"per step = {100 * amortized / base_ms:.1f}% of a step")
+        print(f"  one snapshot with the worker: training thread {b['capture_ms']:.1f} ms (copies, "
+              f"{b['copy_mib']:.1f} MiB) = {b['capture_ms'] / base_ms:.2f} steps; worker "
+              f"{b['worker_compute_ms']:.1f} ms on one BLAS thread")
+        for config in SNAPSHOT_CONFIGS:
+            costs = [r["recording_cost"] for r in report["runs"] if r["config"] == config]
+            if costs:
+                c = costs[0]
+                print(f"  {LABELS[config]} round 1 recording_cost: taken {c['snapshots_taken']}, thinned "
+                      f"{c['snapshots_thinned']}, snapshot time on the training thread "
+                      f"{c['snapshot_training_thread_seconds']:.2f} s, worker CPU "
+                      f"{c['snapshot_worker_cpu_seconds']:.2f} s, share of training (as recorded) "
+                      f"{c['share_of_training']:.3f}")
         print("  singular values per matrix (ms): svdvals = what the recorder calls now (float32 LAPACK); (.mT) = the "
               "same on the transposed view; gram = lorascope.spectrum.singular_values_many([delta]) (float64 Gram)")
         print(f"  {'matrix shape':<14}{'count':>6}{'svdvals':>10}{'x count':>10}{'(.mT)':>9}{'gram':>9}{'x count':>10}")
@@ -533,9 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         "h5py": h5py.__version__, "python": platform.python_version(),
         "load_before": load_before, "load_after": os.getloadavg()[0],
     }
+    report["runs"] = runs
     print_report(report)
     if args.json:
-        report["runs"] = runs
         args.json.write_text(json.dumps(report, indent=1))
     return 0
 
