@@ -197,8 +197,7 @@ NAMED = ["extra_axis:steps/loss", "bytes:steps/loss", "negative:snapshots/sv_cou
          "zeros:modules/out_features", "nan:steps/examples_seen", "inf:steps/grad_sq_norm", "zeros:snapshots/energy",
          "killed:status_recording", "denormal:snapshots/sv"]
 _rng = random.Random(15)
-SAMPLE = NAMED + _rng.sample(sorted(set(STRUCTURE) - set(NAMED)), 10) + _rng.sample(sorted(set(VALUE) - set(NAMED)),
-                                                                                  3)
+SAMPLE = NAMED + _rng.sample(sorted(set(STRUCTURE) - set(NAMED)), 6) + _rng.sample(sorted(set(VALUE) - set(NAMED)), 2)
 DEFAULT_TRUNCATIONS = [1 / 64, 0.25, 0.5, 63 / 64]
 ALL = {**STRUCTURE, **VALUE}
 
