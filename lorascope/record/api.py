@@ -84,7 +84,9 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None, 
         from lorascope.record.hf import trainer_log
 
         callback = LorascopeCallback(path, opts, tracker=None if tracker is False else sink or trainer_log(target))
-        target.add_callback(callback)
+        # First in line: at train end the recorder closes and publishes its last live metrics before the reporting
+        # callbacks close their writers (TensorBoard) or end their runs (MLflow).
+        target.callback_handler.callbacks.insert(0, callback)
         return callback
     if _is_instance_of(target, ("lightning.", "pytorch_lightning."), "Trainer"):
         from lorascope.record.lightning import LorascopeLightningCallback

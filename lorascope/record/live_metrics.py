@@ -24,6 +24,8 @@ from lorascope.model.taxonomy import MatrixRef
 from lorascope.record.trackers import GuardedSink, Sink
 from lorascope.store.payloads import Snapshot
 
+HOST_BATCH = 256  # steps of noise-scale inputs kept on the device before one transfer to the host
+
 
 class _NoiseInputs(NamedTuple):
     """One step's noise-scale inputs (the squared norms still on the training device)."""
@@ -60,25 +62,40 @@ class LiveMetrics:
         self.sink = GuardedSink(sink, where)
         self.on_step_publishes = on_step
         self._lock = threading.Lock()
-        self._snapshots: list[Snapshot] = []
-        self._noise_inputs: list[_NoiseInputs] = []
+        self._ready: list[tuple[int, dict[str, float]]] = []  # (snapshot step, its scalars), in step order
+        self._error: BaseException | None = None  # a failure computing them on the writer thread
+        self._on_device: list[_NoiseInputs] = []
+        self._on_host: list[tuple[int, float, float, float | None, dict[str, tuple[float, float]]]] = []
         self._ema = NoiseScaleEMA()
         self._batch: float | None = None
 
     # -- what the recorder hands over ------------------------------------------------------------------------
     def on_step(self, row: dict[str, Any]) -> None:
-        """A step row (training thread): keep its noise-scale inputs, left on the device until publication."""
+        """A step row (training thread): keep its noise-scale inputs, on the device (moved to the host in
+        batches of :data:`HOST_BATCH` steps, or at publication)."""
         small, big = row.get("gns_sq_norm_small"), row.get("gns_sq_norm_big")
-        if small is not None and big is not None:
-            batch = row.get("batch_examples")
-            self._noise_inputs.append(_NoiseInputs(
-                int(row["step"]), float(row["gns_batch_small"]), float(row["gns_batch_big"]),
-                float(batch) if isinstance(batch, (int, float)) and batch > 0 else None, small, big))
+        if small is None or big is None or self.sink.failed:
+            return
+        batch = row.get("batch_examples")
+        self._on_device.append(_NoiseInputs(
+            int(row["step"]), float(row["gns_batch_small"]), float(row["gns_batch_big"]),
+            float(batch) if isinstance(batch, (int, float)) and batch > 0 else None, small, big))
+        if len(self._on_device) >= HOST_BATCH:
+            self._to_host()
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
-        """A finished snapshot (any thread): queued for the next :meth:`publish`."""
+        """A written snapshot (the writer thread): its scalars are computed here, off the training thread, and
+        queued for the next :meth:`publish`. A failure is kept and reported there; the writer goes on."""
+        if self._error is not None or self.sink.failed:
+            return
+        try:
+            scalars = snapshot_scalars(snapshot.energy, snapshot.sv, *self._shapes, self._kinds,
+                                       delta_nonfinite=snapshot.delta_nonfinite, ranks=self._ranks)
+        except Exception as exc:  # noqa: BLE001 - never into the writer thread
+            self._error = exc
+            return
         with self._lock:
-            self._snapshots.append(snapshot)
+            self._ready.append((int(snapshot.step), scalars))
 
     def tap(self, writer: Any) -> _TappedWriter:
         """``writer`` (the run file's :class:`~lorascope.store.writer.RunWriter`), telling this object of every
@@ -88,33 +105,41 @@ class LiveMetrics:
     @property
     def pending(self) -> bool:
         with self._lock:
-            return bool(self._snapshots)
+            return bool(self._ready) or self._error is not None
 
     # -- publication (training thread) ---------------------------------------------------------------------
     def publish(self) -> None:
-        """Compute the scalars of every queued snapshot and hand them to the sink, oldest first."""
+        """Hand the scalars of every snapshot written since the last call to the sink, oldest first, each with
+        the noise scale as of its step."""
         with self._lock:
-            snapshots, self._snapshots = self._snapshots, []
-        if not snapshots or self.sink.failed:
+            ready, self._ready = self._ready, []
+        if self._error is not None and not self.sink.failed:
+            error, self._error = self._error, None
+            self.sink.fail(error, "computing them")
+        if self.sink.failed:
             return
-        for snapshot in snapshots:
-            scalars = snapshot_scalars(snapshot.energy, snapshot.sv, *self._shapes, self._kinds,
-                                       delta_nonfinite=snapshot.delta_nonfinite, ranks=self._ranks)
-            scalars.update(self._noise_scale(until=int(snapshot.step)))  # as of the snapshot's step
-            self.sink(scalars, int(snapshot.step))
+        for step, scalars in ready:
+            self.sink({**scalars, **self._noise_scale(until=step)}, step)
+
+    def _to_host(self) -> None:
+        """Move the kept noise-scale inputs to the host, summed per group (one transfer)."""
+        inputs, self._on_device = self._on_device, []
+        if not inputs:
+            return
+        small = torch.stack([torch.as_tensor(e.small, dtype=torch.float64) for e in inputs]).cpu().numpy()
+        big = torch.stack([torch.as_tensor(e.big, dtype=torch.float64) for e in inputs]).cpu().numpy()
+        self._on_host.extend((e.step, e.b_small, e.b_big, e.batch, group_norms(small[t], big[t], self._kinds))
+                             for t, e in enumerate(inputs))
 
     def _noise_scale(self, until: int) -> dict[str, float]:
-        """Fold the steps up to ``until`` into the noise-scale EMAs (one host transfer); the scalars as of then."""
-        inputs = [entry for entry in self._noise_inputs if entry.step <= until]
-        self._noise_inputs = self._noise_inputs[len(inputs):]
-        if inputs:
-            small = torch.stack([torch.as_tensor(e.small, dtype=torch.float64) for e in inputs]).cpu().numpy()
-            big = torch.stack([torch.as_tensor(e.big, dtype=torch.float64) for e in inputs]).cpu().numpy()
-            for t, entry in enumerate(inputs):
-                self._ema = self._ema.update(group_norms(small[t], big[t], self._kinds), entry.b_small, entry.b_big)
-            self._batch = inputs[-1].batch
+        """Fold the steps up to ``until`` into the noise-scale EMAs; the scalars as of then."""
+        self._to_host()
+        done = [entry for entry in self._on_host if entry[0] <= until]
+        self._on_host = self._on_host[len(done):]
+        for _, b_small, b_big, batch, norms in done:
+            self._ema = self._ema.update(norms, b_small, b_big)
+            self._batch = batch
         return noise_scale_scalars(self._ema, self._batch)
-
 
 
 class _TappedWriter:

@@ -97,7 +97,10 @@ class GuardedSink:
         try:
             self._sink(scalars, step)
         except Exception as exc:  # noqa: BLE001 - a tracker's failure must not stop training or recording
-            self.failed = True
-            warnings.warn(f"lorascope could not publish its live metrics to {self.where} at step {step}: "
-                          f"{type(exc).__name__}: {exc}; it stops publishing there, training and recording go on.",
-                          RecordingWarning, stacklevel=2)
+            self.fail(exc, f"publishing them to {self.where} at step {step}")
+
+    def fail(self, exc: BaseException, doing: str) -> None:
+        """Say once why the live metrics stop (``doing``: what failed), and stop them."""
+        self.failed = True
+        warnings.warn(f"lorascope's live metrics failed {doing}: {type(exc).__name__}: {exc}; they stop, training "
+                      "and recording go on.", RecordingWarning, stacklevel=3)
