@@ -31,23 +31,27 @@ VOCAB = 32
 Mutation = Callable[[h5py.File], None]
 
 
-@pytest.fixture(scope="module")
-def recording(tmp_path_factory) -> Path:
-    """A real recording: a tiny model trained 6 steps, snapshots every 2 steps with singular vectors, full
-    updates and the gradient's spectrum, so that every optional group exists."""
-    path = tmp_path_factory.mktemp("fuzz") / "run.h5"
-    torch.manual_seed(0)
+def _record(path: Path, steps: int = 6, seed: int = 0, **options) -> Path:
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, 24), nn.GELU(), nn.Linear(24, VOCAB))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with lorascope.record(model, path, optimizer=optimizer, snapshots=2, factors_k=2, store_delta="float16",
-                          grad_sv=True, time_budget=None) as recorder:
-        for _ in range(6):
+    with lorascope.record(model, path, optimizer=optimizer, time_budget=None, **options) as recorder:
+        for _ in range(steps):
             ids = torch.randint(0, VOCAB, (4, 6))
             loss = nn.functional.cross_entropy(model(ids).reshape(-1, VOCAB), ids.reshape(-1))
             loss.backward()
             recorder.log(loss=loss)
             optimizer.step()
             optimizer.zero_grad()
+    return path
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> Path:
+    """A real recording: a tiny model trained 6 steps, snapshots every 2 steps with singular vectors, full
+    updates and the gradient's spectrum, so that every optional group exists."""
+    path = _record(tmp_path_factory.mktemp("fuzz") / "run.h5", snapshots=2, factors_k=2, store_delta="float16",
+                   grad_sv=True)
     with lorascope.open_run(path) as run:  # the source itself is sound
         assert run.complete and run.n_steps == 6 and run.n_snapshots == 3 and run.flags == ()
     return path
@@ -269,3 +273,34 @@ def test_every_value_mutation_gives_success_or_one_line_with_the_figures_rendere
 @pytest.mark.parametrize("fraction", sorted(set(TRUNCATIONS) - set(DEFAULT_TRUNCATIONS)))
 def test_every_truncation_gives_success_or_one_line(recording, tmp_path, fraction):
     _info_and_analyze(_truncated(recording, tmp_path, fraction), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> tuple[Path, Path]:
+    """A full fine-tuning recording and one labelled a rank-2 LoRA run (a PEFT config section), 24 steps each: enough
+    for ``lorascope compare``."""
+    folder = tmp_path_factory.mktemp("compare")
+    full, lora = (_record(folder / f"{name}.h5", steps=24, seed=seed, snapshots=4)
+                  for name, seed in (("full", 0), ("lora", 1)))
+    with h5py.File(lora, "r+") as f:
+        f[S.GROUP_CONFIG].attrs["lora"] = ('{"default": {"r": 2, "lora_alpha": 4, "use_rslora": false, '
+                                           '"scaling_rule": "alpha/r", "rank_pattern": {}, "alpha_pattern": {}}}')
+    return full, lora
+
+
+COMPARED = sorted(key for key in ALL if key.split(":")[1].startswith(
+    (f"{S.GROUP_STEPS}/", f"{S.GROUP_SNAPSHOTS}/step", f"{S.GROUP_SNAPSHOTS}/sv", f"{S.GROUP_MODULES}/",
+     S.GROUP_CONFIG, "status")) or key in {f"remove_group:{g}" for g in GROUPS if not g.startswith(
+        (S.GROUP_FACTORS, S.GROUP_DELTAS))})  # the compared recordings store neither factors nor deltas
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role", ["full", "lora"])
+@pytest.mark.parametrize("key", COMPARED)
+def test_compare_of_a_mutated_run_gives_success_or_one_line(compared, tmp_path, no_png, key, role):
+    full, lora = compared
+    source = full if role == "full" else lora
+    mutated = _mutated(source, tmp_path, key)
+    runs = [mutated, lora] if role == "full" else [full, mutated]
+    result = CliRunner().invoke(cli, ["compare", *map(str, runs), "-o", str(tmp_path / "out"), "--json"])
+    _check_outcome(result, f"compare ({role} mutated)")
