@@ -60,7 +60,8 @@ def analysis_html(summary: Mapping[str, Any]) -> str:
     if summary["notes"]:
         parts += ["<h4>Notes</h4>", _list(summary["notes"])]
     parts += ["<h4>Runs</h4>", _runs_table(summary["runs"])]
-    return _card(_title(summary["runs"]).replace("report", "analysis", 1), "\n".join(parts))
+    body = "\n".join(parts).replace("<h2", "<h4").replace("</h2>", "</h4>")  # the page's sections, under the card
+    return _card(_title(summary["runs"]).replace("report", "analysis", 1), body)
 
 
 def comparison_html(summary: Mapping[str, Any]) -> str:
