@@ -433,6 +433,7 @@ class Recorder:
             self._end_step()
         if snapshot_now:
             self._snapshot_distributed()
+        self._publish_live()  # rank 0's written snapshots (the other ranks have none)
 
     def _on_forward_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.active and module.training and torch.is_grad_enabled():

@@ -88,8 +88,8 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
         if self._tracker is not None:
             from lorascope.record.live_metrics import LiveMetrics
 
-            self._live = LiveMetrics(recorder.refs, self._tracker, where=getattr(self._tracker, "where", "the tracker"),
-                                     on_step=False)
+            where = "the Trainer's logging (report_to)" if isinstance(self._tracker, _TrainerLog) else "the tracker"
+            self._live = LiveMetrics(recorder.refs, self._tracker, where=where, on_step=False)
             recorder.publish_live(self._live)
         self.recorder = recorder.start(total_steps=state.max_steps or None, resume_after=resume_after,
                                        resumable=resumable)
@@ -129,23 +129,27 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
             self._live = None
 
 
-def trainer_log(trainer: Any) -> Sink:
+class _TrainerLog:
     """The live metrics' sink through the Trainer's logging (so ``report_to`` decides where they go), the Trainer
     held weakly. The Trainer logs them at its current global step and prefixes them as it does its own (``train/``
     under TensorBoard and W&B); ``lorascope/step`` is the optimizer step of the snapshot they come from."""
-    import transformers
 
-    owner = weakref.ref(trainer)
+    def __init__(self, trainer: Any) -> None:
+        self._owner = weakref.ref(trainer)
 
-    def log(scalars: dict[str, float], step: int) -> None:
-        live = owner()
-        if live is not None:
+    def __call__(self, scalars: dict[str, float], step: int) -> None:
+        import transformers
+
+        trainer = self._owner()
+        if trainer is not None:
             # transformers.Trainer's own log, not a subclass's: TRL's trainers merge (and then clear) the metrics
             # they accumulate between their logging steps into every log call, which ours must leave alone.
-            transformers.Trainer.log(live, {**scalars, "lorascope/step": step})
+            transformers.Trainer.log(trainer, {**scalars, "lorascope/step": step})
 
-    log.where = "the Trainer's logging (report_to)"  # type: ignore[attr-defined]
-    return log
+
+def trainer_log(trainer: Any) -> Sink:
+    """The sink of the live metrics through ``trainer``'s own logging (see :class:`_TrainerLog`)."""
+    return _TrainerLog(trainer)
 
 
 def trainer_loss(trainer: Any) -> Callable[[Any, Any], Any]:
