@@ -214,8 +214,8 @@ def judge(examples: float, runway: float, uncertainty: float) -> str:
 
 
 def predict_ranks(ranks: Sequence[int], parameters: Callable[[int], tuple[int, dict[str, int]]], *, examples: float,
-                  bits: BitsEstimate, constant: CapacityConstant,
-                  trained_tokens_per_example: float | None = None) -> list[RankPrediction]:
+                  bits: BitsEstimate, constant: CapacityConstant, trained_tokens_per_example: float | None = None,
+                  holding: Callable[[int], int] | None = None) -> list[RankPrediction]:
     """A :class:`RankPrediction` per candidate rank.
 
     Parameters
@@ -231,6 +231,9 @@ def predict_ranks(ranks: Sequence[int], parameters: Callable[[int], tuple[int, d
     trained_tokens_per_example : float, optional
         For the Tinker rule of thumb (LoRA parameters >= trained tokens): its runway
         :math:`P(r) / T` is shown beside the information runway.
+    holding : callable, optional
+        ``rank -> LoRA parameters that can hold bits`` when fewer than all: past a matrix's min(in, out) a rank
+        adds parameters but nothing a full update lacks. Default: all of them.
 
     Examples
     --------
@@ -243,17 +246,20 @@ def predict_ranks(ranks: Sequence[int], parameters: Callable[[int], tuple[int, d
     out = []
     for rank in ranks:
         count, by_kind = parameters(rank)
-        capacity = constant.capacity_bits(count)
-        runway, low, high = runway_range(capacity, bits, constant.uncertainty_at(count))
+        held = holding(rank) if holding is not None else count
+        capacity = constant.capacity_bits(held)
+        runway, low, high = runway_range(capacity, bits, constant.uncertainty_at(held))
         verdict = judge(examples, runway, runway / low if low > 0 else math.inf)
         tinker = count / trained_tokens_per_example if trained_tokens_per_example else None
-        reason = (f"{count:,} parameters x {constant.bits_per_parameter_at(count):.3g} bits = {capacity:,.0f} bits; "
+        past = f" ({count - held:,} more past the matrices' size hold nothing)" if held < count else ""
+        reason = (f"{held:,} parameters{past} x {constant.bits_per_parameter_at(held):.3g} bits = "
+                  f"{capacity:,.0f} bits; "
                   f"the data asks {bits.bits_per_example:,.3g} bits per example, so rank {rank} holds "
                   f"~{runway:,.0f} examples ({low:,.0f} to {high:,.0f}) against {examples:,.0f}")
         fit = constant.fit
-        if fit is not None and not fit.parameters_low <= count <= fit.parameters_high:
+        if fit is not None and not fit.parameters_low <= held <= fit.parameters_high:
             reason += (f" (outside the calibrated {fit.parameters_low:,.0f} to {fit.parameters_high:,.0f} LoRA "
-                       f"parameters: kappa held at the nearest end, the range widened x{fit.extrapolation(count):.2g})")
+                       f"parameters: kappa held at the nearest end, the range widened x{fit.extrapolation(held):.2g})")
         if verdict == "exceeded":
             reason += f"; past the runway (~{examples / runway:.2g}x): {constant.past_capacity()}"
         out.append(RankPrediction(int(rank), dict(by_kind), int(count), capacity, runway, low, high, tinker,
@@ -277,9 +283,10 @@ def runway_range(capacity: float, bits: BitsEstimate, uncertainty: float) -> tup
 
 
 def rank_needed(examples: float, bits: BitsEstimate, constant: CapacityConstant,
-                parameters: Callable[[int], tuple[int, dict[str, int]]], *, max_rank: int = 65536) -> int | None:
+                parameters: Callable[[int], tuple[int, dict[str, int]]], *, max_rank: int = 65536,
+                holding: Callable[[int], int] | None = None) -> int | None:
     """The smallest power-of-two rank whose whole runway range covers ``examples`` (verdict ``fits``), or None
-    when even ``max_rank`` does not.
+    when even ``max_rank`` does not (``holding`` as in :func:`predict_ranks`).
 
     Examples
     --------
@@ -290,7 +297,7 @@ def rank_needed(examples: float, bits: BitsEstimate, constant: CapacityConstant,
     """
     rank = 1
     while rank <= max_rank:
-        count, _ = parameters(rank)
+        count = holding(rank) if holding is not None else parameters(rank)[0]
         runway, low, _ = runway_range(constant.capacity_bits(count), bits, constant.uncertainty_at(count))
         if judge(examples, runway, runway / low if low > 0 else math.inf) == "fits":
             return rank

@@ -288,15 +288,26 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
         return {a.name: max(_adapter_rank(rank, a.kind, a.experts, active), kind_ranks.get(a.kind, 0))
                 for a in count.adapters}
 
-    def parameters(rank: int) -> tuple[int, dict[str, int]]:
+    def parameters(rank: int, *, effective: bool = False) -> tuple[int, dict[str, int]]:
+        """PEFT's LoRA parameters at ``rank``; ``effective``: only those a rank up to min(in, out) uses per
+        matrix (past it a LoRA adds parameters, not capacity)."""
         per_adapter = ranks_by_adapter(rank)
-        total = sum(per_adapter[a.name] * a.per_rank for a in count.adapters)
+        total = sum((min(per_adapter[a.name], a.in_features, a.out_features) if effective else per_adapter[a.name])
+                    * a.per_rank for a in count.adapters)
         by_kind = {a.kind: per_adapter[a.name] for a in count.adapters}
         return total, by_kind
 
+    def holding(rank: int) -> int:
+        return parameters(rank, effective=True)[0]
+
     predictions = predict_ranks(ranks, parameters, examples=examples, bits=bits, constant=constant,
-                                trained_tokens_per_example=trained_tokens if task == "sft" else None)
-    needed = rank_needed(examples, bits, constant, parameters)
+                                trained_tokens_per_example=trained_tokens if task == "sft" else None, holding=holding)
+    needed = rank_needed(examples, bits, constant, parameters, holding=holding)
+    above = [r for r in ranks if r > useful]
+    if above:
+        notes.append(f"rank(s) {', '.join(map(str, above))} exceed every adapted matrix's size (min(in, out) <= "
+                     f"{useful}): a LoRA's parameters past a matrix's size add nothing a full update lacks, so their "
+                     "capacity counts rank min(r, in, out) per matrix, and they are never recommended")
     # A rank above every adapted matrix's size adds nothing a full update lacks: never recommended (useful).
     fitting = [p.rank for p in predictions if p.verdict == "fits" and p.rank <= useful]
     if fitting:
@@ -305,9 +316,9 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
         rank = needed
         notes.append(f"no candidate rank fits; rank {needed} is the smallest power of two that does")
     else:
-        rank = max(ranks)
+        rank = max([r for r in ranks if r <= useful], default=useful)
         notes.append("no LoRA rank up to the matrices' size holds this data with margin: consider full fine-tuning "
-                     f"(rank {rank}, the largest candidate, is shown)")
+                     f"(rank {rank}, the largest useful candidate, is shown)")
     peft_config = make_lora_config(module, target=resolved, rank=ranks_by_adapter(rank), alpha=LORA_ALPHA)
     chosen_parameters, chosen_by_kind = parameters(rank)
     steps = math.ceil(examples * epochs / batch_size) if batch_size else None

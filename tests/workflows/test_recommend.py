@@ -98,8 +98,15 @@ def test_parameter_counts_equal_lora_parameters():
         assert result.target == count_target
         kinds = {"mlp": None} if target == "mlp-only" else {"attention": None, "mlp": None}
         for p in result.predictions:
-            assert p.lora_parameters == lora_parameters(model, count_target, p.rank).total
+            count = lora_parameters(model, count_target, p.rank)
+            # past a matrix's min(in, out) a LoRA adds parameters but no capacity: counted at min(r, in, out) there
+            effective = sum(min(p.rank, a.in_features, a.out_features) * a.per_rank for a in count.adapters)
+            assert p.lora_parameters == count.total and effective <= count.total
+            assert p.capacity_bits == pytest.approx(CapacityConstant.default().capacity_bits(effective))
+            assert (effective == count.total) == (p.rank <= min(min(a.in_features, a.out_features)
+                                                                for a in count.adapters))
             assert p.ranks_by_kind == dict.fromkeys(kinds, p.rank)
+        assert result.lora_parameters == lora_parameters(model, count_target, result.rank).total  # PEFT's count
         modules = result.peft_config["target_modules"]
         assert modules == list(lora_parameters(model, count_target).target_modules)
         assert any(".mlp." in m for m in modules)
@@ -128,7 +135,9 @@ def test_verdicts_follow_runway_and_uncertainty(examples, tokens_per_example):
     order = [VERDICT_ORDER.index(p.verdict) for p in result.predictions]
     assert order == sorted(order, reverse=True), "a higher rank never gets a worse verdict"
     fitting = [p.rank for p in result.predictions if p.verdict == "fits"]
-    needed = next(2 ** k for k in range(20) if examples <= kappa * LLAMA_PER_RANK * 2 ** k / tokens_per_example / u)
+    # LLAMA's k and v projections are 32 x 16, the others at most 32 wide: past those ranks a LoRA adds parameters
+    # but no capacity, so none holds more than a rank-32 LoRA
+    needed = next((2 ** k for k in range(17) if examples <= kappa * _holding(2 ** k) / tokens_per_example / u), None)
     assert result.rank_needed == needed
     if fitting:
         assert result.rank == fitting[0] == min(fitting) and result.chosen.verdict == "fits"
@@ -152,10 +161,22 @@ def test_rank_needed_is_recommended_when_no_candidate_fits():
 
 
 def test_full_fine_tuning_is_suggested_when_no_useful_rank_fits():
-    # rank 64 would be needed, above every adapted matrix's smaller dimension (at most 32 here)
-    result = recommend(LLAMA, examples=2000, tokens_per_example=8, ranks=[1, 2])
-    assert result.rank_needed == 64 and result.rank == 2
-    assert any("consider full fine-tuning" in n for n in result.notes)
+    # a rank-32 LoRA already spans every adapted matrix (at most 32 wide): no rank holds 2,000 x 8 bits with margin
+    result = recommend(LLAMA, examples=2000, tokens_per_example=8, ranks=[1, 2, 64, 256])
+    assert result.rank_needed is None and result.rank == 2
+    assert any("consider full fine-tuning (rank 2, the largest useful candidate" in n for n in result.notes)
+    assert any("rank(s) 64, 256 exceed every adapted matrix's size" in n for n in result.notes)
+    [p64, p256] = result.predictions[2:]
+    assert p64.capacity_bits == p256.capacity_bits == pytest.approx(
+        CapacityConstant.default().capacity_bits(_holding(32)))
+    assert p256.lora_parameters == LLAMA_PER_RANK * 256  # PEFT's count, shown as PEFT would create it
+    assert "past the matrices' size hold nothing" in p256.reason
+
+
+def _holding(rank: int) -> int:
+    """LLAMA's LoRA parameters that hold bits at ``rank``: rank min(r, in, out) per matrix."""
+    count = lora_parameters(model_from_config(LLAMA), "all-linear", rank)
+    return sum(min(rank, a.in_features, a.out_features) * a.per_rank for a in count.adapters)
 
 
 def test_rl_counts_bits_per_episode():
