@@ -103,7 +103,9 @@ class Forecast:
         return next((r for r in self.rows if r.target == target and r.prediction.rank == rank), None)
 
     def to_dict(self) -> dict[str, Any]:
-        growth = {"exponent": self.bits.exponent, "reference_examples": self.bits.reference_examples,
+        reference = self.bits.reference_examples or self.dataset_examples
+        growth = {"exponent": self.bits.exponent, "reference_examples": reference,
+                  "reference_bits": self.bits.bits(reference),
                   "points": [[float(i.dataset_examples), i.absorbed_bits] for i in self.informations],
                   "source": self.bits.growth_source}
         return {"bits": self.bits.to_dict(), "bits_to_learn": self.bits.bits(self.dataset_examples),
