@@ -1,0 +1,237 @@
+"""Snapshot cost at real-model scale (issue 16, item 4): one transformer layer's matrices of Llama-3.2-1B,
+Llama-3.1-8B and Llama-3.1-70B, on the CPU, with the snapshot worker's kernel.
+
+For every distinct matrix shape of one layer (q, k, v, o, gate, up, down; embedding and head apart) the script
+times, on a random float32 update of that shape:
+
+- ``copy``: what the training thread does at a snapshot step, a host copy of the weight in its own dtype
+  (``torch.empty(...).copy_(W)``, bf16 and float32), with torch's own threads;
+- ``gram``: what the snapshot worker does, :func:`lorascope.record.snapshot_worker.gram_measure` (float64 Gram
+  matrix accumulated over blocks of rows, then ``eigvalsh``), with BLAS limited to one thread (the worker's
+  default ``snapshot_threads=1``), split into the Gram product and the eigenvalue solve. Timed as CPU seconds
+  (``time.process_time``, best of ``--repeats``): on a shared machine that is the work itself, while the wall
+  time (printed beside it) adds the wait for a core. Copies are timed in wall seconds.
+
+Shapes whose smaller side is above ``--max-measured-n`` (default 4096: the 70B model's 8192 x 8192 and
+8192 x 28672 matrices) are not run: their time is computed from the rates measured in the same run (Gram
+product: seconds per m n^2 multiply-add of the largest measured shape; eigenvalues: the largest measured n scaled
+by n^3), and the table says which numbers are measured and which computed. Memory per layer and per model is
+exact arithmetic (W_0 in bf16 or float32, the host copies of one snapshot in the parameter dtype, the worker's
+Gram workspace). Then, for a run of ``--run-steps`` steps with the default log schedule, the worker CPU time of
+all its snapshots and the training time below which the default ``time_budget=0.05`` starts thinning them.
+
+Usage::
+
+    python benchmarks/snapshot_scale.py                     # a few minutes on 2 cores
+    python benchmarks/snapshot_scale.py --models 1b --quick
+    python benchmarks/snapshot_scale.py --json scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorascope.record.schedule import SnapshotSchedule
+from lorascope.record.snapshot_worker import blas_threads, gram_measure
+
+_MIB, _GIB = 2**20, 2**30
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    layers: int
+    vocab: int
+    tied: bool
+
+    def layer_matrices(self) -> list[tuple[str, int, int]]:
+        """(role, out, in) of one decoder layer."""
+        head_dim = self.hidden // self.heads
+        kv = self.kv_heads * head_dim
+        h, i = self.hidden, self.intermediate
+        return [("q", h, h), ("k", kv, h), ("v", kv, h), ("o", h, h), ("gate", i, h), ("up", i, h), ("down", h, i)]
+
+    def other_matrices(self) -> list[tuple[str, int, int]]:
+        out = [("embedding", self.vocab, self.hidden)]
+        if not self.tied:
+            out.append(("head", self.vocab, self.hidden))
+        return out
+
+
+MODELS = {
+    "1b": Model("Llama-3.2-1B", 2048, 8192, 32, 8, 16, 128256, True),
+    "8b": Model("Llama-3.1-8B", 4096, 14336, 32, 8, 32, 128256, False),
+    "70b": Model("Llama-3.1-70B", 8192, 28672, 64, 8, 80, 128256, False),
+}
+
+
+def best_of(fn: Any, repeats: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of the call with the least CPU time. On a shared machine the CPU time is
+    the work itself (the worker's BLAS runs on one thread, in the calling thread); the wall time adds the waiting
+    for a core."""
+    best = (float("inf"), float("inf"))
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        sample = (time.perf_counter() - wall, time.process_time() - cpu)
+        best = min(best, sample, key=lambda s: s[1])
+    return best
+
+
+def measure_shape(out: int, inp: int, repeats: int, rng: np.random.Generator) -> dict[str, float]:
+    delta = rng.standard_normal((out, inp), dtype=np.float32)
+    n = min(out, inp)
+    gram = np.cov(rng.standard_normal((n, n + 8)))  # a symmetric positive definite n x n matrix
+    with blas_threads(1):
+        wall, total = best_of(lambda: gram_measure(delta), repeats)
+        _, eig = best_of(lambda: np.linalg.eigvalsh(gram), repeats)
+    weight = torch.from_numpy(delta)
+    copies = {}
+    for label, dtype in (("bf16", torch.bfloat16), ("float32", torch.float32)):
+        source = weight.to(dtype)
+        copies[label] = best_of(lambda s=source: torch.empty(s.shape, dtype=s.dtype).copy_(s), repeats)[0]
+    return {"gram_s": total, "gram_wall_s": wall, "eig_s": eig, "product_s": max(total - eig, 0.0),
+            "copy_bf16_s": copies["bf16"], "copy_float32_s": copies["float32"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="1b,8b,70b", help="comma-separated: 1b, 8b, 70b")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many calls per shape")
+    parser.add_argument("--max-measured-n", type=int, default=4096,
+                        help="shapes with a smaller side above this are computed from the measured rates")
+    parser.add_argument("--run-steps", type=int, default=2000, help="steps of the typical run costed at the end")
+    parser.add_argument("--quick", action="store_true", help="one repeat, smaller sides above 2048 computed")
+    parser.add_argument("--json", type=str)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.max_measured_n = 1, 2048
+    rng = np.random.default_rng(0)
+    load_before = os.getloadavg()[0]
+    began = time.perf_counter()
+    models = [MODELS[key.strip()] for key in args.models.split(",")]
+    shapes = sorted({(o, i) for m in models for _, o, i in m.layer_matrices()}, key=lambda s: s[0] * s[1])
+    measured: dict[tuple[int, int], dict[str, float]] = {}
+    for out, inp in shapes:
+        if min(out, inp) <= args.max_measured_n:
+            measured[(out, inp)] = measure_shape(out, inp, args.repeats, rng)
+            print(f"measured {out} x {inp}: {measured[(out, inp)]}", file=sys.stderr, flush=True)
+    rates = fitted_rates(measured)
+    report: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                              "load_before": load_before, "rates": rates, "models": {}}
+    for model in models:
+        report["models"][model.name] = cost_model(model, measured, rates, args.run_steps)
+    report["load_after"] = os.getloadavg()[0]
+    report["elapsed_s"] = time.perf_counter() - began
+    print_report(report, args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def fitted_rates(measured: dict[tuple[int, int], dict[str, float]]) -> dict[str, float]:
+    """Seconds per multiply-add of the Gram product (m n^2) and seconds per n^3 of the eigenvalue solve, from the
+    largest measured shapes (where BLAS and LAPACK run at their steady rate)."""
+    largest = max(measured, key=lambda s: max(s) * min(s) ** 2)
+    m, n = max(largest), min(largest)
+    biggest_n = max(measured, key=lambda s: min(s))
+    nn = min(biggest_n)
+    return {"product_s_per_madd": measured[largest]["product_s"] / (m * n * n),
+            "eig_s_per_n3": measured[biggest_n]["eig_s"] / nn**3,
+            "copy_s_per_byte": min(r["copy_float32_s"] / (4 * s[0] * s[1]) for s, r in measured.items()),
+            "from_product": f"{largest[0]}x{largest[1]}", "from_eig": f"n={nn}"}
+
+
+def shape_cost(out: int, inp: int, measured: dict, rates: dict) -> tuple[dict[str, float], bool]:
+    if (out, inp) in measured:
+        return measured[(out, inp)], True
+    m, n = max(out, inp), min(out, inp)
+    product = rates["product_s_per_madd"] * m * n * n
+    eig = rates["eig_s_per_n3"] * n**3
+    copy = rates["copy_s_per_byte"] * out * inp
+    return {"gram_s": product + eig, "gram_wall_s": float("nan"), "eig_s": eig, "product_s": product,
+            "copy_bf16_s": 2 * copy, "copy_float32_s": 4 * copy}, False
+
+
+def cost_model(model: Model, measured: dict, rates: dict, run_steps: int) -> dict[str, Any]:
+    rows = []
+    for role, out, inp in model.layer_matrices():
+        cost, was_measured = shape_cost(out, inp, measured, rates)
+        rows.append({"role": role, "shape": f"{out}x{inp}", "measured": was_measured, **cost,
+                     "gram_workspace_mib": (min(out, inp) ** 2 * 8 * 2) / _MIB})
+    layer_gram = sum(r["gram_s"] for r in rows)
+    layer_copy_bf16 = sum(r["copy_bf16_s"] for r in rows)
+    others = []
+    for role, out, inp in model.other_matrices():
+        cost, _ = shape_cost(out, inp, {}, rates)  # always computed: the vocabulary side is 128256
+        others.append({"role": role, "shape": f"{out}x{inp}", **cost})
+    layer_entries = sum(o * i for _, o, i in model.layer_matrices())
+    all_entries = layer_entries * model.layers + sum(o * i for _, o, i in model.other_matrices())
+    snapshot_worker_s = layer_gram * model.layers + sum(o["gram_s"] for o in others)
+    snapshot_copy_s = layer_copy_bf16 * model.layers + sum(o["copy_bf16_s"] for o in others)
+    snapshots = len(SnapshotSchedule.log(24, run_steps).planned(run_steps))
+    return {
+        "layer": rows, "others": others,
+        "layer_gram_s": layer_gram, "layer_copy_bf16_s": layer_copy_bf16,
+        "recorded_entries": all_entries,
+        "w0_bf16_gib": 2 * all_entries / _GIB, "w0_float32_gib": 4 * all_entries / _GIB,
+        "snapshot_copy_bf16_gib": 2 * all_entries / _GIB,
+        "largest_gram_workspace_mib": max(r["gram_workspace_mib"] for r in rows),
+        "snapshot_worker_s": snapshot_worker_s, "snapshot_copy_s": snapshot_copy_s,
+        "run_steps": run_steps, "run_snapshots": snapshots,
+        "run_worker_s": snapshots * snapshot_worker_s,
+        "budget_training_s": snapshots * (snapshot_worker_s + snapshot_copy_s) / 0.05,
+    }
+
+
+def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+    r = report["rates"]
+    print(f"lorascope snapshot scale (python benchmarks/snapshot_scale.py {' '.join(sys.argv[1:])}); "
+          f"{report['cpus']} CPUs, torch threads {report['torch_threads']} for the copies, worker BLAS 1 thread; "
+          f"load average {report['load_before']:.1f} before, {report['load_after']:.1f} after; "
+          f"{report['elapsed_s']:.0f} s")
+    print(f"rates used for computed rows: Gram product {1e9 * r['product_s_per_madd']:.3f} s per 1e9 multiply-adds "
+          f"(from {r['from_product']}), eigenvalues {1e9 * r['eig_s_per_n3']:.3f} s per 1e9 n^3 (from "
+          f"{r['from_eig']}), copies {1e9 * r['copy_s_per_byte']:.3f} s per GB")
+    for name, m in report["models"].items():
+        print(f"\n{name}: one layer (M = measured, C = computed from the rates above)")
+        print(f"  {'matrix':<10}{'shape':>13}{'':>3}{'copy bf16':>11}{'copy fp32':>11}{'Gram prod':>11}{'eigvalsh':>10}"
+              f"{'worker CPU':>12}{'(wall)':>10}{'workspace':>11}")
+        for row in m["layer"]:
+            print(f"  {row['role']:<10}{row['shape']:>13}{'M' if row['measured'] else 'C':>3}"
+                  f"{1e3 * row['copy_bf16_s']:>8.1f} ms{1e3 * row['copy_float32_s']:>8.1f} ms"
+                  f"{row['product_s']:>9.2f} s{row['eig_s']:>8.2f} s{row['gram_s']:>10.2f} s"
+                  f"{row['gram_wall_s']:>8.2f} s{row['gram_workspace_mib']:>7.0f} MiB")
+        for row in m["others"]:
+            print(f"  {row['role']:<10}{row['shape']:>13}{'C':>3}{1e3 * row['copy_bf16_s']:>8.1f} ms"
+                  f"{1e3 * row['copy_float32_s']:>8.1f} ms{row['product_s']:>9.2f} s{row['eig_s']:>8.2f} s"
+                  f"{row['gram_s']:>10.2f} s")
+        print(f"  per layer: worker {m['layer_gram_s']:.1f} s, training-thread copies (bf16) "
+              f"{1e3 * m['layer_copy_bf16_s']:.0f} ms")
+        print(f"  whole model: {m['recorded_entries'] / 1e9:.2f} G recorded entries; W_0 {m['w0_bf16_gib']:.1f} GiB in "
+              f"bf16, {m['w0_float32_gib']:.1f} GiB in float32; one snapshot's host copies (bf16) "
+              f"{m['snapshot_copy_bf16_gib']:.1f} GiB; largest Gram workspace {m['largest_gram_workspace_mib']:.0f} "
+              f"MiB")
+        print(f"  one snapshot: worker {m['snapshot_worker_s'] / 60:.1f} min on one core, training thread "
+              f"{m['snapshot_copy_s']:.1f} s of copies; a {m['run_steps']}-step run with the default schedule takes "
+              f"{m['run_snapshots']} snapshots = {m['run_worker_s'] / 3600:.2f} core-hours of worker time, within the "
+              f"default 5% budget only if training takes at least {m['budget_training_s'] / 3600:.1f} h")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
