@@ -111,3 +111,19 @@ def test_docs_tables_are_the_checked_in_json(smoke, capsys):
     doc = (docs / "realdata.md").read_text()
     for line in capsys.readouterr().out.splitlines()[1:]:
         assert ("#" + line if line.startswith("## ") else line) in doc, line
+
+
+def test_repredict_reads_the_studys_probes_again_and_measures_against_its_lora_runs(smoke, tmp_path):
+    import subprocess
+
+    _, out, results = smoke
+    target = tmp_path / "repredicted.json"
+    done = subprocess.run([sys.executable, str(STUDY / "repredict.py"), str(out), "--out", str(target)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    repredicted = json.loads(target.read_text())
+    assert repredicted["predictors_before"] == results["predictors"]
+    after = repredicted["predictors_after"]["forecast: all sizes (growth law)"]
+    assert set(after) == {"train", "held"} and all(len(cells) == len(results["lora_parameters"])
+                                                   for cells in after.values())
+    assert all(r["read_at_epochs"] > 1 for r in repredicted["forecast_all_sizes"]["recordings"])
