@@ -99,10 +99,17 @@ def test_sft_full_fine_tuning_is_recorded_and_usable_as_a_probe(tmp_path, tiny_m
         delta = (model.model.layers[0].mlp.down_proj.weight.detach() - start).double()
         energy = run.snapshots["energy"].isel(snapshot=-1).sel(module="model.layers.0.mlp.down_proj")
         assert float(energy) == pytest.approx(float(delta.square().sum()), rel=1e-5)
+        snapshot_steps = run.snapshot_index.tolist()
 
     recommendation = lorascope.recommend(tiny_model(), probes=[tmp_path / "run.h5"], examples=N_SFT * 10)
     assert recommendation.bits.source == "recording"
     assert recommendation.bits.bits_per_example > 0
+
+    # The live metrics went through the Trainer's logging, and left TRL's own metrics to its own logging steps.
+    ours = [entry for entry in trainer.state.log_history if "lorascope/step" in entry]
+    assert [entry["lorascope/step"] for entry in ours] == snapshot_steps
+    assert all("lorascope/mlp/energy_rank_p90" in entry and "entropy" not in entry for entry in ours)
+    assert all("entropy" in entry and "mean_token_accuracy" in entry for entry in logged)
 
 
 def test_sft_peft_lora_is_recorded(tmp_path, tiny_model, tokenizer):
@@ -139,6 +146,8 @@ def test_grpo_episodes_land_in_the_run_file(tmp_path, tiny_model, tokenizer):
                               processing_class=tokenizer)
     lorascope.record(trainer, tmp_path / "run.h5")
     trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 4 and all("reward" in entry for entry in logged)  # TRL's metrics where TRL logs them
     with lorascope.open_run(tmp_path / "run.h5") as run:
         assert run.complete
         config = run.config
