@@ -376,3 +376,23 @@ def test_lightning_tensorboard_and_csv_loggers(tmp_path):
         assert stored[name] == want, name
         assert [(int(r["step"]), float(r[name])) for r in rows if r.get(name)] == want, name
     assert any(name.startswith("lorascope/") and name.endswith("/noise_scale") for name in stored)
+
+
+def test_hf_trainer_with_its_own_tracker_or_none(tmp_path, tiny_llama_config):
+    transformers = pytest.importorskip("transformers")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True)
+    trainers = []
+    for tracker in (_Collect(), False):
+        torch.manual_seed(SEED)
+        trainer = transformers.Trainer(model=transformers.LlamaForCausalLM(tiny_llama_config()), args=args,
+                                       train_dataset=_Tokens(8, vocab=64))
+        lorascope.record(trainer, tmp_path / f"run{len(trainers)}.h5", snapshots=1, tracker=tracker)
+        trainer.train()
+        trainers.append((trainer, tracker))
+    (with_tracker, collected), (without, _) = trainers
+    assert [step for step, _ in collected.calls] == [1, 2]  # the snapshots' own steps, to the given tracker
+    assert collected.threads == {threading.get_ident()}
+    for trainer in (with_tracker, without):  # not through the Trainer's logging
+        assert not any("lorascope/step" in entry for entry in trainer.state.log_history)
