@@ -6,8 +6,9 @@ parameter; data asking :math:`b` bits per example fills it at
 
 .. math:: N^*(r) = \\kappa P(r) / b
 
-examples (the *runway*). Past it, LoRA keeps learning, less efficiently than full fine-tuning: the loss
-curves part. :math:`\\kappa` is known only to a factor :math:`u` (:class:`CapacityConstant`), so the runway is a
+examples (the *runway*). Past it the loss curves of LoRA and full fine-tuning part; whether the adapter then holds
+on to what it learned (a plateau) or loses it (a collapse) is measured by ``lorascope calibrate``'s bracket, not
+assumed. :math:`\\kappa` is known only to a factor :math:`u` (:class:`CapacityConstant`), so the runway is a
 range :math:`[N^*/u, N^* u]` and a dataset of N examples gets the verdict
 
 - ``fits`` when :math:`N \\le N^*/u`,

@@ -66,6 +66,8 @@ class KappaFit:
         >>> KappaFit(0.0, -0.5, 100.0, 10_000.0, 0.0, 3).extrapolation(40_000)
         2.0
         """
+        if not parameters > 0:
+            return 1.0
         distance = max(float(parameters) / self.parameters_high, self.parameters_low / float(parameters), 1.0)
         return distance ** abs(self.exponent)
 
