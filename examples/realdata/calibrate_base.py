@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tier = run.Tier(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["tier"].items()})
     start = time.time()
     calibration = lorascope.calibrate(run.load_base(tier, out / "base.pt"), ranks=(1, 2), epochs=args.epochs,
-                                      seed=100, base="the real-data study's byte-level tiny Llama")
+                                      seed=100, base="the real-data study's byte-level tiny Llama",
+                                      offered_bits_per_parameter=2.0, bracket=None)  # the published recipe
     calibration.save(out / f"calibration_e{args.epochs}.json")
     print(f"calibrate ({args.epochs} epochs, {time.time() - start:.0f} s): "
           f"{calibration.bits_per_parameter:.4f} bits per LoRA parameter")

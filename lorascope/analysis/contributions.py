@@ -24,7 +24,7 @@ These per-kind ranks are a measured basis for a PEFT ``rank_pattern``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,27 +222,28 @@ class _PartBuilder:
         bits = None
         if self.bits_to_learn is not None and math.isfinite(share):
             bits = max(share, 0.0) * self.bits_to_learn
-        kappa = self.forecast.constant.bits_per_parameter if self.forecast is not None else None
+        # kappa(P) at the part's own LoRA parameter count, as recommend's per-kind ranks take it
+        capacity_of = self.forecast.constant.capacity_bits if self.forecast is not None else None
         rows = []
         for r in self.ranks:
             count, _ = lora_parameters_of(mats, kinds, r, self.active)
-            capacity = float(kappa * count) if kappa is not None else float("nan")
+            capacity = float(capacity_of(count)) if capacity_of is not None else float("nan")
             runway = capacity / bits if bits and count else None
             examples = None
             if runway is not None and self.forecast is not None:
                 examples = float(self.forecast.bits.examples_for(capacity / share))
             rows.append(PartRank(r, int(count), capacity, runway, examples))
         return PartContribution(group, name, float(loss_without), float(share), bits, rows,
-                                self._rank_needed(mats, kinds, bits, kappa))
+                                self._rank_needed(mats, kinds, bits, capacity_of))
 
     def _rank_needed(self, mats: list[Matrix], kinds: Sequence[str], bits: float | None,
-                     kappa: float | None) -> int | None:
+                     capacity_of: Callable[[float], float] | None) -> int | None:
         """The smallest rank whose capacity holds ``bits``, up to the widest matrix's min(out, in)."""
-        if bits is None or kappa is None:
+        if bits is None or capacity_of is None:
             return None
         high = max((min(m.out_features, m.in_features) for m in mats if m.kind in kinds), default=0)
-        return smallest_rank_holding(bits, lambda r: kappa * lora_parameters_of(mats, kinds, r, self.active)[0],
-                                     high)
+        return smallest_rank_holding(
+            bits, lambda r: capacity_of(lora_parameters_of(mats, kinds, r, self.active)[0]), high)
 
 
 def _first_out(parts: list[PartContribution], rank: int) -> str | None:

@@ -176,7 +176,8 @@ def _prediction(rank: int, count: int, by_kind: dict[str, int], bits: BitsEstima
     if verdict == "fits":
         reason = f"fits at {dataset:,.0f} examples, runs out at ~{runway:,.0f} ({low:,.0f} to {high:,.0f})"
     elif verdict == "exceeded":
-        reason = f"would have fallen off at ~{runway:,.0f} examples ({low:,.0f} to {high:,.0f}), before {dataset:,.0f}"
+        reason = (f"would have fallen off at ~{runway:,.0f} examples ({low:,.0f} to {high:,.0f}), before "
+                  f"{dataset:,.0f}; past it: {constant.past_capacity()}")
     else:
         reason = f"at risk: runs out at ~{runway:,.0f} examples ({low:,.0f} to {high:,.0f}), near {dataset:,.0f}"
     return RankPrediction(int(rank), dict(by_kind), int(count), capacity, runway, low, high, None, verdict,

@@ -55,6 +55,10 @@ def forecast_runs(runs: Sequence[Any], ranks: Sequence[int], *,
     if not full:
         return None, ("every run is a LoRA recording: what a LoRA absorbs is capped by its own capacity, so the "
                       "forecast needs a full fine-tuning recording of the same data")
+    rl = [run for run in full if run.config.get("task") == "rl"]
+    if rl:
+        return None, (f"{rl[0].path} is an RL run (config task 'rl'): its bits are per episode, not its loss's "
+                      "(lorascope recommend --task rl); the forecast reads supervised fine-tuning recordings")
     informations: list[RecipeInformation] = []
     for run in full:
         examples = recorded_dataset_examples(run.config)

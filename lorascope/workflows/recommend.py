@@ -134,8 +134,8 @@ class Probe:
     path : str
     information : RecordedInformation
         The information of its data as the probe ran (description length, what it absorbed).
-    planned : RecipeInformation
-        What its data asks under the planned recipe (the bits :func:`recommend` uses for SFT).
+    planned : RecipeInformation or None
+        What its data asks under the planned recipe (the bits :func:`recommend` uses for SFT; None for RL).
     analysis : Analysis
         Its spectra and curves: evidence shown beside the verdict, not used in it.
     lora : bool
@@ -146,7 +146,7 @@ class Probe:
 
     path: str
     information: RecordedInformation
-    planned: RecipeInformation
+    planned: RecipeInformation | None
     analysis: Analysis
     lora: bool
     b_noise: float | None
@@ -168,7 +168,7 @@ class Probe:
                 "growth_with_data": {g: c["fit"].get("exponent") for g, c in summary["curves"].items()},
             }
         return {"path": self.path, "lora": self.lora, "information": self.information.to_dict(),
-                "planned_recipe": self.planned.to_dict(),
+                "planned_recipe": None if self.planned is None else self.planned.to_dict(),
                 "b_noise": self.b_noise, "spectral": spectral}
 
 
@@ -250,7 +250,7 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     if task == "sft":
         notes.append(f"the runways are {REAL_TEXT_FINDING}")
     planned = Recipe(epochs=epochs, learning_rate=full_ft_lr, batch_size=batch_size)
-    probe_results = [_probe(path, module, ranks, planned) for path in probes]
+    probe_results = [_probe(path, module, ranks, planned, task) for path in probes]
     full = [p for p in probe_results if not p.lora] or probe_results
     largest = max(full, key=lambda p: p.information.epoch_examples) if full else None
     if largest is not None and task == "sft":
@@ -441,26 +441,37 @@ def _batch_advice(probes: list[Probe], batch_size: int | None) -> tuple[float | 
                      "for LoRA")
 
 
-def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int], planned: Recipe) -> Probe:
+def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int], planned: Recipe,
+           task: str) -> Probe:
     with open_run(path) as run:
         _check_probe(str(path), ModelFacts.of_run(run), model)  # before the (longer) analysis
+        recorded_task = run.config.get("task")
+        if recorded_task in TASKS and recorded_task != task:
+            raise InvalidOptionError(f"probe {path} is a {recorded_task.upper()} run (its config's task), the "
+                                     f"recommendation is for {task.upper()}: pass task={recorded_task!r} (--task "
+                                     f"{recorded_task}) or a probe of the task you plan")
         information = information_from_run(run)
-        examples = recorded_dataset_examples(run.config)
-        if examples is None:
-            raise InvalidOptionError(f"probe {path} does not record its dataset size (config dataset.examples), which "
-                                     "the bits under the planned recipe need: the HF and Lightning integrations write "
-                                     "it; in a plain loop pass extra_config={'dataset': {'examples': N}} to "
-                                     "lorascope.record")
-        try:
-            recipe = information_for_recipe(run.steps, dataset_examples=examples, planned=planned,
-                                            learning_rate=_learning_rate_of(run.config))
-        except InvalidOptionError as exc:
-            raise InvalidOptionError(f"probe {path}: {exc}") from None
+        recipe = _planned_information(str(path), run, planned) if task == "sft" else None
         analysis = analyze(run, ranks=ranks)
     result = analysis.runs[0]
     b_noise = None if result.noise is None else result.noise.final["all"]["b_simple"]
     return Probe(str(path), information, recipe, analysis, result.is_lora,
                  b_noise if b_noise is not None and b_noise > 0 else None)
+
+
+def _planned_information(path: str, run: Any, planned: Recipe) -> RecipeInformation:
+    """What an SFT probe's data asks under the planned recipe, or one line saying why it cannot tell."""
+    examples = recorded_dataset_examples(run.config)
+    if examples is None:
+        raise InvalidOptionError(f"probe {path} does not record its dataset size (config dataset.examples), which "
+                                 "the bits under the planned recipe need: the HF and Lightning integrations write "
+                                 "it; in a plain loop pass extra_config={'dataset': {'examples': N}} to "
+                                 "lorascope.record")
+    try:
+        return information_for_recipe(run.steps, dataset_examples=examples, planned=planned,
+                                      learning_rate=_learning_rate_of(run.config))
+    except InvalidOptionError as exc:
+        raise InvalidOptionError(f"probe {path}: {exc}") from None
 
 
 def _learning_rate_of(config: Mapping[str, Any]) -> float | None:

@@ -131,3 +131,21 @@ def test_the_cli_reads_the_plan_and_refuses_what_a_probe_cannot_answer_in_one_li
         bad = CliRunner().invoke(cli, ["recommend", "--config", str(folder), "--examples", "4096", "--probe",
                                        str(probes[(4, 1e-3)]), *args])
         assert bad.exit_code == 2 and len(bad.stderr.splitlines()) == 1 and fragment in bad.stderr, bad.output
+
+
+def test_a_probe_of_another_task_is_one_line(probes, tmp_path):
+    """A probe whose run config says RL (TRL's GRPO) asked about SFT, or the reverse: refused with the task to pass."""
+    import h5py
+
+    path = tmp_path / "rl.h5"
+    path.write_bytes(probes[(4, 1e-3)].read_bytes())
+    with h5py.File(path, "r+") as f:
+        f["config"].attrs["task"] = json.dumps("rl")  # a config section, as TRL's GRPO runs write it
+    with pytest.raises(InvalidOptionError, match="is a RL run .* pass task='rl'") as caught:
+        recommend(_model(), examples=4096, probes=[path])
+    assert "\n" not in str(caught.value)
+    assert recommend(_model(), examples=4096, probes=[path], task="rl", ranks=[1]).bits.source == "episodes"
+    import lorascope
+
+    analysis = lorascope.analyze(path, ranks=(1,))
+    assert analysis.forecast is None and "is an RL run" in analysis.forecast_missing
