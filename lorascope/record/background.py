@@ -74,6 +74,15 @@ class BackgroundWriter:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time of the writer thread so far (Linux: its own CPU clock; NaN where unavailable)."""
+        try:
+            assert self._thread is not None and self._thread.ident is not None
+            return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
+        except (AssertionError, AttributeError, OSError):
+            return float("nan")
+
     def put_step(self, row: dict[str, Any]) -> bool:
         return self._put(_STEP, row)
 

@@ -357,7 +357,7 @@ class Recorder:
         self._taker.close()  # the pending snapshots reach the writer before it closes
         if self._stopped and status == S.STATUS_COMPLETE:
             status = S.STATUS_FAILED  # the file lacks the steps after the stop: never claim it complete
-        writer.close(status, config={"recording_cost": self._taker.cost_section()})
+        writer.close(status, config={"recording_cost": self._taker.cost_section(writer.cpu_seconds)})
 
     def __enter__(self) -> Recorder:
         return self.start()

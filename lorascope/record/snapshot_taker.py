@@ -176,18 +176,21 @@ class SnapshotTaker:
         return (f"thinned: time_budget={self.cost.budget:g}; snapshots had cost {spent:.3g} s of "
                 f"{self.cost.elapsed():.3g} s of training and the next was expected to cost {expected:.3g} s")
 
-    def cost_section(self) -> dict[str, Any]:
-        """The ``recording_cost`` config section written when the file is closed."""
+    def cost_section(self, writer_cpu_seconds: float = float("nan")) -> dict[str, Any]:
+        """The ``recording_cost`` config section written when the file is closed (``writer_cpu_seconds``: the
+        writer thread's CPU time, counted in the share when known)."""
         cost, worker = self.cost, self.worker
         elapsed = cost.elapsed()
         worker_seconds = 0.0 if worker is None else worker.cpu_seconds
-        total = cost.step_seconds + cost.snapshot_seconds + worker_seconds
+        writer_seconds = writer_cpu_seconds if writer_cpu_seconds == writer_cpu_seconds else 0.0  # NaN: unknown
+        total = cost.step_seconds + cost.snapshot_seconds + worker_seconds + writer_seconds
         return {
             "time_budget": cost.budget,
             "training_seconds": elapsed,
             "step_hooks_seconds": cost.step_seconds,
             "snapshot_training_thread_seconds": cost.snapshot_seconds,
             "snapshot_worker_cpu_seconds": worker_seconds,
+            "writer_cpu_seconds": None if writer_cpu_seconds != writer_cpu_seconds else writer_cpu_seconds,
             "share_of_training": total / elapsed if elapsed > 0 else None,
             "snapshot_worker": worker is not None,
             "snapshots_taken": cost.taken,

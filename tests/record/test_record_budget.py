@@ -90,6 +90,7 @@ def test_over_budget_snapshots_are_thinned_never_the_final_one(seed, run_path, t
     assert cost["time_budget"] == 0.05
     assert (cost["snapshots_taken"], cost["snapshots_thinned"]) == (len(taken), len(rows))
     assert cost["snapshot_training_thread_seconds"] >= 1.5 * len(taken)
+    assert cost["writer_cpu_seconds"] is None or cost["writer_cpu_seconds"] >= 0
     assert cost["share_of_training"] > 0.5  # the slow captures dominate this run
 
 
