@@ -236,7 +236,8 @@ def information_for_recipe(steps: xr.Dataset, *, dataset_examples: int | None, p
     n = float(dataset_examples)
     first = np.flatnonzero(usable & (seen - examples < n))
     done = np.cumsum(examples[first]) - examples[first]
-    late = first[done >= min(n, seen[-1]) / 2]
+    half = float(examples[first].sum()) / 2  # of the first-epoch examples with a usable loss (a run may diverge)
+    late = first[done >= half]
     if late.size < MIN_LATE_STEPS:
         raise InvalidOptionError(f"The probe has {late.size} step(s) in the second half of its first epoch: the "
                                  f"bits per additional example need at least {MIN_LATE_STEPS} there (a smaller batch "
@@ -244,7 +245,7 @@ def information_for_recipe(steps: xr.Dataset, *, dataset_examples: int | None, p
     late_examples, late_tokens = float(examples[late].sum()), float(tokens[late].sum())
     code = float(np.sum(loss[late] * tokens[late]) / math.log(2) / late_examples)
     per_token = late_tokens / late_examples
-    early = first[done < min(n, seen[-1]) / 2]
+    early = first[done < half]
     one_time = float(np.sum(np.maximum(0.0, loss[early] * tokens[early] / math.log(2) - code * examples[early])))
     code_error = _mean_error(loss[late] * tokens[late] / examples[late] / math.log(2), examples[late])
 
