@@ -58,6 +58,7 @@ class RunResult:
     final_spectra: xr.DataArray | None = None  # singular values at the last snapshot (module, sv), NaN-padded
     final_held: xr.Dataset | None = None  # the held-batch loss columns of the last snapshot (contributions=True)
     config: dict[str, Any] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()  # what the file's validation flagged (kept, but worth a line in the report)
     noise: NoiseScale | None = None
     batch_advice: BatchAdvice | None = None
     divergence: Divergence | None = None  # where the run's loss, gradients or updates turned NaN/Inf
@@ -292,7 +293,7 @@ def _result(run: LoadedRun, p: tuple[float, ...], ranks: tuple[int, ...]) -> Run
     steps, snapshots = run.steps, run.snapshots
     result = RunResult(path=run.path, status=run.status, complete=run.complete, framework=run.framework,
                        modules=run.modules, steps=steps, metrics=None, by_kind=None, by_layer=None, overall=None,
-                       config=run.config)
+                       config=run.config, flags=run.flags)
     result.noise = noise_scale(steps) if steps.sizes.get("step", 0) else None
     result.batch_advice = _batch_advice(result)
     result.divergence = find_divergence(steps, snapshots)
@@ -321,6 +322,7 @@ def _batch_advice(run: RunResult) -> BatchAdvice | None:
 
 def _add_notes(analysis: Analysis) -> None:
     for run in analysis.runs:
+        analysis.notes.extend(f"{run.path}: flagged by the file's validation: {flag}" for flag in run.flags)
         if not run.complete:
             analysis.notes.append(f"{run.path}: incomplete run (status '{run.status}'); results cover what was "
                                   "written so far")

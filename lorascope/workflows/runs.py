@@ -59,6 +59,8 @@ class LoadedRun:
         The per-step table, in memory.
     snapshots : xarray.Dataset or None
         The per-snapshot table, in memory; None when the run has no snapshot or they were not asked for.
+    flags : tuple of str
+        What the validation on open kept but flagged (:attr:`lorascope.store.reader.Run.flags`).
     """
 
     path: str
@@ -69,6 +71,7 @@ class LoadedRun:
     modules: pd.DataFrame
     steps: xr.Dataset
     snapshots: xr.Dataset | None = None
+    flags: tuple[str, ...] = ()
 
     @property
     def records_lora(self) -> bool:
@@ -111,7 +114,7 @@ def load_run(source: RunLike, *, snapshots: str = "all") -> LoadedRun:
 def _read(run: Run, path: str, snapshots: str) -> LoadedRun:
     loaded = LoadedRun(path=path, status=run.status, complete=run.complete,
                        framework=str(run.attrs.get("framework", "")), config=run.config, modules=run.modules,
-                       steps=run.steps.load())
+                       steps=run.steps.load(), flags=tuple(run.flags))
     if run.n_snapshots and (snapshots == "all" or (snapshots == "lora" and loaded.records_lora)):
         loaded.snapshots = run.snapshots.load()
     return loaded

@@ -163,6 +163,10 @@ def test_repeated_step_numbers_are_flagged(edited):
     with open_run(path) as run:
         assert run.flags == ("'steps/step': 1 repeated step number(s)",)
         assert run.steps.sizes["step"] == 12
+    import lorascope  # analyze keeps the flag as a note: the report says what the file's validation saw
+
+    assert f"{path}: flagged by the file's validation: 'steps/step': 1 repeated step number(s)" in \
+        lorascope.analyze(path).notes
 
 
 @pytest.mark.parametrize(("column", "value"), [("steps/loss", np.nan), ("steps/loss", np.inf),
