@@ -304,3 +304,50 @@ def test_compare_of_a_mutated_run_gives_success_or_one_line(compared, tmp_path, 
     runs = [mutated, lora] if role == "full" else [full, mutated]
     result = CliRunner().invoke(cli, ["compare", *map(str, runs), "-o", str(tmp_path / "out"), "--json"])
     _check_outcome(result, f"compare ({role} mutated)")
+
+
+# -- recommend --probe with a mutated probe ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> tuple[Path, Path]:
+    """A full fine-tuning probe of a tiny Llama (its dataset size recorded) and the model's config folder."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("probe")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=24, vocab_size=VOCAB,
+                                      max_position_embeddings=16)
+    model = transformers.LlamaForCausalLM(config)
+    config.save_pretrained(folder / "model")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, VOCAB, (32, 6), generator=torch.Generator().manual_seed(0))
+    path = folder / "probe.h5"
+    with lorascope.record(model, path, optimizer=optimizer, snapshots=2, time_budget=None,
+                          extra_config={"dataset": {"examples": 32}}):
+        for step in range(8):
+            rows = ids[4 * step:4 * step + 4]
+            model(input_ids=rows, labels=rows).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return path, folder / "model"
+
+
+def _recommend_with(probe_path: Path, model: Path) -> None:
+    args = ["recommend", "--config", str(model), "--examples", "1000", "--probe", str(probe_path), "--json"]
+    _check_outcome(CliRunner().invoke(cli, args), "recommend --probe")
+
+
+PROBE_SAMPLE = ["bytes:steps/loss", "reversed:steps/step", "nan:steps/examples_seen", "config_a_list:dataset",
+                "config_not_json:model", "remove:steps/batch_loss_tokens", "zeros:steps/batch_examples",
+                "remove_group:snapshots"]
+
+
+@pytest.mark.parametrize("key", PROBE_SAMPLE)
+def test_recommend_with_a_mutated_probe_gives_success_or_one_line(probe, tmp_path, key):
+    _recommend_with(_mutated(probe[0], tmp_path, key), probe[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", sorted(set(ALL) - set(PROBE_SAMPLE)))
+def test_recommend_with_every_mutated_probe_gives_success_or_one_line(probe, tmp_path, key):
+    _recommend_with(_mutated(probe[0], tmp_path, key), probe[1])
