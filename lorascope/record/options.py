@@ -66,7 +66,7 @@ class RecordOptions:
     snapshot_worker
         ``True`` (default): at a snapshot step the training thread only copies the recorded matrices to host
         memory and a worker thread computes the spectra (docs/recording.md). ``False``: everything on the training
-        thread, as before. The worker is not used with ``factors_k`` or a top-k spectrum of a large matrix.
+        thread, as before. The worker is not used with ``factors_k`` (singular vectors).
     snapshot_threads
         BLAS threads of the snapshot worker (numpy / scipy, limited with threadpoolctl while it computes; torch's
         thread settings are never changed).

@@ -53,12 +53,8 @@ class WriterCalls:
 
 
 def uses_worker(options: RecordOptions, refs: Sequence[MatrixRef]) -> bool:
-    """Whether snapshots go to the worker: asked for, and no option needing the training device's generators or
-    singular vectors (``factors_k``, a top-k spectrum of a matrix above ``top_k_min_size``)."""
-    if not options.snapshot_worker or options.factors_k:
-        return False
-    large = any(ref.out_features * ref.in_features > options.top_k_min_size for ref in refs)
-    return options.top_k is None or not large
+    """Whether snapshots go to the worker: asked for, and no singular vectors (``factors_k``) asked."""
+    return options.snapshot_worker and not options.factors_k
 
 
 class SnapshotTaker:
@@ -96,7 +92,8 @@ class SnapshotTaker:
             buffer = self._nbytes if mib is None else int(mib * _MIB)
             self.worker = SnapshotWorker(self.refs, deliver=calls.deliver, missing=calls.missing,
                                          buffer_bytes=buffer, threads=self.options.snapshot_threads,
-                                         store_delta=self.options.store_delta)
+                                         store_delta=self.options.store_delta, top_k=self.options.top_k,
+                                         top_k_min_size=self.options.top_k_min_size)
             self.worker.start()
 
     def close(self) -> None:

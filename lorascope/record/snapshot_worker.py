@@ -191,6 +191,29 @@ def factored_measure(left: np.ndarray, right: np.ndarray, full_rank: int) -> tup
     return float(np.sum(np.square(s))), 0, spectrum
 
 
+def randomized_measure(delta: np.ndarray, k: int, rng: np.random.Generator, n_iter: int = 4
+                       ) -> tuple[float, int, np.ndarray | None]:
+    """(energy, non-finite entries, the top ``k`` singular values or None) of a dense float32 update, by a randomized
+    range finder with ``n_iter`` power iterations (Halko, Martinsson & Tropp 2011), as ``top_k`` asks for large
+    matrices: products in float32 with ``k + 10`` columns, the small final SVD in float64. The energy stays exact
+    (float64 sums of squares over blocks of rows). ``rng`` is the worker's own, so training's random streams are
+    never touched."""
+    energy = 0.0
+    rows = max(1, _GRAM_BLOCK // max(delta.shape[1], 1))
+    for start in range(0, delta.shape[0], rows):
+        block = np.asarray(delta[start:start + rows], dtype=np.float64)
+        energy += float(np.einsum("ij,ij->", block, block))
+    if not np.isfinite(energy):
+        return energy, int(np.count_nonzero(~np.isfinite(delta))), None
+    width = min(min(delta.shape), k + 10)
+    y = delta @ rng.standard_normal((delta.shape[1], width)).astype(np.float32)
+    for _ in range(n_iter):
+        y = delta @ np.linalg.qr(delta.T @ np.linalg.qr(y)[0])[0]
+    basis = np.linalg.qr(y.astype(np.float64))[0]
+    small = (basis.T.astype(np.float32) @ delta).astype(np.float64)
+    return energy, 0, np.linalg.svd(small, compute_uv=False)[:k]
+
+
 @contextlib.contextmanager
 def blas_threads(limit: int) -> Iterator[None]:
     """numpy / scipy BLAS limited to ``limit`` threads while the worker computes (threadpoolctl; without it, BLAS
@@ -222,12 +245,16 @@ class SnapshotWorker:
         BLAS threads of the worker.
     store_delta
         Also keep every full update in this dtype ("float16", "float32" or None).
+    top_k, top_k_min_size
+        Matrices with more than ``top_k_min_size`` entries get only their top ``top_k`` singular values
+        (:func:`randomized_measure`); ``top_k=None``: full spectra.
     """
 
     def __init__(self, refs: Sequence[MatrixRef], *, deliver: Callable[[Snapshot], Any],
                  missing: Callable[[int, str], Any], buffer_bytes: int, threads: int,
-                 store_delta: str | None = None) -> None:
+                 store_delta: str | None = None, top_k: int | None = None, top_k_min_size: int = 0) -> None:
         self.refs = tuple(refs)
+        self.top_k, self.top_k_min_size = top_k, top_k_min_size
         self._deliver, self._missing = deliver, missing
         self.buffer_bytes, self.threads, self.store_delta = int(buffer_bytes), int(threads), store_delta
         self._jobs: queue.Queue[SnapshotJob | None] = queue.Queue()
@@ -310,7 +337,7 @@ class SnapshotWorker:
             reason = job.failures.get(i)
             if matrix is not None:
                 try:
-                    energy[i], nonfinite[i], spectra[i], delta = self._measure(ref, matrix)
+                    energy[i], nonfinite[i], spectra[i], delta = self._measure(ref, matrix, seed=(job.step, i))
                     if self.store_delta and delta is not None:
                         deltas[i] = delta.astype(self.store_delta)
                 except Exception as exc:  # noqa: BLE001 - this matrix is missing from the snapshot
@@ -321,7 +348,7 @@ class SnapshotWorker:
                             grad_sv=job.grad_sv, deltas=deltas if self.store_delta else None)
         return snapshot if job.held is None else with_held_losses(snapshot, job.held)
 
-    def _measure(self, ref: MatrixRef, matrix: HostMatrix
+    def _measure(self, ref: MatrixRef, matrix: HostMatrix, *, seed: tuple[int, int]
                  ) -> tuple[float, int, np.ndarray | None, np.ndarray | None]:
         if matrix.left is not None and matrix.right is not None:
             left, right = _float32(matrix.left), _float32(matrix.right)
@@ -329,5 +356,8 @@ class SnapshotWorker:
             energy, nonfinite, spectrum = factored_measure(left, right, full_rank)
             return energy, nonfinite, spectrum, (left @ right if self.store_delta else None)
         delta = dense_update(matrix)
-        energy, nonfinite, spectrum = gram_measure(delta)
+        if self.top_k is not None and self.top_k < min(delta.shape) and delta.size > self.top_k_min_size:
+            energy, nonfinite, spectrum = randomized_measure(delta, self.top_k, np.random.default_rng(seed))
+        else:
+            energy, nonfinite, spectrum = gram_measure(delta)
         return energy, nonfinite, spectrum, delta

@@ -232,3 +232,29 @@ def test_wait_policy_takes_every_snapshot(seed, run_path, tiny_token_model, monk
         np.testing.assert_array_equal(run.snapshots["step"], [1, 2, 3, 5])
         np.testing.assert_array_equal(run.snapshots["examples_seen"], [4, 8, 12, 20])
     assert missing_rows(run_path) == []
+
+
+def test_randomized_measure_finds_the_top_values_and_the_exact_energy(seed):
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((300, 40)))
+    v, _ = np.linalg.qr(rng.standard_normal((120, 40)))
+    s = np.geomspace(10.0, 0.01, 40)
+    delta = ((u * s) @ v.T).astype(np.float32)
+    energy, nonfinite, top = W.randomized_measure(delta, 5, np.random.default_rng(0))
+    reference = np.linalg.svd(delta.astype(np.float64), compute_uv=False)
+    assert nonfinite == 0 and top.shape == (5,)
+    np.testing.assert_allclose(energy, np.sum(delta.astype(np.float64) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(top, reference[:5], rtol=1e-5)
+    delta[3, 4] = np.nan
+    assert W.randomized_measure(delta, 5, np.random.default_rng(0))[1:] == (1, None)
+
+
+def test_top_k_runs_on_the_worker_without_touching_torchs_random_stream(seed, run_path, tiny_token_model):
+    torch.manual_seed(seed)
+    model = tiny_token_model()
+    state = torch.random.get_rng_state()
+    train(model, run_path, steps=3, seed=seed, snapshots=[2], top_k=3, top_k_min_size=0, time_budget=None)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the loop here draws nothing from torch
+    with lorascope.open_run(run_path) as run:
+        np.testing.assert_array_equal(run.snapshots["sv_count"], 3)
+    assert config_section(run_path, "recording_cost")["snapshot_worker"] is True
