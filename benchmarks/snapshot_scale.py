@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from lorascope.record.schedule import SnapshotSchedule
-from lorascope.record.snapshot_worker import blas_threads, gram_measure
+from lorascope.record.snapshot_worker import blas_threads, gram_measure, randomized_measure
 
 _MIB, _GIB = 2**20, 2**30
 
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="shapes with a smaller side above this are computed from the measured rates")
     parser.add_argument("--run-steps", type=int, default=2000, help="steps of the typical run costed at the end")
     parser.add_argument("--quick", action="store_true", help="one repeat, smaller sides above 2048 computed")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="also time the worker's top-k route (top_k=K) on every shape, 70B's included")
     parser.add_argument("--json", type=str)
     args = parser.parse_args(argv)
     if args.quick:
@@ -130,11 +132,23 @@ def main(argv: list[str] | None = None) -> int:
         if min(out, inp) <= args.max_measured_n:
             measured[(out, inp)] = measure_shape(out, inp, args.repeats, rng)
             print(f"measured {out} x {inp}: {measured[(out, inp)]}", file=sys.stderr, flush=True)
+    top_k = {}
+    if args.top_k:
+        for out, inp in shapes:
+            delta = rng.standard_normal((out, inp), dtype=np.float32)
+            with blas_threads(1):
+                wall, cpu = best_of(lambda d=delta: randomized_measure(d, args.top_k, np.random.default_rng(0)),
+                                    args.repeats)
+            top_k[(out, inp)] = {"cpu_s": cpu, "wall_s": wall}
+            print(f"top-{args.top_k} {out} x {inp}: {top_k[(out, inp)]}", file=sys.stderr, flush=True)
+            del delta
     rates = fitted_rates(measured)
     report: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                               "load_before": load_before, "rates": rates, "models": {}}
     for model in models:
         report["models"][model.name] = cost_model(model, measured, rates, args.run_steps)
+    if top_k:
+        report["top_k"] = top_k_costs(models, top_k, args.top_k, args.run_steps)
     report["load_after"] = os.getloadavg()[0]
     report["elapsed_s"] = time.perf_counter() - began
     print_report(report, args)
@@ -199,6 +213,23 @@ def cost_model(model: Model, measured: dict, rates: dict, run_steps: int) -> dic
     }
 
 
+def top_k_costs(models: list[Model], measured: dict, k: int, run_steps: int) -> dict[str, Any]:
+    """Per model: the top-k worker CPU of one layer (measured shapes) and of one snapshot (the vocabulary-sized
+    matrices computed at the rate per m n (k + 10) of the largest measured shape)."""
+    largest = max(measured, key=lambda s: s[0] * s[1])
+    rate = measured[largest]["cpu_s"] / (largest[0] * largest[1] * (k + 10))
+    snapshots = len(SnapshotSchedule.log(24, run_steps).planned(run_steps))
+    out: dict[str, Any] = {"k": k, "rate_s_per_mnk": rate, "from": f"{largest[0]}x{largest[1]}", "models": {}}
+    for model in models:
+        rows = [{"role": role, "shape": f"{o}x{i}", **measured[(o, i)]} for role, o, i in model.layer_matrices()]
+        layer = sum(r["cpu_s"] for r in rows)
+        others = sum(rate * o * i * (k + 10) for _, o, i in model.other_matrices())
+        snapshot = layer * model.layers + others
+        out["models"][model.name] = {"layer": rows, "layer_cpu_s": layer, "others_cpu_s": others,
+                                     "snapshot_cpu_s": snapshot, "run_cpu_s": snapshots * snapshot}
+    return out
+
+
 def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     r = report["rates"]
     print(f"lorascope snapshot scale (python benchmarks/snapshot_scale.py {' '.join(sys.argv[1:])}); "
@@ -231,6 +262,15 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
               f"{m['snapshot_copy_s']:.1f} s of copies; a {m['run_steps']}-step run with the default schedule takes "
               f"{m['run_snapshots']} snapshots = {m['run_worker_s'] / 3600:.2f} core-hours of worker time, within the "
               f"default 5% budget only if training takes at least {m['budget_training_s'] / 3600:.1f} h")
+    if "top_k" in report:
+        tk = report["top_k"]
+        print(f"\ntop_k={tk['k']} on the worker (randomized, measured per shape; embedding / head computed at "
+              f"{1e9 * tk['rate_s_per_mnk']:.3f} s per 1e9 m n (k + 10), from {tk['from']}):")
+        for name, m in tk["models"].items():
+            shapes = ", ".join(f"{r['role']} {r['cpu_s']:.2f} s" for r in m["layer"])
+            print(f"  {name}: {shapes}; per layer {m['layer_cpu_s']:.1f} s, embedding/head {m['others_cpu_s']:.1f} s,"
+                  f" one snapshot {m['snapshot_cpu_s'] / 60:.1f} CPU-min, the {args.run_steps}-step run "
+                  f"{m['run_cpu_s'] / 3600:.2f} core-h")
 
 
 if __name__ == "__main__":
