@@ -320,9 +320,25 @@ def _batch_advice(run: RunResult) -> BatchAdvice | None:
     return batch_tradeoff(float(b_noise), float(np.median(batches)), lora=run.is_lora)
 
 
+def _recording_cost(cost: Any) -> str | None:
+    """The recorder's own cost, from the ``recording_cost`` section it writes at close (None when absent)."""
+    if not isinstance(cost, dict):
+        return None
+    share, counts = cost.get("share_of_training"), [cost.get(k) for k in ("snapshots_taken", "snapshots_thinned",
+                                                                           "snapshots_skipped")]
+    if not isinstance(share, (int, float)) or not all(isinstance(c, int) for c in counts):
+        return None
+    taken, thinned, skipped = counts
+    return (f"recording cost {share:.1%} of the training time ({taken} snapshot(s) taken, {thinned} thinned by the "
+            f"time budget, {skipped} skipped by the backlog policy)")
+
+
 def _add_notes(analysis: Analysis) -> None:
     for run in analysis.runs:
         analysis.notes.extend(f"{run.path}: flagged by the file's validation: {flag}" for flag in run.flags)
+        cost = _recording_cost(run.config.get("recording_cost"))
+        if cost:
+            analysis.notes.append(f"{run.path}: {cost}")
         if not run.complete:
             analysis.notes.append(f"{run.path}: incomplete run (status '{run.status}'); results cover what was "
                                   "written so far")

@@ -144,3 +144,22 @@ def test_files_without_the_missing_table_are_continued(tmp_path):
     writer.reopen(2)  # rows after the resumed step are dropped
     writer.close()
     assert missing_rows(path) == []
+
+
+def test_analyze_reports_the_recordings_own_cost(tmp_path):
+    import lorascope
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "run.h5"
+    with lorascope.record(model, path, optimizer=optimizer) as recorder:
+        for _ in range(10):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            loss.backward()
+            recorder.log(loss=loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    with lorascope.open_run(path) as run:
+        cost = run.config["recording_cost"]
+    note = next(n for n in lorascope.analyze(path).notes if "recording cost" in n)
+    assert f"{cost['share_of_training']:.1%} of the training time ({cost['snapshots_taken']} snapshot(s) taken" in note
