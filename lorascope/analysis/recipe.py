@@ -231,35 +231,21 @@ def information_for_recipe(steps: xr.Dataset, *, dataset_examples: int | None, p
                                  "extra_config={'dataset': {'examples': N}} to lorascope.record.")
     check_positive("dataset_examples", dataset_examples, "information_for_recipe")
     arrays = step_arrays(steps)
-    loss, examples, seen, tokens, usable = arrays.loss, arrays.examples, arrays.seen, arrays.tokens, arrays.usable
     notes = list(arrays.notes)
     n = float(dataset_examples)
-    first = np.flatnonzero(usable & (seen - examples < n))
-    done = np.cumsum(examples[first]) - examples[first]
-    half = float(examples[first].sum()) / 2  # of the first-epoch examples with a usable loss (a run may diverge)
-    late = first[done >= half]
-    if late.size < MIN_LATE_STEPS:
-        raise InvalidOptionError(f"The probe has {late.size} step(s) in the second half of its first epoch: the "
-                                 f"bits per additional example need at least {MIN_LATE_STEPS} there (a smaller batch "
-                                 "or a larger probe dataset).")
-    late_examples, late_tokens = float(examples[late].sum()), float(tokens[late].sum())
-    code = float(np.sum(loss[late] * tokens[late]) / math.log(2) / late_examples)
-    per_token = late_tokens / late_examples
-    early = first[done < half]
-    one_time = float(np.sum(np.maximum(0.0, loss[early] * tokens[early] / math.log(2) - code * examples[early])))
-    code_error = _mean_error(loss[late] * tokens[late] / examples[late] / math.log(2), examples[late])
-
-    probe_epochs = float(seen[-1] / n)
+    code, per_token, one_time, code_error = _first_epoch(arrays, n)
+    last_seen = float(arrays.seen[arrays.usable].max())
+    probe_epochs = last_seen / n
     whole = [float(e) for e in range(1, int(math.floor(probe_epochs + 1e-9)) + 1)]
     per_epoch = tuple((e, _absorbed(code, _end_loss(arrays, e * n, n)[0], per_token)) for e in whole)
-    if seen[-1] < n:
-        notes.append(f"the probe saw {int(seen[-1]):,} of {dataset_examples:,} examples: its first epoch is "
+    if last_seen < n:
+        notes.append(f"the probe saw {int(last_seen):,} of {dataset_examples:,} examples: its first epoch is "
                      "incomplete")
     if planned.epochs <= probe_epochs + 1e-9:
         end, end_error = _end_loss(arrays, planned.epochs * n, n)
         absorbed, read_at, extrapolated = _absorbed(code, end, per_token), planned.epochs, False
     else:
-        end, end_error = _end_loss(arrays, float(seen[-1]), n)
+        end, end_error = _end_loss(arrays, last_seen, n)
         read_at, extrapolated = probe_epochs, True
         absorbed = _extrapolate(per_epoch, _absorbed(code, end, per_token), probe_epochs, planned.epochs, code)
         notes.append(f"the probe ran {probe_epochs:.3g} epochs, the plan {planned.epochs:g}: its bits are "
@@ -275,20 +261,14 @@ def information_for_recipe(steps: xr.Dataset, *, dataset_examples: int | None, p
     error = error_bits / absorbed if absorbed > 0 else math.inf
     if extrapolated:
         error = math.hypot(error, EXTRAPOLATION_ERROR * math.log2(planned.epochs / probe_epochs))
-    rates = steps["lr"].values.astype(np.float64) if "lr" in steps else np.full(seen.shape, np.nan)
+    rates = steps["lr"].values.astype(np.float64) if "lr" in steps else np.full(arrays.seen.shape, np.nan)
     schedule = _schedule(rates)
     if learning_rate is None and schedule is not None:
         learning_rate = float(np.nanmax(rates))
-    probe = ProbeRecipe(probe_epochs, learning_rate, float(np.median(examples[usable])), schedule)
+    probe = ProbeRecipe(probe_epochs, learning_rate, float(np.median(arrays.examples[arrays.usable])), schedule)
     _compare_recipes(planned, probe, notes)
     if schedule == "decaying" and not extrapolated and planned.epochs < probe_epochs - 1e-9:
-        at_plan = rates[np.flatnonzero(seen <= planned.epochs * n + 1e-9)[-1:]]
-        share = float(at_plan[0] / np.nanmax(rates)) if at_plan.size and np.isfinite(at_plan[0]) else math.nan
-        if share > 0.5:
-            notes.append(f"the probe's learning rate decays over its own {probe_epochs:.3g} epochs and was still "
-                         f"{share:.0%} of its peak at the planned epoch {planned.epochs:g}: for a plan that decays "
-                         "over its own length these bits are likely an over-estimate (up to 1.5x on random facts, "
-                         "docs/information.md); a probe of the planned length measures them")
+        _note_early_decay(rates, arrays.seen, planned.epochs * n, probe_epochs, planned.epochs, notes)
     return RecipeInformation(absorbed, one_time, error, code, end, per_token, int(dataset_examples), float(read_at),
                              extrapolated, below, per_epoch, probe, planned, arrays.token_basis, notes)
 
@@ -299,8 +279,8 @@ def information_as_run(steps: xr.Dataset, *, dataset_examples: int | None,
     its own last epoch (``lorascope analyze``'s forecast)."""
     if dataset_examples is None:
         return information_for_recipe(steps, dataset_examples=None, planned=Recipe())  # refused with its reason
-    seen = step_arrays(steps).seen
-    epochs = float(np.nanmax(seen)) / dataset_examples
+    arrays = step_arrays(steps)
+    epochs = float(arrays.seen[arrays.usable].max()) / dataset_examples
     return information_for_recipe(steps, dataset_examples=dataset_examples, planned=Recipe(epochs=epochs),
                                   learning_rate=learning_rate)
 
@@ -352,6 +332,39 @@ def bits_for_plan(informations: Sequence[RecipeInformation]) -> BitsEstimate:
     return replace(base, exponent=float(exponent), relative_error=math.hypot(base.relative_error, spread),
                    growth_source=f"fitted on {len(points)} probes of {sizes[0]:,.0f} to {sizes[-1]:,.0f} examples: "
                                  f"the bits grow as N^{exponent:.2f}")
+
+
+def _first_epoch(arrays: Any, n: float) -> tuple[float, float, float, float]:
+    """From the first epoch's steps with a usable loss (a run may diverge mid-epoch): the prequential code per
+    additional example of its second half, the loss tokens per example there, the one-time cost its first half paid
+    above that rate, and the code's standard error."""
+    loss, examples, tokens = arrays.loss, arrays.examples, arrays.tokens
+    first = np.flatnonzero(arrays.usable & (arrays.seen - examples < n))
+    done = np.cumsum(examples[first]) - examples[first]
+    half = float(examples[first].sum()) / 2
+    late, early = first[done >= half], first[done < half]
+    if late.size < MIN_LATE_STEPS:
+        raise InvalidOptionError(f"The probe has {late.size} step(s) in the second half of its first epoch: the "
+                                 f"bits per additional example need at least {MIN_LATE_STEPS} there (a smaller batch "
+                                 "or a larger probe dataset).")
+    late_examples = float(examples[late].sum())
+    code = float(np.sum(loss[late] * tokens[late]) / math.log(2) / late_examples)
+    one_time = float(np.sum(np.maximum(0.0, loss[early] * tokens[early] / math.log(2) - code * examples[early])))
+    code_error = _mean_error(loss[late] * tokens[late] / examples[late] / math.log(2), examples[late])
+    return code, float(tokens[late].sum()) / late_examples, one_time, code_error
+
+
+def _note_early_decay(rates: np.ndarray, seen: np.ndarray, at: float, probe_epochs: float, planned: float,
+                      notes: list[str]) -> None:
+    """Name a decaying learning rate read well before its end: the probe had not annealed as a plan of that length
+    would."""
+    at_plan = rates[np.flatnonzero(seen <= at + 1e-9)[-1:]]
+    share = float(at_plan[0] / np.nanmax(rates)) if at_plan.size and np.isfinite(at_plan[0]) else math.nan
+    if share > 0.5:
+        notes.append(f"the probe's learning rate decays over its own {probe_epochs:.3g} epochs and was still "
+                     f"{share:.0%} of its peak at the planned epoch {planned:g}: for a plan that decays over its own "
+                     "length these bits are likely an over-estimate (up to 1.5x on random facts, "
+                     "docs/information.md); a probe of the planned length measures them")
 
 
 def _absorbed(code: float, end_loss: float, per_token: float) -> float:
