@@ -68,16 +68,24 @@ def test_a_fractional_plan_reads_the_window_before_it():
 
 
 def test_a_shorter_probe_is_extrapolated_along_its_per_epoch_curve_and_says_so():
-    # a(E) = 1, 2, 4 bits at epochs 1-3 (end losses 3.5, 3, 2 bits/token): slope 1 over the last three points.
-    steps = _epochs(FIRST[:6] + [4.0, 3.5], [3.0] * 8, [2.0] * 8)
-    info = information_for_recipe(steps, dataset_examples=64, planned=Recipe(epochs=6))
-    assert info.extrapolated and info.read_at_epochs == 3
-    points = np.array(info.per_epoch)
+    # Epochs 2-4 end at 3.5, 3 and 2.5 bits/token (d = 4): a(E) = 1, 2, 3 bits per example; the fit reads epochs 2-4
+    # (the first epoch only measures what one pass generalises).
+    steps = _epochs(FIRST, [3.5] * 8, [3.0] * 8, [2.5] * 8)
+    info = information_for_recipe(steps, dataset_examples=64, planned=Recipe(epochs=8))
+    assert info.extrapolated and info.read_at_epochs == 4
+    points = np.array(info.per_epoch[1:])
+    assert points[:, 1] == pytest.approx([1.0, 2.0, 3.0])
     slope = np.polyfit(np.log(points[:, 0]), np.log(points[:, 1]), 1)[0]
-    expected = min(info.code_length_per_example, points[-1, 1] * 2 ** slope)
-    assert info.absorbed_per_example == pytest.approx(expected)
-    assert info.absorbed_per_example <= info.code_length_per_example
-    assert any("extrapolated" in n and "a probe of 6 epochs" in n for n in info.notes)
+    assert info.absorbed_per_example == pytest.approx(min(info.code_length_per_example, 3.0 * 2 ** slope))
+    assert any("extrapolated" in n and "a probe of 8 epochs" in n for n in info.notes)
+    assert info.relative_error >= 0.5  # one doubling of the epochs past the probe
+
+
+def test_a_probe_with_one_epoch_past_the_first_is_extrapolated_in_proportion_to_the_epochs():
+    # SmolLM2 (docs/information.md): a(1) = 0 on every probe, so a 2-epoch probe has one point to go on.
+    info = information_for_recipe(_epochs(FIRST, [3.5] * 8), dataset_examples=64, planned=Recipe(epochs=6))
+    assert [a for _, a in info.per_epoch] == pytest.approx([0.0, 1.0])
+    assert info.absorbed_per_example == pytest.approx(3.0)
 
 
 def test_a_plan_that_absorbs_nothing_measurable_is_taken_at_the_probes_resolution_as_an_upper_bound():
