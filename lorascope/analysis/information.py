@@ -254,7 +254,8 @@ class RecordedInformation:
                 "epoch_examples": self.epoch_examples, "epoch_steps": self.epoch_steps,
                 "epochs": None if math.isnan(self.epochs) else self.epochs,
                 "final_loss_nats": self.final_loss_nats, "token_basis": self.token_basis,
-                "marginal_bits_per_example": self.marginal_bits_per_example,
+                "marginal_bits_per_example": (self.marginal_bits_per_example
+                                              if math.isfinite(self.marginal_bits_per_example) else None),
                 "marginal_absorbed_per_example": self.marginal_absorbed_per_example,
                 "estimate": self.estimate().to_dict(), "notes": list(self.notes)}
 
@@ -320,6 +321,9 @@ def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = 
     if not late.size:  # a last step holding more than half of the epoch: it alone is the second half
         late = first_index[-1:]
     late_examples = float(examples[late].sum())
+    if not late_examples > 0:  # no first-epoch step (examples seen corrupt or past the dataset from the start)
+        return RecordedInformation(description_length, absorbed, epoch_examples, int(first.sum()), epochs,
+                                   final_loss, token_basis, math.nan, None, notes)
     marginal = float(np.sum(loss[late] * tokens[late]) / math.log(2) / late_examples)
     if absorbed is not None:
         marginal_absorbed = max(0.0, float(np.sum((loss[late] - final_loss) * tokens[late]) / math.log(2)
