@@ -8,10 +8,11 @@ Writes into a folder (default ``capacity-example/``):
 
 Then run (docs/capacity.md shows the output):
 
-    lorascope recommend --config capacity-example/model --examples 4000 --tokens-per-example 1
-    lorascope calibrate --model capacity-example/model -o capacity-example/cal.json
+    lorascope recommend --config capacity-example/model --examples 4000 --tokens-per-example 1 --ranks 1,2,4,8,16
+    lorascope calibrate --model capacity-example/model -o capacity-example/cal.json --ranks 1,2 --bracket none --load 2
     lorascope recommend --config capacity-example/model --examples 4000 --probe capacity-example/probe.h5 \\
-        --calibration capacity-example/cal.json --batch-size 32 --ranks 1,2,4,8,16 --peft-config capacity-example/lora
+        --calibration capacity-example/cal.json --batch-size 32 --epochs 20 --ranks 1,2,4,8,16 \\
+        --peft-config capacity-example/lora
 """
 
 from __future__ import annotations

@@ -248,6 +248,10 @@ def information_for_recipe(steps: xr.Dataset, *, dataset_examples: int | None, p
     if planned.epochs <= probe_epochs + 1e-9:
         end, end_error = _end_loss(arrays, planned.epochs * n, n)
         absorbed, read_at, extrapolated = _absorbed(code, end, per_token), planned.epochs, False
+        if per_epoch and planned.epochs < per_epoch[-1][0]:
+            notes.append(f"read at the planned epoch {planned.epochs:g} of the probe's {probe_epochs:.3g}: a plan of "
+                         f"{per_epoch[-1][0]:g} epochs asks {per_epoch[-1][1]:,.3g} bits per example (give the planned "
+                         "epochs: recommend(epochs=), --epochs)")
     else:
         end, end_error = _end_loss(arrays, last_seen, n)
         read_at, extrapolated = probe_epochs, True

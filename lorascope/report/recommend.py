@@ -21,8 +21,9 @@ def format_recommendation(summary: dict[str, Any]) -> str:
         + (f" x {count(summary['trained_tokens_per_example'])} trained tokens"
            if summary["trained_tokens_per_example"] else ""),
         f"bits to learn: {count(summary['bits_to_learn'])} ({bits['explanation']})",
-        f"  growth with the dataset size: {bits['growth_source']}"
-        + (f"; standard error +-{bits['relative_error']:.0%}" if bits.get("relative_error") else ""),
+        *([f"  growth with the dataset size: {bits['growth_source']}"
+           + (f"; standard error +-{bits['relative_error']:.0%}" if bits.get("relative_error") else "")]
+          if bits["source"] == "recording" else []),
         f"capacity: {significant(constant['bits_per_parameter'], 3)} bits per LoRA parameter, known to "
         f"x/{significant(constant['uncertainty'], 3)} ({constant['source']})",
         "",

@@ -177,7 +177,9 @@ def test_the_probes_schedule_is_read_from_its_learning_rates_and_a_decay_read_ea
     steps = _epochs(FIRST, [3.0] * 8, [2.0] * 8, [1.0] * 8)
     constant = steps.assign(lr=("step", np.full(32, 1e-3)))
     info = information_for_recipe(constant, dataset_examples=64, planned=Recipe(epochs=2, learning_rate=1e-3))
-    assert (info.probe.schedule, info.probe.learning_rate) == ("constant", 1e-3) and not info.notes
+    assert (info.probe.schedule, info.probe.learning_rate) == ("constant", 1e-3)
+    assert info.notes == ["read at the planned epoch 2 of the probe's 4: a plan of 4 epochs asks 6 bits per example "
+                          "(give the planned epochs: recommend(epochs=), --epochs)"]
     decaying = steps.assign(lr=("step", 1e-3 * (1 - np.arange(32) / 32)))
     early = information_for_recipe(decaying, dataset_examples=64, planned=Recipe(epochs=2))
     assert early.probe.schedule == "decaying"
