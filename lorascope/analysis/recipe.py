@@ -169,11 +169,11 @@ class RecipeInformation:
     def estimate(self) -> BitsEstimate:
         """The per-example estimate :func:`lorascope.recommend` scales to the planned dataset."""
         read = (f"extrapolated from the probe's {self.probe.epochs:.3g} epochs" if self.extrapolated
-                else f"read at epoch {self.read_at_epochs:g}")
+                else f"read at epoch {self.read_at_epochs:.3g}")
         return BitsEstimate(
             self.absorbed_per_example, "recording", "absorbed under the planned recipe", self.below_resolution,
             f"full fine-tuning absorbs {self.absorbed_per_example:,.3g} bits per example (+-"
-            f"{self.relative_error:.0%}) in {self.planned.epochs:g} epoch(s) ({read}): the prequential code length "
+            f"{self.relative_error:.0%}) in {self.planned.epochs:.3g} epoch(s) ({read}): the prequential code length "
             f"{self.code_length_per_example:,.3g} bits per example (second half of the first epoch) minus the code "
             f"length under the trained model, on {self.token_basis}; plus {self.one_time_bits:,.0f} bits paid once "
             "(the first half-epoch's cost above that rate)", one_time_bits=self.one_time_bits,
