@@ -310,7 +310,8 @@ def test_compare_of_a_mutated_run_gives_success_or_one_line(compared, tmp_path, 
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory) -> tuple[Path, Path]:
-    """A full fine-tuning probe of a tiny Llama (its dataset size recorded) and the model's config folder."""
+    """A full fine-tuning probe of a tiny Llama (its dataset size recorded; every optional group, as the recording
+    above) and the model's config folder."""
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("probe")
     torch.manual_seed(0)
@@ -322,8 +323,8 @@ def probe(tmp_path_factory) -> tuple[Path, Path]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, VOCAB, (32, 6), generator=torch.Generator().manual_seed(0))
     path = folder / "probe.h5"
-    with lorascope.record(model, path, optimizer=optimizer, snapshots=2, time_budget=None,
-                          extra_config={"dataset": {"examples": 32}}):
+    with lorascope.record(model, path, optimizer=optimizer, snapshots=2, time_budget=None, factors_k=2,
+                          store_delta="float16", grad_sv=True, extra_config={"dataset": {"examples": 32}}):
         for step in range(8):
             rows = ids[4 * step:4 * step + 4]
             model(input_ids=rows, labels=rows).loss.backward()
