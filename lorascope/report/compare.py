@@ -63,13 +63,14 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike[str]) -> Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with figure_style():
-        fig = _figure(comparison)
+        fig = loss_figure(comparison)
         fig.savefig(path, format="png", dpi=DPI)
         fig.clear()
     return path
 
 
-def _figure(comparison: Comparison) -> Figure:
+def loss_figure(comparison: Comparison) -> Figure:
+    """The comparison's figure: each run's loss curve, and each LoRA's gap to full fine-tuning below it."""
     fig = Figure(figsize=(WIDTH_IN, 8.0), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3.0, 1.4]})
     colors = _rank_colors(comparison.loras)

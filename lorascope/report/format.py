@@ -7,13 +7,14 @@ A missing value (``None`` in a summary, NaN, or -1 for a count a run file did no
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MISSING", "X_UNITS", "approx_count", "bound", "byte_size", "compact", "count", "json_text", "layer",
-           "number", "percent", "significant", "table"]
+__all__ = ["MISSING", "X_UNITS", "approx_count", "bound", "byte_size", "compact", "count", "escape", "json_text",
+           "layer", "number", "percent", "significant", "table"]
 
 MISSING = "n/a"
 # The data axis of a summary ("x") in words: "12,800 examples".
@@ -138,3 +139,8 @@ def table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:
 def json_text(data: Any) -> str:
     """Strict JSON (no NaN or Infinity), indented: the form of every JSON file and ``--json`` output."""
     return json.dumps(data, indent=2, allow_nan=False)
+
+
+def escape(value: Any) -> str:
+    """``value`` as text safe inside HTML (quotes included)."""
+    return html.escape(str(value), quote=True)

@@ -10,7 +10,6 @@ analysis (paths, module names, notes, reasons) is HTML-escaped.
 from __future__ import annotations
 
 import base64
-import html
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from lorascope._version import __version__
 from lorascope.report.contributions import contributions_facts, contributions_header, contributions_rows
 from lorascope.report.curves import CURVES_CAVEAT, crossings_sentence
 from lorascope.report.forecast import forecast_facts, forecast_header, forecast_rows
-from lorascope.report.format import MISSING, X_UNITS, count, layer, number, percent
+from lorascope.report.format import MISSING, X_UNITS, count, escape, layer, number, percent
 from lorascope.workflows.analyze import CURVE_P
 
 __all__ = ["render_html", "headline_sentence"]
@@ -78,10 +77,10 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, str | os.PathLi
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(_title(runs))}</title>",
+        f"<title>{_e(report_title(runs))}</title>",
         f"<style>{_CSS}</style>",
         "</head><body>",
-        f"<h1>{_e(_title(runs))}</h1>",
+        f"<h1>{_e(report_title(runs))}</h1>",
         f'<p class="sub">{len(runs)} run(s); candidate ranks {_e(", ".join(str(r) for r in summary["ranks"]))}; '
         f"data axis: {_e(unit)} seen</p>",
     ]
@@ -94,12 +93,7 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, str | os.PathLi
             div = run["divergence"]
             parts.append(f'<div class="banner" role="alert"><strong>Diverged run:</strong> {_e(run["path"])} turned '
                          f"non-finite at step {_e(count(div['step']))}; see the notes for where.</div>")
-    parts += _forecast_section(summary.get("forecast"))
-    parts += _contributions_section(summary.get("contributions"))
-    parts += _headline(summary)
-    if summary["notes"]:
-        parts += ["<h2>Notes</h2>", _list(summary["notes"])]
-    parts += ["<h2>Runs</h2>", _runs_table(runs)]
+    parts += summary_sections(summary)
     final = summary["final"]
     if final is not None:
         parts += _final_sections(final, summary, unit)
@@ -126,6 +120,15 @@ def headline_sentence(row: Mapping[str, Any]) -> str:
 
 
 # -- sections --------------------------------------------------------------------------------------------------
+
+
+def summary_sections(summary: Mapping[str, Any]) -> list[str]:
+    """The sections the report page and the notebook card share: forecast, contributions, headline, notes, runs."""
+    parts = [*_forecast_section(summary.get("forecast")), *_contributions_section(summary.get("contributions")),
+             *_headline(summary)]
+    if summary["notes"]:
+        parts += ["<h2>Notes</h2>", _list(summary["notes"])]
+    return [*parts, "<h2>Runs</h2>", _runs_table(summary["runs"])]
 
 
 def _contributions_section(contributions: Mapping[str, Any] | None) -> list[str]:
@@ -274,8 +277,7 @@ def _figure(name: str, path: Path) -> str:
 # -- formatting ------------------------------------------------------------------------------------------------
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+_e = escape
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], left: Sequence[int] = (0,)) -> str:
@@ -291,7 +293,8 @@ def _list(items: Iterable[Any]) -> str:
     return "<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>"
 
 
-def _title(runs: Sequence[Mapping[str, Any]]) -> str:
+def report_title(runs: Sequence[Mapping[str, Any]]) -> str:
+    """The page's title: the run files' names (the first three)."""
     names = [Path(r["path"]).name for r in runs]
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return f"lorascope report: {shown}"

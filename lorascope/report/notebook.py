@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lorascope import _display
-from lorascope.report.format import X_UNITS, byte_size, count, number
-from lorascope.report.html import _contributions_section, _e, _forecast_section, _headline, _list, _runs_table, _title
+from lorascope.report.format import X_UNITS, byte_size, count, escape, number
+from lorascope.report.html import report_title, summary_sections
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -48,20 +48,15 @@ def run_html(summary: Mapping[str, Any]) -> str:
 def analysis_html(summary: Mapping[str, Any]) -> str:
     """The report page's forecast, contributions, headline, notes and runs, without its figures (``.plot``)."""
     unit = X_UNITS.get(summary["x"], summary["x"])
-    parts = [f"<p>{len(summary['runs'])} run(s); candidate ranks {_e(', '.join(map(str, summary['ranks'])))}; "
-             f"data axis: {_e(unit)} seen. Figures: <code>analysis.plot.energy_rank()</code>, "
+    parts = [f"<p>{len(summary['runs'])} run(s); candidate ranks {escape(', '.join(map(str, summary['ranks'])))}; "
+             f"data axis: {escape(unit)} seen. Figures: <code>analysis.plot.energy_rank()</code>, "
              "<code>.spectra()</code>, ...; the full page: "
              "<code>lorascope.report.folder.write_report(analysis, folder)</code>.</p>"]
     if summary["incomplete"]:
         parts.append("<p><strong>Incomplete run(s):</strong> the results cover what was written so far.</p>")
-    parts += _forecast_section(summary.get("forecast"))
-    parts += _contributions_section(summary.get("contributions"))
-    parts += _headline(summary)
-    if summary["notes"]:
-        parts += ["<h4>Notes</h4>", _list(summary["notes"])]
-    parts += ["<h4>Runs</h4>", _runs_table(summary["runs"])]
+    parts += summary_sections(summary)
     body = "\n".join(parts).replace("<h2", "<h4").replace("</h2>", "</h4>")  # the page's sections, under the card
-    return _card(_title(summary["runs"]).replace("report", "analysis", 1), body)
+    return _card(report_title(summary["runs"]).replace("report", "analysis", 1), body)
 
 
 def comparison_html(summary: Mapping[str, Any]) -> str:
@@ -107,11 +102,11 @@ class ComparisonFigures:
 
     def loss(self) -> Figure:
         """The loss of every run against data (log scale), falloffs marked, and the smoothed gaps beneath."""
-        from lorascope.report.compare import _figure
+        from lorascope.report.compare import loss_figure
         from lorascope.report.style import figure_style
 
         with figure_style():
-            return _figure(self._comparison)
+            return loss_figure(self._comparison)
 
 
 def register_renderers() -> None:
@@ -132,15 +127,15 @@ def _analysis_figures(analysis: Any) -> Any:
 
 
 def _card(title: str, body: str) -> str:
-    return f"{_BOX}<h3>{_e(title)}</h3>\n{body}\n</div>"
+    return f"{_BOX}<h3>{escape(title)}</h3>\n{body}\n</div>"
 
 
 def _pairs(rows: Sequence[tuple[str, Any]]) -> str:
-    body = "".join(f'<tr><th style="text-align:left">{_e(k)}</th><td style="text-align:left">{_e(v)}</td></tr>'
+    body = "".join(f'<tr><th style="text-align:left">{escape(k)}</th><td style="text-align:left">{escape(v)}</td></tr>'
                    for k, v in rows)
     return f"<table>{body}</table>"
 
 
 def _details(text: str) -> str:
-    return f"<details><summary>details</summary><pre>{_e(text)}</pre></details>"
+    return f"<details><summary>details</summary><pre>{escape(text)}</pre></details>"
 
