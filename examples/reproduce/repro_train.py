@@ -146,14 +146,15 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
-    """``lorascope.calibrate`` on the base (the published study's recipe: ranks 1 and 2, 2 bits per parameter
-    offered, no capacity bracket, Adam at the better of 1e-3 and 3e-3, batch 128) for ``job["epochs"]`` epochs;
-    saves the calibration JSON to ``job["path"]``."""
+    """``lorascope.calibrate`` on the base, ranks 1 and 2, for ``job["epochs"]`` epochs, no capacity bracket, Adam at
+    the better of 1e-3 and 3e-3, batch 128, offering 2 bits per parameter (``job["recipe"] == "published"``, the
+    published study's recipe) or 0.5 (the smoke tier's); saves the calibration JSON to ``job["path"]``."""
     torch.set_num_threads(1)
     start = time.time()
+    load = 2.0 if job.get("recipe") == "published" else 0.5
+    recipe = {"offered_bits_per_parameter": load, "bracket": None}
     calibration = lorascope.calibrate(load_base(Path(job["base"])), ranks=(1, 2), epochs=job["epochs"],
-                                      seed=job["seed"], base="the study's Markov-pretrained tiny Llama",
-                                      offered_bits_per_parameter=2.0, bracket=None)  # the published recipe
+                                      seed=job["seed"], base="the study's Markov-pretrained tiny Llama", **recipe)
     calibration.save(job["path"])
     return {"kind": "calibrate", "path": job["path"], "bits_per_parameter": calibration.bits_per_parameter,
             "seconds": time.time() - start}
