@@ -102,6 +102,33 @@ def run_path(tmp_path):
     return tmp_path / "run.h5"
 
 
+def write_loss_run(path, loss: np.ndarray, rank: int | None):
+    """A run file holding only a loss curve (8 examples a step) of one MLP matrix: full fine-tuning, or a rank-``rank``
+    PEFT LoRA run (its config's lora section), for the commands that read loss curves."""
+    from lorascope.store.writer import RunWriter
+
+    name = ("base_model.model." if rank else "") + "model.layers.0.mlp.up_proj"
+    module = dict(name=name, module=name, parameter="weight", kind="mlp", role="up", layer=0, expert=-1,
+                  out_features=8, in_features=4, lora=bool(rank))
+    config = {"lora": {"default": {"r": rank, "lora_alpha": 32, "use_rslora": False, "scaling_rule": "alpha/r",
+                                   "rank_pattern": {}, "alpha_pattern": {}}}} if rank else {}
+    steps = np.arange(1, loss.size + 1)
+    with RunWriter(path, [module], config=config, overwrite=True) as writer:
+        writer.append_steps({"step": steps, "examples_seen": 8 * steps, "tokens_seen": 128 * steps, "loss": loss,
+                             "batch_examples": np.full(loss.size, 8)})
+    return path
+
+
+def missing_rows(path) -> list[tuple[int, str]]:
+    """The (step, reason) rows of a run file's ``snapshots_missing`` table."""
+    import h5py
+
+    with h5py.File(path, "r", locking=False) as f:
+        group = f["snapshots_missing"]
+        n = group["step"].shape[0]
+        return [(int(s), r.decode()) for s, r in zip(group["step"][:n], group["reason"][:n], strict=True)]
+
+
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached float64 copy of every parameter, by name, for independent reference updates."""
     return {name: p.detach().to("cpu", torch.float64, copy=True) for name, p in model.named_parameters()}

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import write_loss_run
 
 import lorascope
-from lorascope.store.writer import RunWriter
 from lorascope_cli.main import cli
 from lorascope_cli.progress import progress_log, progress_over
 
@@ -66,7 +66,8 @@ def test_analyze_and_compare_call_the_progress_hook_over_every_run(tmp_path):
     lorascope.analyze(paths, progress=progress)
     steps = np.arange(1, 101)
     loss = 3.0 - 0.3 * np.log(steps)
-    runs = [_write(tmp_path / name, loss, rank) for name, rank in (("full.h5", None), ("r1.h5", 1), ("r2.h5", 2))]
+    runs = [write_loss_run(tmp_path / name, loss, rank)
+            for name, rank in (("full.h5", None), ("r1.h5", 1), ("r2.h5", 2))]
     lorascope.compare(runs[0], runs[1:], progress=progress)
     assert seen == [2, 2]
 
@@ -77,16 +78,3 @@ def test_analyze_of_several_files_prints_no_bar_off_a_terminal(tmp_path, quiet):
     result = CliRunner().invoke(cli, ["analyze", *map(str, paths), "-o", str(tmp_path / "out"), *quiet])
     assert result.exit_code == 0, result.output
     assert "reading runs" not in result.output and "report:" in result.output
-
-
-def _write(path: Path, loss: np.ndarray, rank: int | None) -> Path:
-    name = ("base_model.model." if rank else "") + "model.layers.0.mlp.up_proj"
-    module = dict(name=name, module=name, parameter="weight", kind="mlp", role="up", layer=0, expert=-1,
-                  out_features=8, in_features=4, lora=bool(rank))
-    config = {"lora": {"default": {"r": rank, "lora_alpha": 32, "use_rslora": False, "scaling_rule": "alpha/r",
-                                   "rank_pattern": {}, "alpha_pattern": {}}}} if rank else {}
-    steps = np.arange(1, loss.size + 1)
-    with RunWriter(path, [module], config=config, overwrite=True) as writer:
-        writer.append_steps({"step": steps, "examples_seen": 8 * steps, "tokens_seen": 128 * steps, "loss": loss,
-                             "batch_examples": np.full(loss.size, 8)})
-    return path

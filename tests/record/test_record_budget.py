@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import missing_rows
 
 import lorascope
 from lorascope.errors import InvalidOptionError
@@ -21,13 +22,6 @@ from lorascope.store import schema as S
 from lorascope.store.payloads import Snapshot
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-
-def missing_rows(path) -> list[tuple[int, str]]:
-    with h5py.File(path, "r", locking=False) as f:
-        group = f["snapshots_missing"]
-        n = group["step"].shape[0]
-        return [(int(s), r.decode()) for s, r in zip(group["step"][:n], group["reason"][:n], strict=True)]
 
 
 def cost_of(path) -> dict:

@@ -11,19 +11,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import missing_rows
 
 import lorascope
 from lorascope.record import snapshot_worker as W
 from lorascope.record.snapshot_worker import SnapshotWorker, factored_measure, gram_measure
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-
-def missing_rows(path) -> list[tuple[int, str]]:
-    with h5py.File(path, "r", locking=False) as f:
-        group = f["snapshots_missing"]
-        n = group["step"].shape[0]
-        return [(int(s), r.decode()) for s, r in zip(group["step"][:n], group["reason"][:n], strict=True)]
 
 
 def config_section(path, name: str) -> dict:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_loss_run
 from matplotlib.figure import Figure
 
 import lorascope
 from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.report.plots import PLOT_NAMES, draw_figure
-from lorascope.store.writer import RunWriter
 
 TINY_RUN = Path(__file__).resolve().parents[2] / "fixtures" / "tiny_run.h5"
 
@@ -62,24 +62,12 @@ def test_unknown_figure_name_is_refused(analysis):
         draw_figure(analysis, "nope")
 
 
-def _write(path: Path, loss: np.ndarray, rank: int | None) -> Path:
-    name = ("base_model.model." if rank else "") + "model.layers.0.mlp.up_proj"
-    module = dict(name=name, module=name, parameter="weight", kind="mlp", role="up", layer=0, expert=-1,
-                  out_features=8, in_features=4, lora=bool(rank))
-    config = {"lora": {"default": {"r": rank, "lora_alpha": 32, "use_rslora": False, "scaling_rule": "alpha/r",
-                                   "rank_pattern": {}, "alpha_pattern": {}}}} if rank else {}
-    steps = np.arange(1, loss.size + 1)
-    with RunWriter(path, [module], config=config, overwrite=True) as writer:
-        writer.append_steps({"step": steps, "examples_seen": 8 * steps, "tokens_seen": 128 * steps, "loss": loss,
-                             "batch_examples": np.full(loss.size, 8)})
-    return path
-
-
 def test_comparison_shows_each_falloff_and_draws_its_figure(tmp_path):
     steps = np.arange(1, 301)
     full = 3.0 - 0.35 * np.log(steps)
     lora = full + np.where(steps >= 100, 0.3, 0.0)
-    comparison = lorascope.compare(_write(tmp_path / "full.h5", full, None), [_write(tmp_path / "r1.h5", lora, 1)])
+    comparison = lorascope.compare(write_loss_run(tmp_path / "full.h5", full, None),
+                                   [write_loss_run(tmp_path / "r1.h5", lora, 1)])
     html = comparison._repr_html_()
     assert "lorascope comparison" in html and "LoRA r=1" in html and "falloff at" in html
     assert "<details>" in html and "Falloff: the gap" in html  # the terminal text, escaped, beneath
