@@ -447,7 +447,7 @@ def _probe(path: str | os.PathLike[str], model: nn.Module, ranks: Sequence[int],
         _check_probe(str(path), ModelFacts.of_run(run), model)  # before the (longer) analysis
         recorded_task = run.config.get("task")
         if recorded_task in TASKS and recorded_task != task:
-            raise InvalidOptionError(f"probe {path} is a {recorded_task.upper()} run (its config's task), the "
+            raise InvalidOptionError(f"probe {path} is an {recorded_task.upper()} run (its config's task), the "
                                      f"recommendation is for {task.upper()}: pass task={recorded_task!r} (--task "
                                      f"{recorded_task}) or a probe of the task you plan")
         information = information_from_run(run)

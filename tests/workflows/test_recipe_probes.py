@@ -141,7 +141,7 @@ def test_a_probe_of_another_task_is_one_line(probes, tmp_path):
     path.write_bytes(probes[(4, 1e-3)].read_bytes())
     with h5py.File(path, "r+") as f:
         f["config"].attrs["task"] = json.dumps("rl")  # a config section, as TRL's GRPO runs write it
-    with pytest.raises(InvalidOptionError, match="is a RL run .* pass task='rl'") as caught:
+    with pytest.raises(InvalidOptionError, match="is an RL run .* pass task='rl'") as caught:
         recommend(_model(), examples=4096, probes=[path])
     assert "\n" not in str(caught.value)
     assert recommend(_model(), examples=4096, probes=[path], task="rl", ranks=[1]).bits.source == "episodes"
