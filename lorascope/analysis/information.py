@@ -13,6 +13,9 @@ From a recording (:func:`information_from_steps`; ``lorascope.workflows.runs.inf
     the information the full fine-tuning update actually took in. Only meaningful when the run saw its data
     more than once or the data generalizes; on a single pass over unrelated facts it is about zero.
 
+    These describe a run as it ran. What its data asks under the recipe you plan, the number ``recommend`` and
+    ``analyze`` use, is :mod:`lorascope.analysis.recipe`'s.
+
 From the dataset size alone (:func:`information_from_size`)
     SFT: ``bits_per_token`` (default 1 bit, the rate of typical LLM data; Schulman et al., "LoRA Without
     Regret", 2025) times the tokens the loss is computed on. A description-length-style upper bound: data the
@@ -230,9 +233,10 @@ class RecordedInformation:
         return None if self.absorbed_bits is None else self.absorbed_bits / self.epoch_examples
 
     def estimate(self) -> BitsEstimate:
-        """The per-example estimate ``recommend`` scales to the planned dataset: the marginal absorbed bits when
-        the run saw its data more than once (what full fine-tuning took in per additional example), else the
-        marginal description length (an upper bound).
+        """The run read at its own end: the marginal absorbed bits when it saw its data more than once, else the
+        marginal description length (an upper bound). ``recommend`` and ``analyze`` no longer use it: they read a
+        probe at the planned recipe (:mod:`lorascope.analysis.recipe`); it stays as the baseline the recipe studies
+        compare against (docs/information.md, "old, each at its own end").
 
         Marginal (second half of the first epoch) rather than average: what every example shares is learned
         once, early in the first epoch, and scaling that one-time cost with the dataset size over-states the
@@ -257,7 +261,7 @@ class RecordedInformation:
                 "marginal_bits_per_example": (self.marginal_bits_per_example
                                               if math.isfinite(self.marginal_bits_per_example) else None),
                 "marginal_absorbed_per_example": self.marginal_absorbed_per_example,
-                "estimate": self.estimate().to_dict(), "notes": list(self.notes)}
+                "notes": list(self.notes)}
 
 
 def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = None) -> RecordedInformation:
