@@ -49,7 +49,13 @@ class RecordOptions:
     top_k_min_size
         Matrices with at most this many entries always get their full spectrum.
     factors_k
-        Also store the top ``factors_k`` singular vectors of every update (0: none).
+        Also store the top ``factors_k`` singular vectors of every update (0: none); with ``grad_sv``, also those
+        of every gradient at snapshot steps.
+    intruder_k
+        Intruder dimensions (Shuttleworth et al. 2024, Def. 3.1; 10 is the paper's k): at every snapshot, for the
+        top ``intruder_k`` left singular vectors y_j of each weight W_t = W_0 + Delta, the largest |cos(y_j, x_i)|
+        over every left singular vector x_i of W_0, and their singular values (0, the default: none). Keeps one
+        (out, min(out, in)) float32 basis per recorded matrix on the host (docs/recording.md, for its cost).
     store_delta
         Also store every full update, as "float16" or "float32" (None: no).
     grad_sv
@@ -66,7 +72,7 @@ class RecordOptions:
     snapshot_worker
         ``True`` (default): at a snapshot step the training thread only copies the recorded matrices to host
         memory and a worker thread computes the spectra (docs/recording.md). ``False``: everything on the training
-        thread, as before. The worker is not used with ``factors_k`` (singular vectors).
+        thread, as before.
     snapshot_threads
         BLAS threads of the snapshot worker (numpy / scipy, limited with threadpoolctl while it computes; torch's
         thread settings are never changed).
@@ -129,6 +135,7 @@ class RecordOptions:
     top_k: int | None = None
     top_k_min_size: int = 1_000_000
     factors_k: int = 0
+    intruder_k: int = 0
     store_delta: str | None = None
     grad_sv: bool = False
     w0_device: str = "cpu"
@@ -171,6 +178,7 @@ class RecordOptions:
             _check_int("top_k", self.top_k, 1)
         _check_int("top_k_min_size", self.top_k_min_size, 0)
         _check_int("factors_k", self.factors_k, 0)
+        _check_int("intruder_k", self.intruder_k, 0)
         _check_int("queue_size", self.queue_size, 1)
         if isinstance(self.flush_seconds, bool) or not isinstance(self.flush_seconds, (int, float)) \
                 or not 0 <= self.flush_seconds < float("inf"):

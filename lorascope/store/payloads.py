@@ -33,6 +33,13 @@ class Snapshot:
         ``{module index: (U, V)}`` with U (out, k'), V (in, k'), k' <= the file's ``factors_k``.
     deltas
         ``{module index: update}``, each (out, in), for a file opened with a ``delta_dtype``.
+    grad_factors
+        ``{module index: (U, V)}``: the gradient's top singular vectors at the snapshot step, for a file opened with
+        ``grad_sv=True`` and ``factors_k > 0``.
+    intruder_cos, weight_sv
+        M entries, for a file opened with ``intruder_k > 0``: for the top k' <= intruder_k left singular vectors y_j
+        of the weight W_t, max_i |cos(y_j, x_i)| over the left singular vectors x_i of W_0, and the singular values
+        of W_t (``None``: not computed).
     held_loss, held_loss_start
         The held batch's loss now and with every recorded matrix at W_0 (NaN: not measured).
     held_loss_without_kind, held_loss_without_layer
@@ -48,6 +55,9 @@ class Snapshot:
     grad_sv: Sequence[np.ndarray | None] | None = None
     factors: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None
     deltas: Mapping[int, np.ndarray] | None = None
+    grad_factors: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None
+    intruder_cos: Sequence[np.ndarray | None] | None = None
+    weight_sv: Sequence[np.ndarray | None] | None = None
     held_loss: float = float("nan")
     held_loss_start: float = float("nan")
     held_loss_without_kind: Sequence[float] | np.ndarray | None = None

@@ -126,7 +126,10 @@ class Run:
         self.modules = self._static_table(S.GROUP_MODULES, S.MODULE_COLUMNS)
         self.coverage = self._static_table(S.GROUP_COVERAGE, S.COVERAGE_COLUMNS)
         self.config = self._read_config()
-        self.grad_sv = "grad_sv" in self._file[S.GROUP_SNAPSHOTS]
+        snaps = self._file[S.GROUP_SNAPSHOTS]
+        self.grad_sv = "grad_sv" in snaps
+        # Validated on open: a positive intruder_k comes with its two columns.
+        self._intruder_k = int(snaps.attrs.get(S.ATTR_INTRUDER_K, 0))
 
     # -- metadata --------------------------------------------------------------------------------------
     @property
@@ -141,6 +144,13 @@ class Run:
     @property
     def schema_version(self) -> int:
         return int(self.attrs[S.ATTR_SCHEMA_VERSION])
+
+    @property
+    def intruder_k(self) -> int:
+        """Length of the ``intruder`` axis of :attr:`snapshots` (its ``intruder_cos`` and ``weight_sv``): the number
+        of top singular vectors of each weight compared with the starting weight's; 0 when the run did not record
+        them (``intruder_k=0``, or a file written before they existed)."""
+        return self._intruder_k
 
     @property
     def n_steps(self) -> int:
@@ -172,14 +182,24 @@ class Run:
 
     @property
     def snapshots(self) -> xr.Dataset:
-        """Per-snapshot table: dims ``snapshot``, ``module`` and ``sv``; coords step, examples/tokens seen."""
-        columns = S.columns_of(S.GROUP_SNAPSHOTS, grad_sv=self.grad_sv)
+        """Per-snapshot table: dims ``snapshot``, ``module`` and ``sv_index`` (and ``intruder`` when
+        :attr:`intruder_k` > 0); coords step, examples/tokens seen."""
+        columns = S.columns_of(S.GROUP_SNAPSHOTS, grad_sv=self.grad_sv, intruder=self.intruder_k > 0)
         return self._table(S.GROUP_SNAPSHOTS, columns, row_dim="snapshot")
 
     def factors(self, module: int | str, snapshot: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Top-k singular vectors (U (out, k), V (in, k)) of a module's update at a snapshot, or None when the
         run stored none. Columns past the vectors actually stored are NaN."""
-        group = self._file.get(S.GROUP_FACTORS)
+        return self._factors(S.GROUP_FACTORS, module, snapshot)
+
+    def grad_factors(self, module: int | str, snapshot: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Top-k singular vectors (U (out, k), V (in, k)) of a module's gradient at a snapshot step, or None when
+        the run stored none (recorded with ``grad_sv=True`` and ``factors_k > 0``). NaN where not stored (a matrix
+        without a gradient at that step, columns past the vectors stored)."""
+        return self._factors(S.GROUP_GRAD_FACTORS, module, snapshot)
+
+    def _factors(self, name: str, module: int | str, snapshot: int) -> tuple[np.ndarray, np.ndarray] | None:
+        group = self._file.get(name)
         if group is None:
             return None
         key = S.module_key(self._module_index(module))
@@ -298,7 +318,8 @@ class Run:
                else np.full((n,) if c.layout == S.ROW else (n, n_mod), c.fill, dtype=c.numpy_dtype)
                for c in columns}  # an optional column absent
         check_values(group, raw, self.path)
-        dims = {S.ROW: (row_dim,), S.ROW_MODULE: (row_dim, "module"), S.ROW_MODULE_SV: (row_dim, "module", "sv_index")}
+        dims = {S.ROW: (row_dim,), S.ROW_MODULE: (row_dim, "module"), S.ROW_MODULE_SV: (row_dim, "module", "sv_index"),
+                S.ROW_MODULE_INTRUDER: (row_dim, "module", "intruder")}
         index = S.INDEX if row_dim == "step" else "step"
         coords: dict[str, Any] = {
             index: ((row_dim,), raw[S.INDEX]),

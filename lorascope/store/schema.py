@@ -67,6 +67,7 @@ GROUP_CONFIG = "config"
 GROUP_STEPS = "steps"
 GROUP_SNAPSHOTS = "snapshots"
 GROUP_FACTORS = "snapshots/factors"
+GROUP_GRAD_FACTORS = "snapshots/grad_factors"  # the gradient's top-k singular vectors (grad_sv and factors_k)
 GROUP_DELTAS = "snapshots/deltas"
 GROUP_MISSING = "snapshots_missing"
 
@@ -76,6 +77,7 @@ INDEX = "step"
 ROW = "row"
 ROW_MODULE = "row_module"
 ROW_MODULE_SV = "row_module_sv"
+ROW_MODULE_INTRUDER = "row_module_intruder"  # per (row, module, one of the weight's top intruder_k directions)
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,17 @@ GRAD_SV_COLUMNS = (
     Column("grad_sv_count", "int32", ROW_MODULE, 0, "", "number of gradient singular values stored"),
 )
 
+# Present only when the recorder was asked for intruder dimensions (intruder_k > 0; Shuttleworth et al. 2024,
+# Def. 3.1): the top intruder_k left singular vectors y_j of the weight W_t = W_0 + Delta, each compared with every
+# left singular vector x_i of the starting weight W_0.
+INTRUDER_COLUMNS = (
+    Column("intruder_cos", "float32", ROW_MODULE_INTRUDER, np.nan, "",
+           "max_i |cos(y_j, x_i)| over every left singular vector x_i of W_0, for the j-th left singular vector "
+           "y_j of W_t (descending singular value); in [0, 1], small: an intruder dimension; NaN: not computed"),
+    Column("weight_sv", "float32", ROW_MODULE_INTRUDER, np.nan, "weight units",
+           "singular value of W_t for y_j, descending; NaN: not computed"),
+)
+
 # Snapshots the schedule asked for that are missing or incomplete, one row each, with the reason (an optional
 # group: files written before it lack it and read as "none missing"). Fixed-width text (SWMR appends it in place).
 MISSING_REASON_BYTES = 240
@@ -194,6 +207,7 @@ DELTA_DTYPES = ("float16", "float32")
 ATTR_SV_CAPACITY = "sv_capacity"  # length of the sv axis
 ATTR_FACTORS_K = "factors_k"  # 0 when no singular vectors are stored
 ATTR_DELTA_DTYPE = "delta_dtype"  # "" when no full deltas are stored
+ATTR_INTRUDER_K = "intruder_k"  # length of the intruder axis; 0 or absent (files before it) when not recorded
 
 
 def module_key(index: int) -> str:
@@ -201,12 +215,12 @@ def module_key(index: int) -> str:
     return f"{index:06d}"
 
 
-def columns_of(group: str, *, grad_sv: bool = False) -> tuple[Column, ...]:
-    """The columns of a table group, including the optional gradient-spectrum columns when present."""
+def columns_of(group: str, *, grad_sv: bool = False, intruder: bool = False) -> tuple[Column, ...]:
+    """The columns of a table group, including the optional gradient-spectrum and intruder columns when present."""
     if group == GROUP_STEPS:
         return STEP_COLUMNS
     if group == GROUP_SNAPSHOTS:
-        return SNAPSHOT_COLUMNS + (GRAD_SV_COLUMNS if grad_sv else ())
+        return SNAPSHOT_COLUMNS + (GRAD_SV_COLUMNS if grad_sv else ()) + (INTRUDER_COLUMNS if intruder else ())
     if group == GROUP_MODULES:
         return MODULE_COLUMNS
     if group == GROUP_COVERAGE:

@@ -10,7 +10,8 @@ reader refuses, repairs and flags"):
   a missing required group, dataset or attribute, a dataset of the wrong dtype kind (integer, float, bool,
   string) or number of axes, a module axis that is not the modules table, a singular-value axis that is not
   ``sv_capacity``, a column shorter than its table's index, a step index that decreases, a negative or
-  over-capacity ``sv_count``, a negative size, energy, squared norm or singular value.
+  over-capacity ``sv_count``, a negative size, energy, squared norm or singular value, an ``intruder_cos`` outside
+  [0, 1 + 1e-5] (NaN allowed), intruder columns without a positive ``intruder_k`` (or the reverse).
 - **Repaired**: rows a killed writer wrote past the index (uncommitted) are not read; an optional column a file
   lacks reads as its fill value.
 - **Flagged** (kept, listed in :attr:`Run.flags <lorascope.store.reader.Run.flags>` and by ``lorascope info``):
@@ -41,8 +42,11 @@ __all__ = ["check_all_values", "check_config_section", "check_file", "check_head
 _NDIM = {S.ROW: 1, S.ROW_MODULE: 2, S.ROW_MODULE_SV: 3}
 _KIND_WORDS = {"str": "strings", "bool": "booleans", "i": "integers", "f": "floats"}
 _NON_NEGATIVE = frozenset({"sv", "grad_sv", "grad_sq_norm", "grad_sq_norm_other", "gns_sq_norm_small",
-                           "gns_sq_norm_big"})
+                           "gns_sq_norm_big", "weight_sv"})
 """Columns whose values cannot be negative: singular values and squared norms (NaN and +Inf are data)."""
+_COSINE_MAX = 1.0 + 1e-5  # a largest |cosine| between unit vectors, with float32 rounding
+_COSINES = frozenset({"intruder_cos"})
+"""Columns of absolute cosines: in [0, 1] (up to rounding) or NaN (not computed)."""
 _BLOCK_ELEMENTS = 1 << 24  # elements per block when lorascope info checks every value
 
 
@@ -130,13 +134,15 @@ def check_file(f: h5py.File, path: Path, *, complete: bool) -> tuple[str, ...]:
     grad_sv = [name in snaps for name in ("grad_sv", "grad_sv_count")]
     if any(grad_sv) and not all(grad_sv):
         raise fail(f"'{S.GROUP_SNAPSHOTS}/grad_sv' and 'grad_sv_count' must both be present or both absent")
+    intruder_k = _check_intruder_presence(snaps, fail)
 
-    trailing = {S.ROW: (), S.ROW_MODULE: (n_mod,), S.ROW_MODULE_SV: (n_mod, capacity)}
+    trailing = {S.ROW: (), S.ROW_MODULE: (n_mod,), S.ROW_MODULE_SV: (n_mod, capacity),
+                S.ROW_MODULE_INTRUDER: (n_mod, intruder_k)}
     rows = {}
     for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
         n = rows[group] = _check_index(f, group, fail, flags)
         longest = n
-        for column in S.columns_of(group, grad_sv=all(grad_sv)):
+        for column in S.columns_of(group, grad_sv=all(grad_sv), intruder=intruder_k > 0):
             name = f"{group}/{column.name}"
             if not column.required and name not in f:
                 continue  # repaired: reads as all fill
@@ -166,8 +172,20 @@ def check_file(f: h5py.File, path: Path, *, complete: bool) -> tuple[str, ...]:
     if unknown.any():
         flags.append(f"'{S.GROUP_SNAPSHOTS}/energy' is NaN at {int(unknown.sum())} module-snapshot(s) without a "
                      "non-finite update: not measured there; read as no spectrum")
+    if intruder_k:  # small: (snapshots, modules, intruder_k)
+        check_values(S.GROUP_SNAPSHOTS, {name: snaps[name][:n] for name in ("intruder_cos", "weight_sv")}, path)
     _check_payloads(f, shapes, factors_k, delta_dtype, n, complete, fail)
     return tuple(flags)
+
+
+def _check_intruder_presence(snaps: h5py.Group, fail: Callable[[str], Exception]) -> int:
+    """The snapshots' ``intruder_k`` (0 when absent: a file before it) and its columns, present exactly when > 0."""
+    intruder_k = _int_attr(snaps, S.ATTR_INTRUDER_K, fail) if S.ATTR_INTRUDER_K in snaps.attrs else 0
+    for column in S.INTRUDER_COLUMNS:
+        if (column.name in snaps) != (intruder_k > 0):
+            raise fail(f"'{S.GROUP_SNAPSHOTS}/{column.name}' must be present exactly when the snapshots' attribute "
+                       f"'{S.ATTR_INTRUDER_K}' is > 0 (it is {intruder_k})")
+    return intruder_k
 
 
 def check_config_section(name: str, value: Any, path: Path) -> None:
@@ -196,13 +214,18 @@ def check_values(group: str, raw: Mapping[str, np.ndarray], path: Path) -> None:
     for name, values in raw.items():
         if name in _NON_NEGATIVE and values.size and (values < 0).any():
             raise fail(f"'{group}/{name}' must be >= 0; got {float(np.nanmin(values))}")
+        if name in _COSINES and values.size:
+            bad = ~np.isnan(values) & ~((values >= 0) & (values <= _COSINE_MAX))
+            if bad.any():
+                raise fail(f"'{group}/{name}' must be an absolute cosine in [0, 1] or NaN; got "
+                           f"{float(values[bad].flat[0])}")
 
 
 def check_all_values(f: h5py.File, rows: Mapping[str, int], path: Path) -> None:
     """:func:`check_values` over every committed row of both tables, read block by block (``lorascope info``)."""
     for group, n in rows.items():
         table = f[group]
-        for name in sorted(_NON_NEGATIVE & set(table)):
+        for name in sorted((_NON_NEGATIVE | _COSINES) & set(table)):
             ds = table[name]
             per_row = max(1, int(np.prod(ds.shape[1:])))
             step = max(1, _BLOCK_ELEMENTS // per_row)
@@ -240,7 +263,8 @@ def _check_kind(ds: h5py.Dataset, name: str, dtype: str, fail: Callable[[str], E
 
 def _axis_words(layout: str) -> str:
     return {S.ROW: "", S.ROW_MODULE: ": axis 1 is the modules table",
-            S.ROW_MODULE_SV: ": axis 1 is the modules table, axis 2 the snapshots' sv_capacity"}[layout]
+            S.ROW_MODULE_SV: ": axis 1 is the modules table, axis 2 the snapshots' sv_capacity",
+            S.ROW_MODULE_INTRUDER: ": axis 1 is the modules table, axis 2 the snapshots' intruder_k"}[layout]
 
 
 def _check_static(f: h5py.File, group: str, columns: tuple[S.Column, ...], fail: Callable[[str], Exception]
@@ -304,9 +328,13 @@ def _check_payloads(f: h5py.File, shapes: np.ndarray, factors_k: int, delta_dtyp
     """The optional per-module datasets: present when the snapshots' attributes say so, each (rows, ...) of its
     matrix's shape, never more rows than a complete file has snapshots."""
     wanted: list[tuple[str, Callable[[int, int], tuple[int, int]]]] = []
-    if factors_k:
-        wanted += [(f"{S.GROUP_FACTORS}/{S.FACTOR_U}", lambda o, i: (o, factors_k)),
-                   (f"{S.GROUP_FACTORS}/{S.FACTOR_V}", lambda o, i: (i, factors_k))]
+    # The gradient's vectors are checked when present (files before them, or without grad_sv, lack them).
+    for group in (S.GROUP_FACTORS, S.GROUP_GRAD_FACTORS) if factors_k else ():
+        if group == S.GROUP_FACTORS or group in f:
+            wanted += [(f"{group}/{S.FACTOR_U}", lambda o, i: (o, factors_k)),
+                       (f"{group}/{S.FACTOR_V}", lambda o, i: (i, factors_k))]
+    if not factors_k and S.GROUP_GRAD_FACTORS in f:
+        raise fail(f"'{S.GROUP_GRAD_FACTORS}' is present but the snapshots' attribute '{S.ATTR_FACTORS_K}' is 0")
     if delta_dtype:
         wanted.append((S.GROUP_DELTAS, lambda o, i: (o, i)))
     for group, shape_of in wanted:

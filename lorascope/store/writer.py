@@ -98,6 +98,9 @@ class RunWriter:
         Store the top ``factors_k`` singular vectors of each update (0: none).
     delta_dtype
         Store the full update of each module at each snapshot in this dtype ("float16" or "float32").
+    intruder_k
+        Store the intruder columns (``intruder_cos``, ``weight_sv``) for the top ``intruder_k`` singular vectors of
+        each weight (0: none).
     overwrite
         Replace an existing file.
     """
@@ -115,6 +118,7 @@ class RunWriter:
         grad_sv: bool = False,
         factors_k: int = 0,
         delta_dtype: str | None = None,
+        intruder_k: int = 0,
         overwrite: bool = False,
     ) -> None:
         self.path = check_writable(path, overwrite=overwrite)
@@ -133,10 +137,13 @@ class RunWriter:
             raise ValueError(f"sv_capacity must be >= 0. Got {sv_capacity} instead.")
         if factors_k < 0:
             raise ValueError(f"factors_k must be >= 0. Got {factors_k} instead.")
+        if intruder_k < 0:
+            raise ValueError(f"intruder_k must be >= 0. Got {intruder_k} instead.")
         if delta_dtype is not None and delta_dtype not in S.DELTA_DTYPES:
             raise ValueError(f"delta_dtype must be one of {S.DELTA_DTYPES} or None. Got {delta_dtype!r} instead.")
         self.grad_sv = bool(grad_sv)
         self.factors_k = int(factors_k)
+        self.intruder_k = int(intruder_k)
         self.delta_dtype = delta_dtype
         self._file: h5py.File | None = None
         self._n_steps = 0
@@ -174,11 +181,11 @@ class RunWriter:
             for key, section in self._config.items():
                 config.attrs[key] = json.dumps(section, default=_json_default, sort_keys=True)
             self._create_table(f, S.GROUP_STEPS, S.columns_of(S.GROUP_STEPS), rows_per_chunk=512)
-            snaps = self._create_table(f, S.GROUP_SNAPSHOTS, S.columns_of(S.GROUP_SNAPSHOTS, grad_sv=self.grad_sv),
-                                       rows_per_chunk=1)
+            snaps = self._create_table(f, S.GROUP_SNAPSHOTS, self._snapshot_columns(), rows_per_chunk=1)
             snaps.attrs[S.ATTR_SV_CAPACITY] = np.int64(self.sv_capacity)
             snaps.attrs[S.ATTR_FACTORS_K] = np.int64(self.factors_k)
             snaps.attrs[S.ATTR_DELTA_DTYPE] = self.delta_dtype or ""
+            snaps.attrs[S.ATTR_INTRUDER_K] = np.int64(self.intruder_k)
             self._create_per_module(f)
             self._create_table(f, S.GROUP_MISSING, S.MISSING_COLUMNS, rows_per_chunk=16)
             self._n_missing = 0
@@ -210,6 +217,7 @@ class RunWriter:
             self.factors_k = int(snaps.attrs[S.ATTR_FACTORS_K])
             self.delta_dtype = str(snaps.attrs[S.ATTR_DELTA_DTYPE]) or None
             self.grad_sv = "grad_sv" in snaps
+            self.intruder_k = int(snaps.attrs.get(S.ATTR_INTRUDER_K, 0))
             self._n_steps = _truncate_after(f[S.GROUP_STEPS], after_step)
             self._n_snapshots = _truncate_after(snaps, after_step)
             if S.GROUP_MISSING in f:
@@ -324,14 +332,19 @@ class RunWriter:
             values["grad_sv"], values["grad_sv_count"] = self._pad_spectra(grad_sv)
         elif grad_sv is not None:
             raise ValueError("grad_sv given but the file was opened without grad_sv=True")
+        self._intruder_values(snapshot, values)
         row = self._n_snapshots
         # Per-module payloads go first, the table (index last) after: a reader never sees a row without them.
         if snapshot.factors:
-            self._append_factors(f, snapshot.factors, row)
+            self._append_factors(f, S.GROUP_FACTORS, snapshot.factors, row)
+        if snapshot.grad_factors:
+            if not (self.grad_sv and self.factors_k):
+                raise ValueError("grad_factors given but the file was opened without grad_sv=True and factors_k > 0")
+            if S.GROUP_GRAD_FACTORS in f:  # absent: a file written before it existed, continued by a resumed run
+                self._append_factors(f, S.GROUP_GRAD_FACTORS, snapshot.grad_factors, row)
         if snapshot.deltas:
             self._append_deltas(f, snapshot.deltas, row)
-        columns = S.columns_of(S.GROUP_SNAPSHOTS, grad_sv=self.grad_sv)
-        self._append(f[S.GROUP_SNAPSHOTS], columns, values, row, 1)
+        self._append(f[S.GROUP_SNAPSHOTS], self._snapshot_columns(), values, row, 1)
         self._n_snapshots += 1
 
     def append_missing(self, step: int, reason: str) -> None:
@@ -359,18 +372,37 @@ class RunWriter:
             raise ValueError(f"column {column.name!r} must have shape {shape}. Got {arr.shape} instead.")
         return arr.reshape(shape)
 
-    def _pad_spectra(self, spectra: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
-        padded = np.full((1, self.n_modules, self.sv_capacity), np.nan, dtype=np.float32)
+    def _snapshot_columns(self) -> tuple[S.Column, ...]:
+        return S.columns_of(S.GROUP_SNAPSHOTS, grad_sv=self.grad_sv, intruder=self.intruder_k > 0)
+
+    def _pad_spectra(self, spectra: Sequence[np.ndarray | None], capacity: int | None = None,
+                     what: str = "singular values") -> tuple[np.ndarray, np.ndarray]:
+        capacity = self.sv_capacity if capacity is None else capacity
+        padded = np.full((1, self.n_modules, capacity), np.nan, dtype=np.float32)
         counts = np.zeros((1, self.n_modules), dtype=np.int32)
         for i, s in enumerate(spectra):
             if s is None:
                 continue
             s = np.asarray(s, dtype=np.float32).reshape(-1)
-            if s.shape[0] > self.sv_capacity:
-                raise ValueError(f"module {i}: {s.shape[0]} singular values exceed sv_capacity {self.sv_capacity}")
+            if s.shape[0] > capacity:
+                raise ValueError(f"module {i}: {s.shape[0]} {what} exceed its capacity {capacity}")
             padded[0, i, : s.shape[0]] = s
             counts[0, i] = s.shape[0]
         return padded, counts
+
+    def _intruder_values(self, snapshot: Snapshot, values: dict[str, np.ndarray]) -> None:
+        """The intruder columns of one snapshot row, NaN-padded to ``intruder_k`` (NaN where not computed)."""
+        given = {"intruder_cos": snapshot.intruder_cos, "weight_sv": snapshot.weight_sv}
+        if not self.intruder_k:
+            if any(v is not None for v in given.values()):
+                raise ValueError("intruder_cos / weight_sv given but the file was opened with intruder_k=0")
+            return
+        for name, entries in given.items():
+            entries = [None] * self.n_modules if entries is None else list(entries)
+            if len(entries) != self.n_modules:
+                raise ValueError(f"{name} must have one entry per module ({self.n_modules}). "
+                                 f"Got {len(entries)} instead.")
+            values[name] = self._pad_spectra(entries, self.intruder_k, f"{name} values")[0]
 
     def _append(self, group: h5py.Group, columns: Sequence[S.Column], values: Mapping[str, np.ndarray],
                 start: int, n: int) -> None:
@@ -383,7 +415,8 @@ class RunWriter:
             ds[start:start + n] = values[column.name]
             ds.flush()
 
-    def _append_factors(self, f: h5py.File, factors: Mapping[int, tuple[np.ndarray, np.ndarray]], row: int) -> None:
+    def _append_factors(self, f: h5py.File, group: str, factors: Mapping[int, tuple[np.ndarray, np.ndarray]],
+                        row: int) -> None:
         if not self.factors_k:
             raise ValueError("factors given but the file was opened with factors_k=0")
         for i, (u, v) in factors.items():
@@ -394,7 +427,7 @@ class RunWriter:
                                      f"Got {mat.shape} instead.")
                 padded = np.full((dim, self.factors_k), np.nan, dtype=np.float32)
                 padded[:, : mat.shape[1]] = mat
-                ds = f[S.GROUP_FACTORS][name][S.module_key(i)]
+                ds = f[group][name][S.module_key(i)]
                 ds.resize(row + 1, axis=0)
                 ds[row] = padded
                 ds.flush()
@@ -425,6 +458,7 @@ class RunWriter:
                 S.ROW: (),
                 S.ROW_MODULE: (self.n_modules,),
                 S.ROW_MODULE_SV: (self.n_modules, self.sv_capacity),
+                S.ROW_MODULE_INTRUDER: (self.n_modules, self.intruder_k),
             }[column.layout]
             group.create_dataset(
                 column.name,
@@ -439,8 +473,10 @@ class RunWriter:
         return group
 
     def _create_per_module(self, f: h5py.File) -> None:
-        if self.factors_k:
-            factors = f.create_group(S.GROUP_FACTORS)
+        # The gradient's vectors when both its spectrum and the update's vectors are asked for.
+        groups = [S.GROUP_FACTORS, S.GROUP_GRAD_FACTORS] if self.grad_sv else [S.GROUP_FACTORS]
+        for group in groups if self.factors_k else ():
+            factors = f.create_group(group)
             for name, axis in ((S.FACTOR_U, 0), (S.FACTOR_V, 1)):
                 sub = factors.create_group(name)
                 for i, shape in enumerate(self._shapes):

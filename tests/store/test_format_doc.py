@@ -22,9 +22,10 @@ TABLES = {
     S.GROUP_MODULES: (S.MODULE_COLUMNS, "M"),
     S.GROUP_COVERAGE: (S.COVERAGE_COLUMNS, "P"),
     S.GROUP_STEPS: (S.STEP_COLUMNS, "n"),
-    S.GROUP_SNAPSHOTS: (S.SNAPSHOT_COLUMNS + S.GRAD_SV_COLUMNS, "n"),
+    S.GROUP_SNAPSHOTS: (S.SNAPSHOT_COLUMNS + S.GRAD_SV_COLUMNS + S.INTRUDER_COLUMNS, "n"),
 }
-SHAPES = {S.ROW: "({rows},)", S.ROW_MODULE: "({rows}, M)", S.ROW_MODULE_SV: "({rows}, M, K)"}
+SHAPES = {S.ROW: "({rows},)", S.ROW_MODULE: "({rows}, M)", S.ROW_MODULE_SV: "({rows}, M, K)",
+          S.ROW_MODULE_INTRUDER: "({rows}, M, I)"}
 
 
 def section(group: str) -> str:
@@ -68,9 +69,10 @@ def fill_text(fill: object) -> str:
 
 def all_names() -> list[str]:
     names = [S.FORMAT_NAME, *S.ROOT_ATTRS, S.ATTR_FINISHED, *S.STATUSES, S.INDEX, *S.DELTA_DTYPES,
-             S.ATTR_SV_CAPACITY, S.ATTR_FACTORS_K, S.ATTR_DELTA_DTYPE, S.module_key(0),
+             S.ATTR_SV_CAPACITY, S.ATTR_FACTORS_K, S.ATTR_DELTA_DTYPE, S.ATTR_INTRUDER_K, S.module_key(0),
              S.GROUP_MODULES, S.GROUP_COVERAGE, S.GROUP_CONFIG, S.GROUP_STEPS, S.GROUP_SNAPSHOTS,
-             S.GROUP_FACTORS, S.GROUP_DELTAS, f"{S.GROUP_FACTORS}/{S.FACTOR_U}/", f"{S.GROUP_FACTORS}/{S.FACTOR_V}/"]
+             S.GROUP_FACTORS, S.GROUP_DELTAS, f"{S.GROUP_FACTORS}/{S.FACTOR_U}/", f"{S.GROUP_FACTORS}/{S.FACTOR_V}/",
+             f"{S.GROUP_GRAD_FACTORS}/{S.FACTOR_U}/", f"{S.GROUP_GRAD_FACTORS}/{S.FACTOR_V}/"]
     for columns, _ in TABLES.values():
         names += [c.name for c in columns]
     return names
@@ -109,7 +111,7 @@ def test_root_attributes_status_values_and_snapshot_attributes_are_tables():
     assert f"`{S.FORMAT_NAME}`" in attributes[S.ATTR_FORMAT][2]
     assert set(table_rows(root, ("status", "meaning"))) == set(S.STATUSES)
     snapshot_attributes = table_rows(section(S.GROUP_SNAPSHOTS), ("attribute", "type", "meaning"))
-    assert set(snapshot_attributes) == {S.ATTR_SV_CAPACITY, S.ATTR_FACTORS_K, S.ATTR_DELTA_DTYPE}
+    assert set(snapshot_attributes) == {S.ATTR_SV_CAPACITY, S.ATTR_FACTORS_K, S.ATTR_DELTA_DTYPE, S.ATTR_INTRUDER_K}
 
 
 def section_by_title(title: str) -> str:
