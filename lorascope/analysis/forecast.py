@@ -22,6 +22,7 @@ linear rule forecasts too early a falloff on it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +33,26 @@ from lorascope.analysis.layers import TARGET_SETS
 from lorascope.analysis.recipe import RecipeInformation, bits_for_plan
 from lorascope.errors import InvalidOptionError
 
-__all__ = ["Forecast", "Matrix", "TargetForecast", "forecast", "lora_parameters_of"]
+__all__ = ["ACTIVE_EXPERT_KEYS", "Forecast", "Matrix", "TargetForecast", "active_experts", "forecast",
+           "lora_parameters_of", "matrices_of"]
+
+ACTIVE_EXPERT_KEYS = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", "top_k")
 
 
+def active_experts(config: Mapping[str, Any] | None) -> int | None:
+    """Experts routed per token, from a model config (a dict; a multimodal config's ``text_config`` first).
+
+    >>> active_experts({"text_config": {"num_experts_per_tok": 2}}), active_experts({"hidden_size": 8})
+    (2, None)
+    """
+    if not config:
+        return None
+    for section in (config.get("text_config") or {}, config):
+        for key in ACTIVE_EXPERT_KEYS:
+            value = section.get(key)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+                return int(value)
+    return None
 
 @dataclass(frozen=True)
 class Matrix:
@@ -46,6 +64,21 @@ class Matrix:
     in_features: int
     adapter: str
     expert: int = -1
+
+
+def matrices_of(modules: Mapping[str, Sequence[Any]]) -> list[Matrix]:
+    """The recorded matrices as a LoRA would adapt them, from a run's modules table (a DataFrame, or any mapping
+    of its columns ``kind``, ``out_features``, ``in_features``, ``module``, ``parameter``, ``expert``); the gate
+    and up halves of a fused tensor share an adapter (one per expert).
+
+    >>> matrices_of({"kind": ["mlp"], "out_features": [16], "in_features": [8], "module": ["up"],
+    ...              "parameter": ["weight"], "expert": [-1]})
+    [Matrix(kind='mlp', out_features=16, in_features=8, adapter='up.weight[-1]', expert=-1)]
+    """
+    return [Matrix(str(kind), int(out), int(inp), f"{module}.{parameter}[{expert}]", int(expert))
+            for kind, out, inp, module, parameter, expert in zip(
+                modules["kind"], modules["out_features"], modules["in_features"], modules["module"],
+                modules["parameter"], modules["expert"])]
 
 
 def lora_parameters_of(matrices: Sequence[Matrix], kinds: Sequence[str], rank: int,

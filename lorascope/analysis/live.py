@@ -6,25 +6,39 @@ energy share come from :func:`lorascope.analysis.metrics.update_metrics` and
 :func:`~lorascope.analysis.metrics.aggregate` (energy-weighted exactly as in ``lorascope analyze``); the gradient
 noise scale is the ratio of the bias-corrected EMAs of :func:`lorascope.analysis.noise.unbiased_estimates`,
 updated step by step (:class:`NoiseScaleEMA`), as :func:`lorascope.analysis.noise.noise_scale` computes it
-over a whole run. Pure: arrays in, a ``{name: float}`` out; the recorder decides where they go.
+over a whole run; the share of each candidate rank's capacity used so far (:func:`capacity_scalars`) is the bits
+:func:`lorascope.analysis.forecast.forecast` reads from the steps so far, over the capacity it gives that rank.
+Pure: arrays in, a ``{name: float}`` out; the recorder decides where they go.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
+from lorascope.analysis.capacity import CapacityConstant
+from lorascope.analysis.forecast import Matrix, active_experts, lora_parameters_of, matrices_of
+from lorascope.analysis.information import recorded_dataset_examples
+from lorascope.analysis.layers import TARGET_SETS
 from lorascope.analysis.metrics import DEFAULT_RANKS, aggregate, update_metrics
 from lorascope.analysis.noise import DEFAULT_SMOOTHING, unbiased_estimates
+from lorascope.analysis.recipe import bits_for_plan, information_as_run
+from lorascope.errors import InvalidOptionError
 
-__all__ = ["PREFIX", "NoiseScaleEMA", "group_norms", "live_ranks", "metric_name", "noise_scale_scalars",
+__all__ = ["CAPACITY", "CAPACITY_TARGET", "PREFIX", "CapacityInputs", "NoiseScaleEMA", "capacity_constant",
+           "capacity_inputs", "capacity_scalars", "group_norms", "live_ranks", "metric_name", "noise_scale_scalars",
            "snapshot_scalars"]
 
 PREFIX = "lorascope"
 ALL = "all"  # the group of every recorded matrix
+CAPACITY = "capacity"  # the group of the capacity share: lorascope/capacity/share_r<r>, lorascope/capacity/bits
+CAPACITY_TARGET = "all-linear"
+"""The LoRA target set whose capacity the live share is of: every recorded matrix a LoRA adapts
+(:data:`lorascope.analysis.layers.TARGET_SETS`), the first row set of analyze's forecast."""
 
 
 def metric_name(kind: str, metric: str) -> str:
@@ -183,4 +197,119 @@ def noise_scale_scalars(ema: NoiseScaleEMA, batch_examples: float | None) -> dic
     b_noise = out.get(metric_name(ALL, "noise_scale"))
     if b_noise is not None and b_noise > 0 and batch_examples is not None and batch_examples > 0:
         out[metric_name(ALL, "batch_over_noise_scale")] = float(batch_examples) / b_noise
+    return out
+
+
+def capacity_constant(calibration: Any = None) -> CapacityConstant:
+    """The bits per LoRA parameter the live capacity share divides by: lorascope's default constant, a given
+    :class:`~lorascope.analysis.capacity.CapacityConstant`, or a calibration of this architecture
+    (:func:`lorascope.load_calibration`; its :math:`\\kappa(P)`, as analyze and recommend use it).
+
+    Raises
+    ------
+    InvalidOptionError
+        Anything else (a path: load it with ``lorascope.load_calibration(path)`` first), or a calibration in
+        which no rank learned.
+
+    >>> capacity_constant().bits_per_parameter
+    0.69
+    """
+    if calibration is None:
+        return CapacityConstant.default()
+    if isinstance(calibration, CapacityConstant):
+        return calibration
+    if hasattr(calibration, "points") and hasattr(calibration, "bracket"):
+        return CapacityConstant.from_calibration(calibration)
+    raise InvalidOptionError(f"The 'calibration' parameter of lorascope.record must be a calibration "
+                             f"(lorascope.load_calibration(path)) or a CapacityConstant. Got "
+                             f"{type(calibration).__name__} instead.")
+
+
+@dataclass(frozen=True)
+class CapacityInputs:
+    """What the live capacity share needs besides the steps: the dataset size, the LoRA-adaptable matrices, the
+    experts routed per token, and the constant. ``None`` from :func:`capacity_inputs` says why there is none."""
+
+    dataset_examples: int
+    matrices: tuple[Matrix, ...]
+    active_experts: int | None
+    constant: CapacityConstant
+
+
+def capacity_inputs(config: Mapping[str, Any], modules: Mapping[str, Sequence[Any]],
+                    constant: CapacityConstant) -> CapacityInputs | str:
+    """The inputs of :func:`capacity_scalars` from a run's config and modules table, as analyze's forecast reads
+    them (:mod:`lorascope.workflows.forecast`), or why the run has no capacity share: a LoRA run (its own
+    capacity caps what it absorbs), an RL run (bits per episode), no recorded dataset size, no matrix a LoRA
+    adapts.
+
+    >>> capacity_inputs({"lora": {"r": 8}}, {}, capacity_constant())
+    'a LoRA run'
+    """
+    if config.get("lora"):
+        return "a LoRA run"
+    if config.get("task") == "rl":
+        return "an RL run"
+    examples = recorded_dataset_examples(config)
+    if examples is None:
+        return "no dataset size in the run config (dataset.examples)"
+    matrices = tuple(m for m in matrices_of(modules) if m.kind in TARGET_SETS[CAPACITY_TARGET])
+    if not matrices:
+        return "no recorded matrix a LoRA adapts"
+    return CapacityInputs(examples, matrices, active_experts((config.get("model") or {}).get("config")), constant)
+
+
+def capacity_scalars(steps: xr.Dataset, inputs: CapacityInputs, ranks: Sequence[int]) -> dict[str, float]:
+    """``lorascope/capacity/bits`` and, per candidate rank r, ``lorascope/capacity/share_r<r>``: the bits the
+    run has absorbed so far over the capacity of a rank-r LoRA on :data:`CAPACITY_TARGET`.
+
+    .. math:: \\mathrm{share}(r) = \\frac{F + a(E)\\,N}{\\kappa(P(r))\\,P(r)}
+
+    The bits are those of :func:`~lorascope.analysis.recipe.information_as_run` on the steps so far (the
+    prequential code of the first epoch's second half minus the code under the model now, on loss tokens, at the
+    epochs :math:`E` run so far) through :func:`~lorascope.analysis.recipe.bits_for_plan`, exactly as analyze's
+    forecast reads the finished file; the capacity is the forecast row's (:func:`lorascope.analysis.forecast.forecast`).
+    Nothing (``{}``) before the first epoch is complete (its prequential code is not read yet), when the steps
+    do not give an estimate, or while the bits are below what the run resolves (an upper bound, not a share).
+
+    Parameters
+    ----------
+    steps : xarray.Dataset
+        The steps so far (``loss``, ``batch_examples``, ``batch_tokens``, ``batch_loss_tokens``, ``examples_seen``,
+        optionally ``lr``), as the run file stores them.
+    inputs : CapacityInputs
+    ranks : sequence of int
+
+    Examples
+    --------
+    Eight steps of 8 one-token examples over a dataset of 32, the loss falling from 4 to 1 bit:
+
+    >>> loss = np.repeat([4.0, 4.0, 1.0, 1.0], 2) * np.log(2)
+    >>> steps = xr.Dataset({"loss": ("step", loss), "batch_examples": ("step", np.full(8, 8)),
+    ...                     "batch_tokens": ("step", np.full(8, 8)), "batch_loss_tokens": ("step", np.full(8, 8)),
+    ...                     "examples_seen": ("step", np.arange(1, 9) * 8)})
+    >>> inputs = CapacityInputs(32, (Matrix("mlp", 16, 8, "up"),), None, CapacityConstant(0.5, 2.0, "test"))
+    >>> out = capacity_scalars(steps, inputs, ranks=[1, 2])
+    >>> out["lorascope/capacity/bits"], out["lorascope/capacity/share_r1"], out["lorascope/capacity/share_r2"]
+    (96.0, 8.0, 4.0)
+    >>> capacity_scalars(steps.isel(step=slice(0, 3)), inputs, ranks=[1])  # the first epoch is not over
+    {}
+    """
+    seen = np.asarray(steps["examples_seen"].values, dtype=np.float64)
+    if not seen.size or not np.nanmax(seen) >= inputs.dataset_examples:
+        return {}
+    try:
+        information = information_as_run(steps, dataset_examples=inputs.dataset_examples)
+        bits = bits_for_plan([information])
+    except InvalidOptionError:  # too few steps, no usable loss, nothing absorbed yet
+        return {}
+    if information.below_resolution:
+        return {}
+    absorbed = bits.bits(float(inputs.dataset_examples))
+    out = {metric_name(CAPACITY, "bits"): float(absorbed)}
+    kinds = TARGET_SETS[CAPACITY_TARGET]
+    for rank in ranks:
+        count, _ = lora_parameters_of(inputs.matrices, kinds, int(rank), inputs.active_experts)
+        if count > 0:
+            out[metric_name(CAPACITY, f"share_r{int(rank)}")] = float(absorbed / inputs.constant.capacity_bits(count))
     return out

@@ -27,7 +27,7 @@ def _check_selection(model: nn.Module, options: RecordOptions) -> None:
 
 
 def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None, tracker: Any = None,
-           options: RecordOptions | None = None, **overrides: Any) -> Any:
+           calibration: Any = None, options: RecordOptions | None = None, **overrides: Any) -> Any:
     """Record what training does to each weight matrix into the run file ``path``.
 
     Parameters
@@ -45,6 +45,9 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None, 
         ``SummaryWriter``, a wandb run, an mlflow run (or the ``wandb`` / ``mlflow`` module), or a callable
         ``f(scalars, step)``. ``None`` (default): a Trainer's own logging (``report_to`` / its loggers), nowhere
         in a plain loop; ``False``: nowhere.
+    calibration
+        The live capacity share's bits per LoRA parameter: a calibration of this architecture
+        (:func:`lorascope.load_calibration`) or a ``CapacityConstant``; default: lorascope's constant.
     options
         A reusable :class:`RecordOptions`; keyword arguments override its fields.
     **overrides
@@ -73,6 +76,11 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None, 
     """
     opts = make_options(options, overrides)
     sink = None if tracker is None or tracker is False else tracker_sink(tracker)
+    constant = None
+    if calibration is not None:
+        from lorascope.record.live_metrics import capacity_constant
+
+        constant = capacity_constant(calibration)
     if _is_instance_of(target, ("transformers.",), "Trainer"):
         from lorascope.record.hf import LorascopeCallback
 
@@ -83,7 +91,8 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None, 
             opts = opts.replace(loss_fn=trainer_loss(target))
         from lorascope.record.hf import trainer_log
 
-        callback = LorascopeCallback(path, opts, tracker=None if tracker is False else sink or trainer_log(target))
+        callback = LorascopeCallback(path, opts, tracker=None if tracker is False else sink or trainer_log(target),
+                                     constant=constant)
         # First in line: at train end the recorder closes and publishes its last live metrics before the reporting
         # callbacks close their writers (TensorBoard) or end their runs (MLflow).
         target.callback_handler.callbacks.insert(0, callback)
@@ -91,7 +100,8 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None, 
     if _is_instance_of(target, ("lightning.", "pytorch_lightning."), "Trainer"):
         from lorascope.record.lightning import LorascopeLightningCallback
 
-        callback = LorascopeLightningCallback(path, opts, tracker=False if tracker is False else sink)
+        callback = LorascopeLightningCallback(path, opts, tracker=False if tracker is False else sink,
+                                              constant=constant)
         target.callbacks.append(callback)
         return callback
     if isinstance(target, nn.Module):
@@ -104,7 +114,7 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None, 
         if sink is not None:
             from lorascope.record.live_metrics import LiveMetrics
 
-            recorder.publish_live(LiveMetrics(recorder.refs, sink))
+            recorder.publish_live(LiveMetrics(recorder.refs, sink, constant=constant))
         return recorder.start()
     raise InvalidOptionError(
         f"lorascope.record cannot record a {type(target).__module__}.{type(target).__name__}; expected a "

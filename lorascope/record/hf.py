@@ -44,7 +44,8 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
     the micro-batches of gradient accumulation. The recorder opens at train begin and closes at train end.
     """
 
-    def __init__(self, path: str | os.PathLike[str], options: RecordOptions, *, tracker: Sink | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], options: RecordOptions, *, tracker: Sink | None = None,
+                 constant: Any = None) -> None:
         # Checked now where the file will be written: on rank 0 (another node may not even have the folder).
         overwrite = options.overwrite or options.resume
         self.path = check_writable(path, overwrite=overwrite) if will_write(options.distributed) else Path(path)
@@ -52,6 +53,7 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
         self.recorder: Recorder | None = None
         self._tracker = tracker  # where the live metrics go (trainer_log: the Trainer's own logging), or None
         self._live: LiveMetrics | None = None
+        self._constant = constant  # the live capacity share's bits per LoRA parameter (None: the default)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
@@ -89,7 +91,8 @@ class LorascopeCallback(_Base):  # type: ignore[misc,valid-type]
             from lorascope.record.live_metrics import LiveMetrics
 
             where = "the Trainer's logging (report_to)" if isinstance(self._tracker, _TrainerLog) else "the tracker"
-            self._live = LiveMetrics(recorder.refs, self._tracker, where=where, on_step=False)
+            self._live = LiveMetrics(recorder.refs, self._tracker, where=where, on_step=False,
+                                     constant=self._constant)
             recorder.publish_live(self._live)
         self.recorder = recorder.start(total_steps=state.max_steps or None, resume_after=resume_after,
                                        resumable=resumable)

@@ -35,13 +35,14 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
     """
 
     def __init__(self, path: str | os.PathLike[str], options: RecordOptions, *,
-                 tracker: Sink | bool | None = None) -> None:
+                 tracker: Sink | bool | None = None, constant: Any = None) -> None:
         # Checked now where the file will be written: on rank 0 (another node may not even have the folder).
         self.path = check_writable(path, overwrite=options.overwrite) if will_write(options.distributed) else Path(path)
         self.options = options
         self.recorder: Recorder | None = None
         self._tracker = tracker  # the live metrics' sink; None: the Trainer's loggers; False: nowhere
         self._live: LiveMetrics | None = None
+        self._constant = constant  # the live capacity share's bits per LoRA parameter (None: the default)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         import lightning
@@ -77,7 +78,7 @@ class LorascopeLightningCallback(_Base):  # type: ignore[misc,valid-type]
         if callable(sink):
             from lorascope.record.live_metrics import LiveMetrics
 
-            self._live = LiveMetrics(recorder.refs, sink, where=where, on_step=False)
+            self._live = LiveMetrics(recorder.refs, sink, where=where, on_step=False, constant=self._constant)
             recorder.publish_live(self._live)
         self.recorder = recorder.start(total_steps=int(total) if total and total != float("inf") else None)
 

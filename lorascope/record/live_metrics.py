@@ -1,11 +1,14 @@
 """Live metrics: the recorder's own scalars, published while training where the user already logs.
 
-The recorder hands :class:`LiveMetrics` what it takes anyway: each step row (for the noise-scale inputs) and
-each finished :class:`~lorascope.store.payloads.Snapshot`. A snapshot may arrive from any thread (a spectrum
-computed off the training thread); it is only queued there. The scalars are computed and handed to the sink by
-:meth:`LiveMetrics.publish`, which the recorder (plain loop) or the integration (the HF Trainer's
-``on_step_end``, Lightning's ``on_train_batch_end``) calls on the training thread, since neither the Trainer's
-logging nor Lightning's loggers are thread-safe.
+Everything the scalars come from passes through the run file's writer, on the writer thread: each batch of
+step rows (the noise-scale inputs, the losses and counts the capacity share reads) and each finished
+:class:`~lorascope.store.payloads.Snapshot`. :meth:`LiveMetrics.tap` wraps the
+:class:`~lorascope.store.writer.RunWriter` to see them there, so a single-process run and rank 0 of a
+torch.distributed run (whose rows are the global batch's, docs/distributed.md) publish the same scalars, once,
+and they are computed from the values the file stores. At each snapshot the scalars are computed there and queued;
+:meth:`LiveMetrics.publish` hands them to the sink on the training thread, where the recorder (plain loop) or the
+integration (the HF Trainer's ``on_step_end``, Lightning's ``on_train_batch_end``) calls it, since neither the
+Trainer's logging nor Lightning's loggers are thread-safe.
 
 This is the one module of ``record/`` that imports from ``analysis/`` (docs/design.md): the published numbers
 are analyze's own (:mod:`lorascope.analysis.live`), not a second implementation of them.
@@ -14,32 +17,36 @@ are analyze's own (:mod:`lorascope.analysis.live`), not a second implementation 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import torch
+import numpy as np
+import xarray as xr
 
-from lorascope.analysis.live import NoiseScaleEMA, group_norms, live_ranks, noise_scale_scalars, snapshot_scalars
+from lorascope.analysis.live import (
+    CapacityConstant,
+    CapacityInputs,
+    NoiseScaleEMA,
+    capacity_constant,
+    capacity_inputs,
+    capacity_scalars,
+    group_norms,
+    live_ranks,
+    noise_scale_scalars,
+    snapshot_scalars,
+)
 from lorascope.model.taxonomy import MatrixRef
 from lorascope.record.trackers import GuardedSink, Sink
 from lorascope.store.payloads import Snapshot
 
-HOST_BATCH = 256  # steps of noise-scale inputs kept on the device before one transfer to the host
+__all__ = ["CAPACITY_COLUMNS", "LiveMetrics", "capacity_constant"]
 
-
-class _NoiseInputs(NamedTuple):
-    """One step's noise-scale inputs (the squared norms still on the training device)."""
-
-    step: int
-    b_small: float
-    b_big: float
-    batch: float | None  # the step's examples
-    small: Any
-    big: Any
+CAPACITY_COLUMNS = ("loss", "lr", "batch_examples", "batch_tokens", "batch_loss_tokens", "examples_seen")
+"""The step columns the capacity share reads (kept on the host, one float64 each per step)."""
 
 
 class LiveMetrics:
-    """Queue of what the recorder saw since the last publication, turned into scalars on :meth:`publish`.
+    """Scalars of each snapshot the run file's writer appends, queued for :meth:`publish`.
 
     Parameters
     ----------
@@ -52,55 +59,78 @@ class LiveMetrics:
     on_step
         The recorder publishes after each optimizer step (a plain loop's tracker); otherwise the integration
         calls :meth:`publish` from its own hooks.
+    constant
+        Bits per LoRA parameter of the capacity share (:func:`capacity_constant`; default: lorascope's).
     """
 
     def __init__(self, refs: Sequence[MatrixRef], sink: Sink, *, where: str = "the tracker",
-                 on_step: bool = True) -> None:
+                 on_step: bool = True, constant: CapacityConstant | None = None) -> None:
         self._kinds = [ref.kind for ref in refs]
         self._shapes = ([ref.out_features for ref in refs], [ref.in_features for ref in refs])
+        self._modules = {"kind": self._kinds, "out_features": self._shapes[0], "in_features": self._shapes[1],
+                         "module": [ref.module for ref in refs], "parameter": [ref.parameter for ref in refs],
+                         "expert": [ref.expert for ref in refs]}
         self._ranks = live_ranks(*self._shapes)
+        self._constant = constant or capacity_constant()
         self.sink = GuardedSink(sink, where)
         self.on_step_publishes = on_step
         self._lock = threading.Lock()
         self._ready: list[tuple[int, dict[str, float]]] = []  # (snapshot step, its scalars), in step order
         self._error: BaseException | None = None  # a failure computing them on the writer thread
-        self._on_device: list[_NoiseInputs] = []
-        self._on_host: list[tuple[int, float, float, float | None, dict[str, tuple[float, float]]]] = []
+        # Writer thread only, from here on:
+        self._noise_rows: list[tuple[int, float, float, float | None, dict[str, tuple[float, float]]]] = []
         self._ema = NoiseScaleEMA()
         self._batch: float | None = None
+        self._capacity: CapacityInputs | str = "no run config seen"
+        self._steps: dict[str, list[np.ndarray]] = {name: [] for name in ("step", *CAPACITY_COLUMNS)}
 
     # -- what the recorder hands over ------------------------------------------------------------------------
     def on_step(self, row: dict[str, Any]) -> None:
-        """A step row (training thread): keep its noise-scale inputs, on the device (moved to the host in
-        batches of :data:`HOST_BATCH` steps, or at publication)."""
-        small, big = row.get("gns_sq_norm_small"), row.get("gns_sq_norm_big")
-        if small is None or big is None or self.sink.failed:
-            return
-        batch = row.get("batch_examples")
-        self._on_device.append(_NoiseInputs(
-            int(row["step"]), float(row["gns_batch_small"]), float(row["gns_batch_big"]),
-            float(batch) if isinstance(batch, (int, float)) and batch > 0 else None, small, big))
-        if len(self._on_device) >= HOST_BATCH:
-            self._to_host()
+        """The recorder's call after each step (training thread): nothing to do, the row is read where it is
+        written (:meth:`tap`), already on the host, under torch.distributed as well."""
 
-    def on_snapshot(self, snapshot: Snapshot) -> None:
-        """A written snapshot (the writer thread): its scalars are computed here, off the training thread, and
-        queued for the next :meth:`publish`. A failure is kept and reported there; the writer goes on."""
+    def tap(self, writer: Any) -> _TappedWriter:
+        """``writer`` (the run file's :class:`~lorascope.store.writer.RunWriter`), telling this object of every
+        batch of step rows and every snapshot it appends: the one place they all pass, on the writer thread. The
+        capacity share's inputs come from the config the writer stores (the one analyze reads back)."""
+        config = getattr(writer, "_config", None)  # RunWriter keeps the run config it writes; no public accessor
+        if isinstance(config, Mapping):
+            self._capacity = capacity_inputs(config, self._modules, self._constant)
+        return _TappedWriter(writer, self)
+
+    def on_steps(self, columns: Mapping[str, Any]) -> None:
+        """A batch of step rows as the writer appends them (writer thread): keep the noise-scale inputs of the
+        measured steps, summed per group, and the columns the capacity share reads."""
         if self._error is not None or self.sink.failed:
             return
         try:
+            self._keep_steps(columns)
+        except Exception as exc:  # noqa: BLE001 - never into the writer thread
+            self._error = exc
+
+    def on_resume(self) -> None:
+        """The file continues a run resumed from a checkpoint: the steps before it are not seen here, so the
+        capacity share (which reads the first epoch) is off; the noise-scale averages start again."""
+        self._capacity = "a resumed run (the steps before the resume are not seen)"
+
+    def on_snapshot(self, snapshot: Snapshot) -> None:
+        """A written snapshot (writer thread): its scalars, the noise scale and the capacity share as of its step,
+        computed here, off the training thread, and queued for the next :meth:`publish`. A failure is kept and
+        reported there; the writer goes on."""
+        if self._error is not None or self.sink.failed:
+            return
+        try:
+            step = int(snapshot.step)
             scalars = snapshot_scalars(snapshot.energy, snapshot.sv, *self._shapes, self._kinds,
                                        delta_nonfinite=snapshot.delta_nonfinite, ranks=self._ranks)
+            scalars.update(self._noise_scale(until=step))
+            if isinstance(self._capacity, CapacityInputs):
+                scalars.update(capacity_scalars(self._steps_until(step), self._capacity, self._ranks))
         except Exception as exc:  # noqa: BLE001 - never into the writer thread
             self._error = exc
             return
         with self._lock:
-            self._ready.append((int(snapshot.step), scalars))
-
-    def tap(self, writer: Any) -> _TappedWriter:
-        """``writer`` (the run file's :class:`~lorascope.store.writer.RunWriter`), telling this object of every
-        snapshot it appends: the one place every snapshot passes, on the writer thread."""
-        return _TappedWriter(writer, self.on_snapshot)
+            self._ready.append((step, scalars))
 
     @property
     def pending(self) -> bool:
@@ -109,8 +139,7 @@ class LiveMetrics:
 
     # -- publication (training thread) ---------------------------------------------------------------------
     def publish(self) -> None:
-        """Hand the scalars of every snapshot written since the last call to the sink, oldest first, each with
-        the noise scale as of its step."""
+        """Hand the scalars of every snapshot written since the last call to the sink, oldest first."""
         with self._lock:
             ready, self._ready = self._ready, []
         if self._error is not None and not self.sink.failed:
@@ -119,39 +148,68 @@ class LiveMetrics:
         if self.sink.failed:
             return
         for step, scalars in ready:
-            self.sink({**scalars, **self._noise_scale(until=step)}, step)
+            self.sink(scalars, step)
 
-    def _to_host(self) -> None:
-        """Move the kept noise-scale inputs to the host, summed per group (one transfer)."""
-        inputs, self._on_device = self._on_device, []
-        if not inputs:
+    # -- writer thread -------------------------------------------------------------------------------------
+    def _keep_steps(self, columns: Mapping[str, Any]) -> None:
+        index = np.asarray(columns["step"], dtype=np.int64).reshape(-1)
+        n = index.shape[0]
+        if isinstance(self._capacity, CapacityInputs):
+            self._steps["step"].append(index)
+            for name in CAPACITY_COLUMNS:
+                value = columns.get(name)
+                self._steps[name].append(np.full(n, np.nan) if value is None
+                                         else np.asarray(value, dtype=np.float64).reshape(n))
+        small, big = columns.get("gns_sq_norm_small"), columns.get("gns_sq_norm_big")
+        b_small, b_big = columns.get("gns_batch_small"), columns.get("gns_batch_big")
+        if small is None or big is None or b_small is None or b_big is None:
             return
-        small = torch.stack([torch.as_tensor(e.small, dtype=torch.float64) for e in inputs]).cpu().numpy()
-        big = torch.stack([torch.as_tensor(e.big, dtype=torch.float64) for e in inputs]).cpu().numpy()
-        self._on_host.extend((e.step, e.b_small, e.b_big, e.batch, group_norms(small[t], big[t], self._kinds))
-                             for t, e in enumerate(inputs))
+        small, big = np.asarray(small, dtype=np.float64), np.asarray(big, dtype=np.float64)
+        b_small, b_big = np.asarray(b_small, dtype=np.float64), np.asarray(b_big, dtype=np.float64)
+        batch = columns.get("batch_examples")
+        batch = np.full(n, -1.0) if batch is None else np.asarray(batch, dtype=np.float64)
+        # measured as analyze's noise_scale counts a step: finite batch sizes with B_big > B_small
+        for t in np.flatnonzero(np.isfinite(b_small) & np.isfinite(b_big) & (b_big > b_small)):
+            self._noise_rows.append((int(index[t]), float(b_small[t]), float(b_big[t]),
+                                     float(batch[t]) if batch[t] > 0 else None,
+                                     group_norms(small[t], big[t], self._kinds)))
 
     def _noise_scale(self, until: int) -> dict[str, float]:
-        """Fold the steps up to ``until`` into the noise-scale EMAs; the scalars as of then."""
-        self._to_host()
-        done = [entry for entry in self._on_host if entry[0] <= until]
-        self._on_host = self._on_host[len(done):]
+        """Fold the measured steps up to ``until`` into the noise-scale EMAs; the scalars as of then."""
+        done = [row for row in self._noise_rows if row[0] <= until]
+        self._noise_rows = self._noise_rows[len(done):]
         for _, b_small, b_big, batch, norms in done:
             self._ema = self._ema.update(norms, b_small, b_big)
             self._batch = batch
         return noise_scale_scalars(self._ema, self._batch)
 
+    def _steps_until(self, until: int) -> xr.Dataset:
+        """The kept step columns up to step ``until``, as the run file's steps view names them."""
+        columns = {name: np.concatenate(parts) if parts else np.empty(0) for name, parts in self._steps.items()}
+        self._steps = {name: [values] for name, values in columns.items()}  # one array each from now on
+        keep = columns["step"] <= until
+        return xr.Dataset({name: ("step", columns[name][keep]) for name in CAPACITY_COLUMNS},
+                          coords={"step": columns["step"][keep]})
+
 
 class _TappedWriter:
-    """A :class:`~lorascope.store.writer.RunWriter` that, after appending a snapshot, hands it to ``on_snapshot``."""
+    """A :class:`~lorascope.store.writer.RunWriter` that tells :class:`LiveMetrics` what it appends."""
 
-    def __init__(self, writer: Any, on_snapshot: Any) -> None:
+    def __init__(self, writer: Any, live: LiveMetrics) -> None:
         self._writer = writer
-        self._on_snapshot = on_snapshot
+        self._live = live
+
+    def append_steps(self, rows: Mapping[str, Any]) -> None:
+        self._writer.append_steps(rows)
+        self._live.on_steps(rows)
 
     def append_snapshot(self, snapshot: Snapshot) -> None:
         self._writer.append_snapshot(snapshot)
-        self._on_snapshot(snapshot)
+        self._live.on_snapshot(snapshot)
+
+    def reopen(self, after_step: int) -> Any:
+        self._live.on_resume()
+        return self._writer.reopen(after_step)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._writer, name)

@@ -8,41 +8,17 @@ both to :func:`lorascope.analysis.forecast.forecast`. When no forecast can be ma
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import pandas as pd
-
 from lorascope.analysis.capacity import CapacityConstant
-from lorascope.analysis.forecast import Forecast, Matrix, forecast
+from lorascope.analysis.forecast import ACTIVE_EXPERT_KEYS, Forecast, active_experts, forecast, matrices_of
 from lorascope.analysis.information import recorded_dataset_examples
 from lorascope.analysis.recipe import RecipeInformation, information_as_run
 from lorascope.errors import InvalidOptionError
 
-__all__ = ["ACTIVE_EXPERT_KEYS", "active_experts", "forecast_runs", "matrices_of"]
-
-ACTIVE_EXPERT_KEYS = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", "top_k")
-
-
-def active_experts(config: Mapping[str, Any] | None) -> int | None:
-    """Experts routed per token, from a model config (a dict; a multimodal config's ``text_config`` first)."""
-    if not config:
-        return None
-    for section in (config.get("text_config") or {}, config):
-        for key in ACTIVE_EXPERT_KEYS:
-            value = section.get(key)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
-                return int(value)
-    return None
-
-
-def matrices_of(modules: pd.DataFrame) -> list[Matrix]:
-    """The recorded matrices as a LoRA would adapt them; the gate and up halves of a fused tensor share an
-    adapter (one per expert)."""
-    return [Matrix(str(kind), int(out), int(inp), f"{module}.{parameter}[{expert}]", int(expert))
-            for kind, out, inp, module, parameter, expert in zip(
-                modules["kind"], modules["out_features"], modules["in_features"], modules["module"],
-                modules["parameter"], modules["expert"])]
+__all__ = ["ACTIVE_EXPERT_KEYS", "active_experts", "forecast_runs", "matrices_of"]  # the first two and the last:
+# re-exported from lorascope.analysis.forecast, where the live capacity share (analysis/live.py) reads them too
 
 
 def forecast_runs(runs: Sequence[Any], ranks: Sequence[int], *,
