@@ -315,6 +315,7 @@ class Recorder:
         if self._distributed_steps is not None:
             self._close_distributed(self._distributed_steps, status)
             _OPEN_RECORDERS.discard(self)
+            self._publish_live()  # rank 0: the snapshots the writer finished at close, the final one's included
             return
         if self._writer is None:
             return

@@ -1,0 +1,69 @@
+"""Helper of tests/record/test_live_distributed.py (not a test): a DDP run of two CPU processes (gloo) recorded
+with a live tracker on every rank, as tests/record/_distributed_script.py's ``ddp`` mode trains it.
+
+Usage:
+    python -m torch.distributed.run --standalone --nproc_per_node 2 _live_distributed_script.py OUT
+
+Rank 0 writes OUT/live.h5; each rank writes what its tracker was given to OUT/live_rank<r>.json.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from _distributed_script import (
+    CLIP,
+    HANG_SECONDS,
+    LR,
+    PASSES,
+    SNAPSHOTS,
+    STEPS,
+    _init,
+    _shut_down,
+    lm_loss,
+    micro_batches,
+    tiny_lm,
+)
+from torch import nn
+
+import lorascope
+
+
+def main() -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = Path(sys.argv[1])
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)  # never outlive the test as a hung orphan
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rank = _init()
+    published: list[tuple[int, dict[str, float]]] = []
+    model = DistributedDataParallel(tiny_lm())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    with lorascope.record(model, out / "live.h5", optimizer=optimizer, snapshots=SNAPSHOTS, total_steps=STEPS,
+                          tracker=lambda scalars, step: published.append((step, dict(scalars)))) as recorder:
+        for step in range(1, STEPS + 1):
+            mine = micro_batches(step)[rank * PASSES: (rank + 1) * PASSES]
+            for k, ids in enumerate(mine):
+                if k < PASSES - 1:
+                    with model.no_sync():
+                        loss = lm_loss(model, ids)
+                        (loss / PASSES).backward()
+                else:
+                    loss = lm_loss(model, ids)
+                    (loss / PASSES).backward()
+                recorder.log(loss=loss)
+            nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            optimizer.step()
+            optimizer.zero_grad()
+    (out / f"live_rank{rank}.json").write_text(json.dumps(published))
+    _shut_down()
+
+
+if __name__ == "__main__":
+    main()
