@@ -20,6 +20,15 @@ from lorascope.report.contributions import contributions_facts, contributions_he
 from lorascope.report.curves import CURVES_CAVEAT, crossings_sentence
 from lorascope.report.forecast import forecast_facts, forecast_header, forecast_rows
 from lorascope.report.format import MISSING, X_UNITS, count, escape, layer, number, percent
+from lorascope.report.subspace import (
+    intruder_facts,
+    intruder_header,
+    intruder_rows,
+    settle_facts,
+    settle_header,
+    settle_rows,
+    subspace_title,
+)
 from lorascope.workflows.analyze import CURVE_P
 
 __all__ = ["render_html", "headline_sentence"]
@@ -35,6 +44,8 @@ CAPTIONS = {
     "noise_scale": "Gradient noise scale B_simple over training (left) and the steps / examples tradeoff at the "
                    "final estimate with this run's batch size (right).",
     "loss": "Training loss of every run.",
+    "subspace": "Left: median subspace similarity phi of each kind's top-r update subspace to the final one, "
+                "against data (dashed: the settling threshold). Right: intruder dimensions per kind against data.",
 }
 _MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
@@ -125,7 +136,7 @@ def headline_sentence(row: Mapping[str, Any]) -> str:
 def summary_sections(summary: Mapping[str, Any]) -> list[str]:
     """The sections the report page and the notebook card share: forecast, contributions, headline, notes, runs."""
     parts = [*_forecast_section(summary.get("forecast")), *_contributions_section(summary.get("contributions")),
-             *_headline(summary)]
+             *_subspace_section(summary.get("subspace")), *_headline(summary)]
     if summary["notes"]:
         parts += ["<h2>Notes</h2>", _list(summary["notes"])]
     return [*parts, "<h2>Runs</h2>", _runs_table(summary["runs"])]
@@ -141,6 +152,21 @@ def _contributions_section(contributions: Mapping[str, Any] | None) -> list[str]
         out.append(_table(contributions_header(contributions), rows))
     if contributions.get("notes"):
         out.append(_list(contributions["notes"]))
+    return out
+
+
+def _subspace_section(subspace: Mapping[str, Any] | None) -> list[str]:
+    if subspace is None:
+        return []
+    if subspace["dynamics"] is None and subspace["intruders"] is None:  # one line: what to record with
+        return [f'<p id="subspace">Subspaces and intruder dimensions {_e(subspace["missing"])}</p>']
+    out = [f'<h2 id="subspace">{_e(subspace_title())}</h2>', _list(settle_facts(subspace))]
+    rows = settle_rows(subspace)
+    if rows:
+        out.append(_table(settle_header(subspace), rows))
+    facts = intruder_facts(subspace)
+    if facts:
+        out += [_list(facts), _table(intruder_header(subspace), intruder_rows(subspace))]
     return out
 
 

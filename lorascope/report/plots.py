@@ -25,6 +25,7 @@ from lorascope.analysis.curves import FLAT, TOO_FEW
 from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.report.format import layer
 from lorascope.report.style import DPI, WIDTH_IN, X_LABELS, figure_style, palette, plain_log_ticks
+from lorascope.report.subspace_plot import subspace_figure
 from lorascope.workflows.analyze import CURVE_P
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["PLOT_NAMES", "AnalysisFigures", "draw_figure", "make_plots"]
 
 # Every figure make_plots may write, in the order a report shows them.
-PLOT_NAMES = ("energy_rank", "residual", "spectra", "energy_share", "experts", "noise_scale", "loss")
+PLOT_NAMES = ("energy_rank", "residual", "spectra", "energy_share", "experts", "subspace", "noise_scale", "loss")
 
 KIND_ORDER = ("attention", "mlp", "moe_expert", "router", "embedding", "head", "norm", "other")
 REFUSED = {TOO_FEW: "too few points", FLAT: "no significant growth"}
@@ -131,6 +132,10 @@ class AnalysisFigures:
     def experts(self) -> Figure:
         """The share of the update's energy per MoE expert and layer at the final snapshot (a heatmap)."""
         return self._draw("experts")
+
+    def subspace(self) -> Figure:
+        """phi to the final update subspace per kind, and intruder dimensions per kind, against data."""
+        return self._draw("subspace")
 
     def noise_scale(self) -> Figure:
         """The gradient noise scale over training and the steps / examples tradeoff at the final estimate."""
@@ -535,8 +540,9 @@ def _empty(ax: Any, message: str) -> None:
 
 
 _DRAWERS = {"energy_rank": _energy_rank, "residual": _residual, "spectra": _spectra, "energy_share": _energy_share,
-            "experts": _experts, "noise_scale": _noise_scale, "loss": _loss}
+            "experts": _experts, "subspace": subspace_figure, "noise_scale": _noise_scale, "loss": _loss}
 _NEEDS = {"energy_rank": "it needs at least one snapshot", "residual": "it needs at least one snapshot",
           "spectra": "it needs at least one snapshot", "energy_share": "it needs at least one snapshot",
           "experts": "it needs MoE experts among the recorded modules",
+          "subspace": "it needs singular vectors (record with factors_k=8) or intruder cosines (intruder_k=10)",
           "noise_scale": "it needs a noise-scale estimate (two batch sizes per step)", "loss": ""}

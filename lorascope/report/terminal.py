@@ -8,6 +8,15 @@ from lorascope.report.contributions import contributions_facts, contributions_he
 from lorascope.report.curves import CURVES_CAVEAT, crossings_sentence
 from lorascope.report.forecast import forecast_facts, forecast_header, forecast_rows
 from lorascope.report.format import X_UNITS, count, number, percent, table
+from lorascope.report.subspace import (
+    intruder_facts,
+    intruder_header,
+    intruder_rows,
+    settle_facts,
+    settle_header,
+    settle_rows,
+    subspace_title,
+)
 
 __all__ = ["format_summary"]
 
@@ -36,6 +45,20 @@ def _contributions_lines(contributions: dict[str, Any] | None) -> list[str]:
                     contributions_rows(contributions), contributions.get("notes", []))
 
 
+def _subspace_lines(subspace: dict[str, Any] | None) -> list[str]:
+    if subspace is None:
+        return []
+    if subspace["dynamics"] is None and subspace["intruders"] is None:  # one line: what to record with
+        return ["", f"Subspaces and intruder dimensions {subspace['missing']}"]
+    lines = _section(subspace_title() + ":", settle_facts(subspace), settle_header(subspace), settle_rows(subspace),
+                     [])
+    facts = intruder_facts(subspace)
+    if facts:
+        lines += [*(f"  {s}" for s in facts), *(f"  {s}" for s in table(intruder_header(subspace),
+                                                                         intruder_rows(subspace)))]
+    return lines
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """Render :attr:`lorascope.workflows.analyze.Analysis.summary` (``summary.json``) as plain text."""
     lines: list[str] = []
@@ -52,6 +75,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                      "results cover what was written so far.")
     lines += _forecast_lines(summary.get("forecast"))
     lines += _contributions_lines(summary.get("contributions"))
+    lines += _subspace_lines(summary.get("subspace"))
     final = summary["final"]
     if final is None:
         lines.append("No snapshots: no spectral analysis (the loss curve is in the report).")

@@ -31,6 +31,7 @@ from lorascope.store.reader import Run
 from lorascope.workflows.contributions import contributions_of_run
 from lorascope.workflows.forecast import forecast_runs
 from lorascope.workflows.runs import LoadedRun, ModelFacts, RunLike, check_same_model, load_run
+from lorascope.workflows.subspace import Subspace, read_subspace
 
 __all__ = ["Analysis", "RunResult", "analyze", "DEFAULT_CANDIDATE_RANKS"]
 
@@ -114,6 +115,10 @@ class Analysis:
     contributions : Contributions or None
         Per kind (and layer) the share of the held batch's loss reduction, its bits and the rank at which its
         LoRA runs out, at the final snapshot of the final run; ``contributions_missing`` says why when none.
+    subspace : Subspace or None
+        The final run's update subspaces over its snapshots (principal angles, settling, gradient overlap) and
+        its intruder dimensions; ``subspace.missing`` is the one line naming the option for what was not
+        recorded (docs/subspace.md).
     """
 
     runs: list[RunResult]
@@ -126,6 +131,7 @@ class Analysis:
     forecast_missing: str | None = None
     contributions: Contributions | None = None
     contributions_missing: str | None = None
+    subspace: Subspace | None = None
 
     @property
     def incomplete(self) -> bool:
@@ -184,6 +190,7 @@ class Analysis:
             "forecast": self.forecast.to_dict() if self.forecast is not None else {"missing": self.forecast_missing},
             "contributions": self.contributions.to_dict() if self.contributions is not None
             else {"missing": self.contributions_missing},
+            "subspace": None if self.subspace is None else self.subspace.to_dict(),
             "notes": list(self.notes),
             "ranks": list(self.ranks),
             "p": list(self.p),
@@ -270,7 +277,7 @@ def analyze(paths: RunLike | Sequence[RunLike], *,
     ranks = check_ranks(ranks, "analyze")
     p = tuple(sorted({float(v) for v in p} | {CURVE_P}))
     metric_ranks = tuple(sorted(set(ranks) | {1, 2, 4, 8, 16, 32, 64, 128, 256}))
-    runs, first = [], None
+    runs, first, sources = [], None, {}
     for source in progress(paths) if progress else paths:
         loaded = load_run(source)
         facts = ModelFacts.of_run(loaded)
@@ -279,12 +286,16 @@ def analyze(paths: RunLike | Sequence[RunLike], *,
         else:
             check_same_model(first, facts, refusal="cannot share a curve", matrices="same")
         runs.append(_result(loaded, p, metric_ranks))
+        sources[id(runs[-1])] = source
     analysis = Analysis(runs=runs, ranks=ranks, p=p, x=x)
     _add_notes(analysis)
     analysis.curves = _curves(analysis)
     analysis.forecast, analysis.forecast_missing = forecast_runs(runs, ranks, constant=constant)
     analysis.contributions, analysis.contributions_missing = contributions_of_run(analysis.final_run, ranks,
                                                                                   analysis.forecast)
+    final = analysis.final_run
+    if final.n_snapshots:  # without snapshots the report already says there is no spectral analysis
+        analysis.subspace = read_subspace(sources[id(final)], final.path, ranks, x)
     return analysis
 
 

@@ -1,0 +1,181 @@
+"""analyze's and compare's subspace sections: read a run's singular vectors and intruder cosines, hand them to
+:mod:`lorascope.analysis.subspace` and :mod:`lorascope.analysis.intruders`.
+
+The singular vectors stay on disk in the run file (``Run.factors``); this module reopens the file (or uses the
+open :class:`~lorascope.Run` it was given) and reads them once per module and snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from lorascope.analysis.intruders import DEFAULT_EPS, IntruderSummary
+from lorascope.analysis.subspace import (
+    DEFAULT_SETTLE_PHI,
+    SubspaceDynamics,
+    numerical_rank,
+    orthonormal,
+    principal_angles,
+    subspace_dynamics,
+)
+from lorascope.model.peft import without_peft_prefix
+from lorascope.store.reader import Run, open_run
+
+__all__ = ["RECORD_FACTORS", "RECORD_INTRUDERS", "Subspace", "missing_line", "read_subspace", "run_factors",
+           "subspace_overlap"]
+
+RECORD_FACTORS = "factors_k=8"  # the option to record with, as the report's one line names it
+RECORD_INTRUDERS = "intruder_k=10"  # the paper's k
+
+
+@dataclass
+class Subspace:
+    """analyze's subspace section of one run: its dynamics, its intruder counts, or why neither is there."""
+
+    run: str
+    x: str
+    dynamics: SubspaceDynamics | None
+    intruders: IntruderSummary | None
+    missing: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": self.run, "x": self.x, "missing": self.missing,
+                "dynamics": None if self.dynamics is None else self.dynamics.to_dict(),
+                "intruders": None if self.intruders is None else self.intruders.to_dict()}
+
+
+def missing_line(factors: bool, intruders: bool) -> str | None:
+    """The one line saying which option records what is missing (None when both are there)."""
+    need = ([f"{RECORD_FACTORS} for the update's subspaces"] if not factors else []) + (
+        [f"{RECORD_INTRUDERS} for intruder dimensions"] if not intruders else [])
+    if not need:
+        return None
+    return "not recorded: record with " + " and ".join(need) + " (lorascope.record(..., option))"
+
+
+def _open(source: str | os.PathLike[str] | Run) -> Any:
+    return nullcontext(source) if isinstance(source, Run) else open_run(source)
+
+
+def run_factors(run: Run, snapshots: Sequence[int], grad: bool = False
+                ) -> list[list[tuple[np.ndarray, np.ndarray] | None]]:
+    """``out[m][i]``: module m's update factors (the gradient's with ``grad``) at snapshot ``snapshots[i]``."""
+    read = run.grad_factors if grad else run.factors
+    return [[read(m, s) for s in snapshots] for m in range(len(run.modules))]
+
+
+def read_subspace(source: str | os.PathLike[str] | Run, path: str, ranks: Sequence[int], x: str, *,
+                  threshold: float = DEFAULT_SETTLE_PHI, eps: float = DEFAULT_EPS) -> Subspace:
+    """The subspace section of one run: dynamics at the candidate ranks no larger than its ``factors_k`` (and
+    ``factors_k`` itself), intruder counts at ``eps``; ``missing`` names the option for what was not recorded."""
+    with _open(source) as run:
+        if not run.n_snapshots:
+            return Subspace(path, x, None, None, "no snapshots: no subspaces or intruder dimensions")
+        snapshots = _columns(run, x)
+        k = int(run.config.get("recorder", {}).get("factors_k", 0) or 0) or _stored_k(run)
+        modules = run.modules
+        names, kinds = [str(n) for n in modules["name"]], [str(k) for k in modules["kind"]]
+        dynamics = None
+        n = int(snapshots.sizes["snapshot"])
+        if k > 0:
+            factors = run_factors(run, list(range(n)))
+            grads = run_factors(run, list(range(n)), grad=True) if run.grad_sv else None
+            if grads is not None and all(g is None for row in grads for g in row):
+                grads = None
+            sv = snapshots["sv"].transpose("module", "snapshot", ...).values
+            nranks = np.array([[numerical_rank(sv[m, t]) for t in range(n)] for m in range(len(names))])
+            use = sorted({r for r in ranks if r <= k} | {k})
+            dynamics = subspace_dynamics(names, kinds, snapshots["step"].values, snapshots[x].values, factors,
+                                         nranks, use, grad_factors=grads, threshold=threshold)
+        intruders = None
+        if run.intruder_k > 0 and "intruder_cos" in snapshots:
+            rows = modules["out_features"].to_numpy()
+            basis = np.minimum(rows, modules["in_features"].to_numpy())
+            intruders = IntruderSummary(names, kinds, rows, basis, snapshots["step"].values,
+                                        snapshots[x].values.astype(np.float64),
+                                        snapshots["intruder_cos"].transpose("snapshot", "module", "intruder").values
+                                        .astype(np.float64), eps=eps)
+    return Subspace(path, x, dynamics, intruders, missing_line(dynamics is not None, intruders is not None))
+
+
+def _columns(run: Run, x: str) -> xr.Dataset:
+    """The snapshot columns the section reads, in memory."""
+    table = run.snapshots
+    return table[[c for c in ("sv", "intruder_cos") if c in table]].assign_coords(
+        step=table["step"], **{x: table[x]}).load()
+
+
+def _stored_k(run: Run) -> int:
+    """Columns of the stored factors (the recorder's options may be absent from a hand-written file)."""
+    pair = run.factors(0, -1) if len(run.modules) else None
+    return 0 if pair is None else int(pair[0].shape[1])
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """How much of full fine-tuning's top-r update subspace a LoRA run's holds, per kind, at the final snapshots.
+
+    ``phi[side]`` and ``angles_deg[side]`` (the median over modules of each principal angle) per side ("left",
+    "right"); ``modules`` matched by name.
+    """
+
+    rank: int
+    modules: int
+    phi: dict[str, float | None]
+    angles_deg: dict[str, list[float | None]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "modules": self.modules, "phi": self.phi, "angles_deg": self.angles_deg}
+
+
+def subspace_overlap(full: str | os.PathLike[str] | Run, lora: str | os.PathLike[str] | Run, rank: int
+                     ) -> dict[str, Overlap] | None:
+    """Per kind (and "all"), the overlap between a LoRA run's final top-``rank`` update subspaces and full
+    fine-tuning's, over the modules both recorded (names matched without the PEFT prefix). ``rank`` is capped at
+    each update's numerical rank: a rank-4 LoRA's 4 directions are compared with full fine-tuning's top ``rank``,
+    and phi (divided by the smaller rank) is the share of the LoRA's subspace inside full fine-tuning's. None when
+    either run stored no factors."""
+    with _open(full) as f_run, _open(lora) as l_run:
+        if not f_run.n_snapshots or not l_run.n_snapshots:
+            return None
+        full_names = {without_peft_prefix(str(n)): i for i, n in enumerate(f_run.modules["name"])}
+        f_sv, l_sv = f_run.snapshots["sv"].isel(snapshot=-1).values, l_run.snapshots["sv"].isel(snapshot=-1).values
+        per: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for j, (name, kind) in enumerate(zip(l_run.modules["name"], l_run.modules["kind"])):
+            i = full_names.get(without_peft_prefix(str(name)))
+            if i is None:
+                continue
+            a, b = f_run.factors(i, -1), l_run.factors(j, -1)
+            if a is None or b is None:
+                return None
+            r_full, r_lora = min(rank, numerical_rank(f_sv[i])), min(rank, numerical_rank(l_sv[j]))
+            if min(r_full, r_lora) < 1:
+                continue
+            # min(r_full, r_lora) angles: how far the LoRA's directions lie from full fine-tuning's top r
+            angles = [np.degrees(principal_angles(orthonormal(a[s], r_full), orthonormal(b[s], r_lora)))
+                      for s in range(2)]
+            for group in (str(kind), "all"):
+                per.setdefault(group, []).append((angles[0], angles[1]))
+    return {group: _overlap(rank, rows) for group, rows in per.items()}
+
+
+def _overlap(rank: int, rows: list[tuple[np.ndarray, np.ndarray]]) -> Overlap:
+    phi: dict[str, float | None] = {}
+    angles: dict[str, list[float | None]] = {}
+    for s, side in enumerate(("left", "right")):
+        values = [float(np.mean(np.cos(np.radians(row[s])) ** 2)) for row in rows]
+        phi[side] = round(float(np.median(values)), 4)
+        width = max(row[s].size for row in rows)
+        padded = np.full((len(rows), width), np.nan)
+        for m, row in enumerate(rows):
+            padded[m, : row[s].size] = row[s]
+        angles[side] = [None if not np.isfinite(np.nanmedian(col)) else round(float(np.nanmedian(col)), 2)
+                        for col in padded.T]
+    return Overlap(rank=rank, modules=len(rows), phi=phi, angles_deg=angles)

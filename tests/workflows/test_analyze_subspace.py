@@ -1,0 +1,140 @@
+"""analyze's subspace section on planted run files: updates built to rotate from one subspace to another at a known
+snapshot are reported settling there, with the planted angles; planted intruder cosines are counted; a recording
+without the vectors gets every other section and one line naming the options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import lorascope
+from lorascope import RunWriter
+from lorascope.report.html import render_html
+from lorascope.report.plots import make_plots
+from lorascope.report.terminal import format_summary
+from lorascope.store import Snapshot
+
+OUT, IN, K, SNAPS, BATCH = 24, 16, 4, 6, 8
+SWITCH = {"layers.0.self_attn.q_proj": 2, "layers.0.self_attn.v_proj": 4, "layers.0.mlp.up_proj": 3}
+KINDS = {"self_attn": "attention", "mlp": "mlp"}
+
+
+def modules(prefix: str = "", lora: bool = False) -> list[dict]:
+    return [dict(name=prefix + name, module=prefix + name, parameter="weight", kind=KINDS[name.split(".")[2]],
+                 role=name.rsplit(".", 1)[1], layer=0, expert=-1, out_features=OUT, in_features=IN, lora=lora)
+            for name in SWITCH]
+
+
+def planted_update(t: int, switch: int, bases: tuple[np.ndarray, np.ndarray], rank: int = 2) -> np.ndarray:
+    """A rank-``rank`` update in span A (the first ``rank`` basis vectors) before ``switch``, span B after,
+    growing over training."""
+    left, right = bases
+    first = slice(0, rank) if t < switch else slice(rank, 2 * rank)
+    return (t + 1) * left[:, first] @ np.diag([3.0, 2.0][:rank]) @ right[:, first].T
+
+
+def write_planted(path, *, factors: bool = True, intruders: bool = True, seed: int = 0, prefix: str = "",
+                  lora: bool = False, steps_per_snapshot: int = 5, cos=None):
+    rng = np.random.default_rng(seed)
+    bases = {name: (np.linalg.qr(rng.standard_normal((OUT, 4)))[0], np.linalg.qr(rng.standard_normal((IN, 4)))[0])
+             for name in SWITCH}
+    config = {"dataset": {"examples": 400}}
+    if lora:
+        config["lora"] = {"default": {"r": 2, "lora_alpha": 4, "use_rslora": False, "scaling_rule": "alpha/r",
+                                      "rank_pattern": {}, "alpha_pattern": {}}}
+    n_steps = SNAPS * steps_per_snapshot
+    steps = np.arange(1, n_steps + 1)
+    with RunWriter(path, modules(prefix, lora), config=config, factors_k=K if factors else 0,
+                   intruder_k=3 if intruders else 0, overwrite=True) as writer:
+        writer.append_steps({"step": steps, "examples_seen": BATCH * steps, "tokens_seen": 16 * BATCH * steps,
+                             "loss": 3.0 / np.sqrt(steps), "batch_examples": np.full(n_steps, BATCH)})
+        for t in range(SNAPS):
+            sv, pairs = [], {}
+            for i, (name, switch) in enumerate(SWITCH.items()):
+                u, s, vt = np.linalg.svd(planted_update(t, switch, bases[name]))
+                sv.append(s)
+                pairs[i] = (u[:, :K], vt[:K].T)
+            extra = {}
+            if intruders:
+                planted = cos if cos is not None else np.array([0.95, 0.4, 0.2])
+                extra = {"intruder_cos": [planted * (t >= 3) + 0.99 * (t < 3)] * 3, "weight_sv": [np.ones(3)] * 3}
+            step = (t + 1) * steps_per_snapshot
+            writer.append_snapshot(Snapshot(step=step, examples_seen=BATCH * step, tokens_seen=16 * BATCH * step,
+                                            energy=[float(np.sum(v**2)) for v in sv], sv=sv,
+                                            factors=pairs if factors else None, **extra))
+    return path
+
+
+def test_planted_rotation_settles_where_built(tmp_path):
+    analysis = lorascope.analyze(write_planted(tmp_path / "run.h5"), ranks=(2, 16))
+    sub = analysis.subspace
+    assert sub is not None and sub.missing is None
+    dyn = sub.dynamics
+    assert dyn is not None and dyn.ranks == (2, 4)  # the candidate ranks <= factors_k, and factors_k
+    snap_steps = [5 * (t + 1) for t in range(SNAPS)]
+    for i, switch in enumerate(SWITCH.values()):
+        track = dyn.tracks[2][i]
+        assert track.settle == switch
+        np.testing.assert_allclose(track.angles_final[:switch], 90.0, atol=1e-3)
+        np.testing.assert_allclose(track.angles_final[switch:], 0.0, atol=0.5)  # float32 vectors
+        assert dyn.tracks[4][i].used_rank.tolist() == [2] * SNAPS  # a rank-2 update: 2 directions compared
+    summary = analysis.summary["subspace"]
+    json.dumps(summary)
+    attention = summary["dynamics"]["by_kind"]["attention"]
+    assert attention["settle_step"] == pytest.approx(np.median([snap_steps[2], snap_steps[4]]))
+    assert attention["settle_x"] == pytest.approx(BATCH * attention["settle_step"])
+    assert summary["dynamics"]["by_kind"]["mlp"]["settle_step"] == snap_steps[3]
+    assert summary["dynamics"]["all"]["settled_before_final"] == 3
+    module = summary["dynamics"]["modules"][0]
+    assert module["phi_to_final"]["left"][:2] == [0.0, 0.0] and module["phi_to_final"]["right"][2] == 1.0
+    assert module["phi_to_previous"]["left"][2] == 0.0  # the jump
+
+
+def test_planted_intruders_are_counted_and_narrow_matrices_flagged(tmp_path):
+    analysis = lorascope.analyze(write_planted(tmp_path / "run.h5"))
+    intr = analysis.summary["subspace"]["intruders"]
+    assert intr["k"] == 3 and intr["eps"] == 0.5
+    assert intr["all"]["counts"] == [0, 0, 0, 6, 6, 6]  # 0.4 and 0.2 below 0.5, from snapshot 3 on, 3 modules
+    assert intr["by_kind"]["attention"]["counts"][-1] == 4
+    assert intr["by_kind"]["mlp"]["final_sweep"] == {"0.1": 0, "0.2": 0, "0.3": 1, "0.4": 1, "0.5": 2, "0.6": 2,
+                                                     "0.7": 2, "0.8": 2, "0.9": 2}
+    assert intr["near_chance_modules"] == list(SWITCH)  # 24 rows: a random direction scores ~0.5
+    text = format_summary(analysis.summary)
+    assert "Intruder dimensions" in text and "near chance" in text
+    assert 'id="subspace"' in render_html(analysis.summary)
+
+
+def test_the_figure_draws_both_panels(tmp_path):
+    analysis = lorascope.analyze(write_planted(tmp_path / "run.h5"))
+    images = make_plots(analysis, tmp_path / "figures")
+    assert "subspace" in images and images["subspace"].stat().st_size > 1000
+    fig = analysis.plot.subspace()
+    phi, intruders = fig.axes
+    lines = {line.get_label(): line for line in phi.get_lines()}
+    np.testing.assert_allclose(lines["all (3)"].get_ydata(), [0, 0, 0, 1, 1, 1][:2] + [0, 1, 1, 1], atol=1e-3)
+    counts = {line.get_label(): line.get_ydata().tolist() for line in intruders.get_lines()}
+    assert counts["all"] == [0, 0, 0, 6, 6, 6]
+    bare = lorascope.analyze(write_planted(tmp_path / "bare.h5", factors=False, intruders=False))
+    assert "subspace" not in make_plots(bare, tmp_path / "bare")
+
+
+def test_recording_without_vectors_gets_one_line(tmp_path):
+    analysis = lorascope.analyze(write_planted(tmp_path / "run.h5", factors=False, intruders=False))
+    sub = analysis.subspace
+    assert sub is not None and sub.dynamics is None and sub.intruders is None
+    assert sub.missing is not None and "factors_k=8" in sub.missing and "intruder_k=10" in sub.missing
+    text = format_summary(analysis.summary)
+    lines = [line for line in text.splitlines() if "factors_k=8" in line]
+    assert len(lines) == 1
+    assert "Per kind" in text and "Rank vs data" in text  # the rest of the report is there
+    page = render_html(analysis.summary)
+    assert page.count("factors_k=8") == 1 and "LoRA target capture" in page
+
+
+def test_only_intruders_missing(tmp_path):
+    analysis = lorascope.analyze(write_planted(tmp_path / "run.h5", intruders=False))
+    assert analysis.subspace is not None and analysis.subspace.dynamics is not None
+    assert analysis.subspace.missing is not None and "intruder_k=10" in analysis.subspace.missing
+    assert "factors_k" not in analysis.subspace.missing
