@@ -33,6 +33,7 @@ from lorascope.record.run_config import coverage_rows, run_config, sv_capacity
 from lorascope.record.sharded import ShardedRecording, check_options
 from lorascope.record.snapshot import capture_initial, from_storable, tensors_of, to_storable
 from lorascope.record.snapshot_taker import SnapshotTaker, WriterCalls
+from lorascope.record.subspace import gradient_spectra, initial_basis
 from lorascope.store import schema as S
 from lorascope.store.initial import initial_weights_path, load_initial_weights, save_initial_weights
 from lorascope.store.payloads import Snapshot
@@ -180,6 +181,7 @@ class Recorder:
         self._grads: dict[str, Any] | None = None  # the gradient columns of the step row
         self._shard_grads: tuple[torch.Tensor, Any] | None = None  # FSDP2: this rank's local squared norms
         self._grad_sv: list[torch.Tensor | None] | None = None
+        self._grad_factors: dict[int, Any] | None = None  # the gradient's top vectors (grad_sv and factors_k)
         self._closing = False  # close() is taking the final snapshot
         self._taker = SnapshotTaker(self.refs, self._tensors, self.options)
         self._logged, self._counted = BatchTally(), BatchTally()  # the loop's log() calls; the forward hooks
@@ -281,6 +283,10 @@ class Recorder:
             device = self._tensors[0][next(iter(self._tensors[0]))].device if keep_on == "device" else "cpu"
             self._w0 = [from_storable(w, device) for w in stored]
             self.step = self._last_snapshot = int(resume_after)
+        bases = None
+        if keep_w0 and self.options.intruder_k:  # the starting weights' vectors, once (lorascope.record.subspace)
+            bases = [initial_basis(self.model, ref, self._w0[i], keep_weight=self._taker.uses_worker and (
+                ref.lora or keep_on == "device")) for i, ref in enumerate(self.refs)]
         writer = RunWriter(
             self.path,
             self.refs,
@@ -295,6 +301,7 @@ class Recorder:
             grad_sv=self.options.grad_sv,
             factors_k=self.options.factors_k,
             delta_dtype=self.options.store_delta,
+            intruder_k=self.options.intruder_k,
             overwrite=self.options.overwrite or resume_after is not None,
         )
         if self._live is not None:
@@ -306,7 +313,7 @@ class Recorder:
         single = self._distributed_steps is None
         self._taker.start(WriterCalls(put_snapshot=self._put_snapshot, deliver=self._writer.deliver_snapshot,
                                       missing=self._writer.put_missing, mark=self._writer.mark_snapshot),
-                          thinnable=single and self.schedule.thinnable, may_skip=single)
+                          thinnable=single and self.schedule.thinnable, may_skip=single, bases=bases)
 
     def close(self, status: str | None = S.STATUS_COMPLETE) -> None:
         """Take the final snapshot (if the last step has none), detach, drain the queue and close the file.
@@ -483,9 +490,7 @@ class Recorder:
         grads = self._norms.gradients()
         self._grads = self._norms.step_columns(grads)
         if self.options.grad_sv and self._snapshot_due(self.step + 1):
-            from lorascope.spectrum import singular_values
-
-            self._grad_sv = [None if g is None or g.ndim != 2 else singular_values(g).cpu() for g in grads]
+            self._grad_sv, self._grad_factors = gradient_spectra(grads, self.options.factors_k)
 
     def _after_step(self) -> None:
         self.step += 1
@@ -531,7 +536,9 @@ class Recorder:
         time budget unless it is the final one)."""
         final = self._closing or self.step == self.total_steps
         grad_sv, self._grad_sv = self._grad_sv, None
-        if self._taker.take(self.model, self._w0, step=self.step, final=final, grad_sv=grad_sv, held=self._held):
+        grad_factors, self._grad_factors = self._grad_factors, None
+        if self._taker.take(self.model, self._w0, step=self.step, final=final, grad_sv=grad_sv, held=self._held,
+                            grad_factors=grad_factors):
             self._last_snapshot = self.step
 
     def _snapshot_distributed(self) -> None:

@@ -77,6 +77,7 @@ def check_options(options: RecordOptions, refs: Sequence[MatrixRef], model: torc
                 "the noise scale needs each backward pass's gradient, which FSDP2 reduce-scatters inside its own "
                 "hooks; use gns='auto' (off under FSDP2) or None"),
         "grad_sv": (options.grad_sv, "gradient spectra would need every gradient gathered"),
+        "intruder_k": (options.intruder_k > 0, "the starting weights' vectors would need every weight gathered"),
         "resumable": (options.resumable is True or options.resume,
                       "the initial-weights file is not written from sharded weights"),
     }

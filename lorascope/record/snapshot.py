@@ -8,7 +8,7 @@ form L @ R, so its energy and spectrum come from small QR factors instead of a d
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import nn
 from lorascope.model.peft import active_adapters, is_plain_lora
 from lorascope.model.taxonomy import MatrixRef
 from lorascope.record.options import RecordOptions
+from lorascope.record.subspace import InitialBasis, weight_intruders, weight_now
 from lorascope.spectrum import singular_values, top_singular_triplets
 from lorascope.store.payloads import Snapshot
 
@@ -111,9 +112,12 @@ def _lowrank_svd(delta: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def take_snapshot(refs: tuple[MatrixRef, ...], model: nn.Module, w0: list[Any], *, options: RecordOptions,
-                  step: int, grad_sv: list[torch.Tensor | None] | None = None) -> Snapshot:
+                  step: int, grad_sv: list[torch.Tensor | None] | None = None,
+                  grad_factors: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                  bases: Sequence[InitialBasis | None] | None = None) -> Snapshot:
     """Energy, spectrum and optional factors / full update of every recorded matrix at optimizer step ``step``,
-    as host arrays (``grad_sv``: the gradient spectra read before the step, on the CPU).
+    as host arrays (``grad_sv``, ``grad_factors``: the gradient's spectra and vectors read before the step, on the
+    CPU; ``bases``: the starting weights' vectors, for the intruder columns of ``intruder_k``).
 
     One module at a time, so the extra device memory is one matrix (and its SVD workspace).
     """
@@ -121,8 +125,12 @@ def take_snapshot(refs: tuple[MatrixRef, ...], model: nn.Module, w0: list[Any], 
     rng_kept = rng_keeper(model, options)
     for i, ref in enumerate(refs):
         with torch.no_grad(), rng_kept():
-            arrays.add(i, update_delta(model, ref, w0[i]))
-    return arrays.result(step, grad_sv=grad_sv)
+            now = current_update(model, ref)
+            arrays.add(i, minus_initial(now, w0[i]))
+            basis = bases[i] if bases is not None else None
+            if options.intruder_k and basis is not None:
+                arrays.add_intruders(i, weight_now(model, ref, now), basis, seed=step)
+    return arrays.result(step, grad_sv=grad_sv, grad_factors=grad_factors)
 
 
 class SnapshotArrays:
@@ -136,6 +144,8 @@ class SnapshotArrays:
         self.spectra: list[np.ndarray | None] = [None] * len(refs)
         self.factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.deltas: dict[int, np.ndarray] = {}
+        self.intruder_cos: list[np.ndarray | None] = [None] * len(refs)
+        self.weight_sv: list[np.ndarray | None] = [None] * len(refs)
 
     def add(self, i: int, delta: torch.Tensor | LowRank) -> None:
         """Measure the update of matrix ``i`` (on its device) and keep the results on the host."""
@@ -152,11 +162,22 @@ class SnapshotArrays:
         if u is not None and v is not None:
             self.factors[i] = (u.cpu().numpy(), v.cpu().numpy())
 
-    def result(self, step: int, *, grad_sv: list[Any] | None = None) -> Snapshot:
+    def add_intruders(self, i: int, weight: torch.Tensor, basis: InitialBasis, *, seed: int) -> None:
+        """The intruder columns of matrix ``i`` from its weight W_t, copied to the host and computed there as the
+        snapshot worker does (:func:`lorascope.record.subspace.weight_intruders`)."""
+        host = weight.detach().to("cpu", torch.float32).numpy()
+        large = host.size > self.options.top_k_min_size
+        self.intruder_cos[i], self.weight_sv[i] = weight_intruders(host, basis, self.options.intruder_k,
+                                                                   exact=not large, seed=seed)
+
+    def result(self, step: int, *, grad_sv: list[Any] | None = None,
+               grad_factors: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Snapshot:
         """The snapshot of optimizer step ``step`` (its examples and tokens seen are the writer's to fill in)."""
+        options = self.options
+        intruder = {"intruder_cos": self.intruder_cos, "weight_sv": self.weight_sv} if options.intruder_k else {}
         return Snapshot(step=step, energy=self.energy, sv=self.spectra, delta_nonfinite=self.nonfinite,
-                        grad_sv=grad_sv, factors=self.factors if self.options.factors_k else None,
-                        deltas=self.deltas if self.options.store_delta else None)
+                        grad_sv=grad_sv, factors=self.factors if options.factors_k else None,
+                        deltas=self.deltas if options.store_delta else None, grad_factors=grad_factors, **intruder)
 
 
 # Whole-matrix float64 norms and finite masks make temporaries of 1-2x the matrix; blocks of rows keep a snapshot's
@@ -191,7 +212,7 @@ def _nonfinite(dense: torch.Tensor) -> int:
 def rng_keeper(model: nn.Module, options: RecordOptions) -> Callable[[], contextlib.AbstractContextManager[Any]]:
     """The randomized SVD (top-k spectra and factors of large matrices) draws from torch's global generators;
     fork them, so that recording never shifts the training loop's random stream (dropout, shuffling)."""
-    if options.top_k is None and not options.factors_k:
+    if options.top_k is None and not options.factors_k and not options.intruder_k:
         return contextlib.nullcontext
     devices = {(p.device.type, p.device.index) for p in model.parameters() if p.device.type != "cpu"}
     device_type = next(iter(devices))[0] if devices else "cuda"

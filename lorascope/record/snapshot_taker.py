@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +22,7 @@ from lorascope.record.options import RecordOptions
 from lorascope.record.schedule import within_budget
 from lorascope.record.snapshot import take_snapshot
 from lorascope.record.snapshot_worker import SnapshotWorker, capture, host_copy_bytes
+from lorascope.record.subspace import InitialBasis
 from lorascope.store.payloads import Snapshot
 
 _MIB = 1 << 20
@@ -53,8 +55,8 @@ class WriterCalls:
 
 
 def uses_worker(options: RecordOptions, refs: Sequence[MatrixRef]) -> bool:
-    """Whether snapshots go to the worker: asked for, and no singular vectors (``factors_k``) asked."""
-    return options.snapshot_worker and not options.factors_k
+    """Whether snapshots go to the worker (``snapshot_worker``; singular vectors and intruder dimensions too)."""
+    return options.snapshot_worker
 
 
 class SnapshotTaker:
@@ -77,13 +79,21 @@ class SnapshotTaker:
         self._nbytes = host_copy_bytes(self.refs, tensors, options.w0_device == "device")
         self._use_worker = uses_worker(options, self.refs)
         self.worker: SnapshotWorker | None = None
+        self.bases: list[InitialBasis | None] | None = None
         self._calls: WriterCalls | None = None
         self.cost = RecordingCost(options.time_budget, time.monotonic())
 
-    def start(self, calls: WriterCalls, *, thinnable: bool, may_skip: bool) -> None:
+    @property
+    def uses_worker(self) -> bool:
+        return self._use_worker
+
+    def start(self, calls: WriterCalls, *, thinnable: bool, may_skip: bool,
+              bases: Sequence[InitialBasis | None] | None = None) -> None:
         """Start the worker (when used) and the clock. ``thinnable``: the schedule may be thinned by the time
-        budget (the log-spaced one, in a single process); ``may_skip``: ``snapshot_backlog="skip"`` may skip."""
+        budget (the log-spaced one, in a single process); ``may_skip``: ``snapshot_backlog="skip"`` may skip;
+        ``bases``: the starting weights' vectors of ``intruder_k``, one per matrix."""
         self._calls = calls
+        self.bases = None if bases is None else list(bases)
         self._thinnable = thinnable and self.options.time_budget is not None
         self._may_skip = may_skip and self.options.snapshot_backlog == "skip"
         self.cost = RecordingCost(self.options.time_budget, time.monotonic())
@@ -93,7 +103,9 @@ class SnapshotTaker:
             self.worker = SnapshotWorker(self.refs, deliver=calls.deliver, missing=calls.missing,
                                          buffer_bytes=buffer, threads=self.options.snapshot_threads,
                                          store_delta=self.options.store_delta, top_k=self.options.top_k,
-                                         top_k_min_size=self.options.top_k_min_size)
+                                         top_k_min_size=self.options.top_k_min_size,
+                                         factors_k=self.options.factors_k, intruder_k=self.options.intruder_k,
+                                         bases=self.bases)
             self.worker.start()
 
     def close(self) -> None:
@@ -103,7 +115,8 @@ class SnapshotTaker:
 
     # -- training thread -------------------------------------------------------------------------------------
     def take(self, model: nn.Module, w0: list[Any], *, step: int, final: bool,
-             grad_sv: list[Any] | None = None, held: HeldLoss | None = None) -> bool:
+             grad_sv: list[Any] | None = None, held: HeldLoss | None = None,
+             grad_factors: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> bool:
         """The snapshot of optimizer step ``step``; False when it was thinned or skipped (its reason is in the
         file's ``snapshots_missing``). The final snapshot is never thinned nor skipped."""
         assert self._calls is not None
@@ -115,9 +128,11 @@ class SnapshotTaker:
                 return False
             worker = self.worker
             if worker is not None and worker.alive:
-                taken = self._to_worker(worker, model, w0, step=step, final=final, grad_sv=grad_sv, held=held)
+                taken = self._to_worker(worker, model, w0, step=step, final=final, grad_sv=grad_sv, held=held,
+                                        grad_factors=grad_factors)
             else:
-                snapshot = take_snapshot(self.refs, model, w0, options=self.options, step=step, grad_sv=grad_sv)
+                snapshot = take_snapshot(self.refs, model, w0, options=self.options, step=step, grad_sv=grad_sv,
+                                         grad_factors=grad_factors, bases=self.bases)
                 if held is not None:
                     snapshot = with_held_losses(snapshot, held.measure(w0))
                 self._calls.put_snapshot(snapshot)
@@ -128,7 +143,8 @@ class SnapshotTaker:
             self.cost.snapshot_seconds += time.perf_counter() - started
 
     def _to_worker(self, worker: SnapshotWorker, model: nn.Module, w0: list[Any], *, step: int, final: bool,
-                   grad_sv: list[Any] | None, held: HeldLoss | None) -> bool:
+                   grad_sv: list[Any] | None, held: HeldLoss | None,
+                   grad_factors: dict[int, tuple[np.ndarray, np.ndarray]] | None) -> bool:
         assert self._calls is not None
         if not worker.reserve(self._nbytes, wait=final or not self._may_skip):
             self.cost.skipped += 1
@@ -138,7 +154,7 @@ class SnapshotTaker:
             return False
         try:
             job = capture(self.refs, model, w0, step=step, nbytes=self._nbytes)
-            job.grad_sv = grad_sv
+            job.grad_sv, job.grad_factors = grad_sv, grad_factors
             if held is not None:
                 job.held = held.measure(w0)  # after the copies: it reverts and restores the weights
             self._calls.mark(step)

@@ -14,6 +14,12 @@ The kernel is the float64 Gram route of :func:`lorascope.spectrum.singular_value
 (:math:`G = \\Delta^T \\Delta` accumulated in float64 over blocks of rows, :math:`s_i = \\sqrt{\\max(\\lambda_i(G),
 0)}`, the energy :math:`\\|\\Delta\\|_F^2 = \\operatorname{tr} G`), and two thin QR factorisations for a factored
 LoRA update, :math:`L R = Q_L (R_L R_R^T) Q_R^T`. Both compute in float64 from the float32 update.
+
+With ``factors_k`` the same routes give the update's top singular vectors: the eigenvectors of the Gram matrix
+(``numpy.linalg.eigh`` instead of ``eigvalsh``) are the vectors of the smaller side, the other side's are
+:math:`\\Delta v / s`; the QR route keeps its Q factors. With ``intruder_k`` the worker also finds the top left
+singular vectors of the weight W_t itself and compares them with the starting weight's
+(:mod:`lorascope.record.subspace`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,18 @@ from torch import nn
 from lorascope.model.taxonomy import MatrixRef
 from lorascope.record.contributions import HeldLosses, with_held_losses
 from lorascope.record.snapshot import LowRank, current_update, minus_initial
+from lorascope.record.subspace import (
+    InitialBasis,
+    factored_triplets,
+    gram,
+    randomized_triplets,
+    resolved,
+    vectors_from_gram,
+    weight_intruders,
+)
 from lorascope.store.payloads import Snapshot
+
+Triplets = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 # Rows of float64 held at once while accumulating a Gram matrix (plus the n x n product of each block).
 _GRAM_BLOCK = 1 << 22
@@ -61,6 +78,7 @@ class SnapshotJob:
     nbytes: int
     ready: Any = None  # a CUDA event recorded after the copies, or None
     grad_sv: list[Any] | None = None
+    grad_factors: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
     held: HeldLosses | None = None
     failures: dict[int, str] = field(default_factory=dict)
 
@@ -143,10 +161,11 @@ def _float32(tensor: torch.Tensor) -> np.ndarray:
     raise TypeError(f"cannot measure a matrix of dtype {tensor.dtype}")
 
 
-def dense_update(matrix: HostMatrix) -> np.ndarray:
-    """Delta = W_t - W_0 in float32, as the recorder has always taken it (W_t cast to float32, then differenced)."""
+def dense_update(matrix: HostMatrix, now: np.ndarray | None = None) -> np.ndarray:
+    """Delta = W_t - W_0 in float32, as the recorder has always taken it (W_t cast to float32, then differenced);
+    ``now``: ``matrix.dense`` already as float32 (it is overwritten when W_0 is subtracted)."""
     assert matrix.dense is not None
-    now = _float32(matrix.dense)
+    now = _float32(matrix.dense) if now is None else now
     if matrix.w0 is None:
         return now
     return np.subtract(now, matrix.w0.numpy(), out=now)  # ``now`` is the worker's own copy
@@ -158,23 +177,24 @@ def gram_measure(delta: np.ndarray) -> tuple[float, int, np.ndarray | None]:
     The Gram matrix of the smaller side is accumulated in float64 over blocks of rows, so the extra memory is one
     block and the n x n Gram matrix; its trace is the exact energy (float64 accumulation). A non-finite entry
     reaches the diagonal of its column: then the entries are counted and no spectrum is computed."""
+    energy, nonfinite, spectrum, _ = gram_route(delta, 0)
+    return energy, nonfinite, spectrum
+
+
+def gram_route(delta: np.ndarray, k: int) -> tuple[float, int, np.ndarray | None, Triplets | None]:
+    """:func:`gram_measure` and, with ``k`` > 0, the top ``k`` singular triplets from the same Gram matrix (its full
+    eigendecomposition instead of its eigenvalues; unresolved triplets of a lower-rank update are left out)."""
     tall = delta if delta.shape[0] >= delta.shape[1] else delta.T
-    m, n = tall.shape
-    if n == 0:
-        return 0.0, 0, np.zeros(0)
-    rows = max(1024, _GRAM_BLOCK // n)
-    gram: np.ndarray | None = None
-    for start in range(0, m, rows):
-        block = np.ascontiguousarray(tall[start:start + rows], dtype=np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):  # non-finite entries are counted below
-            product = block.T @ block  # numpy hands A^T A to BLAS syrk
-            gram = product if gram is None else np.add(gram, product, out=gram)
-    assert gram is not None
-    energy = float(np.trace(gram))
-    if not np.isfinite(np.diagonal(gram)).all():
-        return energy, int(np.count_nonzero(~np.isfinite(delta))), None
-    spectrum = np.sqrt(np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None))
-    return energy, 0, spectrum
+    if tall.shape[1] == 0:
+        return 0.0, 0, np.zeros(0), None
+    g = gram(tall)  # numpy hands each block's A^T A to BLAS syrk
+    energy = float(np.trace(g))
+    if not np.isfinite(np.diagonal(g)).all():
+        return energy, int(np.count_nonzero(~np.isfinite(delta))), None, None
+    if not k:
+        return energy, 0, np.sqrt(np.clip(np.linalg.eigvalsh(g)[::-1], 0.0, None)), None
+    values, vectors = np.linalg.eigh(g)
+    return energy, 0, np.sqrt(np.clip(values[::-1], 0.0, None)), vectors_from_gram(delta, values, vectors, k)
 
 
 def factored_measure(left: np.ndarray, right: np.ndarray, full_rank: int) -> tuple[float, int, np.ndarray | None]:
@@ -193,25 +213,28 @@ def factored_measure(left: np.ndarray, right: np.ndarray, full_rank: int) -> tup
 
 def randomized_measure(delta: np.ndarray, k: int, rng: np.random.Generator, n_iter: int = 4
                        ) -> tuple[float, int, np.ndarray | None]:
+    """(energy, non-finite entries, the top ``k`` singular values or None): :func:`randomized_route` without
+    vectors."""
+    energy, nonfinite, spectrum, _ = randomized_route(delta, k, 0, rng, n_iter)
+    return energy, nonfinite, spectrum
+
+
+def randomized_route(delta: np.ndarray, k: int, vectors: int, rng: np.random.Generator, n_iter: int = 4
+                     ) -> tuple[float, int, np.ndarray | None, Triplets | None]:
     """(energy, non-finite entries, the top ``k`` singular values or None) of a dense float32 update, by a randomized
     range finder with ``n_iter`` power iterations (Halko, Martinsson & Tropp 2011), as ``top_k`` asks for large
     matrices: products in float32 with ``k + 10`` columns, the small final SVD in float64. The energy stays exact
     (float64 sums of squares over blocks of rows). ``rng`` is the worker's own, so training's random streams are
-    never touched."""
+    never touched. With ``vectors`` > 0, also the top ``vectors`` singular triplets from the same range."""
     energy = 0.0
     rows = max(1, _GRAM_BLOCK // max(delta.shape[1], 1))
     for start in range(0, delta.shape[0], rows):
         block = np.asarray(delta[start:start + rows], dtype=np.float64)
         energy += float(np.einsum("ij,ij->", block, block))
     if not np.isfinite(energy):
-        return energy, int(np.count_nonzero(~np.isfinite(delta))), None
-    width = min(min(delta.shape), k + 10)
-    y = delta @ rng.standard_normal((delta.shape[1], width)).astype(np.float32)
-    for _ in range(n_iter):
-        y = delta @ np.linalg.qr(delta.T @ np.linalg.qr(y)[0])[0]
-    basis = np.linalg.qr(y.astype(np.float64))[0]
-    small = (basis.T.astype(np.float32) @ delta).astype(np.float64)
-    return energy, 0, np.linalg.svd(small, compute_uv=False)[:k]
+        return energy, int(np.count_nonzero(~np.isfinite(delta))), None, None
+    u, s, v = randomized_triplets(delta, max(k, vectors), rng, n_iter)
+    return energy, 0, s[:k], (resolved(u[:, :vectors], s[:vectors], v[:, :vectors]) if vectors else None)
 
 
 @contextlib.contextmanager
@@ -247,14 +270,24 @@ class SnapshotWorker:
         Also keep every full update in this dtype ("float16", "float32" or None).
     top_k, top_k_min_size
         Matrices with more than ``top_k_min_size`` entries get only their top ``top_k`` singular values
-        (:func:`randomized_measure`); ``top_k=None``: full spectra.
+        (:func:`randomized_measure`); ``top_k=None``: full spectra. Such matrices also get the weight's top
+        ``intruder_k`` vectors by the randomized method.
+    factors_k
+        Also the top ``factors_k`` singular vectors of every update.
+    intruder_k, bases
+        The intruder columns of every weight (:mod:`lorascope.record.subspace`) against ``bases``, one per matrix
+        (``None``: that matrix's are not measured).
     """
 
     def __init__(self, refs: Sequence[MatrixRef], *, deliver: Callable[[Snapshot], Any],
                  missing: Callable[[int, str], Any], buffer_bytes: int, threads: int,
-                 store_delta: str | None = None, top_k: int | None = None, top_k_min_size: int = 0) -> None:
+                 store_delta: str | None = None, top_k: int | None = None, top_k_min_size: int = 0,
+                 factors_k: int = 0, intruder_k: int = 0, bases: Sequence[InitialBasis | None] | None = None
+                 ) -> None:
         self.refs = tuple(refs)
         self.top_k, self.top_k_min_size = top_k, top_k_min_size
+        self.factors_k, self.intruder_k = factors_k, intruder_k
+        self.bases = list(bases) if bases is not None else [None] * len(self.refs)
         self._deliver, self._missing = deliver, missing
         self.buffer_bytes, self.threads, self.store_delta = int(buffer_bytes), int(threads), store_delta
         self._jobs: queue.Queue[SnapshotJob | None] = queue.Queue()
@@ -333,31 +366,67 @@ class SnapshotWorker:
         nonfinite = np.zeros(n, dtype=np.int64)
         spectra: list[np.ndarray | None] = [None] * n
         deltas: dict[int, np.ndarray] = {}
+        factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        intruder: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n
         for i, (ref, matrix) in enumerate(zip(self.refs, job.matrices, strict=True)):
             reason = job.failures.get(i)
             if matrix is not None:
                 try:
-                    energy[i], nonfinite[i], spectra[i], delta = self._measure(ref, matrix, seed=(job.step, i))
+                    intruder[i] = self._intruders(i, matrix, seed=job.step)
+                    energy[i], nonfinite[i], spectra[i], delta, triplets = self._measure(ref, matrix,
+                                                                                         seed=(job.step, i))
                     if self.store_delta and delta is not None:
                         deltas[i] = delta.astype(self.store_delta)
+                    if triplets is not None:
+                        factors[i] = (triplets[0].astype(np.float32), triplets[2].astype(np.float32))
                 except Exception as exc:  # noqa: BLE001 - this matrix is missing from the snapshot
                     reason = f"{type(exc).__name__}: {exc}"
             if reason is not None:
                 self._missing(job.step, f"failed: matrix {ref.name}: {reason}")
+        extra: dict[str, Any] = {}
+        if self.intruder_k:
+            extra["intruder_cos"] = [None if m is None else m[0] for m in intruder]
+            extra["weight_sv"] = [None if m is None else m[1] for m in intruder]
         snapshot = Snapshot(step=job.step, energy=energy, sv=spectra, delta_nonfinite=nonfinite,
-                            grad_sv=job.grad_sv, deltas=deltas if self.store_delta else None)
+                            grad_sv=job.grad_sv, deltas=deltas if self.store_delta else None,
+                            factors=factors if self.factors_k else None, grad_factors=job.grad_factors, **extra)
         return snapshot if job.held is None else with_held_losses(snapshot, job.held)
 
+    def _large(self, shape: tuple[int, ...]) -> bool:
+        return int(np.prod(shape)) > self.top_k_min_size
+
+    def _intruders(self, i: int, matrix: HostMatrix, *, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The intruder columns of matrix ``i`` from W_t: the host copy itself when W_0 is still to be subtracted,
+        else the kept W_0 plus the update."""
+        basis = self.bases[i]
+        if not self.intruder_k or basis is None:
+            return None
+        if matrix.left is not None and matrix.right is not None:
+            assert basis.weight is not None
+            weight = basis.weight + _float32(matrix.left) @ _float32(matrix.right)
+        elif matrix.w0 is not None:
+            assert matrix.dense is not None
+            weight = _float32(matrix.dense)  # W_t, before dense_update subtracts W_0
+        else:
+            assert matrix.dense is not None and basis.weight is not None
+            weight = basis.weight + _float32(matrix.dense)
+        return weight_intruders(weight, basis, self.intruder_k, exact=not self._large(weight.shape), seed=seed)
+
     def _measure(self, ref: MatrixRef, matrix: HostMatrix, *, seed: tuple[int, int]
-                 ) -> tuple[float, int, np.ndarray | None, np.ndarray | None]:
+                 ) -> tuple[float, int, np.ndarray | None, np.ndarray | None, Triplets | None]:
+        k = self.factors_k
         if matrix.left is not None and matrix.right is not None:
             left, right = _float32(matrix.left), _float32(matrix.right)
             full_rank = min(ref.out_features, ref.in_features)
             energy, nonfinite, spectrum = factored_measure(left, right, full_rank)
-            return energy, nonfinite, spectrum, (left @ right if self.store_delta else None)
+            triplets = factored_triplets(left, right, k) if k and spectrum is not None else None
+            return energy, nonfinite, spectrum, (left @ right if self.store_delta else None), triplets
         delta = dense_update(matrix)
-        if self.top_k is not None and self.top_k < min(delta.shape) and delta.size > self.top_k_min_size:
-            energy, nonfinite, spectrum = randomized_measure(delta, self.top_k, np.random.default_rng(seed))
-        else:
-            energy, nonfinite, spectrum = gram_measure(delta)
-        return energy, nonfinite, spectrum, delta
+        if self.top_k is not None and self.top_k < min(delta.shape) and self._large(delta.shape):
+            energy, nonfinite, spectrum, triplets = randomized_route(delta, self.top_k, k,
+                                                                     np.random.default_rng(seed))
+        elif k:
+            energy, nonfinite, spectrum, triplets = gram_route(delta, k)
+        else:  # gram_measure itself: the spectra's kernel since before the vectors
+            (energy, nonfinite, spectrum), triplets = gram_measure(delta), None
+        return energy, nonfinite, spectrum, delta, triplets

@@ -27,9 +27,10 @@ def main() -> None:
                           nn.Linear(32, VOCAB))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     # A snapshot after every step, with singular vectors and full updates, keeps the writer thread busy, so kills
-    # land in the middle of writes as well as between them.
+    # land in the middle of writes as well as between them. On the training thread, so that every step row has its
+    # snapshot before the next step starts (the worker, which also computes vectors now, would let them lag).
     with lorascope.record(model, path, optimizer=optimizer, snapshots=1, factors_k=2, store_delta="float16",
-                          queue_size=QUEUE_SIZE) as recorder:
+                          queue_size=QUEUE_SIZE, snapshot_worker=False) as recorder:
         print("READY", flush=True)
         for step in range(1, max_steps + 1):
             ids = torch.randint(0, VOCAB, (4, 8))
