@@ -30,6 +30,7 @@ from lorascope.analysis.falloff import (
     paired_gap,
     thin_grid,
 )
+from lorascope.analysis.intruders import IntruderComparison
 from lorascope.errors import LorascopeError
 
 __all__ = ["Comparison", "Criterion", "LoraIdentity", "LoraResult", "LossSeries", "PredictionRow", "RunCurve",
@@ -285,6 +286,7 @@ class Comparison:
     loras: list[LoraResult]
     predictions: list[PredictionRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    subspace: IntruderComparison | None = None  # intruder dimensions and overlap with full fine-tuning (issue 18)
 
     @property
     def incomplete(self) -> bool:
@@ -316,6 +318,7 @@ class Comparison:
             "full": self.full.to_dict(),
             "loras": [lora.to_dict() for lora in self.loras],
             "predictions": [row.to_dict() for row in self.predictions],
+            "subspace": None if self.subspace is None else self.subspace.to_dict(),
         }
 
 

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from lorascope.errors import InvalidOptionError
 
-__all__ = ["DEFAULT_EPS", "EPS_SWEEP", "NEAR_CHANCE", "IntruderSummary", "intruder_counts", "near_chance",
-           "random_max_cos"]
+__all__ = ["DEFAULT_EPS", "EPS_SWEEP", "NEAR_CHANCE", "IntruderComparison", "IntruderSummary", "RunIntruders",
+           "final_counts", "intruder_counts", "near_chance", "random_max_cos"]
 
 DEFAULT_EPS = 0.5  # the paper's code default (its figures sweep 0.1 .. 0.9)
 EPS_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -181,3 +182,50 @@ class IntruderSummary:
                         for i, (m, kind, n, b, c, r, flag) in enumerate(zip(self.modules, self.kinds, self.rows,
                                                                             self.basis, final, base, near))],
         }
+
+
+@dataclass(frozen=True)
+class RunIntruders:
+    """One run of a comparison: its intruder dimensions at the final snapshot beside its rank and dataset size, and
+    (for a LoRA run) the overlap of its final update subspace with full fine-tuning's, per kind.
+
+    ``counts`` per kind and "all" at ``eps`` (None: the run recorded no intruder cosines); ``overlap`` per kind and
+    "all", an :class:`~lorascope.analysis.subspace.Overlap` each (None: no factors, or the full run itself).
+    """
+
+    label: str
+    path: str
+    rank: int | None
+    dataset_examples: int | None
+    counts: dict[str, int] | None
+    modules: dict[str, int] | None
+    near_chance_modules: int
+    overlap: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "path": self.path, "rank": self.rank, "dataset_examples": self.dataset_examples,
+                "intruders": self.counts, "modules": self.modules, "near_chance_modules": self.near_chance_modules,
+                "overlap_with_full": None if self.overlap is None else {k: v.to_dict()
+                                                                        for k, v in self.overlap.items()}}
+
+
+@dataclass(frozen=True)
+class IntruderComparison:
+    """compare's subspace section: the full fine-tuning run and each LoRA run (:class:`RunIntruders`), the
+    threshold and rank used, and one line naming the options when nothing was recorded."""
+
+    eps: float
+    rank: int
+    runs: list[RunIntruders]
+    missing: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"eps": self.eps, "rank": self.rank, "missing": self.missing, "runs": [r.to_dict() for r in self.runs]}
+
+
+def final_counts(summary: IntruderSummary) -> tuple[dict[str, int], dict[str, int], int]:
+    """Per kind and "all": the final snapshot's intruder count, the modules, and how many modules are near chance."""
+    kinds = sorted(set(summary.kinds))
+    counts = {k: int(summary.group_counts(k)[-1]) for k in kinds} | {"all": int(summary.group_counts(None)[-1])}
+    modules = {k: summary.kinds.count(k) for k in kinds} | {"all": len(summary.kinds)}
+    return counts, modules, int(summary.near().sum())

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from lorascope.errors import InvalidOptionError
 
-__all__ = ["DEFAULT_SETTLE_PHI", "SIDES", "GroupSettling", "ModuleSubspace", "SubspaceDynamics", "module_subspace",
+__all__ = ["DEFAULT_SETTLE_PHI", "SIDES", "GroupSettling", "ModuleSubspace", "Overlap", "SubspaceDynamics",
+           "module_subspace", "overlap_of",
            "numerical_rank", "orthonormal", "principal_angles", "settle_index", "subspace_dynamics",
            "subspace_similarity"]
 
@@ -382,3 +384,36 @@ def subspace_dynamics(modules: Sequence[str], kinds: Sequence[str], step: ArrayL
     return SubspaceDynamics(modules=list(modules), kinds=list(kinds), step=np.asarray(step),
                             x=np.asarray(x, dtype=np.float64), ranks=tuple(sorted(int(r) for r in ranks)),
                             tracks=tracks, threshold=threshold)
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """How much of full fine-tuning's top-r update subspace a LoRA run's holds, per kind, at the final snapshots.
+
+    ``phi[side]`` and ``angles_deg[side]`` (the median over modules of each principal angle) per side ("left",
+    "right"); ``modules`` matched by name.
+    """
+
+    rank: int
+    modules: int
+    phi: dict[str, float | None]
+    angles_deg: dict[str, list[float | None]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "modules": self.modules, "phi": self.phi, "angles_deg": self.angles_deg}
+
+
+def overlap_of(rank: int, rows: list[tuple[np.ndarray, np.ndarray]]) -> Overlap:
+    """An :class:`Overlap` from the principal angles (degrees; left, right) of each module of a group."""
+    phi: dict[str, float | None] = {}
+    angles: dict[str, list[float | None]] = {}
+    for s, side in enumerate(("left", "right")):
+        values = [float(np.mean(np.cos(np.radians(row[s])) ** 2)) for row in rows]
+        phi[side] = round(float(np.median(values)), 4)
+        width = max(row[s].size for row in rows)
+        padded = np.full((len(rows), width), np.nan)
+        for m, row in enumerate(rows):
+            padded[m, : row[s].size] = row[s]
+        angles[side] = [None if not np.isfinite(np.nanmedian(col)) else round(float(np.nanmedian(col)), 2)
+                        for col in padded.T]
+    return Overlap(rank=rank, modules=len(rows), phi=phi, angles_deg=angles)

@@ -21,7 +21,7 @@ from lorascope.report.style import DPI, WIDTH_IN, X_LABELS, figure_style, palett
 if TYPE_CHECKING:
     from lorascope.workflows.compare import Comparison, LoraResult
 
-__all__ = ["CompareFiles", "format_comparison", "plot_comparison", "write_comparison"]
+__all__ = ["CompareFiles", "format_comparison", "plot_comparison", "subspace_lines", "write_comparison"]
 
 JSON_NAME = "compare.json"
 PLOT_NAME = "compare.png"
@@ -185,11 +185,46 @@ def format_comparison(summary: dict[str, Any]) -> str:
             rows.append([str(row["rank"]), row["run"] or MISSING, predicted, count(row["measured"]),
                          number(row["ratio"], 2), note])
         lines.extend("  " + s for s in table(header, rows))
+    lines += subspace_lines(summary.get("subspace"))
     if summary["notes"]:
         lines.append("")
         lines.append("Notes:")
         lines.extend(f"  - {note}" for note in summary["notes"])
     return "\n".join(lines)
+
+
+def subspace_lines(subspace: dict[str, Any] | None) -> list[str]:
+    """compare's subspace section: each run's intruder dimensions beside its rank and dataset size, and each LoRA's
+    overlap with full fine-tuning's update subspace; one line when neither was recorded."""
+    if subspace is None:
+        return []
+    runs = subspace["runs"]
+    if all(r["intruders"] is None and r["overlap_with_full"] is None for r in runs):
+        return ["", f"Intruder dimensions and subspace overlap {subspace['missing']}"]
+    lines = ["", f"Intruder dimensions at the final snapshot (eps {subspace['eps']:g}; per kind) and the overlap of "
+             f"each LoRA's final update subspace with full fine-tuning's top {subspace['rank']} (median phi over "
+             "matched modules, left/right; 1 = inside it):"]
+    header = ["run", "rank", "dataset", "intruders", "per module", "by kind", "near chance", "phi (all)",
+              "phi by kind"]
+    rows = []
+    for run in runs:
+        counts, modules, overlap = run["intruders"], run["modules"], run["overlap_with_full"]
+        per = None if not counts or not modules or not modules["all"] else counts["all"] / modules["all"]
+        kinds = ", ".join(f"{k} {v}" for k, v in (counts or {}).items() if k != "all") or MISSING
+        whole = overlap.get("all") if overlap else None
+        phi = MISSING if whole is None else f"{number(whole['phi']['left'], 2)}/{number(whole['phi']['right'], 2)}"
+        by_kind = ", ".join(f"{k} {number(v['phi']['left'], 2)}/{number(v['phi']['right'], 2)}"
+                            for k, v in (overlap or {}).items() if k != "all") or MISSING
+        rows.append([run["label"], MISSING if run["rank"] is None else str(run["rank"]), count(run["dataset_examples"]),
+                     MISSING if counts is None else count(counts["all"]), number(per, 2), kinds,
+                     str(run["near_chance_modules"]), phi, by_kind])
+    lines.extend("  " + s for s in table(header, rows))
+    if any(r["near_chance_modules"] for r in runs):
+        lines.append("  near chance: matrices so narrow that eps is below twice what a random direction scores; "
+                     "their counts swing with eps (docs/subspace.md).")
+    if subspace["missing"]:
+        lines.append(f"  {subspace['missing']}")
+    return lines
 
 
 def _run_line(name: str, run: dict[str, Any]) -> str:

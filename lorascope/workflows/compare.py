@@ -46,6 +46,7 @@ from lorascope.analysis.information import recorded_dataset_examples
 from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.store.reader import Run
 from lorascope.workflows.runs import LoadedRun, ModelFacts, RunLike, check_same_model, load_run
+from lorascope.workflows.subspace import compare_subspaces
 
 __all__ = ["Comparison", "Criterion", "LoraResult", "PredictionRow", "RunCurve", "compare", "read_predictions"]
 
@@ -160,8 +161,11 @@ def compare(full: RunLike, loras: RunLike | Sequence[RunLike], *, x: str = "exam
             raise InvalidOptionError("Give predicted falloffs either as points of the data axis (predictions) or as "
                                      "capacities in bits (capacities), not both.")
         preds = _departures(_predictions(capacities, "capacities"), full_run, full_series, x, notes)
+    subspace = compare_subspaces(full, [(source, result.run.label, identity.rank)
+                                        for source, result, identity in zip(lora_list, results, identities)],
+                                 recorded_dataset_examples(full_run.config))
     return Comparison(x=x, criterion=criterion, full=full_curve, loras=results,
-                      predictions=prediction_rows(preds, results), notes=notes)
+                      predictions=prediction_rows(preds, results), notes=notes, subspace=subspace)
 
 
 def _departures(capacities: dict[int, float], run: LoadedRun, series: LossSeries, x: str, notes: list[str]

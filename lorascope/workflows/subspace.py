@@ -16,20 +16,25 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from lorascope.analysis.intruders import DEFAULT_EPS, IntruderSummary
+from lorascope.analysis.information import recorded_dataset_examples
+from lorascope.analysis.intruders import DEFAULT_EPS, IntruderComparison, IntruderSummary, RunIntruders, final_counts
 from lorascope.analysis.subspace import (
     DEFAULT_SETTLE_PHI,
+    Overlap,
     SubspaceDynamics,
     numerical_rank,
     orthonormal,
+    overlap_of,
     principal_angles,
     subspace_dynamics,
 )
 from lorascope.model.peft import without_peft_prefix
 from lorascope.store.reader import Run, open_run
 
-__all__ = ["RECORD_FACTORS", "RECORD_INTRUDERS", "Subspace", "missing_line", "read_subspace", "run_factors",
-           "subspace_overlap"]
+__all__ = ["RECORD_FACTORS", "RECORD_INTRUDERS", "Subspace", "compare_subspaces", "missing_line", "read_subspace",
+           "run_factors", "subspace_overlap"]
+
+RunLike = str | os.PathLike[str] | Run
 
 RECORD_FACTORS = "factors_k=8"  # the option to record with, as the report's one line names it
 RECORD_INTRUDERS = "intruder_k=10"  # the paper's k
@@ -60,7 +65,7 @@ def missing_line(factors: bool, intruders: bool) -> str | None:
     return "not recorded: record with " + " and ".join(need) + " (lorascope.record(..., option))"
 
 
-def _open(source: str | os.PathLike[str] | Run) -> Any:
+def _open(source: RunLike) -> Any:
     return nullcontext(source) if isinstance(source, Run) else open_run(source)
 
 
@@ -71,7 +76,7 @@ def run_factors(run: Run, snapshots: Sequence[int], grad: bool = False
     return [[read(m, s) for s in snapshots] for m in range(len(run.modules))]
 
 
-def read_subspace(source: str | os.PathLike[str] | Run, path: str, ranks: Sequence[int], x: str, *,
+def read_subspace(source: RunLike, path: str, ranks: Sequence[int], x: str, *,
                   threshold: float = DEFAULT_SETTLE_PHI, eps: float = DEFAULT_EPS) -> Subspace:
     """The subspace section of one run: dynamics at the candidate ranks no larger than its ``factors_k`` (and
     ``factors_k`` itself), intruder counts at ``eps``; ``missing`` names the option for what was not recorded."""
@@ -94,22 +99,49 @@ def read_subspace(source: str | os.PathLike[str] | Run, path: str, ranks: Sequen
             use = sorted({r for r in ranks if r <= k} | {k})
             dynamics = subspace_dynamics(names, kinds, snapshots["step"].values, snapshots[x].values, factors,
                                          nranks, use, grad_factors=grads, threshold=threshold)
-        intruders = None
-        if run.intruder_k > 0 and "intruder_cos" in snapshots:
-            rows = modules["out_features"].to_numpy()
-            basis = np.minimum(rows, modules["in_features"].to_numpy())
-            intruders = IntruderSummary(names, kinds, rows, basis, snapshots["step"].values,
-                                        snapshots[x].values.astype(np.float64),
-                                        snapshots["intruder_cos"].transpose("snapshot", "module", "intruder").values
-                                        .astype(np.float64), eps=eps)
+        intruders = _intruders(run, snapshots, x, eps)
     return Subspace(path, x, dynamics, intruders, missing_line(dynamics is not None, intruders is not None))
+
+
+def _intruders(run: Run, snapshots: xr.Dataset, x: str, eps: float) -> IntruderSummary | None:
+    """The run's intruder cosines as an :class:`IntruderSummary` (None when it recorded none)."""
+    if run.intruder_k <= 0 or "intruder_cos" not in snapshots:
+        return None
+    modules = run.modules
+    rows = modules["out_features"].to_numpy()
+    basis = np.minimum(rows, modules["in_features"].to_numpy())  # the recorder keeps W_0's thin U
+    cos = snapshots["intruder_cos"].transpose("snapshot", "module", "intruder").values.astype(np.float64)
+    return IntruderSummary([str(n) for n in modules["name"]], [str(k) for k in modules["kind"]], rows, basis,
+                           snapshots["step"].values, snapshots[x].values.astype(np.float64), cos, eps=eps)
+
+
+def compare_subspaces(full: RunLike, loras: Sequence[tuple[RunLike, str, int | None]], dataset: int | None, *,
+                      rank: int = 8, eps: float = DEFAULT_EPS) -> IntruderComparison:
+    """compare's subspace section: each run's intruder dimensions at its final snapshot (full fine-tuning first),
+    and each LoRA run's overlap with full fine-tuning's top-``rank`` update subspace, per kind.
+
+    ``loras``: (source, label, rank) per LoRA run; ``dataset``: the full run's dataset size in examples.
+    """
+    runs, recorded = [], {"factors": False, "intruders": False}
+    for source, label, lora_rank in [(full, "full fine-tuning", None), *loras]:
+        with _open(source) as run:
+            path = str(run.path)
+            intr = _intruders(run, _columns(run, "step"), "step", eps) if run.n_snapshots else None
+            examples = recorded_dataset_examples(run.config) or dataset
+        overlap = None if source is full else subspace_overlap(full, source, rank)
+        recorded["intruders"] |= intr is not None
+        recorded["factors"] |= overlap is not None
+        counts, modules, near = final_counts(intr) if intr is not None else (None, None, 0)
+        runs.append(RunIntruders(label, path, lora_rank, examples, counts, modules, near, overlap))
+    return IntruderComparison(eps=eps, rank=rank, runs=runs,
+                              missing=missing_line(recorded["factors"], recorded["intruders"]))
 
 
 def _columns(run: Run, x: str) -> xr.Dataset:
     """The snapshot columns the section reads, in memory."""
     table = run.snapshots
     return table[[c for c in ("sv", "intruder_cos") if c in table]].assign_coords(
-        step=table["step"], **{x: table[x]}).load()
+        {"step": table["step"], x: table[x]}).load()
 
 
 def _stored_k(run: Run) -> int:
@@ -118,24 +150,7 @@ def _stored_k(run: Run) -> int:
     return 0 if pair is None else int(pair[0].shape[1])
 
 
-@dataclass(frozen=True)
-class Overlap:
-    """How much of full fine-tuning's top-r update subspace a LoRA run's holds, per kind, at the final snapshots.
-
-    ``phi[side]`` and ``angles_deg[side]`` (the median over modules of each principal angle) per side ("left",
-    "right"); ``modules`` matched by name.
-    """
-
-    rank: int
-    modules: int
-    phi: dict[str, float | None]
-    angles_deg: dict[str, list[float | None]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "modules": self.modules, "phi": self.phi, "angles_deg": self.angles_deg}
-
-
-def subspace_overlap(full: str | os.PathLike[str] | Run, lora: str | os.PathLike[str] | Run, rank: int
+def subspace_overlap(full: RunLike, lora: RunLike, rank: int
                      ) -> dict[str, Overlap] | None:
     """Per kind (and "all"), the overlap between a LoRA run's final top-``rank`` update subspaces and full
     fine-tuning's, over the modules both recorded (names matched without the PEFT prefix). ``rank`` is capped at
@@ -163,19 +178,4 @@ def subspace_overlap(full: str | os.PathLike[str] | Run, lora: str | os.PathLike
                       for s in range(2)]
             for group in (str(kind), "all"):
                 per.setdefault(group, []).append((angles[0], angles[1]))
-    return {group: _overlap(rank, rows) for group, rows in per.items()}
-
-
-def _overlap(rank: int, rows: list[tuple[np.ndarray, np.ndarray]]) -> Overlap:
-    phi: dict[str, float | None] = {}
-    angles: dict[str, list[float | None]] = {}
-    for s, side in enumerate(("left", "right")):
-        values = [float(np.mean(np.cos(np.radians(row[s])) ** 2)) for row in rows]
-        phi[side] = round(float(np.median(values)), 4)
-        width = max(row[s].size for row in rows)
-        padded = np.full((len(rows), width), np.nan)
-        for m, row in enumerate(rows):
-            padded[m, : row[s].size] = row[s]
-        angles[side] = [None if not np.isfinite(np.nanmedian(col)) else round(float(np.nanmedian(col)), 2)
-                        for col in padded.T]
-    return Overlap(rank=rank, modules=len(rows), phi=phi, angles_deg=angles)
+    return {group: overlap_of(rank, rows) for group, rows in per.items()}
