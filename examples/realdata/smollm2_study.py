@@ -244,9 +244,7 @@ def best(results: dict[str, dict], target: str, rank: int, n: int, by: str) -> d
 
 def predict(out: Path, base: Any, task: TaskData, results: dict[str, dict], say: Any) -> dict[str, Any]:
     """Every predictor's falloff per rank, written to ``predictions.json`` before any LoRA run exists."""
-    sys.path.insert(0, str(HERE))
-    import run as smaller_study  # the cheaper setting's forecast reader
-
+    smaller_study = _module("realdata_run", HERE / "run.py")  # the cheaper setting's forecast reader
     if any(r["target"] != "full" for r in results.values()) or list((out / "runs").glob("lora_*.h5")):
         raise SystemExit(f"smollm2_study: {out} already holds LoRA runs; the predictions must come first")
     probes = {n: best(results, "full", 0, n, "train_loss") for n in PROBE_SIZES}
@@ -337,6 +335,18 @@ def _edge(lr: float, grid: Any) -> str | None:
     if len(grid) < 2:
         return None
     return "low" if lr == grid[0] else "high" if lr == grid[-1] else None
+
+
+def _module(name: str, path: Path) -> Any:
+    """A script imported under its own name (examples/reproduce/run.py is a module ``run`` too)."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def _jsonable(x: Any) -> Any:

