@@ -1,20 +1,23 @@
 """What the live metrics (docs/recording.md, "Live metrics in your tracker") cost per snapshot.
 
 For model shapes from tiny to 7B, one snapshot's spectra are made up (descending random singular values of the
-right count), and three things are timed in this process: the snapshot scalars (``snapshot_scalars``: analyze's
-``update_metrics`` + ``aggregate``, computed on the writer thread), the training thread's share
-(``LiveMetrics.publish`` with the noise-scale inputs of the steps since the last snapshot), and as the baseline
-the spectra those scalars come from (the singular values of every matrix, which the recorder computes
-anyway: ``torch.linalg.svdvals`` on one thread; above 1,024 per side estimated from 1,024 by ``n^3``). Prints a table of
+right count), and four things are timed in this process: the snapshot scalars alone (``snapshot_scalars``:
+analyze's ``update_metrics`` + ``aggregate``); everything the writer thread does for the live metrics at that
+snapshot (``LiveMetrics`` fed through its writer tap: the step rows since the last snapshot, then the snapshot's
+scalars, the noise scale and the capacity share, whose estimator reads every step so far, ``--run-steps`` of
+them); the training thread's share (``LiveMetrics.publish``: the hand-over to a no-op sink); and as the baseline
+the spectra those scalars come from (the singular values of every matrix, which the recorder computes anyway:
+``torch.linalg.svdvals`` on one thread; above 1,024 per side estimated from 1,024 by ``n^3``). Prints a table of
 times and ratios to the baseline.
 
-    python benchmarks/live_metrics_cost.py [--repeats 3]
+    python benchmarks/live_metrics_cost.py [--repeats 3] [--steps 100] [--run-steps 10000]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -53,15 +56,28 @@ def _svd_seconds(shapes: list[tuple[str, int, int]]) -> float:
     return sum(per_shape[(o, i)] for _, o, i in shapes)
 
 
+def _step_columns(first: int, last: int, n_matrices: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The step rows ``first``..``last`` as the run file's writer appends them (a falling loss, 8 examples of 64
+    loss tokens a step, noise-scale norms at 4 and 8 examples with |G|^2 > 0)."""
+    steps = np.arange(first, last + 1)
+    norms = rng.random((steps.size, n_matrices)).astype(np.float32)
+    return {"step": steps, "loss": 3.0 / np.sqrt(steps), "lr": np.full(steps.size, 1e-4),
+            "batch_examples": np.full(steps.size, 8), "batch_tokens": np.full(steps.size, 512),
+            "batch_loss_tokens": np.full(steps.size, 64), "examples_seen": 8 * steps,
+            "gns_batch_small": np.full(steps.size, 4.0), "gns_batch_big": np.full(steps.size, 8.0),
+            "gns_sq_norm_small": 1.5 * norms, "gns_sq_norm_big": norms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=100, help="steps of noise-scale inputs per publication")
+    parser.add_argument("--steps", type=int, default=100, help="steps since the last snapshot")
+    parser.add_argument("--run-steps", type=int, default=10_000, help="steps so far (the capacity share reads all)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     torch.set_num_threads(1)
-    print(f"{'model':<16} {'matrices':>8} {'scalars (writer) s':>19} {'publish (training) s':>21} "
-          f"{'spectra s':>10} {'scalars / spectra':>18}")
+    print(f"{'model':<16} {'matrices':>8} {'scalars s':>10} {'writer thread s':>16} {'publish (training) s':>21} "
+          f"{'spectra s':>10} {'writer / spectra':>17}")
     for name, dims in SHAPES.items():
         shapes = _matrices(*dims)
         sv = [np.sort(rng.random(min(o, i)))[::-1].astype(np.float32) for _, o, i in shapes]
@@ -74,18 +90,27 @@ def main() -> None:
             scalars.append(time.perf_counter() - started)
         refs = [MatrixRef(name=f"m{j}", module=f"m{j}", parameter="weight", kind=k, role="", layer=-1, expert=-1,
                           out_features=o, in_features=i) for j, (k, o, i) in enumerate(shapes)]
-        live = LiveMetrics(refs, lambda scalars, step: None)
-        for step in range(1, args.steps + 1):
-            norms = torch.rand(len(refs))
-            live.on_step({"step": step, "gns_batch_small": 4.0, "gns_batch_big": 8.0, "batch_examples": 8,
-                          "gns_sq_norm_small": norms * 2, "gns_sq_norm_big": norms})
-        live.on_snapshot(Snapshot(step=args.steps, energy=energy, sv=sv))
-        started = time.perf_counter()
-        live.publish()
-        publish = time.perf_counter() - started
+        writer_seconds, publish_seconds = [], []
+        for _ in range(args.repeats):
+            live = LiveMetrics(refs, lambda scalars, step: None)
+            run_file = SimpleNamespace(_config={"dataset": {"examples": 8 * args.run_steps // 4}},  # 4 epochs
+                                       append_steps=lambda rows: None, append_snapshot=lambda snapshot: None)
+            tapped = live.tap(run_file)
+            before = args.run_steps - args.steps
+            tapped.append_steps(_step_columns(1, before, len(refs), rng))  # the run so far, not timed
+            tapped.append_snapshot(Snapshot(step=before, energy=energy, sv=sv))
+            live.publish()
+            started = time.perf_counter()
+            tapped.append_steps(_step_columns(before + 1, args.run_steps, len(refs), rng))
+            tapped.append_snapshot(Snapshot(step=args.run_steps, energy=energy, sv=sv))
+            writer_seconds.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            live.publish()
+            publish_seconds.append(time.perf_counter() - started)
         spectra = _svd_seconds(shapes)
-        best = min(scalars)
-        print(f"{name:<16} {len(shapes):>8} {best:>19.3f} {publish:>21.4f} {spectra:>10.2f} {best / spectra:>18.3f}")
+        writer = min(writer_seconds)
+        print(f"{name:<16} {len(shapes):>8} {min(scalars):>10.3f} {writer:>16.3f} {min(publish_seconds):>21.5f} "
+              f"{spectra:>10.2f} {writer / spectra:>17.3f}")
 
 
 if __name__ == "__main__":
