@@ -48,7 +48,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--full-lr", type=float, default=1e-3)
     parser.add_argument("--lora-lr", type=float, default=3e-3)
-    parser.add_argument("--snapshots", type=int, default=12, help="log-spaced snapshots per run")
+    parser.add_argument("--snapshots", type=int, default=16, help="log-spaced snapshots per run (plus one every "
+                        "--every epochs, so that losses can be matched late in training too)")
+    parser.add_argument("--every", type=int, default=2, help="also a snapshot every this many epochs")
+    parser.add_argument("--match", type=float, nargs="*", default=[2.0, 0.5],
+                        help="training losses to match besides the lowest every run reaches")
     parser.add_argument("--factors-k", type=int, default=8)
     parser.add_argument("--intruder-k", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -56,13 +60,14 @@ def parse() -> argparse.Namespace:
     args = parser.parse_args()
     if args.smoke:
         args.hidden, args.examples, args.epochs, args.batch_size = 32, 64, 4, 16
-        args.pretrain_steps, args.ranks, args.snapshots = 10, [1, 4], 4
+        args.pretrain_steps, args.ranks, args.snapshots, args.every, args.match = 10, [1, 4], 4, 2, [6.0]
     return args
 
 
-def schedule(steps: int, count: int) -> list[int]:
-    """``count`` log-spaced snapshot steps from the first to the last (unique)."""
-    return sorted({int(round(s)) for s in np.geomspace(1, steps, count)} | {steps})
+def schedule(steps: int, count: int, every: int) -> list[int]:
+    """``count`` log-spaced snapshot steps from the first to the last, and every ``every``-th step (unique)."""
+    return sorted({int(round(s)) for s in np.geomspace(1, steps, count)} | set(range(every, steps + 1, every))
+                  | {steps})
 
 
 def train_and_record(base: Path, path: Path, args: argparse.Namespace, rank: int) -> dict[str, Any]:
@@ -91,7 +96,7 @@ def train_and_record(base: Path, path: Path, args: argparse.Namespace, rank: int
     start = time.time()
     trained.train()
     with lorascope.record(trained, path, optimizer=optimizer, overwrite=True, total_steps=steps,
-                          snapshots=schedule(steps, args.snapshots), factors_k=args.factors_k,
+                          snapshots=schedule(steps, args.snapshots, args.every * per_epoch), factors_k=args.factors_k,
                           intruder_k=args.intruder_k, time_budget=None,
                           extra_config={"dataset": {"examples": args.examples}}):
         for _ in range(args.epochs):
@@ -142,6 +147,14 @@ def _num(value: float, digits: int = 1) -> float | None:
     return round(float(value), digits) if np.isfinite(value) else None
 
 
+def match(run: dict[str, Any], target: float) -> dict[str, Any]:
+    """The run's snapshot whose training loss is closest to ``target``, with its intruder counts per eps and kind."""
+    i = int(np.nanargmin(np.abs(np.array(run["snapshot_loss"]) - target)))
+    return {"snapshot": i, "step": run["snapshot_step"][i] if run["snapshot_step"] else None,
+            "loss": run["snapshot_loss"][i],
+            "intruders": {e: {k: v[i] for k, v in by.items()} for e, by in run.get("intruders", {}).items()}}
+
+
 def matched(results: list[dict[str, Any]]) -> float:
     """The lowest training loss every run reaches (its snapshots' smoothed losses)."""
     return max(float(np.nanmin(r["snapshot_loss"])) for r in results)
@@ -165,10 +178,10 @@ def main() -> int:
             overlaps[str(info["rank"])] = None if per_kind is None else {k: v.to_dict() for k, v in per_kind.items()}
     target = matched(results)
     for r in results:
-        i = int(np.nanargmin(np.abs(np.array(r["snapshot_loss"]) - target)))
-        r["matched"] = {"snapshot": i, "step": r["snapshot_step"][i] if r["snapshot_step"] else None,
-                        "loss": r["snapshot_loss"][i],
-                        "intruders": {e: {k: v[i] for k, v in by.items()} for e, by in r.get("intruders", {}).items()}}
+        r["matched"] = match(r, target)
+        # other losses: only the runs that reach them (within 10%) get a snapshot
+        r["matched_at"] = {f"{t:g}": match(r, t) if np.nanmin(r["snapshot_loss"]) <= 1.1 * t else None
+                           for t in args.match}
     report = {"command": "python examples/reproduce/repro_subspace.py " + " ".join(sys.argv[1:]),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "pretrain_loss": round(pretrain_loss, 4), "matched_loss": round(target, 4), "runs": results,
@@ -197,6 +210,16 @@ def print_report(report: dict[str, Any]) -> None:
         final = sum(v[-1] for v in r["intruders"]["0.5"].values()) if "intruders" in r else None
         print(f"{_name(r['rank']):<12}{m['loss']:>7.3f}{m['step']!s:>6}" + "".join(f"{c!s:>9}" for c in counts)
               + f"{final!s:>11}{r.get('near_chance_modules', '-')!s:>13}")
+    for t in report["settings"]["match"]:
+        print(f"\n    at training loss {t:g} (runs that reach it), intruders at eps=0.5 (0.3 / 0.7):")
+        for r in report["runs"]:
+            m = r["matched_at"].get(f"{t:g}")
+            if m is None:
+                print(f"    {_name(r['rank']):<12} never reaches it (lowest {min(r['snapshot_loss']):.3f})")
+                continue
+            c = {e: sum(m["intruders"].get(e, {}).values()) for e in ("0.3", "0.5", "0.7")}
+            print(f"    {_name(r['rank']):<12} loss {m['loss']:.3f} at step {m['step']}: {c['0.5']} "
+                  f"({c['0.3']} / {c['0.7']})")
     print("\n(b) overlap of each LoRA's final update subspace with full fine-tuning's top-k (median phi, left/right)")
     for rank, per in report["overlap_with_full"].items():
         if per is None:
