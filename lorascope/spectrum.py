@@ -225,16 +225,19 @@ class _Item:
 
 
 def _prepare(index: int, matrix: torch.Tensor | np.ndarray, target: torch.device | None, method: str) -> _Item:
+    data: np.ndarray | torch.Tensor
     if isinstance(matrix, torch.Tensor):
-        data: np.ndarray | torch.Tensor = matrix.detach()
+        tensor = matrix.detach()
         if target is not None:
-            data = data.to(target)
-        if data.device.type == "mps":  # no float64 there
-            data = data.cpu()
-        if data.is_complex():
-            raise ValueError(f"singular_values_many expects real matrices. Got dtype {data.dtype} at index {index}.")
-        if data.device.type == "cpu":
-            data = (data if data.dtype not in (torch.bfloat16, torch.float16) else data.float()).resolve_neg().numpy()
+            tensor = tensor.to(target)
+        if tensor.device.type == "mps":  # no float64 there
+            tensor = tensor.cpu()
+        if tensor.is_complex():
+            raise ValueError(f"singular_values_many expects real matrices. Got dtype {tensor.dtype} at index {index}.")
+        data = tensor
+        if tensor.device.type == "cpu":
+            data = (tensor if tensor.dtype not in (torch.bfloat16, torch.float16) else tensor.float()
+                    ).resolve_neg().numpy()
     else:
         data = np.asarray(matrix)
         if data.dtype.kind not in "fiub":

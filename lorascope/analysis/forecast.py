@@ -50,7 +50,7 @@ def active_experts(config: Mapping[str, Any] | None) -> int | None:
     for section in (config.get("text_config") or {}, config):
         for key in ACTIVE_EXPERT_KEYS:
             value = section.get(key)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0:
                 return int(value)
     return None
 
@@ -100,7 +100,7 @@ def lora_parameters_of(matrices: Sequence[Matrix], kinds: Sequence[str], rank: i
         if m.kind in kinds:
             entry = adapters.setdefault(m.adapter, [m.kind, 0, m.in_features, m.expert])
             entry[1] += m.out_features
-    total, by_kind = 0, {}
+    total, by_kind = 0, dict[str, int]()
     for kind, out, inp, expert in adapters.values():
         r = max(1, rank // active_experts) if kind == "moe_expert" and expert >= 0 and active_experts else rank
         r = min(r, out, inp)  # PEFT allows a larger rank, but it adds nothing past the matrix's size

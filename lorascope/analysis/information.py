@@ -380,4 +380,4 @@ def step_arrays(steps: xr.Dataset) -> StepArrays:
 def recorded_dataset_examples(config: Mapping[str, Any]) -> int | None:
     """The dataset size a run's config records (``config["dataset"]["examples"]``), or None."""
     recorded = (config.get("dataset") or {}).get("examples")
-    return int(recorded) if isinstance(recorded, numbers.Integral) and recorded > 0 else None
+    return int(recorded) if isinstance(recorded, numbers.Integral) and int(recorded) > 0 else None

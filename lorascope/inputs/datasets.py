@@ -188,7 +188,8 @@ def _parse(record: Any, lineno: int, path: Any) -> tuple[str, list[str], list[st
         return value
 
     if "messages" in record:
-        prompt, completion = [], []
+        prompt: list[str] = []
+        completion: list[str] = []
         turns = record["messages"]
         if not isinstance(turns, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                  for m in turns):

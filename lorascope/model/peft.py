@@ -7,7 +7,7 @@ these functions.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -32,15 +32,15 @@ def is_lora_layer(module: nn.Module) -> bool:
 
 def base_layer_of(layer: nn.Module) -> nn.Module:
     """The innermost ``base_layer`` of a (possibly nested) LoRA layer; the module itself otherwise."""
-    while isinstance(getattr(layer, "base_layer", None), nn.Module):
-        layer = layer.base_layer
+    while isinstance(base := getattr(layer, "base_layer", None), nn.Module):
+        layer = base
     return layer
 
 
 def active_adapters(layer: nn.Module) -> list[str]:
     """Names of the active adapters a LoRA layer holds weights for."""
     active = getattr(layer, "active_adapters", None) or []
-    return [a for a in active if a in layer.lora_A]
+    return [a for a in active if a in cast(nn.ModuleDict, layer.lora_A)]
 
 
 def is_plain_lora(layer: nn.Module) -> bool:
@@ -48,8 +48,9 @@ def is_plain_lora(layer: nn.Module) -> bool:
     update. Anything else (PEFT's ParamWrapper on fused experts, embeddings, convolutions) merges through
     ``get_delta_weight``."""
     adapters = active_adapters(layer)
+    lora_a, lora_b = cast(nn.ModuleDict, layer.lora_A), cast(nn.ModuleDict, layer.lora_B)
     return bool(adapters) and all(
-        isinstance(layer.lora_A[a], nn.Linear) and isinstance(layer.lora_B[a], nn.Linear) for a in adapters
+        isinstance(lora_a[a], nn.Linear) and isinstance(lora_b[a], nn.Linear) for a in adapters
     ) and type(layer).__name__ in ("Linear",)
 
 

@@ -258,11 +258,11 @@ def _ranks(adapters: Sequence[LoraAdapter], rank: int | Mapping[str, int]) -> di
             )
     ranks = {}
     for a in adapters:
-        value = rank.get(a.name, rank.get(a.kind, rank.get("*")))
-        if value is None:
+        given: int | None = next((rank[key] for key in (a.name, a.kind, "*") if key in rank), None)
+        if given is None:
             raise InvalidOptionError(
                 f"The 'rank' parameter of make_lora_config gives no rank for {a.name!r} (kind {a.kind!r}); "
                 "add its kind, its name or '*'."
             )
-        ranks[a.name] = int(value)
+        ranks[a.name] = int(given)
     return ranks

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -165,7 +165,8 @@ def detect(tensors: Sequence[dict[str, torch.Tensor]]) -> DistributedContext:
     device = torch.device("cpu")
     if flat and backend != "gloo":
         first = flat[0]
-        device = torch.device(first.device_mesh.device_type) if is_dtensor(first) else first.device
+        # a DTensor's device_mesh is not on torch.Tensor's type
+        device = torch.device(cast(Any, first).device_mesh.device_type) if is_dtensor(first) else first.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return DistributedContext(torch.distributed.get_rank(), torch.distributed.get_world_size(), backend, mode,

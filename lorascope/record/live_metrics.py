@@ -67,9 +67,10 @@ class LiveMetrics:
                  on_step: bool = True, constant: CapacityConstant | None = None) -> None:
         self._kinds = [ref.kind for ref in refs]
         self._shapes = ([ref.out_features for ref in refs], [ref.in_features for ref in refs])
-        self._modules = {"kind": self._kinds, "out_features": self._shapes[0], "in_features": self._shapes[1],
-                         "module": [ref.module for ref in refs], "parameter": [ref.parameter for ref in refs],
-                         "expert": [ref.expert for ref in refs]}
+        self._modules: dict[str, list[Any]] = {  # the run file's modules table, as analyze's forecast reads it
+            "kind": self._kinds, "out_features": self._shapes[0], "in_features": self._shapes[1],
+            "module": [ref.module for ref in refs], "parameter": [ref.parameter for ref in refs],
+            "expert": [ref.expert for ref in refs]}
         self._ranks = live_ranks(*self._shapes)
         self._constant = constant or capacity_constant()
         self.sink = GuardedSink(sink, where)

@@ -48,7 +48,10 @@ def tracker_sink(tracker: Any) -> Sink:
         if isinstance(run_id, str):  # an ActiveRun or a Run
             import mlflow
 
-            return lambda scalars, step: mlflow.log_metrics(scalars, step=step, run_id=run_id)
+            def log_to_run(scalars: dict[str, float], step: int) -> None:
+                mlflow.log_metrics(scalars, step=step, run_id=run_id)
+
+            return log_to_run
     if callable(getattr(tracker, "add_scalar", None)):  # a TensorBoard SummaryWriter (torch or tensorboardX)
         return _tensorboard_sink(tracker)
     if callable(tracker) and not isinstance(tracker, (type, types.ModuleType)):
@@ -68,7 +71,7 @@ def _tensorboard_sink(writer: Any) -> Sink:
 
 
 def _wandb_sink(run: Any) -> Sink:
-    defined = []
+    defined: list[bool] = []
 
     def publish(scalars: dict[str, float], step: int) -> None:
         if not defined:  # lorascope's curves against the optimizer step, whatever else the run logs

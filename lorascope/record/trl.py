@@ -37,6 +37,7 @@ def trl_config(args: Any, dataloader: Any) -> dict[str, Any]:
         return {}
     generations = getattr(args, "num_generations", None)
     rl = isinstance(generations, int) and not isinstance(generations, bool) and generations > 0
+    episodes = generations if isinstance(generations, int) and rl else 0  # per prompt
     names = _RL_ARGS if rl else _SFT_ARGS
     section = {"config": type(args).__name__,
                **{name: _plain(getattr(args, name)) for name in names if hasattr(args, name)}}
@@ -44,8 +45,8 @@ def trl_config(args: Any, dataloader: Any) -> dict[str, Any]:
     if rl:
         prompts = _length(getattr(dataloader, "dataset", None))
         if prompts is not None:
-            out["dataset"] = {"examples": prompts * int(generations), "unit": "episodes", "prompts": prompts,
-                              "episodes_per_prompt": int(generations)}
+            out["dataset"] = {"examples": prompts * episodes, "unit": "episodes", "prompts": prompts,
+                              "episodes_per_prompt": episodes}
     return out
 
 

@@ -271,7 +271,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     if log:  # one line per rank, each starting "rank ": the CLI's progress bar counts them
         log(f"rank {first}: {_describe(points[0])}")
     for position, rank in enumerate(ranks[1:], start=1):
-        if not affordable(rank, load):
+        if budget is not None and not affordable(rank, load):  # affordable whenever there is no budget
             notes.append(f"ranks {', '.join(map(str, ranks[position:]))} skipped: rank {rank} needs "
                          f"{facts_for(rank, load) * epochs:,} adapter-training examples, the budget "
                          f"({budget:,}) has {budget - spent:,} left")
@@ -310,7 +310,7 @@ def _point_notes(points: Sequence[CalibrationPoint]) -> list[str]:
 
 
 def _positive(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and float(value) > 0
 
 
 def _calibration_layers(model: nn.Module, target: str, layers: Sequence[int] | str | None) -> frozenset[int] | None:

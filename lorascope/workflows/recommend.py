@@ -244,8 +244,8 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     signature = model_signature(module)
     resolved = resolve_target(module, target)
     notes: list[str] = []
-    examples, trained_tokens = _dataset_size(task, examples, tokens_per_example, tokens, dataset, tokenizer, notes,
-                                             tokens_required=task == "sft" and not probes)
+    size, trained_tokens = _dataset_size(task, examples, tokens_per_example, tokens, dataset, tokenizer, notes,
+                                         tokens_required=task == "sft" and not probes)
 
     if task == "sft":
         notes.append(f"the runways are {REAL_TEXT_FINDING}")
@@ -254,8 +254,10 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     full = [p for p in probe_results if not p.lora] or probe_results
     largest = max(full, key=lambda p: p.information.epoch_examples) if full else None
     if largest is not None and task == "sft":
-        bits = bits_for_plan([p.planned for p in full])
-        notes.extend(f"probe {largest.path}: {n}" for n in (*largest.information.notes, *largest.planned.notes))
+        planned_bits = [p.planned for p in full if p.planned is not None]  # every SFT probe has its planned bits
+        bits = bits_for_plan(planned_bits)
+        notes.extend(f"probe {largest.path}: {n}" for n in (*largest.information.notes,
+                                                            *(largest.planned.notes if largest.planned else ())))
         divergence = largest.analysis.runs[0].divergence
         if divergence is not None:
             notes.append(f"probe {largest.path} diverged at step {divergence.step}: its bits come from the finite "
@@ -264,7 +266,7 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
             notes.append(f"probe {largest.path} is a LoRA run: what it absorbed is capped by its own capacity, "
                          "so the bits to learn may be under-estimated; a full fine-tuning probe measures them")
     else:
-        bits = information_from_size(examples=examples, tokens_per_example=trained_tokens, task=task,
+        bits = information_from_size(examples=size, tokens_per_example=trained_tokens, task=task,
                                      bits_per_token=bits_per_token, bits_per_episode=bits_per_episode)
         if probe_results:
             notes.append("RL: the bits per episode come from the reward's information, not from the probe's loss")
@@ -281,7 +283,7 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
 
     useful = _max_useful_rank(count)
     kind_ranks = _measured_kind_ranks(largest if task == "sft" else None, count, active, constant,
-                                      bits.bits(examples), useful, notes)
+                                      bits.bits(size), useful, notes)
 
     def ranks_by_adapter(rank: int) -> dict[str, int]:
         # a kind whose measured share of the bits needs more than this rank gets its measured rank
@@ -300,9 +302,9 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     def holding(rank: int) -> int:
         return parameters(rank, effective=True)[0]
 
-    predictions = predict_ranks(ranks, parameters, examples=examples, bits=bits, constant=constant,
+    predictions = predict_ranks(ranks, parameters, examples=size, bits=bits, constant=constant,
                                 trained_tokens_per_example=trained_tokens if task == "sft" else None, holding=holding)
-    needed = rank_needed(examples, bits, constant, parameters, holding=holding)
+    needed = rank_needed(size, bits, constant, parameters, holding=holding)
     above = [r for r in ranks if r > useful]
     if above:
         notes.append(f"rank(s) {', '.join(map(str, above))} exceed every adapted matrix's size (min(in, out) <= "
@@ -321,13 +323,13 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
                      f"(rank {rank}, the largest useful candidate, is shown)")
     peft_config = make_lora_config(module, target=resolved, rank=ranks_by_adapter(rank), alpha=LORA_ALPHA)
     chosen_parameters, chosen_by_kind = parameters(rank)
-    steps = math.ceil(examples * epochs / batch_size) if batch_size else None
+    steps = math.ceil(size * epochs / batch_size) if batch_size else None
     lr_multiplier, lr_reason = _learning_rate(steps)
     b_noise, batch_advice = _batch_advice(probe_results, batch_size)
     if resolved == "all-linear" and any(a.kind == "router" for a in count.adapters):
         notes.append("a Linear router is adapted too (PEFT's all-linear rule); routers hold few parameters")
     return Recommendation(
-        model=signature, target=resolved, task=task, examples=float(examples),
+        model=signature, target=resolved, task=task, examples=size,
         trained_tokens_per_example=trained_tokens, epochs=float(epochs), batch_size=batch_size, bits=bits,
         constant=constant, predictions=predictions, rank=rank, rank_needed=needed,
         ranks_by_kind=chosen_by_kind, lora_parameters=chosen_parameters, lr_multiplier=lr_multiplier,
@@ -340,7 +342,7 @@ def _measured_kind_ranks(probe: Probe | None, count: Any, active: int | None, co
     """Per adapted kind, the smallest rank whose LoRA holds the kind's share of the planned dataset's bits, from a
     probe recorded with ``contributions=True`` (its share of the held loss reduction); empty without one."""
     contributions = None if probe is None else probe.analysis.contributions
-    if contributions is None:
+    if probe is None or contributions is None:
         return {}
     out = {}
     for part in contributions.kinds:
@@ -373,7 +375,7 @@ def _adapter_rank(rank: int, kind: str, experts: int, active: int | None) -> int
 def _active_experts(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     text = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    return active_experts(text.to_dict()) if hasattr(text, "to_dict") else None
+    return active_experts(text.to_dict()) if text is not None and hasattr(text, "to_dict") else None
 
 
 def _max_useful_rank(count: Any) -> int:

@@ -162,7 +162,7 @@ class ModelFacts:
     @classmethod
     def of_model(cls, model: nn.Module, source: str = "this model") -> ModelFacts:
         config = getattr(model, "config", None)
-        values = config.to_dict() if callable(getattr(config, "to_dict", None)) else {}
+        values = config.to_dict() if config is not None and callable(getattr(config, "to_dict", None)) else {}
         refs = classify(model, include_frozen=True).matrices
         return cls(source, values, tuple((r.name, r.out_features, r.in_features) for r in refs))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -191,14 +191,16 @@ class PerExampleNorms:
         done = [mb for mb in self._batches if mb.per_target is not None]
         if not done:
             return None
+        targets = [cast(torch.Tensor, mb.per_target) for mb in done]  # not None: chosen so above, and then
+        others = [cast(torch.Tensor, mb.other) for mb in done]  # ``other`` is set with ``per_target`` (state.py)
         for mb in done:
             for call in mb.waiting:  # its recomputed input never came: the checkpointing was not understood
                 self._mark(call.site, "gradient checkpointing: the recomputation of its input was not seen")
                 mb.invalid.update(group for group, _ in call.site.parts)
             mb.waiting.clear()
-        device = done[0].per_target.device
-        per_target = torch.cat([mb.per_target.to(device) for mb in done])
-        other = torch.cat([mb.other.to(device) for mb in done])
+        device = targets[0].device
+        per_target = torch.cat([t.to(device) for t in targets])
+        other = torch.cat([t.to(device) for t in others])
         broken = {group for site in self._sites if site.path in self.unsupported for group, _ in site.parts}
         broken.update(*(mb.invalid for mb in done))
         nan_columns = {i for i, path in enumerate(self.columns) if path is None or path in self.unsupported}
@@ -418,7 +420,8 @@ class PerExampleNorms:
     def _check_input(self, site: Site, x: Any) -> str:
         if not isinstance(x, torch.Tensor):
             return f"called with a {type(x).__name__} input, not a tensor"
-        feature_dims = {"embedding": 0, "linear": 1, "conv1d": 1}.get(site.kind, site.module.weight.ndim)
+        feature_dims = {"embedding": 0, "linear": 1, "conv1d": 1}.get(site.kind,
+                                                                      cast(torch.Tensor, site.module.weight).ndim)
         if x.ndim - feature_dims <= self._batch_dim:
             return f"its input of shape {tuple(x.shape)} has no example dimension {self._batch_dim}"
         return ""

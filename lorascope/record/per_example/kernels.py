@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -43,11 +44,11 @@ class Stash:
 def normalized(kind: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x_hat in float32 of a ``"layer_norm"`` or ``"rms_norm"`` module, over its normalized (trailing)
     dimensions."""
-    k = module.weight.ndim
+    k = cast(torch.Tensor, module.weight).ndim  # nn.Module's attributes type as Tensor | Module
     xf = x.float().reshape(*x.shape[: x.ndim - k], -1)
     if kind == "layer_norm":
         var, mean = torch.var_mean(xf, dim=-1, keepdim=True, unbiased=False)
-        return ((xf - mean) * torch.rsqrt(var + module.eps)).reshape(x.shape)
+        return ((xf - mean) * torch.rsqrt(var + cast(float, module.eps))).reshape(x.shape)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if eps is None:
         eps = torch.finfo(x.dtype).eps  # nn.RMSNorm's default
@@ -73,8 +74,9 @@ def contributions(kind: str, module: nn.Module, x: torch.Tensor, d: torch.Tensor
     if kind == "embedding":
         ids = positions(x, batch_dim, 0)
         cols = positions(d, batch_dim, 1).float()
-        if module.padding_idx is not None:  # the padding row gets no gradient
-            cols = cols * (ids != module.padding_idx).unsqueeze(-1)
+        padding = cast("int | None", module.padding_idx)
+        if padding is not None:  # the padding row gets no gradient
+            cols = cols * (ids != padding).unsqueeze(-1)
         return {"weight": Contribution(rows=ids, cols=cols)}
     dd = positions(d, batch_dim, 1).float()
     out = {"bias": Contribution(direct=dd.sum(1))}
@@ -82,7 +84,7 @@ def contributions(kind: str, module: nn.Module, x: torch.Tensor, d: torch.Tensor
         a = positions(x, batch_dim, 1).float()
         out["weight"] = Contribution(rows=dd, cols=a) if kind == "linear" else Contribution(rows=a, cols=dd)
         return out
-    k = module.weight.ndim
+    k = cast(torch.Tensor, module.weight).ndim
     x_hat = positions(normalized(kind, module, x), batch_dim, k)
     out["weight"] = Contribution(direct=(positions(d, batch_dim, k).float() * x_hat).sum(1))
     out["bias"] = Contribution(direct=positions(d, batch_dim, k).float().sum(1))

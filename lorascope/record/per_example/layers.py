@@ -6,7 +6,7 @@ and the one-time check that a module computes the formula its norms assume.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ def lora_adapters(path: str, module: nn.Module) -> list[str] | str:
         return "PEFT LoRA embedding layer (its adapters are parameters read through F.embedding, not modules)"
     found = [f"{path}.{part}.{name}" for part in ("lora_A", "lora_B")
              for name, sub in getattr(module, part).items() if isinstance(sub, nn.Linear)]
-    if len(found) != 2 * len(module.lora_A):
+    if len(found) != 2 * len(cast(nn.ModuleDict, module.lora_A)):
         return "PEFT LoRA layer whose adapters are not nn.Linear"
     return found
 
@@ -105,18 +105,20 @@ def _only_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 def check_formula(kind: str, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> str:
     """Check that a module of ``kind`` computes what the norms assume, from one call's input and output; "" when
     it does, else why not."""
+    weight = cast(torch.Tensor, module.weight)  # nn.Module's attributes type as Tensor | Module
+    bias = cast("torch.Tensor | None", getattr(module, "bias", None))
     with torch.no_grad():
         if kind == "linear":
-            expected = [nn.functional.linear(x, module.weight, module.bias)]
+            expected = [nn.functional.linear(x, weight, bias)]
         elif kind == "conv1d":
-            y = x.reshape(-1, x.shape[-1]) @ module.weight
-            expected = [(y if module.bias is None else y + module.bias).reshape(output.shape)]
+            y = x.reshape(-1, x.shape[-1]) @ weight
+            expected = [(y if bias is None else y + bias).reshape(output.shape)]
         elif kind == "embedding":
-            expected = [nn.functional.embedding(x, module.weight)]
+            expected = [nn.functional.embedding(x, weight)]
         else:
             x_hat = normalized(kind, module, x)
-            w = module.weight.float()
-            shift = module.bias.float() if getattr(module, "bias", None) is not None else 0.0
+            w = weight.float()
+            shift: torch.Tensor | float = bias.float() if bias is not None else 0.0
             expected = [w * x_hat + shift]
             if kind == "rms_norm":
                 expected.append((1.0 + w) * x_hat)  # Gemma-style scale, same weight gradient
