@@ -21,6 +21,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -54,7 +55,8 @@ def layout_of(tensor: torch.Tensor, context: DistributedContext, name: str) -> S
     rows = int(tensor.shape[0]) if tensor.ndim else 1
     if not is_dtensor(tensor):
         return ShardLayout(rows, rows, 0, rows, replicated=True)
-    mesh, placements = tensor.device_mesh, tuple(tensor.placements)
+    dtensor = cast(Any, tensor)  # a DTensor: device_mesh, placements and to_local are not on torch.Tensor's type
+    mesh, placements = dtensor.device_mesh, tuple(dtensor.placements)
     if mesh.ndim != 1 or mesh.size() != context.world_size or len(placements) != 1 \
             or not placements[0].is_shard(0):
         raise InvalidOptionError(
@@ -63,7 +65,7 @@ def layout_of(tensor: torch.Tensor, context: DistributedContext, name: str) -> S
             f"{tuple(mesh.shape)}. Record a data-parallel run of this model, or pass distributed=False")
     chunk = math.ceil(rows / context.world_size)
     offset = min(context.rank * chunk, rows)
-    local_rows = int(tensor.to_local().shape[0])
+    local_rows = int(dtensor.to_local().shape[0])
     if local_rows != max(0, min(chunk, rows - offset)):
         raise InvalidOptionError(f"{name}: local shard of {local_rows} rows on rank {context.rank}, expected the "
                                  f"torch.chunk layout of {rows} rows over {context.world_size} ranks")
@@ -181,7 +183,7 @@ class ShardedRecording:
                 if self.context.is_writer:
                     grads.append(p.grad)
             else:
-                grads.append(p.grad.to_local())
+                grads.append(_local(p.grad))
         grads = [g for g in grads if g.numel()]
         if not grads:
             return float("nan") if not self.other else 0.0
@@ -195,7 +197,7 @@ class ShardedRecording:
             if not self.context.is_writer:
                 return None
             return tensor if ref.lora else ref.matrix(tensor)
-        local = tensor.to_local()
+        local = _local(tensor)
         if ref.lora:
             return local
         if local.ndim == 3 and ref.expert >= 0:
@@ -270,12 +272,15 @@ class ShardedRecording:
     def _lora_update(self, model: torch.nn.Module, ref: MatrixRef) -> LowRank | None:
         """The merged ``scaling * B @ A`` of a LoRA layer over its active adapters, as factors on rank 0."""
         layer = model.get_submodule(ref.module)
+        # nn.Module's attributes type as Tensor | Module: the LoRA layer's parts, as PEFT defines them
+        lora_a, lora_b = cast(torch.nn.ModuleDict, layer.lora_A), cast(torch.nn.ModuleDict, layer.lora_B)
+        scaling = cast(dict[str, float], layer.scaling)
         lefts, rights = [], []
         for adapter in active_adapters(layer):
-            b = self._gather_whole(layer.lora_B[adapter].weight)
-            a = self._gather_whole(layer.lora_A[adapter].weight)
+            b = self._gather_whole(cast(torch.Tensor, lora_b[adapter].weight))
+            a = self._gather_whole(cast(torch.Tensor, lora_a[adapter].weight))
             if b is not None and a is not None:
-                lefts.append(b * float(layer.scaling[adapter]))
+                lefts.append(b * float(scaling[adapter]))
                 rights.append(a)
         if not self.context.is_writer or not lefts:
             return None
@@ -305,4 +310,4 @@ class ShardedRecording:
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if is_dtensor(tensor) else tensor
+    return cast(Any, tensor).to_local() if is_dtensor(tensor) else tensor  # DTensor.to_local: not on Tensor's type
