@@ -36,7 +36,9 @@ def planted_update(t: int, switch: int, bases: tuple[np.ndarray, np.ndarray], ra
 
 
 def write_planted(path, *, factors: bool = True, intruders: bool = True, seed: int = 0, prefix: str = "",
-                  lora: bool = False, steps_per_snapshot: int = 5, cos=None):
+                  lora: bool = False, steps_per_snapshot: int = 5, cos=None, grads: bool = False):
+    """A run of three planted modules (see :func:`planted_update`); with ``grads``, the gradient's vectors at each
+    snapshot are the final update's (so the gradient points where the update ends up from the start)."""
     rng = np.random.default_rng(seed)
     bases = {name: (np.linalg.qr(rng.standard_normal((OUT, 4)))[0], np.linalg.qr(rng.standard_normal((IN, 4)))[0])
              for name in SWITCH}
@@ -46,8 +48,12 @@ def write_planted(path, *, factors: bool = True, intruders: bool = True, seed: i
                                       "rank_pattern": {}, "alpha_pattern": {}}}
     n_steps = SNAPS * steps_per_snapshot
     steps = np.arange(1, n_steps + 1)
+    finals = {}
+    for i, (name, switch) in enumerate(SWITCH.items()):
+        u, _, vt = np.linalg.svd(planted_update(SNAPS - 1, switch, bases[name]))
+        finals[i] = (u[:, :2], vt[:2].T)
     with RunWriter(path, modules(prefix, lora), config=config, factors_k=K if factors else 0,
-                   intruder_k=3 if intruders else 0, overwrite=True) as writer:
+                   intruder_k=3 if intruders else 0, grad_sv=grads, overwrite=True) as writer:
         writer.append_steps({"step": steps, "examples_seen": BATCH * steps, "tokens_seen": 16 * BATCH * steps,
                              "loss": 3.0 / np.sqrt(steps), "batch_examples": np.full(n_steps, BATCH)})
         for t in range(SNAPS):
@@ -60,6 +66,9 @@ def write_planted(path, *, factors: bool = True, intruders: bool = True, seed: i
             if intruders:
                 planted = cos if cos is not None else np.array([0.95, 0.4, 0.2])
                 extra = {"intruder_cos": [planted * (t >= 3) + 0.99 * (t < 3)] * 3, "weight_sv": [np.ones(3)] * 3}
+            if grads:
+                extra["grad_factors"] = finals
+                extra["grad_sv"] = [np.array([2.0, 1.0])] * 3
             step = (t + 1) * steps_per_snapshot
             writer.append_snapshot(Snapshot(step=step, examples_seen=BATCH * step, tokens_seen=16 * BATCH * step,
                                             energy=[float(np.sum(v**2)) for v in sv], sv=sv,
@@ -90,6 +99,16 @@ def test_planted_rotation_settles_where_built(tmp_path):
     module = summary["dynamics"]["modules"][0]
     assert module["phi_to_final"]["left"][:2] == [0.0, 0.0] and module["phi_to_final"]["right"][2] == 1.0
     assert module["phi_to_previous"]["left"][2] == 0.0  # the jump
+
+
+def test_gradient_overlap_with_the_update(tmp_path):
+    analysis = lorascope.analyze(write_planted(tmp_path / "run.h5", grads=True))
+    dyn = analysis.summary["subspace"]["dynamics"]
+    module = dyn["modules"][0]  # q_proj switches at snapshot 2
+    assert module["grad_phi_to_final"]["left"] == pytest.approx([1.0] * SNAPS, abs=1e-4)
+    assert module["grad_phi_to_update"]["right"] == pytest.approx([0, 0, 1, 1, 1, 1], abs=1e-4)
+    assert dyn["all"]["grad_phi_to_final"] == pytest.approx([1.0] * SNAPS, abs=1e-4)
+    assert "gradient phi to final" in format_summary(analysis.summary)
 
 
 def test_planted_intruders_are_counted_and_narrow_matrices_flagged(tmp_path):
