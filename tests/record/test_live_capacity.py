@@ -157,3 +157,45 @@ def test_a_calibration_that_is_not_one_is_refused_at_record(calibration, run_pat
 def test_the_default_constant_is_analyzes():
     assert capacity_constant() == CapacityConstant.default()
     assert np.isclose(capacity_constant().bits_per_parameter, 0.69)
+
+
+class _Facts(torch.utils.data.Dataset):
+    def __init__(self, task: FactsTask) -> None:
+        self.ids, self.labels = task.tensors()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_an_hf_trainer_run_publishes_the_share_analyze_computes(tmp_path):
+    """Through the HF integration: the dataset size comes from the Trainer's data loader, the loss tokens from the
+    labels, and the final snapshot's share is published at train end."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        vocab_size=64, max_position_embeddings=16, tie_word_embeddings=False))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), num_train_epochs=8, per_device_train_batch_size=BATCH, learning_rate=3e-3,
+        lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args,
+                                   train_dataset=_Facts(FactsTask(facts=FACTS, vocab_size=64, values=16, key_tokens=3)))
+    tracker = _Collect()
+    lorascope.record(trainer, tmp_path / "run.h5", tracker=tracker)
+    trainer.train()
+    forecast = lorascope.analyze(tmp_path / "run.h5", ranks=RANKS).forecast
+    assert forecast is not None and forecast.dataset_examples == FACTS
+    bits = forecast.bits.bits(forecast.dataset_examples)
+    steps = 8 * FACTS // BATCH
+    with lorascope.open_run(tmp_path / "run.h5") as run:
+        assert int(run.snapshots["step"].values[-1]) == steps
+    last = tracker.by_step[steps]
+    assert last["lorascope/capacity/bits"] == pytest.approx(bits, rel=1e-9)
+    for rank in RANKS:
+        row = forecast.row("all-linear", rank)
+        assert row is not None
+        assert last[f"lorascope/capacity/share_r{rank}"] == pytest.approx(bits / row.prediction.capacity_bits,
+                                                                          rel=1e-9)
