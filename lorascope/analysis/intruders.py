@@ -61,9 +61,11 @@ def _draw(n: int, m: int) -> np.ndarray:
     """Sorted max |cos| of ``_SAMPLES`` uniform unit vectors of R^n against m orthonormal vectors (by rotation
     invariance, the first m coordinate axes)."""
     rng = np.random.default_rng(20241028 + 7919 * n + m)
-    g = rng.standard_normal((_SAMPLES, n))
-    g /= np.linalg.norm(g, axis=1, keepdims=True)
-    return np.sort(np.abs(g[:, :m]).max(axis=1))
+    out = []
+    for _ in range(_SAMPLES // 200):  # 200 directions at a time: at most 13 MB at n = 8,192
+        g = rng.standard_normal((200, n))
+        out.append(np.abs(g[:, :m]).max(axis=1) / np.linalg.norm(g, axis=1))
+    return np.sort(np.concatenate(out))
 
 
 def _check_shape(n: int, m: int | None) -> int:
