@@ -206,3 +206,30 @@ def test_lora_intruders_use_the_base_weight_plus_the_merged_update(run_path, tin
         assert np.isfinite(u[:, :2]).all() and np.isfinite(v[:, :2]).all()
         if worker:
             assert np.isnan(u[:, 2:]).all()
+
+
+def test_lora_factors_on_the_worker_equal_the_training_thread_ones(tmp_path, tiny_llama_config):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    paths = {}
+    for worker in (True, False):
+        torch.manual_seed(0)
+        base = transformers.LlamaForCausalLM(tiny_llama_config())
+        model = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+        data = torch.Generator().manual_seed(1)
+        paths[worker] = tmp_path / f"worker_{worker}.h5"
+        with lorascope.record(model, paths[worker], optimizer=optimizer, total_steps=3, snapshots=[3], factors_k=3,
+                              snapshot_worker=worker, time_budget=None):
+            for _ in range(3):
+                ids = torch.randint(0, 64, (3, 10), generator=data)
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    with lorascope.open_run(paths[True]) as on_worker, lorascope.open_run(paths[False]) as on_thread:
+        compared = 0
+        for name in on_worker.modules["name"]:
+            s = on_thread.snapshots["sv"].sel(module=name).values[0]
+            for a, b in zip(on_worker.factors(name, 0), on_thread.factors(name, 0), strict=True):
+                compared += same_up_to_sign(a, b, s)
+        assert compared >= 20  # 4 LoRA layers x U and V x most of their 3 columns
