@@ -199,3 +199,37 @@ def test_an_hf_trainer_run_publishes_the_share_analyze_computes(tmp_path):
         assert row is not None
         assert last[f"lorascope/capacity/share_r{rank}"] == pytest.approx(bits / row.prediction.capacity_bits,
                                                                           rel=1e-9)
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_resumed_run_publishes_no_share(resumed):
+    """The writer tap sees only the rows written after a resume, not the first epoch the estimate reads: no share
+    then (the same rows without the resume give one)."""
+    from types import SimpleNamespace
+
+    from lorascope.model.taxonomy import MatrixRef
+    from lorascope.record.live_metrics import LiveMetrics
+    from lorascope.store.payloads import Snapshot
+
+    refs = [MatrixRef(name="up", module="up", parameter="weight", kind="mlp", role="up", layer=0, expert=-1,
+                      out_features=16, in_features=8)]
+    tracker = _Collect()
+    live = LiveMetrics(refs, tracker)
+    run_file = SimpleNamespace(_config={"dataset": {"examples": 32}}, reopen=lambda after: (0, 0),
+                               append_steps=lambda rows: None, append_snapshot=lambda snapshot: None)
+    tapped = live.tap(run_file)
+    if resumed:
+        tapped.reopen(0)
+    steps = np.arange(1, 9)
+    tapped.append_steps({"step": steps, "loss": np.repeat([4.0, 4.0, 1.0, 1.0], 2) * np.log(2),
+                         "batch_examples": np.full(8, 8), "batch_tokens": np.full(8, 8),
+                         "batch_loss_tokens": np.full(8, 8), "examples_seen": 8 * steps})
+    tapped.append_snapshot(Snapshot(step=8, energy=[1.0], sv=[np.array([1.0] + [0.0] * 7)]))
+    live.publish()
+    published = tracker.by_step[8]
+    assert "lorascope/mlp/energy_share" in published
+    if resumed:
+        assert not any(name.startswith("lorascope/capacity/") for name in published)
+    else:  # 32 examples x (4 - 1) bits over kappa 0.69 x 24 parameters at rank 1
+        assert published["lorascope/capacity/bits"] == pytest.approx(96.0)
+        assert published["lorascope/capacity/share_r1"] == pytest.approx(96.0 / (0.69 * 24))
