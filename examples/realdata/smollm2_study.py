@@ -24,6 +24,7 @@ Each finished run is written to ``runs.json`` at once, so an interrupted study r
 
     python examples/realdata/smollm2_study.py                       # ~1 hour on 2 cores; -o DIR for another folder
     python examples/realdata/smollm2_study.py --report docs/realdata/smollm2_study.json   # copy the report there
+    python examples/realdata/smollm2_study.py --tables docs/realdata/smollm2_study.json   # its tables, markdown
 """
 
 from __future__ import annotations
@@ -337,6 +338,51 @@ def _edge(lr: float, grid: Any) -> str | None:
     return "low" if lr == grid[0] else "high" if lr == grid[-1] else None
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The tables of docs/realdata_smollm2.md from a results.json (the cell formats of the cheaper study)."""
+    fmt = _module("realdata_run", HERE / "run.py")
+    m = report["measured"]
+    sizes = [n for n in report["data"]["sizes"] if str(n) in m["losses"]["train"]]
+    lines = []
+    for c, title in (("train", "training loss"), ("held", "held-out loss")):
+        lines += [f"Loss (nats per token, {title}; learning rate tuned per cell on this loss):", "",
+                  "| N | base | full | " + " | ".join(f"r{r}" for r in RANKS) + " |",
+                  "|---|---|---|" + "---|" * len(RANKS)]
+        for n in sizes:
+            row = m["losses"][c][str(n)]
+            lines.append(f"| {n:,} | {row['base']:.3f} | {row['full']:.3f} | "
+                         + " | ".join(f"{row[f'r{r}']:.3f}" if f"r{r}" in row else "-" for r in RANKS) + " |")
+        lines += ["", f"Share of full fine-tuning's loss reduction LoRA holds ({title}):", "",
+                  "| rank | " + " | ".join(f"N={n:,}" for n in sizes) + " | falloff (< 90%) |",
+                  "|---|" + "---|" * (len(sizes) + 1)]
+        for r in RANKS:
+            shares = m["held_share"][c][str(r)]
+            lines.append(f"| {r} | " + " | ".join(f"{shares[str(n)]:.2f}" if shares.get(str(n)) is not None else "-"
+                                                 for n in sizes) + f" | {fmt._falloff(m['falloff'][c][str(r)])} |")
+        lines.append("")
+    for c, title in (("train", "training loss"), ("held", "held-out loss")):
+        lines += [f"Predicted falloff (examples) against the one measured on {title}: predicted (predicted / "
+                  "measured, or whether it is on the side the data allow):", "",
+                  "| predictor | " + " | ".join(f"r{r}" for r in RANKS) + " |", "|---|" + "---|" * len(RANKS),
+                  "| **measured** | " + " | ".join(fmt._falloff(m["falloff"][c][str(r)]) for r in RANKS) + " |"]
+        for name, cells in m["predictors"].items():
+            lines.append(f"| {name} | " + " | ".join(fmt._cell(cells[c][str(r)]) for r in RANKS) + " |")
+        lines.append("")
+    bits = report["predictions"]["information"]
+    lines += ["Bits per LoRA parameter each rank held (its training-loss reduction on its N examples, in bits, over "
+              "P(r)):", "", "| rank | P(r) | " + " | ".join(f"N={n:,}" for n in sizes) + " |",
+              "|---|---|" + "---|" * len(sizes)]
+    for r in RANKS:
+        held = m["held_bits_per_lora_parameter"][str(r)]
+        lines.append(f"| {r} | {m['lora_parameters'][str(r)]:,} | "
+                     + " | ".join(f"{held[str(n)]:.2f}" if str(n) in held else "-" for n in sizes) + " |")
+    first = bits["all sizes (growth law)"][str(RANKS[0])]
+    lines += ["", f"The forecast read {first['bits_per_example']:.1f} bits per example (growth exponent "
+              f"{first['growth_exponent']:.2f}) from the probes; {m['lr_edges']} of {m['lr_cells']} (method, N, "
+              "criterion) cells have their best learning rate at an edge of the grid.", ""]
+    return "\n".join(lines)
+
+
 def _module(name: str, path: Path) -> Any:
     """A script imported under its own name (examples/reproduce/run.py is a module ``run`` too)."""
     import importlib.util
@@ -367,7 +413,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpt: continued pretraining on docstrings; sft: signature -> docstring")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", type=Path, help="also copy results.json there (the checked-in table)")
+    parser.add_argument("--tables", type=Path, metavar="RESULTS_JSON", help="print the tables of a results.json")
     args = parser.parse_args(argv)
+    if args.tables:
+        print(markdown(json.loads(args.tables.read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     started = time.time()
 
