@@ -95,7 +95,8 @@ class RunWriter:
     grad_sv
         Also store the gradient's singular values at snapshot steps.
     factors_k
-        Store the top ``factors_k`` singular vectors of each update (0: none).
+        Store the top ``factors_k`` singular vectors of each update (0: none); with ``grad_sv``, also the
+        gradient's (``snapshots/grad_factors``).
     delta_dtype
         Store the full update of each module at each snapshot in this dtype ("float16" or "float32").
     intruder_k
