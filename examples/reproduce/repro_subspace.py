@@ -46,6 +46,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="LoRA alpha (default 2r, the paper's choice; a number: fixed alpha, scaling alpha/r)")
     parser.add_argument("--full-lr", type=float, default=1e-3)
     parser.add_argument("--lora-lr", type=float, default=3e-3)
     parser.add_argument("--snapshots", type=int, default=16, help="log-spaced snapshots per run (plus one every "
@@ -86,7 +88,8 @@ def train_and_record(base: Path, path: Path, args: argparse.Namespace, rank: int
         for p in model.parameters():
             p.requires_grad_(False)
         torch.manual_seed(1)  # LoRA's A initialization
-        config = make_lora_config(model, target="all-linear", rank=rank, alpha=2 * rank, task_type=None)
+        alpha = 2 * rank if args.alpha is None else args.alpha
+        config = make_lora_config(model, target="all-linear", rank=rank, alpha=alpha, task_type=None)
         trained = peft.get_peft_model(model, to_peft(config))
         params, lr = [p for p in trained.parameters() if p.requires_grad], args.lora_lr
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -199,7 +202,9 @@ def _name(rank: int) -> str:
 
 def print_report(report: dict[str, Any]) -> None:
     s = report["settings"]
-    print(f"hidden {s['hidden']}, {s['examples']} facts, {s['epochs']} epochs, batch {s['batch_size']}; "
+    alpha = "2r" if s["alpha"] is None else f"{s['alpha']:g}"
+    print(f"hidden {s['hidden']}, {s['examples']} facts, {s['epochs']} epochs, batch {s['batch_size']}, LR full "
+          f"{s['full_lr']:g} / LoRA {s['lora_lr']:g}, LoRA alpha {alpha}; "
           f"matched training loss {report['matched_loss']:.3f}; {report['seconds']:.0f} s")
     print("\n(a) intruder dimensions (attention + mlp matrices; top-k of each weight) at matched loss | at the end")
     print(f"{'run':<12}{'loss':>7}{'step':>6}" + "".join(f"{'eps=' + e:>9}" for e in ("0.3", "0.5", "0.7"))
