@@ -56,6 +56,10 @@ import lorascope  # noqa: E402
 SIZES, RANKS, EPOCHS, BATCH = (64, 256, 1024), (1, 4, 16), 4, data.BATCH
 PROBE_SIZES = (64, 256)  # the forecast reads only these full runs: small slices, as a user would probe
 FULL_LRS, LORA_LRS = (3e-4, 1e-3), (1e-3, 3e-3, 1e-2)
+START = {"full": FULL_LRS, "all-linear": LORA_LRS}
+LR_LADDER = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+"""Where a grid is extended to while its best rate (on training or held-out loss) sits at an edge."""
+MAX_EXTENSIONS = 2  # per condition and side
 ALPHA = 32
 SFT_PROMPT_TOKENS, SFT_MIN_COMPLETION = 32, 16
 
@@ -153,21 +157,45 @@ class RunSpec:
 
 
 def specs(target: str, rank: int, results: dict[str, dict], sizes: tuple[int, ...]) -> list[RunSpec]:
-    """The runs of one method: its whole learning-rate grid at the sizes of :data:`PROBE_SIZES`; at a larger N only
-    the rates that were best at the largest of them (on training or held-out loss), to keep within the budget."""
-    grid = FULL_LRS if target == "full" else LORA_LRS
+    """The runs of one method: its learning-rate grid at the sizes of :data:`PROBE_SIZES`, extended along
+    :data:`LR_LADDER` while the best rate on training or held-out loss sits at an edge; at a larger N only the
+    rates that were best at the largest of them (on either loss), to keep within the budget."""
     out = []
     for n in sizes:
         if n in PROBE_SIZES:
-            out += [RunSpec(target, rank, n, lr) for lr in grid]
+            out += [RunSpec(target, rank, n, lr) for lr in grid_at(target, rank, n, results)]
             continue
         tuned = [r for r in results.values() if (r["target"], r["rank"], r["examples"]) ==
                  (target, rank, max(PROBE_SIZES))]
-        if len(tuned) < len(grid):
+        grid = grid_at(target, rank, max(PROBE_SIZES), results)
+        if {r["lr"] for r in tuned} != set(grid):
             continue  # the grid at the largest probe size is not done yet
         chosen = {best(results, target, rank, max(PROBE_SIZES), by)["lr"] for by in ("train_loss", "held_loss")}
         out += [RunSpec(target, rank, n, lr) for lr in sorted(chosen)]
     return out
+
+
+def grid_at(target: str, rank: int, n: int, results: dict[str, dict]) -> list[float]:
+    """The starting grid, widened by one ladder step past each edge where the finished grid's best rate sits (on
+    training or held-out loss), at most :data:`MAX_EXTENSIONS` steps per side."""
+    start = sorted(START[target])
+    low, high = LR_LADDER.index(start[0]), LR_LADDER.index(start[-1])
+    grid = start
+    while True:
+        runs = [r for r in results.values()
+                if (r["target"], r["rank"], r["examples"]) == (target, rank, n) and r["lr"] in grid]
+        if len(runs) < len(grid):
+            return grid
+        winners = {min(runs, key=lambda r: (_finite(r[by]), r["lr"]))["lr"] for by in ("train_loss", "held_loss")}
+        i, j = LR_LADDER.index(grid[0]), LR_LADDER.index(grid[-1])
+        wider = list(grid)
+        if grid[0] in winners and i > 0 and low - i < MAX_EXTENSIONS:
+            wider.insert(0, LR_LADDER[i - 1])
+        if grid[-1] in winners and j + 1 < len(LR_LADDER) and j - high < MAX_EXTENSIONS:
+            wider.append(LR_LADDER[j + 1])
+        if wider == grid:
+            return grid
+        grid = wider
 
 
 def trained_model(base: Any, spec: RunSpec) -> tuple[Any, list[torch.Tensor]]:
