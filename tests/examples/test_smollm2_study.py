@@ -37,14 +37,22 @@ def result(study, target, rank, n, lr, train, held):
                        "held_loss": held, "name": spec.name}
 
 
-def test_a_larger_size_runs_only_the_rates_that_won_at_the_largest_probe_size(study):
-    results = dict(result(study, "all-linear", 4, 256, lr, train, held) for lr, train, held in
-                   [(1e-3, 3.0, 3.40), (3e-3, 2.9, 3.45), (1e-2, 3.1, 3.50)])
+def test_a_grid_widens_past_a_winning_edge_and_a_larger_size_runs_only_the_winners(study):
+    def at_256(lr, train, held):
+        return result(study, "all-linear", 4, 256, lr, train, held)
+
+    results = dict(at_256(lr, train, held) for lr, train, held in
+                   [(1e-3, 3.0, 3.45), (3e-3, 2.9, 3.40), (1e-2, 3.1, 3.50)])
     assert [s.lr for s in study.specs("all-linear", 4, results, (64,))] == list(study.LORA_LRS)
-    # best on training loss: 3e-3; best on held-out loss: 1e-3
-    assert [s.lr for s in study.specs("all-linear", 4, results, (1024,))] == [1e-3, 3e-3]
-    del results[study.RunSpec("all-linear", 4, 256, 1e-2).name]
+    assert [s.lr for s in study.specs("all-linear", 4, results, (1024,))] == [3e-3]  # interior on both losses
+    results.update([at_256(1e-2, 2.8, 3.50)])  # now best on training loss at the top edge: one step up
+    assert study.grid_at("all-linear", 4, 256, results) == [1e-3, 3e-3, 1e-2, 3e-2]
     assert study.specs("all-linear", 4, results, (1024,)) == []  # the grid below is not finished
+    results.update([at_256(3e-2, 2.95, 3.6)])
+    assert [s.lr for s in study.specs("all-linear", 4, results, (1024,))] == [3e-3, 1e-2]  # held-out, training
+    for lr in (3e-2, 1e-1):  # at most two steps past the starting grid
+        results.update([at_256(lr, 2.0 - lr, 3.6)])
+    assert study.grid_at("all-linear", 4, 256, results)[-1] == 1e-1
 
 
 def test_held_share_and_falloff(study):
