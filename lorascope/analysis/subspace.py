@@ -215,10 +215,11 @@ def module_subspace(factors: Sequence[Factors], ranks: Sequence[int], rank: int,
         for t, grad in enumerate(grad_factors):
             if grad is None:
                 continue
+            now = factors[t]
             for side in range(2):
                 g = orthonormal(grad[side], rank)
-                if factors[t] is not None and ranks[t]:
-                    grad_update[t, side] = subspace_similarity(g, orthonormal(factors[t][side], min(rank, ranks[t])))
+                if now is not None and ranks[t]:
+                    grad_update[t, side] = subspace_similarity(g, orthonormal(now[side], min(rank, ranks[t])))
                 if final is not None and r_final:
                     grad_final[t, side] = subspace_similarity(g, orthonormal(final[side], r_final))
     return ModuleSubspace(rank=rank, phi_final=phi_final, phi_previous=phi_previous, angles_final=angles,

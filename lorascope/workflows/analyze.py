@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import xarray as xr
@@ -40,6 +40,7 @@ CURVE_P = 0.9  # the energy share whose rank k_p the curves follow (Biderman et 
 X_AXES = ("examples_seen", "tokens_seen")
 SUMMARY_FORMAT = "lorascope-summary"
 SUMMARY_VERSION = 1
+T = TypeVar("T")
 
 
 @dataclass
@@ -175,7 +176,7 @@ class Analysis:
         if snap is None:
             return []
         capture = lora_capture(snap).sel(target="all-linear")
-        overall = self.final_run.overall.isel(snapshot=-1, all=0)
+        overall = _present(self.final_run.overall).isel(snapshot=-1, all=0)
         return [{"rank": int(r), "captured_energy_share": _num(capture.sel(rank=r)),
                  "signal_rank": _num(overall["signal_rank"]), "energy_rank_0.9": _num(
                      overall["energy_rank"].sel(p=CURVE_P))}
@@ -208,14 +209,14 @@ class Analysis:
         snap = self.final_snapshot()
         if snap is not None:
             run = self.final_run
-            shares = self.final_energy_shares
+            shares = _present(self.final_energy_shares)
             out["final"] = {
                 "run": run.path,
                 "step": int(snap["step"]),
                 "examples_seen": int(snap["examples_seen"]),
                 "tokens_seen": int(snap["tokens_seen"]),
-                "by_kind": _group_dict(run.by_kind.isel(snapshot=-1), "kind", self),
-                "overall": _group_dict(run.overall.isel(snapshot=-1), "all", self)["all"],
+                "by_kind": _group_dict(_present(run.by_kind).isel(snapshot=-1), "kind", self),
+                "overall": _group_dict(_present(run.overall).isel(snapshot=-1), "all", self)["all"],
                 "lora_capture": {t: {str(int(r)): _num(v) for r, v in zip(row["rank"].values, row.values)}
                                  for t, row in zip(TARGET_SETS, lora_capture(snap))},
                 "energy_share_by_layer": {str(k): _num(v) for k, v in shares["layer"].items()},
@@ -232,7 +233,8 @@ class Analysis:
         if run.metrics is None:
             return xr.Dataset(attrs={"note": "no snapshots: no spectral metrics"})
         # Per-kind aggregates get their own dimension, so they do not collide with the module coordinate "kind".
-        kind = run.by_kind.rename({name: f"kind_{name}" for name in run.by_kind.data_vars}).rename(kind="kind_group")
+        by_kind = _present(run.by_kind)
+        kind = by_kind.rename({name: f"kind_{name}" for name in by_kind.data_vars}).rename(kind="kind_group")
         ds = xr.merge([run.metrics, kind], compat="override", join="outer")
         ds.attrs.update({"run": run.path, "status": run.status, "x": self.x})
         if run.divergence is not None:  # non-finite values are NaN in the variables; where they start is here
@@ -315,7 +317,8 @@ def _result(run: LoadedRun, p: tuple[float, ...], ranks: tuple[int, ...]) -> Run
         result.by_layer = aggregate(metrics, "layer")
         result.overall = aggregate(metrics, "all")
         result.final_spectra = snapshots["sv"].isel(snapshot=-1)
-        result.final_held = snapshots[[n for n in snapshots.data_vars if n.startswith("held_loss")]].isel(snapshot=-1)
+        result.final_held = snapshots[[n for n in snapshots.data_vars if str(n).startswith("held_loss")]].isel(
+            snapshot=-1)
     return result
 
 
@@ -477,6 +480,13 @@ def _largest_rank(modules: Any, kind: str | None) -> float | None:
     """The largest rank a group's updates can have: the widest min(out, in) among its matrices."""
     rows = modules if kind is None else modules[modules["kind"] == kind]
     return float((rows[["out_features", "in_features"]].min(axis=1)).max()) if len(rows) else None
+
+
+def _present(value: T | None) -> T:
+    """A result that a run with snapshots always has (its metrics and aggregates), narrowed from Optional."""
+    if value is None:
+        raise LorascopeError("internal: a run with snapshots has no metrics")
+    return value
 
 
 def _final_x(x: str) -> Callable[[RunResult], float]:
