@@ -157,3 +157,62 @@ def test_only_intruders_missing(tmp_path):
     assert analysis.subspace is not None and analysis.subspace.dynamics is not None
     assert analysis.subspace.missing is not None and "intruder_k=10" in analysis.subspace.missing
     assert "factors_k" not in analysis.subspace.missing
+
+
+def _record_llama(path, config, *, lora_rank: int = 0, steps: int = 12):
+    """A real recording: a tiny Llama (full fine-tuning, or an all-linear PEFT LoRA) trained on a shifted-token
+    task, with factors_k=4 and intruder_k=10."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    if lora_rank:
+        peft = pytest.importorskip("peft")
+        from lorascope.model.peft_config import make_lora_config, to_peft
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = peft.get_peft_model(model, to_peft(make_lora_config(model, target="all-linear", rank=lora_rank,
+                                                                    alpha=2 * lora_rank, task_type=None)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    ids = (torch.randint(0, 64, (32, 1), generator=g) + torch.arange(12)) % 64
+    with lorascope.record(model, path, optimizer=optimizer, total_steps=steps, snapshots=[2, 4, 8, steps],
+                          factors_k=4, intruder_k=10, extra_config={"dataset": {"examples": 32}}):
+        for step in range(steps):
+            rows = ids[(step * 8) % 32:][:8]
+            model(input_ids=rows, labels=rows).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return path
+
+
+@pytest.mark.usefixtures("torch_single_thread")
+def test_a_real_recording_through_the_cli(tmp_path, tiny_llama_config):
+    from click.testing import CliRunner
+
+    from lorascope_cli.main import cli
+
+    full = _record_llama(tmp_path / "full.h5", tiny_llama_config())
+    lora = _record_llama(tmp_path / "lora.h5", tiny_llama_config(), lora_rank=2)
+    result = CliRunner().invoke(cli, ["analyze", str(full), "-o", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert "Subspaces: when the update's directions settle" in result.output
+    assert (tmp_path / "report" / "subspace.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())["subspace"]
+    dyn, intr = summary["dynamics"], summary["intruders"]
+    assert dyn["rank"] == 4 and dyn["step"] == [2, 4, 8, 12]
+    for module in dyn["modules"]:
+        assert module["phi_to_final"]["left"][-1] == pytest.approx(1.0, abs=1e-4)  # the final against itself
+        assert all(0.0 <= v <= 1.0 + 1e-6 for v in module["phi_to_final"]["right"] if v is not None)
+    assert intr["k"] == 10 and len(intr["all"]["counts"]) == 4
+    assert all(0 <= c <= 10 * intr["all"]["modules"] for c in intr["all"]["counts"])
+    assert intr["near_chance_modules"]  # 32 rows: a random direction scores ~0.4, within reach of 0.5
+    result = CliRunner().invoke(cli, ["compare", str(full), str(lora), "-o", str(tmp_path / "cmp"), "--json"])
+    assert result.exit_code == 0, result.output
+    compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())["subspace"]
+    lora_row = compared["runs"][1]
+    assert lora_row["rank"] == 2 and lora_row["dataset_examples"] == 32
+    phi = lora_row["overlap_with_full"]["all"]["phi"]
+    assert 0.0 <= phi["left"] <= 1.0 and lora_row["overlap_with_full"]["all"]["modules"] == 14
