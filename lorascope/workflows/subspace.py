@@ -62,7 +62,7 @@ def missing_line(factors: bool, intruders: bool) -> str | None:
         [f"{RECORD_INTRUDERS} for intruder dimensions"] if not intruders else [])
     if not need:
         return None
-    return "not recorded: record with " + " and ".join(need) + " (lorascope.record(..., option))"
+    return "not recorded: record with " + " and ".join(need) + " (options of lorascope.record)"
 
 
 def _open(source: RunLike) -> Any:
