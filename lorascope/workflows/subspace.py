@@ -84,13 +84,13 @@ def read_subspace(source: RunLike, path: str, ranks: Sequence[int], x: str, *,
         if not run.n_snapshots:
             return Subspace(path, x, None, None, "no snapshots: no subspaces or intruder dimensions")
         snapshots = _columns(run, x)
-        k = int(run.config.get("recorder", {}).get("factors_k", 0) or 0) or _stored_k(run)
+        k = _stored_k(run)
         modules = run.modules
         names, kinds = [str(n) for n in modules["name"]], [str(k) for k in modules["kind"]]
         dynamics = None
         n = int(snapshots.sizes["snapshot"])
-        if k > 0:
-            factors = run_factors(run, list(range(n)))
+        factors = run_factors(run, list(range(n))) if k > 0 else []
+        if any(f is not None for row in factors for f in row):  # the group can be absent though factors_k says not
             grads = run_factors(run, list(range(n)), grad=True) if run.grad_sv else None
             if grads is not None and all(g is None for row in grads for g in row):
                 grads = None
@@ -145,7 +145,7 @@ def _columns(run: Run, x: str) -> xr.Dataset:
 
 
 def _stored_k(run: Run) -> int:
-    """Columns of the stored factors (the recorder's options may be absent from a hand-written file)."""
+    """Columns of the stored factors: the file's own factors_k (a hand-written file has no recorder options)."""
     pair = run.factors(0, -1) if len(run.modules) else None
     return 0 if pair is None else int(pair[0].shape[1])
 

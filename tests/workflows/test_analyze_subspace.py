@@ -216,3 +216,44 @@ def test_a_real_recording_through_the_cli(tmp_path, tiny_llama_config):
     assert lora_row["rank"] == 2 and lora_row["dataset_examples"] == 32
     phi = lora_row["overlap_with_full"]["all"]["phi"]
     assert 0.0 <= phi["left"] <= 1.0 and lora_row["overlap_with_full"]["all"]["modules"] == 14
+
+
+def _mutate(path, how: str) -> None:
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        u = f["snapshots/factors/u/000000"]
+        if how == "factors_inf":
+            u[...] = np.inf
+        elif how == "factors_zero":
+            u[...] = 0.0
+        elif how == "factors_huge":
+            u[...] = 1e30
+        elif how == "factors_group_deleted":
+            del f["snapshots/factors"]
+        elif how == "factors_one_module_deleted":
+            del f["snapshots/factors/v/000001"]
+        elif how == "intruder_nan":
+            f["snapshots/intruder_cos"][...] = np.nan
+        elif how == "intruder_out_of_range":
+            f["snapshots/intruder_cos"][...] = 7.0
+
+
+@pytest.mark.parametrize("how", ["factors_inf", "factors_zero", "factors_huge", "factors_group_deleted",
+                                 "factors_one_module_deleted", "intruder_nan", "intruder_out_of_range"])
+def test_damaged_vectors_give_a_report_or_one_line(tmp_path, how):
+    from click.testing import CliRunner
+
+    from lorascope_cli.main import cli
+
+    path = write_planted(tmp_path / "run.h5")
+    _mutate(path, how)
+    result = CliRunner().invoke(cli, ["analyze", str(path), "-o", str(tmp_path / "out"), "--quiet"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    if result.exit_code:
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    else:
+        def refuse(constant):
+            raise AssertionError(f"{constant} in summary.json")
+
+        json.loads((tmp_path / "out" / "summary.json").read_text(), parse_constant=refuse)  # strict JSON
