@@ -176,6 +176,8 @@ def subspace_overlap(full: RunLike, lora: RunLike, rank: int
             # min(r_full, r_lora) angles: how far the LoRA's directions lie from full fine-tuning's top r
             angles = [np.degrees(principal_angles(orthonormal(a[s], r_full), orthonormal(b[s], r_lora)))
                       for s in range(2)]
+            if not all(t.size for t in angles):  # no finite vectors on a side (not stored, or damaged)
+                continue
             for group in (str(kind), "all"):
                 per.setdefault(group, []).append((angles[0], angles[1]))
     return {group: overlap_of(rank, rows) for group, rows in per.items()}

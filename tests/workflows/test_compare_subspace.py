@@ -49,3 +49,20 @@ def test_pair_without_vectors_gets_one_line(tmp_path):
     assert len([line for line in text.splitlines() if "intruder_k=10" in line]) == 1
     assert "factors_k=8" in text and "Falloff" in text
 
+
+
+def test_damaged_lora_vectors_are_left_out(tmp_path):
+    import h5py
+
+    full = write_planted(tmp_path / "full.h5", seed=0)
+    lora = write_planted(tmp_path / "lora.h5", seed=0, prefix=PREFIX, lora=True)
+    with h5py.File(lora, "r+") as f:
+        f["snapshots/factors/u/000000"][...] = np.inf  # the q_proj LoRA's vectors
+    comparison = lorascope.compare(full, [lora])
+    overlap = comparison.subspace.runs[1].overlap
+    assert overlap["attention"].modules == 1 and overlap["all"].modules == 2
+
+    def refuse(constant):
+        raise AssertionError(constant)
+
+    json.loads(json.dumps(comparison.summary), parse_constant=refuse)
