@@ -57,6 +57,8 @@ def parse() -> argparse.Namespace:
                         help="training losses to match besides the lowest every run reaches")
     parser.add_argument("--factors-k", type=int, default=8)
     parser.add_argument("--intruder-k", type=int, default=10)
+    parser.add_argument("--grad", action="store_true",
+                        help="also record the gradient's singular vectors (grad_sv) and report their overlap")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="a tiny setting that runs in seconds")
     args = parser.parse_args()
@@ -100,7 +102,7 @@ def train_and_record(base: Path, path: Path, args: argparse.Namespace, rank: int
     trained.train()
     with lorascope.record(trained, path, optimizer=optimizer, overwrite=True, total_steps=steps,
                           snapshots=schedule(steps, args.snapshots, args.every * per_epoch), factors_k=args.factors_k,
-                          intruder_k=args.intruder_k, time_budget=None,
+                          intruder_k=args.intruder_k, grad_sv=args.grad, time_budget=None,
                           extra_config={"dataset": {"examples": args.examples}}):
         for _ in range(args.epochs):
             order = torch.randperm(args.examples, generator=order_generator)
@@ -141,7 +143,9 @@ def measure(run_info: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         dyn = sub.dynamics
         out["settle"] = {k: {"settle_step": _num(dyn.group(k).settle_step), "modules": dyn.group(k).modules,
                              "settled_before_final": dyn.group(k).settled_early,
-                             "phi_to_final": [_num(v, 3) for v in dyn.group(k).phi_final]} for k in KINDS}
+                             "phi_to_final": [_num(v, 3) for v in dyn.group(k).phi_final],
+                             "grad_phi_to_final": None if dyn.group(k).grad_phi_final is None else
+                             [_num(v, 3) for v in dyn.group(k).grad_phi_final]} for k in KINDS}
         out["subspace_rank"] = dyn.rank
     return out
 
@@ -237,6 +241,15 @@ def print_report(report: dict[str, Any]) -> None:
         settle = r.get("settle", {})
         print(f"  {_name(r['rank']):<12} of {r['steps']} steps: " + ", ".join(
             f"{k} {v['settle_step']} ({v['settled_before_final']}/{v['modules']} early)" for k, v in settle.items()))
+    if report["settings"].get("grad"):
+        print("\n    the gradient's top-k subspace at each snapshot against the final update's (median phi, min of "
+              "left/right), at 1/8, 1/4, 1/2 of training")
+        for r in report["runs"]:
+            steps = np.array(r["snapshot_step"])
+            at = [int(np.argmin(np.abs(steps - f * r["steps"]))) for f in (0.125, 0.25, 0.5)]
+            print(f"  {_name(r['rank']):<12} " + ", ".join(
+                f"{k} " + " / ".join(f"{v['grad_phi_to_final'][i]}" for i in at)
+                for k, v in r.get("settle", {}).items() if v.get("grad_phi_to_final")))
 
 
 if __name__ == "__main__":
