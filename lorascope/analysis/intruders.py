@@ -164,7 +164,8 @@ class IntruderSummary:
     def to_dict(self) -> dict[str, object]:
         kinds = sorted(set(self.kinds))
         computed = self.computed()
-        near, base, final = self.near(), self.baseline(), self.counts()[-1]
+        all_counts = self.counts()
+        near, base, final = self.near(), self.baseline(), all_counts[-1]
 
         def group(kind: str | None) -> dict[str, object]:
             pick = np.array([kind is None or k == kind for k in self.kinds], dtype=bool)
@@ -178,7 +179,12 @@ class IntruderSummary:
             "step": [int(s) for s in self.step], "x": [float(v) for v in self.x],
             "all": group(None), "by_kind": {k: group(k) for k in kinds},
             "near_chance_modules": [m for m, flag in zip(self.modules, near) if flag],
-            "modules": [{"module": m, "kind": kind, "rows": int(n), "basis": int(b), "final_count": int(c),
+            "baselines": [{"rows": int(n), "basis": int(b), "random_max_cos": round(random_max_cos(int(n), int(b)), 4),
+                           "near_chance": near_chance(int(n), int(b), self.eps),
+                           "modules": int(np.sum((self.rows == n) & (self.basis == b)))}
+                          for n, b in sorted({(int(n), int(b)) for n, b in zip(self.rows, self.basis)})],
+            "modules": [{"module": m, "kind": kind, "rows": int(n), "basis": int(b),
+                         "counts": [int(v) for v in all_counts[:, i]], "final_count": int(c),
                          "random_max_cos": round(float(r), 4), "near_chance": bool(flag),
                          "final_cos": [None if not np.isfinite(v) else round(float(v), 4) for v in self.cos[-1, i]]}
                         for i, (m, kind, n, b, c, r, flag) in enumerate(zip(self.modules, self.kinds, self.rows,

@@ -119,7 +119,11 @@ def test_planted_intruders_are_counted_and_narrow_matrices_flagged(tmp_path):
     assert intr["by_kind"]["attention"]["counts"][-1] == 4
     assert intr["by_kind"]["mlp"]["final_sweep"] == {"0.1": 0, "0.2": 0, "0.3": 1, "0.4": 1, "0.5": 2, "0.6": 2,
                                                      "0.7": 2, "0.8": 2, "0.9": 2}
-    assert intr["near_chance_modules"] == list(SWITCH)  # 24 rows: a random direction scores ~0.5
+    assert intr["near_chance_modules"] == list(SWITCH)  # 24 rows: a random direction scores ~0.4
+    assert intr["modules"][2]["counts"] == [0, 0, 0, 2, 2, 2]
+    (shape,) = intr["baselines"]
+    assert (shape["rows"], shape["basis"], shape["modules"], shape["near_chance"]) == (OUT, IN, 3, True)
+    assert 0.3 < shape["random_max_cos"] < 0.5
     text = format_summary(analysis.summary)
     assert "Intruder dimensions" in text and "near chance" in text
     assert 'id="subspace"' in render_html(analysis.summary)
