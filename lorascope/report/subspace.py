@@ -83,11 +83,11 @@ def intruder_facts(subspace: Mapping[str, Any]) -> list[str]:
     out = [f"Intruder dimensions (Shuttleworth et al. 2024): of the top {intr['k']} left singular vectors of each "
            f"fine-tuned weight, those whose largest |cos| with every singular vector of the starting weight is "
            f"below eps, at the final snapshot (step {count(intr['step'][-1])}); the columns sweep eps."]
-    shapes = ", ".join(f"{b['rows']} rows vs {b['basis']}: {number(b['random_max_cos'], 2)}"
+    shapes = ", ".join(f"{b['rows']} rows against {b['basis']} vectors {number(b['random_max_cos'], 2)}"
                        for b in intr.get("baselines", []))
     if shapes:
-        out.append(f"What a random direction scores (median largest |cos| against W_0's vectors), per matrix shape: "
-                   f"{shapes}.")
+        out.append(f"What a random direction scores (the median of its largest |cos| with W_0's left singular "
+                   f"vectors), per matrix shape: {shapes}.")
     flagged = intr["near_chance_modules"]
     if flagged:
         shown = ", ".join(flagged[:3]) + (f" and {len(flagged) - 3} more" if len(flagged) > 3 else "")
