@@ -544,6 +544,7 @@ def prediction_rows(predictions: Mapping[int, float], results: Sequence[LoraResu
                 rows.append(PredictionRow(rank, predicted, result.run.label, NONE, None, None, bound,
                                           predicted >= bound))
             else:
+                assert result.falloff_x is not None  # a measured or onset falloff has its place
                 measured = float(result.falloff_x)
                 ratio = predicted / measured if math.isfinite(predicted) else None
                 rows.append(PredictionRow(rank, predicted, result.run.label, result.status, measured, ratio, None,

@@ -100,10 +100,10 @@ def record(target: Any, path: str | os.PathLike[str], *, optimizer: Any = None, 
     if _is_instance_of(target, ("lightning.", "pytorch_lightning."), "Trainer"):
         from lorascope.record.lightning import LorascopeLightningCallback
 
-        callback = LorascopeLightningCallback(path, opts, tracker=False if tracker is False else sink,
-                                              constant=constant)
-        target.callbacks.append(callback)
-        return callback
+        lightning_callback = LorascopeLightningCallback(path, opts, tracker=False if tracker is False else sink,
+                                                        constant=constant)
+        target.callbacks.append(lightning_callback)
+        return lightning_callback
     if isinstance(target, nn.Module):
         if optimizer is None:
             raise InvalidOptionError(

@@ -279,6 +279,7 @@ class Recorder:
             if resumable:
                 save_initial_weights(initial_weights_path(self.path), names, [to_storable(w) for w in self._w0])
         elif keep_w0:
+            assert resume_after is not None  # the branch above took the fresh start
             stored = load_initial_weights(initial_weights_path(self.path), names)
             device = self._tensors[0][next(iter(self._tensors[0]))].device if keep_on == "device" else "cpu"
             self._w0 = [from_storable(w, device) for w in stored]

@@ -109,7 +109,7 @@ class MicroBatchNorms:
         return index
 
 
-def two_batch_norms(passes: torch.Tensor, cross: torch.Tensor, sizes: Sequence[int] | None,
+def two_batch_norms(passes: torch.Tensor, cross: torch.Tensor, sizes: Sequence[float] | None,
                     convention: str = LOSS_MEAN) -> dict[str, Any] | None:
     """The noise-scale inputs of one optimizer step made of several backward passes.
 

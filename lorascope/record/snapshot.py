@@ -8,6 +8,8 @@ form L @ R, so its energy and spectrum come from small QR factors instead of a d
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +47,7 @@ def tensors_of(model: nn.Module, ref: MatrixRef) -> dict[str, torch.Tensor]:
 
 def current_update(model: nn.Module, ref: MatrixRef) -> torch.Tensor | LowRank:
     """The matrix now: ``W_t`` as float32 (out, in) for a weight, the merged LoRA update for a LoRA layer."""
-    module = model.get_submodule(ref.module)
+    module: Any = model.get_submodule(ref.module)  # a PEFT LoRA layer's parts are untyped ModuleDicts
     if not ref.lora:
         return ref.matrix(getattr(module, ref.parameter).detach()).float()
     with torch.no_grad():
@@ -54,8 +56,8 @@ def current_update(model: nn.Module, ref: MatrixRef) -> torch.Tensor | LowRank:
             left = torch.cat([module.lora_B[a].weight.float() * float(module.scaling[a]) for a in adapters], 1)
             right = torch.cat([module.lora_A[a].weight.float() for a in adapters], 0)
             return LowRank(left, right)
-        total = sum(module.get_delta_weight(a).float() for a in active_adapters(module))
-        return ref.matrix(total)
+        deltas = [module.get_delta_weight(a).float() for a in active_adapters(module)]
+        return ref.matrix(functools.reduce(operator.add, deltas))
 
 
 def capture_initial(model: nn.Module, ref: MatrixRef, *, keep_on: str = "cpu") -> torch.Tensor | LowRank | None:
@@ -100,6 +102,7 @@ def minus_initial(now: torch.Tensor | LowRank, w0: torch.Tensor | LowRank | None
         assert isinstance(w0, LowRank)  # both are the merged update of the same LoRA layer
         dev = now.left.device
         return LowRank(torch.cat([now.left, -w0.left.to(dev)], 1), torch.cat([now.right, w0.right.to(dev)], 0))
+    assert isinstance(w0, torch.Tensor)  # a dense update's start is dense
     return now - w0.to(now.device, non_blocking=True)
 
 
@@ -174,10 +177,12 @@ class SnapshotArrays:
                grad_factors: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Snapshot:
         """The snapshot of optimizer step ``step`` (its examples and tokens seen are the writer's to fill in)."""
         options = self.options
-        intruder = {"intruder_cos": self.intruder_cos, "weight_sv": self.weight_sv} if options.intruder_k else {}
+        intruders = bool(options.intruder_k)
         return Snapshot(step=step, energy=self.energy, sv=self.spectra, delta_nonfinite=self.nonfinite,
                         grad_sv=grad_sv, factors=self.factors if options.factors_k else None,
-                        deltas=self.deltas if options.store_delta else None, grad_factors=grad_factors, **intruder)
+                        deltas=self.deltas if options.store_delta else None, grad_factors=grad_factors,
+                        intruder_cos=self.intruder_cos if intruders else None,
+                        weight_sv=self.weight_sv if intruders else None)
 
 
 # Whole-matrix float64 norms and finite masks make temporaries of 1-2x the matrix; blocks of rows keep a snapshot's
@@ -238,7 +243,7 @@ def _measure(delta: torch.Tensor | LowRank, ref: MatrixRef, options: RecordOptio
     large = delta.numel() > options.top_k_min_size
     top_k = options.top_k if large else None
     spectrum = singular_values(delta, top_k)
-    u = v = None
-    if k:
-        u, _, v = top_singular_triplets(delta, k, exact=not large)
-    return spectrum, u, v, delta
+    if not k:
+        return spectrum, None, None, delta
+    left, _, right = top_singular_triplets(delta, k, exact=not large)
+    return spectrum, left, right, delta

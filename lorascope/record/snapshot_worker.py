@@ -203,8 +203,8 @@ def factored_measure(left: np.ndarray, right: np.ndarray, full_rank: int) -> tup
     if not (np.isfinite(left).all() and np.isfinite(right).all()):
         dense = left @ right
         return float(np.sum(np.square(dense, dtype=np.float64))), int(np.count_nonzero(~np.isfinite(dense))), None
-    r_left = np.linalg.qr(left.astype(np.float64), mode="r")
-    r_right = np.linalg.qr(right.T.astype(np.float64), mode="r")
+    r_left: np.ndarray = np.linalg.qr(left.astype(np.float64), mode="r")  # type: ignore[assignment]  # mode "r": R
+    r_right: np.ndarray = np.linalg.qr(right.T.astype(np.float64), mode="r")  # type: ignore[assignment]
     s = np.linalg.svd(r_left @ r_right.T, compute_uv=False)
     spectrum = np.zeros(full_rank)
     spectrum[: min(full_rank, s.shape[0])] = s[:full_rank]

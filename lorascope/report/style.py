@@ -28,7 +28,7 @@ _RC = {"axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spi
 @contextmanager
 def figure_style() -> Iterator[None]:
     """Report styling for the duration of one call; rcParams are restored afterwards."""
-    with mpl.rc_context(_RC):
+    with mpl.rc_context(_RC):  # type: ignore[arg-type]  # matplotlib types rc keys as a Literal of every name
         yield
 
 
