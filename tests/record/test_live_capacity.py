@@ -233,3 +233,53 @@ def test_a_resumed_run_publishes_no_share(resumed):
     else:  # 32 examples x (4 - 1) bits over kappa 0.69 x 24 parameters at rank 1
         assert published["lorascope/capacity/bits"] == pytest.approx(96.0)
         assert published["lorascope/capacity/share_r1"] == pytest.approx(96.0 / (0.69 * 24))
+
+
+def test_a_lightning_run_publishes_the_share_analyze_computes(tmp_path):
+    """Through the Lightning integration, read back from Lightning's own CSVLogger file: the dataset size comes
+    from the trainer's data loader, the loss tokens from the labels the module's forward is given."""
+    import csv
+
+    pl = pytest.importorskip("lightning.pytorch")
+    transformers = pytest.importorskip("transformers")
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, vocab_size=64, max_position_embeddings=16, tie_word_embeddings=False))
+
+        def forward(self, **batch):
+            return self.model(**batch)
+
+        def training_step(self, batch, batch_idx):
+            return self(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    torch.manual_seed(0)
+    epochs = 8
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=CSVLogger(save_dir=str(tmp_path), name="csv"),
+                         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    lorascope.record(trainer, tmp_path / "run.h5")
+    data = torch.utils.data.DataLoader(_Facts(FactsTask(facts=FACTS, vocab_size=64, values=16, key_tokens=3)),
+                                       batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
+    trainer.fit(Module(), data)
+    forecast = lorascope.analyze(tmp_path / "run.h5", ranks=RANKS).forecast
+    assert forecast is not None and forecast.dataset_examples == FACTS
+    bits = forecast.bits.bits(forecast.dataset_examples)
+    (metrics_csv,) = (tmp_path / "csv").rglob("metrics.csv")
+    with metrics_csv.open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("lorascope/capacity/bits")]
+    last = max(rows, key=lambda r: int(r["step"]))
+    assert int(last["step"]) == epochs * FACTS // BATCH
+    assert float(last["lorascope/capacity/bits"]) == pytest.approx(bits, rel=1e-6)
+    for rank in RANKS:
+        row = forecast.row("all-linear", rank)
+        assert row is not None
+        assert float(last[f"lorascope/capacity/share_r{rank}"]) == pytest.approx(
+            bits / row.prediction.capacity_bits, rel=1e-6)
