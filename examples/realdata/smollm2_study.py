@@ -25,6 +25,7 @@ Each finished run is written to ``runs.json`` at once, so an interrupted study r
     python examples/realdata/smollm2_study.py                       # ~1 hour on 2 cores; -o DIR for another folder
     python examples/realdata/smollm2_study.py --report docs/realdata/smollm2_study.json   # copy the report there
     python examples/realdata/smollm2_study.py --tables docs/realdata/smollm2_study.json   # its tables, markdown
+    python examples/realdata/smollm2_study.py --task sft --sizes 64,256 -o smollm2-sft-out  # the SFT task
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ import smollm2_recipe as data  # noqa: E402  (the same sequences, split and cach
 import lorascope  # noqa: E402
 
 SIZES, RANKS, EPOCHS, BATCH = (64, 256, 1024), (1, 4, 16), 4, data.BATCH
+DEFAULT_SIZES = SIZES
 PROBE_SIZES = (64, 256)  # the forecast reads only these full runs: small slices, as a user would probe
+GRID_SIZES = PROBE_SIZES  # sizes where every method runs its whole (widened) learning-rate grid
 FULL_LRS, LORA_LRS = (3e-4, 1e-3), (1e-3, 3e-3, 1e-2)
 START = {"full": FULL_LRS, "all-linear": LORA_LRS}
 LR_LADDER = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -157,20 +160,20 @@ class RunSpec:
 
 
 def specs(target: str, rank: int, results: dict[str, dict], sizes: tuple[int, ...]) -> list[RunSpec]:
-    """The runs of one method: its learning-rate grid at the sizes of :data:`PROBE_SIZES`, extended along
+    """The runs of one method: its learning-rate grid at the sizes of :data:`GRID_SIZES`, extended along
     :data:`LR_LADDER` while the best rate on training or held-out loss sits at an edge; at a larger N only the
-    rate that was best on training loss at the largest of them, to keep within the CPU budget."""
+    rate that was best on training loss at the largest of them, to keep within the CPU budget (a probe size
+    outside the grid sizes keeps the probes already run there)."""
     out = []
+    tuned_at = max(n for n in GRID_SIZES if n in SIZES)
     for n in sizes:
-        if n in PROBE_SIZES:
+        if n in GRID_SIZES:
             out += [RunSpec(target, rank, n, lr) for lr in grid_at(target, rank, n, results)]
             continue
-        tuned = [r for r in results.values() if (r["target"], r["rank"], r["examples"]) ==
-                 (target, rank, max(PROBE_SIZES))]
-        grid = grid_at(target, rank, max(PROBE_SIZES), results)
-        if {r["lr"] for r in tuned} != set(grid):
-            continue  # the grid at the largest probe size is not done yet
-        out.append(RunSpec(target, rank, n, best(results, target, rank, max(PROBE_SIZES), "train_loss")["lr"]))
+        tuned = [r for r in results.values() if (r["target"], r["rank"], r["examples"]) == (target, rank, tuned_at)]
+        if {r["lr"] for r in tuned} != set(grid_at(target, rank, tuned_at, results)):
+            continue  # the grid below is not done yet
+        out.append(RunSpec(target, rank, n, best(results, target, rank, tuned_at, "train_loss")["lr"]))
     return out
 
 
@@ -433,6 +436,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SIZES, GRID_SIZES  # --sizes and --grid-sizes replace the defaults for the whole study
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-o", "--out", type=Path, default=Path("smollm2-study-out"))
     parser.add_argument("--cache", type=Path, default=smollm2.DEFAULT_CACHE, help="where the weights are kept")
@@ -441,7 +445,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", type=Path, help="also copy results.json there (the checked-in table)")
     parser.add_argument("--tables", type=Path, metavar="RESULTS_JSON", help="print the tables of a results.json")
+    parser.add_argument("--sizes", default=",".join(str(n) for n in SIZES),
+                        help=f"dataset sizes N, comma-separated; must include {PROBE_SIZES} (default %(default)s)")
+    parser.add_argument("--grid-sizes", default=",".join(str(n) for n in GRID_SIZES),
+                        help="sizes where every method runs its whole learning-rate grid; larger ones run the "
+                             "training-loss winner of the largest (default %(default)s)")
     args = parser.parse_args(argv)
+    try:
+        GRID_SIZES = tuple(sorted({int(n) for n in args.grid_sizes.split(",")}))
+    except ValueError:
+        parser.error(f"--grid-sizes takes comma-separated integers. Got {args.grid_sizes!r} instead.")
+    try:
+        SIZES = tuple(sorted({int(n) for n in args.sizes.split(",")}))
+    except ValueError:
+        parser.error(f"--sizes takes comma-separated integers. Got {args.sizes!r} instead.")
+    if not set(PROBE_SIZES) <= set(SIZES):
+        parser.error(f"--sizes must include the probe sizes {PROBE_SIZES}. Got {args.sizes!r} instead.")
     if args.tables:
         print(markdown(json.loads(args.tables.read_text())))
         return 0
@@ -481,8 +500,9 @@ def main(argv: list[str] | None = None) -> int:
             f"({r['seconds']:.0f} s, {r['median_step_seconds']:.2f} s/step)")
         runs_file.write_text(json.dumps(_jsonable(results), indent=1) + "\n")
 
-    for spec in specs("full", 0, results, PROBE_SIZES):
-        run(spec)
+    for n in PROBE_SIZES:  # the probes: the grid at every probe size, whatever --grid-sizes says
+        for lr in grid_at("full", 0, n, results):
+            run(RunSpec("full", 0, n, lr))
     predictions_file = args.out / "predictions.json"
     predictions = (json.loads(predictions_file.read_text()) if predictions_file.is_file()
                    else predict(args.out, base, task, results, say))
@@ -490,16 +510,22 @@ def main(argv: list[str] | None = None) -> int:
     predictions["information"] = {k: {int(r): v for r, v in rows.items()} for k, rows in
                                   predictions["information"].items()}
     predictions["spectral"] = {k: {int(r): v for r, v in rows.items()} for k, rows in predictions["spectral"].items()}
-    methods = [("full", 0)] + [("all-linear", r) for r in RANKS]
-    pending = [s for n in SIZES for t, r in methods for s in specs(t, r, results, (n,))]
+    def methods(n: int) -> list[tuple[str, int]]:  # past the grid sizes the highest rank first: the forecast says
+        ranks = RANKS if n in GRID_SIZES else sorted(RANKS, reverse=True)  # it alone still holds at N = 1,024
+        return [("full", 0)] + [("all-linear", r) for r in ranks]
+
+    pending = [s for n in SIZES for t, r in methods(n) for s in specs(t, r, results, (n,))]
     while pending:  # smaller N first; a larger N's rates are known once the grid below it is done
         spec = pending.pop(0)
         run(spec)
-        pending = [s for n in SIZES for t, r in methods for s in specs(t, r, results, (n,)) if s.name not in results]
+        pending = [s for n in SIZES for t, r in methods(n) for s in specs(t, r, results, (n,))
+                   if s.name not in results]
         if spec.target == "full":
             continue
         report = {
-            "command": "python examples/realdata/smollm2_study.py" + (" --task sft" if args.task == "sft" else ""),
+            "command": "python examples/realdata/smollm2_study.py" + (" --task sft" if args.task == "sft" else "")
+                       + (f" --sizes {args.sizes}" if SIZES != DEFAULT_SIZES else "")
+                       + (f" --grid-sizes {args.grid_sizes}" if GRID_SIZES != PROBE_SIZES else ""),
             "complete": not pending,
             "model": {"description": smollm2.DESCRIPTION, "trained": "the last block (model.layers.29): every "
                       "matrix and norm (full fine-tuning) or a PEFT LoRA on its 7 linear matrices"},
