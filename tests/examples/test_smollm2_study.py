@@ -76,3 +76,13 @@ def test_held_share_and_falloff(study):
     bits = measured["training_loss_reduction_bits"][256]["r1"]
     assert bits == pytest.approx(0.5 * 63 / math.log(2) * 256)
     assert measured["held_bits_per_lora_parameter"][1][256] == pytest.approx(bits / 10)
+
+
+@pytest.mark.parametrize("report", ["smollm2_study.json", "smollm2_sft.json"])
+def test_the_docs_tables_are_the_checked_in_reports_unedited(study, report):
+    """docs/realdata_smollm2.md's tables are `smollm2_study.py --tables docs/realdata/<report>`."""
+    import json
+
+    docs = SCRIPT.parents[2] / "docs"
+    tables = study.markdown(json.loads((docs / "realdata" / report).read_text()))
+    assert tables in (docs / "realdata_smollm2.md").read_text()
