@@ -22,10 +22,10 @@ learning rate, batch 16, 4 epochs, the same shuffled order for every method at a
 Each finished run is written to ``runs.json`` at once, so an interrupted study resumes where it stopped; the report
 (``results.json``) is written after every LoRA run (``"complete": false`` until the grid is done).
 
-    python examples/realdata/smollm2_study.py                       # ~1 hour on 2 cores; -o DIR for another folder
+    python examples/realdata/smollm2_study.py                       # hours on 2 shared cores; -o DIR: another folder
     python examples/realdata/smollm2_study.py --report docs/realdata/smollm2_study.json   # copy the report there
     python examples/realdata/smollm2_study.py --tables docs/realdata/smollm2_study.json   # its tables, markdown
-    python examples/realdata/smollm2_study.py --task sft --sizes 64,256 -o smollm2-sft-out  # the SFT task
+    python examples/realdata/smollm2_study.py --task sft --sizes 64,256 --grid-sizes 64 -o smollm2-sft-out  # SFT
 """
 
 from __future__ import annotations
