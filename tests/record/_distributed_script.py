@@ -72,6 +72,24 @@ def micro_batches(step: int) -> list[torch.Tensor]:
     return list(global_batch(step).chunk(WORLD * PASSES))
 
 
+def ddp_step(model: nn.Module, optimizer: torch.optim.Optimizer, recorder, rank: int, step: int) -> None:
+    """One optimizer step of a DDP rank: its PASSES micro-batches of the step's global batch (no_sync on all but the
+    last), each loss logged, gradients clipped."""
+    mine = micro_batches(step)[rank * PASSES: (rank + 1) * PASSES]
+    for k, ids in enumerate(mine):
+        if k < PASSES - 1:
+            with model.no_sync():
+                loss = lm_loss(model, ids)
+                (loss / PASSES).backward()
+        else:
+            loss = lm_loss(model, ids)
+            (loss / PASSES).backward()
+        recorder.log(loss=loss)
+    nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 def tiny_mixtral():
     """A tiny Mixtral with odd sizes, so that FSDP2's shards are uneven: 3 experts over 2 ranks, vocab 63."""
     import transformers
@@ -190,19 +208,7 @@ def run_ddp(out: Path) -> None:
             assert recorder.distributed is not None and recorder.distributed.mode == "ddp"
             assert (recorder._writer is not None) == (rank == 0), "only rank 0 writes"
             for step in range(1, steps + 1):
-                mine = micro_batches(step)[rank * PASSES: (rank + 1) * PASSES]
-                for k, ids in enumerate(mine):
-                    if k < PASSES - 1:
-                        with model.no_sync():
-                            loss = lm_loss(model, ids)
-                            (loss / PASSES).backward()
-                    else:
-                        loss = lm_loss(model, ids)
-                        (loss / PASSES).backward()
-                    recorder.log(loss=loss)
-                nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-                optimizer.step()
-                optimizer.zero_grad()
+                ddp_step(model, optimizer, recorder, rank, step)
     _shut_down()
 
 

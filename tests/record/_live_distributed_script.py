@@ -17,19 +17,15 @@ from pathlib import Path
 
 import torch
 from _distributed_script import (
-    CLIP,
     HANG_SECONDS,
     LR,
-    PASSES,
     SNAPSHOTS,
     STEPS,
     _init,
     _shut_down,
-    lm_loss,
-    micro_batches,
+    ddp_step,
     tiny_lm,
 )
-from torch import nn
 
 import lorascope
 
@@ -48,19 +44,7 @@ def main() -> None:
     with lorascope.record(model, out / "live.h5", optimizer=optimizer, snapshots=SNAPSHOTS, total_steps=STEPS,
                           tracker=lambda scalars, step: published.append((step, dict(scalars)))) as recorder:
         for step in range(1, STEPS + 1):
-            mine = micro_batches(step)[rank * PASSES: (rank + 1) * PASSES]
-            for k, ids in enumerate(mine):
-                if k < PASSES - 1:
-                    with model.no_sync():
-                        loss = lm_loss(model, ids)
-                        (loss / PASSES).backward()
-                else:
-                    loss = lm_loss(model, ids)
-                    (loss / PASSES).backward()
-                recorder.log(loss=loss)
-            nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            optimizer.step()
-            optimizer.zero_grad()
+            ddp_step(model, optimizer, recorder, rank, step)
     (out / f"live_rank{rank}.json").write_text(json.dumps(published))
     _shut_down()
 
