@@ -71,7 +71,7 @@ def findings(results: dict[str, Any]) -> list[dict[str, str]]:
                  "measured": "bits asked at the measured falloff / LoRA parameters: "
                              + (", ".join(f"r{r}: {v:.2f}" for r, v in per_param.items() if v is not None)
                                 or "no falloff measured")
-                             + f" (calibrate measured {calibrated:.2f})",
+                             + f" (calibrate measured {calibrated:.2f}" + _kappa_r(results) + ")",
                  "agrees": _yes(bool(values) and all(0.5 <= v / 2 <= 2 for v in values))
                  + ("" if not values else f" (median {sorted(values)[len(values) // 2]:.2f} bits per parameter)")})
     batch = results["batch"]["rows"]
@@ -166,7 +166,7 @@ def markdown(results: dict[str, Any]) -> str:
               f"{results['bits_per_fact']:.0f}): " + ", ".join(
                   f"{name}: {_bits(results, name):.2f}" for name in info) + f"; constants: default "
               f"{_const(results, 'size, default constant'):.3f}, calibrated {_const(results, 'size, calibrated'):.3f} "
-              "bits per LoRA parameter.", ""]
+              f"bits per LoRA parameter{_kappa_r(results)}.", ""]
     lines += _table_by_n(results, "LoRA bits held / full fine-tuning bits held", lambda b, full: b["bits_held"]
                          / full["bits_held"] if full["bits_held"] > 0 else math.nan, fmt="{:.2f}")
     lines += _table_by_n(results, "Final training loss (nats per value token, best LR)",
@@ -262,6 +262,15 @@ def _bits(results: dict[str, Any], name: str) -> float:
 def _const(results: dict[str, Any], name: str) -> float:
     first = next(iter(results["predictions"]["information"][name].values()))
     return first["capacity_bits"] / first["lora_parameters"]
+
+
+def _kappa_r(results: dict[str, Any]) -> str:
+    """", kappa(r) at each rank ..." from the kappa(r) calibration's predictor, or nothing without one."""
+    table = results["predictions"]["information"].get("size, calibrated kappa(r)")
+    if not table:
+        return ""
+    return "; kappa(r) calibrated at each rank: " + ", ".join(
+        f"r{r}: {p['capacity_bits'] / p['lora_parameters']:.3f}" for r, p in table.items())
 
 
 def _num(value: Any, fmt: str = "{:,.0f}") -> str:

@@ -146,15 +146,22 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
-    """``lorascope.calibrate`` on the base, ranks 1 and 2, for ``job["epochs"]`` epochs, no capacity bracket, Adam at
-    the better of 1e-3 and 3e-3, batch 128, offering 2 bits per parameter (``job["recipe"] == "published"``, the
-    published study's recipe) or 0.5 (the smoke tier's); saves the calibration JSON to ``job["path"]``."""
+    """``lorascope.calibrate`` on the base for ``job["epochs"]`` epochs, Adam at the better of 1e-3 and 3e-3, batch
+    128: ranks 1 and 2, no capacity bracket, offering 2 bits per parameter (``job["recipe"] == "published"``, the
+    published study's recipe) or 0.5 (the smoke tier's); or (``"kappa"``) kappa(r) at ``job["ranks"]`` with
+    calibrate's bracket, within ``job["budget"]``. Saves the calibration JSON to ``job["path"]``."""
     torch.set_num_threads(1)
     start = time.time()
-    load = 2.0 if job.get("recipe") == "published" else 0.5
-    recipe = {"offered_bits_per_parameter": load, "bracket": None}
-    calibration = lorascope.calibrate(load_base(Path(job["base"])), ranks=(1, 2), epochs=job["epochs"],
-                                      seed=job["seed"], base="the study's Markov-pretrained tiny Llama", **recipe)
+    recipe: dict[str, Any]
+    if job.get("recipe") == "kappa":
+        # kappa(r): calibrate's default recipe (capacity bracketed at the smallest rank, every rank offered the
+        # capacity load) at job["ranks"], within job["budget"] adapter-training examples.
+        recipe = {"ranks": tuple(job["ranks"]), "budget": job.get("budget")}
+    else:
+        load = 2.0 if job.get("recipe") == "published" else 0.5
+        recipe = {"ranks": (1, 2), "offered_bits_per_parameter": load, "bracket": None}
+    calibration = lorascope.calibrate(load_base(Path(job["base"])), epochs=job["epochs"], seed=job["seed"],
+                                      base="the study's Markov-pretrained tiny Llama", **recipe)
     calibration.save(job["path"])
     return {"kind": "calibrate", "path": job["path"], "bits_per_parameter": calibration.bits_per_parameter,
             "seconds": time.time() - start}

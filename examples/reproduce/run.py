@@ -59,17 +59,21 @@ class Tier:
     target_mlp_rank: int  # attention-only / MLP-only / all-linear at matched parameter count
     target_examples: int
     jobs: int
+    kappa_ranks: tuple[int, ...] = ()  # a second calibration measuring kappa(r) at these ranks (none: skipped)
+    kappa_budget: int | None = None  # its adapter-training examples at most (calibrate's --budget)
 
 
 TIERS = {
     "full": Tier("full", ranks=(1, 2, 4, 8, 16, 32), sizes=(128, 256, 512, 1024, 2048, 4096), epochs=150,
                  min_steps=1500, batch_size=64, full_lrs=(1e-3, 3e-3, 1e-2), lora_lrs=(1e-3, 3e-3, 1e-2),
                  pretrain_steps=1500, calibration_epochs=300, probe_examples=512, batch_sizes=(16, 64, 256),
-                 batch_ranks=(4, 16), batch_examples=512, target_mlp_rank=8, target_examples=2048, jobs=2),
+                 batch_ranks=(4, 16), batch_examples=512, target_mlp_rank=8, target_examples=2048, jobs=2,
+                 kappa_ranks=(1, 2, 4, 8, 16), kappa_budget=8_000_000),
     "quick": Tier("quick", ranks=(1, 4, 16), sizes=(128, 512, 2048), epochs=40, min_steps=400, batch_size=64,
                   full_lrs=(1e-3, 3e-3), lora_lrs=(1e-3, 3e-3), pretrain_steps=600, calibration_epochs=60,
                   probe_examples=512, batch_sizes=(16, 128), batch_ranks=(4,), batch_examples=256,
-                  target_mlp_rank=2, target_examples=512, jobs=1),
+                  target_mlp_rank=2, target_examples=512, jobs=1,
+                  kappa_ranks=(1, 2, 4), kappa_budget=500_000),
     "smoke": Tier("smoke", ranks=(1, 4), sizes=(32, 64, 128), epochs=6, min_steps=12, batch_size=16,
                   full_lrs=(3e-3,), lora_lrs=(3e-3,), pretrain_steps=40, calibration_epochs=4, probe_examples=64,
                   batch_sizes=(8, 32), batch_ranks=(4,), batch_examples=64, target_mlp_rank=1, target_examples=64,
@@ -102,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-OUTPUTS = ("base.pt", "calibration.json", "predictions.json", "results.json", "results.md", "runs", "recommend",
-           "compare", "plots")
+OUTPUTS = ("base.pt", "calibration.json", "calibration_kappa.json", "predictions.json", "results.json", "results.md",
+           "runs", "recommend", "compare", "plots")
 
 
 def _clear(out: Path) -> None:
@@ -143,15 +147,22 @@ def study(tier: Tier, out: Path, log: Callable[[str], None] = print, quiet: bool
     calibration_path = out / "calibration.json"
     # The published tiers calibrate with the recipe their numbers came from; the smoke tier's 4 epochs teach that
     # recipe nothing (numbers meaningless there), so it offers a quarter of the load: fewer facts, learned sooner.
-    runner.run(before, extra=[{"kind": "calibrate", "base": str(base), "path": str(calibration_path),
-                               "epochs": tier.calibration_epochs, "seed": 100,
-                               "recipe": "light" if tier.name == "smoke" else "published"}])
+    extra = [{"kind": "calibrate", "base": str(base), "path": str(calibration_path),
+              "epochs": tier.calibration_epochs, "seed": 100,
+              "recipe": "light" if tier.name == "smoke" else "published"}]
+    # kappa as a function of rank (issue 13): calibrate's own recipe at several ranks, its capacity bracketed.
+    kappa_path = out / "calibration_kappa.json" if tier.kappa_ranks else None
+    if kappa_path:
+        extra.append({"kind": "calibrate", "base": str(base), "path": str(kappa_path), "seed": 101,
+                      "epochs": tier.calibration_epochs, "recipe": "kappa", "ranks": list(tier.kappa_ranks),
+                      "budget": tier.kappa_budget})
+    runner.run(before, extra=extra)
     best = measure.best_per_condition(runner.results.values())
     full_best = {n: best[("full", 0, n, tier.batch_size, epochs(tier, n))] for n in tier.sizes}
     probe = best[("full", 0, tier.probe_examples, tier.batch_size, epochs(tier, tier.probe_examples))]
 
     # Phase 2: predictions, from the base model, the probe, the calibration and full fine-tuning's spectra.
-    predictions = predict(tier, out, base, full_best, probe, calibration_path, say)
+    predictions = predict(tier, out, base, full_best, probe, calibration_path, say, kappa_path)
 
     # Phase 3: the LoRA runs and the other experiments.
     runner.run(after)
@@ -211,7 +222,8 @@ class Runner:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 todo[spec.name] = {**asdict(spec), "kind": "train", "base": str(self.base), "largest": self.largest,
                                    "path": str(path), "seed": 0}
-        jobs = sorted(todo.values(), key=lambda j: -j["epochs"] * j["examples"]) + list(extra)  # longest first
+        # the calibrations first (kappa(r)'s is the longest job), then the runs, longest first
+        jobs = list(extra) + sorted(todo.values(), key=lambda j: -j["epochs"] * j["examples"])
         self.say(f"{len(jobs)} jobs on {self.jobs} process(es)")
         from tqdm import tqdm
 
@@ -260,7 +272,7 @@ def matched_ranks(model: Any, mlp_rank: int) -> dict[str, int]:
 
 
 def predict(tier: Tier, out: Path, base: Path, full_best: dict[int, dict], probe: dict, calibration_path: Path,
-            say: Callable[[str], None]) -> dict[str, Any]:
+            say: Callable[[str], None], kappa_path: Path | None = None) -> dict[str, Any]:
     """Every predictor's falloff per rank, written to ``predictions.json`` before any LoRA run exists."""
     import lorascope
 
@@ -278,11 +290,15 @@ def predict(tier: Tier, out: Path, base: Path, full_best: dict[int, dict], probe
         "probe, default constant": {"probes": [probe["path"]]},
         "probe, calibrated": {"probes": [probe["path"]], "calibration": calibration},
     }
+    kappa = lorascope.load_calibration(kappa_path) if kappa_path else None
+    if kappa is not None:
+        calls["size, calibrated kappa(r)"] = {"tokens_per_example": 1, "calibration": kappa}
+        calls["probe, calibrated kappa(r)"] = {"probes": [probe["path"]], "calibration": kappa}
     documents, information = {}, {}
     for name, kwargs in calls.items():
         rec = lorascope.recommend(model, examples=largest, ranks=tier.ranks, batch_size=tier.batch_size, **kwargs)
         documents[name] = rec.to_dict()
-        (folder / (name.replace(", ", "_").replace(" ", "_") + ".json")).write_text(
+        (folder / (name.replace(", ", "_").replace(" ", "_").replace("(r)", "_r") + ".json")).write_text(
             json.dumps(documents[name], indent=2) + "\n")
         information[name] = measure.information_predictions(documents[name])
         say(f"recommend ({name}): {documents[name]['bits']['bits_per_example']:.2f} bits per example, "
@@ -299,6 +315,7 @@ def predict(tier: Tier, out: Path, base: Path, full_best: dict[int, dict], probe
         "probe": {"path": probe["path"], "examples": probe["examples"], "lr": probe["lr"],
                   "information": documents["probe, default constant"]["probes"][0]["information"]},
         "calibration": calibration.to_dict(),
+        "calibration_kappa": kappa.to_dict() if kappa is not None else None,
         "information": information,
         "spectral": spectral,
         "full_spectra": spectra,

@@ -32,8 +32,8 @@ from lorascope.record.options import RecordOptions
 from lorascope.record.run_config import coverage_rows, run_config, sv_capacity
 from lorascope.record.sharded import ShardedRecording, check_options
 from lorascope.record.snapshot import capture_initial, from_storable, tensors_of, to_storable
-from lorascope.record.snapshot_taker import SnapshotTaker, WriterCalls
-from lorascope.record.subspace import gradient_spectra, initial_basis
+from lorascope.record.snapshot_taker import GradientCapture, SnapshotTaker, WriterCalls
+from lorascope.record.subspace import initial_basis
 from lorascope.store import schema as S
 from lorascope.store.initial import initial_weights_path, load_initial_weights, save_initial_weights
 from lorascope.store.payloads import Snapshot
@@ -180,8 +180,7 @@ class Recorder:
         self._last_snapshot = -1
         self._grads: dict[str, Any] | None = None  # the gradient columns of the step row
         self._shard_grads: tuple[torch.Tensor, Any] | None = None  # FSDP2: this rank's local squared norms
-        self._grad_sv: list[torch.Tensor | None] | None = None
-        self._grad_factors: dict[int, Any] | None = None  # the gradient's top vectors (grad_sv and factors_k)
+        self._grad_capture: GradientCapture | None = None  # grad_sv's input to the next snapshot
         self._closing = False  # close() is taking the final snapshot
         self._taker = SnapshotTaker(self.refs, self._tensors, self.options)
         self._logged, self._counted = BatchTally(), BatchTally()  # the loop's log() calls; the forward hooks
@@ -268,6 +267,12 @@ class Recorder:
         _OPEN_RECORDERS.add(self)
         return self
 
+    def _as_kept(self, ref: MatrixRef, w0: Any) -> Any:
+        """A W_0 read back to resume, in the dtype ``w0_dtype`` keeps it in."""
+        if self.options.w0_dtype == "parameter" and not ref.lora and isinstance(w0, torch.Tensor):
+            return w0.to(getattr(self.model.get_submodule(ref.module), ref.parameter).dtype)
+        return w0
+
     def _open_file(self, resume_after: int | None, resumable: bool, *, keep_w0: bool = True) -> None:
         """Keep W_0 (or read it back to resume), create (or continue) the run file, start the writer thread.
 
@@ -275,14 +280,15 @@ class Recorder:
         keep_on = "device" if self.options.w0_device == "device" else "cpu"
         names = [ref.name for ref in self.refs]
         if keep_w0 and resume_after is None:
-            self._w0 = [capture_initial(self.model, ref, keep_on=keep_on) for ref in self.refs]
+            self._w0 = [capture_initial(self.model, ref, keep_on=keep_on, dtype=self.options.w0_dtype)
+                        for ref in self.refs]
             if resumable:
                 save_initial_weights(initial_weights_path(self.path), names, [to_storable(w) for w in self._w0])
         elif keep_w0:
             assert resume_after is not None  # the branch above took the fresh start
             stored = load_initial_weights(initial_weights_path(self.path), names)
             device = self._tensors[0][next(iter(self._tensors[0]))].device if keep_on == "device" else "cpu"
-            self._w0 = [from_storable(w, device) for w in stored]
+            self._w0 = [self._as_kept(ref, from_storable(w, device)) for ref, w in zip(self.refs, stored, strict=True)]
             self.step = self._last_snapshot = int(resume_after)
         bases = None
         if keep_w0 and self.options.intruder_k:  # the starting weights' vectors, once (lorascope.record.subspace)
@@ -491,7 +497,7 @@ class Recorder:
         grads = self._norms.gradients()
         self._grads = self._norms.step_columns(grads)
         if self.options.grad_sv and self._snapshot_due(self.step + 1):
-            self._grad_sv, self._grad_factors = gradient_spectra(grads, self.options.factors_k)
+            self._grad_capture = self._taker.capture_gradients(grads)
 
     def _after_step(self) -> None:
         self.step += 1
@@ -536,10 +542,8 @@ class Recorder:
         """The snapshot of this step (see :class:`SnapshotTaker`: on the worker thread by default; thinned by the
         time budget unless it is the final one)."""
         final = self._closing or self.step == self.total_steps
-        grad_sv, self._grad_sv = self._grad_sv, None
-        grad_factors, self._grad_factors = self._grad_factors, None
-        if self._taker.take(self.model, self._w0, step=self.step, final=final, grad_sv=grad_sv, held=self._held,
-                            grad_factors=grad_factors):
+        gradients, self._grad_capture = self._grad_capture, None
+        if self._taker.take(self.model, self._w0, step=self.step, final=final, gradients=gradients, held=self._held):
             self._last_snapshot = self.step
 
     def _snapshot_distributed(self) -> None:

@@ -15,6 +15,7 @@ from lorascope.record.schedule import SnapshotSchedule
 DELTA_DTYPES = ("float16", "float32")
 GNS_SOURCES = ("auto", "accumulation", "per_example", None)
 W0_DEVICES = ("cpu", "device")
+W0_DTYPES = ("float32", "parameter")
 CONTRIBUTIONS = (False, True, "layers")
 SNAPSHOT_BACKLOG = ("wait", "skip")
 
@@ -62,6 +63,9 @@ class RecordOptions:
         Also store the singular values of each matrix's gradient at snapshot steps.
     w0_device
         Where the initial weights W_0 are kept: "cpu" (default) or "device" (faster snapshots, more device memory).
+    w0_dtype
+        W_0 of a weight matrix kept in "float32" (default) or in its "parameter" dtype (bf16 stays bf16: half the
+        memory, the same values, so the same updates). A LoRA layer's starting update stays float32.
     strict
         Raise on a write failure instead of warning once and continuing training without recording.
     queue_size
@@ -139,6 +143,7 @@ class RecordOptions:
     store_delta: str | None = None
     grad_sv: bool = False
     w0_device: str = "cpu"
+    w0_dtype: str = "float32"
     strict: bool = False
     queue_size: int = 64
     flush_seconds: float = 1.0
@@ -188,6 +193,8 @@ class RecordOptions:
             raise _bad("store_delta", f"None or one of {DELTA_DTYPES}", self.store_delta)
         if self.w0_device not in W0_DEVICES:
             raise _bad("w0_device", f"one of {W0_DEVICES}", self.w0_device)
+        if self.w0_dtype not in W0_DTYPES:
+            raise _bad("w0_dtype", f"one of {W0_DTYPES}", self.w0_dtype)
         if self.gns not in GNS_SOURCES:
             raise _bad("gns", f"one of {GNS_SOURCES}", self.gns)
         if self.gns_loss not in LOSS_CONVENTIONS:

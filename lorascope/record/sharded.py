@@ -80,6 +80,7 @@ def check_options(options: RecordOptions, refs: Sequence[MatrixRef], model: torc
                 "hooks; use gns='auto' (off under FSDP2) or None"),
         "grad_sv": (options.grad_sv, "gradient spectra would need every gradient gathered"),
         "intruder_k": (options.intruder_k > 0, "the starting weights' vectors would need every weight gathered"),
+        "w0_dtype": (options.w0_dtype != "float32", "each rank keeps its W_0 shard in float32"),
         "resumable": (options.resumable is True or options.resume,
                       "the initial-weights file is not written from sharded weights"),
     }

@@ -60,8 +60,13 @@ def current_update(model: nn.Module, ref: MatrixRef) -> torch.Tensor | LowRank:
         return ref.matrix(functools.reduce(operator.add, deltas))
 
 
-def capture_initial(model: nn.Module, ref: MatrixRef, *, keep_on: str = "cpu") -> torch.Tensor | LowRank | None:
-    """W_0 of a recorded matrix, cloned in float32 (``None`` for a LoRA update that starts at zero)."""
+def capture_initial(model: nn.Module, ref: MatrixRef, *, keep_on: str = "cpu", dtype: str = "float32"
+                    ) -> torch.Tensor | LowRank | None:
+    """W_0 of a recorded matrix, cloned in float32, or a weight in its own dtype with ``dtype="parameter"`` (the
+    same values: an update taken against it is the same); ``None`` for a LoRA update that starts at zero."""
+    if dtype == "parameter" and not ref.lora:
+        weight = ref.matrix(getattr(model.get_submodule(ref.module), ref.parameter).detach())
+        return weight.clone() if keep_on == "device" else weight.to("cpu", copy=True)
     initial = current_update(model, ref)
     if isinstance(initial, LowRank):
         if not torch.any(initial.left) or not torch.any(initial.right):
@@ -77,7 +82,7 @@ def to_storable(w0: torch.Tensor | LowRank | None) -> Any:
     """W_0 as numpy (a ``(left, right)`` pair for a factored LoRA start), for the initial-weights file."""
     if isinstance(w0, LowRank):
         return (w0.left.cpu().numpy(), w0.right.cpu().numpy())
-    return None if w0 is None else w0.cpu().numpy()
+    return None if w0 is None else w0.cpu().float().numpy()  # bf16 has no numpy dtype; its values fit float32
 
 
 def from_storable(stored: Any, device: torch.device | str) -> torch.Tensor | LowRank | None:

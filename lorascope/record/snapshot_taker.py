@@ -21,8 +21,8 @@ from lorascope.record.contributions import HeldLoss, with_held_losses
 from lorascope.record.options import RecordOptions
 from lorascope.record.schedule import within_budget
 from lorascope.record.snapshot import take_snapshot
-from lorascope.record.snapshot_worker import SnapshotWorker, capture, host_copy_bytes
-from lorascope.record.subspace import InitialBasis
+from lorascope.record.snapshot_worker import SnapshotWorker, capture, gradient_copies, host_copy_bytes
+from lorascope.record.subspace import InitialBasis, gradient_spectra
 from lorascope.store.payloads import Snapshot
 
 _MIB = 1 << 20
@@ -42,6 +42,23 @@ class RecordingCost:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+
+@dataclass
+class GradientCapture:
+    """``grad_sv``'s input to the next snapshot, read before the optimizer step: host copies of the gradients for
+    the worker, or their spectra (and vectors) computed on the training thread when no worker runs."""
+
+    copies: list[torch.Tensor | None] | None = None
+    nbytes: int = 0
+    spectra: list[Any] | None = None
+    factors: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def measured(self, k: int) -> tuple[list[Any] | None, dict[int, tuple[np.ndarray, np.ndarray]] | None]:
+        """(spectra, vectors), computed here from the copies when there are copies (the worker stopped)."""
+        if self.copies is not None:
+            return gradient_spectra(self.copies, k)
+        return self.spectra, self.factors
 
 
 @dataclass(frozen=True)
@@ -87,6 +104,16 @@ class SnapshotTaker:
     def uses_worker(self) -> bool:
         return self._use_worker
 
+    def capture_gradients(self, grads: Sequence[torch.Tensor | None]) -> GradientCapture:
+        """``grad_sv``'s input for the snapshot after this optimizer step (training thread, before the step): host
+        copies when the worker computes the spectra, else the spectra themselves."""
+        worker = self.worker
+        if worker is not None and worker.alive:
+            copies, nbytes = gradient_copies(grads)
+            return GradientCapture(copies=copies, nbytes=nbytes)
+        spectra, factors = gradient_spectra(grads, self.options.factors_k)
+        return GradientCapture(spectra=spectra, factors=factors)
+
     def start(self, calls: WriterCalls, *, thinnable: bool, may_skip: bool,
               bases: Sequence[InitialBasis | None] | None = None) -> None:
         """Start the worker (when used) and the clock. ``thinnable``: the schedule may be thinned by the time
@@ -115,10 +142,10 @@ class SnapshotTaker:
 
     # -- training thread -------------------------------------------------------------------------------------
     def take(self, model: nn.Module, w0: list[Any], *, step: int, final: bool,
-             grad_sv: list[Any] | None = None, held: HeldLoss | None = None,
-             grad_factors: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> bool:
+             gradients: GradientCapture | None = None, held: HeldLoss | None = None) -> bool:
         """The snapshot of optimizer step ``step``; False when it was thinned or skipped (its reason is in the
-        file's ``snapshots_missing``). The final snapshot is never thinned nor skipped."""
+        file's ``snapshots_missing``). The final snapshot is never thinned nor skipped. ``gradients``: what
+        :meth:`capture_gradients` read before the step (``grad_sv``)."""
         assert self._calls is not None
         started = time.perf_counter()
         try:
@@ -128,9 +155,10 @@ class SnapshotTaker:
                 return False
             worker = self.worker
             if worker is not None and worker.alive:
-                taken = self._to_worker(worker, model, w0, step=step, final=final, grad_sv=grad_sv, held=held,
-                                        grad_factors=grad_factors)
+                taken = self._to_worker(worker, model, w0, step=step, final=final, gradients=gradients, held=held)
             else:
+                grad_sv, grad_factors = (None, None) if gradients is None else gradients.measured(
+                    self.options.factors_k)
                 snapshot = take_snapshot(self.refs, model, w0, options=self.options, step=step, grad_sv=grad_sv,
                                          grad_factors=grad_factors, bases=self.bases)
                 if held is not None:
@@ -143,23 +171,24 @@ class SnapshotTaker:
             self.cost.snapshot_seconds += time.perf_counter() - started
 
     def _to_worker(self, worker: SnapshotWorker, model: nn.Module, w0: list[Any], *, step: int, final: bool,
-                   grad_sv: list[Any] | None, held: HeldLoss | None,
-                   grad_factors: dict[int, tuple[np.ndarray, np.ndarray]] | None) -> bool:
+                   gradients: GradientCapture | None, held: HeldLoss | None) -> bool:
         assert self._calls is not None
-        if not worker.reserve(self._nbytes, wait=final or not self._may_skip):
+        gradients = gradients or GradientCapture()
+        nbytes = self._nbytes + gradients.nbytes
+        if not worker.reserve(nbytes, wait=final or not self._may_skip):
             self.cost.skipped += 1
             self._calls.missing(step, f"skipped: the snapshot worker was behind (snapshot_backlog='skip'; "
                                       f"{worker.in_flight} snapshot(s) pending, buffer {worker.buffer_bytes / _MIB:.1f}"
                                       " MiB)")
             return False
         try:
-            job = capture(self.refs, model, w0, step=step, nbytes=self._nbytes)
-            job.grad_sv, job.grad_factors = grad_sv, grad_factors
+            job = capture(self.refs, model, w0, step=step, nbytes=nbytes)
+            job.grad_copies, job.grad_sv, job.grad_factors = gradients.copies, gradients.spectra, gradients.factors
             if held is not None:
                 job.held = held.measure(w0)  # after the copies: it reverts and restores the weights
             self._calls.mark(step)
         except BaseException:
-            worker.release(self._nbytes)
+            worker.release(nbytes)
             raise
         worker.submit(job)
         return True

@@ -79,6 +79,7 @@ class SnapshotJob:
     ready: Any = None  # a CUDA event recorded after the copies, or None
     grad_sv: list[Any] | None = None
     grad_factors: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+    grad_copies: list[torch.Tensor | None] | None = None  # host copies of the gradients, spectra still to compute
     held: HeldLosses | None = None
     failures: dict[int, str] = field(default_factory=dict)
 
@@ -96,6 +97,14 @@ def host_copy_bytes(refs: Sequence[MatrixRef], tensors: Sequence[dict[str, torch
             itemsize = 4 if w0_on_device else named["weight"].element_size()
             total += itemsize * ref.out_features * ref.in_features
     return total
+
+
+def gradient_copies(grads: Sequence[torch.Tensor | None]) -> tuple[list[torch.Tensor | None], int]:
+    """Host copies of the 2-D gradients for ``grad_sv`` on the worker (training thread, before the optimizer
+    step; from CUDA into pinned memory without waiting: the copies precede the step in stream order), and their
+    bytes. A LoRA layer's gradient (its factors' gradients flattened) has no matrix spectrum: None."""
+    copies = [None if g is None or g.ndim != 2 else _to_host(g.detach()) for g in grads]
+    return copies, sum(c.numel() * c.element_size() for c in copies if c is not None)
 
 
 def _factored(named: dict[str, torch.Tensor]) -> bool:
@@ -134,7 +143,7 @@ def _capture_one(model: nn.Module, ref: MatrixRef, w0: Any) -> tuple[HostMatrix,
     now = ref.matrix(getattr(module, ref.parameter).detach())
     cuda = now.device.type == "cuda"
     if w0 is not None and w0.device.type != "cpu":  # W_0 kept on the device: take the update there
-        return HostMatrix(dense=_to_host(now.float() - w0)), cuda
+        return HostMatrix(dense=_to_host(now.float() - w0.float())), cuda
     return HostMatrix(dense=_to_host(now), w0=w0), cuda
 
 
@@ -168,7 +177,7 @@ def dense_update(matrix: HostMatrix, now: np.ndarray | None = None) -> np.ndarra
     now = _float32(matrix.dense) if now is None else now
     if matrix.w0 is None:
         return now
-    return np.subtract(now, matrix.w0.numpy(), out=now)  # ``now`` is the worker's own copy
+    return np.subtract(now, _float32(matrix.w0), out=now)  # ``now`` is the worker's own copy
 
 
 def gram_measure(delta: np.ndarray) -> tuple[float, int, np.ndarray | None]:
@@ -209,6 +218,23 @@ def factored_measure(left: np.ndarray, right: np.ndarray, full_rank: int) -> tup
     spectrum = np.zeros(full_rank)
     spectrum[: min(full_rank, s.shape[0])] = s[:full_rank]
     return float(np.sum(np.square(s))), 0, spectrum
+
+
+def gradient_measure(copies: Sequence[torch.Tensor | None], k: int
+                     ) -> tuple[list[np.ndarray | None], dict[int, tuple[np.ndarray, np.ndarray]] | None]:
+    """The singular values of each copied gradient (``grad_sv``) and, with ``k`` > 0, its top ``k`` resolved
+    singular vectors (U, V) in float32, by the float64 Gram route; a non-finite gradient has none (None)."""
+    spectra: list[np.ndarray | None] = []
+    vectors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for i, copy in enumerate(copies):
+        if copy is None:
+            spectra.append(None)
+            continue
+        _, _, spectrum, triplets = gram_route(_float32(copy), k)
+        spectra.append(None if spectrum is None else spectrum.astype(np.float32))
+        if triplets is not None:
+            vectors[i] = (triplets[0].astype(np.float32), triplets[2].astype(np.float32))
+    return spectra, (vectors if k else None)
 
 
 def randomized_measure(delta: np.ndarray, k: int, rng: np.random.Generator, n_iter: int = 4
@@ -355,12 +381,16 @@ class SnapshotWorker:
                 self.cpu_seconds += time.thread_time() - started
                 self.computed += 1
                 job.matrices.clear()  # drop the copies before making room for the next snapshot
+                job.grad_copies = None
                 self.release(job.nbytes)
 
     def compute(self, job: SnapshotJob) -> Snapshot:
         """The snapshot of one job (callable directly, e.g. in tests)."""
         if job.ready is not None:
             job.ready.synchronize()
+        if job.grad_copies is not None:
+            job.grad_sv, job.grad_factors = gradient_measure(job.grad_copies, self.factors_k)
+            job.grad_copies = None
         n = len(self.refs)
         energy = np.full(n, np.nan)
         nonfinite = np.zeros(n, dtype=np.int64)

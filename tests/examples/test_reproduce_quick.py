@@ -152,3 +152,27 @@ def test_quick_mode(study_modules, tmp_path):
     assert results["tier"]["name"] == "quick"
     assert set(results["predictors"]) == PREDICTORS
     assert (tmp_path / "out" / "compare" / "compare.json").is_file()
+
+
+def test_the_kappa_calibration_offers_its_bracket_and_each_rank(smoke, study_modules, tmp_path):
+    """The full tier's second calibration (kappa(r), issue 13): calibrate's bracket at the smallest rank, then
+    each rank, within the budget, saved where the study reads it."""
+    out, _, _ = smoke
+    train = importlib.import_module("repro_train")
+    path = tmp_path / "calibration_kappa.json"
+    result = train.calibrate_job({"kind": "calibrate", "base": str(out / "base.pt"), "path": str(path), "epochs": 4,
+                                  "seed": 1, "recipe": "kappa", "ranks": [1, 2], "budget": 200_000})
+    document = json.loads(path.read_text())
+    assert result["kind"] == "calibrate" and result["path"] == str(path)
+    assert document["training"]["budget"] == 200_000 and document["training"]["examples_trained"] <= 200_000
+    assert document["training"]["bracket_loads"] == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert document["bracket"]["rank"] == 1 and len(document["bracket"]["held_bits"]) == 5
+    assert [p["rank"] for p in document["points"]] == [1, 2]
+
+
+def test_the_report_prints_kappa_at_each_rank(study_modules):
+    report = importlib.import_module("repro_report")
+    results = {"predictions": {"information": {"size, calibrated kappa(r)": {
+        "1": {"capacity_bits": 100.0, "lora_parameters": 200}, "4": {"capacity_bits": 300.0, "lora_parameters": 800}}}}}
+    assert report._kappa_r(results) == "; kappa(r) calibrated at each rank: r1: 0.500, r4: 0.375"
+    assert report._kappa_r({"predictions": {"information": {}}}) == ""

@@ -252,3 +252,37 @@ def test_top_k_runs_on_the_worker_without_touching_torchs_random_stream(seed, ru
     with lorascope.open_run(run_path) as run:
         np.testing.assert_array_equal(run.snapshots["sv_count"], 3)
     assert config_section(run_path, "recording_cost")["snapshot_worker"] is True
+
+
+@pytest.mark.parametrize("worker", [True, False], ids=["worker", "training thread"])
+def test_w0_in_the_parameter_dtype_gives_the_same_snapshots_in_half_the_memory(seed, tmp_path, tiny_token_model,
+                                                                                 worker):
+    """``w0_dtype="parameter"`` keeps a bf16 model's W_0 in bf16: the same values, so the same updates and spectra
+    as the float32 copy, in half its bytes."""
+    runs, kept = {}, {}
+    for w0_dtype in ("float32", "parameter"):
+        torch.manual_seed(seed)
+        model = tiny_token_model().to(torch.bfloat16)
+        path = tmp_path / f"{w0_dtype}.h5"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        data = torch.Generator().manual_seed(seed)
+        with lorascope.record(model, path, optimizer=optimizer, total_steps=5, snapshot_worker=worker,
+                              time_budget=None, w0_dtype=w0_dtype) as recorder:
+            kept[w0_dtype] = sum(w.numel() * w.element_size() for w in recorder._w0 if w is not None)
+            assert {w.dtype for w in recorder._w0} == {torch.float32 if w0_dtype == "float32" else torch.bfloat16}
+            for _ in range(5):
+                loss = model.loss(torch.randint(0, model.vocab, (4, 10), generator=data))
+                loss.backward()
+                recorder.log(loss=loss, examples=4)
+                optimizer.step()
+                optimizer.zero_grad()
+        runs[w0_dtype] = path
+    assert kept["parameter"] * 2 == kept["float32"]
+    with lorascope.open_run(runs["float32"]) as wide, lorascope.open_run(runs["parameter"]) as narrow:
+        np.testing.assert_array_equal(narrow.snapshots["energy"], wide.snapshots["energy"])
+        np.testing.assert_array_equal(narrow.snapshots["sv"], wide.snapshots["sv"])
+
+
+def test_w0_dtype_is_checked(run_path, tiny_token_model):
+    with pytest.raises(lorascope.InvalidOptionError, match="w0_dtype"):
+        lorascope.record(tiny_token_model(), run_path, w0_dtype="bfloat16")

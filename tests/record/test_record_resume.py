@@ -53,19 +53,20 @@ def _trainer(model, out_dir, callbacks=()):
     return transformers.Trainer(model=model, args=args, train_dataset=_Tokens(64, seed=1), callbacks=list(callbacks))
 
 
-def test_resumed_trainer_continues_the_same_file(tmp_path):
+@pytest.mark.parametrize("w0_dtype", ["float32", "parameter"])
+def test_resumed_trainer_continues_the_same_file(tmp_path, w0_dtype):
     path = tmp_path / "run.h5"
     model = _model()
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
     first = _trainer(model, tmp_path / "out", callbacks=[_CrashAt(6)])
-    lorascope.record(first, path, snapshots=[2, 5, 8])
+    lorascope.record(first, path, snapshots=[2, 5, 8], w0_dtype=w0_dtype)
     with pytest.raises(RuntimeError, match="simulated crash"):
         first.train()
     assert initial_weights_path(path).is_file()  # resumable by default: the Trainer saves checkpoints
 
     resumed_model = _model(seed=123)  # weights come from the checkpoint, not from this init
     second = _trainer(resumed_model, tmp_path / "out")
-    lorascope.record(second, path, resume=True, snapshots=[2, 5, 8])
+    lorascope.record(second, path, resume=True, snapshots=[2, 5, 8], w0_dtype=w0_dtype)
     second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
 
     with lorascope.open_run(path) as run:

