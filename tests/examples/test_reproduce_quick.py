@@ -150,7 +150,10 @@ def test_quick_mode(study_modules, tmp_path):
     assert run.main(["--quick", "-o", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["tier"]["name"] == "quick"
-    assert set(results["predictors"]) == PREDICTORS
+    # the quick and full tiers also calibrate kappa(r) and predict with it
+    assert set(results["predictors"]) == PREDICTORS | {"information (size, calibrated kappa(r))",
+                                                      "information (probe, calibrated kappa(r))"}
+    assert json.loads((tmp_path / "out" / "calibration_kappa.json").read_text())["training"]["budget"] == 500_000
     assert (tmp_path / "out" / "compare" / "compare.json").is_file()
 
 
