@@ -90,7 +90,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: 2 full, 1 quick)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr (drawn on a terminal)")
+    parser.add_argument("--repredict", metavar="DIR", help="a finished study's probe predictors read at the plan's "
+                        "epochs, added post hoc (see repredict)")
+    parser.add_argument("--report", metavar="RESULTS_JSON", help="print the tables of a results.json (markdown)")
     args = parser.parse_args(argv)
+    if args.report or args.repredict:
+        source = Path(args.report or Path(args.repredict) / "results.json")
+        if not source.is_file():
+            print(f"error: {source} does not exist", file=sys.stderr)
+            return 2
+        if args.repredict:
+            repredict(Path(args.repredict))
+            print(f"wrote {Path(args.repredict) / 'predictions_planned.json'} and updated results.json / results.md")
+        else:
+            print(report.markdown(json.loads(source.read_text())), end="")
+        return 0
     tier = TIERS["quick" if args.quick else "smoke" if args.smoke else "full"]
     if args.jobs is not None:
         if args.jobs < 1:
@@ -106,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-OUTPUTS = ("base.pt", "calibration.json", "calibration_kappa.json", "predictions.json", "results.json", "results.md",
-           "runs", "recommend", "compare", "plots")
+OUTPUTS = ("base.pt", "calibration.json", "calibration_kappa.json", "predictions.json", "predictions_planned.json",
+           "results.json", "results.md", "runs", "recommend", "compare", "plots")
 
 
 def _clear(out: Path) -> None:
@@ -284,16 +298,8 @@ def predict(tier: Tier, out: Path, base: Path, full_best: dict[int, dict], probe
     largest = max(tier.sizes)
     folder = out / "recommend"
     folder.mkdir(exist_ok=True)
-    calls = {
-        "size, default constant": {"tokens_per_example": 1},
-        "size, calibrated": {"tokens_per_example": 1, "calibration": calibration},
-        "probe, default constant": {"probes": [probe["path"]]},
-        "probe, calibrated": {"probes": [probe["path"]], "calibration": calibration},
-    }
     kappa = lorascope.load_calibration(kappa_path) if kappa_path else None
-    if kappa is not None:
-        calls["size, calibrated kappa(r)"] = {"tokens_per_example": 1, "calibration": kappa}
-        calls["probe, calibrated kappa(r)"] = {"probes": [probe["path"]], "calibration": kappa}
+    calls = predictor_calls(probe["path"], calibration, kappa, epochs(tier, largest))
     documents, information = {}, {}
     for name, kwargs in calls.items():
         rec = lorascope.recommend(model, examples=largest, ranks=tier.ranks, batch_size=tier.batch_size, **kwargs)
@@ -323,6 +329,65 @@ def predict(tier: Tier, out: Path, base: Path, full_best: dict[int, dict], probe
     (out / "predictions.json").write_text(json.dumps(_jsonable(predictions), indent=2, allow_nan=False) + "\n")
     say(f"predictions written to {out / 'predictions.json'}")
     return predictions
+
+
+def predictor_calls(probe: str, calibration: Any, kappa: Any, plan_epochs: int) -> dict[str, dict[str, Any]]:
+    """``recommend``'s arguments for each information predictor. The probe is read at the epochs the study plans
+    for the largest N (recommend's own default is a one-epoch plan); the size-only predictor has no recipe."""
+    calls: dict[str, dict[str, Any]] = {
+        "size, default constant": {"tokens_per_example": 1},
+        "size, calibrated": {"tokens_per_example": 1, "calibration": calibration},
+        "probe, default constant": {"probes": [probe], "epochs": plan_epochs},
+        "probe, calibrated": {"probes": [probe], "calibration": calibration, "epochs": plan_epochs},
+    }
+    if kappa is not None:
+        calls["size, calibrated kappa(r)"] = {"tokens_per_example": 1, "calibration": kappa}
+        calls["probe, calibrated kappa(r)"] = {"probes": [probe], "calibration": kappa, "epochs": plan_epochs}
+    return calls
+
+
+def repredict(out: Path) -> dict[str, Any]:
+    """``--repredict``: the probe predictors of a finished study read at the plan's epochs, written to
+    ``predictions_planned.json`` and added to ``results.json`` / ``results.md`` as predictors marked *post hoc*.
+
+    For a study whose ``predictions.json`` was written before ``predict`` passed the plan's epochs (recommend read
+    the probe for a one-epoch plan). Nothing measured on a LoRA run enters: the inputs are the probe's recording,
+    the calibration files and the base model, as in ``predict``; but they are computed after the LoRA runs, and
+    every table says so."""
+    import lorascope
+
+    results = json.loads((out / "results.json").read_text())
+    tier = Tier(**{**results["tier"], **{k: tuple(v) for k, v in results["tier"].items() if isinstance(v, list)}})
+    largest = max(tier.sizes)
+    plan_epochs = epochs(tier, largest)
+    probe = results["predictions"]["probe"]["path"]
+    calibration = lorascope.load_calibration(out / "calibration.json")
+    kappa_path = out / "calibration_kappa.json"
+    kappa = lorascope.load_calibration(kappa_path) if kappa_path.is_file() else None
+    model = train.load_base(out / "base.pt")
+    information: dict[str, Any] = {}
+    for name, kwargs in predictor_calls(probe, calibration, kappa, plan_epochs).items():
+        if not name.startswith("probe"):
+            continue
+        document = lorascope.recommend(model, examples=largest, ranks=tier.ranks, batch_size=tier.batch_size,
+                                       **kwargs).to_dict()
+        information[f"{name}, {plan_epochs} epochs, post hoc"] = measure.information_predictions(document)
+    lora_runs = sum(1 for r in results["runs"] if r["target"] != "full")
+    planned = {"written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "lora_runs_before": lora_runs, "plan_epochs": plan_epochs,
+               "note": "computed after the LoRA runs from the probe, the calibrations and the base only: the study's "
+                       "predictions.json read the probe for a one-epoch plan (recommend's default), not the study's "
+                       f"{plan_epochs} epochs", "information": information}
+    (out / "predictions_planned.json").write_text(json.dumps(_jsonable(planned), indent=2, allow_nan=False) + "\n")
+    for name, table in information.items():
+        results["predictions"]["information"][name] = table
+        results["predictors"][f"information ({name})"] = {
+            r: {"predicted": table[int(r)]["examples"], "status": "predicted",
+                **measure.verdict(table[int(r)]["examples"], results["falloff"][r])} for r in results["falloff"]}
+    results["predictions_planned"] = {k: planned[k] for k in ("written", "lora_runs_before", "plan_epochs", "note")}
+    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
+    (out / "results.md").write_text(report.markdown(results))
+    return results
 
 
 def measure_all(tier: Tier, out: Path, runner: Runner, predictions: dict[str, Any], matched: dict[str, int],

@@ -179,3 +179,29 @@ def test_the_report_prints_kappa_at_each_rank(study_modules):
         "1": {"capacity_bits": 100.0, "lora_parameters": 200}, "4": {"capacity_bits": 300.0, "lora_parameters": 800}}}}}
     assert report._kappa_r(results) == "; kappa(r) calibrated at each rank: r1: 0.500, r4: 0.375"
     assert report._kappa_r({"predictions": {"information": {}}}) == ""
+
+
+def test_repredict_adds_the_probe_read_at_the_plans_epochs_post_hoc(smoke, study_modules, tmp_path, capsys):
+    """``--repredict`` on a finished study: the probe predictors at the plan's epochs, marked post hoc, beside
+    the predictions written before the LoRA runs (which stay as they were)."""
+    import shutil
+
+    run, _ = study_modules
+    out, results, tier = smoke
+    for name in ("results.json", "calibration.json", "base.pt", "predictions.json"):
+        shutil.copy(out / name, tmp_path / name)
+    assert run.main(["--repredict", str(tmp_path)]) == 0
+    plan = run.epochs(tier, max(tier.sizes))
+    planned = json.loads((tmp_path / "predictions_planned.json").read_text())
+    assert planned["plan_epochs"] == plan and planned["lora_runs_before"] > 0
+    names = {f"information (probe, {k}, {plan} epochs, post hoc)" for k in ("default constant", "calibrated")}
+    updated = json.loads((tmp_path / "results.json").read_text())
+    assert set(updated["predictors"]) == PREDICTORS | names
+    assert (tmp_path / "predictions.json").read_text() == (out / "predictions.json").read_text()
+    for name in names:
+        for r, cell in updated["predictors"][name].items():
+            assert cell["predicted"] == planned["information"][name[len("information ("):-1]][r]["examples"]
+    assert "post hoc" in (tmp_path / "results.md").read_text()
+    assert run.main(["--report", str(tmp_path / "results.json")]) == 0
+    assert capsys.readouterr().out.rstrip("\n").endswith((tmp_path / "results.md").read_text().rstrip("\n")[-200:])
+    assert run.main(["--report", str(tmp_path / "missing.json")]) == 2
