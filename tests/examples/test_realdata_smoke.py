@@ -127,3 +127,40 @@ def test_repredict_reads_the_studys_probes_again_and_measures_against_its_lora_r
     assert set(after) == {"train", "held"} and all(len(cells) == len(results["lora_parameters"])
                                                    for cells in after.values())
     assert all(r["read_at_epochs"] > 1 for r in repredicted["forecast_all_sizes"]["recordings"])
+
+
+def test_the_batch_size_experiment_brackets_each_optimum_at_the_same_epochs(smoke, tmp_path, capsys):
+    """examples/realdata/batch_size.py at the smoke tier on the smoke study's base: every batch size trains the
+    same epochs, each best learning rate is interior to its grid or flagged, and --tables prints the JSON."""
+    import shutil
+
+    run, out, _ = smoke
+    saved = sys.modules.get("run")
+    sys.modules["run"] = run  # batch_size.py imports the study as "run"
+    try:
+        spec = importlib.util.spec_from_file_location("realdata_batch_size", STUDY / "batch_size.py")
+        batch = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(batch)
+    finally:
+        if saved is None:
+            sys.modules.pop("run", None)
+        else:
+            sys.modules["run"] = saved
+    shutil.copy(out / "base.pt", tmp_path / "base.pt")
+    assert batch.main(["--smoke", "-o", str(tmp_path), "--examples", "32", "--batches", "4,16", "--ranks", "1"]) == 0
+    document = json.loads((tmp_path / "batch_size.json").read_text())
+    assert [(row["batch_size"], row["rank"], row["steps"]) for row in document["rows"]] == [(4, 1, 16), (16, 1, 4)]
+    for row in document["rows"]:
+        for loss in ("train", "held"):
+            cell = row[loss]
+            for target, name in (("full", "full"), ("all-linear", "lora")):
+                runs = [r for r in document["runs"] if r["batch_size"] == row["batch_size"] and r["target"] == target]
+                best = min(runs, key=lambda r: r[f"{loss}_loss"])
+                assert cell[f"{name}_loss"] == best[f"{loss}_loss"] and cell[f"{name}_lr"] == best["lr"]
+                lrs = sorted(r["lr"] for r in runs)
+                assert len(lrs) >= 2 and (cell[f"{name}_edge"] is not None or lrs[0] < best["lr"] < lrs[-1])
+            assert cell["lr_ratio"] == pytest.approx(cell["lora_lr"] / cell["full_lr"])
+    capsys.readouterr()
+    assert batch.main(["--tables", str(tmp_path / "batch_size.json")]) == 0
+    assert "| 16 | 4 | 1 |" in capsys.readouterr().out
+    assert batch.main(["--tables", str(tmp_path / "missing.json")]) == 2
