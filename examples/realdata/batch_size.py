@@ -163,7 +163,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {row['batch_size']} | {row['steps']} | {row['rank']} | {c['full_loss']:.3f} | "
                          f"{c['lora_loss']:.3f} | {c['gap']:+.3f} | {c['share']:.2f} | {c['full_lr']:g}"
                          f"{'*' if c['full_edge'] else ''} | {c['lora_lr']:g}{'*' if c['lora_edge'] else ''} | "
-                         f"{c['lr_ratio']:g} |")
+                         f"{c['lr_ratio']:.3g} |")
         lines.append("")
     return "\n".join(lines)
 
