@@ -129,7 +129,9 @@ def kappa_at_falloff(results: dict[str, Any]) -> dict[int, float | None]:
 # -- markdown -------------------------------------------------------------------------------------------------
 
 
-def markdown(results: dict[str, Any]) -> str:
+def markdown(results: dict[str, Any], level: int = 1) -> str:
+    """The study's tables (``results.md``); ``level``: the title's heading level, every heading below it shifted
+    alike (docs/reproduction.md embeds them at level 3)."""
     tier = results["tier"]
     model = results["model"]
     lines = [f"# Reproduction results ({tier['name']} mode)", "",
@@ -212,7 +214,8 @@ def markdown(results: dict[str, Any]) -> str:
               "| target | rank | trainable parameters | final loss | bits held | LR |", "|---|---|---|---|---|---|"]
     lines += [f"| {row['target']} | {row['rank'] or '-'} | {row['lora_parameters']:,} | {row['final_loss']:.3f} | "
               f"{row['bits_held']:,.0f} | {row['lr']:g} |" for row in targets["rows"]]
-    return "\n".join(lines) + "\n"
+    shift = "#" * (level - 1)
+    return "\n".join(shift + line if line.startswith("#") else line for line in lines) + "\n"
 
 
 def _table_by_n(results: dict[str, Any], title: str, value: Any, fmt: str, full_value: str | None = None

@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repredict", metavar="DIR", help="a finished study's probe predictors read at the plan's "
                         "epochs, added post hoc (see repredict)")
     parser.add_argument("--report", metavar="RESULTS_JSON", help="print the tables of a results.json (markdown)")
+    parser.add_argument("--level", type=int, default=1, help="--report's title heading level (default 1)")
     args = parser.parse_args(argv)
     if args.report or args.repredict:
         source = Path(args.report or Path(args.repredict) / "results.json")
@@ -103,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repredict(Path(args.repredict))
             print(f"wrote {Path(args.repredict) / 'predictions_planned.json'} and updated results.json / results.md")
         else:
-            print(report.markdown(json.loads(source.read_text())), end="")
+            print(report.markdown(json.loads(source.read_text()), level=args.level), end="")
         return 0
     tier = TIERS["quick" if args.quick else "smoke" if args.smoke else "full"]
     if args.jobs is not None:

@@ -205,3 +205,12 @@ def test_repredict_adds_the_probe_read_at_the_plans_epochs_post_hoc(smoke, study
     assert run.main(["--report", str(tmp_path / "results.json")]) == 0
     assert capsys.readouterr().out.rstrip("\n").endswith((tmp_path / "results.md").read_text().rstrip("\n")[-200:])
     assert run.main(["--report", str(tmp_path / "missing.json")]) == 2
+
+
+def test_the_docs_full_mode_tables_are_the_checked_in_results_unedited(study_modules):
+    """docs/reproduction.md's full-mode tables are `run.py --report docs/reproduction/results.json --level 3`."""
+    report = importlib.import_module("repro_report")
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    results = json.loads((docs / "reproduction" / "results.json").read_text())
+    assert results["tier"]["name"] == "full"
+    assert report.markdown(results, level=3) in (docs / "reproduction.md").read_text()
