@@ -31,7 +31,7 @@ from lorascope.record.grad_norms import GradientNorms, uncovered_parameters
 from lorascope.record.options import RecordOptions
 from lorascope.record.run_config import coverage_rows, run_config, sv_capacity
 from lorascope.record.sharded import ShardedRecording, check_options
-from lorascope.record.snapshot import capture_initial, from_storable, tensors_of, to_storable
+from lorascope.record.snapshot import capture_initial, from_storable, in_kept_dtype, tensors_of, to_storable
 from lorascope.record.snapshot_taker import GradientCapture, SnapshotTaker, WriterCalls
 from lorascope.record.subspace import initial_basis
 from lorascope.store import schema as S
@@ -267,12 +267,6 @@ class Recorder:
         _OPEN_RECORDERS.add(self)
         return self
 
-    def _as_kept(self, ref: MatrixRef, w0: Any) -> Any:
-        """A W_0 read back to resume, in the dtype ``w0_dtype`` keeps it in."""
-        if self.options.w0_dtype == "parameter" and not ref.lora and isinstance(w0, torch.Tensor):
-            return w0.to(getattr(self.model.get_submodule(ref.module), ref.parameter).dtype)
-        return w0
-
     def _open_file(self, resume_after: int | None, resumable: bool, *, keep_w0: bool = True) -> None:
         """Keep W_0 (or read it back to resume), create (or continue) the run file, start the writer thread.
 
@@ -288,7 +282,8 @@ class Recorder:
             assert resume_after is not None  # the branch above took the fresh start
             stored = load_initial_weights(initial_weights_path(self.path), names)
             device = self._tensors[0][next(iter(self._tensors[0]))].device if keep_on == "device" else "cpu"
-            self._w0 = [self._as_kept(ref, from_storable(w, device)) for ref, w in zip(self.refs, stored, strict=True)]
+            self._w0 = [in_kept_dtype(self.model, ref, from_storable(w, device), self.options.w0_dtype)
+                        for ref, w in zip(self.refs, stored, strict=True)]
             self.step = self._last_snapshot = int(resume_after)
         bases = None
         if keep_w0 and self.options.intruder_k:  # the starting weights' vectors, once (lorascope.record.subspace)

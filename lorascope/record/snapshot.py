@@ -94,6 +94,14 @@ def from_storable(stored: Any, device: torch.device | str) -> torch.Tensor | Low
     return torch.from_numpy(stored).to(device)
 
 
+def in_kept_dtype(model: nn.Module, ref: MatrixRef, w0: torch.Tensor | LowRank | None, dtype: str
+                  ) -> torch.Tensor | LowRank | None:
+    """A W_0 read back to resume (stored as float32), in the dtype ``w0_dtype`` keeps it in."""
+    if dtype == "parameter" and not ref.lora and isinstance(w0, torch.Tensor):
+        return w0.to(getattr(model.get_submodule(ref.module), ref.parameter).dtype)
+    return w0
+
+
 def update_delta(model: nn.Module, ref: MatrixRef, w0: torch.Tensor | LowRank | None) -> torch.Tensor | LowRank:
     """Delta = (matrix now) - W_0, on the training device."""
     return minus_initial(current_update(model, ref), w0)
