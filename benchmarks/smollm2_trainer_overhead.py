@@ -58,15 +58,15 @@ def load_model(random_weights: bool) -> tuple[Any, str]:
     """(model, what it is): SmolLM2-135M-Instruct's weights, or its architecture with random weights."""
     import transformers
 
-    sys.path.insert(0, str(HERE.parent / "examples" / "realdata"))
-    import smollm2  # noqa: E402 - examples/realdata
-
     if random_weights:
         config = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                           num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                                           tie_word_embeddings=True, max_position_embeddings=2048)
         torch.manual_seed(0)
         return transformers.LlamaForCausalLM(config), "SmolLM2-135M's architecture, random weights"
+    sys.path.insert(0, str(HERE.parent / "examples" / "realdata"))
+    import smollm2  # examples/realdata
+
     model, _ = smollm2.load()
     return model.requires_grad_(True), smollm2.DESCRIPTION  # load() freezes it; full fine-tuning trains it all
 

@@ -97,33 +97,18 @@ def experiment(out: Path, tier: run.Tier, n: int, batches: Sequence[int], ranks:
 
 def bracketed(tier: run.Tier, spec: run.RunSpec, base: Path, pool: Any, held: Any, folder: Path
               ) -> list[dict[str, Any]]:
-    """``spec`` at every learning rate of the start grid, the grid extended along the ladder (at most
-    ``run.MAX_EXTENSIONS`` per side) while the best run by training or by held-out loss sits at an edge."""
-    done: dict[float, dict[str, Any]] = {}
+    """``spec`` at the start grid's learning rates, extended as the study extends its grids
+    (:func:`run.extend_grid`)."""
 
-    def train(lr: float) -> None:
+    def train(lr: float) -> dict[str, Any]:
         s = dataclasses.replace(spec, lr=lr)
         path = folder / f"{s.name}_bs{tier.batch_size}.h5"
-        done[lr] = {**run.train_run(tier, s, base, pool, held, path), "batch_size": tier.batch_size}
-        r = done[lr]
+        r = {**run.train_run(tier, s, base, pool, held, path), "batch_size": tier.batch_size}
         print(f"bs {tier.batch_size} {s.name}: train {r['train_loss']:.3f}, held-out {r['held_loss']:.3f} "
               f"({r['steps']} steps, {r['seconds']:.1f} s)", flush=True)
+        return r
 
-    for lr in START_GRID:
-        train(lr)
-    added = {"low": 0, "high": 0}
-    while True:
-        grid = sorted(done)
-        edges = {run._edge(min(done.values(), key=lambda r: r[loss])["lr"], grid) for loss in ("train_loss",
-                                                                                               "held_loss")}
-        nxt = [(side, run._next_lr(grid, side)) for side in ("low", "high")
-               if side in edges and added[side] < run.MAX_EXTENSIONS]
-        nxt = [(side, lr) for side, lr in nxt if lr is not None]
-        if not nxt:
-            return [done[lr] for lr in sorted(done)]
-        for side, lr in nxt:
-            added[side] += 1
-            train(lr)
+    return run.extend_grid(START_GRID, train)
 
 
 def summarize(runs: Sequence[dict[str, Any]], batches: Sequence[int], ranks: Sequence[int],

@@ -293,22 +293,7 @@ def study(tier: Tier, out: Path, log: Callable[[str], None] = print) -> dict[str
         for s in tier.seeds:
             for n in tier.sizes:
                 for r in ranks:
-                    lrs = sorted(grid)
-                    for lr in lrs:
-                        run_one(RunSpec(target, r, n, lr, s))
-                    added = {"low": 0, "high": 0}
-                    while len(lrs) >= 2:
-                        runs = [results[RunSpec(target, r, n, lr, s).name] for lr in lrs]
-                        edges = {measure.lr_grid_edge(min(runs, key=lambda x, by=by: (_finite(x[by]), x["lr"])), lrs)
-                                 for by in ("train_loss", "held_loss")} - {None}
-                        grow = [e for e in sorted(edges) if added[e] < MAX_EXTENSIONS and _next_lr(lrs, e)]
-                        if not grow:
-                            break
-                        for e in grow:
-                            lr = _next_lr(lrs, e)
-                            added[e] += 1
-                            run_one(RunSpec(target, r, n, lr, s))
-                            lrs = sorted({*lrs, lr})
+                    extend_grid(grid, lambda lr, r=r, n=n, s=s: run_one(RunSpec(target, r, n, lr, s)))
 
     # Phase 1: full fine-tuning at every N, learning rate and seed. No LoRA run exists yet.
     run_all("full", [0], tier.full_lrs)
@@ -328,6 +313,25 @@ def study(tier: Tier, out: Path, log: Callable[[str], None] = print) -> dict[str
     (out / "results.md").write_text(markdown(summary))
     say(f"done: {out / 'results.md'} ({len(results)} runs, {summary['runtime_seconds']:.0f} s)")
     return summary
+
+
+def extend_grid(grid: Sequence[float], train: Callable[[float], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``train`` at every learning rate of ``grid``, the grid then extended along LR_LADDER (at most
+    MAX_EXTENSIONS per side) while the best run by training or by held-out loss sits at an edge; the runs, by
+    learning rate."""
+    runs = {lr: train(lr) for lr in sorted(grid)}
+    added = {"low": 0, "high": 0}
+    while len(runs) >= 2:
+        lrs = sorted(runs)
+        edges = {measure.lr_grid_edge(min(runs.values(), key=lambda x, by=by: (_finite(x[by]), x["lr"])), lrs)
+                 for by in ("train_loss", "held_loss")} - {None}
+        grow = [(e, lr) for e in sorted(edges) if added[e] < MAX_EXTENSIONS and (lr := _next_lr(lrs, e))]
+        if not grow:
+            break
+        for e, lr in grow:
+            added[e] += 1
+            runs[lr] = train(lr)
+    return [runs[lr] for lr in sorted(runs)]
 
 
 def _next_lr(lrs: Sequence[float], edge: str) -> float | None:

@@ -358,7 +358,7 @@ def repredict(out: Path) -> dict[str, Any]:
     import lorascope
 
     results = json.loads((out / "results.json").read_text())
-    tier = Tier(**{**results["tier"], **{k: tuple(v) for k, v in results["tier"].items() if isinstance(v, list)}})
+    tier = Tier(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["tier"].items()})
     largest = max(tier.sizes)
     plan_epochs = epochs(tier, largest)
     probe = results["predictions"]["probe"]["path"]
