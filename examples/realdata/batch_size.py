@@ -13,7 +13,7 @@ held-out loss sits at an edge.
 The base is the study's (``base.pt`` in ``--output`` when a finished study is there), else pretrained there first
 with the study's recipe. Writes ``batch_size.json`` into ``--output``; ``--tables FILE`` prints its tables.
 
-    python examples/realdata/batch_size.py -o realdata-out                 # ~9 minutes on one core (518 s measured, shared)
+    python examples/realdata/batch_size.py -o realdata-out    # ~9 minutes on one core (518 s measured, shared)
     python examples/realdata/batch_size.py --tables docs/realdata/batch_size.json
 """
 
