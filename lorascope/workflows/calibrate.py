@@ -15,6 +15,7 @@ with the adapter's size (issue 13).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import numbers
@@ -30,6 +31,7 @@ from lorascope._checks import check_positive_int, check_ranks
 from lorascope.analysis.capacity_fit import bracket_capacity
 from lorascope.errors import InvalidOptionError, LorascopeError, ModelConfigError
 from lorascope.inputs import synthetic
+from lorascope.model.frozen_prefix import FrozenPrefix, frozen_prefix, last_position_logits
 from lorascope.model.lora_params import lora_parameters, model_from_config
 from lorascope.model.peft_config import make_lora_config, to_peft
 from lorascope.model.taxonomy import classify
@@ -50,6 +52,8 @@ the falloff validation's rank 1 (0.9 bits per parameter) held on to ~5x its capa
 (docs/capacity.md), so the bracket reaches ~9x."""
 DEFAULT_LOAD = 2.0
 """The load offered without a bracket, and where the learning rates are tried."""
+KEPT_STATES_BYTES = 2**31
+"""The most memory the hidden states of the frozen blocks below the adapted ones may take, kept for one fact set."""
 
 
 def model_signature(model: nn.Module) -> dict[str, Any]:
@@ -142,7 +146,9 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     (:func:`~lorascope.analysis.capacity_fit.bracket_capacity`); every other rank is offered the load at which
     the bracketed adapter's held bits stopped growing (its ``capacity_load``: the smallest load holding 90% of its
     most, the cheapest load that fills an adapter). The model is left as it was (adapters are removed with PEFT's
-    ``unload``; base weights never change).
+    ``unload``; base weights never change). When the adapted blocks are the last ones, the frozen blocks below them
+    run once per fact set (:mod:`lorascope.model.frozen_prefix`, where the model's forward allows it exactly; the
+    result records how many blocks were skipped as ``training["blocks_run_once"]``).
 
     Parameters
     ----------
@@ -212,6 +218,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     resolved = resolve_target(model, target)
     blocks = _calibration_layers(model, resolved, layers)
     per_rank = _per_rank(model, resolved, blocks)
+    prefix = _prefix(model, blocks, vocab)
     notes: list[str] = []
     spent = 0
 
@@ -224,7 +231,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         task = synthetic.FactsTask(facts=facts, vocab_size=vocab, values=values,
                                    key_tokens=_key_tokens(facts, vocab - values), seed=seed + rank)
         point = memorize_with_lora(model, resolved, rank, task, epochs=epochs, lr=rate, batch_size=batch_size,
-                                   seed=seed, layers=blocks)
+                                   seed=seed, layers=blocks, prefix=prefix)
         spent += facts * epochs
         if point.lora_parameters != rank * per_rank:  # PEFT's own count must agree with lorascope's accounting
             raise LorascopeError(f"PEFT created {point.lora_parameters} LoRA parameters at rank {rank}, lorascope "
@@ -284,7 +291,8 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
                                  "epochs": epochs, "batch_size": batch_size, "lora_alpha": 32,
                                  "offered_bits_per_parameter": load, "bracket_loads": list(loads),
                                  "budget": budget, "examples_trained": spent,
-                                 "layers": None if blocks is None else sorted(blocks)},
+                                 "layers": None if blocks is None else sorted(blocks),
+                                 "blocks_run_once": prefix.first if prefix else 0},
                        base=base, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        notes=tuple(notes), bracket_points=bracket_points)
 
@@ -332,6 +340,14 @@ def _calibration_layers(model: nn.Module, target: str, layers: Sequence[int] | s
     return chosen
 
 
+def _prefix(model: nn.Module, blocks: frozenset[int] | None, vocab: int) -> FrozenPrefix | None:
+    """The frozen blocks below the adapted ones, when running them once is exact on this model."""
+    if not blocks:
+        return None
+    probe = torch.randint(0, vocab, (4, 3), generator=torch.Generator().manual_seed(0))
+    return frozen_prefix(model, min(blocks), probe.to(next(model.parameters()).device))
+
+
 def _per_rank(model: nn.Module, target: str, layers: frozenset[int] | None) -> int:
     return sum(a.per_rank for a in lora_parameters(model, target).adapters if layers is None or a.layer in layers)
 
@@ -345,19 +361,25 @@ def resolve_target(model: nn.Module, target: str) -> str:
 
 
 def memorize_with_lora(model: nn.Module, target: str, rank: int, task: synthetic.FactsTask, *, epochs: int, lr: float,
-                       batch_size: int, seed: int, layers: Collection[int] | None = None) -> CalibrationPoint:
+                       batch_size: int, seed: int, layers: Collection[int] | None = None,
+                       prefix: FrozenPrefix | None = None) -> CalibrationPoint:
     """Train a PEFT LoRA of ``rank`` on ``target`` of the frozen ``model`` to memorize ``task``; the bits it holds.
 
     Adam at ``lr``, ``epochs`` shuffled passes in batches of ``batch_size``, cross-entropy on the value token,
     alpha 32 with alpha / r scaling, on the blocks ``layers`` (all when None). The stored bits are measured at
     :data:`EVALUATIONS` evenly spaced checkpoints and the best one is kept (early stopping). The adapters are
-    removed afterwards (``model`` is left as it was).
+    removed afterwards (``model`` is left as it was). The model reads the key only (the value token is what it
+    predicts, never an input) and its head runs at the key's last position only; with ``prefix`` (no adapted block
+    below ``prefix.first``) the blocks below run once, before training.
     """
     import peft
 
-    ids, labels = task.tensors()
+    ids, _ = task.tensors()
     device = next(model.parameters()).device
-    ids, values = ids.to(device), ids[:, -1].to(device)
+    keys, values = ids[:, :-1].to(device), ids[:, -1].to(device)
+    if prefix and prefix.states(model, keys[:1]).nbytes * len(keys) > KEPT_STATES_BYTES:
+        prefix = None  # too many facts to keep their states: run the whole model every step
+    inputs = {"inputs_embeds": prefix.states(model, keys)} if prefix else {"input_ids": keys}
     config = make_lora_config(model, target=target, rank=rank, task_type=None, layers=layers)
     trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
     torch.manual_seed(seed)  # LoRA's A initialization
@@ -366,29 +388,11 @@ def memorize_with_lora(model: nn.Module, target: str, rank: int, task: synthetic
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ModelConfigError(f"PEFT cannot add LoRA adapters to this model: {exc}") from None
     try:
-        trainable = [p for p in wrapped.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trainable, lr=lr)
-        generator = torch.Generator().manual_seed(seed)
-        checkpoints = {round(epochs * k / EVALUATIONS) for k in range(1, EVALUATIONS + 1)}
-        epoch_loss, bits = math.nan, 0.0
-        for epoch in range(1, epochs + 1):
-            wrapped.train()
-            order = torch.randperm(task.facts, generator=generator).to(device)
-            total = 0.0
-            for start in range(0, task.facts, batch_size):
-                batch = order[start:start + batch_size]
-                loss = nn.functional.cross_entropy(_value_logits(wrapped, ids[batch]).float(), values[batch])
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                total += loss.item() * len(batch)
-            epoch_loss = total / task.facts
-            if epoch in checkpoints:  # the best checkpoint counts: a run that later diverges still held its bits
-                wrapped.eval()
-                with torch.no_grad():
-                    logits = torch.cat([_value_logits(wrapped, ids[i:i + 512]) for i in range(0, task.facts, 512)])
-                bits = max(bits, synthetic.stored_bits(logits.cpu(), task, values.cpu()))
-        count = sum(p.numel() for p in trainable)
+        skipping = prefix.skipping() if prefix else contextlib.nullcontext()
+        with skipping:
+            bits, epoch_loss = _memorize(wrapped, task, inputs, values, epochs=epochs, lr=lr, batch_size=batch_size,
+                                         seed=seed)
+        count = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     finally:
         wrapped.unload()  # take the adapters out again; the base weights were frozen and are unchanged
         for name, p in model.named_parameters():
@@ -396,11 +400,34 @@ def memorize_with_lora(model: nn.Module, target: str, rank: int, task: synthetic
     return CalibrationPoint(rank, int(count), task.facts, task.bits, bits, epoch_loss, epochs)
 
 
-def _value_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits at the position that predicts the value (the last token)."""
-    out = model(input_ids=ids)
-    logits = out if isinstance(out, torch.Tensor) else out["logits"] if isinstance(out, dict) else out.logits
-    return logits[:, -2, :]
+def _memorize(wrapped: nn.Module, task: synthetic.FactsTask, inputs: dict[str, torch.Tensor], values: torch.Tensor, *,
+              epochs: int, lr: float, batch_size: int, seed: int) -> tuple[float, float]:
+    """Train the adapters of ``wrapped``; the most bits held at a checkpoint, and the last epoch's loss."""
+    device = values.device
+    optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    checkpoints = {round(epochs * k / EVALUATIONS) for k in range(1, EVALUATIONS + 1)}
+    epoch_loss, bits = math.nan, 0.0
+    for epoch in range(1, epochs + 1):
+        wrapped.train()
+        order = torch.randperm(task.facts, generator=generator).to(device)
+        total = 0.0
+        for start in range(0, task.facts, batch_size):
+            batch = order[start:start + batch_size]
+            logits = last_position_logits(wrapped, **{name: x[batch] for name, x in inputs.items()})
+            loss = nn.functional.cross_entropy(logits.float(), values[batch])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total += loss.item() * len(batch)
+        epoch_loss = total / task.facts
+        if epoch in checkpoints:  # the best checkpoint counts: a run that later diverges still held its bits
+            wrapped.eval()
+            with torch.no_grad():
+                logits = torch.cat([last_position_logits(wrapped, **{name: x[i:i + 512] for name, x in inputs.items()})
+                                    for i in range(0, task.facts, 512)])
+            bits = max(bits, synthetic.stored_bits(logits.cpu(), task, values.cpu()))
+    return bits, epoch_loss
 
 
 def _vocab_size(model: nn.Module) -> int:

