@@ -46,6 +46,7 @@ __all__ = [
     "information_from_size",
     "information_from_steps",
     "recorded_dataset_examples",
+    "recorded_vocab_size",
     "step_arrays",
 ]
 
@@ -264,7 +265,8 @@ class RecordedInformation:
                 "notes": list(self.notes)}
 
 
-def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = None) -> RecordedInformation:
+def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = None,
+                           vocab_size: int | None = None) -> RecordedInformation:
     """The description length and absorbed information of a recorded run, from its per-step rows.
 
     .. math::
@@ -285,6 +287,8 @@ def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = 
     dataset_examples : int, optional
         Examples in one epoch. Without it every step counts as first-epoch (an over-estimate for a run that
         repeated its data).
+    vocab_size : int, optional
+        The output vocabulary: a step's loss is counted at most at a uniform code over it (:func:`step_arrays`).
 
     Raises
     ------
@@ -293,7 +297,7 @@ def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = 
     """
     if dataset_examples is not None:
         check_positive("dataset_examples", dataset_examples)
-    arrays = step_arrays(steps)
+    arrays = step_arrays(steps, vocab_size)
     loss, examples, seen, tokens, usable = arrays.loss, arrays.examples, arrays.seen, arrays.tokens, arrays.usable
     notes, token_basis = list(arrays.notes), arrays.token_basis
     if dataset_examples is None:
@@ -350,8 +354,14 @@ class StepArrays:
     notes: tuple[str, ...]
 
 
-def step_arrays(steps: xr.Dataset) -> StepArrays:
+def step_arrays(steps: xr.Dataset, vocab_size: int | None = None) -> StepArrays:
     """The per-step arrays information is computed from.
+
+    With ``vocab_size`` V, a step's loss above :math:`\\ln V` nats per token is taken as :math:`\\ln V`: a
+    switching code sends each batch with the model or with a uniform code over the vocabulary, whichever is
+    shorter (one bit per batch to say which), so the code length never exceeds sending the tokens plain. It binds
+    where a learner is worse than a uniform guess on examples it has not seen yet: a high learning rate memorising
+    random facts is confidently wrong on the next ones (docs/information.md); on text it does not bind.
 
     Raises
     ------
@@ -371,10 +381,26 @@ def step_arrays(steps: xr.Dataset) -> StepArrays:
         notes = ("the run did not record loss tokens (labels != -100): every input token is counted, an "
                  "over-estimate when prompts are masked; pass labels to the model or rec.log(loss_tokens=)",)
     usable = np.isfinite(loss) & (examples > 0) & (tokens > 0) & (seen > 0)
+    if vocab_size is not None and vocab_size > 1:
+        uniform = math.log(vocab_size)
+        above = int(np.count_nonzero(usable & (loss > uniform)))
+        if above:
+            loss = np.minimum(loss, uniform)
+            notes += (f"{above} step(s) had a loss above a uniform guess over the {vocab_size:,}-token vocabulary "
+                      f"({uniform / math.log(2):.1f} bits per token), counted at that (a switching code): the model "
+                      "was confidently wrong on examples it had not seen",)
     if not usable.any():
         raise InvalidOptionError("The run has no step with a finite loss and known examples and tokens: its "
                                  "information cannot be estimated.")
     return StepArrays(loss, examples, seen, tokens, usable, token_basis, notes)
+
+
+def recorded_vocab_size(config: Mapping[str, Any]) -> int | None:
+    """The output vocabulary a run's config records (the transformers config of ``config["model"]``), or None."""
+    model = (config.get("model") or {}).get("config") or {}
+    text = model.get("text_config") if isinstance(model.get("text_config"), Mapping) else model
+    size = text.get("vocab_size") if isinstance(text, Mapping) else None
+    return int(size) if isinstance(size, numbers.Integral) and int(size) > 1 else None
 
 
 def recorded_dataset_examples(config: Mapping[str, Any]) -> int | None:

@@ -22,7 +22,7 @@ import xarray as xr
 
 from lorascope.analysis.capacity import CapacityConstant
 from lorascope.analysis.forecast import Matrix, active_experts, lora_parameters_of, matrices_of
-from lorascope.analysis.information import recorded_dataset_examples
+from lorascope.analysis.information import recorded_dataset_examples, recorded_vocab_size
 from lorascope.analysis.layers import TARGET_SETS
 from lorascope.analysis.metrics import DEFAULT_RANKS, aggregate, update_metrics
 from lorascope.analysis.noise import DEFAULT_SMOOTHING, unbiased_estimates
@@ -234,6 +234,7 @@ class CapacityInputs:
     matrices: tuple[Matrix, ...]
     active_experts: int | None
     constant: CapacityConstant
+    vocab_size: int | None = None
 
 
 def capacity_inputs(config: Mapping[str, Any], modules: Mapping[str, Sequence[Any]],
@@ -256,7 +257,8 @@ def capacity_inputs(config: Mapping[str, Any], modules: Mapping[str, Sequence[An
     matrices = tuple(m for m in matrices_of(modules) if m.kind in TARGET_SETS[CAPACITY_TARGET])
     if not matrices:
         return "no recorded matrix a LoRA adapts"
-    return CapacityInputs(examples, matrices, active_experts((config.get("model") or {}).get("config")), constant)
+    return CapacityInputs(examples, matrices, active_experts((config.get("model") or {}).get("config")), constant,
+                          recorded_vocab_size(config))
 
 
 def capacity_scalars(steps: xr.Dataset, inputs: CapacityInputs, ranks: Sequence[int]) -> dict[str, float]:
@@ -299,7 +301,8 @@ def capacity_scalars(steps: xr.Dataset, inputs: CapacityInputs, ranks: Sequence[
     if not seen.size or not np.nanmax(seen) >= inputs.dataset_examples:
         return {}
     try:
-        information = information_as_run(steps, dataset_examples=inputs.dataset_examples)
+        information = information_as_run(steps, dataset_examples=inputs.dataset_examples,
+                                         vocab_size=inputs.vocab_size)
         bits = bits_for_plan([information])
     except InvalidOptionError:  # too few steps, no usable loss, nothing absorbed yet
         return {}

@@ -193,7 +193,7 @@ class RecipeInformation:
 
 
 def information_for_recipe(steps: xr.Dataset, *, dataset_examples: int | None, planned: Recipe,
-                           learning_rate: float | None = None) -> RecipeInformation:
+                           learning_rate: float | None = None, vocab_size: int | None = None) -> RecipeInformation:
     """The bits per example full fine-tuning absorbs under ``planned``, from a probe's per-step rows.
 
     Parameters
@@ -206,6 +206,9 @@ def information_for_recipe(steps: xr.Dataset, *, dataset_examples: int | None, p
     planned : Recipe
     learning_rate : float, optional
         The probe's learning rate, when its run records it (compared with the planned one).
+    vocab_size : int, optional
+        The output vocabulary: a step's loss counts at most a uniform code over it
+        (:func:`~lorascope.analysis.information.step_arrays`).
 
     Raises
     ------
@@ -234,7 +237,7 @@ def information_for_recipe(steps: xr.Dataset, *, dataset_examples: int | None, p
                                  "dataset.examples): the HF and Lightning integrations write it; in a plain loop pass "
                                  "extra_config={'dataset': {'examples': N}} to lorascope.record.")
     check_positive("dataset_examples", dataset_examples, "information_for_recipe")
-    arrays = step_arrays(steps)
+    arrays = step_arrays(steps, vocab_size)
     notes = list(arrays.notes)
     n = float(dataset_examples)
     code, per_token, one_time, code_error = _first_epoch(arrays, n)
@@ -282,7 +285,7 @@ def information_for_recipe(steps: xr.Dataset, *, dataset_examples: int | None, p
 
 
 def information_as_run(steps: xr.Dataset, *, dataset_examples: int | None,
-                       learning_rate: float | None = None) -> RecipeInformation:
+                       learning_rate: float | None = None, vocab_size: int | None = None) -> RecipeInformation:
     """:func:`information_for_recipe` with the probe's own recipe as the plan: what a recording absorbed, read at
     its own last epoch (``lorascope analyze``'s forecast)."""
     if dataset_examples is None:
@@ -290,7 +293,7 @@ def information_as_run(steps: xr.Dataset, *, dataset_examples: int | None,
     arrays = step_arrays(steps)
     epochs = float(arrays.seen[arrays.usable].max()) / dataset_examples
     return information_for_recipe(steps, dataset_examples=dataset_examples, planned=Recipe(epochs=epochs),
-                                  learning_rate=learning_rate)
+                                  learning_rate=learning_rate, vocab_size=vocab_size)
 
 
 def bits_for_plan(informations: Sequence[RecipeInformation]) -> BitsEstimate:

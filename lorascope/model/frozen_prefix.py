@@ -128,7 +128,7 @@ def last_position_logits(model: nn.Module, **inputs: torch.Tensor) -> torch.Tens
 
     The head runs at that position only where the forward takes ``logits_to_keep`` (transformers causal LMs): the
     head of a large vocabulary costs more than a block. The position is passed as an index tensor, which gives
-    a contiguous input to the head (an ``int`` gives a strided view, measured 7x slower on CPU).
+    a contiguous input to the head (an ``int`` gives a strided view, which was several times slower on CPU here).
     """
     length = next(iter(inputs.values())).shape[1]
     accepted = _forward_parameters(model)

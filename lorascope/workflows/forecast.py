@@ -13,7 +13,7 @@ from typing import Any
 
 from lorascope.analysis.capacity import CapacityConstant
 from lorascope.analysis.forecast import ACTIVE_EXPERT_KEYS, Forecast, active_experts, forecast, matrices_of
-from lorascope.analysis.information import recorded_dataset_examples
+from lorascope.analysis.information import recorded_dataset_examples, recorded_vocab_size
 from lorascope.analysis.recipe import RecipeInformation, information_as_run
 from lorascope.errors import InvalidOptionError
 
@@ -43,7 +43,8 @@ def forecast_runs(runs: Sequence[Any], ranks: Sequence[int], *,
                           "Lightning integrations write it; in a plain loop pass extra_config={'dataset': "
                           "{'examples': N}} to lorascope.record")
         try:
-            informations.append(information_as_run(run.steps, dataset_examples=examples))
+            informations.append(information_as_run(run.steps, dataset_examples=examples,
+                                                   vocab_size=recorded_vocab_size(run.config)))
         except InvalidOptionError as exc:
             return None, f"{run.path}: {exc}"
     largest = max(range(len(full)), key=lambda i: informations[i].dataset_examples)

@@ -43,6 +43,7 @@ from lorascope.analysis.information import (
     RecordedInformation,
     information_from_size,
     recorded_dataset_examples,
+    recorded_vocab_size,
 )
 from lorascope.analysis.noise import batch_tradeoff
 from lorascope.analysis.recipe import Recipe, RecipeInformation, bits_for_plan, information_for_recipe
@@ -472,7 +473,8 @@ def _planned_information(path: str, run: Any, planned: Recipe) -> RecipeInformat
                                  "lorascope.record")
     try:
         return information_for_recipe(run.steps, dataset_examples=examples, planned=planned,
-                                      learning_rate=_learning_rate_of(run.config))
+                                      learning_rate=_learning_rate_of(run.config),
+                                      vocab_size=recorded_vocab_size(run.config))
     except InvalidOptionError as exc:
         raise InvalidOptionError(f"probe {path}: {exc}") from None
 

@@ -18,7 +18,12 @@ import pandas as pd
 import xarray as xr
 from torch import nn
 
-from lorascope.analysis.information import RecordedInformation, information_from_steps, recorded_dataset_examples
+from lorascope.analysis.information import (
+    RecordedInformation,
+    information_from_steps,
+    recorded_dataset_examples,
+    recorded_vocab_size,
+)
 from lorascope.errors import InvalidOptionError, LorascopeError
 from lorascope.model.peft import without_peft_prefix
 from lorascope.model.taxonomy import classify
@@ -127,7 +132,8 @@ def information_from_run(path: RunLike, *, dataset_examples: int | None = None) 
     run = load_run(path, snapshots="none")
     if dataset_examples is None:
         dataset_examples = recorded_dataset_examples(run.config)
-    return information_from_steps(run.steps, dataset_examples=dataset_examples)
+    return information_from_steps(run.steps, dataset_examples=dataset_examples,
+                                  vocab_size=recorded_vocab_size(run.config))
 
 
 # -- the same-model check --------------------------------------------------------------------------------------

@@ -61,6 +61,28 @@ def test_the_planned_epoch_is_read_whatever_the_probes_length():
     assert estimate.examples_for(128 + 1280) == pytest.approx(640)
 
 
+def test_a_loss_above_a_uniform_guess_over_the_vocabulary_counts_as_that_guess():
+    """A learner confidently wrong on unseen examples pays more than sending the tokens plain; the switching code
+    (model or uniform, per batch) does not: each step counts at most log2 V bits per token, and a note says so."""
+    from lorascope.analysis.information import information_from_steps, recorded_vocab_size
+
+    steps = _epochs([7.0] * 4 + [5.0] * 4, [1.0] * 8, [0.0] * 8)  # a 16-token vocabulary: at most 4 bits a token
+    plain = information_for_recipe(steps, dataset_examples=64, planned=Recipe(epochs=3))
+    capped = information_for_recipe(steps, dataset_examples=64, planned=Recipe(epochs=3), vocab_size=16)
+    assert plain.code_length_per_example == pytest.approx(10.0) and plain.one_time_bits == pytest.approx(128.0)
+    assert capped.code_length_per_example == pytest.approx(8.0) and capped.one_time_bits == pytest.approx(0.0)
+    assert capped.absorbed_per_example == pytest.approx(8.0)
+    assert any("uniform guess over the 16-token vocabulary" in note for note in capped.notes)
+    assert not any("uniform" in note for note in plain.notes)
+    wide = information_for_recipe(steps, dataset_examples=64, planned=Recipe(epochs=3), vocab_size=1024)
+    assert wide.code_length_per_example == plain.code_length_per_example and wide.notes == plain.notes  # not binding
+    recorded = information_from_steps(steps, dataset_examples=64, vocab_size=16)
+    assert recorded.description_length_bits == pytest.approx(64 * 8.0)
+    assert recorded_vocab_size({"model": {"config": {"vocab_size": 16}}}) == 16
+    assert recorded_vocab_size({"model": {"config": {"text_config": {"vocab_size": 32}}}}) == 32
+    assert recorded_vocab_size({"model": {"config": {}}}) is None and recorded_vocab_size({}) is None
+
+
 def test_a_fractional_plan_reads_the_window_before_it():
     steps = _epochs(FIRST, [3.0] * 4 + [1.0] * 4)
     info = information_for_recipe(steps, dataset_examples=64, planned=Recipe(epochs=1.5))

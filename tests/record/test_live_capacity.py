@@ -101,7 +101,7 @@ def test_each_share_is_the_estimator_on_the_files_steps_up_to_its_snapshot(recor
     assert any(seen_at[step] < FACTS for step in snapshot_steps)  # the schedule did snapshot the first epoch
     for step in with_share:
         upto = steps.isel(step=np.flatnonzero(steps["step"].values <= step))
-        information = information_as_run(upto, dataset_examples=FACTS)
+        information = information_as_run(upto, dataset_examples=FACTS, vocab_size=64)  # the model's vocabulary
         expected = bits_for_plan([information]).bits(FACTS)
         assert published[step]["lorascope/capacity/bits"] == pytest.approx(expected, rel=1e-9), step
         shares = _shares(published[step])
