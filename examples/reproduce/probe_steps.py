@@ -50,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="the study's base.pt (default: pretrain one)")
     parser.add_argument("-o", "--output", default="probe_steps.json")
     parser.add_argument("--epochs", type=int, default=150, help="the plan's epochs, also each probe's length")
+    parser.add_argument("--pretrain-steps", type=int, default=1500, help="the base's pretraining without --base")
     args = parser.parse_args(argv)
     import torch
 
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         base = Path(args.base) if args.base else Path(folder) / "base.pt"
         if not args.base:
-            train.pretrain_base(base, steps=1500)
+            train.pretrain_base(base, steps=args.pretrain_steps)
         for facts, batch, lr in PROBES:
             spec = {"experiment": "probe_steps", "target": "full", "rank": 0, "examples": facts, "lr": lr,
                     "batch_size": batch, "epochs": args.epochs}

@@ -214,3 +214,20 @@ def test_the_docs_full_mode_tables_are_the_checked_in_results_unedited(study_mod
     results = json.loads((docs / "reproduction" / "results.json").read_text())
     assert results["tier"]["name"] == "full"
     assert report.markdown(results, level=3) in (docs / "reproduction.md").read_text()
+
+
+def test_probe_steps_reads_every_probe_capped_at_a_uniform_guess(study_modules, tmp_path):
+    """examples/reproduce/probe_steps.py at 2 epochs on a barely pretrained base: every probe row and the study's
+    predictions are written; the capped reading never exceeds log2 of the 512-token vocabulary, the uncapped one
+    never reads less."""
+    probe_steps = importlib.import_module("probe_steps")
+    out = tmp_path / "probe_steps.json"
+    assert probe_steps.main(["--epochs", "2", "--pretrain-steps", "20", "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["facts"], r["batch_size"], r["lr"]) for r in result["rows"]] == list(probe_steps.PROBES)
+    for row in result["rows"]:
+        assert row["code_length_per_example"] <= math.log2(512) + 1e-9
+        assert row["uncapped"]["code_length_per_example"] >= row["code_length_per_example"] - 1e-9
+        assert row["first_epoch_steps"] == -(-row["facts"] // row["batch_size"])
+    ranks = json.loads((probe_steps.DOCS / "results.json").read_text())["tier"]["ranks"]
+    assert sorted(result["study_predictions"]["ranks"], key=int) == [str(r) for r in ranks]
