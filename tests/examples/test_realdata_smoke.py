@@ -164,3 +164,18 @@ def test_the_batch_size_experiment_brackets_each_optimum_at_the_same_epochs(smok
     assert batch.main(["--tables", str(tmp_path / "batch_size.json")]) == 0
     assert "| 16 | 4 | 1 |" in capsys.readouterr().out
     assert batch.main(["--tables", str(tmp_path / "missing.json")]) == 2
+
+
+def test_the_smollm2_calibration_tables_are_the_checked_in_json():
+    """docs/capacity.md's SmolLM2 tables are `smollm2_calibrate.py --table` of the JSON in docs/realdata/."""
+    spec = importlib.util.spec_from_file_location("smollm2_calibrate", STUDY / "smollm2_calibrate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(STUDY))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(STUDY))
+    docs = STUDY.parents[1] / "docs"
+    capacity = (docs / "capacity.md").read_text()
+    for name in ("smollm2_calibration.json", "smollm2_calibration_load2.json"):
+        assert module.tables(str(docs / "realdata" / name)) in capacity, name
