@@ -77,9 +77,10 @@ def tables(path: str) -> str:
              "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {p.rank} | {p.lora_parameters:,} | {p.facts:,} | {p.bits_offered:,.0f} | {p.bits_stored:,.0f} | "
               f"{p.bits_per_parameter:.3f} |" for p in calibration.points]
-    lines += ["", "| load (bits offered per parameter) | facts | bits held | share held |", "|---:|---:|---:|---:|"]
-    lines += [f"| {p.load:.2g} | {p.facts:,} | {p.bits_stored:,.0f} | {p.bits_stored / p.bits_offered:.0%} |"
-              for p in calibration.bracket_points]
+    if calibration.bracket_points:
+        lines += ["", "| load (bits offered per parameter) | facts | bits held | share held |", "|---:|---:|---:|---:|"]
+        lines += [f"| {p.load:.2g} | {p.facts:,} | {p.bits_stored:,.0f} | {p.bits_stored / p.bits_offered:.0%} |"
+                  for p in calibration.bracket_points]
     fit, bracket = calibration.fit, calibration.bracket
     lines += ["", f"fit: {'flat' if fit is None else f'kappa(P) ~ P^{fit.exponent:+.2f}, residual {fit.residual:.2f}'}"
               f"; median {calibration.bits_per_parameter:.3f}, u = {calibration.uncertainty:.2f}; learning rate "
