@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -72,9 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rec = lorascope.recommend(train.load_base(base), examples=facts, ranks=(1,), probes=[str(path)],
                                       epochs=args.epochs).to_dict()
             bits, planned = rec["bits"], rec["probes"][0]["planned_recipe"]
-            uncapped = _uncapped(str(path), facts, args.epochs)
+            uncapped, end_bits = _read(str(path), facts, args.epochs)
             row = {"facts": facts, "batch_size": batch, "lr": lr, "first_epoch_steps": -(-facts // batch),
-                   "end_of_first_epoch_loss_bits": _first_epoch_end_bits(str(path), facts),
+                   "end_of_first_epoch_loss_bits": end_bits,
                    "code_length_per_example": planned["code_length_per_example"],
                    "one_time_bits": planned["one_time_bits"], "absorbed_per_example": planned["absorbed_per_example"],
                    "bits_per_fact_at_n": bits["bits_per_example"], "truth": train.bits_per_fact(),
@@ -114,28 +116,22 @@ def _study_predictions(model, path: str, epochs: int) -> dict[str, dict[str, flo
             "ranks": out}
 
 
-def _uncapped(path: str, facts: int, epochs: int):
-    """The probe read for the plan without the cap at a uniform guess over the vocabulary."""
+def _read(path: str, facts: int, epochs: int) -> tuple[Any, float]:
+    """The probe read for the plan without the cap at a uniform guess over the vocabulary, and the token-weighted
+    training loss of its first epoch's last quarter (bits per loss token)."""
+    from lorascope.analysis.information import step_arrays
     from lorascope.analysis.recipe import Recipe, information_for_recipe
     from lorascope.store import open_run
 
     with open_run(path) as run:
-        return information_for_recipe(run.steps, dataset_examples=facts, planned=Recipe(epochs=epochs))
-
-
-def _first_epoch_end_bits(path: str, facts: int) -> float:
-    """The token-weighted training loss of the first epoch's last quarter of steps, in bits per loss token."""
-    import math
-
-    from lorascope.analysis.information import step_arrays
-    from lorascope.store import open_run
-
-    with open_run(path) as run:
-        arrays = step_arrays(run.steps)
+        steps = run.steps
+        uncapped = information_for_recipe(steps, dataset_examples=facts, planned=Recipe(epochs=epochs))
+        arrays = step_arrays(steps)
     first = arrays.usable & (arrays.seen <= facts)
     late = first & (arrays.seen > 0.75 * facts)
     late = late if late.any() else first
-    return float((arrays.loss[late] * arrays.tokens[late]).sum() / arrays.tokens[late].sum() / math.log(2))
+    end_bits = float((arrays.loss[late] * arrays.tokens[late]).sum() / arrays.tokens[late].sum() / math.log(2))
+    return uncapped, end_bits
 
 
 if __name__ == "__main__":

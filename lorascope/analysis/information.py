@@ -359,7 +359,8 @@ def step_arrays(steps: xr.Dataset, vocab_size: int | None = None) -> StepArrays:
 
     With ``vocab_size`` V, a step's loss above :math:`\\ln V` nats per token is taken as :math:`\\ln V`: a
     switching code sends each batch with the model or with a uniform code over the vocabulary, whichever is
-    shorter (one bit per batch to say which), so the code length never exceeds sending the tokens plain. It binds
+    shorter (the bit per batch that says which is not counted), so the code length never exceeds sending the
+    tokens plain. It binds
     where a learner is worse than a uniform guess on examples it has not seen yet: a high learning rate memorising
     random facts is confidently wrong on the next ones (docs/information.md); on text it does not bind.
 

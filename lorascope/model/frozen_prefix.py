@@ -115,7 +115,7 @@ def _entering(block: nn.Module, model: nn.Module, **inputs: torch.Tensor) -> tor
 
     handle = block.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        model(**inputs, **_no_cache(model))
+        model(**inputs, **_no_cache(_forward_parameters(model)))
     except _Captured as captured:
         return captured.states
     finally:
@@ -132,7 +132,7 @@ def last_position_logits(model: nn.Module, **inputs: torch.Tensor) -> torch.Tens
     """
     length = next(iter(inputs.values())).shape[1]
     accepted = _forward_parameters(model)
-    extra: dict[str, object] = dict(_no_cache(model))
+    extra: dict[str, object] = dict(_no_cache(accepted))
     if "logits_to_keep" in accepted:
         extra["logits_to_keep"] = torch.tensor([length - 1], device=next(iter(inputs.values())).device)
     out = model(**inputs, **extra)
@@ -150,6 +150,7 @@ def _forward_parameters(model: nn.Module) -> frozenset[str]:
         return frozenset()
 
 
-def _no_cache(model: nn.Module) -> dict[str, bool]:
-    """``use_cache=False`` where the forward takes it: no key / value cache is built for a training step."""
-    return {"use_cache": False} if "use_cache" in _forward_parameters(model) else {}
+def _no_cache(accepted: frozenset[str]) -> dict[str, bool]:
+    """``use_cache=False`` where the forward (its keyword parameters ``accepted``) takes it: no key / value cache
+    is built for a training step."""
+    return {"use_cache": False} if "use_cache" in accepted else {}
