@@ -15,7 +15,8 @@ optimizer steps, run one after another in this process:
               ``time_budget=0.05``).
 
 ``--order`` sets the sequence (a configuration may repeat: ``baseline,defaults,baseline`` brackets drift); each
-ratio is against the mean of the baseline runs. Timed: ``trainer.train()`` whole (setup, the loop, the
+ratio is against the mean of the baseline runs, and a run with a baseline on both sides also gets its ratio to
+the mean of those two (``bracketed_train_ratios``). Timed: ``trainer.train()`` whole (setup, the loop, the
 recorder's close: the final snapshot and the writer drained), and the loop from the end of step 1 to the end of
 the last step (the first step's warm-up left out). The recorded runs' ``recording_cost`` section gives the
 training thread's time per snapshot, the worker's CPU time and the snapshots thinned by the budget.
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training loop (default 2)")
     parser.add_argument("--order", default="baseline,stats,defaults",
                         help=f"comma-separated configurations, in order; from {CONFIGS}")
+    parser.add_argument("--warmup", type=int, default=5, help="steps of an uncounted baseline run first (0: none)")
     parser.add_argument("--load", action="store_true", help="another process keeps both cores busy meanwhile")
     parser.add_argument("--memory", action="store_true", help="also peak RSS of baseline and defaults, each in a "
                         "fresh subprocess")
@@ -204,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            if args.warmup:  # the process's first training pays one-off costs (allocator, thread pools)
+                warm = run("baseline", base, argparse.Namespace(**{**vars(args), "steps": args.warmup}), Path(tmp))
+                print(f"  warm-up ({args.warmup} steps, not counted): train() {warm['train_seconds']:.1f} s",
+                      flush=True)
             for config in order:
                 results.append(run(config, base, args, Path(tmp)))
                 r = results[-1]
@@ -219,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "model": what, "recorded_matrices": matrices, "recorded_bytes": weights, "steps": args.steps,
             "batch": args.batch, "seq": args.seq, "threads": args.threads, "load": args.load, "order": order,
+            "warmup_steps": args.warmup,
             "load_average": os.getloadavg(), "runs": results, "summary": report, "memory": memory}, indent=2) + "\n")
     return 0
 
@@ -236,6 +243,9 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                                "loop_ratio": mean(config, "loop_seconds") / base_loop,
                                "train_seconds": mean(config, "train_seconds"),
                                "loop_seconds": mean(config, "loop_seconds")}
+        bracketed = [bracketed_ratio(results, i) for i, r in enumerate(results) if r["config"] == config]
+        if config != "baseline" and all(b is not None for b in bracketed):
+            row["bracketed_train_ratios"] = bracketed
         recorded = [r for r in results if r["config"] == config and "recording_cost" in r]
         if recorded:
             cost = recorded[-1]["recording_cost"]
@@ -247,6 +257,16 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                         "share_of_training": cost["share_of_training"]})
         summary[config] = row
     return summary
+
+
+def bracketed_ratio(results: list[dict[str, Any]], i: int) -> float | None:
+    """Run ``i``'s ``train()`` time over the mean of the nearest baseline run before it and the nearest after it
+    (drift between runs cancels to first order); None without a baseline on both sides."""
+    before = [r for r in results[:i] if r["config"] == "baseline"]
+    after = [r for r in results[i + 1:] if r["config"] == "baseline"]
+    if not before or not after:
+        return None
+    return results[i]["train_seconds"] / statistics.fmean([before[-1]["train_seconds"], after[0]["train_seconds"]])
 
 
 def measure_memory(args: argparse.Namespace, weights: int) -> dict[str, Any]:
@@ -273,6 +293,11 @@ def print_report(summary: dict[str, Any], memory: dict[str, Any] | None) -> None
                  f"{row['thread_steps_per_snapshot']:.3f} steps | {row['worker_cpu_seconds']:.1f} s | "
                  f"{row['share_of_training']:.3f} |")
         print(f"| {config} | {row['train_ratio']:.3f} | {row['loop_ratio']:.3f} " + extra)
+    for config, row in summary.items():
+        if "bracketed_train_ratios" in row:
+            ratios = row["bracketed_train_ratios"]
+            print(f"{config}: train() over the mean of the baseline runs on either side: "
+                  + ", ".join(f"{r:.3f}" for r in ratios) + f" (mean {statistics.fmean(ratios):.3f})")
     if memory:
         print(f"\npeak RSS over {memory['steps']} steps: baseline {memory['baseline']:.0f} MiB, defaults "
               f"{memory['defaults']:.0f} MiB: extra {memory['extra_mib']:.0f} MiB = "

@@ -36,6 +36,15 @@ def to_host(value: Any) -> Any:
     return value
 
 
+def thread_cpu_seconds(thread: threading.Thread | None) -> float:
+    """The CPU time of a running ``thread`` so far (Linux: its own CPU clock; NaN where unavailable)."""
+    try:
+        assert thread is not None and thread.ident is not None
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    except (AssertionError, AttributeError, OSError):
+        return float("nan")
+
+
 class BackgroundWriter:
     """Owns a :class:`RunWriter` and the thread that feeds it.
 
@@ -77,11 +86,7 @@ class BackgroundWriter:
     @property
     def cpu_seconds(self) -> float:
         """CPU time of the writer thread so far (Linux: its own CPU clock; NaN where unavailable)."""
-        try:
-            assert self._thread is not None and self._thread.ident is not None
-            return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
-        except (AssertionError, AttributeError, OSError):
-            return float("nan")
+        return thread_cpu_seconds(self._thread)
 
     def put_step(self, row: dict[str, Any]) -> bool:
         return self._put(_STEP, row)

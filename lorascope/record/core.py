@@ -313,8 +313,7 @@ class Recorder:
         self._writer.start(resume_after)
         # Under torch.distributed every rank must agree on which steps were snapshotted: no thinning, no skipping.
         single = self._distributed_steps is None
-        self._taker.start(WriterCalls(put_snapshot=self._put_snapshot, deliver=self._writer.deliver_snapshot,
-                                      missing=self._writer.put_missing, mark=self._writer.mark_snapshot),
+        self._taker.start(WriterCalls.of(self._writer, self._put_snapshot),
                           thinnable=single and self.schedule.thinnable, may_skip=single, bases=bases)
 
     def close(self, status: str | None = S.STATUS_COMPLETE) -> None:

@@ -104,21 +104,27 @@ def _log_grid(total: int, points: int) -> frozenset[int]:
 BUDGET_GRACE_SECONDS = 2.0
 
 
-def within_budget(spent_seconds: float, next_seconds: float, elapsed_seconds: float, budget: float) -> bool:
-    """Whether a snapshot expected to cost ``next_seconds`` keeps the snapshots' cost within ``budget`` (a share)
-    of the training time so far, or within :data:`BUDGET_GRACE_SECONDS` in all:
+def within_budget(spent_seconds: float, next_seconds: float, elapsed_seconds: float, budget: float,
+                  other_seconds: float = 0.0) -> bool:
+    """Whether one more snapshot, expected to cost ``next_seconds``, keeps the recording within ``budget`` (a share
+    of the training time so far), or the snapshots within :data:`BUDGET_GRACE_SECONDS` in all:
 
     .. math::
 
-        t_{spent} + t_{next} \\le \\max(b \\, t_{elapsed}, t_{grace})
+        t_{spent} + 2\\, t_{next} \\le \\max(b \\, t_{elapsed} - t_{other}, t_{grace})
 
-    The log-spaced schedule is densest at the start, where the training time is shortest: this thins those
-    early steps first, and takes the later, sparser ones as the training time grows. The recorder never thins
-    the final snapshot.
+    ``spent_seconds`` is what the snapshots have cost so far and ``other_seconds`` the recording's other costs (the
+    per-step hooks, the writer thread): the budget is for the whole recording, and snapshots get what the per-step
+    work leaves. The next snapshot counts twice because the final one, which is never thinned, is reserved at every
+    decision: a short run whose budget only holds one snapshot keeps it for the end. The log-spaced schedule is
+    densest at the start, where the training time is shortest: this thins those early steps first, and takes the
+    later, sparser ones as the training time grows.
 
     Examples
     --------
-    >>> within_budget(0.0, 0.2, 10.0, 0.05), within_budget(3.0, 0.2, 10.0, 0.05), within_budget(3.0, 2.0, 100, 0.05)
+    >>> within_budget(0.0, 0.2, 10.0, 0.05), within_budget(2.7, 0.2, 60.0, 0.05), within_budget(3.0, 2.0, 200, 0.05)
     (True, False, True)
+    >>> within_budget(0.0, 1.0, 100.0, 0.05, other_seconds=2.0)  # 2 s <= max(5 s - 2 s, 2 s)
+    True
     """
-    return spent_seconds + next_seconds <= max(budget * elapsed_seconds, BUDGET_GRACE_SECONDS)
+    return spent_seconds + 2 * next_seconds <= max(budget * elapsed_seconds - other_seconds, BUDGET_GRACE_SECONDS)

@@ -17,11 +17,19 @@ import torch
 from torch import nn
 
 from lorascope.model.taxonomy import MatrixRef
+from lorascope.record.background import BackgroundWriter
 from lorascope.record.contributions import HeldLoss, with_held_losses
 from lorascope.record.options import RecordOptions
 from lorascope.record.schedule import within_budget
 from lorascope.record.snapshot import take_snapshot
-from lorascope.record.snapshot_worker import SnapshotWorker, capture, gradient_copies, host_copy_bytes
+from lorascope.record.snapshot_worker import (
+    SnapshotWorker,
+    capture,
+    gradient_copies,
+    gram_flops_per_second,
+    host_copy_bytes,
+    snapshot_flops,
+)
 from lorascope.record.subspace import InitialBasis, gradient_spectra
 from lorascope.store.payloads import Snapshot
 
@@ -69,6 +77,14 @@ class WriterCalls:
     deliver: Callable[[Snapshot], Any]  # worker thread
     missing: Callable[[int, str], Any]  # any thread
     mark: Callable[[int], Any]  # training thread: remember the totals of this step for a later snapshot
+    cpu_seconds: Callable[[], float] = lambda: 0.0  # the writer thread's CPU time so far (NaN: unknown)
+
+    @classmethod
+    def of(cls, writer: BackgroundWriter, put_snapshot: Callable[[Snapshot], Any]) -> WriterCalls:
+        """The calls of a recorder's writer thread; ``put_snapshot``: the recorder's own (it stops recording when
+        the writer has failed)."""
+        return cls(put_snapshot=put_snapshot, deliver=writer.deliver_snapshot, missing=writer.put_missing,
+                   mark=writer.mark_snapshot, cpu_seconds=lambda: writer.cpu_seconds)
 
 
 def uses_worker(options: RecordOptions, refs: Sequence[MatrixRef]) -> bool:
@@ -98,6 +114,7 @@ class SnapshotTaker:
         self.worker: SnapshotWorker | None = None
         self.bases: list[InitialBasis | None] | None = None
         self._calls: WriterCalls | None = None
+        self._estimate: float | None = None
         self.cost = RecordingCost(options.time_budget, time.monotonic())
 
     @property
@@ -196,27 +213,48 @@ class SnapshotTaker:
     def _snapshot_cost(self) -> tuple[float, float]:
         """(seconds spent on snapshots so far, expected seconds of the next one): the training thread's time at
         snapshot steps plus the worker's CPU time, counted in full as if taken from training (true when training
-        uses every core; an overestimate when a core is spare)."""
+        uses every core; an overestimate when a core is spare). Until the worker has finished a snapshot, its
+        share is :meth:`estimated_seconds`."""
         cost, worker = self.cost, self.worker
         worker_seconds = worker_each = 0.0
         pending = 0
         if worker is not None:
             worker_seconds = worker.cpu_seconds
-            worker_each = worker.cpu_seconds / worker.computed if worker.computed else 0.0
+            worker_each = worker.cpu_seconds / worker.computed if worker.computed else self.estimated_seconds()
             pending = max(0, worker.in_flight)
+        elif not cost.taken:
+            worker_each = self.estimated_seconds()  # spectra in place: nothing measured yet
         thread_each = cost.snapshot_seconds / cost.taken if cost.taken else 0.0
         spent = cost.snapshot_seconds + worker_seconds + pending * worker_each
         return spent, thread_each + worker_each
 
+    def estimated_seconds(self) -> float:
+        """What one snapshot's spectra should cost before any has been measured: their operations counted from the
+        matrices' shapes (:func:`~lorascope.record.snapshot_worker.snapshot_flops`) at the kernel's speed measured
+        here once (:func:`~lorascope.record.snapshot_worker.gram_flops_per_second`)."""
+        if self._estimate is None:
+            o = self.options
+            flops = snapshot_flops(self.refs, top_k=o.top_k, top_k_min_size=o.top_k_min_size, grad_sv=o.grad_sv,
+                                   factors_k=o.factors_k, intruder_k=o.intruder_k)
+            self._estimate = flops / gram_flops_per_second(o.snapshot_threads) if flops else 0.0
+        return self._estimate
+
+    def _other_seconds(self) -> float:
+        """The recording's cost outside snapshots: the per-step hooks and the writer thread."""
+        assert self._calls is not None
+        writer = self._calls.cpu_seconds()
+        return self.cost.step_seconds + (writer if writer == writer else 0.0)
+
     def _within_budget(self) -> bool:
         spent, expected = self._snapshot_cost()
         assert self.cost.budget is not None
-        return within_budget(spent, expected, self.cost.elapsed(), self.cost.budget)
+        return within_budget(spent, expected, self.cost.elapsed(), self.cost.budget, self._other_seconds())
 
     def _thinned_reason(self) -> str:
         spent, expected = self._snapshot_cost()
-        return (f"thinned: time_budget={self.cost.budget:g}; snapshots had cost {spent:.3g} s of "
-                f"{self.cost.elapsed():.3g} s of training and the next was expected to cost {expected:.3g} s")
+        return (f"thinned: time_budget={self.cost.budget:g}; snapshots had cost {spent:.3g} s and the per-step "
+                f"work {self._other_seconds():.3g} s of {self.cost.elapsed():.3g} s of training, and the next and "
+                f"the final snapshot were expected to cost {expected:.3g} s each")
 
     def cost_section(self, writer_cpu_seconds: float = float("nan")) -> dict[str, Any]:
         """The ``recording_cost`` config section written when the file is closed (``writer_cpu_seconds``: the
@@ -224,8 +262,10 @@ class SnapshotTaker:
         cost, worker = self.cost, self.worker
         elapsed = cost.elapsed()
         worker_seconds = 0.0 if worker is None else worker.cpu_seconds
+        close_wait = 0.0 if worker is None else worker.close_wait_seconds
+        close_uncounted = 0.0 if worker is None else worker.close_uncounted_seconds
         writer_seconds = writer_cpu_seconds if writer_cpu_seconds == writer_cpu_seconds else 0.0  # NaN: unknown
-        total = cost.step_seconds + cost.snapshot_seconds + worker_seconds + writer_seconds
+        total = cost.step_seconds + cost.snapshot_seconds + worker_seconds + close_uncounted + writer_seconds
         return {
             "time_budget": cost.budget,
             "training_seconds": elapsed,
@@ -233,6 +273,7 @@ class SnapshotTaker:
             "snapshot_training_thread_seconds": cost.snapshot_seconds,
             "snapshot_worker_cpu_seconds": worker_seconds,
             "writer_cpu_seconds": None if writer_cpu_seconds != writer_cpu_seconds else writer_cpu_seconds,
+            "close_wait_seconds": close_wait,
             "share_of_training": total / elapsed if elapsed > 0 else None,
             "snapshot_worker": worker is not None,
             "snapshots_taken": cost.taken,

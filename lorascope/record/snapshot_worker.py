@@ -25,6 +25,7 @@ singular vectors of the weight W_t itself and compares them with the starting we
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from lorascope.model.taxonomy import MatrixRef
+from lorascope.record.background import thread_cpu_seconds
 from lorascope.record.contributions import HeldLosses, with_held_losses
 from lorascope.record.snapshot import LowRank, current_update, minus_initial
 from lorascope.record.subspace import (
@@ -263,17 +265,72 @@ def randomized_route(delta: np.ndarray, k: int, vectors: int, rng: np.random.Gen
     return energy, 0, s[:k], (resolved(u[:, :vectors], s[:vectors], v[:, :vectors]) if vectors else None)
 
 
+@functools.cache
+def _blas_controller() -> Any:
+    """threadpoolctl's view of the BLAS libraries loaded (numpy's, scipy's), found once; None without threadpoolctl."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
 @contextlib.contextmanager
 def blas_threads(limit: int) -> Iterator[None]:
     """numpy / scipy BLAS limited to ``limit`` threads while the worker computes (threadpoolctl; without it, BLAS
     keeps its own setting). torch's threads are never touched."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
+    controller = _blas_controller()
+    if controller is None:
         yield
         return
-    with threadpool_limits(limits=limit, user_api="blas"):
+    with controller.limit(limits=limit, user_api="blas"):
         yield
+
+
+# -- what a snapshot is expected to cost before one has been measured ------------------------------------------
+
+def snapshot_flops(refs: Sequence[MatrixRef], *, top_k: int | None = None, top_k_min_size: int = 0,
+                   grad_sv: bool = False, factors_k: int = 0, intruder_k: int = 0) -> float:
+    """About the floating-point operations of one snapshot on the worker's kernels, from the matrices' shapes: for
+    an m x n update (m >= n) the Gram matrix (m n^2) and its eigenvalues (4/3 n^3; 9 n^3 with vectors, Golub & Van
+    Loan), or with ``top_k`` the randomized range finder (about 20 m n (k + 10) at 4 power iterations); ``grad_sv``
+    and ``intruder_k`` measure a second matrix of the same shape. A LoRA layer's factored update costs next to
+    nothing (two thin QRs) and counts 0."""
+
+    def one(m: int, n: int, vectors: bool) -> float:
+        m, n = max(m, n), min(m, n)
+        if top_k is not None and top_k < n and m * n > top_k_min_size:
+            return 20.0 * m * n * (top_k + 10)
+        return m * n * n + (9.0 if vectors else 4.0 / 3.0) * n ** 3
+
+    total = 0.0
+    for ref in refs:
+        if ref.lora:
+            continue
+        m, n = ref.out_features, ref.in_features
+        total += one(m, n, factors_k > 0)
+        total += one(m, n, factors_k > 0) if grad_sv else 0.0
+        total += one(m, n, True) if intruder_k else 0.0
+    return total
+
+
+_PROBE_SHAPE = (2048, 256)
+
+
+@functools.cache
+def gram_flops_per_second(threads: int) -> float:
+    """The speed of the worker's kernel here, measured once per thread count: the float64 Gram route on a random
+    2,048 x 256 matrix (about 20 ms), best of three. It runs slower than on a large matrix, so estimates made with
+    it err on the side of cost."""
+    probe = np.random.default_rng(0).standard_normal(_PROBE_SHAPE, dtype=np.float32)
+    best = float("inf")
+    with blas_threads(threads):
+        for _ in range(3):
+            started = time.perf_counter()
+            gram_measure(probe)
+            best = min(best, time.perf_counter() - started)
+    m, n = _PROBE_SHAPE
+    return (m * n * n + 4.0 / 3.0 * n ** 3) / max(best, 1e-9)
 
 
 class SnapshotWorker:
@@ -291,7 +348,9 @@ class SnapshotWorker:
         Host bytes the copies of pending snapshots (queued or being computed) may hold; one snapshot larger than
         this is still taken when nothing else is pending.
     threads
-        BLAS threads of the worker.
+        BLAS threads of the worker while training runs. Once :meth:`close` is called training is over, and the
+        snapshots still pending (the final one) use as many threads as training did (``torch.get_num_threads()``),
+        so that the wait at the end of ``train()`` is shorter.
     store_delta
         Also keep every full update in this dtype ("float16", "float32" or None).
     top_k, top_k_min_size
@@ -323,6 +382,10 @@ class SnapshotWorker:
         self.cpu_seconds = 0.0  # worker-thread CPU time spent on snapshots so far
         self.computed = 0
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self.threads_at_close = self.threads
+        self.close_wait_seconds = 0.0
+        self._cpu_at_close = self._cpu_at_exit = float("nan")
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lorascope-snapshots", daemon=True)
@@ -356,25 +419,38 @@ class SnapshotWorker:
         self._jobs.put(job)
 
     def close(self) -> None:
-        """Finish every pending snapshot, then stop the thread."""
+        """Finish every pending snapshot, then stop the thread. Training is over: the pending snapshots use the
+        threads training used, and :attr:`close_wait_seconds` is how long this waited for them."""
         if self._thread is None:
             return
+        started = time.monotonic()
+        self.threads_at_close = max(self.threads, torch.get_num_threads())  # training's cores are free now
+        self._cpu_at_close = thread_cpu_seconds(self._thread)
+        self._closing.set()
         if self._thread.is_alive():
             self._jobs.put(_CLOSE)
             self._thread.join()
         self._thread = None
+        self.close_wait_seconds = time.monotonic() - started
+
+    @property
+    def close_uncounted_seconds(self) -> float:
+        """The part of the wait at close that the worker thread's CPU time does not cover (the BLAS helper threads
+        of the final snapshot, once it may use training's threads); the whole wait where a thread's CPU clock
+        cannot be read."""
+        counted = self._cpu_at_exit - self._cpu_at_close
+        return max(0.0, self.close_wait_seconds - counted) if counted == counted else self.close_wait_seconds
 
     # -- worker thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
             if job is _CLOSE:
+                self._cpu_at_exit = time.thread_time()
                 return
             started = time.thread_time()
             try:
-                with blas_threads(self.threads):
-                    snapshot = self.compute(job)
-                self._deliver(snapshot)
+                self._deliver(self.compute(job))
             except Exception as exc:  # noqa: BLE001 - the snapshot is missing, training goes on
                 self._missing(job.step, f"failed: {type(exc).__name__}: {exc}")
             finally:
@@ -389,7 +465,8 @@ class SnapshotWorker:
         if job.ready is not None:
             job.ready.synchronize()
         if job.grad_copies is not None:
-            job.grad_sv, job.grad_factors = gradient_measure(job.grad_copies, self.factors_k)
+            with self._blas():
+                job.grad_sv, job.grad_factors = gradient_measure(job.grad_copies, self.factors_k)
             job.grad_copies = None
         n = len(self.refs)
         energy = np.full(n, np.nan)
@@ -402,9 +479,10 @@ class SnapshotWorker:
             reason = job.failures.get(i)
             if matrix is not None:
                 try:
-                    intruder[i] = self._intruders(i, matrix, seed=job.step)
-                    energy[i], nonfinite[i], spectra[i], delta, triplets = self._measure(ref, matrix,
-                                                                                         seed=(job.step, i))
+                    with self._blas():  # per matrix: the thread count rises once training is over
+                        intruder[i] = self._intruders(i, matrix, seed=job.step)
+                        energy[i], nonfinite[i], spectra[i], delta, triplets = self._measure(ref, matrix,
+                                                                                             seed=(job.step, i))
                     if self.store_delta and delta is not None:
                         deltas[i] = delta.astype(self.store_delta)
                     if triplets is not None:
@@ -421,6 +499,9 @@ class SnapshotWorker:
                             grad_sv=job.grad_sv, deltas=deltas if self.store_delta else None,
                             factors=factors if self.factors_k else None, grad_factors=job.grad_factors, **extra)
         return snapshot if job.held is None else with_held_losses(snapshot, job.held)
+
+    def _blas(self) -> contextlib.AbstractContextManager[None]:
+        return blas_threads(self.threads_at_close if self._closing.is_set() else self.threads)
 
     def _large(self, shape: tuple[int, ...]) -> bool:
         return int(np.prod(shape)) > self.top_k_min_size

@@ -15,8 +15,10 @@ from conftest import missing_rows
 
 import lorascope
 from lorascope.errors import InvalidOptionError
+from lorascope.model.taxonomy import MatrixRef
 from lorascope.record import snapshot_taker
 from lorascope.record.schedule import BUDGET_GRACE_SECONDS, SnapshotSchedule, within_budget
+from lorascope.record.snapshot_worker import snapshot_flops
 from lorascope.store import RunWriter
 from lorascope.store import schema as S
 from lorascope.store.payloads import Snapshot
@@ -51,13 +53,15 @@ def train(model, path, *, steps: int, seed: int, **options):
             optimizer.zero_grad()
 
 
-def test_within_budget_is_spent_plus_next_against_the_share_of_elapsed_time():
-    assert within_budget(0.0, 0.1, 10.0, 0.05)
-    assert within_budget(0.4, 0.1, 10.0, 0.05)  # 0.5 <= 0.5
-    assert within_budget(BUDGET_GRACE_SECONDS - 1, 1, 1.0, 0.05)  # the grace of small recordings
-    assert not within_budget(BUDGET_GRACE_SECONDS, 0.1, 10.0, 0.05)
-    assert not within_budget(BUDGET_GRACE_SECONDS, 0.1, 40.0, 0.05)  # 2.1 > max(2.0, 2.0)
-    assert within_budget(BUDGET_GRACE_SECONDS, 0.1, 42.0, 0.05)
+def test_within_budget_reserves_the_final_snapshot_and_counts_the_per_step_work():
+    # 100 s of training at 5%: 5 s for the whole recording.
+    assert within_budget(4.0, 0.5, 100.0, 0.05)  # 4 + 2 x 0.5 (the next and the final) <= 5
+    assert not within_budget(4.1, 0.5, 100.0, 0.05)
+    assert within_budget(3.0, 0.5, 100.0, 0.05, other_seconds=1.0)  # 4 <= 5 - 1 (the per-step work)
+    assert not within_budget(3.0, 0.5, 100.0, 0.05, other_seconds=1.5)
+    # The grace of small recordings: snapshots that cost 2 s in all, whatever the per-step work.
+    assert within_budget(BUDGET_GRACE_SECONDS - 1, 0.5, 1.0, 0.05, other_seconds=10.0)
+    assert not within_budget(BUDGET_GRACE_SECONDS - 1, 0.6, 1.0, 0.05)
 
 
 def test_only_the_log_schedule_is_thinnable():
@@ -86,6 +90,31 @@ def test_over_budget_snapshots_are_thinned_never_the_final_one(seed, run_path, t
     assert cost["snapshot_training_thread_seconds"] >= 1.5 * len(taken)
     assert cost["writer_cpu_seconds"] is None or cost["writer_cpu_seconds"] >= 0
     assert cost["share_of_training"] > 0.5  # the slow captures dominate this run
+
+
+def test_before_a_snapshot_is_measured_its_cost_is_estimated_from_the_shapes(seed, run_path, tiny_token_model,
+                                                                            monkeypatch):
+    # A kernel of 1 flop/s makes the estimate of the tiny model's first snapshot thousands of seconds: the budget
+    # thins every planned step before any snapshot is measured, and keeps the final one.
+    monkeypatch.setattr(snapshot_taker, "gram_flops_per_second", lambda threads: 1.0)
+    steps = 6
+    train(tiny_token_model(), run_path, steps=steps, seed=seed, total_steps=steps, time_budget=0.05)
+    with lorascope.open_run(run_path) as run:
+        np.testing.assert_array_equal(run.snapshot_index, [steps])
+    rows = missing_rows(run_path)
+    assert [s for s, _ in rows] == list(range(1, steps))
+    assert all("the next and the final snapshot were expected to cost" in r for _, r in rows)
+
+
+def test_snapshot_flops_counts_the_worker_kernels():
+    dense = MatrixRef("q", "q", "weight", "attention", "q", 0, -1, out_features=8, in_features=4)
+    lora = MatrixRef("v", "v", "weight", "attention", "v", 0, -1, out_features=8, in_features=4, lora=True)
+    gram = 8 * 4 * 4 + 4 / 3 * 4 ** 3  # the Gram matrix of the smaller side and its eigenvalues
+    assert snapshot_flops([dense, lora]) == pytest.approx(gram)
+    assert snapshot_flops([dense], grad_sv=True) == pytest.approx(2 * gram)
+    assert snapshot_flops([dense], factors_k=2) == pytest.approx(8 * 4 * 4 + 9 * 4 ** 3)  # eigenvectors too
+    assert snapshot_flops([dense], top_k=2) == pytest.approx(20 * 8 * 4 * 12)  # the randomized range finder
+    assert snapshot_flops([dense], top_k=2, top_k_min_size=32) == pytest.approx(gram)  # not above the size
 
 
 def test_no_budget_takes_every_planned_snapshot(seed, run_path, tiny_token_model, monkeypatch):

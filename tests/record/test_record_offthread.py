@@ -14,6 +14,7 @@ import torch
 from conftest import missing_rows
 
 import lorascope
+from lorascope.model.taxonomy import MatrixRef
 from lorascope.record import snapshot_worker as W
 from lorascope.record.snapshot_worker import SnapshotWorker, factored_measure, gram_measure
 
@@ -214,6 +215,42 @@ def test_skip_policy_records_the_skipped_steps_and_keeps_the_final_snapshot(seed
     assert [s for s, _ in rows] == [2, 3, 4, 5]
     assert all(r.startswith("skipped: the snapshot worker was behind") for _, r in rows)
     assert config_section(run_path, "recording_cost")["snapshots_skipped"] == 4
+
+
+def test_snapshots_pending_at_close_use_the_threads_training_used(seed, monkeypatch):
+    """While training runs the worker keeps to ``snapshot_threads``; once the recorder closes, training is over and
+    the snapshots still pending use as many BLAS threads as training did."""
+    limits: list[int] = []
+    real_blas = W.blas_threads
+    monkeypatch.setattr(W, "blas_threads", lambda limit: (limits.append(limit), real_blas(limit))[1])
+    monkeypatch.setattr(W.torch, "get_num_threads", lambda: 3)
+    release, real_compute = threading.Event(), SnapshotWorker.compute
+
+    def held(self, job):
+        if job.step == 2:
+            release.wait(timeout=60)
+        return real_compute(self, job)
+
+    monkeypatch.setattr(SnapshotWorker, "compute", held)
+    ref = MatrixRef("q", "q", "weight", "attention", "q", 0, -1, out_features=6, in_features=4)
+    delivered: list = []
+    worker = SnapshotWorker([ref], deliver=delivered.append, missing=lambda *args: None, buffer_bytes=1 << 20,
+                            threads=1)
+    worker.start()
+    for step in (1, 2):
+        worker.reserve(0, wait=True)
+        worker.submit(W.SnapshotJob(step=step, matrices=[W.HostMatrix(dense=torch.randn(6, 4))], nbytes=0))
+        while step == 1 and worker.computed < 1:
+            threading.Event().wait(0.01)
+    closing = threading.Thread(target=worker.close)
+    closing.start()
+    while not worker._closing.is_set():
+        threading.Event().wait(0.01)
+    release.set()
+    closing.join()
+    assert [snapshot.step for snapshot in delivered] == [1, 2]
+    assert limits == [1, 3]  # step 1 during training, step 2 after close
+    assert worker.close_wait_seconds > 0 and 0 <= worker.close_uncounted_seconds <= worker.close_wait_seconds
 
 
 def test_wait_policy_takes_every_snapshot(seed, run_path, tiny_token_model, monkeypatch):
