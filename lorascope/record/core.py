@@ -205,9 +205,11 @@ class Recorder:
         """The tensor hooks of the gradient noise scale: per-pass norms, and per-example norms when asked."""
         # Per-pass norms also give the per-example source its step norm before clipping. Under DDP each rank's
         # passes give the small-batch norms (its local gradients before the all-reduce); under FSDP2 the sharded
-        # parameters see no per-pass gradient (the noise scale is off there, see sharded.check_options).
-        gns = self.options.gns is not None and self._sharded is None
-        self._micro = MicroBatchNorms(self.refs, self._tensors, cross=self.distributed is None) if gns else None
+        # parameters see no per-pass gradient (the noise scale is off there, see sharded.check_options). Otherwise a
+        # lone pass gives no noise scale: measure a pass only once a second one comes (``defer_first``).
+        gns, single = self.options.gns is not None and self._sharded is None, self.distributed is None
+        defer = single and self.options.gns != "per_example"
+        self._micro = MicroBatchNorms(self.refs, self._tensors, cross=single, defer_first=defer) if gns else None
         self._per_example = None
         if self.options.gns == "per_example" and gns:
             from lorascope.record.per_example import PerExampleNorms
@@ -426,6 +428,7 @@ class Recorder:
             in_snapshots = cost.snapshot_seconds
             self._guarded(self._after_step)
             cost.step_seconds += time.perf_counter() - started - (cost.snapshot_seconds - in_snapshots)
+            cost.step_seconds += self._micro.take_seconds() if self._micro is not None else 0.0  # inside backward
 
     def _on_post_step_distributed(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Every rank after each optimizer step (see :meth:`DistributedSteps.after_step`)."""

@@ -14,6 +14,7 @@ Turning these into the two noise-scale batch sizes (McCandlish et al. 2018) need
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,12 +41,21 @@ class MicroBatchNorms:
     cross
         Also measure the cross terms with the running sum (needed for the accumulated gradient's norm). Without
         them the second tensor of :meth:`pop` is zeros.
+    defer_first
+        Measure a tensor's first pass only when a second one comes, from the running sum (which then is exactly
+        the first pass's gradient). A step of one backward pass then costs nothing, and :meth:`pop` gives None
+        for it: right when a single pass has no use (no two batch sizes), wrong under DDP or per-example norms.
+
+    The time spent in the hooks (inside backward, where the recorder's step timers do not see it) accumulates
+    until :meth:`take_seconds`.
     """
 
     def __init__(self, refs: Sequence[MatrixRef], tensors: Sequence[dict[str, torch.Tensor]], *,
-                 cross: bool = True) -> None:
+                 cross: bool = True, defer_first: bool = False) -> None:
         self._n = len(refs)
         self._with_cross = cross  # under DDP the big-batch norm comes from the reduced gradient instead
+        self._defer_first = defer_first
+        self.seconds = 0.0
         # One hook per distinct trainable tensor, knowing which matrices (slots) it feeds and how to cut them.
         self._plan: dict[int, tuple[torch.Tensor, list[tuple[int, MatrixRef | None]]]] = {}
         for index, (ref, named) in enumerate(zip(refs, tensors)):
@@ -72,34 +82,51 @@ class MicroBatchNorms:
         self._cross: list[torch.Tensor] = []  # per pass: (n,) <A_{k-1}, g_k>
         self._seen: dict[int, int] = {}  # tensor -> passes it took part in
 
+    def take_seconds(self) -> float:
+        """The hooks' time since the last call."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
     def pop(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(squared norms (passes, n), cross terms (passes, n)) of the step so far, then reset; None if no pass."""
-        if not self._passes:
-            return None
-        out = torch.stack(self._passes), torch.stack(self._cross)
-        self.reset()
-        return out
+        passes, cross = self._passes, self._cross
+        self.reset()  # also when nothing was measured: a deferred lone pass must not count as the next step's first
+        return (torch.stack(passes), torch.stack(cross)) if passes else None
 
     def _on_grad(self, key: int, grad: torch.Tensor) -> None:
+        started = time.perf_counter()
+        try:
+            self._measure(key, grad)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _measure(self, key: int, grad: torch.Tensor) -> None:
         tensor, slots = self._plan[key]
         k = self._seen.get(key, 0)
         self._seen[key] = k + 1
-        while len(self._passes) <= k:
-            self._passes.append(torch.zeros(self._n, device=grad.device))
-            self._cross.append(torch.zeros(self._n, device=grad.device))
+        if k == 0 and self._defer_first:
+            return  # measured at the second pass, if one comes, from the running sum
         running = tensor.grad  # the sum of the earlier passes of this step (None before the first)
         with torch.no_grad():
             views = [grad if ref is None else ref.matrix(grad) for _, ref in slots]
-            sq = torch.stack([v.float().square().sum() for v in views])
-            if running is not None and self._with_cross:
+            if running is not None:
                 before = [running if ref is None else ref.matrix(running) for _, ref in slots]
-                cross = torch.stack([(a.float() * b.float()).sum() for a, b in zip(before, views)])
+                if k == 1 and self._defer_first:  # the running sum is the first pass's gradient
+                    self._add(0, key, slots, _squared_norms(before), None)
+                cross = _dots(before, views) if self._with_cross else None
             else:
-                cross = torch.zeros_like(sq)
-            index = self._index(key, slots, grad.device)
-            self._passes[k].index_add_(0, index, sq)
+                cross = None
+            self._add(k, key, slots, _squared_norms(views), cross)
+
+    def _add(self, k: int, key: int, slots: list[tuple[int, Any]], sq: torch.Tensor,
+             cross: torch.Tensor | None) -> None:
+        while len(self._passes) <= k:
+            self._passes.append(torch.zeros(self._n, device=sq.device))
+            self._cross.append(torch.zeros(self._n, device=sq.device))
+        index = self._index(key, slots, sq.device)
+        self._passes[k].index_add_(0, index, sq)
+        if cross is not None:
             self._cross[k].index_add_(0, index, cross)
-        return None
 
     def _index(self, key: int, slots: list[tuple[int, Any]], device: torch.device) -> torch.Tensor:
         index = self._index_cache.get(key)
@@ -107,6 +134,21 @@ class MicroBatchNorms:
             index = torch.tensor([i for i, _ in slots], device=device)
             self._index_cache[key] = index
         return index
+
+
+def _float32_flat(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.reshape(-1)
+    return flat if flat.dtype == torch.float32 else flat.float()
+
+
+def _squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(len,) squared norms in float32, read without a temporary the size of the gradient (bf16 is upcast)."""
+    return torch.stack([torch.linalg.vector_norm(_float32_flat(t)) for t in tensors]).square()
+
+
+def _dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(len,) inner products <a_i, b_i> in float32."""
+    return torch.stack([torch.dot(_float32_flat(x), _float32_flat(y)) for x, y in zip(a, b, strict=True)])
 
 
 def two_batch_norms(passes: torch.Tensor, cross: torch.Tensor, sizes: Sequence[float] | None,

@@ -88,10 +88,12 @@ class RecordOptions:
         waits for the worker) or ``"skip"`` (the snapshot is not taken; its step and the reason are written to
         the file's ``snapshots_missing``). The final snapshot always waits.
     time_budget
-        Share of the training time the snapshots may cost (default 0.05): a snapshot of the log-spaced schedule
-        that would take the training thread's snapshot time plus the worker's CPU time above this share of the
-        training time so far is thinned (not taken; its step and the reason go to ``snapshots_missing``). The
-        final snapshot is never thinned, nor are snapshots while they have cost under 2 s in all (small models);
+        Share of the training time recording may cost (default 0.05): a snapshot of the log-spaced schedule is
+        thinned (not taken; its step and the reason go to ``snapshots_missing``) when what recording has cost so
+        far (snapshots: the training thread's time and the worker's CPU time; the per-step hooks; the writer
+        thread) plus the expected cost of the next snapshot and of the final one, reserved at every decision,
+        would exceed this share of the training time so far (:func:`lorascope.record.schedule.within_budget`).
+        The final snapshot is never thinned, nor are snapshots while they cost under 2 s in all (small models);
         a schedule of explicit steps or ``every`` N steps is taken as asked. ``None``: no budget.
     overwrite
         Replace an existing run file.

@@ -11,7 +11,8 @@ import torch
 import lorascope
 from lorascope.analysis.noise import batch_tradeoff, noise_scale, unbiased_estimates
 from lorascope.errors import InvalidOptionError
-from lorascope.record.gns import local_small_norms, per_example_norms, two_batch_norms
+from lorascope.model.taxonomy import classify
+from lorascope.record.gns import MicroBatchNorms, local_small_norms, per_example_norms, two_batch_norms
 
 N, D = 512, 12
 
@@ -127,6 +128,31 @@ def test_single_pass_steps_record_no_noise_scale(tmp_path):
     with lorascope.open_run(tmp_path / "run.h5") as run:
         assert np.all(np.isnan(run.steps.gns_batch_small.values))
         assert noise_scale(run.steps) is None
+
+
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_deferring_the_first_pass_gives_the_same_norms_and_skips_a_lone_pass(passes):
+    """``defer_first`` measures a tensor's first pass from the running sum when a second pass comes: the same
+    per-pass norms and cross terms as measuring it at once; a step of one pass measures nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    refs = classify(model).matrices
+    tensors = [{"weight": model.get_submodule(ref.module).weight} for ref in refs]
+    at_once, deferred = MicroBatchNorms(refs, tensors), MicroBatchNorms(refs, tensors, defer_first=True)
+    at_once.attach()
+    deferred.attach()
+    for step_passes in (passes, 1, 2):  # a lone pass must not leak into the next step
+        for _ in range(step_passes):
+            model(torch.randn(5, 6)).pow(2).mean().backward()
+        expected, got = at_once.pop(), deferred.pop()
+        model.zero_grad()
+        assert expected is not None and expected[0].shape == (step_passes, len(refs))
+        if step_passes == 1:
+            assert got is None
+        else:
+            torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=0)
+            torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-12)
+    assert deferred.take_seconds() >= 0 and deferred.take_seconds() == 0.0  # taken once
 
 
 def test_batch_tradeoff_and_warnings():
