@@ -179,3 +179,21 @@ def test_the_smollm2_calibration_tables_are_the_checked_in_json():
     capacity = (docs / "capacity.md").read_text()
     for name in ("smollm2_calibration.json", "smollm2_calibration_load2.json"):
         assert module.tables(str(docs / "realdata" / name)) in capacity, name
+
+
+def test_the_smollm2_repredicted_tables_are_the_checked_in_json():
+    """docs/realdata_smollm2.md's post-hoc forecast tables are `smollm2_repredict.py --tables` of the checked-in JSON,
+    and each verdict in it follows from its own runway and the measured falloff."""
+    spec = importlib.util.spec_from_file_location("smollm2_repredict", STUDY / "smollm2_repredict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    docs = STUDY.parents[1] / "docs"
+    result = json.loads((docs / "realdata" / "smollm2_repredicted.json").read_text())
+    assert module.tables(result) in (docs / "realdata_smollm2.md").read_text()
+    for data in result["tasks"].values():
+        assert len(data["forecasts"]) == 4
+        for forecast in data["forecasts"].values():
+            for criterion, cells in forecast["verdicts"].items():
+                for rank, cell in cells.items():
+                    predicted = forecast["rows"][rank]["examples"]
+                    assert cell == module.measure.verdict(predicted, data["falloff"][criterion][rank])
