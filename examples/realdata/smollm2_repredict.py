@@ -3,15 +3,16 @@
 ``smollm2_study.py`` wrote its predictions before any LoRA run, with the estimator of that day and the default kappa
 (0.69 bits per LoRA parameter). Since then the estimator reads the bits under the planned recipe and caps each
 step's loss at ln V (docs/information.md), and kappa was measured on this very block (``smollm2_calibrate.py``,
-docs/capacity.md "A fourth base": 0.16-0.39 bits per parameter, a fit kappa(P) over ranks 1-4 of an attention-only
-LoRA). This script re-reads the study's own full fine-tuning probes, both tasks, at the learning rate the
-predictions used (1e-3, the best probe when they were written) and at full fine-tuning's best training-loss rate
-found later (3e-3), each with both kappas, and sets each forecast (the growth law over N = 64 and 256) against the
-falloffs the study measured (checked in: docs/realdata/smollm2_study.json, smollm2_sft.json).
+docs/capacity.md "A fourth base"): for attention-only LoRA at ranks 1-4 and for all-linear LoRA (the study's
+target) at ranks 1-2, each at 2 bits offered per parameter. This script re-reads the study's own full fine-tuning
+probes, both tasks, at the learning rate the predictions used (1e-3, the best probe when they were written) and at
+full fine-tuning's best training-loss rate found later (3e-3), with each kappa, and sets each forecast (the growth
+law over N = 64 and 256) against the falloffs the study measured (checked in: docs/realdata/smollm2_study.json,
+smollm2_sft.json).
 
-It is not a prediction: the LoRA results were known. The calibration's kappa(P) was measured on attention-only
-adapters of ranks 1-4 (3,840-15,360 parameters); the study's adapters are all-linear (10,176 parameters per rank),
-so ranks 4 and 16 read the fit at its upper end (analyze holds it there), an extrapolation.
+It is not a prediction: the LoRA results were known. Each fit kappa(P) is held at the end of its measured range
+outside it (analyze does so): the all-linear fit covers 10,176-20,352 parameters, so ranks 4 and 16 (40,704 and
+162,816) read it at its upper end, an extrapolation; the attention-only fit is for other matrices altogether.
 
     python examples/realdata/smollm2_study.py -o smollm2-study-out                  # the studies (their run files)
     python examples/realdata/smollm2_study.py --task sft --sizes 64,256 --grid-sizes 64 -o smollm2-sft-out
@@ -37,7 +38,8 @@ RANKS = (1, 4, 16)
 PROBE_SIZES = (64, 256)
 PROBE_LRS = {"1e-3 (the predictions' probes)": 1e-3, "3e-3 (full fine-tuning's best; found later)": 3e-3}
 TASKS = {"cpt": ("continued pretraining", DOCS / "smollm2_study.json"), "sft": ("SFT", DOCS / "smollm2_sft.json")}
-CALIBRATION = DOCS / "smollm2_calibration_load2.json"
+CALIBRATIONS = {"SmolLM2 attention-only kappa(P)": DOCS / "smollm2_calibration_load2.json",
+                "SmolLM2 all-linear kappa(P)": DOCS / "smollm2_calibration_alllinear_load2.json"}
 OUT = DOCS / "smollm2_repredicted.json"
 
 
@@ -104,7 +106,6 @@ def tables(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("studies", nargs="*", type=Path, help="the continued-pretraining and SFT study folders")
-    parser.add_argument("--calibration", type=Path, default=CALIBRATION)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--tables", type=Path, metavar="JSON", help="print the markdown tables of a written JSON")
     args = parser.parse_args(argv)
@@ -116,13 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     import lorascope
     from lorascope.analysis.capacity import CapacityConstant
 
-    kappas = {"default 0.69": None,
-              "SmolLM2 kappa(P)": CapacityConstant.from_calibration(lorascope.load_calibration(args.calibration))}
+    kappas = {"default 0.69": None, **{name: CapacityConstant.from_calibration(lorascope.load_calibration(path))
+                                        for name, path in CALIBRATIONS.items()}}
     result: dict[str, Any] = {
         "command": "python examples/realdata/smollm2_repredict.py smollm2-study-out smollm2-sft-out",
-        "calibration": str(args.calibration.relative_to(HERE.parents[1])) if args.calibration.is_relative_to(
-            HERE.parents[1]) else str(args.calibration),
-        "post_hoc": "read after the LoRA runs; kappa(P) measured on attention-only adapters, ranks 1-4",
+        "calibrations": {name: str(path.relative_to(HERE.parents[1])) for name, path in CALIBRATIONS.items()},
+        "post_hoc": "read after the LoRA runs",
         "tasks": {task: repredict(folder, json.loads(TASKS[task][1].read_text()), kappas)
                   for task, folder in zip(TASKS, args.studies, strict=True)}}
     text = json.dumps(result, indent=1, allow_nan=False) + "\n"

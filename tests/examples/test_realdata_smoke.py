@@ -177,7 +177,8 @@ def test_the_smollm2_calibration_tables_are_the_checked_in_json():
         sys.path.remove(str(STUDY))
     docs = STUDY.parents[1] / "docs"
     capacity = (docs / "capacity.md").read_text()
-    for name in ("smollm2_calibration.json", "smollm2_calibration_load2.json"):
+    names = ("smollm2_calibration.json", "smollm2_calibration_load2.json", "smollm2_calibration_alllinear_load2.json")
+    for name in names:
         assert module.tables(str(docs / "realdata" / name)) in capacity, name
 
 
@@ -191,7 +192,7 @@ def test_the_smollm2_repredicted_tables_are_the_checked_in_json():
     result = json.loads((docs / "realdata" / "smollm2_repredicted.json").read_text())
     assert module.tables(result) in (docs / "realdata_smollm2.md").read_text()
     for data in result["tasks"].values():
-        assert len(data["forecasts"]) == 4
+        assert len(data["forecasts"]) == 6  # two probe learning rates x three kappas
         for forecast in data["forecasts"].values():
             for criterion, cells in forecast["verdicts"].items():
                 for rank, cell in cells.items():
