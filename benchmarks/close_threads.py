@@ -4,7 +4,9 @@ While training runs the worker keeps to ``snapshot_threads`` BLAS threads (defau
 training is over and the snapshots still pending use as many threads as training did (``torch.get_num_threads()``).
 This times :meth:`SnapshotWorker.compute` on one snapshot of SmolLM2-135M's 211 matrix shapes (random float32
 updates: the time depends on the shapes) in both states, alternating, in one process: wall seconds, best and
-median of ``--repeats``; the ratio is one thread over ``--threads``.
+median of ``--repeats``; the ratio is one thread over ``--threads``. It also prints the time budget's estimate of
+one such snapshot before any is measured (:func:`~lorascope.record.snapshot_worker.snapshot_flops` at
+:func:`~lorascope.record.snapshot_worker.gram_flops_per_second` with one thread), to set against the measurement.
 
 Usage::
 
@@ -61,13 +63,15 @@ def main() -> int:
             worker.compute(job)
             times[name].append(time.perf_counter() - started)
     one, many = times.values()
+    estimate = W.snapshot_flops(refs) / W.gram_flops_per_second(1)
     print(f"{len(refs)} matrices (SmolLM2-135M's shapes), {args.repeats} repeats, alternating")
+    print(f"  the budget's estimate before any snapshot is measured: {estimate:.2f} s (one thread)")
     for name, values in times.items():
         print(f"  {name}: best {min(values):.2f} s, median {statistics.median(values):.2f} s")
     print(f"  ratio (1 thread / {args.threads}, medians): {statistics.median(one) / statistics.median(many):.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"matrices": len(refs), "threads": args.threads, "seconds": times},
-                                        indent=1) + "\n")
+        args.json.write_text(json.dumps({"matrices": len(refs), "threads": args.threads, "seconds": times,
+                                         "estimate_seconds": estimate}, indent=1) + "\n")
     return 0
 
 
