@@ -177,7 +177,8 @@ def test_the_smollm2_calibration_tables_are_the_checked_in_json():
         sys.path.remove(str(STUDY))
     docs = STUDY.parents[1] / "docs"
     capacity = (docs / "capacity.md").read_text()
-    names = ("smollm2_calibration.json", "smollm2_calibration_load2.json", "smollm2_calibration_alllinear_load2.json")
+    names = ("smollm2_calibration.json", "smollm2_calibration_load2.json", "smollm2_calibration_alllinear_load2.json",
+             "smollm2_calibration_alllinear_r4_load2.json")
     for name in names:
         assert module.tables(str(docs / "realdata" / name)) in capacity, name
 
