@@ -26,6 +26,14 @@ Each finished run is written to ``runs.json`` at once, so an interrupted study r
     python examples/realdata/smollm2_study.py --report docs/realdata/smollm2_study.json   # copy the report there
     python examples/realdata/smollm2_study.py --tables docs/realdata/smollm2_study.json   # its tables, markdown
     python examples/realdata/smollm2_study.py --task sft --sizes 64,256 --grid-sizes 64 -o smollm2-sft-out  # SFT
+
+``--steps S`` trains every run for the same S optimizer steps instead of 4 epochs (so a small N runs many epochs:
+the regime where full fine-tuning memorises its set and a falloff can be reached at small N), evaluated once at the
+end; ``--probe-sizes`` says which full fine-tuning runs the forecast reads, and ``--kappa CALIBRATION_JSON`` adds a
+forecast with that measured kappa(P) to the predictions (still written before any LoRA run):
+
+    python examples/realdata/smollm2_study.py --steps 64 --sizes 16,32,64,128,256 --probe-sizes 16,64 \\
+        --grid-sizes 16,64 --kappa docs/realdata/smollm2_calibration_alllinear_load2.json -o smollm2-steps-out
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import argparse
 import datetime
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -55,7 +64,6 @@ import smollm2_recipe as data  # noqa: E402  (the same sequences, split and cach
 import lorascope  # noqa: E402
 
 SIZES, RANKS, EPOCHS, BATCH = (64, 256, 1024), (1, 4, 16), 4, data.BATCH
-DEFAULT_SIZES = SIZES
 PROBE_SIZES = (64, 256)  # the forecast reads only these full runs: small slices, as a user would probe
 GRID_SIZES = PROBE_SIZES  # sizes where every method runs its whole (widened) learning-rate grid
 FULL_LRS, LORA_LRS = (3e-4, 1e-3), (1e-3, 3e-3, 1e-2)
@@ -63,6 +71,8 @@ START = {"full": FULL_LRS, "all-linear": LORA_LRS}
 LR_LADDER = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 """Where a grid is extended to while its best rate (on training or held-out loss) sits at an edge."""
 MAX_EXTENSIONS = 2  # per condition and side
+STEPS: int | None = None  # --steps: the same optimizer steps at every N instead of EPOCHS
+KAPPA: Path | None = None  # --kappa: a calibration whose kappa(P) the predictions also use
 ALPHA = 32
 SFT_PROMPT_TOKENS, SFT_MIN_COMPLETION = 32, 16
 
@@ -237,17 +247,21 @@ def train_run(base: Any, spec: RunSpec, task: TaskData, path: Path) -> dict[str,
     model, trainable = trained_model(base, spec)
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
     states, labels = task.states[:spec.examples], task.labels[:spec.examples]
-    steps = EPOCHS * math.ceil(spec.examples / BATCH)
+    batches = math.ceil(spec.examples / BATCH)
+    steps = STEPS or EPOCHS * batches
+    epochs = steps / batches  # past the last whole epoch, the first batches of one more
     order = torch.Generator().manual_seed(0)  # the same batches in the same order for every method at this N
     mask = torch.ones(BATCH, data.SEQ_LEN, dtype=torch.long)
     train_curve, held_curve, step_seconds = [], [], []
     model.train()
     with lorascope.record(model, path, optimizer=optimizer, total_steps=steps, overwrite=True,
                           extra_config={"dataset": {"examples": spec.examples},
-                                        "study": {**asdict(spec), "epochs": EPOCHS, "batch_size": BATCH}}):
-        for _ in range(EPOCHS):
+                                        "study": {**asdict(spec), "epochs": epochs, "batch_size": BATCH}}):
+        for _ in range(math.ceil(epochs)):
             shuffled = torch.randperm(spec.examples, generator=order)
             for first in range(0, spec.examples, BATCH):
+                if len(step_seconds) == steps:
+                    break
                 t = time.time()
                 rows = shuffled[first:first + BATCH]
                 loss = model(inputs_embeds=states[rows], attention_mask=mask[:len(rows)], labels=labels[rows]).loss
@@ -255,9 +269,10 @@ def train_run(base: Any, spec: RunSpec, task: TaskData, path: Path) -> dict[str,
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step_seconds.append(time.time() - t)
-            train_curve.append(mean_loss(model, states, labels))
-            held_curve.append(mean_loss(model, task.held_states, task.held_labels))
-    return {**asdict(spec), "name": spec.name, "path": str(path), "epochs": EPOCHS, "steps": steps,
+            if STEPS is None or len(step_seconds) == steps:  # a fixed step budget runs many epochs: the end only
+                train_curve.append(mean_loss(model, states, labels))
+                held_curve.append(mean_loss(model, task.held_states, task.held_labels))
+    return {**asdict(spec), "name": spec.name, "path": str(path), "epochs": epochs, "steps": steps,
             "trainable_parameters": int(sum(p.numel() for p in trainable)),
             "train_loss": train_curve[-1], "held_loss": held_curve[-1],
             "train_loss_per_epoch": train_curve, "held_loss_per_epoch": held_curve,
@@ -283,6 +298,14 @@ def predict(out: Path, base: Any, task: TaskData, results: dict[str, dict], say:
     both = lorascope.analyze([probes[n]["path"] for n in PROBE_SIZES], ranks=RANKS).to_dict()
     forecasts["all sizes (growth law)"] = smaller_study._forecast_rows(both["forecast"], RANKS)
     spectra = {}
+    if KAPPA is not None:
+        from lorascope.analysis.capacity import CapacityConstant
+
+        constant = CapacityConstant.from_calibration(lorascope.load_calibration(KAPPA))
+        measured_kappa = lorascope.analyze([probes[n]["path"] for n in PROBE_SIZES], ranks=RANKS,
+                                           constant=constant).to_dict()
+        forecasts["all sizes (growth law), measured kappa(P)"] = smaller_study._forecast_rows(
+            measured_kappa["forecast"], RANKS)
     for n in PROBE_SIZES:
         one = lorascope.analyze(probes[n]["path"], ranks=RANKS).to_dict()
         forecasts[f"N={n} (linear)"] = smaller_study._forecast_rows(one["forecast"], RANKS)
@@ -299,6 +322,7 @@ def predict(out: Path, base: Any, task: TaskData, results: dict[str, dict], say:
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "lora_runs_before": 0,
         "probes": {n: {"name": probes[n]["name"], "lr": probes[n]["lr"]} for n in PROBE_SIZES},
+        "kappa_calibration": None if KAPPA is None else str(KAPPA),
         "forecast_all_sizes": both["forecast"],
         "information": forecasts,
         "spectral": measure.spectral_predictions(spectra, RANKS),
@@ -436,7 +460,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global SIZES, GRID_SIZES  # --sizes and --grid-sizes replace the defaults for the whole study
+    global SIZES, GRID_SIZES, PROBE_SIZES, STEPS, KAPPA  # the options replace the defaults for the whole study
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-o", "--out", type=Path, default=Path("smollm2-study-out"))
     parser.add_argument("--cache", type=Path, default=smollm2.DEFAULT_CACHE, help="where the weights are kept")
@@ -447,20 +471,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", type=Path, metavar="RESULTS_JSON", help="print the tables of a results.json")
     parser.add_argument("--sizes", default=",".join(str(n) for n in SIZES),
                         help=f"dataset sizes N, comma-separated; must include {PROBE_SIZES} (default %(default)s)")
+    parser.add_argument("--probe-sizes", default=",".join(str(n) for n in PROBE_SIZES),
+                        help="the full fine-tuning sizes the forecast reads (default %(default)s)")
+    parser.add_argument("--steps", type=int, help="the same number of optimizer steps at every N (default: "
+                        f"{EPOCHS} epochs)")
+    parser.add_argument("--kappa", type=Path, metavar="CALIBRATION_JSON",
+                        help="also forecast with this calibration's kappa(P) (lorascope calibrate's JSON)")
     parser.add_argument("--grid-sizes", default=",".join(str(n) for n in GRID_SIZES),
                         help="sizes where every method runs its whole learning-rate grid; larger ones run the "
                              "training-loss winner of the largest (default %(default)s)")
     args = parser.parse_args(argv)
-    try:
-        GRID_SIZES = tuple(sorted({int(n) for n in args.grid_sizes.split(",")}))
-    except ValueError:
-        parser.error(f"--grid-sizes takes comma-separated integers. Got {args.grid_sizes!r} instead.")
-    try:
-        SIZES = tuple(sorted({int(n) for n in args.sizes.split(",")}))
-    except ValueError:
-        parser.error(f"--sizes takes comma-separated integers. Got {args.sizes!r} instead.")
-    if not set(PROBE_SIZES) <= set(SIZES):
-        parser.error(f"--sizes must include the probe sizes {PROBE_SIZES}. Got {args.sizes!r} instead.")
+    def sizes(option: str, text: str) -> tuple[int, ...]:
+        try:
+            return tuple(sorted({int(n) for n in text.split(",")}))
+        except ValueError:
+            parser.error(f"{option} takes comma-separated integers. Got {text!r} instead.")
+
+    grid, every, probe = (sizes(o, t) for o, t in (("--grid-sizes", args.grid_sizes), ("--sizes", args.sizes),
+                                                    ("--probe-sizes", args.probe_sizes)))
+    if len(probe) < 2:
+        parser.error(f"--probe-sizes needs two sizes or more (the growth law). Got {args.probe_sizes!r} instead.")
+    if not set(probe) <= set(every):
+        parser.error(f"--sizes must include the probe sizes {probe}. Got {args.sizes!r} instead.")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps takes a positive integer. Got {args.steps} instead.")
+    if args.kappa is not None and not args.kappa.is_file():
+        parser.error(f"--kappa: no such calibration file: {args.kappa}")
+    GRID_SIZES, SIZES, PROBE_SIZES, STEPS, KAPPA = grid, every, probe, args.steps, args.kappa
     if args.tables:
         print(markdown(json.loads(args.tables.read_text())))
         return 0
@@ -523,9 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         if spec.target == "full":
             continue
         report = {
-            "command": "python examples/realdata/smollm2_study.py" + (" --task sft" if args.task == "sft" else "")
-                       + (f" --sizes {args.sizes}" if SIZES != DEFAULT_SIZES else "")
-                       + (f" --grid-sizes {args.grid_sizes}" if GRID_SIZES != PROBE_SIZES else ""),
+            "command": shlex.join(["python", "examples/realdata/smollm2_study.py",
+                                   *(sys.argv[1:] if argv is None else argv)]),
             "complete": not pending,
             "model": {"description": smollm2.DESCRIPTION, "trained": "the last block (model.layers.29): every "
                       "matrix and norm (full fine-tuning) or a PEFT LoRA on its 7 linear matrices"},
@@ -533,8 +569,8 @@ def main(argv: list[str] | None = None) -> int:
                      "tokens_per_example": {n: task.tokens_per_example(n) for n in SIZES},
                      "description": DESCRIPTIONS[args.task]},
             "training": {"optimizer": "AdamW (weight decay 0)", "schedule": "constant", "batch": BATCH,
-                         "epochs": EPOCHS, "full_lrs": FULL_LRS, "lora_lrs": LORA_LRS, "alpha": ALPHA,
-                         "seeds": 1, "torch_threads": args.threads},
+                         "epochs": EPOCHS if STEPS is None else None, "steps": STEPS, "full_lrs": FULL_LRS,
+                         "lora_lrs": LORA_LRS, "alpha": ALPHA, "seeds": 1, "torch_threads": args.threads},
             "base_losses": base_losses, "predictions": predictions,
             "measured": measured(results, task, base_losses, predictions),
             "runs": {k: {x: v for x, v in r.items() if x != "path"} for k, r in results.items()},

@@ -86,3 +86,43 @@ def test_the_docs_tables_are_the_checked_in_reports_unedited(study, report):
     docs = SCRIPT.parents[2] / "docs"
     tables = study.markdown(json.loads((docs / "realdata" / report).read_text()))
     assert tables in (docs / "realdata_smollm2.md").read_text()
+
+
+def test_a_step_budget_runs_that_many_steps_at_every_size_and_evaluates_once(study, tmp_path, monkeypatch):
+    """--steps: the same optimizer steps whatever N (many epochs at a small N, a part-epoch at the end), the losses
+    read once at the end; the recorded run knows its epochs (what the forecast reads as the probe's recipe)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorascope
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    monkeypatch.setattr(study, "trained_model", lambda base, spec: (
+        model := LlamaForCausalLM(config), list(model.parameters())))
+    monkeypatch.setattr(study, "STEPS", 5)
+    n, seq = 24, study.data.SEQ_LEN
+    task = study.TaskData(torch.randn(n, seq, 16), torch.randint(0, 32, (n, seq)), torch.randn(4, seq, 16),
+                          torch.randint(0, 32, (4, seq)), info={})
+    run = study.train_run(None, study.RunSpec("full", 0, n, 1e-3), task, tmp_path / "run.h5")
+    assert run["steps"] == 5 and run["epochs"] == pytest.approx(2.5)  # 2 batches (16 + 8) per epoch
+    assert len(run["train_loss_per_epoch"]) == len(run["held_loss_per_epoch"]) == 1
+    with lorascope.open_run(tmp_path / "run.h5") as recorded:
+        assert recorded.complete and recorded.n_steps == 5
+        assert recorded.config["study"]["epochs"] == pytest.approx(2.5)
+    monkeypatch.setattr(study, "STEPS", None)  # the default: 4 whole epochs, read after each
+    run = study.train_run(None, study.RunSpec("full", 0, n, 1e-3), task, tmp_path / "epochs.h5")
+    assert (run["steps"], run["epochs"], len(run["train_loss_per_epoch"])) == (8, 4.0, 4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--probe-sizes", "64"], "--probe-sizes needs two sizes or more"),
+    (["--steps", "0"], "--steps takes a positive integer"),
+    (["--kappa", "no-such-calibration.json"], "--kappa: no such calibration file"),
+    (["--sizes", "64,256", "--probe-sizes", "16,64"], "--sizes must include the probe sizes"),
+])
+def test_bad_options_are_one_line_errors(study, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        study.main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
