@@ -32,7 +32,7 @@ the regime where full fine-tuning memorises its set and a falloff can be reached
 end; ``--probe-sizes`` says which full fine-tuning runs the forecast reads, and ``--kappa CALIBRATION_JSON`` adds a
 forecast with that measured kappa(P) to the predictions (still written before any LoRA run):
 
-    python examples/realdata/smollm2_study.py --steps 64 --sizes 16,32,64,128,256 --probe-sizes 16,64 \\
+    python examples/realdata/smollm2_study.py --steps 64 --sizes 16,32,64,128,256 --probe-sizes 64,128 \\
         --grid-sizes 16,64 --kappa docs/realdata/smollm2_calibration_alllinear_load2.json -o smollm2-steps-out
 """
 
@@ -491,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     ("--probe-sizes", args.probe_sizes)))
     if len(probe) < 2:
         parser.error(f"--probe-sizes needs two sizes or more (the growth law). Got {args.probe_sizes!r} instead.")
+    if min(probe) < 4 * BATCH:  # analyze's bits per additional example: 2 steps in the first epoch's second half
+        parser.error(f"--probe-sizes must be at least {4 * BATCH} (4 batches, so that the forecast has 2 steps in "
+                     f"the second half of a probe's first epoch). Got {args.probe_sizes!r} instead.")
     if not set(probe) <= set(every):
         parser.error(f"--sizes must include the probe sizes {probe}. Got {args.sizes!r} instead.")
     if args.steps is not None and args.steps < 1:

@@ -118,9 +118,10 @@ def test_a_step_budget_runs_that_many_steps_at_every_size_and_evaluates_once(stu
 
 @pytest.mark.parametrize("args, message", [
     (["--probe-sizes", "64"], "--probe-sizes needs two sizes or more"),
+    (["--probe-sizes", "16,64"], "--probe-sizes must be at least 64"),
     (["--steps", "0"], "--steps takes a positive integer"),
     (["--kappa", "no-such-calibration.json"], "--kappa: no such calibration file"),
-    (["--sizes", "64,256", "--probe-sizes", "16,64"], "--sizes must include the probe sizes"),
+    (["--sizes", "64,256", "--probe-sizes", "64,128"], "--sizes must include the probe sizes"),
 ])
 def test_bad_options_are_one_line_errors(study, args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
