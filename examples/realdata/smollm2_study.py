@@ -540,9 +540,11 @@ def main(argv: list[str] | None = None) -> int:
             f"({r['seconds']:.0f} s, {r['median_step_seconds']:.2f} s/step)")
         runs_file.write_text(json.dumps(_jsonable(results), indent=1) + "\n")
 
-    for n in PROBE_SIZES:  # the probes: the grid at every probe size, whatever --grid-sizes says
-        for lr in grid_at("full", 0, n, results):
-            run(RunSpec("full", 0, n, lr))
+    for n in PROBE_SIZES:  # the probes: the widened grid at every probe size, whatever --grid-sizes says, so that
+        while missing := [lr for lr in grid_at("full", 0, n, results)  # the forecast reads the best probe
+                          if RunSpec("full", 0, n, lr).name not in results]:
+            for lr in missing:
+                run(RunSpec("full", 0, n, lr))
     predictions_file = args.out / "predictions.json"
     predictions = (json.loads(predictions_file.read_text()) if predictions_file.is_file()
                    else predict(args.out, base, task, results, say))
