@@ -63,7 +63,7 @@ DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LR_MULTIPLIER, LR_MULTIPLIER_SHORT, SHORT_RUN_STEPS = 10.0, 15.0, 100
 LORA_ALPHA = 32
 LR_MEASURED = ("Measured by this project, not ~10x: 1-3.3x on real text with every optimum bracketed "
-               "(docs/realdata.md, batch 16-256), 1-3x on training loss and 3-10x on held-out loss on SmolLM2-135M "
+               "(docs/realdata.md, batch 16-256), 1-3.3x on training loss and 3-10x on held-out loss on SmolLM2-135M "
                "(docs/realdata_smollm2.md), 0.37x on memorised facts with grids that did not bracket the optimum "
                "(docs/reproduction.md): treat the multiplier as a starting point and sweep around it")
 BATCH_MEASURED = ("Measured by this project: LoRA's gap to full fine-tuning did not grow with the batch (16 to 256) "

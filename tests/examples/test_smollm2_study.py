@@ -78,7 +78,7 @@ def test_held_share_and_falloff(study):
     assert measured["held_bits_per_lora_parameter"][1][256] == pytest.approx(bits / 10)
 
 
-@pytest.mark.parametrize("report", ["smollm2_study.json", "smollm2_sft.json"])
+@pytest.mark.parametrize("report", ["smollm2_study.json", "smollm2_sft.json", "smollm2_steps.json"])
 def test_the_docs_tables_are_the_checked_in_reports_unedited(study, report):
     """docs/realdata_smollm2.md's tables are `smollm2_study.py --tables docs/realdata/<report>`."""
     import json
