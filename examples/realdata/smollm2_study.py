@@ -34,6 +34,9 @@ forecast with that measured kappa(P) to the predictions (still written before an
 
     python examples/realdata/smollm2_study.py --steps 64 --sizes 16,32,64,128,256 --probe-sizes 64,128 \\
         --grid-sizes 16,64 --kappa docs/realdata/smollm2_calibration_alllinear_load2.json -o smollm2-steps-out
+
+``--seed S`` changes the batch order and LoRA's initialisation; ``--lrs FULL,LORA`` runs each method at one rate at
+every N (no grid), for another seed of a study whose grids found the rates.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ LR_LADDER = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 """Where a grid is extended to while its best rate (on training or held-out loss) sits at an edge."""
 MAX_EXTENSIONS = 2  # per condition and side
 STEPS: int | None = None  # --steps: the same optimizer steps at every N instead of EPOCHS
+SEED = 0  # --seed: the batch order and LoRA's initialisation (0: the studies' own)
 KAPPA: Path | None = None  # --kappa: a calibration whose kappa(P) the predictions also use
 ALPHA = 32
 SFT_PROMPT_TOKENS, SFT_MIN_COMPLETION = 32, 16
@@ -191,6 +195,8 @@ def grid_at(target: str, rank: int, n: int, results: dict[str, dict]) -> list[fl
     """The starting grid, widened by one ladder step past each edge where the finished grid's best rate sits (on
     training or held-out loss), at most :data:`MAX_EXTENSIONS` steps per side."""
     start = sorted(START[target])
+    if MAX_EXTENSIONS == 0:  # --lrs: the rates are given
+        return start
     low, high = LR_LADDER.index(start[0]), LR_LADDER.index(start[-1])
     grid = start
     while True:
@@ -220,7 +226,7 @@ def trained_model(base: Any, spec: RunSpec) -> tuple[Any, list[torch.Tensor]]:
     from lorascope.model.peft_config import make_lora_config, to_peft
 
     tail.requires_grad_(False)
-    torch.manual_seed(1000)  # LoRA's A initialisation, the same for every rank's first columns
+    torch.manual_seed(1000 + SEED)  # LoRA's A initialisation, the same for every rank's first columns
     config = make_lora_config(tail, target=spec.target, rank=spec.rank, alpha=ALPHA, task_type=None)
     model = peft.get_peft_model(tail, to_peft(config))
     return model, [p for p in model.parameters() if p.requires_grad]
@@ -250,7 +256,7 @@ def train_run(base: Any, spec: RunSpec, task: TaskData, path: Path) -> dict[str,
     batches = math.ceil(spec.examples / BATCH)
     steps = STEPS or EPOCHS * batches
     epochs = steps / batches  # past the last whole epoch, the first batches of one more
-    order = torch.Generator().manual_seed(0)  # the same batches in the same order for every method at this N
+    order = torch.Generator().manual_seed(SEED)  # the same batches in the same order for every method at this N
     mask = torch.ones(BATCH, data.SEQ_LEN, dtype=torch.long)
     train_curve, held_curve, step_seconds = [], [], []
     model.train()
@@ -460,7 +466,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global SIZES, GRID_SIZES, PROBE_SIZES, STEPS, KAPPA  # the options replace the defaults for the whole study
+    global SIZES, GRID_SIZES, PROBE_SIZES, STEPS, KAPPA, SEED, START, MAX_EXTENSIONS  # for the whole study
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-o", "--out", type=Path, default=Path("smollm2-study-out"))
     parser.add_argument("--cache", type=Path, default=smollm2.DEFAULT_CACHE, help="where the weights are kept")
@@ -477,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{EPOCHS} epochs)")
     parser.add_argument("--kappa", type=Path, metavar="CALIBRATION_JSON",
                         help="also forecast with this calibration's kappa(P) (lorascope calibrate's JSON)")
+    parser.add_argument("--seed", type=int, default=0, help="batch order and LoRA initialisation (default 0)")
+    parser.add_argument("--lrs", metavar="FULL,LORA", help="one learning rate per method at every N, no grid (for "
+                        "another seed of a study whose grid found them), e.g. 3e-3,1e-2")
     parser.add_argument("--grid-sizes", default=",".join(str(n) for n in GRID_SIZES),
                         help="sizes where every method runs its whole learning-rate grid; larger ones run the "
                              "training-loss winner of the largest (default %(default)s)")
@@ -500,7 +509,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps takes a positive integer. Got {args.steps} instead.")
     if args.kappa is not None and not args.kappa.is_file():
         parser.error(f"--kappa: no such calibration file: {args.kappa}")
-    GRID_SIZES, SIZES, PROBE_SIZES, STEPS, KAPPA = grid, every, probe, args.steps, args.kappa
+    if args.lrs:
+        try:
+            full_lr, lora_lr = (float(x) for x in args.lrs.split(","))
+        except ValueError:
+            parser.error(f"--lrs takes two learning rates, full fine-tuning's and LoRA's. Got {args.lrs!r} instead.")
+        if not (full_lr > 0 and lora_lr > 0):
+            parser.error(f"--lrs takes positive learning rates. Got {args.lrs!r} instead.")
+        START, MAX_EXTENSIONS, grid = {"full": (full_lr,), "all-linear": (lora_lr,)}, 0, every  # no grid to widen
+    GRID_SIZES, SIZES, PROBE_SIZES, STEPS, KAPPA, SEED = grid, every, probe, args.steps, args.kappa, args.seed
     if args.tables:
         print(markdown(json.loads(args.tables.read_text())))
         return 0
@@ -574,8 +591,9 @@ def main(argv: list[str] | None = None) -> int:
                      "tokens_per_example": {n: task.tokens_per_example(n) for n in SIZES},
                      "description": DESCRIPTIONS[args.task]},
             "training": {"optimizer": "AdamW (weight decay 0)", "schedule": "constant", "batch": BATCH,
-                         "epochs": EPOCHS if STEPS is None else None, "steps": STEPS, "full_lrs": FULL_LRS,
-                         "lora_lrs": LORA_LRS, "alpha": ALPHA, "seeds": 1, "torch_threads": args.threads},
+                         "epochs": EPOCHS if STEPS is None else None, "steps": STEPS, "full_lrs": START["full"],
+                         "lora_lrs": START["all-linear"], "fixed_lrs": bool(args.lrs), "alpha": ALPHA,
+                         "seed": SEED, "torch_threads": args.threads},
             "base_losses": base_losses, "predictions": predictions,
             "measured": measured(results, task, base_losses, predictions),
             "runs": {k: {x: v for x, v in r.items() if x != "path"} for k, r in results.items()},

@@ -121,9 +121,52 @@ def test_a_step_budget_runs_that_many_steps_at_every_size_and_evaluates_once(stu
     (["--probe-sizes", "16,64"], "--probe-sizes must be at least 64"),
     (["--steps", "0"], "--steps takes a positive integer"),
     (["--kappa", "no-such-calibration.json"], "--kappa: no such calibration file"),
+    (["--lrs", "3e-3"], "--lrs takes two learning rates"),
+    (["--lrs", "3e-3,-1"], "--lrs takes positive learning rates"),
     (["--sizes", "64,256", "--probe-sizes", "64,128"], "--sizes must include the probe sizes"),
 ])
 def test_bad_options_are_one_line_errors(study, args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         study.main(args)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fixed_rates_run_one_rate_per_method_at_every_size(study, monkeypatch):
+    """--lrs: no grid and no widening, whatever the results say (another seed of a tuned study)."""
+    monkeypatch.setattr(study, "START", {"full": (3e-3,), "all-linear": (2e-2,)})
+    monkeypatch.setattr(study, "MAX_EXTENSIONS", 0)
+    monkeypatch.setattr(study, "SIZES", (16, 64, 256))
+    monkeypatch.setattr(study, "GRID_SIZES", (16, 64, 256))
+    results = dict([result(study, "all-linear", 4, 16, 2e-2, 1.0, 3.0)])  # a winner at the edge: no widening
+    assert [(s.examples, s.lr) for s in study.specs("all-linear", 4, results, (16, 64, 256))] == [
+        (16, 2e-2), (64, 2e-2), (256, 2e-2)]
+    assert [s.lr for s in study.specs("full", 0, {}, (64,))] == [3e-3]
+
+
+def test_the_step_budget_study_says_what_its_report_holds():
+    """docs/realdata_smollm2.md's claims on the 64-step study, re-derived from its checked-in report: falloffs
+    measured for ranks 4 and 16, the measured-kappa forecast within 2x at ranks 1 and 4 and over 5x late at rank 16,
+    predictions before every LoRA run, and the N = 256 runs equal to the 4-epoch study's."""
+    import json
+
+    from lorascope.analysis.capacity import REAL_TEXT_FINDING
+
+    docs = SCRIPT.parents[2] / "docs" / "realdata"
+    steps = json.loads((docs / "smollm2_steps.json").read_text())
+    falloff = steps["measured"]["falloff"]["train"]
+    assert falloff["1"]["status"] == "at_or_below" and falloff["1"]["examples"] == 16
+    assert (falloff["4"]["status"], falloff["16"]["status"]) == ("measured", "measured")
+    assert falloff["4"]["examples"] == pytest.approx(40, abs=1)
+    assert falloff["16"]["examples"] == pytest.approx(77, abs=1)
+    with_kappa = steps["measured"]["predictors"]["forecast: all sizes (growth law), measured kappa(P)"]["train"]
+    assert with_kappa["1"]["consistent"] is True
+    assert 1.0 < with_kappa["4"]["ratio"] <= 2.0 and with_kappa["16"]["ratio"] > 5.0
+    default = steps["measured"]["predictors"]["forecast: all sizes (growth law)"]["train"]
+    assert default["4"]["ratio"] > 2.0  # the default kappa alone misses 2x
+    assert steps["complete"] and steps["predictions"]["lora_runs_before"] == 0
+    four_epochs = json.loads((docs / "smollm2_study.json").read_text())["runs"]
+    again = [name for name in steps["runs"] if name.split("_")[-2] == "n256"]
+    assert len(again) == 4
+    for name in again:
+        assert steps["runs"][name]["train_loss"] == four_epochs[name]["train_loss"]
+    assert "ranks 1 and 4 within 2x" in REAL_TEXT_FINDING and "rank 16 5.6x" in REAL_TEXT_FINDING
