@@ -531,8 +531,10 @@ def _n(x: Any) -> str:
 
 
 def _falloff(f: dict) -> str:
-    return {"measured": f"{f['examples']:,.0f}", "at_or_below": f"<= {f['examples']:,.0f}",
-            "beyond": f"> {f['examples']:,.0f} (beyond the grid)", "none": "-"}[f["status"]]
+    if f["status"] == "none":  # no finite share at any N
+        return "-"
+    return {"measured": "{:,.0f}", "at_or_below": "<= {:,.0f}", "beyond": "> {:,.0f} (beyond the grid)"
+            }[f["status"]].format(f["examples"])
 
 
 def _cell(cell: dict) -> str:

@@ -79,7 +79,7 @@ def test_held_share_and_falloff(study):
 
 
 @pytest.mark.parametrize("report", ["smollm2_study.json", "smollm2_sft.json", "smollm2_steps.json",
-                                    "smollm2_sft_steps.json"])
+                                    "smollm2_sft_steps.json", "smollm2_steps_seed1.json"])
 def test_the_docs_tables_are_the_checked_in_reports_unedited(study, report):
     """docs/realdata_smollm2.md's tables are `smollm2_study.py --tables docs/realdata/<report>`."""
     import json
@@ -172,6 +172,11 @@ def test_the_step_budget_study_says_what_its_report_holds():
     for name in again:
         assert steps["runs"][name]["train_loss"] == four_epochs[name]["train_loss"]
     assert "within 2x at rank 1 on both tasks" in REAL_TEXT_FINDING and "5.2-5.6x late at rank 16" in REAL_TEXT_FINDING
+    seed1 = json.loads((docs / "smollm2_steps_seed1.json").read_text())
+    falloff = seed1["measured"]["falloff"]["train"]
+    assert falloff["1"]["status"] == "at_or_below" and [round(falloff[r]["examples"]) for r in ("4", "16")] == [40, 74]
+    with_kappa = seed1["measured"]["predictors"]["forecast: all sizes (growth law), measured kappa(P)"]["train"]
+    assert with_kappa["1"]["consistent"] and with_kappa["4"]["ratio"] <= 2.0 and with_kappa["16"]["ratio"] > 4.0
     sft = json.loads((docs / "smollm2_sft_steps.json").read_text())
     assert sft["complete"] and sft["predictions"]["lora_runs_before"] == 0
     falloff = sft["measured"]["falloff"]["train"]
