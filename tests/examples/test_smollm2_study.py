@@ -166,6 +166,10 @@ def test_the_step_budget_study_says_what_its_report_holds():
     default = steps["measured"]["predictors"]["forecast: all sizes (growth law)"]["train"]
     assert default["4"]["ratio"] > 2.0  # the default kappa alone misses 2x
     assert steps["complete"] and steps["predictions"]["lora_runs_before"] == 0
+    withdrawn = json.loads((docs / "smollm2_steps_withdrawn_predictions.json").read_text())
+    assert withdrawn["probes"]["128"]["lr"] == 1e-3 and withdrawn["written"] < steps["predictions"]["written"]
+    assert [round(row["examples"]) for row in withdrawn["information"]["all sizes (growth law)"].values()] == [
+        35, 153, 627]
     four_epochs = json.loads((docs / "smollm2_study.json").read_text())["runs"]
     again = [name for name in steps["runs"] if name.split("_")[-2] == "n256"]
     assert len(again) == 4
