@@ -14,7 +14,8 @@ the script itself). On a CUDA device:
    default recorder over steps that include snapshots: the per-step path should add none.
 3. **Overhead.** A larger Llama (``--hidden``, ``--layers``) is trained without a recorder, with per-step
    statistics only, with the defaults (snapshot worker, ``time_budget=0.05``), and with every spectrum on the
-   training thread (``snapshot_worker=False, time_budget=None``, the recorder before issue 16), in alternating
+   training thread (``snapshot_worker=False, time_budget=None``, the recorder before issue 16), and with the
+   defaults but a worker of 8 BLAS threads (``snapshot_threads=8``: a GPU host's spare cores), in alternating
    blocks of ``--block`` steps; each block ends with ``torch.cuda.synchronize()``. Printed: loop time ratios
    against the baseline of the same run, snapshots taken, and the recording's own cost as the file records it.
 
@@ -45,6 +46,7 @@ CONFIGS = {
     "stats": {"snapshots": [10**9]},
     "defaults": {},
     "inthread": {"snapshot_worker": False, "time_budget": None},
+    "threads8": {"snapshot_threads": 8},
 }
 
 

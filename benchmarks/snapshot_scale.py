@@ -20,9 +20,18 @@ exact arithmetic (W_0 in bf16 or float32, the host copies of one snapshot in the
 Gram workspace). Then, for a run of ``--run-steps`` steps with the default log schedule, the worker CPU time of
 all its snapshots and the training time below which the default ``time_budget=0.05`` starts thinning them.
 
+``--device cuda`` times the same shapes on a GPU instead, every one measured (the 70B model's and the 128256-row
+embedding and head included): the device-to-host copy a snapshot step makes (into pinned memory, ``non_blocking``,
+then a synchronize), the Gram route on the device (:func:`lorascope.spectrum.singular_values_many` of a CUDA
+tensor: float64 Gram product and cuSOLVER's ``syevd``), the float64 SVD route on the device (smaller sides up to
+``--max-svd-n``), and float32 ``torch.linalg.svdvals`` (the route of ``snapshot_worker=False``); wall seconds
+after a ``torch.cuda.synchronize()``, best of ``--repeats`` after one warm-up call. The host worker's kernel is
+timed beside them on the shapes whose smaller side is at most ``--host-max-n`` (one BLAS thread, as above).
+
 Usage::
 
     python benchmarks/snapshot_scale.py                     # a few minutes on 2 cores
+    python benchmarks/snapshot_scale.py --device cuda --json scale_cuda.json   # about a minute on one GPU
     python benchmarks/snapshot_scale.py --models 1b --quick
     python benchmarks/snapshot_scale.py --json scale.json
 """
@@ -118,10 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one repeat, smaller sides above 2048 computed")
     parser.add_argument("--top-k", type=int, default=0,
                         help="also time the worker's top-k route (top_k=K) on every shape, 70B's included")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu (default) or cuda: every shape timed on the GPU (see the module docstring)")
+    parser.add_argument("--max-svd-n", type=int, default=2048,
+                        help="with --device cuda: the SVD routes only on shapes with a smaller side up to this")
+    parser.add_argument("--host-max-n", type=int, default=2048,
+                        help="with --device cuda: the host worker's kernel only on shapes with smaller side up to this")
     parser.add_argument("--json", type=str)
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.max_measured_n = 1, 2048
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("snapshot_scale --device cuda: no CUDA device here (torch.cuda.is_available() is False).")
+            return 0
+        return main_device(args, "cuda")
     rng = np.random.default_rng(0)
     load_before = os.getloadavg()[0]
     began = time.perf_counter()
@@ -156,6 +176,104 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
     return 0
+
+
+# -- --device cuda --------------------------------------------------------------------------------------------------
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_seconds(fn: Any, repeats: int, device: str) -> float:
+    """Best wall seconds of ``fn`` over ``repeats`` calls, each between two synchronizations of ``device``."""
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        began = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def measure_shape_device(out: int, inp: int, args: argparse.Namespace, device: str) -> dict[str, float]:
+    from lorascope.spectrum import singular_values_many
+
+    delta = torch.randn(out, inp, device=device, generator=torch.Generator(device=device).manual_seed(out + inp))
+    n = min(out, inp)
+    row = {"device_gram_s": device_seconds(lambda: singular_values_many([delta], method="gram"), args.repeats,
+                                           device)}
+    if n <= args.max_svd_n:
+        row["device_svd_s"] = device_seconds(lambda: singular_values_many([delta], method="svd"), args.repeats,
+                                             device)
+        row["svdvals_float32_s"] = device_seconds(lambda: torch.linalg.svdvals(delta), args.repeats, device)
+    for label, dtype in (("bf16", torch.bfloat16), ("float32", torch.float32)):
+        source = delta.to(dtype)
+        host = torch.empty(source.shape, dtype=dtype, pin_memory=device != "cpu")
+        row[f"copy_{label}_s"] = device_seconds(lambda s=source, h=host: h.copy_(s, non_blocking=True), args.repeats,
+                                                device)
+    if n <= args.host_max_n:
+        on_host = delta.cpu().numpy()
+        with blas_threads(1):
+            row["host_gram_s"] = best_of(lambda: gram_measure(on_host), args.repeats)[1]
+    return row
+
+
+def main_device(args: argparse.Namespace, device: str) -> int:
+    """Every shape timed on ``device`` (``cuda``; ``cpu`` runs the same code, to check the script)."""
+    from lorascope.spectrum import singular_values_many
+
+    began = time.perf_counter()
+    warm = torch.randn(64, 64, device=device)  # cuBLAS / cuSOLVER handles and workspaces, outside the timings
+    for method in ("gram", "svd"):
+        singular_values_many([warm], method=method)
+    torch.linalg.svdvals(warm)
+    models = [MODELS[key.strip()] for key in args.models.split(",")]
+    shapes = sorted({(o, i) for m in models for _, o, i in m.layer_matrices() + m.other_matrices()},
+                    key=lambda s: s[0] * s[1])
+    measured = {}
+    for out, inp in shapes:
+        measured[(out, inp)] = measure_shape_device(out, inp, args, device)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"measured {out} x {inp}: {measured[(out, inp)]}", file=sys.stderr, flush=True)
+    snapshots = len(SnapshotSchedule.log(24, args.run_steps).planned(args.run_steps))
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    report: dict[str, Any] = {"device": name, "torch": torch.__version__,
+                              "cpus": os.cpu_count(), "run_steps": args.run_steps, "run_snapshots": snapshots,
+                              "shapes": {f"{o}x{i}": r for (o, i), r in measured.items()}, "models": {}}
+    for model in models:
+        matrices = [m for m in model.layer_matrices() for _ in range(model.layers)] + model.other_matrices()
+        total = {key: sum(measured[(o, i)][key] for _, o, i in matrices)
+                 for key in ("device_gram_s", "copy_bf16_s", "copy_float32_s")}
+        report["models"][model.name] = {"matrices": len(matrices), **{f"snapshot_{k}": v for k, v in total.items()},
+                                        "run_device_gram_s": snapshots * total["device_gram_s"]}
+    report["elapsed_s"] = time.perf_counter() - began
+    print_report_cuda(report, args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def print_report_cuda(report: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"lorascope snapshot scale on {report['device']} (torch {report['torch']}, {report['cpus']} CPUs; python "
+          f"benchmarks/snapshot_scale.py {' '.join(sys.argv[1:])}); {report['elapsed_s']:.0f} s; wall seconds, "
+          f"best of {args.repeats}; host worker: one BLAS thread, CPU seconds")
+    print(f"  {'shape':>13}{'copy bf16':>11}{'copy fp32':>11}{'dev Gram':>11}{'dev SVD':>11}{'svdvals32':>11}"
+          f"{'host Gram':>11}")
+
+    def ms(row: dict[str, float], key: str) -> str:
+        return f"{1e3 * row[key]:>8.1f} ms" if key in row else f"{'-':>11}"
+
+    for shape, row in report["shapes"].items():
+        print(f"  {shape:>13}" + "".join(ms(row, k) for k in ("copy_bf16_s", "copy_float32_s", "device_gram_s",
+                                                              "device_svd_s", "svdvals_float32_s", "host_gram_s")))
+    for name, m in report["models"].items():
+        print(f"  {name}: one snapshot of its {m['matrices']} matrices (every layer's, embedding and head): "
+              f"device Gram {m['snapshot_device_gram_s']:.2f} s, device-to-host copies {m['snapshot_copy_bf16_s']:.2f}"
+              f" s in bf16 ({m['snapshot_copy_float32_s']:.2f} s in float32); a {report['run_steps']}-step run "
+              f"({report['run_snapshots']} snapshots): device Gram {m['run_device_gram_s']:.0f} s")
 
 
 def fitted_rates(measured: dict[tuple[int, int], dict[str, float]]) -> dict[str, float]:
