@@ -11,11 +11,13 @@ the script itself). On a CUDA device:
    of s_1 (the two devices' kernels round differently, so the weights themselves drift apart a little).
 2. **Host synchronisation.** With ``torch.cuda.set_sync_debug_mode("warn")``, the synchronising calls of
    ``--sync-steps`` training steps are counted without a recorder, with per-step statistics only, and with the
-   default recorder over steps that include snapshots: the per-step path should add none.
+   default recorder over steps that include snapshots, by the thread that made them: the training thread should
+   make none beyond the loop's own (the writer and the snapshot worker wait for the device by design).
 3. **Overhead.** A larger Llama (``--hidden``, ``--layers``) is trained without a recorder, with per-step
    statistics only, with the defaults (snapshot worker, ``time_budget=0.05``), and with every spectrum on the
    training thread (``snapshot_worker=False, time_budget=None``, the recorder before issue 16), and with the
-   defaults but a worker of 8 BLAS threads (``snapshot_threads=8``: a GPU host's spare cores), in alternating
+   defaults but a worker of 8 BLAS threads (``snapshot_threads=8``: a GPU host's spare cores), and with the
+   spectra on the host worker (``spectra_device="host"``, the default before the device route), in alternating
    blocks of ``--block`` steps; each block ends with ``torch.cuda.synchronize()``. Printed: loop time ratios
    against the baseline of the same run, snapshots taken, and the recording's own cost as the file records it.
 
@@ -47,6 +49,7 @@ CONFIGS = {
     "defaults": {},
     "inthread": {"snapshot_worker": False, "time_budget": None},
     "threads8": {"snapshot_threads": 8},
+    "host": {"spectra_device": "host"},
 }
 
 
@@ -132,7 +135,11 @@ def correctness(device: str, args: argparse.Namespace, tmp: Path) -> dict[str, A
 
 
 # -- 2. host synchronisation -------------------------------------------------------------------------------------
-def count_syncs(args: argparse.Namespace, tmp: Path) -> dict[str, int]:
+def count_syncs(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, int]]:
+    """Per configuration: synchronising calls by thread name (``MainThread`` is the training thread)."""
+    import threading
+    from collections import Counter
+
     import lorascope
 
     counts = {}
@@ -146,15 +153,28 @@ def count_syncs(args: argparse.Namespace, tmp: Path) -> dict[str, int]:
             recorder = lorascope.record(model, tmp / f"sync-{config}.h5", optimizer=optimizer,
                                         total_steps=args.sync_steps + 1, **CONFIGS[config])
         sync("cuda")
-        with warnings.catch_warnings(record=True) as caught:
+        seen: Counter[str] = Counter()
+
+        def note(message: Any, *args: Any, seen: Counter[str] = seen, **kwargs: Any) -> None:
+            if "synchroniz" in str(message):
+                seen[threading.current_thread().name] += 1
+
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = note  # restored by catch_warnings
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 for ids in data[1:-1]:
                     step(model, optimizer, ids)
+                sync("cuda")
+                if recorder is not None:  # the worker's and writer's syncs of these steps, not the final snapshot's
+                    deadline = time.monotonic() + 30
+                    while recorder._taker.worker is not None and recorder._taker.worker.in_flight and \
+                            time.monotonic() < deadline:
+                        time.sleep(0.05)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        counts[config] = sum("synchroniz" in str(w.message) for w in caught)
+        counts[config] = dict(seen)
         if recorder is not None:
             recorder.close()
     return counts
@@ -200,7 +220,8 @@ class Run:
 
 
 def overhead(device: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    runs = {config: Run(config, device, args, tmp / f"overhead-{config}.h5") for config in CONFIGS}
+    configs = [c.strip() for c in args.configs.split(",")]
+    runs = {config: Run(config, device, args, tmp / f"overhead-{config}.h5") for config in configs}
     names = list(runs)
     done, k = 0, 0
     while done < args.steps:
@@ -234,9 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync-steps", type=int, default=10)
     parser.add_argument("--cpu-tolerance", type=float, default=1e-2,
                         help="CUDA vs CPU training of the same seed: max |s_i difference| / s_1")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"overhead configurations, comma-separated, baseline first (default: {','.join(CONFIGS)})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    configs = [c.strip() for c in args.configs.split(",")]
+    if not configs or configs[0] != "baseline" or set(configs) - set(CONFIGS):
+        parser.error(f"--configs: baseline first, then any of {', '.join(CONFIGS)}; got {args.configs!r}")
     if args.quick:
         args.steps, args.block, args.hidden, args.layers, args.seq = 20, 5, 128, 2, 32
         args.check_hidden, args.check_steps, args.sync_steps, args.vocab = 64, 6, 4, 512
@@ -272,8 +298,9 @@ def print_report(report: dict[str, Any]) -> bool:
               f"{'ok' if ok else 'FAILED'}")
     if "host_syncs" in report:
         syncs = report["host_syncs"]
-        print(f"\nsynchronising calls over the counted steps: no recorder {syncs['baseline']}, per-step statistics "
-              f"{syncs['stats']}, defaults (with snapshots) {syncs['defaults']}")
+        print("\nsynchronising calls over the counted steps, by thread (MainThread: training):")
+        for config, by_thread in syncs.items():
+            print(f"  {config}: " + (", ".join(f"{t} {n}" for t, n in sorted(by_thread.items())) or "none"))
     a = report["args"]
     print(f"\noverhead: Llama hidden {a['hidden']}, {a['layers']} layers, batch {a['batch']} x {a['seq']}, "
           f"{a['steps']} steps per configuration in alternating blocks of {a['block']}")
@@ -282,7 +309,8 @@ def print_report(report: dict[str, Any]) -> bool:
         cost = r.get("recording_cost") or {}
         note = "" if not cost else (f"share {cost.get('share_of_training', float('nan')):.3f}, thinned "
                                     f"{cost.get('snapshots_thinned')}, worker CPU "
-                                    f"{cost.get('snapshot_worker_cpu_seconds', 0):.2f} s, training-thread snapshot "
+                                    f"{cost.get('snapshot_worker_cpu_seconds', 0):.2f} s, device route "
+                                    f"{cost.get('snapshot_worker_device_seconds', 0):.2f} s, training-thread snapshot "
                                     f"{cost.get('snapshot_training_thread_seconds', 0):.2f} s")
         print(f"  {name:<12}{r['ms_per_step']:>10.2f}{r['ratio']:>8.3f}{r.get('snapshots_in_loop', 0):>11}"
               f"{r.get('close_s', 0.0):>9.2f}  {note}")

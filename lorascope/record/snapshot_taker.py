@@ -19,6 +19,7 @@ from torch import nn
 from lorascope.model.taxonomy import MatrixRef
 from lorascope.record.background import BackgroundWriter
 from lorascope.record.contributions import HeldLoss, with_held_losses
+from lorascope.record.device_spectra import device_gram_flops_per_second, spectra_devices
 from lorascope.record.options import RecordOptions
 from lorascope.record.schedule import within_budget
 from lorascope.record.snapshot import take_snapshot
@@ -110,6 +111,7 @@ class SnapshotTaker:
         self._thinnable = False
         self._may_skip = False
         self._nbytes = host_copy_bytes(self.refs, tensors, options.w0_device == "device")
+        self._devices = spectra_devices(tensors, options.spectra_device)
         self._use_worker = uses_worker(options, self.refs)
         self.worker: SnapshotWorker | None = None
         self.bases: list[InitialBasis | None] | None = None
@@ -149,7 +151,7 @@ class SnapshotTaker:
                                          store_delta=self.options.store_delta, top_k=self.options.top_k,
                                          top_k_min_size=self.options.top_k_min_size,
                                          factors_k=self.options.factors_k, intruder_k=self.options.intruder_k,
-                                         bases=self.bases)
+                                         bases=self.bases, devices=self._devices)
             self.worker.start()
 
     def close(self) -> None:
@@ -219,8 +221,8 @@ class SnapshotTaker:
         worker_seconds = worker_each = 0.0
         pending = 0
         if worker is not None:
-            worker_seconds = worker.cpu_seconds
-            worker_each = worker.cpu_seconds / worker.computed if worker.computed else self.estimated_seconds()
+            worker_seconds = worker.cost_seconds
+            worker_each = worker_seconds / worker.computed if worker.computed else self.estimated_seconds()
             pending = max(0, worker.in_flight)
         elif not cost.taken:
             worker_each = self.estimated_seconds()  # spectra in place: nothing measured yet
@@ -236,8 +238,15 @@ class SnapshotTaker:
             o = self.options
             flops = snapshot_flops(self.refs, top_k=o.top_k, top_k_min_size=o.top_k_min_size, grad_sv=o.grad_sv,
                                    factors_k=o.factors_k, intruder_k=o.intruder_k)
-            self._estimate = flops / gram_flops_per_second(o.snapshot_threads) if flops else 0.0
+            on_device = self._worker_devices()
+            speed = (device_gram_flops_per_second(on_device[0]) if on_device and len(on_device) == len(self.refs)
+                     else gram_flops_per_second(o.snapshot_threads))
+            self._estimate = flops / speed if flops else 0.0
         return self._estimate
+
+    def _worker_devices(self) -> list[torch.device]:
+        """The CUDA devices of the worker's device route, one per matrix computed there."""
+        return [d for d in self._devices if d is not None] if self._use_worker else []
 
     def _other_seconds(self) -> float:
         """The recording's cost outside snapshots: the per-step hooks and the writer thread."""
@@ -261,7 +270,7 @@ class SnapshotTaker:
         writer thread's CPU time, counted in the share when known)."""
         cost, worker = self.cost, self.worker
         elapsed = cost.elapsed()
-        worker_seconds = 0.0 if worker is None else worker.cpu_seconds
+        worker_seconds = 0.0 if worker is None else worker.cost_seconds
         close_wait = 0.0 if worker is None else worker.close_wait_seconds
         close_uncounted = 0.0 if worker is None else worker.close_uncounted_seconds
         writer_seconds = writer_cpu_seconds if writer_cpu_seconds == writer_cpu_seconds else 0.0  # NaN: unknown
@@ -271,7 +280,9 @@ class SnapshotTaker:
             "training_seconds": elapsed,
             "step_hooks_seconds": cost.step_seconds,
             "snapshot_training_thread_seconds": cost.snapshot_seconds,
-            "snapshot_worker_cpu_seconds": worker_seconds,
+            "snapshot_worker_cpu_seconds": 0.0 if worker is None else worker.cpu_seconds,
+            "snapshot_worker_device_seconds": 0.0 if worker is None else worker.device_seconds,
+            "spectra_device": sorted({str(d) for d in self._worker_devices()}) or "host",
             "writer_cpu_seconds": None if writer_cpu_seconds != writer_cpu_seconds else writer_cpu_seconds,
             "close_wait_seconds": close_wait,
             "share_of_training": total / elapsed if elapsed > 0 else None,

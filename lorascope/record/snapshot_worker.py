@@ -13,7 +13,10 @@ the snapshot with its reason in the file (``"skip"``).
 The kernel is the float64 Gram route of :func:`lorascope.spectrum.singular_values_many` for a dense update
 (:math:`G = \\Delta^T \\Delta` accumulated in float64 over blocks of rows, :math:`s_i = \\sqrt{\\max(\\lambda_i(G),
 0)}`, the energy :math:`\\|\\Delta\\|_F^2 = \\operatorname{tr} G`), and two thin QR factorisations for a factored
-LoRA update, :math:`L R = Q_L (R_L R_R^T) Q_R^T`. Both compute in float64 from the float32 update.
+LoRA update, :math:`L R = Q_L (R_L R_R^T) Q_R^T`. Both compute in float64 from the float32 update. For a matrix
+that lives on a CUDA device (``spectra_device="auto"``, the default) the dense update's Gram route runs on that
+device instead, on a stream of the worker's own (:mod:`lorascope.record.device_spectra`): one host core is 40-300x
+slower there.
 
 With ``factors_k`` the same routes give the update's top singular vectors: the eigenvectors of the Gram matrix
 (``numpy.linalg.eigh`` instead of ``eigvalsh``) are the vectors of the smaller side, the other side's are
@@ -40,6 +43,7 @@ from torch import nn
 from lorascope.model.taxonomy import MatrixRef
 from lorascope.record.background import thread_cpu_seconds
 from lorascope.record.contributions import HeldLosses, with_held_losses
+from lorascope.record.device_spectra import device_gram_measure
 from lorascope.record.snapshot import LowRank, current_update, minus_initial
 from lorascope.record.subspace import (
     InitialBasis,
@@ -157,7 +161,7 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
-# -- the worker's arithmetic (numpy only: no torch op runs on the worker thread) -----------------------------------
+# -- the worker's host arithmetic (numpy only; the device route is lorascope.record.device_spectra) ----------------
 
 def _float32(tensor: torch.Tensor) -> np.ndarray:
     """A host tensor as a float32 numpy array, converted exactly (bfloat16 by its bit pattern), sharing memory
@@ -362,14 +366,19 @@ class SnapshotWorker:
     intruder_k, bases
         The intruder columns of every weight (:mod:`lorascope.record.subspace`) against ``bases``, one per matrix
         (``None``: that matrix's are not measured).
+    devices
+        Per matrix, the CUDA device its plain dense spectrum is computed on (:mod:`lorascope.record.device_spectra`,
+        on a stream of the worker's own), or None for the host; ``None``: every one on the host.
     """
 
     def __init__(self, refs: Sequence[MatrixRef], *, deliver: Callable[[Snapshot], Any],
                  missing: Callable[[int, str], Any], buffer_bytes: int, threads: int,
                  store_delta: str | None = None, top_k: int | None = None, top_k_min_size: int = 0,
-                 factors_k: int = 0, intruder_k: int = 0, bases: Sequence[InitialBasis | None] | None = None
-                 ) -> None:
+                 factors_k: int = 0, intruder_k: int = 0, bases: Sequence[InitialBasis | None] | None = None,
+                 devices: Sequence[torch.device | None] | None = None) -> None:
         self.refs = tuple(refs)
+        self.devices = list(devices) if devices is not None else [None] * len(self.refs)
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.top_k, self.top_k_min_size = top_k, top_k_min_size
         self.factors_k, self.intruder_k = factors_k, intruder_k
         self.bases = list(bases) if bases is not None else [None] * len(self.refs)
@@ -380,6 +389,8 @@ class SnapshotWorker:
         self._pending_bytes = 0
         self.in_flight = 0
         self.cpu_seconds = 0.0  # worker-thread CPU time spent on snapshots so far
+        self.device_seconds = 0.0  # wall time of the device route's calls (device_gram_measure) so far
+        self.device_cpu_seconds = 0.0  # the worker thread's CPU time within those calls (part of cpu_seconds)
         self.computed = 0
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
@@ -434,6 +445,12 @@ class SnapshotWorker:
         self.close_wait_seconds = time.monotonic() - started
 
     @property
+    def cost_seconds(self) -> float:
+        """What the snapshots computed so far cost: the worker's CPU time on the host, with the device route's
+        calls counted at their wall time (the device time they take from training) instead."""
+        return self.cpu_seconds - self.device_cpu_seconds + self.device_seconds
+
+    @property
     def close_uncounted_seconds(self) -> float:
         """The part of the wait at close that the worker thread's CPU time does not cover (the BLAS helper threads
         of the final snapshot, once it may use training's threads); the whole wait where a thread's CPU clock
@@ -481,8 +498,8 @@ class SnapshotWorker:
                 try:
                     with self._blas():  # per matrix: the thread count rises once training is over
                         intruder[i] = self._intruders(i, matrix, seed=job.step)
-                        energy[i], nonfinite[i], spectra[i], delta, triplets = self._measure(ref, matrix,
-                                                                                             seed=(job.step, i))
+                        energy[i], nonfinite[i], spectra[i], delta, triplets = self._measure(
+                            ref, matrix, seed=(job.step, i), device=self.devices[i])
                     if self.store_delta and delta is not None:
                         deltas[i] = delta.astype(self.store_delta)
                     if triplets is not None:
@@ -506,6 +523,17 @@ class SnapshotWorker:
     def _large(self, shape: tuple[int, ...]) -> bool:
         return int(np.prod(shape)) > self.top_k_min_size
 
+    def _on_device(self, delta: np.ndarray, device: torch.device) -> tuple[float, int, np.ndarray | None]:
+        """:func:`device_gram_measure` on the worker's own stream of ``device``, timed for :attr:`cost_seconds`."""
+        if device.type == "cuda" and device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device=device)
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return device_gram_measure(delta, device, self._streams.get(device))
+        finally:
+            self.device_seconds += time.perf_counter() - wall
+            self.device_cpu_seconds += time.thread_time() - cpu
+
     def _intruders(self, i: int, matrix: HostMatrix, *, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The intruder columns of matrix ``i`` from W_t: the host copy itself when W_0 is still to be subtracted,
         else the kept W_0 plus the update."""
@@ -523,7 +551,7 @@ class SnapshotWorker:
             weight = basis.weight + _float32(matrix.dense)
         return weight_intruders(weight, basis, self.intruder_k, exact=not self._large(weight.shape), seed=seed)
 
-    def _measure(self, ref: MatrixRef, matrix: HostMatrix, *, seed: tuple[int, int]
+    def _measure(self, ref: MatrixRef, matrix: HostMatrix, *, seed: tuple[int, int], device: torch.device | None
                  ) -> tuple[float, int, np.ndarray | None, np.ndarray | None, Triplets | None]:
         k = self.factors_k
         if matrix.left is not None and matrix.right is not None:
@@ -538,6 +566,8 @@ class SnapshotWorker:
                                                                      np.random.default_rng(seed))
         elif k:
             energy, nonfinite, spectrum, triplets = gram_route(delta, k)
+        elif device is not None:
+            (energy, nonfinite, spectrum), triplets = self._on_device(delta, device), None
         else:  # gram_measure itself: the spectra's kernel since before the vectors
             (energy, nonfinite, spectrum), triplets = gram_measure(delta), None
         return energy, nonfinite, spectrum, delta, triplets
