@@ -83,7 +83,7 @@ class RecordOptions:
         thread settings are never changed).
     spectra_device
         Where the snapshot worker computes a dense update's spectrum: ``"auto"`` (default) on the CUDA device the
-        matrix lives on (the same float64 Gram route, on a stream of the worker's own; 40-300x faster than one host
+        matrix lives on (the same float64 Gram route, on a stream of the worker's own; 8-290x faster than one host
         core on an H200, docs/benchmarks.md), on the host for a matrix on the CPU; ``"host"``: always on the host.
         The top-k, ``factors_k``, ``grad_sv`` and LoRA-factor routes stay on the host.
     snapshot_buffer_mib

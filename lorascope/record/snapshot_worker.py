@@ -15,8 +15,8 @@ The kernel is the float64 Gram route of :func:`lorascope.spectrum.singular_value
 0)}`, the energy :math:`\\|\\Delta\\|_F^2 = \\operatorname{tr} G`), and two thin QR factorisations for a factored
 LoRA update, :math:`L R = Q_L (R_L R_R^T) Q_R^T`. Both compute in float64 from the float32 update. For a matrix
 that lives on a CUDA device (``spectra_device="auto"``, the default) the dense update's Gram route runs on that
-device instead, on a stream of the worker's own (:mod:`lorascope.record.device_spectra`): one host core is 40-300x
-slower there.
+device instead, on a stream of the worker's own (:mod:`lorascope.record.device_spectra`): one host core is 8-290x
+slower there (docs/benchmarks.md).
 
 With ``factors_k`` the same routes give the update's top singular vectors: the eigenvectors of the Gram matrix
 (``numpy.linalg.eigh`` instead of ``eigvalsh``) are the vectors of the smaller side, the other side's are
