@@ -69,7 +69,8 @@ def device_gram_measure(delta: np.ndarray, device: torch.device, stream: torch.c
 def device_gram_flops_per_second(device: torch.device) -> float:
     """The device route's speed, measured once per device and process on a random 4,096 x 1,024 host update (the
     upload included), best of three, on the calling thread (the training thread, at the first snapshot decision;
-    the route took 11 ms for a 4,096 x 1,024 update on an H200, on the device alone): what the time budget expects of a snapshot before one has been measured."""
+    the route took 11 ms for a 4,096 x 1,024 update on an H200, on the device alone): what the time budget
+    expects of a snapshot before one has been measured."""
     probe = np.random.default_rng(0).standard_normal((4096, 1024), dtype=np.float32)
     best = float("inf")
     for _ in range(3):
