@@ -57,7 +57,8 @@ REAL_TEXT_FINDING = (
     "measured so far on memorised facts (runways within 1.5x) and on SmolLM2-135M memorising real text in a fixed 64 "
     "steps (docs/realdata_smollm2.md, with the kappa measured on that block: within 2x at rank 1 on both tasks and "
     "at rank 4 on one, 2.4x late on the other, 5.2-5.6x late at rank 16, as a short run fills less of a large "
-    "rank's capacity); with a short recipe on real text (4 epochs) both "
+    "rank's capacity; a second seed repeated the falloffs, but a probe run off its best learning rate moved the "
+    "forecast to 0.13x at rank 1: run probes at their best rate); with a short recipe on real text (4 epochs) both "
     "of lorascope's real-data studies (docs/realdata.md, docs/realdata_smollm2.md) had LoRA hold a share of full "
     "fine-tuning's gain set by its rank, below 90% already at 64 examples, rather than keep up until a runway; read "
     "a runway as optimistic, the more so at high rank and few steps, and a verdict as a rough guide")

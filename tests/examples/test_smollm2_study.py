@@ -79,7 +79,8 @@ def test_held_share_and_falloff(study):
 
 
 @pytest.mark.parametrize("report", ["smollm2_study.json", "smollm2_sft.json", "smollm2_steps.json",
-                                    "smollm2_sft_steps.json", "smollm2_steps_seed1.json"])
+                                    "smollm2_sft_steps.json", "smollm2_steps_seed1.json",
+                                    "smollm2_sft_steps_seed1.json"])
 def test_the_docs_tables_are_the_checked_in_reports_unedited(study, report):
     """docs/realdata_smollm2.md's tables are `smollm2_study.py --tables docs/realdata/<report>`."""
     import json
@@ -187,3 +188,12 @@ def test_the_step_budget_study_says_what_its_report_holds():
     assert [round(falloff[r]["examples"]) for r in ("1", "4", "16")] == [21, 53, 105]
     with_kappa = sft["measured"]["predictors"]["forecast: all sizes (growth law), measured kappa(P)"]["train"]
     assert with_kappa["1"]["ratio"] <= 2.0 < with_kappa["4"]["ratio"] <= 2.5 and 5.0 < with_kappa["16"]["ratio"] < 6
+    sft1 = json.loads((docs / "smollm2_sft_steps_seed1.json").read_text())
+    assert sft1["complete"] and sft1["predictions"]["lora_runs_before"] == 0
+    assert [sft1["predictions"]["probes"][n]["lr"] for n in ("64", "128")] == [1e-2, 1e-2]
+    assert sft["predictions"]["probes"]["128"]["lr"] == 3e-3  # the first seed's N = 128 probe at its best rate
+    falloff = sft1["measured"]["falloff"]["train"]
+    assert [round(falloff[r]["examples"]) for r in ("1", "4", "16")] == [20, 65, 104]
+    with_kappa = sft1["measured"]["predictors"]["forecast: all sizes (growth law), measured kappa(P)"]["train"]
+    assert [round(with_kappa[r]["ratio"], 2) for r in ("1", "4", "16")] == [0.13, 0.89, 5.78]
+    assert "0.13x at rank 1" in REAL_TEXT_FINDING
