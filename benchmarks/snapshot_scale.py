@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     report["load_after"] = os.getloadavg()[0]
     report["elapsed_s"] = time.perf_counter() - began
     print_report(report, args)
+    return write_json(report, args)
+
+
+def write_json(report: dict[str, Any], args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
@@ -250,10 +254,7 @@ def main_device(args: argparse.Namespace, device: str) -> int:
                                         "run_device_gram_s": snapshots * total["device_gram_s"]}
     report["elapsed_s"] = time.perf_counter() - began
     print_report_cuda(report, args)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-    return 0
+    return write_json(report, args)
 
 
 def print_report_cuda(report: dict[str, Any], args: argparse.Namespace) -> None:
