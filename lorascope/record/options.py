@@ -72,8 +72,9 @@ class RecordOptions:
     queue_size
         Bound of the queue between the training thread and the writer thread.
     flush_seconds
-        Step rows are appended to the file in batches at most this many seconds apart (0: after every step);
-        snapshots are written at once. A killed run loses at most the last batch of step rows.
+        Step rows are handed to the writer thread every half of this and appended to the file in batches at most
+        this many seconds apart (0: after every step); snapshots are written at once. A killed run loses at most
+        the step rows of its last 1.5 ``flush_seconds``.
     snapshot_worker
         ``True`` (default): at a snapshot step the training thread only copies the recorded matrices to host
         memory and a worker thread computes the spectra (docs/recording.md). ``False``: everything on the training
