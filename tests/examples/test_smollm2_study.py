@@ -80,7 +80,7 @@ def test_held_share_and_falloff(study):
 
 @pytest.mark.parametrize("report", ["smollm2_study.json", "smollm2_sft.json", "smollm2_steps.json",
                                     "smollm2_sft_steps.json", "smollm2_steps_seed1.json",
-                                    "smollm2_sft_steps_seed1.json"])
+                                    "smollm2_sft_steps_seed1.json", "smollm2_steps128.json"])
 def test_the_docs_tables_are_the_checked_in_reports_unedited(study, report):
     """docs/realdata_smollm2.md's tables are `smollm2_study.py --tables docs/realdata/<report>`."""
     import json
@@ -197,3 +197,10 @@ def test_the_step_budget_study_says_what_its_report_holds():
     with_kappa = sft1["measured"]["predictors"]["forecast: all sizes (growth law), measured kappa(P)"]["train"]
     assert [round(with_kappa[r]["ratio"], 2) for r in ("1", "4", "16")] == [0.13, 0.89, 5.78]
     assert "0.13x at rank 1" in REAL_TEXT_FINDING
+    longer = json.loads((docs / "smollm2_steps128.json").read_text())  # 128 steps: the falloffs move later
+    assert longer["complete"] and longer["predictions"]["lora_runs_before"] == 0 and longer["training"]["steps"] == 128
+    falloff = longer["measured"]["falloff"]["train"]
+    assert [round(falloff[r]["examples"]) for r in ("1", "4", "16")] == [17, 71, 148]
+    with_kappa = longer["measured"]["predictors"]["forecast: all sizes (growth law), measured kappa(P)"]["train"]
+    assert [round(with_kappa[r]["ratio"], 2) for r in ("1", "4", "16")] == [0.81, 0.95, 2.38]
+    assert "at 128 steps 0.81x / 0.95x / 2.4x" in REAL_TEXT_FINDING
