@@ -3,7 +3,7 @@ them to the run file. The training thread only waits when the bounded queue is f
 
 Step rows are handed over in batches, at most ``flush_seconds / 2`` apart (or before anything else the training
 thread queues): one queue hand-off per step woke the writer every step, and its waking took the interpreter lock
-from the training thread (about 0.4 ms a step, a third of the per-step hooks, in ``benchmarks/record_overhead.py``).
+from the training thread (about 0.4 ms a step, a third of the per-step hooks: ``benchmarks/step_handoff.py``).
 """
 
 from __future__ import annotations
