@@ -36,7 +36,8 @@ forecast with that measured kappa(P) to the predictions (still written before an
         --grid-sizes 16,64 --kappa docs/realdata/smollm2_calibration_alllinear_load2.json -o smollm2-steps-out
 
 ``--seed S`` changes the batch order and LoRA's initialisation; ``--lrs FULL,LORA`` runs each method at one rate at
-every N (no grid), for another seed of a study whose grids found the rates.
+every N (no grid), for another seed of a study whose grids found the rates. The probes run at that rate too: where
+it is not each probe's best, the forecast moves (the SFT second seed, docs/realdata_smollm2.md: 0.13x at rank 1).
 """
 
 from __future__ import annotations
@@ -485,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also forecast with this calibration's kappa(P) (lorascope calibrate's JSON)")
     parser.add_argument("--seed", type=int, default=0, help="batch order and LoRA initialisation (default 0)")
     parser.add_argument("--lrs", metavar="FULL,LORA", help="one learning rate per method at every N, no grid (for "
-                        "another seed of a study whose grid found them), e.g. 3e-3,1e-2")
+                        "another seed of a study whose grid found them), e.g. 3e-3,1e-2; the probes run at it too, "
+                        "so the forecast is only as good as that rate is for them")
     parser.add_argument("--grid-sizes", default=",".join(str(n) for n in GRID_SIZES),
                         help="sizes where every method runs its whole learning-rate grid; larger ones run the "
                              "training-loss winner of the largest (default %(default)s)")
