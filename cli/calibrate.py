@@ -27,18 +27,22 @@ from lorascope_cli.progress import progress_log, quiet_option
               help="Synthetic pretraining steps of a --config model.")
 @click.option("--ranks", default="1,2,4,8,16", show_default=True, callback=parse_ranks,
               help="Ranks to measure; kappa(P) is fitted over them (three or more spanning 4x in parameters).")
-@click.option("--bracket", default="0.5,1,2,4,8", show_default=True,
-              help="Loads (bits offered per LoRA parameter) tried at the smallest rank to find its capacity and a "
-                   "collapse past it; 'none': no bracket.")
+@click.option("--bracket", default="auto", show_default=True,
+              help="Loads (bits offered per LoRA parameter) tried at the smallest rank (with --steps: at every rank) "
+                   "to find its capacity and a collapse past it; 'none': no bracket; auto: 0.5,1,2,4,8, with --steps "
+                   "0.0625,0.125,0.25,0.5,1,2.")
 @click.option("--load", "load", type=float, default=None,
               help="Bits offered per LoRA parameter at every rank [default: where the bracket's held bits stop "
                    "growing, else 2].")
 @click.option("--budget", type=int, default=None,
-              help="The most adapter-training examples (facts x epochs, summed over every adapter trained); loads and "
-                   "ranks past it are skipped with a note [default: no limit].")
+              help="The most adapter-training examples (facts x epochs, or steps x facts per step, summed over every "
+                   "adapter trained); loads and ranks past it are skipped with a note [default: no limit].")
 @click.option("--layers", default="auto", show_default=True,
               help="Blocks to adapt: auto (all for a small model, else the middle block), all, or indices like 3,4.")
 @click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Train each adapter this many steps of --batch-size facts instead of --epochs: kappa at your run's "
+                   "step budget (give its optimizer steps, and about batch x bits per example / 8 facts per step).")
 @click.option("--lr", default="1e-3,3e-3", show_default=True,
               help="Adam learning rate(s) of the adapters; several: the best at the smallest rank is used for all.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
@@ -49,15 +53,15 @@ from lorascope_cli.progress import progress_log, quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
 @quiet_option
 def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ranks: tuple[int, ...], bracket: str,
-              load: float | None, budget: int | None, layers: str, epochs: int, lr: str, batch_size: int, seed: int,
-              output: str, force: bool, as_json: bool, quiet: bool) -> None:
+              load: float | None, budget: int | None, layers: str, epochs: int, steps: int | None, lr: str,
+              batch_size: int, seed: int, output: str, force: bool, as_json: bool, quiet: bool) -> None:
     """Measure bits stored per LoRA parameter on your architecture (random key -> value facts, real PEFT LoRA):
     kappa(P) over several ranks, and what an adapter holds past its capacity."""
     if (model_dir is None) == (config is None):
         raise InvalidOptionError("calibrate needs exactly one of --model DIR (weights) or --config FILE.")
     loads = _parse_loads(bracket)
     if budget is not None and budget < 1:
-        raise InvalidOptionError(f"--budget must be a positive number of adapter-training examples (facts x epochs); "
+        raise InvalidOptionError(f"--budget must be a positive number of adapter-training examples; "
                                  f"got {budget}.")
     if load is not None and not 0 < load < float("inf"):
         raise InvalidOptionError(f"--load must be a positive number of bits offered per LoRA parameter; got {load}.")
@@ -72,7 +76,8 @@ def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ra
         # Through the module, so that a test can stand in for the long steps.
         model, base = calibration.base_model(model_dir, config, pretrain_steps=pretrain_steps, seed=seed, log=log)
         result = calibration.calibrate(model, ranks=ranks, bracket=loads, offered_bits_per_parameter=load,
-                                       budget=budget, epochs=epochs, lr=lrs, batch_size=batch_size, seed=seed,
+                                       budget=budget, epochs=epochs, steps=steps, lr=lrs, batch_size=batch_size,
+                                       seed=seed,
                                        base=base, layers=blocks, log=log)
     result.save(out)
     if as_json:
@@ -82,15 +87,15 @@ def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ra
         click.echo(f"\ncalibration: {out}")
 
 
-def _parse_loads(value: str) -> tuple[float, ...] | None:
-    """``--bracket``: ``none``, or two or more comma-separated positive loads such as ``0.5,1,2,4``."""
-    if value.strip().lower() == "none":
-        return None
+def _parse_loads(value: str) -> tuple[float, ...] | str | None:
+    """``--bracket``: ``auto``, ``none``, or two or more comma-separated positive loads such as ``0.5,1,2,4``."""
+    if value.strip().lower() in ("none", "auto"):
+        return None if value.strip().lower() == "none" else "auto"
     try:
         loads = tuple(float(v) for v in value.split(",") if v.strip())
     except ValueError:
         loads = ()
     if len(set(loads)) < 2 or not all(0 < v < float("inf") for v in loads):
         raise InvalidOptionError(f"--bracket must be two or more positive loads (bits offered per LoRA parameter) "
-                                 f"such as 0.5,1,2,4, or none; got {value!r}.")
+                                 f"such as 0.5,1,2,4, auto or none; got {value!r}.")
     return loads

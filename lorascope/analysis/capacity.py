@@ -127,8 +127,11 @@ class CapacityConstant:
             f"; kappa(P) = {fit.at(fit.parameters_low):.3g} at {fit.parameters_low:,.0f} to "
             f"{fit.at(fit.parameters_high):.3g} at {fit.parameters_high:,.0f} LoRA parameters (P^{fit.exponent:+.2f}), "
             "held at the nearest end outside")
+        steps = getattr(calibration, "steps", None)
+        budget = f" at a budget of {steps:,} steps" if steps else ""
         return cls(calibration.bits_per_parameter, calibration.uncertainty,
-                   f"calibrated on this architecture at rank(s) {ranks} ({calibration.created or 'undated'}){law}",
+                   f"calibrated on this architecture at rank(s) {ranks}{budget} ({calibration.created or 'undated'})"
+                   f"{law}",
                    fit=fit, bracket=calibration.bracket)
 
     @property

@@ -89,6 +89,11 @@ def format_calibration(summary: dict[str, Any]) -> str:
     rows = [[str(p["rank"]), count(p["lora_parameters"]), count(p["facts"]), count(p["bits_offered"]),
              count(p["bits_stored"]), number(p["bits_per_parameter"], 3)] for p in summary["points"]]
     lines = table(["rank", "LoRA params", "facts", "bits offered", "bits stored", "bits/param"], rows)
+    steps = summary.get("training", {}).get("steps")
+    if steps:
+        lines += ["", f"at a step budget: {count(steps)} steps of {count(summary['training']['batch_size'])} facts "
+                  "per adapter; each rank at the load (bits offered/param) where it held the most: " + ", ".join(
+                      f"rank {p['rank']} {significant(p['load'], 3)}" for p in summary["points"])]
     lines += ["", f"bits per LoRA parameter: {number(summary['bits_per_parameter'], 3)} (median; spread over ranks "
               f"{number(summary['spread'], 2)}x, uncertainty x/{number(summary['uncertainty'], 2)}) on "
               f"{summary['target']}"]

@@ -8,6 +8,12 @@ past it; the other ranks are offered the load at which that adapter's held bits 
 fitted over all of them. The result, a :class:`Calibration` (:mod:`lorascope.workflows.calibration`), is saved as
 JSON and passed to ``lorascope recommend``.
 
+With ``steps`` every adapter trains a fixed number of Adam steps instead of epochs to a plateau: kappa at the step
+budget of the planned run. A short run does not fill a large adapter (on real text in 64 steps a rank-16 LoRA held a
+fifth of the kappa it reaches at 300 epochs, docs/realdata_smollm2.md), and the load that fills an adapter in a fixed
+number of steps falls with its size, so in this mode every rank is offered every load of the bracket and keeps its
+best.
+
 Why measure: "2 bits per parameter" (Allen-Zhu & Li, 2025) is for a whole model trained long on its facts; a
 low-rank adapter on a frozen base can store far less, how much depends on the base, and on random facts it fell
 with the adapter's size (issue 13).
@@ -15,12 +21,13 @@ with the adapter's size (issue 13).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import math
 import numbers
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +44,8 @@ from lorascope.model.peft_config import make_lora_config, to_peft
 from lorascope.model.taxonomy import classify
 from lorascope.workflows.calibration import Calibration, CalibrationPoint, load_calibration
 
-__all__ = ["DEFAULT_BRACKET", "DEFAULT_RANKS", "Calibration", "CalibrationPoint", "base_model", "calibrate",
-           "load_calibration", "memorize_with_lora", "model_signature"]
+__all__ = ["DEFAULT_BRACKET", "DEFAULT_RANKS", "DEFAULT_STEP_BRACKET", "Calibration", "CalibrationPoint", "base_model",
+           "calibrate", "load_calibration", "memorize_with_lora", "model_signature"]
 
 EVALUATIONS = 5
 """Checkpoints (evenly spaced over the epochs) at which an adapter's stored bits are measured; the best counts."""
@@ -50,8 +57,12 @@ DEFAULT_BRACKET = (0.5, 1.0, 2.0, 4.0, 8.0)
 """Loads (bits offered per LoRA parameter) tried at the smallest rank, below and above its capacity: at 300 epochs
 the falloff validation's rank 1 (0.9 bits per parameter) held on to ~5x its capacity and collapsed by ~8x
 (docs/capacity.md), so the bracket reaches ~9x."""
+DEFAULT_STEP_BRACKET = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)
+"""Loads tried at every rank at a step budget: in a few dozen steps an adapter holds a fraction of a bit per
+parameter, so the best load is lower than at a plateau, and lower the larger the rank."""
 DEFAULT_LOAD = 2.0
 """The load offered without a bracket, and where the learning rates are tried."""
+Points = tuple[CalibrationPoint, ...]
 KEPT_STATES_BYTES = 2**31
 """The most memory the hidden states of the frozen blocks below the adapted ones may take, kept for one fact set."""
 
@@ -127,8 +138,9 @@ def base_model(model_dir: str | os.PathLike[str] | None = None, config: str | os
 
 def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target: str = "auto",
               values: int | None = None, offered_bits_per_parameter: float | None = None,
-              bracket: Sequence[float] | None = DEFAULT_BRACKET, budget: int | None = None, epochs: int = 300,
-              lr: float | Sequence[float] = (1e-3, 3e-3), batch_size: int = 128, seed: int = 0,
+              bracket: Sequence[float] | str | None = "auto", budget: int | None = None, epochs: int = 300,
+              steps: int | None = None, lr: float | Sequence[float] = (1e-3, 3e-3), batch_size: int = 128,
+              seed: int = 0,
               layers: Sequence[int] | str | None = "auto", base: str = "",
               log: Callable[[str], None] | None = None) -> Calibration:
     """Measure bits stored per LoRA parameter on ``model`` with real PEFT LoRA adapters, at several ranks.
@@ -164,14 +176,21 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         Size V of the value set (default ``min(256, vocab_size // 4)``).
     offered_bits_per_parameter : float, optional
         The load offered at every rank. Default: the bracket's capacity load (:data:`DEFAULT_LOAD` without one).
-    bracket : sequence of float or None, default (0.5, 1, 2, 4, 8)
-        Loads offered to the smallest rank's adapter; None or fewer than two loads: no bracket.
+    bracket : sequence of float, "auto" or None, default "auto"
+        Loads offered to the smallest rank's adapter (with ``steps``: to every rank's); None or fewer than two
+        loads: no bracket. ``"auto"``: :data:`DEFAULT_BRACKET`, with ``steps`` :data:`DEFAULT_STEP_BRACKET`.
     budget : int, optional
-        The most adapter-training examples to spend (facts x epochs, summed over every adapter trained: learning
-        rates tried, bracket loads and ranks). A load or rank that would pass it is skipped, with a note (a rank
-        skipped skips the larger ones too). None: no limit.
+        The most adapter-training examples to spend (facts x epochs, with ``steps`` steps x facts per step, summed
+        over every adapter trained: learning rates tried, bracket loads and ranks). A load or rank that would pass
+        it is skipped, with a note (a rank skipped skips the larger ones too). None: no limit.
     epochs, batch_size, seed
         Training of each adapter.
+    steps : int, optional
+        Train each adapter for exactly this many Adam steps of ``batch_size`` facts (cycling through shuffled
+        passes) instead of ``epochs`` passes: kappa at the planned run's step budget. Give the planned number of
+        optimizer steps, and a ``batch_size`` that offers a step the bits a planned step offers (about the planned
+        batch x the probes' bits per example / log2 ``values``). The learning rates are then tried at every load of
+        the smallest rank, and every rank keeps the load at which it held the most.
     lr : float or sequence of float, default (1e-3, 3e-3)
         Adam learning rate; given several, each is tried at the smallest rank and the one storing the most bits is
         used for every adapter (with alpha / r scaling the best LoRA learning rate barely depends on the rank).
@@ -198,6 +217,14 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     ranks = check_ranks(ranks, "calibrate")
     check_positive_int("epochs", epochs, "calibrate")
     check_positive_int("batch_size", batch_size, "calibrate")
+    if steps is not None:
+        check_positive_int("steps", steps, "calibrate")
+    if isinstance(bracket, str):
+        if bracket != "auto":
+            raise InvalidOptionError(f"The 'bracket' parameter of calibrate must be 'auto', positive loads (bits "
+                                     f"offered per LoRA parameter) such as (0.5, 1, 2, 4), or None. Got {bracket!r} "
+                                     "instead.")
+        bracket = DEFAULT_STEP_BRACKET if steps else DEFAULT_BRACKET
     lrs = (lr,) if isinstance(lr, (int, float)) else tuple(lr)
     if not lrs or not all(isinstance(v, (int, float)) and v > 0 for v in lrs):
         raise InvalidOptionError(f"The 'lr' parameter of calibrate must be a positive number or a list of them. "
@@ -225,14 +252,22 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     def facts_for(rank: int, load: float) -> int:
         return math.ceil(load * rank * per_rank / math.log2(values))
 
+    def cost(rank: int, load: float) -> int:
+        """Adapter-training examples one adapter spends."""
+        facts = facts_for(rank, load)
+        if not steps:
+            return facts * epochs
+        passes, rest = divmod(steps, math.ceil(facts / batch_size))  # whole shuffled passes, then full batches
+        return passes * facts + rest * batch_size
+
     def train(rank: int, load: float, rate: float, what: str) -> CalibrationPoint:
         nonlocal spent
         facts = facts_for(rank, load)
         task = synthetic.FactsTask(facts=facts, vocab_size=vocab, values=values,
                                    key_tokens=_key_tokens(facts, vocab - values), seed=seed + rank)
-        point = memorize_with_lora(model, resolved, rank, task, epochs=epochs, lr=rate, batch_size=batch_size,
-                                   seed=seed, layers=blocks, prefix=prefix)
-        spent += facts * epochs
+        point = memorize_with_lora(model, resolved, rank, task, epochs=epochs, steps=steps, lr=rate,
+                                   batch_size=batch_size, seed=seed, layers=blocks, prefix=prefix)
+        spent += cost(rank, load)
         if point.lora_parameters != rank * per_rank:  # PEFT's own count must agree with lorascope's accounting
             raise LorascopeError(f"PEFT created {point.lora_parameters} LoRA parameters at rank {rank}, lorascope "
                                  f"counted {rank * per_rank}; please report this architecture.")
@@ -241,60 +276,108 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         return point
 
     def affordable(rank: int, load: float, times: int = 1) -> bool:
-        return budget is None or spent + times * facts_for(rank, load) * epochs <= budget
+        return budget is None or spent + times * cost(rank, load) <= budget
 
     first = ranks[0]
     # learning rates are tried at the given load, else at the bracket's load nearest DEFAULT_LOAD (no extra adapter)
     trial_load = offered_bits_per_parameter or min(loads or (DEFAULT_LOAD,),
                                                    key=lambda v: abs(math.log(v / DEFAULT_LOAD)))
-    if not affordable(first, trial_load, len(lrs)):
+    if steps:  # every rate at every load of the smallest rank
+        loads = (offered_bits_per_parameter,) if offered_bits_per_parameter is not None else loads or (trial_load,)
+    first_cost = len(lrs) * (sum(cost(first, v) for v in loads) if steps else cost(first, trial_load))
+    if budget is not None and first_cost > budget:
         raise InvalidOptionError(
-            f"The 'budget' parameter of calibrate covers no measurement: rank {first} at {trial_load:g} bits per "
-            f"parameter with {len(lrs)} learning rate(s) needs {len(lrs) * facts_for(first, trial_load) * epochs:,} "
-            f"adapter-training examples (facts x epochs). Got {budget!r} instead.")
-    tried = [train(first, trial_load, rate, f"learning rate {rate:g} at rank {first}") for rate in lrs]
-    best = max(range(len(lrs)), key=lambda i: tried[i].bits_stored)
-    rate, at_load = lrs[best], {trial_load: tried[best]}
-    for load in loads:
-        if load in at_load:
-            continue
-        if affordable(first, load):
-            at_load[load] = train(first, load, rate, f"bracket, rank {first} at load {load:g}")
-        else:
-            notes.append(f"bracket: load {load:g} at rank {first} skipped, over the budget ({budget:,} examples)")
-    bracket_points = tuple(at_load[v] for v in loads if v in at_load)
-    if len(bracket_points) < 2:
-        bracket_points = ()
-    if offered_bits_per_parameter is not None:
-        load = offered_bits_per_parameter
-    elif bracket_points:  # the load at which the bracketed adapter's held bits stopped growing
-        capacity_load = bracket_capacity([p.load for p in bracket_points], [p.bits_stored for p in bracket_points],
-                                         lora_parameters=bracket_points[0].lora_parameters,
-                                         rank=first).capacity_load
-        load = min((v for v in loads if v in at_load), key=lambda v: abs(at_load[v].load - capacity_load))
+            f"The 'budget' parameter of calibrate covers no measurement: rank {first} at "
+            f"{f'{len(loads)} load(s)' if steps else f'{trial_load:g} bits per parameter'} with {len(lrs)} learning "
+            f"rate(s) needs {first_cost:,} adapter-training examples "
+            f"({'steps x facts per step' if steps else 'facts x epochs'}). Got {budget!r} instead.")
+    load: float | None
+    if steps:
+        def all_loads_affordable(rank: int) -> bool:
+            return budget is None or spent + sum(cost(rank, v) for v in loads) <= budget
+
+        rate, points, bracket_points, load_points = _at_step_budget(train, all_loads_affordable, ranks, loads, lrs,
+                                                                    budget, notes, log)
+        load = None
     else:
-        load = trial_load
-    points = [at_load[load] if load in at_load else train(first, load, rate, "")]
-    if log:  # one line per rank, each starting "rank ": the CLI's progress bar counts them
-        log(f"rank {first}: {_describe(points[0])}")
-    for position, rank in enumerate(ranks[1:], start=1):
-        if budget is not None and not affordable(rank, load):  # affordable whenever there is no budget
-            notes.append(f"ranks {', '.join(map(str, ranks[position:]))} skipped: rank {rank} needs "
-                         f"{facts_for(rank, load) * epochs:,} adapter-training examples, the budget "
-                         f"({budget:,}) has {budget - spent:,} left")
-            break
-        points.append(train(rank, load, rate, f"rank {rank}"))
+        load_points = ()
+        tried = [train(first, trial_load, rate, f"learning rate {rate:g} at rank {first}") for rate in lrs]
+        best = max(range(len(lrs)), key=lambda i: tried[i].bits_stored)
+        rate, at_load = lrs[best], {trial_load: tried[best]}
+        for load in loads:
+            if load in at_load:
+                continue
+            if affordable(first, load):
+                at_load[load] = train(first, load, rate, f"bracket, rank {first} at load {load:g}")
+            else:
+                notes.append(f"bracket: load {load:g} at rank {first} skipped, over the budget ({budget:,} examples)")
+        bracket_points = tuple(at_load[v] for v in loads if v in at_load)
+        if len(bracket_points) < 2:
+            bracket_points = ()
+        if offered_bits_per_parameter is not None:
+            load = offered_bits_per_parameter
+        elif bracket_points:  # the load at which the bracketed adapter's held bits stopped growing
+            capacity_load = bracket_capacity([p.load for p in bracket_points], [p.bits_stored for p in bracket_points],
+                                             lora_parameters=bracket_points[0].lora_parameters,
+                                             rank=first).capacity_load
+            load = min((v for v in loads if v in at_load), key=lambda v: abs(at_load[v].load - capacity_load))
+        else:
+            load = trial_load
+        points = [at_load[load] if load in at_load else train(first, load, rate, "")]
+        if log:  # one line per rank, each starting "rank ": the CLI's progress bar counts them
+            log(f"rank {first}: {_describe(points[0])}")
+        for position, rank in enumerate(ranks[1:], start=1):
+            if budget is not None and not affordable(rank, load):  # affordable whenever there is no budget
+                notes.append(f"ranks {', '.join(map(str, ranks[position:]))} skipped: rank {rank} needs "
+                             f"{facts_for(rank, load) * epochs:,} adapter-training examples, the budget "
+                             f"({budget:,}) has {budget - spent:,} left")
+                break
+            points.append(train(rank, load, rate, f"rank {rank}"))
     notes += _point_notes(points)
     return Calibration(model=model_signature(model), target=resolved, points=tuple(points),
                        task={"kind": "random key -> value facts", "values": values, "seed": seed},
                        training={"optimizer": "Adam", "lr": rate, "lr_tried": list(map(float, lrs)),
-                                 "epochs": epochs, "batch_size": batch_size, "lora_alpha": 32,
-                                 "offered_bits_per_parameter": load, "bracket_loads": list(loads),
+                                 "epochs": None if steps else epochs, "steps": steps, "batch_size": batch_size,
+                                 "lora_alpha": 32, "offered_bits_per_parameter": load,
+                                 **({"best_loads": {str(p.rank): p.load for p in points}} if steps else {}),
+                                 "bracket_loads": list(loads),
                                  "budget": budget, "examples_trained": spent,
                                  "layers": None if blocks is None else sorted(blocks),
                                  "blocks_run_once": prefix.first if prefix else 0},
                        base=base, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       notes=tuple(notes), bracket_points=bracket_points)
+                       notes=tuple(notes), bracket_points=bracket_points, load_points=load_points)
+
+
+def _at_step_budget(train: Callable[[int, float, float, str], CalibrationPoint],
+                    affordable: Callable[[int], bool], ranks: Sequence[int], loads: Sequence[float],
+                    lrs: Sequence[float], budget: int | None, notes: list[str], log: Callable[[str], None] | None
+                    ) -> tuple[float, list[CalibrationPoint], Points, Points]:
+    """calibrate's step-budget mode: each rate at every load of the smallest rank, the best rate at every load of
+    each other rank, and each rank's best load as its point. Returns the rate, the points, the smallest rank's
+    loads (the bracket) and every adapter trained at the chosen rate."""
+    first = ranks[0]
+    by_rate = {rate: [train(first, load, rate, f"learning rate {rate:g}, load {load:g} at rank {first}")
+                      for load in loads] for rate in lrs}
+    rate = max(lrs, key=lambda r: max(p.bits_stored for p in by_rate[r]))
+    curves = {first: by_rate[rate]}
+    for position, rank in enumerate(ranks[1:], start=1):
+        if not affordable(rank):  # always affordable without a budget
+            notes.append(f"ranks {', '.join(map(str, ranks[position:]))} skipped: rank {rank} at {len(loads)} "
+                         f"load(s) would pass the budget ({budget:,} adapter-training examples)")
+            break
+        curves[rank] = [train(rank, load, rate, f"load {load:g} at rank {rank}") for load in loads]
+    points = []
+    for rank, curve in curves.items():
+        best = max(curve, key=lambda p: p.bits_stored)
+        points.append(best)
+        if log:  # one line per rank, each starting "rank ": the CLI's progress bar counts them
+            log(f"rank {rank}: best load {best.load:.3g}: {_describe(best)}")
+        if len(curve) >= 2 and best.bits_stored > 0 and (best is curve[0] or best is curve[-1]):
+            edge = "lowest" if best is curve[0] else "highest"
+            notes.append(f"rank {rank}: held the most at the bracket's {edge} load ({best.load:.3g} bits offered per "
+                         f"parameter), so its best load may lie outside the bracket: widen it")
+    bracket_points = tuple(curves[first]) if len(loads) >= 2 else ()
+    return rate, points, bracket_points, tuple(p for curve in curves.values() for p in curve)
 
 
 def _describe(point: CalibrationPoint) -> str:
@@ -362,10 +445,11 @@ def resolve_target(model: nn.Module, target: str) -> str:
 
 def memorize_with_lora(model: nn.Module, target: str, rank: int, task: synthetic.FactsTask, *, epochs: int, lr: float,
                        batch_size: int, seed: int, layers: Collection[int] | None = None,
-                       prefix: FrozenPrefix | None = None) -> CalibrationPoint:
+                       prefix: FrozenPrefix | None = None, steps: int | None = None) -> CalibrationPoint:
     """Train a PEFT LoRA of ``rank`` on ``target`` of the frozen ``model`` to memorize ``task``; the bits it holds.
 
-    Adam at ``lr``, ``epochs`` shuffled passes in batches of ``batch_size``, cross-entropy on the value token,
+    Adam at ``lr``, ``epochs`` shuffled passes (or exactly ``steps`` steps) in batches of ``batch_size``,
+    cross-entropy on the value token,
     alpha 32 with alpha / r scaling, on the blocks ``layers`` (all when None). The stored bits are measured at
     :data:`EVALUATIONS` evenly spaced checkpoints and the best one is kept (early stopping). The adapters are
     removed afterwards (``model`` is left as it was). The model reads the key only (the value token is what it
@@ -390,44 +474,55 @@ def memorize_with_lora(model: nn.Module, target: str, rank: int, task: synthetic
     try:
         skipping = prefix.skipping() if prefix else contextlib.nullcontext()
         with skipping:
-            bits, epoch_loss = _memorize(wrapped, task, inputs, values, epochs=epochs, lr=lr, batch_size=batch_size,
-                                         seed=seed)
+            bits, epoch_loss = _memorize(wrapped, task, inputs, values, epochs=epochs, steps=steps, lr=lr,
+                                         batch_size=batch_size, seed=seed)
         count = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     finally:
         wrapped.unload()  # take the adapters out again; the base weights were frozen and are unchanged
         for name, p in model.named_parameters():
             p.requires_grad_(trainable_before.get(name, p.requires_grad))
-    return CalibrationPoint(rank, int(count), task.facts, task.bits, bits, epoch_loss, epochs)
+    passes = math.ceil(steps / math.ceil(task.facts / batch_size)) if steps else epochs  # begun
+    return CalibrationPoint(rank, int(count), task.facts, task.bits, bits, epoch_loss, passes, steps)
 
 
 def _memorize(wrapped: nn.Module, task: synthetic.FactsTask, inputs: dict[str, torch.Tensor], values: torch.Tensor, *,
-              epochs: int, lr: float, batch_size: int, seed: int) -> tuple[float, float]:
-    """Train the adapters of ``wrapped``; the most bits held at a checkpoint, and the last epoch's loss."""
+              epochs: int, steps: int | None, lr: float, batch_size: int, seed: int) -> tuple[float, float]:
+    """Train the adapters of ``wrapped`` for ``epochs`` passes, or ``steps`` steps; the most bits held at a
+    checkpoint, and the mean loss over the last pass's worth of steps."""
     device = values.device
     optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    checkpoints = {round(epochs * k / EVALUATIONS) for k in range(1, EVALUATIONS + 1)}
-    epoch_loss, bits = math.nan, 0.0
-    for epoch in range(1, epochs + 1):
+    per_pass = math.ceil(task.facts / batch_size)
+    if steps:
+        total, checkpoints = steps, {max(1, round(steps * k / EVALUATIONS)) for k in range(1, EVALUATIONS + 1)}
+    else:
+        total, checkpoints = epochs * per_pass, {per_pass * round(epochs * k / EVALUATIONS)
+                                                 for k in range(1, EVALUATIONS + 1)}
+
+    def batches() -> Iterator[torch.Tensor]:  # shuffled passes, one after another
+        while True:
+            order = torch.randperm(task.facts, generator=generator).to(device)
+            yield from (order[start:start + batch_size] for start in range(0, task.facts, batch_size))
+
+    recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=per_pass)
+    bits = 0.0
+    for step, batch in enumerate(batches(), start=1):
         wrapped.train()
-        order = torch.randperm(task.facts, generator=generator).to(device)
-        total = 0.0
-        for start in range(0, task.facts, batch_size):
-            batch = order[start:start + batch_size]
-            logits = last_position_logits(wrapped, **{name: x[batch] for name, x in inputs.items()})
-            loss = nn.functional.cross_entropy(logits.float(), values[batch])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += loss.item() * len(batch)
-        epoch_loss = total / task.facts
-        if epoch in checkpoints:  # the best checkpoint counts: a run that later diverges still held its bits
+        logits = last_position_logits(wrapped, **{name: x[batch] for name, x in inputs.items()})
+        loss = nn.functional.cross_entropy(logits.float(), values[batch])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        recent.append((loss.item() * len(batch), len(batch)))
+        if step in checkpoints:  # the best checkpoint counts: a run that later diverges still held its bits
             wrapped.eval()
             with torch.no_grad():
                 logits = torch.cat([last_position_logits(wrapped, **{name: x[i:i + 512] for name, x in inputs.items()})
                                     for i in range(0, task.facts, 512)])
             bits = max(bits, synthetic.stored_bits(logits.cpu(), task, values.cpu()))
-    return bits, epoch_loss
+        if step == total:
+            break
+    return bits, sum(summed for summed, _ in recent) / sum(count for _, count in recent)
 
 
 def _vocab_size(model: nn.Module) -> int:

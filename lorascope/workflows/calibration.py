@@ -49,6 +49,8 @@ class CalibrationPoint:
     bits_stored: float
     final_loss_nats: float
     epochs: int
+    steps: int | None = None
+    """Adam steps trained, when the calibration ran at a step budget (``epochs`` then counts the passes begun)."""
 
     @property
     def bits_per_parameter(self) -> float:
@@ -76,7 +78,7 @@ class CalibrationPoint:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CalibrationPoint:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k != "steps"}, steps=data.get("steps"))
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class Calibration:
         What the frozen base was (pretrained weights, or a config with synthetic pretraining).
     bracket_points : tuple of CalibrationPoint
         The smallest rank's adapter at each bracketing load (empty: not bracketed).
+    load_points : tuple of CalibrationPoint
+        At a step budget, every rank's adapter at every load tried (each rank's point is its best); else empty.
     fitted : bool
         Whether kappa(P) is fitted over the points (False for a version-1 file: flat, as it was read then).
     """
@@ -112,6 +116,13 @@ class Calibration:
     notes: tuple[str, ...] = field(default_factory=tuple)
     bracket_points: tuple[CalibrationPoint, ...] = ()
     fitted: bool = True
+    load_points: tuple[CalibrationPoint, ...] = ()
+
+    @property
+    def steps(self) -> int | None:
+        """The step budget each adapter trained for, or None (epochs to a plateau)."""
+        steps = self.training.get("steps")
+        return int(steps) if steps else None
 
     @property
     def counted(self) -> tuple[CalibrationPoint, ...]:
@@ -177,7 +188,8 @@ class Calibration:
                 "fit": None if fit is None else fit.to_dict(),
                 "bracket": None if bracket is None else {**bracket.to_dict(),
                                                          "points": [p.to_dict() for p in self.bracket_points]},
-                "collapse": self.collapse, "notes": list(self.notes)}
+                "collapse": self.collapse, "notes": list(self.notes),
+                **({"load_points": [p.to_dict() for p in self.load_points]} if self.load_points else {})}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the calibration as JSON (what ``lorascope recommend --calibration`` reads)."""
@@ -215,7 +227,9 @@ def load_calibration(path: str | os.PathLike[str]) -> Calibration:
                                   training=data["training"], base=data.get("base", ""),
                                   created=data.get("created", ""), lorascope_version=data.get("lorascope_version", ""),
                                   notes=tuple(data.get("notes", ())), bracket_points=bracket_points,
-                                  fitted=version == CALIBRATION_VERSION)
+                                  fitted=version == CALIBRATION_VERSION,
+                                  load_points=tuple(CalibrationPoint.from_dict(p)
+                                                    for p in data.get("load_points", ())))
         calibration.fit, calibration.bracket  # noqa: B018  (derived values are checked here, not at first use)
         return calibration
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:

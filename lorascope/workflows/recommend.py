@@ -62,6 +62,8 @@ __all__ = ["DEFAULT_RANKS", "Recommendation", "recommend"]
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LR_MULTIPLIER, LR_MULTIPLIER_SHORT, SHORT_RUN_STEPS = 10.0, 15.0, 100
 LORA_ALPHA = 32
+STEP_BUDGET_TOLERANCE = 1.5
+"""A calibration's step budget and the planned run's steps further apart than this factor get a note."""
 LR_MEASURED = ("Measured by this project, not ~10x: 1-3.3x on real text with every optimum bracketed "
                "(docs/realdata.md, batch 16-256), 1-3.3x on training loss and 3-10x on held-out loss on SmolLM2-135M "
                "(docs/realdata_smollm2.md), 0.37x on memorised facts with grids that did not bracket the optimum "
@@ -326,6 +328,8 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     peft_config = make_lora_config(module, target=resolved, rank=ranks_by_adapter(rank), alpha=LORA_ALPHA)
     chosen_parameters, chosen_by_kind = parameters(rank)
     steps = math.ceil(size * epochs / batch_size) if batch_size else None
+    if calibration is not None:
+        notes.extend(_step_budget_note(calibration, steps))
     lr_multiplier, lr_reason = _learning_rate(steps)
     b_noise, batch_advice = _batch_advice(probe_results, batch_size)
     if resolved == "all-linear" and any(a.kind == "router" for a in count.adapters):
@@ -500,6 +504,30 @@ def _check_probe(path: str, probe: ModelFacts, model: nn.Module) -> None:
     (out, inp), (model_out, model_in) = difference.other, difference.reference
     raise ProbeMismatchError(f"probe {path} is from another architecture: {difference.name} is {out}x{inp} there "
                              f"and {model_out}x{model_in} in this model")
+
+
+def _step_budget_note(calibration: Any, steps: int | None) -> list[str]:
+    """A note when the calibration's adapters trained for other than about this run's steps: in a short run a large
+    adapter fills only part of the kappa it reaches at a plateau (on SmolLM2 in 64 steps rank 16 held a fifth of it,
+    docs/realdata_smollm2.md), so kappa depends on the step budget."""
+    measured = calibration.steps
+    if measured is None:  # epochs to a plateau: its adapters' fewest steps
+        batch = calibration.training.get("batch_size")
+        if not batch or not calibration.points:
+            return []
+        fewest = min(p.epochs * math.ceil(p.facts / batch) for p in calibration.points)
+        if steps is None or steps * STEP_BUDGET_TOLERANCE >= fewest:
+            return []
+        return [f"the calibration trained its adapters to a plateau (at least {fewest:,} steps); this run has "
+                f"{steps:,}, in which a large adapter may hold only part of that kappa: `lorascope calibrate --steps "
+                f"{steps}` measures kappa at this step budget"]
+    if steps is None:
+        return [f"the calibration measured kappa at a budget of {measured:,} steps; give the batch size so that this "
+                "run's steps can be checked against it"]
+    if max(steps, measured) > STEP_BUDGET_TOLERANCE * min(steps, measured):
+        return [f"the calibration measured kappa at a budget of {measured:,} steps, this run has {steps:,}: kappa "
+                f"at a step budget changes with the steps; `lorascope calibrate --steps {steps}` measures it here"]
+    return []
 
 
 def _check_calibration(calibration: Any, signature: Mapping[str, Any]) -> None:

@@ -51,6 +51,7 @@ def no_training(monkeypatch):
     (["--bracket", "1,x"], "--bracket must be two or more positive loads"),
     (["--bracket", "0,2"], "--bracket must be two or more positive loads"),
     (["--load", "0"], "--load must be a positive number"),
+    (["--steps", "0"], "Invalid value for '--steps'"),
 ])
 def test_bad_kappa_options_are_one_line_before_any_training(config, tmp_path, no_training, args, fragment):
     result = _invoke("calibrate", "--config", config, "-o", tmp_path / "c.json", *args)
@@ -76,3 +77,15 @@ def test_a_tiny_calibration_prints_its_fit_and_bracket(config, tmp_path, torch_s
     data = json.loads(out.read_text())
     assert data["version"] == 2 and data["training"]["bracket_loads"] == [0.5, 2.0]
     assert data["bracket"]["finding"] == saved.bracket.finding
+
+
+def test_a_step_budget_calibration_from_the_cli_tries_every_load_at_every_rank(config, tmp_path, torch_single_thread):
+    out = tmp_path / "cal.json"
+    result = _invoke("calibrate", "--config", config, "--pretrain-steps", "20", "--ranks", "1,2", "--steps", "5",
+                     "--batch-size", "16", "--layers", "1", "--lr", "3e-3", "-o", out)
+    assert result.exit_code == 0, result.output
+    saved = load_calibration(out)
+    assert saved.steps == 5 and saved.training["bracket_loads"] == [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0]
+    assert [p.rank for p in saved.load_points] == [1] * 6 + [2] * 6
+    assert [p.load for p in saved.load_points] == pytest.approx(saved.training["bracket_loads"] * 2, rel=0.1)
+    assert "at a step budget: 5 steps of 16 facts per adapter" in result.stdout

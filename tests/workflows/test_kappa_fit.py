@@ -279,3 +279,105 @@ def test_the_printed_calibration_shows_the_fit_and_what_the_bracket_found(held_a
     assert says in text, text
     flat = format_calibration(_calibration([_point(1, 0.8), _point(2, 0.8)]).to_dict())
     assert "kappa(P): flat" in flat and "bracket" not in flat
+
+
+# -- kappa at a step budget ----------------------------------------------------------------------------------
+def _planted_train(held: dict[tuple[int, float, float], float], trained: list[tuple[int, float, float]]):
+    """A stand-in for calibrate's adapter training: the bits held are planted per (rank, load, rate)."""
+
+    def train(rank: int, load: float, rate: float, what: str) -> CalibrationPoint:
+        trained.append((rank, load, rate))
+        params = PER_RANK * rank
+        return CalibrationPoint(rank, params, int(load * params / 8), load * params, held[rank, load, rate] * params,
+                                1.0, 2, steps=64)
+
+    return train
+
+
+def test_at_a_step_budget_the_best_rate_is_read_at_every_load_and_each_rank_keeps_its_best_load():
+    from lorascope.workflows.calibrate import _at_step_budget
+
+    loads, rates = (0.25, 1.0, 4.0), (1e-3, 1e-2)
+    held = {(1, 0.25, 1e-3): 0.2, (1, 1.0, 1e-3): 0.3, (1, 4.0, 1e-3): 0.1,   # 1e-3 holds at most 0.3 ...
+            (1, 0.25, 1e-2): 0.25, (1, 1.0, 1e-2): 0.5, (1, 4.0, 1e-2): 0.2,  # ... 1e-2 holds 0.5: chosen
+            (2, 0.25, 1e-2): 0.2, (2, 1.0, 1e-2): 0.15, (2, 4.0, 1e-2): 0.05,  # rank 2 best at the lowest load
+            (4, 0.25, 1e-2): 0.1, (4, 1.0, 1e-2): 0.12, (4, 4.0, 1e-2): 0.01}
+    trained: list[tuple[int, float, float]] = []
+    notes: list[str] = []
+    lines: list[str] = []
+    rate, points, bracket, every = _at_step_budget(_planted_train(held, trained), lambda rank: True, (1, 2, 4), loads,
+                                                   rates, None, notes, lines.append)
+    assert rate == 1e-2
+    assert [(p.rank, p.load, p.bits_per_parameter) for p in points] == [(1, 1.0, 0.5), (2, 0.25, 0.2), (4, 1.0, 0.12)]
+    assert [p.load for p in bracket] == list(loads) and {p.rank for p in bracket} == {1}
+    assert len(every) == 9 and len(trained) == 12  # rank 1 at both rates, ranks 2 and 4 at the chosen one
+    assert [line.split(":")[0] for line in lines if line.startswith("rank ")] == ["rank 1", "rank 2", "rank 4"]
+    assert notes == ["rank 2: held the most at the bracket's lowest load (0.25 bits offered per parameter), so its "
+                     "best load may lie outside the bracket: widen it"]
+
+
+def test_at_a_step_budget_a_rank_the_budget_cannot_pay_for_is_skipped_with_the_larger_ones():
+    from lorascope.workflows.calibrate import _at_step_budget
+
+    held = {(r, load, 1e-3): 0.1 * load for r in (1, 2, 4) for load in (1.0, 2.0)}
+    notes: list[str] = []
+    _, points, _, _ = _at_step_budget(_planted_train(held, []), lambda rank: rank < 2, (1, 2, 4), (1.0, 2.0), (1e-3,),
+                                      10_000, notes, None)
+    assert [p.rank for p in points] == [1]
+    assert notes[0] == ("ranks 2, 4 skipped: rank 2 at 2 load(s) would pass the budget (10,000 adapter-training "
+                        "examples)")
+    assert "highest load" in notes[1]
+
+
+def test_a_step_budget_calibration_trains_the_steps_it_says_and_round_trips(tiny_base, tmp_path):
+    from torch.optim import optimizer
+
+    from lorascope.report.recommend import format_calibration
+    from lorascope.workflows.calibrate import calibrate
+
+    steps: list[int] = []
+    handle = optimizer.register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        result = calibrate(tiny_base, ranks=(1, 4), steps=12, batch_size=32, bracket=(0.25, 2.0), lr=(3e-3, 1e-2),
+                           values=64, layers=[1])
+    finally:
+        handle.remove()
+    trained = 2 * 2 + 2  # rank 1: two rates x two loads; rank 4: two loads
+    assert len(steps) == 12 * trained  # every adapter took exactly the budget's steps, whatever its facts
+    assert all(p.steps == 12 for p in result.points + result.load_points)
+    assert result.training["steps"] == 12 and result.training["epochs"] is None
+    per_pass = {p: math.ceil(p.facts / 32) for p in result.load_points}  # batches in one pass over the facts
+    assert result.training["examples_trained"] == sum(
+        (12 // per_pass[p] * p.facts + 12 % per_pass[p] * 32) * (2 if p.rank == 1 else 1) for p in result.load_points)
+    for point in result.points:  # each rank's point is its best load
+        assert point.bits_stored == max(p.bits_stored for p in result.load_points if p.rank == point.rank)
+        assert point.epochs == math.ceil(12 / per_pass[point])
+    assert result.training["best_loads"] == {str(p.rank): p.load for p in result.points}
+    saved = load_calibration(result.save(tmp_path / "cal.json"))
+    assert saved.steps == 12 and saved.load_points == result.load_points and saved.points == result.points
+    assert "at a step budget: 12 steps of 32 facts per adapter" in format_calibration(result.to_dict())
+
+
+def test_step_mode_trains_as_many_steps_as_the_same_epochs_would_and_ends_at_the_same_loss(tiny_base):
+    from lorascope.inputs.synthetic import FactsTask
+    from lorascope.workflows.calibrate import memorize_with_lora
+
+    task = FactsTask(facts=100, vocab_size=256, values=64, key_tokens=2, seed=3)
+    by_epochs = memorize_with_lora(tiny_base, "all-linear", 2, task, epochs=3, lr=1e-2, batch_size=32, seed=0,
+                                   layers=[1])
+    by_steps = memorize_with_lora(tiny_base, "all-linear", 2, task, epochs=1, steps=3 * 4, lr=1e-2, batch_size=32,
+                                  seed=0, layers=[1])
+    assert by_steps.final_loss_nats == pytest.approx(by_epochs.final_loss_nats, rel=1e-6)
+    assert (by_steps.epochs, by_steps.steps, by_epochs.steps) == (3, 12, None)
+
+
+def test_step_mode_refuses_bad_steps_and_brackets(tiny_base):
+    from lorascope.workflows.calibrate import calibrate
+
+    for bad in (0, -3, 2.5):
+        with pytest.raises(InvalidOptionError, match="'steps' parameter of calibrate"):
+            calibrate(tiny_base, ranks=(1,), steps=bad, **FAST)
+    with pytest.raises(InvalidOptionError, match="'bracket' parameter of calibrate must be 'auto'"):
+        calibrate(tiny_base, ranks=(1,), bracket="wide", **FAST)
+    with pytest.raises(InvalidOptionError, match=r"covers no measurement: rank 1 at 2 load\(s\) with 2 learning rate"):
+        calibrate(tiny_base, ranks=(1,), steps=10, bracket=(0.5, 1.0), budget=100, **{**FAST, "lr": (1e-3, 1e-2)})

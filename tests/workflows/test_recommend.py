@@ -3,6 +3,7 @@ by hand against the runway formula, against :func:`lora_parameters`, and against
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -295,6 +296,23 @@ def test_calibration_sets_the_constant_and_its_uncertainty(tmp_path):
     path = calibration.save(tmp_path / "calibration.json")
     assert _json(recommend(model, examples=180, tokens_per_example=10, ranks=[1, 2, 4, 8],
                            calibration=path).to_dict()) == _json(calibrated.to_dict())
+
+
+@pytest.mark.parametrize(("training", "batch_size", "says"), [
+    ({"steps": 64, "batch_size": 600}, 16, "the calibration measured kappa at a budget of 64 steps, this run has 12: "),
+    ({"steps": 64, "batch_size": 600}, None, "give the batch size so that this run's steps can be checked against it"),
+    ({"steps": 10, "batch_size": 600}, 16, None),  # 12 steps planned: within 1.5x of 10
+    ({"epochs": 3, "batch_size": 10}, 16, "trained its adapters to a plateau (at least 30 steps); this run has 12"),
+    ({"epochs": 3, "batch_size": 50}, 16, None),  # 6 steps per adapter: more than this run's 12 / 1.5
+])
+def test_a_calibration_at_another_step_budget_than_the_run_is_noted(training, batch_size, says):
+    model = model_from_config(LLAMA)
+    calibration = dataclasses.replace(_calibration(model), training=training)
+    notes = recommend(model, examples=180, tokens_per_example=10, batch_size=batch_size, calibration=calibration).notes
+    budget_notes = [n for n in notes if "steps" in n and "calibration" in n]
+    assert [says in n for n in budget_notes] == ([] if says is None else [True]), notes
+    if training.get("steps"):
+        assert "at a budget of" in CapacityConstant.from_calibration(calibration).source
 
 
 @pytest.mark.parametrize("changes, match", [({"hidden_size": 64}, "hidden_size = 64"),
