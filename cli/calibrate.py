@@ -7,6 +7,7 @@ Library errors reach the group in :mod:`lorascope_cli.main`, which prints them a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -14,6 +15,7 @@ import lorascope.workflows.calibrate as calibration
 from lorascope.errors import InvalidOptionError, RunFileExistsError
 from lorascope.report.folder import check_output_path
 from lorascope.report.recommend import format_calibration
+from lorascope.workflows.lora_probes import calibration_from_runs
 from lorascope_cli.params import parse_layers, parse_learning_rates, parse_ranks
 from lorascope_cli.progress import progress_log, quiet_option
 
@@ -23,6 +25,11 @@ from lorascope_cli.progress import progress_log, quiet_option
               help="A local transformers model directory with weights (the base you will fine-tune).")
 @click.option("--config", "config", type=click.Path(path_type=str), default=None,
               help="Only a config.json: random weights, first pretrained on a synthetic language (a stand-in).")
+@click.option("--lora-probe", "lora_probes", multiple=True, type=click.Path(path_type=str),
+              help="Instead of --model/--config: a recorded LoRA run on a slice of your data at the planned step "
+                   "budget (repeatable, one per rank); kappa is what it absorbed per LoRA parameter.")
+@click.option("--full-probe", "full_probes", multiple=True, type=click.Path(path_type=str),
+              help="With --lora-probe: the full fine-tuning run of the same slice (repeatable, one per slice size).")
 @click.option("--pretrain-steps", type=click.IntRange(min=0), default=300, show_default=True,
               help="Synthetic pretraining steps of a --config model.")
 @click.option("--ranks", default="1,2,4,8,16", show_default=True, callback=parse_ranks,
@@ -52,22 +59,30 @@ from lorascope_cli.progress import progress_log, quiet_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
 @quiet_option
-def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ranks: tuple[int, ...], bracket: str,
+def calibrate(model_dir: str | None, config: str | None, lora_probes: tuple[str, ...], full_probes: tuple[str, ...],
+              pretrain_steps: int, ranks: tuple[int, ...], bracket: str,
               load: float | None, budget: int | None, layers: str, epochs: int, steps: int | None, lr: str,
               batch_size: int, seed: int, output: str, force: bool, as_json: bool, quiet: bool) -> None:
     """Measure bits stored per LoRA parameter on your architecture (random key -> value facts, real PEFT LoRA):
-    kappa(P) over several ranks, and what an adapter holds past its capacity."""
+    kappa(P) over several ranks, and what an adapter holds past its capacity. Or, with --lora-probe and
+    --full-probe, read kappa from LoRA runs recorded on a slice of your data at the planned step budget."""
+    if lora_probes or full_probes:
+        if model_dir is not None or config is not None or not (lora_probes and full_probes):
+            raise InvalidOptionError("calibrate --lora-probe takes recorded runs instead of --model/--config, and "
+                                     "needs --full-probe (full fine-tuning of the same slices) with them.")
+        out = _output(output, force)
+        _save(calibration_from_runs(lora_probes, full_probes), out, as_json)
+        return
     if (model_dir is None) == (config is None):
-        raise InvalidOptionError("calibrate needs exactly one of --model DIR (weights) or --config FILE.")
+        raise InvalidOptionError("calibrate needs exactly one of --model DIR (weights), --config FILE, or "
+                                 "--lora-probe RUN with --full-probe RUN.")
     loads = _parse_loads(bracket)
     if budget is not None and budget < 1:
         raise InvalidOptionError(f"--budget must be a positive number of adapter-training examples; "
                                  f"got {budget}.")
     if load is not None and not 0 < load < float("inf"):
         raise InvalidOptionError(f"--load must be a positive number of bits offered per LoRA parameter; got {load}.")
-    out = check_output_path(output, folder=False, name="--output")
-    if out.exists() and not force:
-        raise RunFileExistsError(f"{out} exists; pass --force to overwrite it or choose another --output.")
+    out = _output(output, force)
     blocks, lrs = parse_layers(layers), parse_learning_rates(lr)
 
     # A bar over the ranks on a terminal, advanced by the line calibrate logs as each rank is measured.
@@ -79,6 +94,17 @@ def calibrate(model_dir: str | None, config: str | None, pretrain_steps: int, ra
                                        budget=budget, epochs=epochs, steps=steps, lr=lrs, batch_size=batch_size,
                                        seed=seed,
                                        base=base, layers=blocks, log=log)
+    _save(result, out, as_json)
+
+
+def _output(output: str, force: bool) -> Path:
+    out = check_output_path(output, folder=False, name="--output")
+    if out.exists() and not force:
+        raise RunFileExistsError(f"{out} exists; pass --force to overwrite it or choose another --output.")
+    return out
+
+
+def _save(result: calibration.Calibration, out: Path, as_json: bool) -> None:
     result.save(out)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False))

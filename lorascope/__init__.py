@@ -22,6 +22,7 @@ from lorascope.store import Run, RunWriter, open_run
 from lorascope.workflows.analyze import Analysis, analyze
 from lorascope.workflows.calibrate import Calibration, calibrate, load_calibration
 from lorascope.workflows.compare import Comparison, compare
+from lorascope.workflows.lora_probes import calibration_from_runs
 from lorascope.workflows.recommend import Recommendation, recommend
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "__version__",
     "analyze",
     "calibrate",
+    "calibration_from_runs",
     "classify",
     "compare",
     "load_calibration",

@@ -57,7 +57,15 @@ class KappaFit:
         (0.1, 0.2, 0.02)
         """
         clamped = min(max(float(parameters), self.parameters_low), self.parameters_high)
-        return math.exp(self.intercept + self.exponent * math.log(clamped))
+        return self.law(clamped)
+
+    def law(self, parameters: float) -> float:
+        """:math:`\\kappa` at ``parameters`` by the power law itself, inside the measured range or not.
+
+        >>> round(KappaFit(math.log(2.0), -0.5, 100.0, 10_000.0, 0.0, 3).law(1e6), 6)
+        0.002
+        """
+        return math.exp(self.intercept + self.exponent * math.log(float(parameters)))
 
     def extrapolation(self, parameters: float) -> float:
         """How far the power law would move :math:`\\kappa` from the held value at ``parameters``: a factor >= 1,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorascope.report.format import MISSING, count, number, significant, table
+from lorascope.workflows.calibration import LORA_PROBES
 
 _KIND_COLUMNS = (("attention", "attn"), ("mlp", "mlp"), ("moe_expert", "experts"))
 
@@ -88,10 +89,15 @@ def format_calibration(summary: dict[str, Any]) -> str:
     """Plain text of a calibration: one row per rank, the constant, the fit kappa(P) and the capacity bracket."""
     rows = [[str(p["rank"]), count(p["lora_parameters"]), count(p["facts"]), count(p["bits_offered"]),
              count(p["bits_stored"]), number(p["bits_per_parameter"], 3)] for p in summary["points"]]
-    lines = table(["rank", "LoRA params", "facts", "bits offered", "bits stored", "bits/param"], rows)
-    steps = summary.get("training", {}).get("steps")
-    if steps:
-        lines += ["", f"at a step budget: {count(steps)} steps of {count(summary['training']['batch_size'])} facts "
+    training, probes = summary.get("training", {}), summary.get("task", {}).get("kind") == LORA_PROBES
+    if probes:
+        lines = table(["rank", "LoRA params", "examples", "full FT absorbed", "LoRA absorbed", "bits/param"], rows)
+        lines += ["", f"LoRA probes on your data at a step budget of {count(training['steps'])} steps (bits: what "
+                  "each run absorbed on its slice; full FT: the full fine-tuning run of the same slice)"]
+    else:
+        lines = table(["rank", "LoRA params", "facts", "bits offered", "bits stored", "bits/param"], rows)
+    if training.get("steps") and not probes:
+        lines += ["", f"at a step budget: {count(training['steps'])} steps of {count(training['batch_size'])} facts "
                   "per adapter; each rank at the load (bits offered/param) where it held the most: " + ", ".join(
                       f"rank {p['rank']} {significant(p['load'], 3)}" for p in summary["points"])]
     lines += ["", f"bits per LoRA parameter: {number(summary['bits_per_parameter'], 3)} (median; spread over ranks "

@@ -22,7 +22,8 @@ from lorascope._version import __version__
 from lorascope.analysis.capacity_fit import CapacityBracket, KappaFit, bracket_capacity, fit_kappa
 from lorascope.errors import LorascopeError
 
-__all__ = ["CALIBRATION_FORMAT", "CALIBRATION_VERSION", "Calibration", "CalibrationPoint", "load_calibration"]
+__all__ = ["CALIBRATION_FORMAT", "CALIBRATION_VERSION", "LORA_PROBES", "Calibration", "CalibrationPoint",
+           "load_calibration"]
 
 CALIBRATION_FORMAT = "lorascope-calibration"
 CALIBRATION_VERSION = 2
@@ -34,6 +35,8 @@ LEARNED_FRACTION = 0.05
 MIN_FIT_POINTS = 3
 """Learned ranks needed to fit kappa(P); with fewer the constant is flat (two adjacent ranks do not tell a trend
 from noise: the default constant's rank-1/rank-2 pairs rose with P where ranks 1 to 32 fell, issue 13)."""
+LORA_PROBES = "LoRA probes on the planned data"
+"""The ``task["kind"]`` of a calibration read from recorded LoRA probes (:mod:`lorascope.workflows.lora_probes`)."""
 MIN_FIT_SPAN = 4.0
 """The learned ranks must span at least this factor in parameter count for kappa(P) to be fitted."""
 
@@ -117,6 +120,11 @@ class Calibration:
     bracket_points: tuple[CalibrationPoint, ...] = ()
     fitted: bool = True
     load_points: tuple[CalibrationPoint, ...] = ()
+
+    @property
+    def from_lora_probes(self) -> bool:
+        """Whether the points are LoRA probes on the user's data (:data:`LORA_PROBES`), not random facts."""
+        return self.task.get("kind") == LORA_PROBES
 
     @property
     def steps(self) -> int | None:

@@ -519,14 +519,16 @@ def _step_budget_note(calibration: Any, steps: int | None) -> list[str]:
         if steps is None or steps * STEP_BUDGET_TOLERANCE >= fewest:
             return []
         return [f"the calibration trained its adapters to a plateau (at least {fewest:,} steps); this run has "
-                f"{steps:,}, in which a large adapter may hold only part of that kappa: `lorascope calibrate --steps "
-                f"{steps}` measures kappa at this step budget"]
+                f"{steps:,}, in which a large adapter may hold only part of that kappa (on SmolLM2 in 64 steps rank 16 "
+                f"held a fifth of it): LoRA probes of {steps} steps on a slice of this data measure kappa at this "
+                "budget (`lorascope calibrate --lora-probe`)"]
     if steps is None:
         return [f"the calibration measured kappa at a budget of {measured:,} steps; give the batch size so that this "
                 "run's steps can be checked against it"]
     if max(steps, measured) > STEP_BUDGET_TOLERANCE * min(steps, measured):
         return [f"the calibration measured kappa at a budget of {measured:,} steps, this run has {steps:,}: kappa "
-                f"at a step budget changes with the steps; `lorascope calibrate --steps {steps}` measures it here"]
+                f"at a step budget changes with the steps; LoRA probes of {steps} steps measure it at this budget "
+                "(`lorascope calibrate --lora-probe`)"]
     return []
 
 

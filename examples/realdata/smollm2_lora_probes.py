@@ -1,0 +1,162 @@
+"""kappa from LoRA probes on the data itself, at the study's step budget: a forecast for ranks no probe ran.
+
+The step-budget study (``smollm2_study.py --steps 128``) read kappa(P) measured on random facts at a plateau; its
+forecast was right at ranks 1 and 4 and 2.4x late at rank 16, and random facts trained for the same few steps do
+not stand in for text (docs/realdata_smollm2.md, "kappa at the step budget"). Here kappa is measured where it is
+used: LoRA probes of ranks 1, 2 and 4 on the full probes' largest slice (N = 128), at the study's recipe (128 steps,
+batch 16, its LoRA learning rate), read by ``lorascope.calibration_from_runs`` (what each absorbed over its LoRA
+parameters; the law kappa(P) extrapolated past rank 4). Ranks 1 and 4 are the study's own runs; rank 2 is trained
+here. Then, in order:
+
+1. the forecast for ranks 1, 2, 4, 16 and 64 (``lorascope.analyze`` of the study's two full probes with that
+   kappa(P)) is written to ``lora_probe_predictions.json`` before any rank-64 run exists;
+2. rank 64 is trained at N = 64, 128, 256 and 512 (full fine-tuning at 512 too, the study stopped at 256), each at
+   the study's rates, and its falloff measured as the study measures it (the first N where LoRA holds under 90% of
+   full fine-tuning's training-loss gain, log-interpolated);
+3. the forecast is set against the falloffs: ranks 1, 4 and 16 from the study's JSON (rank 16 not used by the
+   forecast: an extrapolation), rank 64 measured here (a prediction written before its runs).
+
+    python examples/realdata/smollm2_study.py --steps 128 --sizes 16,32,64,128,256 --probe-sizes 64,128 \\
+        --lrs 3e-3,1e-2 --kappa docs/realdata/smollm2_calibration_alllinear_load2.json -o smollm2-steps128-out \\
+        --report docs/realdata/smollm2_steps128.json                    # the study (51 min), its run files
+    python examples/realdata/smollm2_lora_probes.py smollm2-steps128-out docs/realdata/smollm2_steps128.json \\
+        --out docs/realdata/smollm2_lora_probes.json                    # ~20 min
+    python examples/realdata/smollm2_lora_probes.py --tables docs/realdata/smollm2_lora_probes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "reproduce"))
+
+import repro_measure as measure  # noqa: E402
+import smollm2  # noqa: E402
+import smollm2_study as study  # noqa: E402
+
+PROBE_RANKS = (1, 2, 4)
+FORECAST_RANKS = (1, 2, 4, 16, 64)
+NEW_RANK = 64
+NEW_SIZES = (64, 128, 256, 512)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", nargs="?", type=Path, help="the step-budget study's output folder (its run files)")
+    parser.add_argument("report", nargs="?", type=Path, help="the study's results JSON")
+    parser.add_argument("--out", type=Path, default=Path("smollm2_lora_probes.json"))
+    parser.add_argument("--cache", type=Path, default=smollm2.DEFAULT_CACHE)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tables", type=Path, metavar="JSON", help="print the markdown tables of a written JSON")
+    args = parser.parse_args(argv)
+    if args.tables:
+        print(tables(json.loads(args.tables.read_text())))
+        return 0
+    if args.folder is None or args.report is None:
+        parser.error("give the study's folder and its results JSON")
+    import torch
+
+    import lorascope
+    from lorascope.analysis.capacity import CapacityConstant
+
+    report = json.loads(args.report.read_text())
+    training = report["training"]
+    full_lr, lora_lr = training["full_lrs"][0], training["lora_lrs"][0]
+    if not training.get("fixed_lrs") or training["steps"] is None:
+        raise SystemExit("smollm2_lora_probes: the study must be a step-budget study with one rate per method (--lrs)")
+    study.STEPS, study.SEED = training["steps"], training["seed"] or 0
+    study.SIZES = tuple(sorted({*report["data"]["sizes"], *NEW_SIZES}))
+    torch.set_num_threads(args.threads)
+    started = time.time()
+
+    def say(line: str) -> None:
+        print(f"[{time.time() - started:6.0f} s] {line}", flush=True)
+
+    base, tokenizer = smollm2.load(args.cache)
+    task = study.continued_pretraining(base, tokenizer, args.cache)
+    runs, results_file = args.folder / "runs", args.folder / "lora_probe_runs.json"
+    results: dict[str, dict[str, Any]] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+
+    def run(target: str, rank: int, n: int, lr: float) -> Path:
+        spec = study.RunSpec(target, rank, n, lr)
+        if spec.name not in results and spec.name not in report["runs"]:
+            say(f"{spec.name} ...")
+            results[spec.name] = {k: v for k, v in study.train_run(base, spec, task, runs / f"{spec.name}.h5").items()
+                                  if k != "path"}
+            results_file.write_text(json.dumps(results, indent=1) + "\n")
+            say(f"{spec.name}: train loss {results[spec.name]['train_loss']:.4f} "
+                f"({results[spec.name]['seconds']:.0f} s)")
+        return runs / f"{spec.name}.h5"
+
+    def train_loss(target: str, rank: int, n: int, lr: float) -> float:
+        name = study.RunSpec(target, rank, n, lr).name
+        return float((results.get(name) or report["runs"][name])["train_loss"])
+
+    probe_n = max(int(n) for n in report["predictions"]["probes"])
+    full_probes = [runs / f"{p['name']}.h5" for p in report["predictions"]["probes"].values()]
+    lora_probes = [run("all-linear", r, probe_n, lora_lr) for r in PROBE_RANKS]
+    calibration = lorascope.calibration_from_runs(lora_probes, [runs / f"full_n{probe_n}_lr{full_lr:g}.h5"])
+    constant = CapacityConstant.from_calibration(calibration)
+    forecast = lorascope.analyze(full_probes, ranks=FORECAST_RANKS, constant=constant).to_dict()["forecast"]
+    rows = {row["rank"]: row for row in forecast["rows"] if row["target"] == "all-linear"}
+    predictions = {
+        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        f"rank_{NEW_RANK}_runs_before": len(list(runs.glob(f"lora_r{NEW_RANK}_*.h5"))),
+        "calibration": calibration.to_dict(), "constant": constant.to_dict(),
+        "forecast": {r: {"examples": rows[r]["runway_examples"], "range": rows[r]["runway_range"],
+                         "lora_parameters": rows[r]["lora_parameters"], "capacity_bits": rows[r]["capacity_bits"],
+                         "kappa": rows[r]["capacity_bits"] / rows[r]["lora_parameters"]} for r in FORECAST_RANKS}}
+    predictions_file = args.out.with_name(args.out.stem + "_predictions.json")
+    if not predictions_file.exists():  # written once, before the rank-64 runs
+        predictions_file.write_text(json.dumps(predictions, indent=1, allow_nan=False) + "\n")
+    predictions = json.loads(predictions_file.read_text())
+    say("forecast: " + ", ".join(f"r{r} {v['examples']:,.0f}" for r, v in predictions["forecast"].items()))
+
+    base_train = {int(n): v for n, v in report["base_losses"]["train"].items()}
+    for n in NEW_SIZES:
+        if n not in base_train:
+            tail = smollm2.trainable_tail(base)
+            base_train[n] = study.mean_loss(tail, task.states[:n], task.labels[:n])
+        run("full", 0, n, full_lr)
+        run("all-linear", NEW_RANK, n, lora_lr)
+    share = {n: (base_train[n] - train_loss("all-linear", NEW_RANK, n, lora_lr))
+                / (base_train[n] - train_loss("full", 0, n, full_lr)) for n in NEW_SIZES}
+    measured = {str(r): report["measured"]["falloff"]["train"][str(r)] for r in (1, 4, 16)}
+    measured[str(NEW_RANK)] = measure.crossing(share)
+    result = {"command": "python examples/realdata/smollm2_lora_probes.py " + " ".join(argv or sys.argv[1:]),
+              "study": str(args.report), "predictions": predictions, "held_share": {str(NEW_RANK): share},
+              "base_train_losses": base_train, "falloff": measured,
+              "verdicts": {r: measure.verdict(predictions["forecast"][r]["examples"], measured[r]) for r in measured},
+              "runs": results, "wall_seconds": sum(r["seconds"] for r in results.values())}
+    args.out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    print(tables(json.loads(args.out.read_text())))
+    return 0
+
+
+def tables(result: dict[str, Any]) -> str:
+    forecast, falloff, verdicts = result["predictions"]["forecast"], result["falloff"], result["verdicts"]
+    lines = ["| rank | LoRA params | kappa | forecast (range) | measured falloff | ratio |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r, row in forecast.items():
+        f = falloff.get(r)
+        measured = "-" if f is None else ("<= " if f["status"] == "at_or_below" else "> " if f["status"] == "beyond"
+                                          else "") + f"{f['examples']:,.0f}"
+        v = verdicts.get(r)
+        ratio = "-" if v is None else f"{v['ratio']:.2f}x" if v["ratio"] is not None else (
+            "consistent" if v["consistent"] else "wrong side")
+        low, high = row["range"]
+        lines.append(f"| {r} | {row['lora_parameters']:,} | {row['kappa']:.3f} | {row['examples']:,.0f} "
+                     f"({low:,.0f}-{high:,.0f}) | {measured} | {ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
