@@ -55,6 +55,10 @@ DEFAULT_BITS_PER_TOKEN = 1.0
 DEFAULT_BITS_PER_EPISODE = 1.0
 """Bits per episode assumed for RL with a scalar reward (O(1); LoRA Without Regret)."""
 TASKS = ("sft", "rl")
+FIRST_EPOCH_SPIKE = 2.0
+"""A first-epoch step loss above this multiple of the first step's is a spike: the rate is above its stable range
+(on SmolLM2 SFT, full fine-tuning at 1e-2 rose from 2.9 to 11.6 nats and its probe's bits came out twice a LoRA's
+on the same data, where at 3e-3 the largest rise was 1.4x; docs/realdata_smollm2.md)."""
 _TAIL_FRACTION = 0.1  # share of a single-epoch run's last steps whose loss stands for the trained model's
 
 
@@ -312,6 +316,9 @@ def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = 
                          "incomplete, bits per example come from what it saw")
     epoch_examples = int(examples[first].sum())
     description_length = float(np.sum(loss[first] * tokens[first]) / math.log(2))
+    spike = _first_epoch_spike(loss[first])
+    if spike:
+        notes.append(spike)
     if dataset_examples is not None and epochs > 1.0:
         tail = usable & (seen - examples >= seen[-1] - dataset_examples)  # the last epoch
     else:
@@ -338,6 +345,18 @@ def information_from_steps(steps: xr.Dataset, *, dataset_examples: int | None = 
                                            / late_examples))
     return RecordedInformation(description_length, absorbed, epoch_examples, int(first.sum()), epochs, final_loss,
                                token_basis, marginal, marginal_absorbed, notes)
+
+
+def _first_epoch_spike(loss: np.ndarray) -> str | None:
+    """A note when the first epoch's loss rose past :data:`FIRST_EPOCH_SPIKE` times its first step's."""
+    if loss.size < 2 or not loss[0] > 0:
+        return None
+    peak = int(np.argmax(loss))
+    if not loss[peak] > FIRST_EPOCH_SPIKE * loss[0]:
+        return None
+    return (f"the loss rose from {loss[0]:.3g} to {loss[peak]:.3g} nats in the first epoch (step {peak + 1} of it): "
+            "a learning rate above its stable range; the description length, and the bits absorbed, count the "
+            "recovery from it, so they over-state what the data asks: probe at a lower rate")
 
 
 @dataclass(frozen=True)

@@ -78,11 +78,14 @@ def calibration_from_runs(lora_runs: Sequence[str | os.PathLike[str]],
         raise InvalidOptionError("the LoRA and full fine-tuning probes were recorded on different models "
                                  f"({', '.join(str(dict(m)) for m in sorted(models))}).")
     points = tuple(probe["point"] for probe in probes)
+    references = sorted({probe["reference"] for probe in probes})
     notes = [note for probe in probes for note in probe["notes"]]
+    notes += [note for size in sorted(offered) if offered[size]["path"] in references
+              for note in offered[size]["notes"]]
     return Calibration(
         model={"class": "from recorded runs", **probes[0]["model"]}, target=probes[0]["target"], points=points,
         task={"kind": LORA_PROBES, "lora_runs": [probe["path"] for probe in probes],
-              "full_runs": sorted({probe["reference"] for probe in probes})},
+              "full_runs": references},
         training={"steps": budgets.pop(), "epochs": None, "lr": sorted({probe["lr"] for probe in probes}),
                   "batch_size": probes[0]["batch_size"], "lora_alpha": probes[0]["alpha"]},
         base="the recorded model (LoRA probes on the planned data)",
@@ -102,7 +105,8 @@ def _offered(full_runs: Sequence[str | os.PathLike[str]]) -> dict[int, dict[str,
             raise InvalidOptionError(f"two full fine-tuning runs of {examples} examples: {out[examples]['path']} and "
                                      f"{os.fspath(path)}; give one per slice size.")
         info = information_from_run(path, dataset_examples=examples)
-        out[examples] = {"path": os.fspath(path), "bits": _absorbed(info, path, examples), "model": _model(run)}
+        out[examples] = {"path": os.fspath(path), "bits": _absorbed(info, path, examples), "model": _model(run),
+                         "notes": [f"{os.fspath(path)}: {note}" for note in info.notes]}
     return out
 
 
@@ -129,7 +133,7 @@ def _probe(path: str | os.PathLike[str], offered: Mapping[int, dict[str, Any]]) 
     point = CalibrationPoint(rank=rank, lora_parameters=parameters, facts=examples, bits_offered=reference,
                              bits_stored=absorbed, final_loss_nats=info.final_loss_nats,
                              epochs=math.ceil(info.epochs), steps=steps)
-    notes = []
+    notes = [f"{name}: {note}" for note in info.notes]
     if not point.learned:
         notes.append(f"rank {rank}: the LoRA probe absorbed {absorbed / reference:.1%} of what full fine-tuning did "
                      f"(under {LEARNED_FRACTION:.0%}): it did not learn (another learning rate), so it is left out")
