@@ -43,7 +43,6 @@ import smollm2  # noqa: E402
 import smollm2_study as study  # noqa: E402
 
 PROBE_RANKS = (1, 2, 4)
-FORECAST_RANKS = (1, 2, 4, 16, 64)
 NEW_RANK = 64
 NEW_SIZES = (64, 128, 256, 512)
 
@@ -55,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("smollm2_lora_probes.json"))
     parser.add_argument("--cache", type=Path, default=smollm2.DEFAULT_CACHE)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-rank", type=int, default=NEW_RANK,
+                        help=f"the rank trained after the forecast is written (default {NEW_RANK}; 0: none)")
     parser.add_argument("--tables", type=Path, metavar="JSON", help="print the markdown tables of a written JSON")
     args = parser.parse_args(argv)
     if args.tables:
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if not training.get("fixed_lrs") or training["steps"] is None:
         raise SystemExit("smollm2_lora_probes: the study must be a step-budget study with one rate per method (--lrs)")
     study.STEPS, study.SEED = training["steps"], training["seed"] or 0
-    study.SIZES = tuple(sorted({*report["data"]["sizes"], *NEW_SIZES}))
+    new_sizes = NEW_SIZES if args.new_rank else ()
+    study.SIZES = tuple(sorted({*report["data"]["sizes"], *new_sizes}))
     torch.set_num_threads(args.threads)
     started = time.time()
 
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - started:6.0f} s] {line}", flush=True)
 
     base, tokenizer = smollm2.load(args.cache)
-    task = study.continued_pretraining(base, tokenizer, args.cache)
+    sft = report["data"]["task"].startswith("SFT")
+    task = (study.supervised if sft else study.continued_pretraining)(base, tokenizer, args.cache)
     runs, results_file = args.folder / "runs", args.folder / "lora_probe_runs.json"
     results: dict[str, dict[str, Any]] = json.loads(results_file.read_text()) if results_file.is_file() else {}
 
@@ -105,15 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     lora_probes = [run("all-linear", r, probe_n, lora_lr) for r in PROBE_RANKS]
     calibration = lorascope.calibration_from_runs(lora_probes, [runs / f"full_n{probe_n}_lr{full_lr:g}.h5"])
     constant = CapacityConstant.from_calibration(calibration)
-    forecast = lorascope.analyze(full_probes, ranks=FORECAST_RANKS, constant=constant).to_dict()["forecast"]
+    ranks = tuple(sorted({*PROBE_RANKS, 16, *([args.new_rank] if args.new_rank else [])}))
+    forecast = lorascope.analyze(full_probes, ranks=ranks, constant=constant).to_dict()["forecast"]
     rows = {row["rank"]: row for row in forecast["rows"] if row["target"] == "all-linear"}
     predictions = {
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        f"rank_{NEW_RANK}_runs_before": len(list(runs.glob(f"lora_r{NEW_RANK}_*.h5"))),
+        "new_rank": args.new_rank, "new_rank_runs_before": len(list(runs.glob(f"lora_r{args.new_rank}_*.h5")))
+        if args.new_rank else None,
         "calibration": calibration.to_dict(), "constant": constant.to_dict(),
         "forecast": {r: {"examples": rows[r]["runway_examples"], "range": rows[r]["runway_range"],
                          "lora_parameters": rows[r]["lora_parameters"], "capacity_bits": rows[r]["capacity_bits"],
-                         "kappa": rows[r]["capacity_bits"] / rows[r]["lora_parameters"]} for r in FORECAST_RANKS}}
+                         "kappa": rows[r]["capacity_bits"] / rows[r]["lora_parameters"]} for r in ranks}}
     predictions_file = args.out.with_name(args.out.stem + "_predictions.json")
     if not predictions_file.exists():  # written once, before the rank-64 runs
         predictions_file.write_text(json.dumps(predictions, indent=1, allow_nan=False) + "\n")
@@ -121,20 +126,41 @@ def main(argv: list[str] | None = None) -> int:
     say("forecast: " + ", ".join(f"r{r} {v['examples']:,.0f}" for r, v in predictions["forecast"].items()))
 
     base_train = {int(n): v for n, v in report["base_losses"]["train"].items()}
-    for n in NEW_SIZES:
+    for n in new_sizes:
         if n not in base_train:
             tail = smollm2.trainable_tail(base)
             base_train[n] = study.mean_loss(tail, task.states[:n], task.labels[:n])
         run("full", 0, n, full_lr)
-        run("all-linear", NEW_RANK, n, lora_lr)
-    share = {n: (base_train[n] - train_loss("all-linear", NEW_RANK, n, lora_lr))
-                / (base_train[n] - train_loss("full", 0, n, full_lr)) for n in NEW_SIZES}
+        run("all-linear", args.new_rank, n, lora_lr)
+    # a consistency check, not a forecast: each studied rank's kappa from its own probe on the same slice
+    from lorascope.workflows.runs import information_from_run
+
+    reference = runs / f"full_n{probe_n}_lr{full_lr:g}.h5"
+    info = information_from_run(reference, dataset_examples=probe_n)
+    slice_ = {"examples": probe_n, "full_code_length_bits": info.description_length_bits,
+              "full_absorbed_bits": info.absorbed_bits, "full_notes": info.notes}
+    own = {}
+    for r in (1, 4, 16, *([args.new_rank] if args.new_rank else [])):
+        probe = run("all-linear", r, probe_n, lora_lr)
+        single = lorascope.calibration_from_runs([probe], [reference])
+        rows_r = lorascope.analyze(full_probes, ranks=(r,), constant=CapacityConstant.from_calibration(single)
+                                   ).to_dict()["forecast"]["rows"]
+        point = single.points[0]
+        own[str(r)] = {"examples": next(x for x in rows_r if x["target"] == "all-linear")["runway_examples"],
+                       "kappa": point.bits_per_parameter, "share_of_full": point.bits_stored / point.bits_offered,
+                       "full": point.saturated, "code_length_bits": information_from_run(
+                           probe, dataset_examples=probe_n).description_length_bits}
+    share = {n: (base_train[n] - train_loss("all-linear", args.new_rank, n, lora_lr))
+                / (base_train[n] - train_loss("full", 0, n, full_lr)) for n in new_sizes}
     measured = {str(r): report["measured"]["falloff"]["train"][str(r)] for r in (1, 4, 16)}
-    measured[str(NEW_RANK)] = measure.crossing(share)
+    if args.new_rank:
+        measured[str(args.new_rank)] = measure.crossing(share)
     result = {"command": "python examples/realdata/smollm2_lora_probes.py " + " ".join(argv or sys.argv[1:]),
-              "study": str(args.report), "predictions": predictions, "held_share": {str(NEW_RANK): share},
-              "base_train_losses": base_train, "falloff": measured,
+              "study": str(args.report), "predictions": predictions,
+              "held_share": {str(args.new_rank): share} if args.new_rank else {},
+              "base_train_losses": base_train, "falloff": measured, "probe_slice": slice_,
               "verdicts": {r: measure.verdict(predictions["forecast"][r]["examples"], measured[r]) for r in measured},
+              "own_rank": {r: {**v, **measure.verdict(v["examples"], measured[r])} for r, v in own.items()},
               "runs": results, "wall_seconds": sum(r["seconds"] for r in results.values())}
     args.out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     print(tables(json.loads(args.out.read_text())))
@@ -155,6 +181,15 @@ def tables(result: dict[str, Any]) -> str:
         low, high = row["range"]
         lines.append(f"| {r} | {row['lora_parameters']:,} | {row['kappa']:.3f} | {row['examples']:,.0f} "
                      f"({low:,.0f}-{high:,.0f}) | {measured} | {ratio} |")
+    lines += ["", "Each rank's kappa from its own probe on the same slice (a consistency check):", "",
+              "| rank | absorbed / full FT's | kappa | runway | measured falloff | ratio |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for r, v in result["own_rank"].items():
+        f = falloff[r]
+        ratio = f"{v['ratio']:.2f}x" if v["ratio"] is not None else "consistent" if v["consistent"] else "wrong side"
+        bound = "" if v["full"] else " (not full: a lower bound)"
+        lines.append(f"| {r} | {v['share_of_full']:.0%}{bound} | {v['kappa']:.3f} | {v['examples']:,.0f} | "
+                     f"{'<= ' if f['status'] == 'at_or_below' else ''}{f['examples']:,.0f} | {ratio} |")
     return "\n".join(lines)
 
 
