@@ -3,24 +3,31 @@
 The step-budget study (``smollm2_study.py --steps 128``) read kappa(P) measured on random facts at a plateau; its
 forecast was right at ranks 1 and 4 and 2.4x late at rank 16, and random facts trained for the same few steps do
 not stand in for text (docs/realdata_smollm2.md, "kappa at the step budget"). Here kappa is measured where it is
-used: LoRA probes of ranks 1, 2 and 4 on the full probes' largest slice (N = 128), at the study's recipe (128 steps,
-batch 16, its LoRA learning rate), read by ``lorascope.calibration_from_runs`` (what each absorbed over its LoRA
-parameters; the law kappa(P) extrapolated past rank 4). Ranks 1 and 4 are the study's own runs; rank 2 is trained
-here. Then, in order:
+used: LoRA probes of ranks 1, 2 and 4 on the full probes' largest slice, at the study's recipe (its steps, batch 16,
+its LoRA learning rate), read by ``lorascope.calibration_from_runs`` (what each absorbed over its LoRA parameters).
+Ranks 1 and 4 are the study's own runs; rank 2 is trained here. Then, in order:
 
-1. the forecast for ranks 1, 2, 4, 16 and 64 (``lorascope.analyze`` of the study's two full probes with that
-   kappa(P)) is written to ``lora_probe_predictions.json`` before any rank-64 run exists;
-2. rank 64 is trained at N = 64, 128, 256 and 512 (full fine-tuning at 512 too, the study stopped at 256), each at
-   the study's rates, and its falloff measured as the study measures it (the first N where LoRA holds under 90% of
-   full fine-tuning's training-loss gain, log-interpolated);
-3. the forecast is set against the falloffs: ranks 1, 4 and 16 from the study's JSON (rank 16 not used by the
-   forecast: an extrapolation), rank 64 measured here (a prediction written before its runs).
+1. the forecast for ranks 1, 2, 4, 16 and the new rank (``lorascope.analyze`` of the study's two full probes with
+   that kappa) is written to ``<out>_predictions.json`` before any run of the new rank, with the count of its runs
+   that existed then (kept: a rerun reads it, never rewrites it);
+2. the new rank (``--new-rank``, default 64; 0: none) is trained at N = 64, 128, 256 and 512 (full fine-tuning at
+   512 too; the study stopped at 256), each at the study's rates, and its falloff measured as the study measures it
+   (the first N where LoRA holds under 90% of full fine-tuning's training-loss gain, log-interpolated);
+3. the forecast is set against the falloffs: ranks 1, 4 and 16 from the study's JSON (rank 16 not probed: an
+   extrapolation), the new rank measured here; beside it the forecast today's lorascope gives from the same probes
+   (``forecast_now``), and each studied rank's kappa from its own probe on the slice (``own_rank``: a consistency
+   check, not a forecast).
+
+The CPT predictions were written with the lorascope of that moment (kappa(P) a power law fitted over the probes and
+extrapolated); today's goes through the probes and continues the last segment (docs/capacity.md).
 
     python examples/realdata/smollm2_study.py --steps 128 --sizes 16,32,64,128,256 --probe-sizes 64,128 \\
         --lrs 3e-3,1e-2 --kappa docs/realdata/smollm2_calibration_alllinear_load2.json -o smollm2-steps128-out \\
         --report docs/realdata/smollm2_steps128.json                    # the study (51 min), its run files
     python examples/realdata/smollm2_lora_probes.py smollm2-steps128-out docs/realdata/smollm2_steps128.json \\
-        --out docs/realdata/smollm2_lora_probes.json                    # ~20 min
+        --out docs/realdata/smollm2_lora_probes.json                    # ~30 min on 2 cores
+    python examples/realdata/smollm2_lora_probes.py smollm2-sft-steps-seed1-out \\
+        docs/realdata/smollm2_sft_steps_seed1.json --new-rank 0 --out docs/realdata/smollm2_lora_probes_sft_seed1.json
     python examples/realdata/smollm2_lora_probes.py --tables docs/realdata/smollm2_lora_probes.json
 """
 
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                          "lora_parameters": rows[r]["lora_parameters"], "capacity_bits": rows[r]["capacity_bits"],
                          "kappa": rows[r]["capacity_bits"] / rows[r]["lora_parameters"]} for r in ranks}}
     predictions_file = args.out.with_name(args.out.stem + "_predictions.json")
-    if not predictions_file.exists():  # written once, before the rank-64 runs
+    if not predictions_file.exists():  # written once, before the new rank's runs
         predictions_file.write_text(json.dumps(predictions, indent=1, allow_nan=False) + "\n")
     predictions = json.loads(predictions_file.read_text())
     say("forecast: " + ", ".join(f"r{r} {v['examples']:,.0f}" for r, v in predictions["forecast"].items()))
@@ -160,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
               "held_share": {str(args.new_rank): share} if args.new_rank else {},
               "base_train_losses": base_train, "falloff": measured, "probe_slice": slice_,
               "verdicts": {r: measure.verdict(predictions["forecast"][r]["examples"], measured[r]) for r in measured},
+              "forecast_now": {str(r): {"examples": rows[r]["runway_examples"], "range": rows[r]["runway_range"],
+                                        "kappa": rows[r]["capacity_bits"] / rows[r]["lora_parameters"],
+                                        **(measure.verdict(rows[r]["runway_examples"], measured[str(r)])
+                                           if str(r) in measured else {})} for r in ranks},
               "own_rank": {r: {**v, **measure.verdict(v["examples"], measured[r])} for r, v in own.items()},
               "runs": results, "wall_seconds": sum(r["seconds"] for r in results.values())}
     args.out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
@@ -169,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def tables(result: dict[str, Any]) -> str:
     forecast, falloff, verdicts = result["predictions"]["forecast"], result["falloff"], result["verdicts"]
-    lines = ["| rank | LoRA params | kappa | forecast (range) | measured falloff | ratio |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    now = result["forecast_now"]
+    lines = ["| rank | LoRA params | kappa | forecast (range) | measured falloff | ratio | today's lorascope |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r, row in forecast.items():
         f = falloff.get(r)
         measured = "-" if f is None else ("<= " if f["status"] == "at_or_below" else "> " if f["status"] == "beyond"
@@ -179,8 +191,9 @@ def tables(result: dict[str, Any]) -> str:
         ratio = "-" if v is None else f"{v['ratio']:.2f}x" if v["ratio"] is not None else (
             "consistent" if v["consistent"] else "wrong side")
         low, high = row["range"]
+        today = f"{now[r]['examples']:,.0f}" + (f" ({now[r]['ratio']:.2f}x)" if now[r].get("ratio") else "")
         lines.append(f"| {r} | {row['lora_parameters']:,} | {row['kappa']:.3f} | {row['examples']:,.0f} "
-                     f"({low:,.0f}-{high:,.0f}) | {measured} | {ratio} |")
+                     f"({low:,.0f}-{high:,.0f}) | {measured} | {ratio} | {today} |")
     lines += ["", "Each rank's kappa from its own probe on the same slice (a consistency check):", "",
               "| rank | absorbed / full FT's | kappa | runway | measured falloff | ratio |",
               "|---:|---:|---:|---:|---:|---:|"]

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorascope.analysis.capacity_fit import CapacityBracket, KappaFit
+from lorascope.analysis.capacity_fit import CapacityBracket, KappaFit, interpolate_kappa
 from lorascope.analysis.information import BitsEstimate
 from lorascope.errors import InvalidOptionError
 
@@ -87,10 +87,10 @@ class CapacityConstant:
         :math:`\\kappa(P)` fitted by ``lorascope calibrate`` over several ranks; None: flat.
     bracket : CapacityBracket, optional
         What one calibrated adapter held below and above its capacity; None: not measured.
-    extrapolate : bool
-        Outside the measured range, follow the fitted law instead of holding :math:`\\kappa` at the nearest
-        measured end: for LoRA probes on the user's data at the planned step budget, where :math:`\\kappa` fell
-        with the rank in every setting measured (docs/capacity.md, "LoRA probes").
+    measured : tuple of (P, kappa)
+        LoRA probes' own values: :math:`\\kappa(P)` then goes through them (:func:`interpolate_kappa`: log-log lines
+        between probes, the end segments continued outside) instead of the fitted law, which stays for the
+        uncertainty. Empty: the fit, held at its ends outside the measured range.
     """
 
     bits_per_parameter: float
@@ -98,7 +98,7 @@ class CapacityConstant:
     source: str
     fit: KappaFit | None = None
     bracket: CapacityBracket | None = None
-    extrapolate: bool = False
+    measured: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.bits_per_parameter > 0 or not math.isfinite(self.bits_per_parameter):
@@ -132,13 +132,15 @@ class CapacityConstant:
         law = "" if fit is None else (
             f"; kappa(P) = {fit.at(fit.parameters_low):.3g} at {fit.parameters_low:,.0f} to "
             f"{fit.at(fit.parameters_high):.3g} at {fit.parameters_high:,.0f} LoRA parameters (P^{fit.exponent:+.2f}), "
-            f"{'extrapolated' if probes else 'held at the nearest end'} outside")
+            f"{'through the probes, their trend continued' if probes else 'held at the nearest end'} outside")
         steps = getattr(calibration, "steps", None)
         budget = f" at a budget of {steps:,} steps" if steps else ""
         how = "measured by LoRA probes on this data" if probes else "calibrated on this architecture"
         return cls(calibration.bits_per_parameter, calibration.uncertainty,
                    f"{how} at rank(s) {ranks}{budget} ({calibration.created or 'undated'}){law}",
-                   fit=fit, bracket=calibration.bracket, extrapolate=probes)
+                   fit=fit, bracket=calibration.bracket,
+                   measured=tuple(sorted((float(p.lora_parameters), p.bits_per_parameter) for p in calibration.points
+                                         if p.learned and p.bits_stored > 0)) if probes else ())
 
     @property
     def collapse(self) -> float | None:
@@ -149,15 +151,15 @@ class CapacityConstant:
         return self.bracket.multiple(self.bracket.examined_load)
 
     def bits_per_parameter_at(self, parameters: float) -> float:
-        """:math:`\\kappa(P)`: the fit at ``parameters`` (outside the measured range held at the nearest measured end,
-        or with ``extrapolate`` the law itself), or the flat constant.
+        """:math:`\\kappa(P)`: through the ``measured`` probes when there are any, else the fit at ``parameters``
+        (held at the nearest measured end outside the measured range), or the flat constant.
 
         >>> CapacityConstant(0.69, 2.0, "flat").bits_per_parameter_at(1e6)
         0.69
         """
-        if self.fit is None:
-            return self.bits_per_parameter
-        return self.fit.law(parameters) if self.extrapolate else self.fit.at(parameters)
+        if self.measured:
+            return interpolate_kappa(self.measured, parameters)
+        return self.bits_per_parameter if self.fit is None else self.fit.at(parameters)
 
     def capacity_bits(self, parameters: float) -> float:
         """Bits an adapter of ``parameters`` LoRA parameters holds: :math:`\\kappa(P)\\,P`.
@@ -188,7 +190,7 @@ class CapacityConstant:
     def to_dict(self) -> dict[str, Any]:
         return {"bits_per_parameter": self.bits_per_parameter, "uncertainty": self.uncertainty,
                 "source": self.source, "fit": None if self.fit is None else self.fit.to_dict(),
-                "extrapolate": self.extrapolate,
+                "measured": [list(point) for point in self.measured],
                 "collapse": self.collapse, "bracket": None if self.bracket is None else self.bracket.to_dict(),
                 "past_capacity": self.past_capacity()}
 
@@ -276,7 +278,7 @@ def predict_ranks(ranks: Sequence[int], parameters: Callable[[int], tuple[int, d
                   f"~{runway:,.0f} examples ({low:,.0f} to {high:,.0f}) against {examples:,.0f}")
         fit = constant.fit
         if fit is not None and not fit.parameters_low <= held <= fit.parameters_high:
-            outside = "extrapolated by the law" if constant.extrapolate else "held at the nearest end"
+            outside = "extrapolated from the probes' trend" if constant.measured else "held at the nearest end"
             reason += (f" (outside the calibrated {fit.parameters_low:,.0f} to {fit.parameters_high:,.0f} LoRA "
                        f"parameters: kappa {outside}, the range widened x{fit.extrapolation(held):.2g})")
         if verdict == "exceeded":

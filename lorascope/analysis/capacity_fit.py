@@ -25,7 +25,8 @@ from typing import Any
 
 from lorascope.errors import InvalidOptionError
 
-__all__ = ["COLLAPSE_FRACTION", "PLATEAU_FRACTION", "CapacityBracket", "KappaFit", "bracket_capacity", "fit_kappa"]
+__all__ = ["COLLAPSE_FRACTION", "PLATEAU_FRACTION", "CapacityBracket", "KappaFit", "bracket_capacity", "fit_kappa",
+           "interpolate_kappa"]
 
 COLLAPSE_FRACTION = 0.5
 """An adapter offered more than its capacity *collapsed* when it held under this share of the most it held."""
@@ -83,6 +84,30 @@ class KappaFit:
         return {"intercept": self.intercept, "exponent": self.exponent,
                 "parameters_range": [self.parameters_low, self.parameters_high],
                 "residual": None if math.isnan(self.residual) else self.residual, "points": self.points}
+
+
+def interpolate_kappa(measured: Sequence[tuple[float, float]], parameters: float) -> float:
+    """:math:`\\kappa` at ``parameters`` through measured ``(P, kappa)`` points: straight lines in log-log between
+    neighbours, and past either end the end segment continued (its local trend; one point: that kappa).
+
+    For LoRA probes, which measure kappa at the ranks probed: a fitted power law would move it there (over ranks 1 to
+    64 of SmolLM2's probes by up to 1.3x), and the local trend is the better guess just outside.
+
+    >>> round(interpolate_kappa([(100, 0.8), (400, 0.4)], 200), 6), round(interpolate_kappa([(100, 0.8), (400, 0.4)],
+    ...                                                                                    1600), 6)
+    (0.565685, 0.2)
+    """
+    points = sorted((float(p), float(k)) for p, k in measured)
+    if not points or not parameters > 0 or not all(p > 0 and k > 0 for p, k in points):
+        raise InvalidOptionError(f"interpolate_kappa needs positive measured points and parameter count. Got "
+                                 f"{list(measured)!r} and {parameters!r} instead.")
+    if len(points) == 1:
+        return points[0][1]
+    x = math.log(float(parameters))
+    logs = [(math.log(p), math.log(k)) for p, k in points]
+    i = next((j for j in range(1, len(logs) - 1) if x < logs[j][0]), len(logs) - 1)  # segment (i - 1, i)
+    (x0, y0), (x1, y1) = logs[i - 1], logs[i]
+    return math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
 def fit_kappa(parameters: Sequence[float], bits_per_parameter: Sequence[float]) -> KappaFit:

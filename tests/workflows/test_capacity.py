@@ -73,12 +73,12 @@ def test_marginal_rate_when_the_last_step_holds_most_of_the_epoch():
 @pytest.mark.parametrize(("first_epoch", "spiked"), [([2.0, 4.1, 1.5, 1.2], True), ([2.0, 3.9, 1.5, 1.2], False),
                                                      ([2.0, 1.5, 1.2, 1.0], False)])
 def test_a_first_epoch_loss_spike_is_noted_as_a_rate_above_its_stable_range(first_epoch, spiked):
-    """Past 2x the first step's loss in the first epoch (SmolLM2 SFT at 1e-2 went 2.9 -> 11.6): the absorbed bits
-    count the recovery; the second epoch's rise does not count."""
+    """Past 2x the first step's loss in the first epoch (SmolLM2 SFT at 1e-2 went 3.19 -> 10.8, capped): the
+    absorbed bits count the recovery; the second epoch's rise does not count."""
     steps = _steps(loss=first_epoch + [0.5, 3.0, 0.4, 0.3], examples=[5] * 8, loss_tokens=[10] * 8)
     notes = information_from_steps(steps, dataset_examples=20).notes
     says = [n for n in notes if "in the first epoch" in n]
-    assert says == ([f"the loss rose from 2 to 4.1 nats in the first epoch (step 2 of it): a learning rate above its "
+    assert says == (["the loss rose from 2 to 4.1 nats in the first epoch (step 2 of it): a learning rate above its "
                      "stable range; the description length, and the bits absorbed, count the recovery from it, so "
                      "they over-state what the data asks: probe at a lower rate"] if spiked else []), notes
 

@@ -381,3 +381,18 @@ def test_step_mode_refuses_bad_steps_and_brackets(tiny_base):
         calibrate(tiny_base, ranks=(1,), bracket="wide", **FAST)
     with pytest.raises(InvalidOptionError, match=r"covers no measurement: rank 1 at 2 load\(s\) with 2 learning rate"):
         calibrate(tiny_base, ranks=(1,), steps=10, bracket=(0.5, 1.0), budget=100, **{**FAST, "lr": (1e-3, 1e-2)})
+
+
+def test_kappa_through_measured_probes_is_log_linear_between_them_and_continues_the_end_segments():
+    from lorascope.analysis.capacity_fit import interpolate_kappa
+
+    probes = [(4000, 0.2), (1000, 0.8), (2000, 0.4)]  # unsorted on purpose: kappa halves per doubling
+    for parameters, kappa in [(1000, 0.8), (1500, 0.8 * (1500 / 1000) ** -1), (2000, 0.4), (4000, 0.2),
+                              (16000, 0.05), (250, 3.2)]:
+        assert interpolate_kappa(probes, parameters) == pytest.approx(kappa)
+    bent = [(1000, 0.8), (2000, 0.4), (4000, 0.35)]  # past the last probe the last segment's gentler slope
+    assert interpolate_kappa(bent, 8000) == pytest.approx(0.35 * 0.35 / 0.4)
+    assert interpolate_kappa([(1000, 0.8)], 10**6) == 0.8
+    for bad in ([], [(1000, -1.0)]):
+        with pytest.raises(InvalidOptionError, match="interpolate_kappa"):
+            interpolate_kappa(bad, 1000)

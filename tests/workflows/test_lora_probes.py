@@ -84,7 +84,7 @@ def probes(tmp_path_factory):
         return {rank: _record(folder / f"r{rank}.h5", rank=rank) for rank in (0, 1, 2, 4)}
 
 
-def test_lora_probes_give_kappa_per_rank_and_a_law_that_is_extrapolated(probes, tmp_path):
+def test_lora_probes_give_kappa_per_rank_and_their_trend_is_continued_past_them(probes, tmp_path):
     calibration = calibration_from_runs([probes[4], probes[1], probes[2]], [probes[0]])
     per_rank = lora_parameters(_model(), "all-linear", rank=1).total
     assert [p.rank for p in calibration.points] == [1, 2, 4]
@@ -100,11 +100,15 @@ def test_lora_probes_give_kappa_per_rank_and_a_law_that_is_extrapolated(probes, 
     fit = calibration.fit
     assert fit is not None and fit.points == 3
     constant = CapacityConstant.from_calibration(load_calibration(calibration.save(tmp_path / "cal.json")))
-    assert constant.extrapolate and "measured by LoRA probes on this data" in constant.source
-    assert "at a budget of 40 steps" in constant.source and "extrapolated outside" in constant.source
-    outside = 16 * per_rank
-    assert constant.bits_per_parameter_at(outside) == pytest.approx(fit.law(outside))
-    assert fit.law(outside) != pytest.approx(fit.at(outside))  # the facts calibration would hold kappa there
+    assert "measured by LoRA probes on this data" in constant.source and "at a budget of 40 steps" in constant.source
+    assert "through the probes, their trend continued outside" in constant.source
+    kappas = [p.bits_per_parameter for p in calibration.points]
+    assert constant.measured == tuple((float(p.lora_parameters), k) for p, k in zip(calibration.points, kappas))
+    for point in calibration.points:  # each probed rank gets its own kappa, not the fit's
+        assert constant.bits_per_parameter_at(point.lora_parameters) == pytest.approx(point.bits_per_parameter)
+    outside = 16 * per_rank  # the last segment (ranks 2 -> 4) continued, two more doublings
+    assert constant.bits_per_parameter_at(outside) == pytest.approx(kappas[2] * (kappas[2] / kappas[1]) ** 2)
+    assert constant.bits_per_parameter_at(outside) != pytest.approx(fit.at(outside))  # held there, for facts
 
 
 def test_recommend_reads_a_lora_probe_calibration_at_its_step_budget(probes):
@@ -114,7 +118,7 @@ def test_recommend_reads_a_lora_probe_calibration_at_its_step_budget(probes):
                                / EXAMPLES, batch_size=BATCH, ranks=[1, 2, 4, 16], calibration=calibration)
     assert not [n for n in same.notes if "calibration" in n and "steps" in n]
     rank16 = next(p for p in same.predictions if p.rank == 16)
-    assert "kappa extrapolated by the law" in rank16.reason
+    assert "kappa extrapolated from the probes' trend" in rank16.reason
     assert rank16.capacity_bits == pytest.approx(CapacityConstant.from_calibration(calibration).capacity_bits(
         rank16.lora_parameters))
     longer = lorascope.recommend(config, examples=EXAMPLES, tokens_per_example=LENGTH - 1, epochs=40,
