@@ -55,14 +55,16 @@ DEFAULT_UNCERTAINTY = 2.0
 VERDICTS = ("fits", "at risk", "exceeded")
 REAL_TEXT_FINDING = (
     "measured so far on memorised facts (runways within 1.5x) and on SmolLM2-135M memorising real text in a fixed 64 "
-    "steps (docs/realdata_smollm2.md, with the kappa measured on that block: within 2x at rank 1 on both tasks and "
-    "at rank 4 on one, 2.4x late on the other, 5.2-5.6x late at rank 16, as a short run fills less of a large "
-    "rank's capacity: at 128 steps 0.81x / 0.95x / 2.4x at ranks 1 / 4 / 16; a second seed repeated the falloffs, "
-    "but a probe run off its best learning rate moved the "
-    "forecast to 0.13x at rank 1: run probes at their best rate); with a short recipe on real text (4 epochs) both "
-    "of lorascope's real-data studies (docs/realdata.md, docs/realdata_smollm2.md) had LoRA hold a share of full "
-    "fine-tuning's gain set by its rank, below 90% already at 64 examples, rather than keep up until a runway; read "
-    "a runway as optimistic, the more so at high rank and few steps, and a verdict as a rough guide")
+    "or 128 steps (docs/realdata_smollm2.md). With kappa from random facts at a plateau: within 2x at rank 1 on both "
+    "tasks, 0.9-2.4x at rank 4, 5.2-5.6x late at rank 16 in 64 steps and at 128 steps 0.81x / 0.95x / 2.4x at ranks "
+    "1 / 4 / 16 (a short run fills less of a large adapter). With kappa from LoRA probes of ranks 1, 2 and 4 on a "
+    "slice of the data at the run's 128 steps: 1.24x / 0.96x / 1.46x at ranks 1 / 4 / 16 and 4.1x late at rank 64 "
+    "(predicted before its runs: past the probed ranks capacity grew more slowly than their trend), so probe the "
+    "ranks you will choose between; full probes run above their stable learning rate (a first-epoch loss spike, "
+    "noted) put the forecast at 0.13x-0.57x on SFT. With a short recipe on real text (4 epochs) both of lorascope's "
+    "real-data studies (docs/realdata.md, docs/realdata_smollm2.md) had LoRA hold a share of full fine-tuning's gain "
+    "set by its rank, below 90% already at 64 examples, rather than keep up until a runway; read a runway as "
+    "optimistic, the more so at high rank and few steps, and a verdict as a rough guide")
 """What this project measured against the forecast on real text, said wherever a forecast is shown."""
 PAST_CAPACITY_FINDING = (
     "not measured on this base (lorascope calibrate brackets it); on random facts this project saw a LoRA hold almost "

@@ -1,0 +1,67 @@
+"""The checked-in results of kappa at the step budget on SmolLM2 (docs/realdata_smollm2.md, "kappa at the step
+budget"), recomputed from their own inputs with today's lorascope: the LoRA-probe forecasts from the probes' points and
+the study's growth law, the rank-64 falloff from its held shares, and the random-facts forecast table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "realdata"
+sys.path.insert(0, str(ROOT / "examples" / "realdata"))
+sys.path.insert(0, str(ROOT / "examples" / "reproduce"))
+
+import repro_measure as measure  # noqa: E402
+import smollm2_step_forecast as step_forecast  # noqa: E402
+
+from lorascope.analysis.capacity import CapacityConstant  # noqa: E402
+from lorascope.workflows.calibration import load_calibration  # noqa: E402
+
+
+def _constant(calibration: dict, tmp_path: Path) -> CapacityConstant:
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(calibration))
+    return CapacityConstant.from_calibration(load_calibration(path))
+
+
+@pytest.mark.parametrize(("name", "study", "now"), [
+    ("smollm2_lora_probes.json", "smollm2_steps128.json", {"1": 1.24, "4": 0.96, "16": 1.46, "64": 4.13}),
+    ("smollm2_lora_probes_sft_seed1.json", "smollm2_sft_steps_seed1.json", {"1": 0.16, "4": 0.33, "16": 0.57}),
+])
+def test_the_lora_probe_forecast_is_what_todays_lorascope_reads_from_the_probes(name, study, now, tmp_path):
+    result = json.loads((DOCS / name).read_text())
+    bits = step_forecast.bits_estimate(json.loads((DOCS / study).read_text()))
+    constant = _constant(result["predictions"]["calibration"], tmp_path)
+    assert [p["rank"] for p in result["predictions"]["calibration"]["points"]] == [1, 2, 4]
+    for rank, row in result["forecast_now"].items():
+        parameters = result["predictions"]["forecast"][rank]["lora_parameters"]
+        assert row["examples"] == pytest.approx(bits.examples_for(constant.capacity_bits(parameters)), rel=1e-9)
+    assert {r: round(result["forecast_now"][r]["ratio"], 2) for r in now} == now
+
+
+def test_rank_64_was_predicted_before_its_runs_and_fell_off_far_earlier():
+    result = json.loads((DOCS / "smollm2_lora_probes.json").read_text())
+    assert result["predictions"]["rank_64_runs_before"] == 0
+    share = {int(n): v for n, v in result["held_share"]["64"].items()}
+    falloff = measure.crossing(share)
+    assert falloff == result["falloff"]["64"] and round(falloff["examples"]) == 182
+    assert {r: round(v["ratio"], 2) for r, v in result["verdicts"].items() if v["ratio"]} == {
+        "1": 1.26, "4": 0.97, "16": 1.59, "64": 4.86}  # as written, with the power law of that moment
+    own = result["own_rank"]
+    assert [round(own[r]["ratio"], 2) for r in ("1", "4", "16", "64")] == [1.24, 0.96, 0.78, 0.65]
+    assert [own[r]["full"] for r in ("1", "4", "16", "64")] == [True, True, False, False]
+
+
+def test_the_spiking_sft_probe_carries_its_note():
+    result = json.loads((DOCS / "smollm2_lora_probes_sft_seed1.json").read_text())
+    notes = result["probe_slice"]["full_notes"]
+    assert any(n.startswith("the loss rose from 3.19 to 10.8 nats in the first epoch") for n in notes), notes
+    full, lora = result["probe_slice"]["full_code_length_bits"], [v["code_length_bits"] for v in
+                                                                  result["own_rank"].values()]
+    assert round(full) == 42613 and 1.85 < full / max(lora) and full / min(lora) < 1.92
