@@ -20,6 +20,7 @@ Writes the calibration JSON (``lorascope recommend --calibration`` reads it) and
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -82,7 +83,15 @@ def tables(path: str) -> str:
              "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {p.rank} | {p.lora_parameters:,} | {p.facts:,} | {p.bits_offered:,.0f} | {p.bits_stored:,.0f} | "
               f"{p.bits_per_parameter:.3f} |" for p in calibration.points]
-    if calibration.bracket_points:
+    if calibration.load_points:  # a step budget: every rank at every load
+        loads, ranks = calibration.training["bracket_loads"], sorted({p.rank for p in calibration.load_points})
+        at = {(p.rank, min(loads, key=lambda v: abs(math.log(p.load / v)))): p for p in calibration.load_points}
+        lines += ["", "| load (bits offered per parameter) | " + " | ".join(
+            f"rank {r}: facts, bits held" for r in ranks) + " |", "|---:|" + "---:|" * len(ranks)]
+        lines += [f"| {load:.3g} | " + " | ".join(
+            f"{at[r, load].facts:,}, {at[r, load].bits_stored:,.0f}" if (r, load) in at else "-" for r in ranks) + " |"
+                  for load in loads]
+    elif calibration.bracket_points:
         lines += ["", "| load (bits offered per parameter) | facts | bits held | share held |", "|---:|---:|---:|---:|"]
         lines += [f"| {p.load:.2g} | {p.facts:,} | {p.bits_stored:,.0f} | {p.bits_stored / p.bits_offered:.0%} |"
                   for p in calibration.bracket_points]
