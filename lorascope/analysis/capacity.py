@@ -131,18 +131,23 @@ class CapacityConstant:
         ranks = ", ".join(str(p.rank) for p in calibration.points)
         fit = calibration.fit
         probes = bool(getattr(calibration, "from_lora_probes", False))
-        law = "" if fit is None else (
-            f"; kappa(P) = {fit.at(fit.parameters_low):.3g} at {fit.parameters_low:,.0f} to "
-            f"{fit.at(fit.parameters_high):.3g} at {fit.parameters_high:,.0f} LoRA parameters (P^{fit.exponent:+.2f}), "
-            f"{'through the probes, their trend continued' if probes else 'held at the nearest end'} outside")
+        measured = tuple(sorted((float(p.lora_parameters), p.bits_per_parameter) for p in calibration.points
+                                if p.learned and p.bits_stored > 0)) if probes else ()
+        if measured:
+            law = "; kappa(P) = " + ", ".join(f"{k:.3g} at {p:,.0f}" for p, k in measured) + (
+                " LoRA parameters, log-log between the probes, their trend continued outside")
+        elif fit is not None:
+            law = (f"; kappa(P) = {fit.at(fit.parameters_low):.3g} at {fit.parameters_low:,.0f} to "
+                   f"{fit.at(fit.parameters_high):.3g} at {fit.parameters_high:,.0f} LoRA parameters "
+                   f"(P^{fit.exponent:+.2f}), held at the nearest end outside")
+        else:
+            law = ""
         steps = getattr(calibration, "steps", None)
         budget = f" at a budget of {steps:,} steps" if steps else ""
         how = "measured by LoRA probes on this data" if probes else "calibrated on this architecture"
         return cls(calibration.bits_per_parameter, calibration.uncertainty,
                    f"{how} at rank(s) {ranks}{budget} ({calibration.created or 'undated'}){law}",
-                   fit=fit, bracket=calibration.bracket,
-                   measured=tuple(sorted((float(p.lora_parameters), p.bits_per_parameter) for p in calibration.points
-                                         if p.learned and p.bits_stored > 0)) if probes else ())
+                   fit=fit, bracket=calibration.bracket, measured=measured)
 
     @property
     def collapse(self) -> float | None:

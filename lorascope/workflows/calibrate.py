@@ -12,7 +12,9 @@ With ``steps`` every adapter trains a fixed number of Adam steps instead of epoc
 budget of the planned run. A short run does not fill a large adapter (on real text in 64 steps a rank-16 LoRA held a
 fifth of the kappa it reaches at 300 epochs, docs/realdata_smollm2.md), and the load that fills an adapter in a fixed
 number of steps falls with its size, so in this mode every rank is offered every load of the bracket and keeps its
-best.
+best. Measured on SmolLM2's last block in 64 steps, random facts do not stand in for text there (an adapter held
+almost nothing once the facts passed one batch, so kappa fell as 1/P): for a real-text forecast at a step budget,
+read kappa from LoRA probes on the data (:func:`lorascope.workflows.lora_probes.calibration_from_runs`).
 
 Why measure: "2 bits per parameter" (Allen-Zhu & Li, 2025) is for a whole model trained long on its facts; a
 low-rank adapter on a frozen base can store far less, how much depends on the base, and on random facts it fell

@@ -101,7 +101,7 @@ def test_lora_probes_give_kappa_per_rank_and_their_trend_is_continued_past_them(
     assert fit is not None and fit.points == 3
     constant = CapacityConstant.from_calibration(load_calibration(calibration.save(tmp_path / "cal.json")))
     assert "measured by LoRA probes on this data" in constant.source and "at a budget of 40 steps" in constant.source
-    assert "through the probes, their trend continued outside" in constant.source
+    assert "log-log between the probes, their trend continued outside" in constant.source
     kappas = [p.bits_per_parameter for p in calibration.points]
     assert constant.measured == tuple((float(p.lora_parameters), k) for p, k in zip(calibration.points, kappas))
     for point in calibration.points:  # each probed rank gets its own kappa, not the fit's
