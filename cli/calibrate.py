@@ -37,7 +37,7 @@ from lorascope_cli.progress import progress_log, quiet_option
 @click.option("--bracket", default="auto", show_default=True,
               help="Loads (bits offered per LoRA parameter) tried at the smallest rank (with --steps: at every rank) "
                    "to find its capacity and a collapse past it; 'none': no bracket; auto: 0.5,1,2,4,8, with --steps "
-                   "0.0625,0.125,0.25,0.5,1,2.")
+                   "0.015625,0.03125,0.0625,0.125,0.25,0.5.")
 @click.option("--load", "load", type=float, default=None,
               help="Bits offered per LoRA parameter at every rank [default: where the bracket's held bits stop "
                    "growing, else 2].")

@@ -59,9 +59,10 @@ DEFAULT_BRACKET = (0.5, 1.0, 2.0, 4.0, 8.0)
 """Loads (bits offered per LoRA parameter) tried at the smallest rank, below and above its capacity: at 300 epochs
 the falloff validation's rank 1 (0.9 bits per parameter) held on to ~5x its capacity and collapsed by ~8x
 (docs/capacity.md), so the bracket reaches ~9x."""
-DEFAULT_STEP_BRACKET = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)
+DEFAULT_STEP_BRACKET = (0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5)
 """Loads tried at every rank at a step budget: in a few dozen steps an adapter holds a fraction of a bit per
-parameter, so the best load is lower than at a plateau, and lower the larger the rank."""
+parameter, so the best load is lower than at a plateau, and lower the larger the rank (on SmolLM2's block in 64 steps:
+1/8 at rank 1, 1/16 at rank 4, at most 1/64 at rank 16; docs/realdata_smollm2.md)."""
 DEFAULT_LOAD = 2.0
 """The load offered without a bracket, and where the learning rates are tried."""
 Points = tuple[CalibrationPoint, ...]

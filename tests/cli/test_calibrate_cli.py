@@ -85,7 +85,7 @@ def test_a_step_budget_calibration_from_the_cli_tries_every_load_at_every_rank(c
                      "--batch-size", "16", "--layers", "1", "--lr", "3e-3", "-o", out)
     assert result.exit_code == 0, result.output
     saved = load_calibration(out)
-    assert saved.steps == 5 and saved.training["bracket_loads"] == [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0]
+    assert saved.steps == 5 and saved.training["bracket_loads"] == [0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5]
     assert [p.rank for p in saved.load_points] == [1] * 6 + [2] * 6
     assert [p.load for p in saved.load_points] == pytest.approx(saved.training["bracket_loads"] * 2, rel=0.1)
     assert "at a step budget: 5 steps of 16 facts per adapter" in result.stdout

@@ -65,3 +65,24 @@ def test_the_spiking_sft_probe_carries_its_note():
     full, lora = result["probe_slice"]["full_code_length_bits"], [v["code_length_bits"] for v in
                                                                   result["own_rank"].values()]
     assert round(full) == 42613 and 1.85 < full / max(lora) and full / min(lora) < 1.92
+
+
+def test_random_facts_at_the_step_budget_put_every_measured_falloff_over_10x_early(tmp_path):
+    calibration = load_calibration(DOCS / "smollm2_calibration_steps64.json")
+    assert calibration.steps == 64 and calibration.training["batch_size"] == 600
+    assert [round(p.bits_per_parameter, 3) for p in calibration.points] == [0.112, 0.048, 0.014]
+    assert all(1100 < p.bits_stored < 2300 for p in calibration.points)  # a rank-independent capacity in bits
+    held = {(p.rank, p.facts): p.bits_stored for p in calibration.load_points}
+    assert held[1, 318] > 1000 and held[1, 636] < 150  # past one batch of facts, almost nothing
+    saved = json.loads((DOCS / "smollm2_step_forecast.json").read_text())
+    studies = [DOCS / Path(s["study"]).name for s in saved["studies"]]
+    out = tmp_path / "again.json"
+    assert step_forecast.main([*map(str, studies), "--calibration",
+                               "64=docs/realdata/smollm2_calibration_steps64.json", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    for before, now in zip(saved["studies"], again["studies"]):
+        for key in ("plateau_kappa", "step_kappa"):
+            for rank, row in before[key]["ranks"].items():
+                assert now[key]["ranks"][rank]["runway"] == pytest.approx(row["runway"], rel=1e-9)
+        ratios = [v["ratio"] for v in now["step_kappa"]["verdicts"].values() if v["ratio"] is not None]
+        assert ratios and max(ratios) < 0.1
