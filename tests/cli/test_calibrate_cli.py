@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -87,5 +88,7 @@ def test_a_step_budget_calibration_from_the_cli_tries_every_load_at_every_rank(c
     saved = load_calibration(out)
     assert saved.steps == 5 and saved.training["bracket_loads"] == [0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5]
     assert [p.rank for p in saved.load_points] == [1] * 6 + [2] * 6
-    assert [p.load for p in saved.load_points] == pytest.approx(saved.training["bracket_loads"] * 2, rel=0.1)
+    bits_per_fact = math.log2(saved.task["values"])  # each load offered as whole facts
+    assert [p.facts for p in saved.load_points] == [math.ceil(v * p.lora_parameters / bits_per_fact) for p, v in
+                                                    zip(saved.load_points, saved.training["bracket_loads"] * 2)]
     assert "at a step budget: 5 steps of 16 facts per adapter" in result.stdout
