@@ -84,9 +84,9 @@ def calibration_from_runs(lora_runs: Sequence[str | os.PathLike[str]],
               for note in offered[size]["notes"]]
     return Calibration(
         model={"class": "from recorded runs", **probes[0]["model"]}, target=probes[0]["target"], points=points,
-        task={"kind": LORA_PROBES, "lora_runs": [probe["path"] for probe in probes],
-              "full_runs": references},
-        training={"steps": budgets.pop(), "epochs": None, "lr": sorted({probe["lr"] for probe in probes}),
+        task={"kind": LORA_PROBES, "lora_runs": [probe["path"] for probe in probes], "full_runs": references},
+        training={"steps": budgets.pop(), "epochs": None,
+                  "lr": sorted({probe["lr"] for probe in probes if probe["lr"] is not None}),
                   "batch_size": probes[0]["batch_size"], "lora_alpha": probes[0]["alpha"]},
         base="the recorded model (LoRA probes on the planned data)",
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), notes=tuple(notes))
