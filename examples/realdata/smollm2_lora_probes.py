@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-rank", type=int, default=NEW_RANK,
                         help=f"the rank trained after the forecast is written (default {NEW_RANK}; 0: none)")
+    parser.add_argument("--probe-ranks", default=",".join(map(str, PROBE_RANKS)), help="the LoRA probes' ranks")
+    parser.add_argument("--probe-size", type=int, help="the probes' slice (default: the largest full probe's)")
+    parser.add_argument("--new-sizes", default=",".join(map(str, NEW_SIZES)), help="where the new rank runs")
     parser.add_argument("--tables", type=Path, metavar="JSON", help="print the markdown tables of a written JSON")
     args = parser.parse_args(argv)
     if args.tables:
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if not training.get("fixed_lrs") or training["steps"] is None:
         raise SystemExit("smollm2_lora_probes: the study must be a step-budget study with one rate per method (--lrs)")
     study.STEPS, study.SEED = training["steps"], training["seed"] or 0
-    new_sizes = NEW_SIZES if args.new_rank else ()
+    probe_ranks = tuple(int(r) for r in args.probe_ranks.split(","))
+    new_sizes = tuple(int(n) for n in args.new_sizes.split(",")) if args.new_rank else ()
     study.SIZES = tuple(sorted({*report["data"]["sizes"], *new_sizes}))
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -110,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         name = study.RunSpec(target, rank, n, lr).name
         return float((results.get(name) or report["runs"][name])["train_loss"])
 
-    probe_n = max(int(n) for n in report["predictions"]["probes"])
+    probe_n = args.probe_size or max(int(n) for n in report["predictions"]["probes"])
     full_probes = [runs / f"{p['name']}.h5" for p in report["predictions"]["probes"].values()]
-    lora_probes = [run("all-linear", r, probe_n, lora_lr) for r in PROBE_RANKS]
+    lora_probes = [run("all-linear", r, probe_n, lora_lr) for r in probe_ranks]
     calibration = lorascope.calibration_from_runs(lora_probes, [runs / f"full_n{probe_n}_lr{full_lr:g}.h5"])
     constant = CapacityConstant.from_calibration(calibration)
-    ranks = tuple(sorted({*PROBE_RANKS, 16, *([args.new_rank] if args.new_rank else [])}))
+    ranks = tuple(sorted({1, 4, 16, *probe_ranks, *([args.new_rank] if args.new_rank else [])}))
     forecast = lorascope.analyze(full_probes, ranks=ranks, constant=constant).to_dict()["forecast"]
     rows = {row["rank"]: row for row in forecast["rows"] if row["target"] == "all-linear"}
     predictions = {

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorascope.analysis.capacity_fit import CapacityBracket, KappaFit, interpolate_kappa
+from lorascope.analysis.capacity_fit import CapacityBracket, KappaFit, interpolate_kappa, probes_extrapolation
 from lorascope.analysis.information import BitsEstimate
 from lorascope.errors import InvalidOptionError
 
@@ -179,7 +179,9 @@ class CapacityConstant:
     def uncertainty_at(self, parameters: float) -> float:
         """:math:`u(P)`: the uncertainty, widened outside the measured range by the factor the fitted power law
         would move :math:`\\kappa` there (:meth:`KappaFit.extrapolation`), so that the range covers both the held
-        value and the trend continuing."""
+        value and the trend continuing; through ``measured`` probes, by the factor their end segment moves it."""
+        if self.measured:
+            return self.uncertainty * probes_extrapolation(self.measured, parameters)
         return self.uncertainty if self.fit is None else self.uncertainty * self.fit.extrapolation(parameters)
 
     def past_capacity(self) -> str:
@@ -284,10 +286,13 @@ def predict_ranks(ranks: Sequence[int], parameters: Callable[[int], tuple[int, d
                   f"the data asks {bits.bits_per_example:,.3g} bits per example, so rank {rank} holds "
                   f"~{runway:,.0f} examples ({low:,.0f} to {high:,.0f}) against {examples:,.0f}")
         fit = constant.fit
-        if fit is not None and not fit.parameters_low <= held <= fit.parameters_high:
-            outside = "extrapolated from the probes' trend" if constant.measured else "held at the nearest end"
+        if constant.measured and not constant.measured[0][0] <= held <= constant.measured[-1][0]:
+            reason += (f" (outside the probed {constant.measured[0][0]:,.0f} to {constant.measured[-1][0]:,.0f} LoRA "
+                       f"parameters: kappa extrapolated from the probes' trend, the range widened "
+                       f"x{probes_extrapolation(constant.measured, held):.2g})")
+        elif fit is not None and not constant.measured and not fit.parameters_low <= held <= fit.parameters_high:
             reason += (f" (outside the calibrated {fit.parameters_low:,.0f} to {fit.parameters_high:,.0f} LoRA "
-                       f"parameters: kappa {outside}, the range widened x{fit.extrapolation(held):.2g})")
+                       f"parameters: kappa held at the nearest end, the range widened x{fit.extrapolation(held):.2g})")
         if verdict == "exceeded":
             reason += f"; past the runway (~{examples / runway:.2g}x): {constant.past_capacity()}"
         out.append(RankPrediction(int(rank), dict(by_kind), int(count), capacity, runway, low, high, tinker,

@@ -26,7 +26,7 @@ from typing import Any
 from lorascope.errors import InvalidOptionError
 
 __all__ = ["COLLAPSE_FRACTION", "PLATEAU_FRACTION", "CapacityBracket", "KappaFit", "bracket_capacity", "fit_kappa",
-           "interpolate_kappa"]
+           "interpolate_kappa", "probes_extrapolation"]
 
 COLLAPSE_FRACTION = 0.5
 """An adapter offered more than its capacity *collapsed* when it held under this share of the most it held."""
@@ -108,6 +108,21 @@ def interpolate_kappa(measured: Sequence[tuple[float, float]], parameters: float
     i = next((j for j in range(1, len(logs) - 1) if x < logs[j][0]), len(logs) - 1)  # segment (i - 1, i)
     (x0, y0), (x1, y1) = logs[i - 1], logs[i]
     return math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def probes_extrapolation(measured: Sequence[tuple[float, float]], parameters: float) -> float:
+    """How far :func:`interpolate_kappa` moved :math:`\\kappa` past the probed range by continuing an end segment: a
+    factor >= 1, 1 inside the range and with one probe; the range of a runway there is widened by it.
+
+    >>> round(probes_extrapolation([(100, 0.8), (400, 0.4)], 1600), 6), probes_extrapolation([(100, 0.8)], 1e6)
+    (2.0, 1.0)
+    """
+    points = sorted((float(p), float(k)) for p, k in measured)
+    if len(points) < 2 or points[0][0] <= parameters <= points[-1][0]:
+        return 1.0
+    end = min(max(float(parameters), points[0][0]), points[-1][0])  # the nearest probe
+    ratio = interpolate_kappa(points, parameters) / interpolate_kappa(points, end)
+    return max(ratio, 1 / ratio)
 
 
 def fit_kappa(parameters: Sequence[float], bits_per_parameter: Sequence[float]) -> KappaFit:

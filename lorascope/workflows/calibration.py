@@ -163,7 +163,11 @@ class Calibration:
     @property
     def uncertainty(self) -> float:
         """Multiplicative uncertainty: with a fit of three or more points, :math:`e^{2s}` (s the standard deviation
-        of its log residuals, about a 95% band); flat, the spread over ranks; at least :data:`MIN_UNCERTAINTY`."""
+        of its log residuals, about a 95% band); flat, the spread over ranks; at least :data:`MIN_UNCERTAINTY`.
+        LoRA probes: :data:`MIN_UNCERTAINTY` (each probed rank's kappa is measured, not fitted, and the spread over
+        ranks is their trend, not noise; outside the probed ranks the range widens with that trend)."""
+        if self.from_lora_probes:
+            return MIN_UNCERTAINTY
         fit = self.fit
         if fit is not None and not math.isnan(fit.residual):
             return max(MIN_UNCERTAINTY, math.exp(2 * fit.residual))

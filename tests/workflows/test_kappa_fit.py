@@ -396,3 +396,12 @@ def test_kappa_through_measured_probes_is_log_linear_between_them_and_continues_
     for bad in ([], [(1000, -1.0)]):
         with pytest.raises(InvalidOptionError, match="interpolate_kappa"):
             interpolate_kappa(bad, 1000)
+
+
+def test_past_the_probes_the_range_widens_by_how_far_the_end_segment_moved_kappa():
+    from lorascope.analysis.capacity_fit import probes_extrapolation
+
+    probes = [(1000, 0.8), (2000, 0.4), (4000, 0.35)]
+    assert probes_extrapolation(probes, 3000) == 1.0 and probes_extrapolation(probes[:1], 10**6) == 1.0
+    assert probes_extrapolation(probes, 8000) == pytest.approx(0.4 / 0.35)  # the last segment, one doubling on
+    assert probes_extrapolation(probes, 250) == pytest.approx(4.0)  # the first segment, two doublings below

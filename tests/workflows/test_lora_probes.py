@@ -109,6 +109,10 @@ def test_lora_probes_give_kappa_per_rank_and_their_trend_is_continued_past_them(
     outside = 16 * per_rank  # the last segment (ranks 2 -> 4) continued, two more doublings
     assert constant.bits_per_parameter_at(outside) == pytest.approx(kappas[2] * (kappas[2] / kappas[1]) ** 2)
     assert constant.bits_per_parameter_at(outside) != pytest.approx(fit.at(outside))  # held there, for facts
+    # each probe's kappa is measured, so 1.25 inside; outside, widened by how far the trend moved kappa
+    assert calibration.uncertainty == 1.25 and constant.uncertainty_at(2 * per_rank) == 1.25
+    moved = max(kappas[2] / kappas[1], kappas[1] / kappas[2]) ** 2
+    assert constant.uncertainty_at(outside) == pytest.approx(1.25 * moved)
 
 
 def test_recommend_reads_a_lora_probe_calibration_at_its_step_budget(probes):
@@ -118,7 +122,7 @@ def test_recommend_reads_a_lora_probe_calibration_at_its_step_budget(probes):
                                / EXAMPLES, batch_size=BATCH, ranks=[1, 2, 4, 16], calibration=calibration)
     assert not [n for n in same.notes if "calibration" in n and "steps" in n]
     rank16 = next(p for p in same.predictions if p.rank == 16)
-    assert "kappa extrapolated from the probes' trend" in rank16.reason
+    assert "(outside the probed" in rank16.reason and "kappa extrapolated from the probes' trend" in rank16.reason
     assert rank16.capacity_bits == pytest.approx(CapacityConstant.from_calibration(calibration).capacity_bits(
         rank16.lora_parameters))
     longer = lorascope.recommend(config, examples=EXAMPLES, tokens_per_example=LENGTH - 1, epochs=40,
