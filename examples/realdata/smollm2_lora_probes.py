@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     measured = {str(r): report["measured"]["falloff"]["train"][str(r)] for r in (1, 4, 16)}
     if args.new_rank:
         measured[str(args.new_rank)] = measure.crossing(share)
+    used = {study.RunSpec("all-linear", r, probe_n, lora_lr).name for r in probe_ranks} | {
+        study.RunSpec(*method, n, lr).name for n in new_sizes
+        for method, lr in ((("full", 0), full_lr), (("all-linear", args.new_rank), lora_lr))}
+    mine = {name: r for name, r in results.items() if name in used}  # the runs this script trained for this forecast
     result = {"command": "python examples/realdata/smollm2_lora_probes.py " + " ".join(argv or sys.argv[1:]),
               "study": str(args.report), "predictions": predictions,
               "held_share": {str(args.new_rank): share} if args.new_rank else {},
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                         **(measure.verdict(rows[r]["runway_examples"], measured[str(r)])
                                            if str(r) in measured else {})} for r in ranks},
               "own_rank": {r: {**v, **measure.verdict(v["examples"], measured[r])} for r, v in own.items()},
-              "runs": results, "wall_seconds": sum(r["seconds"] for r in results.values())}
+              "runs": mine, "wall_seconds": sum(r["seconds"] for r in mine.values())}
     args.out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     print(tables(json.loads(args.out.read_text())))
     return 0

@@ -30,15 +30,17 @@ def _constant(calibration: dict, tmp_path: Path) -> CapacityConstant:
     return CapacityConstant.from_calibration(load_calibration(path))
 
 
-@pytest.mark.parametrize(("name", "study", "now"), [
-    ("smollm2_lora_probes.json", "smollm2_steps128.json", {"1": 1.24, "4": 0.96, "16": 1.46, "64": 4.13}),
-    ("smollm2_lora_probes_sft_seed1.json", "smollm2_sft_steps_seed1.json", {"1": 0.16, "4": 0.33, "16": 0.57}),
+@pytest.mark.parametrize(("name", "study", "probed", "now"), [
+    ("smollm2_lora_probes.json", "smollm2_steps128.json", [1, 2, 4], {"1": 1.24, "4": 0.96, "16": 1.46, "64": 4.13}),
+    ("smollm2_lora_probes_r32.json", "smollm2_steps128.json", [16, 64], {"1": 4.07, "16": 0.85, "32": 0.89}),
+    ("smollm2_lora_probes_sft_seed1.json", "smollm2_sft_steps_seed1.json", [1, 2, 4],
+     {"1": 0.16, "4": 0.33, "16": 0.57}),
 ])
-def test_the_lora_probe_forecast_is_what_todays_lorascope_reads_from_the_probes(name, study, now, tmp_path):
+def test_the_lora_probe_forecast_is_what_todays_lorascope_reads_from_the_probes(name, study, probed, now, tmp_path):
     result = json.loads((DOCS / name).read_text())
     bits = step_forecast.bits_estimate(json.loads((DOCS / study).read_text()))
     constant = _constant(result["predictions"]["calibration"], tmp_path)
-    assert [p["rank"] for p in result["predictions"]["calibration"]["points"]] == [1, 2, 4]
+    assert [p["rank"] for p in result["predictions"]["calibration"]["points"]] == probed
     for rank, row in result["forecast_now"].items():
         parameters = result["predictions"]["forecast"][rank]["lora_parameters"]
         assert row["examples"] == pytest.approx(bits.examples_for(constant.capacity_bits(parameters)), rel=1e-9)
@@ -56,6 +58,15 @@ def test_rank_64_was_predicted_before_its_runs_and_fell_off_far_earlier():
     own = result["own_rank"]
     assert [round(own[r]["ratio"], 2) for r in ("1", "4", "16", "64")] == [1.24, 0.96, 0.78, 0.65]
     assert [own[r]["full"] for r in ("1", "4", "16", "64")] == [True, True, False, False]
+
+
+def test_rank_32_between_two_probed_ranks_was_predicted_before_its_runs_within_1_2x():
+    result = json.loads((DOCS / "smollm2_lora_probes_r32.json").read_text())
+    assert result["predictions"]["new_rank"] == 32 and result["predictions"]["new_rank_runs_before"] == 0
+    falloff = measure.crossing({int(n): v for n, v in result["held_share"]["32"].items()})
+    assert falloff == result["falloff"]["32"] and round(falloff["examples"]) == 167
+    assert round(result["verdicts"]["32"]["ratio"], 2) == 0.89
+    assert round(result["own_rank"]["32"]["ratio"], 2) == 0.97 and result["own_rank"]["32"]["full"]
 
 
 def test_the_spiking_sft_probe_carries_its_note():
