@@ -3,9 +3,10 @@
 The step-budget study (``smollm2_study.py --steps 128``) read kappa(P) measured on random facts at a plateau; its
 forecast was right at ranks 1 and 4 and 2.4x late at rank 16, and random facts trained for the same few steps do
 not stand in for text (docs/realdata_smollm2.md, "kappa at the step budget"). Here kappa is measured where it is
-used: LoRA probes of ranks 1, 2 and 4 on the full probes' largest slice, at the study's recipe (its steps, batch 16,
-its LoRA learning rate), read by ``lorascope.calibration_from_runs`` (what each absorbed over its LoRA parameters).
-Ranks 1 and 4 are the study's own runs; rank 2 is trained here. Then, in order:
+used: LoRA probes (by default of ranks 1, 2 and 4, on the full probes' largest slice; ``--probe-ranks``,
+``--probe-size``) at the study's recipe (its steps, batch 16, its LoRA learning rate), read by
+``lorascope.calibration_from_runs`` (what each absorbed over its LoRA parameters). A probe the study did not run
+(rank 2 by default) is trained here. Then, in order:
 
 1. the forecast for ranks 1, 2, 4, 16 and the new rank (``lorascope.analyze`` of the study's two full probes with
    that kappa) is written to ``<out>_predictions.json`` before any run of the new rank, with the count of its runs
@@ -26,6 +27,9 @@ extrapolated); today's goes through the probes and continues the last segment (d
         --report docs/realdata/smollm2_steps128.json                    # the study (51 min), its run files
     python examples/realdata/smollm2_lora_probes.py smollm2-steps128-out docs/realdata/smollm2_steps128.json \\
         --out docs/realdata/smollm2_lora_probes.json                    # ~30 min on 2 cores
+    python examples/realdata/smollm2_lora_probes.py smollm2-steps128-out docs/realdata/smollm2_steps128.json \\
+        --probe-ranks 16,64 --probe-size 256 --new-rank 32 --new-sizes 64,128,256 \\
+        --out docs/realdata/smollm2_lora_probes_r32.json               # rank 32 between probes of 16 and 64
     python examples/realdata/smollm2_lora_probes.py smollm2-sft-steps-seed1-out \\
         docs/realdata/smollm2_sft_steps_seed1.json --new-rank 0 --out docs/realdata/smollm2_lora_probes_sft_seed1.json
     python examples/realdata/smollm2_lora_probes.py --tables docs/realdata/smollm2_lora_probes.json
