@@ -48,8 +48,8 @@ from lorascope_cli.progress import progress_log, quiet_option
               help="Blocks to adapt: auto (all for a small model, else the middle block), all, or indices like 3,4.")
 @click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Train each adapter this many steps of --batch-size facts instead of --epochs: kappa at your run's "
-                   "step budget (give its optimizer steps, and about batch x bits per example / 8 facts per step).")
+              help="Train each adapter this many steps of --batch-size facts instead of --epochs: random facts at a "
+                   "step budget (they did not stand in for real text on SmolLM2; there use --lora-probe).")
 @click.option("--lr", default="1e-3,3e-3", show_default=True,
               help="Adam learning rate(s) of the adapters; several: the best at the smallest rank is used for all.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
