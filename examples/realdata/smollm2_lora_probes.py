@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import lorascope
     from lorascope.analysis.capacity import CapacityConstant
+    from lorascope.workflows.runs import information_from_run
 
     report = json.loads(args.report.read_text())
     training = report["training"]
@@ -148,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         run("full", 0, n, full_lr)
         run("all-linear", args.new_rank, n, lora_lr)
     # a consistency check, not a forecast: each studied rank's kappa from its own probe on the same slice
-    from lorascope.workflows.runs import information_from_run
-
     reference = runs / f"full_n{probe_n}_lr{full_lr:g}.h5"
     info = information_from_run(reference, dataset_examples=probe_n)
     slice_ = {"examples": probe_n, "full_code_length_bits": info.description_length_bits,

@@ -509,8 +509,8 @@ def _memorize(wrapped: nn.Module, task: synthetic.FactsTask, inputs: dict[str, t
 
     recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=per_pass)
     bits = 0.0
+    wrapped.train()
     for step, batch in enumerate(batches(), start=1):
-        wrapped.train()
         logits = last_position_logits(wrapped, **{name: x[batch] for name, x in inputs.items()})
         loss = nn.functional.cross_entropy(logits.float(), values[batch])
         loss.backward()
@@ -523,6 +523,7 @@ def _memorize(wrapped: nn.Module, task: synthetic.FactsTask, inputs: dict[str, t
                 logits = torch.cat([last_position_logits(wrapped, **{name: x[i:i + 512] for name, x in inputs.items()})
                                     for i in range(0, task.facts, 512)])
             bits = max(bits, synthetic.stored_bits(logits.cpu(), task, values.cpu()))
+            wrapped.train()
         if step == total:
             break
     return bits, sum(summed for summed, _ in recent) / sum(count for _, count in recent)

@@ -104,7 +104,7 @@ def _offered(full_runs: Sequence[str | os.PathLike[str]]) -> dict[int, dict[str,
         if examples in out:
             raise InvalidOptionError(f"two full fine-tuning runs of {examples} examples: {out[examples]['path']} and "
                                      f"{os.fspath(path)}; give one per slice size.")
-        info = information_from_run(path, dataset_examples=examples)
+        info = information_from_run(run, dataset_examples=examples)
         out[examples] = {"path": os.fspath(path), "bits": _absorbed(info, path, examples), "model": _model(run),
                          "notes": [f"{os.fspath(path)}: {note}" for note in info.notes]}
     return out
@@ -127,7 +127,7 @@ def _probe(path: str | os.PathLike[str], offered: Mapping[int, dict[str, Any]]) 
                                  "examples was given: it says what the slice offered.")
     lora = run.modules[run.modules["lora"]]
     parameters = int(rank * (lora["in_features"] + lora["out_features"]).sum())
-    info = information_from_run(path, dataset_examples=examples)
+    info = information_from_run(run, dataset_examples=examples)
     absorbed, reference = _absorbed(info, name, examples), offered[examples]["bits"]
     steps = int(run.steps.sizes["step"])
     point = CalibrationPoint(rank=rank, lora_parameters=parameters, facts=examples, bits_offered=reference,

@@ -125,11 +125,11 @@ def _read(run: Run, path: str, snapshots: str) -> LoadedRun:
     return loaded
 
 
-def information_from_run(path: RunLike, *, dataset_examples: int | None = None) -> RecordedInformation:
-    """:func:`~lorascope.analysis.information.information_from_steps` of a run file; the epoch size defaults to the
-    run's recorded dataset size (config ``dataset.examples``, written by the HF and Lightning integrations or given
-    by the user through ``extra_config={"dataset": {"examples": N}}``)."""
-    run = load_run(path, snapshots="none")
+def information_from_run(path: RunLike | LoadedRun, *, dataset_examples: int | None = None) -> RecordedInformation:
+    """:func:`~lorascope.analysis.information.information_from_steps` of a run file (or of a run already loaded);
+    the epoch size defaults to the run's recorded dataset size (config ``dataset.examples``, written by the HF and
+    Lightning integrations or given by the user through ``extra_config={"dataset": {"examples": N}}``)."""
+    run = path if isinstance(path, LoadedRun) else load_run(path, snapshots="none")
     if dataset_examples is None:
         dataset_examples = recorded_dataset_examples(run.config)
     return information_from_steps(run.steps, dataset_examples=dataset_examples,
