@@ -33,6 +33,20 @@ extrapolated); today's goes through the probes and continues the last segment (d
     python examples/realdata/smollm2_lora_probes.py smollm2-sft-steps-seed1-out \\
         docs/realdata/smollm2_sft_steps_seed1.json --new-rank 0 --out docs/realdata/smollm2_lora_probes_sft_seed1.json
     python examples/realdata/smollm2_lora_probes.py --tables docs/realdata/smollm2_lora_probes.json
+
+To predict the study's own ranks before any of their runs, stop the study after its full fine-tuning runs, write the
+forecast, then finish the study and compare (SFT, a third seed, full fine-tuning at a stable 3e-3):
+
+    python examples/realdata/smollm2_study.py --task sft --steps 64 --sizes 16,32,64,128,256 --probe-sizes 64,128 \
+        --seed 2 --lrs 3e-3,1e-2 --kappa docs/realdata/smollm2_calibration_alllinear_load2.json \
+        -o smollm2-sft-seed2-out --stop-before-lora
+    python examples/realdata/smollm2_lora_probes.py smollm2-sft-seed2-out smollm2-sft-seed2-out/results.json \
+        --new-rank 0 --out docs/realdata/smollm2_lora_probes_sft_seed2.json --predict-only
+    python examples/realdata/smollm2_study.py --task sft --steps 64 --sizes 16,32,64,128,256 --probe-sizes 64,128 \
+        --seed 2 --lrs 3e-3,1e-2 --kappa docs/realdata/smollm2_calibration_alllinear_load2.json \
+        -o smollm2-sft-seed2-out --report docs/realdata/smollm2_sft_steps_seed2.json
+    python examples/realdata/smollm2_lora_probes.py smollm2-sft-seed2-out docs/realdata/smollm2_sft_steps_seed2.json \
+        --new-rank 0 --out docs/realdata/smollm2_lora_probes_sft_seed2.json
 """
 
 from __future__ import annotations
@@ -70,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-ranks", default=",".join(map(str, PROBE_RANKS)), help="the LoRA probes' ranks")
     parser.add_argument("--probe-size", type=int, help="the probes' slice (default: the largest full probe's)")
     parser.add_argument("--new-sizes", default=",".join(map(str, NEW_SIZES)), help="where the new rank runs")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="write the forecast (<out>_predictions.json) and stop: for a study stopped before its "
+                             "LoRA runs (smollm2_study.py --stop-before-lora), so that its ranks are predicted first")
     parser.add_argument("--tables", type=Path, metavar="JSON", help="print the markdown tables of a written JSON")
     args = parser.parse_args(argv)
     if args.tables:
@@ -131,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "new_rank": args.new_rank, "new_rank_runs_before": len(list(runs.glob(f"lora_r{args.new_rank}_*.h5")))
         if args.new_rank else None,
+        "study_lora_runs_before": sum(not name.startswith("full") for name in report["runs"]),
         "calibration": calibration.to_dict(), "constant": constant.to_dict(),
         "forecast": {r: {"examples": rows[r]["runway_examples"], "range": rows[r]["runway_range"],
                          "lora_parameters": rows[r]["lora_parameters"], "capacity_bits": rows[r]["capacity_bits"],
@@ -140,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         predictions_file.write_text(json.dumps(predictions, indent=1, allow_nan=False) + "\n")
     predictions = json.loads(predictions_file.read_text())
     say("forecast: " + ", ".join(f"r{r} {v['examples']:,.0f}" for r, v in predictions["forecast"].items()))
+    if args.predict_only:
+        say(f"forecast written to {predictions_file}; run the study's LoRA runs, then this command without "
+            "--predict-only")
+        return 0
+    if report["measured"] is None:
+        raise SystemExit("smollm2_lora_probes: the study has no LoRA run yet (it stopped before them): finish it, "
+                         "or pass --predict-only")
 
     base_train = {int(n): v for n, v in report["base_losses"]["train"].items()}
     for n in new_sizes:

@@ -488,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", metavar="FULL,LORA", help="one learning rate per method at every N, no grid (for "
                         "another seed of a study whose grid found them), e.g. 3e-3,1e-2; the probes run at it too, "
                         "so the forecast is only as good as that rate is for them")
+    parser.add_argument("--stop-before-lora", action="store_true",
+                        help="run full fine-tuning at every N, write predictions.json and the report, and stop "
+                             "before any LoRA run (to write another forecast first; rerun without it to go on)")
     parser.add_argument("--grid-sizes", default=",".join(str(n) for n in GRID_SIZES),
                         help="sizes where every method runs its whole learning-rate grid; larger ones run the "
                              "training-loss winner of the largest (default %(default)s)")
@@ -575,18 +578,12 @@ def main(argv: list[str] | None = None) -> int:
         ranks = RANKS if n in GRID_SIZES else sorted(RANKS, reverse=True)  # it alone still holds at N = 1,024
         return [("full", 0)] + [("all-linear", r) for r in ranks]
 
-    pending = [s for n in SIZES for t, r in methods(n) for s in specs(t, r, results, (n,))]
-    while pending:  # smaller N first; a larger N's rates are known once the grid below it is done
-        spec = pending.pop(0)
-        run(spec)
-        pending = [s for n in SIZES for t, r in methods(n) for s in specs(t, r, results, (n,))
-                   if s.name not in results]
-        if spec.target == "full":
-            continue
+    def write_report(complete: bool) -> None:
+        lora_runs = any(not name.startswith("full") for name in results)
         report = {
             "command": shlex.join(["python", "examples/realdata/smollm2_study.py",
                                    *(sys.argv[1:] if argv is None else argv)]),
-            "complete": not pending,
+            "complete": complete,
             "model": {"description": smollm2.DESCRIPTION, "trained": "the last block (model.layers.29): every "
                       "matrix and norm (full fine-tuning) or a PEFT LoRA on its 7 linear matrices"},
             "data": {**task.info, "sizes": SIZES, "held_out": data.HELD,
@@ -597,13 +594,29 @@ def main(argv: list[str] | None = None) -> int:
                          "lora_lrs": START["all-linear"], "fixed_lrs": bool(args.lrs), "alpha": ALPHA,
                          "seed": SEED, "torch_threads": args.threads},
             "base_losses": base_losses, "predictions": predictions,
-            "measured": measured(results, task, base_losses, predictions),
+            "measured": measured(results, task, base_losses, predictions) if lora_runs else None,
             "runs": {k: {x: v for x, v in r.items() if x != "path"} for k, r in results.items()},
             "wall_seconds": sum(r["seconds"] for r in results.values())}
         (args.out / "results.json").write_text(json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n")
         if args.report:
             args.report.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(args.out / "results.json", args.report)
+
+    if args.stop_before_lora:
+        for n in SIZES:  # the references at every N, so that another forecast can be written before any LoRA run
+            for spec in specs("full", 0, results, (n,)):
+                run(spec)
+        write_report(complete=False)
+        say("stopped before any LoRA run (--stop-before-lora); rerun without it to go on")
+        return 0
+    pending = [s for n in SIZES for t, r in methods(n) for s in specs(t, r, results, (n,))]
+    while pending:  # smaller N first; a larger N's rates are known once the grid below it is done
+        spec = pending.pop(0)
+        run(spec)
+        pending = [s for n in SIZES for t, r in methods(n) for s in specs(t, r, results, (n,))
+                   if s.name not in results]
+        if spec.target != "full":
+            write_report(complete=not pending)
     say("done")
     return 0
 
