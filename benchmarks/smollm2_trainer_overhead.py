@@ -21,6 +21,12 @@ recorder's close: the final snapshot and the writer drained), and the loop from 
 the last step (the first step's warm-up left out). The recorded runs' ``recording_cost`` section gives the
 training thread's time per snapshot, the worker's CPU time and the snapshots thinned by the budget.
 
+``--fresh`` runs each configuration in a fresh subprocess instead. In one process a run reuses the heap memory the
+run before it freed, so its large per-step buffers (the logits and their gradients, over glibc's 32 MiB mmap limit)
+are carved from it without page faults, while a recorded run's W_0 copy takes that memory first and its buffers are
+mapped afresh every step: a baseline after another run is faster than any first run in a process, which is
+what a user's run is (docs/benchmarks.md measures it).
+
 ``--load`` starts a second process that keeps both cores busy (float32 matrix products on two torch threads) for
 the whole measurement. ``--memory`` runs ``baseline`` and ``defaults`` again, each in a fresh subprocess of
 ``--memory-steps`` steps, and compares their peak resident set size (``VmHWM``) with the recorded weights' bytes.
@@ -183,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order", default="baseline,stats,defaults",
                         help=f"comma-separated configurations, in order; from {CONFIGS}")
     parser.add_argument("--warmup", type=int, default=5, help="steps of an uncounted baseline run first (0: none)")
+    parser.add_argument("--fresh", action="store_true", help="run each configuration in a fresh subprocess (the "
+                        "same empty heap for each; in one process a run reuses the memory the run before it freed)")
     parser.add_argument("--load", action="store_true", help="another process keeps both cores busy meanwhile")
     parser.add_argument("--memory", action="store_true", help="also peak RSS of baseline and defaults, each in a "
                         "fresh subprocess")
@@ -213,12 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            if args.warmup:  # the process's first training pays one-off costs (allocator, thread pools)
+            if args.warmup and not args.fresh:  # the process's first training pays one-off costs (allocator, threads)
                 warm = run("baseline", base, argparse.Namespace(**{**vars(args), "steps": args.warmup}), Path(tmp))
                 print(f"  warm-up ({args.warmup} steps, not counted): train() {warm['train_seconds']:.1f} s",
                       flush=True)
             for config in order:
-                results.append(run(config, base, args, Path(tmp)))
+                results.append(run_fresh(config, args) if args.fresh else run(config, base, args, Path(tmp)))
                 r = results[-1]
                 print(f"  {config}: train() {r['train_seconds']:.1f} s, loop {r['loop_seconds']:.1f} s, median step "
                       f"{r['median_step_seconds']:.2f} s", flush=True)
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": what, "recorded_matrices": matrices, "recorded_bytes": weights, "steps": args.steps,
             "batch": args.batch, "seq": args.seq, "threads": args.threads, "load": args.load, "order": order,
             "device": args.device, "torch": torch.__version__, "cpus": os.cpu_count(),
-            "warmup_steps": args.warmup,
+            "warmup_steps": 0 if args.fresh else args.warmup, "fresh_processes": args.fresh,
             "load_average": os.getloadavg(), "runs": results, "summary": report, "memory": memory}, indent=2) + "\n")
     return 0
 
@@ -277,15 +285,20 @@ def bracketed_ratio(results: list[dict[str, Any]], i: int) -> float | None:
     return results[i]["train_seconds"] / statistics.fmean([before[-1]["train_seconds"], after[0]["train_seconds"]])
 
 
+def run_fresh(config: str, args: argparse.Namespace, steps: int | None = None) -> dict[str, Any]:
+    """:func:`run` of ``config`` in a fresh subprocess (``--child``), with its peak RSS."""
+    command = [sys.executable, __file__, "--child", config, "--steps", str(steps or args.steps), "--batch",
+               str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads), "--device", args.device]
+    if args.random_weights:
+        command.append("--random-weights")
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def measure_memory(args: argparse.Namespace, weights: int) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": args.memory_steps, "recorded_mib": weights / 2**20}
     for config in ("baseline", "defaults"):
-        command = [sys.executable, __file__, "--child", config, "--steps", str(args.memory_steps), "--batch",
-                   str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads), "--device", args.device]
-        if args.random_weights:
-            command.append("--random-weights")
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        out[config] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+        out[config] = run_fresh(config, args, args.memory_steps)["peak_rss_mib"]
     out["extra_mib"] = out["defaults"] - out["baseline"]
     out["extra_over_recorded"] = out["extra_mib"] / out["recorded_mib"]
     return out
