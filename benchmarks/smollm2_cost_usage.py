@@ -42,7 +42,7 @@ def main() -> None:
                                            "smollm2_cost_usage.json")
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        bench.run("baseline", base, argparse.Namespace(steps=3, batch=4, seq=128, device="cpu"), Path(tmp))
+        bench.run("baseline", base, argparse.Namespace(**{**vars(args), "steps": 3}), Path(tmp))  # uncounted
         for config in a.order.split(","):
             r0, t0 = resource.getrusage(resource.RUSAGE_SELF), threads_usage()
             r = bench.run("stats" if config == "stats" else "baseline", base, args, Path(tmp))
