@@ -18,6 +18,7 @@ import numpy as np
 
 from lorascope import _display
 from lorascope.analysis.falloff import (
+    DIVERGED,
     FALLOFF,
     LAG,
     MAD_TO_SIGMA,
@@ -26,6 +27,7 @@ from lorascope.analysis.falloff import (
     TENTATIVE,
     classify_lag,
     detect_falloff,
+    loss_rose,
     moving_median,
     paired_gap,
     thin_grid,
@@ -174,7 +176,8 @@ class LoraResult:
     lora_alpha, scaling : float or None
         PEFT's alpha and the scaling of B A (alpha / r, or alpha / sqrt(r) with rsLoRA).
     status : str
-        "falloff", "tentative" or "none" (no falloff within the data).
+        "falloff", "tentative", "none" (no falloff within the data), "lag" (behind from the start and closing)
+        or "diverged" (its own loss rose, above its start or back at the end: no capacity falloff is read from it).
     falloff_index : int
         Row of ``run`` (usable steps sorted by x) where the falloff starts; -1 without one.
     grid_x, gap, gap_se : numpy.ndarray
@@ -244,7 +247,8 @@ class PredictionRow:
     ``ratio`` is predicted / measured (above 1: the prediction was too late); ``predicted`` is infinite (null in
     JSON) when no falloff is expected within the run. Without a measured falloff
     ``measured_lower_bound`` is the end of the compared data, and ``consistent`` says whether the prediction
-    lies beyond it too.
+    lies beyond it too; a run that diverged (``status`` "diverged") measures nothing, and every field but the
+    prediction is None.
     """
 
     rank: int
@@ -512,7 +516,14 @@ def falloff_against(full: RunCurve, lora: RunCurve, identity: LoraIdentity, crit
                      f"above it from {end:,.0f} on (a transient excursion, not a falloff)")
     index = int(rows[found.index]) if found.status in (FALLOFF, TENTATIVE) else -1
     status = found.status
-    if 0 <= index - inside[0] < criterion.min_points:  # above from the first steps: it never tracked full FT
+    rise = loss_rose(lora.loss[inside], threshold=criterion.threshold, z=criterion.z, relative=criterion.relative)
+    if rise.rose:
+        status, index = DIVERGED, -1
+        notes.append(f"{lora.path}: its loss {rise.how} (medians of 3 steps: {rise.start:.3g} at the start, "
+                     f"{rise.lowest:.3g} at its lowest, {rise.end:.3g} at the end): training made it worse, an "
+                     "unstable run (a learning rate too high for this rank, typically); its gap is that, not the "
+                     "rank's capacity, and no falloff is read from it")
+    elif 0 <= index - inside[0] < criterion.min_points:  # above from the first steps: it never tracked full FT
         closing, start, end = classify_lag(found.gap)
         if closing:
             status, index = LAG, -1
@@ -539,7 +550,9 @@ def prediction_rows(predictions: Mapping[int, float], results: Sequence[LoraResu
         if not matching:
             rows.append(PredictionRow(rank, predicted, None, "no_run", None, None, None, None))
         for result in matching:
-            if result.status in (NONE, LAG):
+            if result.status == DIVERGED:  # an unstable run measures nothing about capacity
+                rows.append(PredictionRow(rank, predicted, result.run.label, DIVERGED, None, None, None, None))
+            elif result.status in (NONE, LAG):
                 bound = result.compared_range[1]
                 rows.append(PredictionRow(rank, predicted, result.run.label, NONE, None, None, bound,
                                           predicted >= bound))

@@ -27,6 +27,11 @@ run files and calls it. The rule (documented with its defaults in ``docs/compare
    started) it is a *lag* in learning speed (a learning rate or warm-up that starts it slower), not a capacity
    falloff (:func:`classify_lag`); a gap that stays counts as a falloff, with a note that it may be the setup as
    much as capacity.
+7. **Diverged.** A LoRA run whose own loss rose, ending above where it started or climbing back at the end by a
+   quarter or more of what it had clearly learned (:func:`loss_rose`, on medians of 3 steps, beyond the threshold
+   by z standard errors), was made worse by its training: an unstable run (a learning rate too high for its rank,
+   typically), whose gap says nothing of its rank's capacity. It gets the status **diverged** and no falloff,
+   whatever its gap did.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FalloffDetection", "classify_lag", "detect_falloff", "moving_median", "paired_gap", "thin_grid"]
+__all__ = ["FalloffDetection", "LossRise", "classify_lag", "detect_falloff", "loss_rose", "moving_median", "paired_gap",
+           "thin_grid"]
 
 MAD_TO_SIGMA = 1.4826  # sigma of a normal distribution per unit of median absolute deviation
 MEDIAN_SE = 1.2533  # sqrt(pi / 2): standard error of a median of n normal draws is 1.2533 sigma / sqrt(n)
@@ -48,6 +54,9 @@ TENTATIVE = "tentative"
 NONE = "none"
 LAG = "lag"  # above from the first steps and closing: a learning-speed lag, not a capacity falloff
 CLOSING = 0.5  # a gap that ends below this share of where it started is closing
+DIVERGED = "diverged"  # its own loss rose (above its start, or back at the end): unstable, not a capacity falloff
+GIVE_BACK = 0.25  # a loss that climbs back this share of what it had learned, at the end of a run, diverged
+LEARNED_MARGINS = 4  # ... provided it had learned: its lowest this many noise margins below its start
 
 
 @dataclass(frozen=True)
@@ -254,6 +263,57 @@ def classify_lag(gap: Any, *, points: int = MIN_SUSTAIN_POINTS) -> tuple[bool, f
         return False, float("nan"), float("nan")
     start, end = float(np.median(d[:points])), float(np.median(d[-points:]))
     return bool(start > 0 and end < CLOSING * start), start, end
+
+
+@dataclass(frozen=True)
+class LossRise:
+    """Whether a run's own training loss rose (:func:`loss_rose`), and the medians it was judged on."""
+
+    rose: bool
+    how: str  # "ended above its start", "climbed back at the end" or "" (it did not rise)
+    start: float
+    lowest: float
+    end: float
+
+
+def loss_rose(loss: Any, *, threshold: float, z: float, points: int = MIN_SUSTAIN_POINTS, relative: bool = False,
+              give_back: float = GIVE_BACK) -> LossRise:
+    """Whether a run's loss (in the order of the data axis) rose: it ended above where it started, or, having
+    learned, it climbed back at the end by ``give_back`` or more of what it had learned.
+
+    Start, end and the lowest level are medians of ``points`` consecutive losses (the first, the last, and the
+    lowest before the last stretch), so that one bad batch decides nothing; a rise counts when it clears
+    ``threshold`` (a share of the start when ``relative``) by ``z`` standard errors of the difference of two such
+    medians (the noise from the losses' deviations from their own running median): the margin. A climb back is
+    read only when the lowest is :data:`LEARNED_MARGINS` margins below the start: on a run that barely learned, the
+    lowest of many noisy medians sits below the rest by chance. A LoRA starts from its base
+    model exactly (B = 0), so a rise means training made the model worse: an unstable run, not a capacity effect.
+
+    Examples
+    --------
+    >>> loss_rose([3.4, 3.3, 3.1, 2.9, 2.8, 2.7, 2.6, 2.5, 2.5, 2.4], threshold=0.02, z=2).rose   # learning
+    False
+    >>> loss_rose([3.4, 3.3, 3.5, 3.6, 4.1, 4.8, 5.0, 5.1, 5.0, 5.2], threshold=0.02, z=2).how
+    'ended above its start'
+    >>> loss_rose([3.4, 3.3, 2.1, 1.2, 0.6, 0.3, 0.2, 0.2, 0.3, 1.0, 1.4, 5.8], threshold=0.02, z=2).how
+    'climbed back at the end'
+    """
+    values = np.asarray(loss, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size < 3 * points:
+        return LossRise(False, "", float("nan"), float("nan"), float("nan"))
+    medians = np.median(np.lib.stride_tricks.sliding_window_view(values, points), axis=1)
+    start, end, lowest = float(medians[0]), float(medians[-1]), float(medians[:-points].min())
+    residual = values[points // 2: points // 2 + medians.size] - medians
+    sigma = MAD_TO_SIGMA * float(np.median(np.abs(residual)))
+    scale = abs(start) if relative else 1.0
+    margin = threshold * scale + z * MEDIAN_SE * sigma * np.sqrt(2.0 / points)
+    if end - start > margin:
+        return LossRise(True, "ended above its start", start, lowest, end)
+    learned = start - lowest > LEARNED_MARGINS * margin  # a climb back is read only after clear progress
+    if learned and end - lowest > margin and end - lowest >= give_back * (start - lowest):
+        return LossRise(True, "climbed back at the end", start, lowest, end)
+    return LossRise(False, "", start, lowest, end)
 
 
 def _all_in(flags: np.ndarray, ends: np.ndarray) -> np.ndarray:

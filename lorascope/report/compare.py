@@ -138,6 +138,8 @@ def _legend(lora: LoraResult, words: str) -> str:
         return f"LoRA {lora.run.label}: tentative falloff at {count(lora.falloff_x)} {words}"
     if lora.status == "lag":
         return f"LoRA {lora.run.label}: slower from the start, closing the gap (no capacity falloff)"
+    if lora.status == "diverged":
+        return f"LoRA {lora.run.label}: its loss rose above its start, diverged (no capacity falloff)"
     return f"LoRA {lora.run.label}: no falloff within the data"
 
 
@@ -161,6 +163,7 @@ def format_comparison(summary: dict[str, Any]) -> str:
         falloff = lora["falloff"]
         verdict = {"falloff": "falls off", "tentative": "tentative (data end)",
                    "lag": "lag, closing (no falloff)",
+                   "diverged": "diverged: its loss rose (no falloff)",
                    "none": f"none up to {count(lora['compared']['x_max'])} {words}"}[falloff["status"]]
         rank = MISSING if lora["rank"] is None else str(lora["rank"])
         rows.append([lora["label"], rank, significant(lora["lora_alpha"]), significant(lora["scaling"]),
@@ -175,6 +178,8 @@ def format_comparison(summary: dict[str, Any]) -> str:
         for row in summary["predictions"]:
             if row["status"] == "no_run":
                 note = "no LoRA run of this rank"
+            elif row["status"] == "diverged":
+                note = "the run diverged: it measures nothing"
             elif row["status"] == "none":
                 note = (f"no falloff up to {count(row['measured_lower_bound'])}: prediction "
                         + ("consistent" if row["consistent"] else "too early"))

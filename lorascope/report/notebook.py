@@ -65,14 +65,20 @@ def comparison_html(summary: Mapping[str, Any]) -> str:
     from lorascope.report.compare import format_comparison
 
     words = X_UNITS[summary["x"]]
-    rows = [(f"LoRA {lora['label']}", f"falloff at {count(lora['falloff']['x'])} {words} ({lora['falloff']['status']})"
-             if lora["falloff"]["status"] in ("falloff", "tentative") else
-             f"no falloff up to {count(lora['compared']['x_max'])} {words} ({lora['falloff']['status']})")
-            for lora in summary["loras"]]
+    rows = [(f"LoRA {lora['label']}", _falloff_words(lora, words)) for lora in summary["loras"]]
     rows.insert(0, ("full fine-tuning", f"{summary['full']['path']}, final loss "
                                         f"{number(summary['full']['final_loss'], 4)}"))
     return _card("lorascope comparison: LoRA against full fine-tuning",
                  _pairs(rows) + _details(format_comparison(dict(summary))))
+
+
+def _falloff_words(lora: Mapping[str, Any], words: str) -> str:
+    status = lora["falloff"]["status"]
+    if status in ("falloff", "tentative"):
+        return f"falloff at {count(lora['falloff']['x'])} {words} ({status})"
+    if status == "diverged":
+        return "diverged: its loss rose above its start (no falloff read from it)"
+    return f"no falloff up to {count(lora['compared']['x_max'])} {words} ({status})"
 
 
 def recommendation_html(summary: Mapping[str, Any]) -> str:

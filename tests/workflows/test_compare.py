@@ -162,6 +162,67 @@ def test_a_lora_behind_from_the_start_whose_gap_stays_is_still_a_falloff(tmp_pat
     assert any("the gap does not close" in note for note in result.notes)
 
 
+@pytest.mark.parametrize("rise_from", [5, 60])
+def test_a_lora_whose_loss_rises_above_its_start_diverged_and_measures_no_falloff(tmp_path, rise_from):
+    """A LoRA run at too high a learning rate: its loss climbs above the base model's (where it started) and stays
+    there, from the first steps or after tracking full fine-tuning for a while. The gap is then large and
+    sustained, but it is instability, not the rank's capacity: no falloff, no predicted-vs-measured ratio."""
+    full, lora = curves(0)
+    steps = np.arange(1, N_STEPS + 1)
+    lora = np.where(steps >= rise_from, 4.0 + 0.02 * np.random.default_rng(1).normal(size=N_STEPS), lora)
+    result = compare(write_run(tmp_path / "full.h5", full), write_run(tmp_path / "lora.h5", lora, rank=1),
+                     predictions={1: 800})
+    run = result.loras[0]
+    assert run.status == "diverged" and run.falloff_x is None and run.falloff_step is None
+    assert run.gap[-1] > 1.0  # the gap is there, and large
+    assert any("its loss ended above its start" in note for note in result.notes)
+    assert not any("lag in learning speed" in note or "never tracked" in note for note in result.notes)
+    (row,) = result.predictions
+    assert (row.status, row.measured, row.ratio, row.consistent) == ("diverged", None, None, None)
+    text = format_comparison(result.summary)
+    assert "diverged: its loss rose" in text and "the run diverged: it measures nothing" in text
+    assert result.summary["loras"][0]["falloff"]["status"] == "diverged"
+
+
+# The real study's curves (docs/realdata_smollm2.md, SFT third seed, N = 16): training losses per step, rounded to
+# 0.01, of full fine-tuning at 3e-3 and of the rank-1 LoRA at 1e-2, which learned to 0.16 and blew up in its last
+# four steps (its final model's loss, 5.07, ended above the base's 3.44).
+REAL_FULL_N16 = [3.44, 3.42, 2.73, 2.19, 1.59, 1.46, 1.18, 0.79, 0.55, 0.42, 0.31, 0.21, 0.15, 0.11, 0.07, 0.04, 0.03,
+                 0.02, 0.02, 0.01, 0.01, 0.01] + [0.0] * 42
+REAL_LORA_R1_N16 = [3.44, 3.29, 3.91, 3.07, 3.08, 3.0, 2.93, 2.64, 2.5, 2.26, 2.13, 1.97, 1.94, 1.8, 1.71, 1.68, 1.54,
+                    1.55, 1.41, 1.29, 1.27, 1.18, 1.12, 1.07, 0.99, 0.94, 0.9, 0.8, 0.79, 0.73, 0.68, 0.64, 0.61, 0.59,
+                    0.54, 0.52, 0.51, 0.48, 0.43, 0.41, 0.38, 0.36, 0.33, 0.32, 0.3, 0.28, 0.27, 0.25, 0.25, 0.23,
+                    0.21, 0.21, 0.2, 0.19, 0.18, 0.17, 0.16, 0.18, 0.17, 0.18, 0.31, 1.0, 1.36, 5.75]
+REAL_LORA_R4_N16 = [3.44, 3.27, 3.76, 3.49, 2.77, 3.03, 2.75, 2.56, 2.22, 2.01, 1.84, 1.63, 1.41, 1.19, 1.01, 0.84,
+                    0.67, 0.54, 0.41, 0.33, 0.25, 0.2, 0.16, 0.14, 0.1, 0.09, 0.07, 0.06, 0.05, 0.04, 0.03, 0.03,
+                    0.02, 0.02, 0.02, 0.02] + [0.01] * 12 + [0.0] * 16
+
+
+def test_the_real_studys_rank_1_run_that_blew_up_at_the_end_diverged(tmp_path):
+    """On the real study's curves: rank 1 learned, then climbed from 0.17 to 1.36 (medians of 3) in its last steps;
+    rank 4 (same learning rate, same data) did not, and keeps its falloff reading."""
+    full = write_run(tmp_path / "full.h5", REAL_FULL_N16)
+    result = compare(full, [write_run(tmp_path / "r1.h5", REAL_LORA_R1_N16, rank=1),
+                            write_run(tmp_path / "r4.h5", REAL_LORA_R4_N16, rank=4)], predictions={1: 40, 4: 60})
+    rank1, rank4 = result.loras
+    assert rank1.status == "diverged"
+    assert any("r1.h5: its loss climbed back at the end" in note and "1.36 at the end" in note
+               for note in result.notes)
+    assert rank4.status != "diverged"
+    assert not any("r4.h5: its loss" in note for note in result.notes)
+    rows = {row.rank: row for row in result.predictions}
+    assert rows[1].status == "diverged" and rows[1].ratio is None and rows[4].status != "diverged"
+
+
+def test_a_lora_that_falls_off_but_still_learns_is_not_diverged(tmp_path):
+    """Falling off the full fine-tuning curve while the loss still ends below its start is a falloff: the gap grows
+    by 0.5 nats, the run's own loss falls by 1.5."""
+    full, lora = curves(0, falloff_step=60, jump=0.2, slope=0.15)
+    run = compare(write_run(tmp_path / "full.h5", full), write_run(tmp_path / "lora.h5", lora, rank=1)).loras[0]
+    assert run.status == "falloff"
+    assert lora[-20:].mean() < lora[:9].mean() - 1.0
+
+
 def test_falloff_at_the_end_of_the_data_is_tentative(tmp_path):
     full, lora = curves(0, falloff_step=370, jump=0.3, slope=0.0)
     run = compare(write_run(tmp_path / "full.h5", full), write_run(tmp_path / "lora.h5", lora, rank=4)).loras[0]
