@@ -33,6 +33,8 @@ extrapolated); today's goes through the probes and continues the last segment (d
     python examples/realdata/smollm2_lora_probes.py smollm2-sft-steps-seed1-out \\
         docs/realdata/smollm2_sft_steps_seed1.json --new-rank 0 --out docs/realdata/smollm2_lora_probes_sft_seed1.json
     python examples/realdata/smollm2_lora_probes.py --tables docs/realdata/smollm2_lora_probes.json
+    python examples/realdata/smollm2_lora_probes.py --remeasure docs/realdata/smollm2_lora_probes.json  # falloffs
+        # and verdicts read again from the study's JSON and the held shares (a share below 0: diverged, left out)
 
 To predict the study's own ranks before any of their runs, stop the study after its full fine-tuning runs, write the
 forecast, then finish the study and compare (SFT, a third seed, full fine-tuning at a stable 3e-3):
@@ -88,9 +90,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the forecast (<out>_predictions.json) and stop: for a study stopped before its "
                              "LoRA runs (smollm2_study.py --stop-before-lora), so that its ranks are predicted first")
     parser.add_argument("--tables", type=Path, metavar="JSON", help="print the markdown tables of a written JSON")
+    parser.add_argument("--remeasure", type=Path, metavar="JSON", help="recompute a written JSON's falloffs and "
+                        "verdicts, in place, from its study's JSON and its own held shares (after a change of the "
+                        "measurement rule); the forecasts are kept")
     args = parser.parse_args(argv)
     if args.tables:
         print(tables(json.loads(args.tables.read_text())))
+        return 0
+    if args.remeasure:
+        remeasure(args.remeasure)
+        print(tables(json.loads(args.remeasure.read_text())))
         return 0
     if args.folder is None or args.report is None:
         parser.error("give the study's folder and its results JSON")
@@ -189,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
                        "kappa": point.bits_per_parameter, "share_of_full": point.bits_stored / point.bits_offered,
                        "full": point.saturated, "code_length_bits": information_from_run(
                            probe, dataset_examples=probe_n).description_length_bits}
-    share = {n: (base_train[n] - train_loss("all-linear", args.new_rank, n, lora_lr))
-                / (base_train[n] - train_loss("full", 0, n, full_lr)) for n in new_sizes}
+    new_losses = {n: train_loss("all-linear", args.new_rank, n, lora_lr) for n in new_sizes}
+    share = {n: (base_train[n] - new_losses[n]) / (base_train[n] - train_loss("full", 0, n, full_lr))
+             for n in new_sizes}
+    diverged = [n for n in new_sizes if new_losses[n] > base_train[n]]  # made worse than the base: not capacity
     measured = {str(r): report["measured"]["falloff"]["train"][str(r)] for r in (1, 4, 16)}
     if args.new_rank:
-        measured[str(args.new_rank)] = measure.crossing(share)
+        measured[str(args.new_rank)] = measure.crossing({n: v for n, v in share.items() if n not in diverged})
     used = {study.RunSpec("all-linear", r, probe_n, lora_lr).name for r in probe_ranks} | {
         study.RunSpec(*method, n, lr).name for n in new_sizes
         for method, lr in ((("full", 0), full_lr), (("all-linear", args.new_rank), lora_lr))}
@@ -201,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python examples/realdata/smollm2_lora_probes.py " + " ".join(argv or sys.argv[1:]),
               "study": str(args.report), "predictions": predictions,
               "held_share": {str(args.new_rank): share} if args.new_rank else {},
+              "diverged": {str(args.new_rank): diverged} if args.new_rank else {},
               "base_train_losses": base_train, "falloff": measured, "probe_slice": slice_,
               "verdicts": {r: measure.verdict(predictions["forecast"][r]["examples"], measured[r]) for r in measured},
               "forecast_now": {str(r): {"examples": rows[r]["runway_examples"], "range": rows[r]["runway_range"],
@@ -212,6 +224,27 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     print(tables(json.loads(args.out.read_text())))
     return 0
+
+
+def remeasure(path: Path) -> None:
+    """The falloffs of a written result read again: ranks 1, 4 and 16 from its study's JSON, the new rank from its
+    held shares (a negative share is a run that ended above the base: diverged, left out), and every verdict
+    against them. No run, no weights; the forecasts stay as written."""
+    result = json.loads(path.read_text())
+    report = json.loads(Path(result["study"]).read_text())
+    measured = {r: report["measured"]["falloff"]["train"][r] for r in ("1", "4", "16")}
+    for r, share in result["held_share"].items():
+        diverged = sorted(int(n) for n, v in share.items() if v < 0)
+        measured[r] = measure.crossing({int(n): v for n, v in share.items() if int(n) not in diverged})
+        result.setdefault("diverged", {})[r] = diverged
+    result["falloff"] = measured
+    result["verdicts"] = {r: measure.verdict(result["predictions"]["forecast"][r]["examples"], measured[r])
+                          for r in measured}
+    for rows in (result["forecast_now"], result["own_rank"]):
+        for r, row in rows.items():
+            if r in measured:
+                row.update(measure.verdict(row["examples"], measured[r]))
+    path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
 
 
 def tables(result: dict[str, Any]) -> str:

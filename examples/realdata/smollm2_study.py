@@ -38,6 +38,11 @@ forecast with that measured kappa(P) to the predictions (still written before an
 ``--seed S`` changes the batch order and LoRA's initialisation; ``--lrs FULL,LORA`` runs each method at one rate at
 every N (no grid), for another seed of a study whose grids found the rates. The probes run at that rate too: where
 it is not each probe's best, the forecast moves (the SFT second seed, docs/realdata_smollm2.md: 0.13x at rank 1).
+
+A cell whose tuned LoRA run ended with a training loss above the base model's diverged: it is marked, and left out of
+the falloff. ``--remeasure RESULTS_JSON`` rewrites a report's measured section from the report alone (its runs'
+losses, base losses, predictions and loss tokens per example), after a change of that rule. A fresh SFT rerun draws
+its pairs without memory addresses in the prompts (:func:`sft_pairs`), so not exactly the checked-in reports' draw.
 """
 
 from __future__ import annotations
@@ -108,9 +113,15 @@ def continued_pretraining(base: Any, tokenizer: Any, cache: Path) -> TaskData:
 
 def sft_pairs(tokenizer: Any) -> list[tuple[list[int], list[int]]]:
     """(prompt, completion) token ids: a function's qualified name and signature, then its docstring, for every
-    documented callable of both corpora with a signature (the prompt at most 32 tokens, the pair cut to 64)."""
+    documented callable of both corpora with a signature (the prompt at most 32 tokens, the pair cut to 64).
+
+    A default's repr may hold a memory address (``timeout=<object object at 0x7f...>``), which differs from process
+    to process; it is removed, so every process draws the same pairs. (The reports checked in before 2026-12-05 were
+    built with the addresses: each study's runs in one process, one draw of 2,054 pairs; the LoRA-probe scripts'
+    runs started from the same first batch, their step-1 losses equal to the study's.)"""
     import importlib
     import inspect
+    import re
     import warnings
 
     pairs = []
@@ -119,7 +130,8 @@ def sft_pairs(tokenizer: Any) -> list[tuple[list[int], list[int]]]:
         for name, doc in corpora.corpus_a() + corpora.corpus_b():
             module, _, attr = name.rpartition(".")
             try:
-                signature = str(inspect.signature(getattr(importlib.import_module(module), attr)))
+                signature = re.sub(r" at 0x[0-9a-fA-F]+", "", str(inspect.signature(getattr(
+                    importlib.import_module(module), attr))))
             except Exception:  # noqa: BLE001 - no signature (a module, a builtin): not a pair
                 continue
             prompt = tokenizer(f"{name}{signature}\n", add_special_tokens=False).input_ids
@@ -343,12 +355,15 @@ def predict(out: Path, base: Any, task: TaskData, results: dict[str, dict], say:
 def measured(results: dict[str, dict], task: TaskData, base_losses: dict[str, Any], predictions: dict[str, Any]
              ) -> dict[str, Any]:
     """Held shares per rank and N (learning rate tuned per condition and criterion), the falloffs, and each
-    predictor against them. A rank with a missing run at some N is left out of that N."""
+    predictor against them. A rank with a missing run at some N is left out of that N; so is a cell whose tuned
+    LoRA run diverged (its training loss ended above the base model's: training made it worse, which says nothing
+    of the rank's capacity), listed under ``diverged``."""
     criteria = {"train": "train_loss", "held": "held_loss"}
     done = {(r["target"], r["rank"], r["examples"]) for r in results.values()}
     sizes = [n for n in SIZES if ("full", 0, n) in done]
     share: dict[str, dict[int, dict[int, float]]] = {c: {r: {} for r in RANKS} for c in criteria}
     losses: dict[str, dict[int, dict[str, float]]] = {c: {} for c in criteria}
+    diverged: dict[str, dict[int, list[int]]] = {c: {r: [] for r in RANKS} for c in criteria}
     best_lr: list[dict[str, Any]] = []
     def grid(target: str, rank: int, n: int) -> list[float]:
         return sorted(x["lr"] for x in results.values() if (x["target"], x["rank"], x["examples"]) == (target, rank, n))
@@ -366,9 +381,12 @@ def measured(results: dict[str, dict], task: TaskData, base_losses: dict[str, An
                 lora = best(results, "all-linear", r, n, by)
                 losses[c][n][f"r{r}"] = lora[by]
                 share[c][r][n] = (start - lora[by]) / (start - full[by]) if start > full[by] else math.nan
+                if lora["train_loss"] > base_losses["train"][n]:
+                    diverged[c][r].append(n)
                 best_lr.append({"criterion": c, "target": "all-linear", "rank": r, "examples": n, "lr": lora["lr"],
                                 "grid": grid("all-linear", r, n), "edge": _edge(lora["lr"], grid("all-linear", r, n))})
-    falloff = {c: {r: measure.crossing({n: v for n, v in share[c][r].items() if math.isfinite(v)}) for r in RANKS}
+    falloff = {c: {r: measure.crossing({n: v for n, v in share[c][r].items()
+                                        if math.isfinite(v) and n not in diverged[c][r]}) for r in RANKS}
                for c in criteria}
     predictors = {}
     for name, rows in predictions["information"].items():
@@ -384,7 +402,8 @@ def measured(results: dict[str, dict], task: TaskData, base_losses: dict[str, An
                      for m, v in losses["train"][n].items() if m != "base"} for n in sizes}
     params = {r: predictions["information"]["all sizes (growth law)"][r]["lora_parameters"] for r in RANKS}
     return {"held_fraction_level": measure.HELD_FRACTION, "losses": losses, "held_share": share,
-            "falloff": falloff, "predictors": predictors, "training_loss_reduction_bits": held_bits,
+            "diverged": diverged, "falloff": falloff, "predictors": predictors,
+            "training_loss_reduction_bits": held_bits,
             "lora_parameters": params,
             "held_bits_per_lora_parameter": {r: {n: held_bits[n][f"r{r}"] / params[r] for n in sizes
                                                  if f"r{r}" in held_bits[n]} for r in RANKS},
@@ -416,10 +435,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Share of full fine-tuning's loss reduction LoRA holds ({title}):", "",
                   "| rank | " + " | ".join(f"N={n:,}" for n in sizes) + " | falloff (< 90%) |",
                   "|---|" + "---|" * (len(sizes) + 1)]
+        diverged = m.get("diverged", {}).get(c, {})  # reports before the rule have none
         for r in RANKS:
-            shares = m["held_share"][c][str(r)]
-            lines.append(f"| {r} | " + " | ".join(f"{shares[str(n)]:.2f}" if shares.get(str(n)) is not None else "-"
-                                                 for n in sizes) + f" | {fmt._falloff(m['falloff'][c][str(r)])} |")
+            shares, bad = m["held_share"][c][str(r)], diverged.get(str(r), [])
+            lines.append(f"| {r} | " + " | ".join(("-" if shares.get(str(n)) is None else f"{shares[str(n)]:.2f}")
+                                                 + (" (diverged)" if n in bad else "") for n in sizes)
+                         + f" | {fmt._falloff(m['falloff'][c][str(r)])} |")
+        if any(diverged.values()):
+            lines += ["", "(diverged): the tuned LoRA run's training loss ended above the base model's; training made "
+                      "it worse, so the cell says nothing of the rank's capacity and the falloff leaves it out."]
         lines.append("")
     for c, title in (("train", "training loss"), ("held", "held-out loss")):
         lines += [f"Predicted falloff (examples) against the one measured on {title}: predicted (predicted / "
@@ -442,6 +466,25 @@ def markdown(report: dict[str, Any]) -> str:
               f"{first['growth_exponent']:.2f}) from the probes; {m['lr_edges']} of {m['lr_cells']} (method, N, "
               "criterion) cells have their best learning rate at an edge of the grid.", ""]
     return "\n".join(lines)
+
+
+def remeasure(path: Path) -> None:
+    """Rewrite a report's ``measured`` section from what the report itself holds (its runs' losses, the base
+    losses, the predictions, the loss tokens per example): no weights, no corpus, so a change of the measurement rule
+    reaches a checked-in report without re-deriving its data from the packages installed today."""
+    global SIZES
+    report = json.loads(path.read_text())
+    SIZES = tuple(report["data"]["sizes"])
+    tokens = {int(n): v for n, v in report["data"]["tokens_per_example"].items()}
+    task = TaskData(*([None] * 4), info=report["data"])  # type: ignore[arg-type]
+    task.tokens_per_example = tokens.__getitem__  # type: ignore[method-assign]
+    base = {"train": {int(n): v for n, v in report["base_losses"]["train"].items()},
+            "held": report["base_losses"]["held"]}
+    predictions = {**report["predictions"],
+                   **{kind: {k: {int(r): v for r, v in rows.items()} for k, rows in report["predictions"][kind].items()}
+                      for kind in ("information", "spectral")}}
+    report["measured"] = measured(report["runs"], task, base, predictions)
+    path.write_text(json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n")
 
 
 def _module(name: str, path: Path) -> Any:
@@ -476,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", type=Path, help="also copy results.json there (the checked-in table)")
     parser.add_argument("--tables", type=Path, metavar="RESULTS_JSON", help="print the tables of a results.json")
+    parser.add_argument("--remeasure", type=Path, metavar="RESULTS_JSON",
+                        help="recompute a results.json's measured section from its own runs, base losses, predictions "
+                        "and loss tokens per example, in place (after a change of the measurement rule)")
     parser.add_argument("--sizes", default=",".join(str(n) for n in SIZES),
                         help=f"dataset sizes N, comma-separated; must include {PROBE_SIZES} (default %(default)s)")
     parser.add_argument("--probe-sizes", default=",".join(str(n) for n in PROBE_SIZES),
@@ -525,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     GRID_SIZES, SIZES, PROBE_SIZES, STEPS, KAPPA, SEED = grid, every, probe, args.steps, args.kappa, args.seed
     if args.tables:
         print(markdown(json.loads(args.tables.read_text())))
+        return 0
+    if args.remeasure:
+        remeasure(args.remeasure)
+        print(markdown(json.loads(args.remeasure.read_text())))
         return 0
     torch.set_num_threads(args.threads)
     started = time.time()

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "examples" / "realdata"))
 sys.path.insert(0, str(ROOT / "examples" / "reproduce"))
 
 import repro_measure as measure  # noqa: E402
+import smollm2_lora_probes as probes_script  # noqa: E402
 import smollm2_step_forecast as step_forecast  # noqa: E402
 
 from lorascope.analysis.capacity import CapacityConstant  # noqa: E402
@@ -102,25 +103,40 @@ def test_random_facts_at_the_step_budget_put_every_measured_falloff_over_10x_ear
         assert ratios and max(ratios) < 0.1
 
 
+@pytest.mark.parametrize("name", ["smollm2_lora_probes.json", "smollm2_lora_probes_r32.json",
+                                  "smollm2_lora_probes_sft_seed1.json", "smollm2_lora_probes_sft_seed2.json",
+                                  "smollm2_lora_probes_sft_seed2_r32.json"])
+def test_remeasure_of_a_checked_in_probe_result_changes_nothing(name, tmp_path, monkeypatch):
+    """`--remeasure` reads the falloffs again from the study's JSON and the result's own held shares: the checked-in
+    files are its output."""
+    copy = tmp_path / name
+    copy.write_text((DOCS / name).read_text())
+    monkeypatch.chdir(DOCS.parents[1])  # the result names its study by a path from the repository root
+    probes_script.remeasure(copy)
+    assert json.loads(copy.read_text()) == json.loads((DOCS / name).read_text())
+
+
 def test_sft_third_seed_lora_probe_forecasts_written_before_any_lora_run_land_within_2x():
     """SFT, seed 2, full fine-tuning at a stable 3e-3: both LoRA-probe forecasts were written after the study's full
     fine-tuning runs and before any of its LoRA runs (``--stop-before-lora``, ``--predict-only``), and land within
     2x at ranks 4, 16 and 32 where kappa from random facts at a plateau, written first too, was 2.0x and 5.1x late.
-    Rank 1's N = 16 run diverged (its loss ended above the base's), so its falloff is below 16 for a reason the
-    forecast does not model."""
+    Rank 1's N = 16 run diverged (its loss ended above the base's): the study leaves that cell out, so rank 1's
+    falloff is read at N = 32 (at or below it), and every forecast of it (38-74) is on the wrong side."""
     study = json.loads((DOCS / "smollm2_sft_steps_seed2.json").read_text())
     assert study["predictions"]["lora_runs_before"] == 0 and study["complete"]
     falloff = study["measured"]["falloff"]["train"]
-    assert falloff["1"]["status"] == "at_or_below" and [round(falloff[r]["examples"]) for r in ("4", "16")] == [60, 94]
+    assert falloff["1"] == {"status": "at_or_below", "examples": 32.0}
+    assert [round(falloff[r]["examples"]) for r in ("4", "16")] == [60, 94]
     losses = study["measured"]["losses"]["train"]["16"]
     assert losses["r1"] > losses["base"] > losses["r4"]  # the diverged run
+    assert study["measured"]["diverged"]["train"] == {"1": [16], "4": [], "16": []}
     facts = study["measured"]["predictors"]["forecast: all sizes (growth law), measured kappa(P)"]["train"]
     assert [round(facts[r]["ratio"], 1) for r in ("4", "16")] == [2.0, 5.1]
     probes = json.loads((DOCS / "smollm2_lora_probes_sft_seed2.json").read_text())
     between = json.loads((DOCS / "smollm2_lora_probes_sft_seed2_r32.json").read_text())
     for result in (probes, between):
         assert result["predictions"]["study_lora_runs_before"] == 0
-        assert result["falloff"]["16"] == falloff["16"]
+        assert result["falloff"]["16"] == falloff["16"] and result["falloff"]["1"] == falloff["1"]
     assert between["predictions"]["new_rank_runs_before"] == 0
     measured_32 = measure.crossing({int(n): v for n, v in between["held_share"]["32"].items()})
     assert measured_32 == between["falloff"]["32"] and round(measured_32["examples"]) == 110

@@ -8,6 +8,7 @@ probe sizes, only the rate that won there on training loss at a larger N) and th
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -78,6 +79,30 @@ def test_held_share_and_falloff(study):
     assert measured["held_bits_per_lora_parameter"][1][256] == pytest.approx(bits / 10)
 
 
+def test_a_lora_run_that_ended_above_the_base_diverged_and_is_left_out_of_the_falloff(study, monkeypatch):
+    """The SFT third seed's rank 1 at N = 16: its only run (LR 1e-2) ended at a training loss of 5.07 over the base's
+    3.44. A negative share is instability, not capacity: the falloff is read from the other sizes (here N = 64,
+    where rank 1 holds 0.8 < 0.9: at or below 64, not 16)."""
+    results = dict([
+        result(study, "full", 0, 16, 1e-3, 0.1, 3.0), result(study, "full", 0, 64, 1e-3, 2.0, 3.0),
+        result(study, "all-linear", 1, 16, 1e-3, 5.07, 9.2), result(study, "all-linear", 1, 64, 1e-3, 2.2, 3.1)])
+    base = {"train": {16: 3.44, 64: 3.0}, "held": 3.5}
+    monkeypatch.setattr(study, "SIZES", [16, 64])
+    predictions = {"information": {"all sizes (growth law)": {r: {"examples": 100.0, "lora_parameters": 10 * r}
+                                                              for r in study.RANKS}},
+                   "spectral": {}}
+    task = study.TaskData(*([None] * 4), info={})
+    task.tokens_per_example = lambda n: 63.0
+    measured = study.measured(results, task, base, predictions)
+    assert measured["held_share"]["train"][1][16] < 0
+    assert measured["diverged"]["train"][1] == [16] and measured["diverged"]["held"][1] == [16]
+    assert measured["falloff"]["train"][1] == {"status": "at_or_below", "examples": 64.0}
+    report = {"measured": json.loads(json.dumps(measured)), "data": {"sizes": [16, 64]},
+              "predictions": {"information": {"all sizes (growth law)": {
+                  str(r): {"bits_per_example": 10.0, "growth_exponent": 1.0} for r in study.RANKS}}}}
+    assert "(diverged)" in study.markdown(report) and "training made it worse" in study.markdown(report)
+
+
 @pytest.mark.parametrize("report", ["smollm2_study.json", "smollm2_sft.json", "smollm2_steps.json",
                                     "smollm2_sft_steps.json", "smollm2_steps_seed1.json",
                                     "smollm2_sft_steps_seed1.json", "smollm2_steps128.json"])
@@ -88,6 +113,23 @@ def test_the_docs_tables_are_the_checked_in_reports_unedited(study, report):
     docs = SCRIPT.parents[2] / "docs"
     tables = study.markdown(json.loads((docs / "realdata" / report).read_text()))
     assert tables in (docs / "realdata_smollm2.md").read_text()
+
+
+@pytest.mark.parametrize("report", ["smollm2_study.json", "smollm2_sft.json", "smollm2_steps.json",
+                                    "smollm2_sft_steps.json", "smollm2_steps_seed1.json",
+                                    "smollm2_sft_steps_seed1.json", "smollm2_sft_steps_seed2.json",
+                                    "smollm2_steps128.json"])
+def test_every_checked_in_report_is_todays_measurement_of_its_own_runs(study, report, tmp_path, monkeypatch):
+    """`--remeasure` recomputes a report's measured section from its runs, base losses, predictions and token
+    counts: on every checked-in report it changes nothing, so the measurement rule that wrote them is today's."""
+    import json
+
+    monkeypatch.setattr(study, "SIZES", study.SIZES)  # remeasure sets the module's sizes; restore them after
+    checked_in = SCRIPT.parents[2] / "docs" / "realdata" / report
+    copy = tmp_path / report
+    copy.write_text(checked_in.read_text())
+    study.remeasure(copy)
+    assert json.loads(copy.read_text())["measured"] == json.loads(checked_in.read_text())["measured"]
 
 
 def test_a_step_budget_runs_that_many_steps_at_every_size_and_evaluates_once(study, tmp_path, monkeypatch):
