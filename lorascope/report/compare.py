@@ -139,7 +139,7 @@ def _legend(lora: LoraResult, words: str) -> str:
     if lora.status == "lag":
         return f"LoRA {lora.run.label}: slower from the start, closing the gap (no capacity falloff)"
     if lora.status == "diverged":
-        return f"LoRA {lora.run.label}: its loss rose above its start, diverged (no capacity falloff)"
+        return f"LoRA {lora.run.label}: its loss rose, diverged (no capacity falloff)"
     return f"LoRA {lora.run.label}: no falloff within the data"
 
 

@@ -77,7 +77,7 @@ def _falloff_words(lora: Mapping[str, Any], words: str) -> str:
     if status in ("falloff", "tentative"):
         return f"falloff at {count(lora['falloff']['x'])} {words} ({status})"
     if status == "diverged":
-        return "diverged: its loss rose above its start (no falloff read from it)"
+        return "diverged: its own loss rose (no falloff read from it)"
     return f"no falloff up to {count(lora['compared']['x_max'])} {words} ({status})"
 
 

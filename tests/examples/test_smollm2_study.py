@@ -56,17 +56,22 @@ def test_a_grid_widens_past_a_winning_edge_and_a_larger_size_runs_only_the_train
     assert study.grid_at("all-linear", 4, 256, results)[-1] == 1e-1
 
 
-def test_held_share_and_falloff(study):
-    results = dict([
-        result(study, "full", 0, 64, 1e-3, 2.0, 3.0), result(study, "full", 0, 256, 1e-3, 2.5, 3.0),
-        result(study, "all-linear", 1, 64, 1e-3, 2.2, 3.1), result(study, "all-linear", 1, 256, 1e-3, 3.0, 3.1)])
-    base = {"train": {64: 3.0, 256: 3.5, 1024: 3.5}, "held": 3.5}
+def measure_made_up(study, results, base):
+    """``measured`` of made-up runs: every rank predicted at 100 examples, 10 r LoRA parameters, 63 tokens each."""
     predictions = {"information": {"all sizes (growth law)": {r: {"examples": 100.0, "lora_parameters": 10 * r}
                                                               for r in study.RANKS}},
                    "spectral": {}}
     task = study.TaskData(*([None] * 4), info={})
     task.tokens_per_example = lambda n: 63.0
-    measured = study.measured(results, task, base, predictions)
+    return study.measured(results, task, base, predictions)
+
+
+def test_held_share_and_falloff(study):
+    results = dict([
+        result(study, "full", 0, 64, 1e-3, 2.0, 3.0), result(study, "full", 0, 256, 1e-3, 2.5, 3.0),
+        result(study, "all-linear", 1, 64, 1e-3, 2.2, 3.1), result(study, "all-linear", 1, 256, 1e-3, 3.0, 3.1)])
+    base = {"train": {64: 3.0, 256: 3.5, 1024: 3.5}, "held": 3.5}
+    measured = measure_made_up(study, results, base)
     share = measured["held_share"]["train"][1]
     assert share[64] == pytest.approx((3.0 - 2.2) / (3.0 - 2.0))  # 0.8
     assert share[256] == pytest.approx((3.5 - 3.0) / (3.5 - 2.5))  # 0.5
@@ -88,12 +93,7 @@ def test_a_lora_run_that_ended_above_the_base_diverged_and_is_left_out_of_the_fa
         result(study, "all-linear", 1, 16, 1e-3, 5.07, 9.2), result(study, "all-linear", 1, 64, 1e-3, 2.2, 3.1)])
     base = {"train": {16: 3.44, 64: 3.0}, "held": 3.5}
     monkeypatch.setattr(study, "SIZES", [16, 64])
-    predictions = {"information": {"all sizes (growth law)": {r: {"examples": 100.0, "lora_parameters": 10 * r}
-                                                              for r in study.RANKS}},
-                   "spectral": {}}
-    task = study.TaskData(*([None] * 4), info={})
-    task.tokens_per_example = lambda n: 63.0
-    measured = study.measured(results, task, base, predictions)
+    measured = measure_made_up(study, results, base)
     assert measured["held_share"]["train"][1][16] < 0
     assert measured["diverged"]["train"][1] == [16] and measured["diverged"]["held"][1] == [16]
     assert measured["falloff"]["train"][1] == {"status": "at_or_below", "examples": 64.0}
