@@ -189,8 +189,10 @@ def child(args: argparse.Namespace) -> int:
 
 
 def start_load(threads: int) -> subprocess.Popen:
-    code = (f"import torch\ntorch.set_num_threads({threads})\na = torch.randn(1024, 1024)\n"
-            "while True:\n    a = (a @ a).tanh_()\n")
+    """A process of matrix products on ``threads`` threads; it stops when this process ends, however it ends (a
+    benchmark stopped by a signal skips its ``finally``, and an orphaned load would hold the cores)."""
+    code = (f"import os, torch\ntorch.set_num_threads({threads})\na = torch.randn(1024, 1024)\n"
+            f"while os.getppid() == {os.getpid()}:\n    a = (a @ a).tanh_()\n")
     return subprocess.Popen([sys.executable, "-c", code])
 
 
