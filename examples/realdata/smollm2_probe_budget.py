@@ -10,8 +10,8 @@ slice offered at that budget), and the JSON holds, per budget and rank, the bits
 probe's share of full fine-tuning's bits. ``summary`` gives kappa per rank at each budget over kappa at the
 smallest: a probe at budget S stands for a run at budget S' only if that ratio is flat between them.
 
-    python examples/realdata/smollm2_probe_budget.py -o smollm2-probe-budget-out \\
-        --out docs/realdata/smollm2_probe_budget.json          # budgets 32, 64, 128; ranks 4, 16, 64; ~20 min
+    python examples/realdata/smollm2_probe_budget.py -o smollm2-probe-budget-out --steps 32,64,128,256 \\
+        --out docs/realdata/smollm2_probe_budget.json          # ranks 4, 16, 64; 16 runs, 41 min on 2 cores
     python examples/realdata/smollm2_probe_budget.py --tables docs/realdata/smollm2_probe_budget.json
 
 A finished run is kept in ``<folder>/runs.json`` and not trained again, so an interrupted measurement resumes.
