@@ -198,13 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                        "kappa": point.bits_per_parameter, "share_of_full": point.bits_stored / point.bits_offered,
                        "full": point.saturated, "code_length_bits": information_from_run(
                            probe, dataset_examples=probe_n).description_length_bits}
-    new_losses = {n: train_loss("all-linear", args.new_rank, n, lora_lr) for n in new_sizes}
-    share = {n: (base_train[n] - new_losses[n]) / (base_train[n] - train_loss("full", 0, n, full_lr))
-             for n in new_sizes}
-    diverged = [n for n in new_sizes if new_losses[n] > base_train[n]]  # made worse than the base: not capacity
-    measured = {str(r): report["measured"]["falloff"]["train"][str(r)] for r in (1, 4, 16)}
-    if args.new_rank:
-        measured[str(args.new_rank)] = measure.crossing({n: v for n, v in share.items() if n not in diverged})
+    share = {n: (base_train[n] - train_loss("all-linear", args.new_rank, n, lora_lr))
+                / (base_train[n] - train_loss("full", 0, n, full_lr)) for n in new_sizes}
     used = {study.RunSpec("all-linear", r, probe_n, lora_lr).name for r in probe_ranks} | {
         study.RunSpec(*method, n, lr).name for n in new_sizes
         for method, lr in ((("full", 0), full_lr), (("all-linear", args.new_rank), lora_lr))}
@@ -212,26 +207,29 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python examples/realdata/smollm2_lora_probes.py " + " ".join(argv or sys.argv[1:]),
               "study": str(args.report), "predictions": predictions,
               "held_share": {str(args.new_rank): share} if args.new_rank else {},
-              "diverged": {str(args.new_rank): diverged} if args.new_rank else {},
-              "base_train_losses": base_train, "falloff": measured, "probe_slice": slice_,
-              "verdicts": {r: measure.verdict(predictions["forecast"][r]["examples"], measured[r]) for r in measured},
+              "base_train_losses": base_train, "probe_slice": slice_,
               "forecast_now": {str(r): {"examples": rows[r]["runway_examples"], "range": rows[r]["runway_range"],
-                                        "kappa": rows[r]["capacity_bits"] / rows[r]["lora_parameters"],
-                                        **(measure.verdict(rows[r]["runway_examples"], measured[str(r)])
-                                           if str(r) in measured else {})} for r in ranks},
-              "own_rank": {r: {**v, **measure.verdict(v["examples"], measured[r])} for r, v in own.items()},
-              "runs": mine, "wall_seconds": sum(r["seconds"] for r in mine.values())}
+                                        "kappa": rows[r]["capacity_bits"] / rows[r]["lora_parameters"]}
+                               for r in ranks},
+              "own_rank": own, "runs": mine, "wall_seconds": sum(r["seconds"] for r in mine.values())}
+    set_falloffs_and_verdicts(result, report)
     args.out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     print(tables(json.loads(args.out.read_text())))
     return 0
 
 
 def remeasure(path: Path) -> None:
-    """The falloffs of a written result read again: ranks 1, 4 and 16 from its study's JSON, the new rank from its
-    held shares (a negative share is a run that ended above the base: diverged, left out), and every verdict
-    against them. No run, no weights; the forecasts stay as written."""
+    """A written result's falloffs and verdicts read again (:func:`set_falloffs_and_verdicts`), in place: no run,
+    no weights; the forecasts stay as written."""
     result = json.loads(path.read_text())
-    report = json.loads(Path(result["study"]).read_text())
+    set_falloffs_and_verdicts(result, json.loads(Path(result["study"]).read_text()))
+    path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+
+
+def set_falloffs_and_verdicts(result: dict[str, Any], report: dict[str, Any]) -> None:
+    """The measured falloffs (ranks 1, 4 and 16 from the study's ``report``; the new rank from the result's held
+    shares, where a negative share, a run that ended above the base, diverged and is left out) and every forecast's
+    verdict against them."""
     measured = {r: report["measured"]["falloff"]["train"][r] for r in ("1", "4", "16")}
     for r, share in result["held_share"].items():
         diverged = sorted(int(n) for n, v in share.items() if v < 0)
@@ -244,7 +242,6 @@ def remeasure(path: Path) -> None:
         for r, row in rows.items():
             if r in measured:
                 row.update(measure.verdict(row["examples"], measured[r]))
-    path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
 
 
 def tables(result: dict[str, Any]) -> str:
