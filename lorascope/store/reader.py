@@ -122,7 +122,7 @@ class Run:
             self._refresh_datasets()
         check_header(self._file.attrs, self.path)
         self.attrs = {k: _decode(v) for k, v in self._file.attrs.items()}
-        self.flags = check_file(self._file, self.path, complete=self.complete)
+        self.flags, self._committed = check_file(self._file, self.path, complete=self.complete)
         self.modules = self._static_table(S.GROUP_MODULES, S.MODULE_COLUMNS)
         self.coverage = self._static_table(S.GROUP_COVERAGE, S.COVERAGE_COLUMNS)
         self.config = self._read_config()
@@ -301,7 +301,7 @@ class Run:
         return config
 
     def _rows(self, group: str) -> int:
-        return int(self._dataset(f"{group}/{S.INDEX}").shape[0])
+        return self._committed[group]
 
     def _module_index(self, module: int | str) -> int:
         if isinstance(module, str):

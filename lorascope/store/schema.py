@@ -72,6 +72,7 @@ GROUP_DELTAS = "snapshots/deltas"
 GROUP_MISSING = "snapshots_missing"
 
 INDEX = "step"
+INDEX_FILL = -1  # an index row extended but not yet written; never a step
 
 # How a column is shaped: per row, per (row, module) or per (row, module, singular value).
 ROW = "row"
@@ -121,7 +122,8 @@ COVERAGE_COLUMNS = (
 )
 
 STEP_COLUMNS = (
-    Column(INDEX, "int64", ROW, -1, "optimizer steps", "optimizer step number (1-based) after which the row was taken"),
+    Column(INDEX, "int64", ROW, INDEX_FILL, "optimizer steps",
+           "optimizer step number (1-based) after which the row was taken"),
     Column("examples_seen", "int64", ROW, -1, "examples", "training examples consumed up to and including this step"),
     Column("tokens_seen", "int64", ROW, -1, "tokens", "training tokens consumed up to and including this step"),
     Column("loss", "float64", ROW, np.nan, "nats per token", "training loss reported for this step"),
@@ -148,7 +150,7 @@ STEP_COLUMNS = (
 )
 
 SNAPSHOT_COLUMNS = (
-    Column(INDEX, "int64", ROW, -1, "optimizer steps", "optimizer step at which the snapshot was taken"),
+    Column(INDEX, "int64", ROW, INDEX_FILL, "optimizer steps", "optimizer step at which the snapshot was taken"),
     Column("examples_seen", "int64", ROW, -1, "examples", "training examples consumed up to this snapshot"),
     Column("tokens_seen", "int64", ROW, -1, "tokens", "training tokens consumed up to this snapshot"),
     Column("energy", "float64", ROW_MODULE, np.nan, "squared weight units",
@@ -192,7 +194,8 @@ INTRUDER_COLUMNS = (
 # group: files written before it lack it and read as "none missing"). Fixed-width text (SWMR appends it in place).
 MISSING_REASON_BYTES = 240
 MISSING_COLUMNS = (
-    Column(INDEX, "int64", ROW, -1, "optimizer steps", "optimizer step of the snapshot that is missing or incomplete"),
+    Column(INDEX, "int64", ROW, INDEX_FILL, "optimizer steps",
+           "optimizer step of the snapshot that is missing or incomplete"),
     Column("reason", f"S{MISSING_REASON_BYTES}", ROW, "", "",
            "why, in ASCII: 'thinned: ...' (time budget), 'skipped: ...' (snapshot worker behind), 'failed: ...' "
            "(the snapshot, or the matrix named, could not be computed)"),

@@ -12,8 +12,9 @@ reader refuses, repairs and flags"):
   ``sv_capacity``, a column shorter than its table's index, a step index that decreases, a negative or
   over-capacity ``sv_count``, a negative size, energy, squared norm or singular value, an ``intruder_cos`` outside
   [0, 1 + 1e-5] (NaN allowed), intruder columns without a positive ``intruder_k`` (or the reverse).
-- **Repaired**: rows a killed writer wrote past the index (uncommitted) are not read; an optional column a file
-  lacks reads as its fill value.
+- **Repaired**: rows a killed writer wrote past the index (uncommitted) are not read, nor, in a file still being
+  written, index rows extended but not yet written (:func:`committed_rows`); an optional column a file lacks reads as
+  its fill value.
 - **Flagged** (kept, listed in :attr:`Run.flags <lorascope.store.reader.Run.flags>` and by ``lorascope info``):
   repeated step numbers, and energy that is NaN without a non-finite update (a matrix the recorder did not
   measure at that snapshot). A NaN or Inf loss, gradient or update is data (a diverged run), neither refused nor
@@ -37,7 +38,7 @@ import numpy as np
 from lorascope.errors import CorruptRunFileError, NotARunFileError, SchemaVersionError
 from lorascope.store import schema as S
 
-__all__ = ["check_all_values", "check_config_section", "check_file", "check_header", "check_values"]
+__all__ = ["check_all_values", "check_config_section", "check_file", "check_header", "check_values", "committed_rows"]
 
 _NDIM = {S.ROW: 1, S.ROW_MODULE: 2, S.ROW_MODULE_SV: 3}
 _KIND_WORDS = {"str": "strings", "bool": "booleans", "i": "integers", "f": "floats"}
@@ -100,8 +101,20 @@ def check_header(attrs: h5py.AttributeManager, path: Path) -> None:
         raise fail(f"root attribute '{S.ATTR_STATUS}' must be one of {', '.join(S.STATUSES)}; got {status!r}")
 
 
-def check_file(f: h5py.File, path: Path, *, complete: bool) -> tuple[str, ...]:
-    """Check every group and dataset of an open run file (after :func:`check_header`); returns the flags.
+def committed_rows(index: np.ndarray) -> int:
+    """How many rows of a table a writer has committed, from its step index as a live file shows it.
+
+    The writer extends a table's columns, then its index, and writes the index last, so a reader following it
+    (SWMR) can find the index extended but its new rows still holding the fill value (-1, never a step): those rows
+    are not committed yet.
+    """
+    filled = np.flatnonzero(index != S.INDEX_FILL)
+    return int(filled[-1]) + 1 if filled.size else 0
+
+
+def check_file(f: h5py.File, path: Path, *, complete: bool) -> tuple[tuple[str, ...], dict[str, int]]:
+    """Check every group and dataset of an open run file (after :func:`check_header`); returns the flags and the
+    committed rows of each table (:func:`committed_rows` for a file still being written).
 
     Raises
     ------
@@ -138,9 +151,9 @@ def check_file(f: h5py.File, path: Path, *, complete: bool) -> tuple[str, ...]:
 
     trailing = {S.ROW: (), S.ROW_MODULE: (n_mod,), S.ROW_MODULE_SV: (n_mod, capacity),
                 S.ROW_MODULE_INTRUDER: (n_mod, intruder_k)}
-    rows = {}
+    rows: dict[str, int] = {}
     for group in (S.GROUP_STEPS, S.GROUP_SNAPSHOTS):
-        n = rows[group] = _check_index(f, group, fail, flags)
+        n = rows[group] = _check_index(f, group, complete, fail, flags)
         longest = n
         for column in S.columns_of(group, grad_sv=all(grad_sv), intruder=intruder_k > 0):
             name = f"{group}/{column.name}"
@@ -175,7 +188,7 @@ def check_file(f: h5py.File, path: Path, *, complete: bool) -> tuple[str, ...]:
     if intruder_k:  # small: (snapshots, modules, intruder_k)
         check_values(S.GROUP_SNAPSHOTS, {name: snaps[name][:n] for name in ("intruder_cos", "weight_sv")}, path)
     _check_payloads(f, shapes, factors_k, delta_dtype, n, complete, fail)
-    return tuple(flags)
+    return tuple(flags), rows
 
 
 def _check_intruder_presence(snaps: h5py.Group, fail: Callable[[str], Exception]) -> int:
@@ -294,13 +307,16 @@ def _int_attr(group: h5py.Group, name: str, fail: Callable[[str], Exception]) ->
     return int(value)
 
 
-def _check_index(f: h5py.File, group: str, fail: Callable[[str], Exception], flags: list[str]) -> int:
+def _check_index(f: h5py.File, group: str, complete: bool, fail: Callable[[str], Exception],
+                 flags: list[str]) -> int:
     name = f"{group}/{S.INDEX}"
     ds = _dataset(f, name, fail)
     _check_kind(ds, name, "int64", fail)
     if ds.ndim != 1:
         raise fail(f"'{name}' has shape {ds.shape}, expected one axis (one row per entry)")
     index = ds[()]
+    if not complete:
+        index = index[: committed_rows(index)]
     decreasing, repeated = index[1:] < index[:-1], index[1:] == index[:-1]  # no np.diff: unsigned ints wrap
     if decreasing.any():
         at = int(np.flatnonzero(decreasing)[0])

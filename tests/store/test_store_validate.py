@@ -194,6 +194,35 @@ def test_uncommitted_rows_of_a_killed_writer_are_not_read_and_flagged(edited):
                              "are not read",)
 
 
+@pytest.mark.parametrize("group", ["steps", "snapshots"])
+def test_a_live_writer_s_index_extended_but_not_yet_written_is_not_read(edited, group):
+    # The writer extends every column, then the index, then writes the index: a reader that opens the file between
+    # the index's resize and its write sees the new row holding the fill value. It is not committed yet (it once
+    # read as a decreasing step index: "'steps/step' must not decrease").
+    def caught_mid_append(f: h5py.File) -> None:
+        f.attrs[S.ATTR_STATUS] = S.STATUS_RECORDING
+        table = f[group]
+        n = table[S.INDEX].shape[0]
+        for name in table:
+            if isinstance(table[name], h5py.Dataset):
+                table[name].resize(n + 1, axis=0)
+
+    path = edited(caught_mid_append)
+    with open_run(path) as run:
+        committed = 12 if group == "steps" else 4
+        assert (run.n_steps if group == "steps" else run.n_snapshots) == committed
+        assert run.step_index.tolist() == list(range(1, 13)) and run.snapshot_index.tolist() == [1, 3, 6, 12]
+        assert run.steps.sizes["step"] == 12 and run.snapshots.sizes["snapshot"] == 4
+        assert run.flags == (f"'{group}': 1 row(s) written after the last committed one (a writer stopped mid-row) "
+                             "are not read",)
+
+
+def test_a_closed_file_whose_index_holds_the_fill_value_is_refused(edited):
+    path = edited(lambda f: f["steps"][S.INDEX].resize(13, axis=0))
+    with pytest.raises(errors.CorruptRunFileError, match="'steps/step' must not decrease; row 12 holds -1 after 12"):
+        open_run(path)
+
+
 def test_a_closed_file_with_rows_past_the_index_is_refused(edited):
     path = edited(lambda f: f["steps"]["loss"].resize(13, axis=0))
     with pytest.raises(errors.CorruptRunFileError, match="'steps/loss' has 13 rows but 'steps/step' has 12"):
