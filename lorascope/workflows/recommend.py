@@ -509,8 +509,8 @@ def _check_probe(path: str, probe: ModelFacts, model: nn.Module) -> None:
 def _step_budget_note(calibration: Any, steps: int | None) -> list[str]:
     """A note when the calibration's adapters trained for other than about this run's steps: in a short run a large
     adapter fills only part of the kappa it reaches at a plateau (on SmolLM2 in 64 steps rank 16 held a fifth of it;
-    a LoRA probe's kappa grew 1.54-1.95x from 64 to 128 steps at ranks 4-64; docs/realdata_smollm2.md), so kappa
-    depends on the step budget."""
+    a LoRA probe's kappa grew 1.54-1.95x from 64 to 128 steps at ranks 4-64, and probes read at another budget were
+    off by about that much; docs/realdata_smollm2.md), so kappa depends on the step budget."""
     measured = calibration.steps
     if measured is None:  # epochs to a plateau: its adapters' fewest steps
         batch = calibration.training.get("batch_size")
@@ -529,8 +529,10 @@ def _step_budget_note(calibration: Any, steps: int | None) -> list[str]:
     if max(steps, measured) > STEP_BUDGET_TOLERANCE * min(steps, measured):
         return [f"the calibration measured kappa at a budget of {measured:,} steps, this run has {steps:,}: kappa "
                 "at a step budget changes with the steps (on SmolLM2 SFT a LoRA probe's kappa grew 1.5-2x from 64 to "
-                f"128 steps at ranks 4-64, docs/realdata_smollm2.md); LoRA probes of {steps} steps measure it at this "
-                "budget (`lorascope calibrate --lora-probe`)"]
+                "128 steps at ranks 4-64; LoRA probes of 128 steps read for 64-step runs put the falloffs 1.7-4.5x "
+                "late, of 64 steps for a 128-step run 0.3-0.8x early, and scaled by that growth 0.6-2.9x, "
+                f"docs/realdata_smollm2.md); LoRA probes of {steps} steps measure it at this budget "
+                "(`lorascope calibrate --lora-probe`)"]
     return []
 
 

@@ -148,3 +148,30 @@ def test_sft_third_seed_lora_probe_forecasts_written_before_any_lora_run_land_wi
 
     assert "1.25x / 1.60x at ranks 4 / 16 (kappa from facts 2.0x / 5.1x)" in REAL_TEXT_FINDING
     assert "put rank 32 at 0.75x" in REAL_TEXT_FINDING
+
+
+def test_predicted_first_on_continued_pretraining_every_measured_rank_from_4_to_32_is_within_2x():
+    """Continued pretraining, 64 steps, seed 2 (docs/realdata_smollm2.md, "Predicted first on continued pretraining"):
+    both LoRA-probe forecasts were written (and committed) before any LoRA run of the study; ranks 4 and 16 at 1.10x
+    and 1.11x from probes of ranks 1-4, ranks 4, 16 and 32 at 1.41x, 0.77x and 0.74x from probes of 16 and 64, where
+    kappa from random facts at a plateau, written first too, was 1.84x and 4.28x late."""
+    study = json.loads((DOCS / "smollm2_steps_seed2.json").read_text())
+    assert study["predictions"]["lora_runs_before"] == 0 and study["complete"]
+    falloff = study["measured"]["falloff"]["train"]
+    assert falloff["1"] == {"status": "at_or_below", "examples": 16.0}
+    assert [round(falloff[r]["examples"]) for r in ("4", "16")] == [40, 74]
+    facts = study["measured"]["predictors"]["forecast: all sizes (growth law), measured kappa(P)"]["train"]
+    assert [round(facts[r]["ratio"], 2) for r in ("4", "16")] == [1.84, 4.28]
+    low = json.loads((DOCS / "smollm2_lora_probes_steps_seed2.json").read_text())
+    high = json.loads((DOCS / "smollm2_lora_probes_steps_seed2_r32.json").read_text())
+    for result in (low, high):
+        assert result["predictions"]["study_lora_runs_before"] == 0
+        assert result["falloff"]["4"] == falloff["4"] and result["falloff"]["16"] == falloff["16"]
+    assert high["predictions"]["new_rank_runs_before"] == 0 and round(high["falloff"]["32"]["examples"]) == 79
+    assert {r: round(low["verdicts"][r]["ratio"], 2) for r in ("4", "16")} == {"4": 1.10, "16": 1.11}
+    assert {r: round(high["verdicts"][r]["ratio"], 2) for r in ("4", "16", "32")} == {"4": 1.41, "16": 0.77,
+                                                                                       "32": 0.74}
+    assert low["verdicts"]["1"]["consistent"] is False and high["verdicts"]["1"]["consistent"] is False
+    from lorascope.analysis.capacity import REAL_TEXT_FINDING
+
+    assert "1.10x / 1.11x at ranks 4 / 16 (facts 1.84x / 4.28x)" in REAL_TEXT_FINDING
