@@ -17,6 +17,7 @@ into a :class:`~lorascope.workflows.calibration.Calibration` that ``recommend`` 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -25,7 +26,13 @@ from typing import Any
 
 from lorascope.analysis.information import RecordedInformation, recorded_dataset_examples
 from lorascope.errors import InvalidOptionError
-from lorascope.workflows.calibration import LEARNED_FRACTION, LORA_PROBES, Calibration, CalibrationPoint
+from lorascope.workflows.calibration import (
+    LEARNED_FRACTION,
+    LORA_PROBES,
+    Calibration,
+    CalibrationPoint,
+    step_limited_note,
+)
 from lorascope.workflows.runs import LoadedRun, information_from_run, load_run
 
 __all__ = ["calibration_from_runs"]
@@ -82,7 +89,7 @@ def calibration_from_runs(lora_runs: Sequence[str | os.PathLike[str]],
     notes = [note for probe in probes for note in probe["notes"]]
     notes += [note for size in sorted(offered) if offered[size]["path"] in references
               for note in offered[size]["notes"]]
-    return Calibration(
+    calibration = Calibration(
         model={"class": "from recorded runs", **probes[0]["model"]}, target=probes[0]["target"], points=points,
         task={"kind": LORA_PROBES, "lora_runs": [probe["path"] for probe in probes], "full_runs": references},
         training={"steps": budgets.pop(), "epochs": None,
@@ -90,6 +97,8 @@ def calibration_from_runs(lora_runs: Sequence[str | os.PathLike[str]],
                   "batch_size": probes[0]["batch_size"], "lora_alpha": probes[0]["alpha"]},
         base="the recorded model (LoRA probes on the planned data)",
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), notes=tuple(notes))
+    limited = step_limited_note(calibration)
+    return calibration if limited is None else dataclasses.replace(calibration, notes=(*calibration.notes, limited))
 
 
 def _offered(full_runs: Sequence[str | os.PathLike[str]]) -> dict[int, dict[str, Any]]:

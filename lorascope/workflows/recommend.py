@@ -54,6 +54,7 @@ from lorascope.model.peft_config import make_lora_config, to_peft
 from lorascope.store.reader import open_run
 from lorascope.workflows.analyze import Analysis, analyze
 from lorascope.workflows.calibrate import load_calibration, model_signature, resolve_target
+from lorascope.workflows.calibration import step_limited_note
 from lorascope.workflows.forecast import active_experts
 from lorascope.workflows.runs import ModelFacts, information_from_run, model_difference
 
@@ -330,6 +331,9 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     steps = math.ceil(size * epochs / batch_size) if batch_size else None
     if calibration is not None:
         notes.extend(_step_budget_note(calibration, steps))
+        limited = step_limited_note(calibration)
+        if limited is not None:
+            notes.append(limited)
     lr_multiplier, lr_reason = _learning_rate(steps)
     b_noise, batch_advice = _batch_advice(probe_results, batch_size)
     if resolved == "all-linear" and any(a.kind == "router" for a in count.adapters):

@@ -174,3 +174,45 @@ def test_the_cli_reads_lora_probes_and_refuses_half_an_invocation(probes, tmp_pa
         lines = result.stderr.splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
         assert not (tmp_path / "x.json").exists()
+
+
+def _probes_calibration(points):
+    from lorascope.workflows.calibration import LORA_PROBES, Calibration, CalibrationPoint
+
+    return Calibration(model={}, target="all-linear", task={"kind": LORA_PROBES}, training={"steps": 64},
+                       points=tuple(CalibrationPoint(rank=r, lora_parameters=100 * r, facts=256, bits_offered=offered,
+                                                     bits_stored=held, final_loss_nats=1.0, epochs=4, steps=64)
+                                    for r, held, offered in points))
+
+
+@pytest.mark.parametrize(("points", "says"), [
+    ([(16, 18655, 44926), (64, 19105, 44926)], "ranks 16 and 64 absorbed about the same (18,655 and 19,105 bits, "
+                                               "42% and 43% of full fine-tuning's) for 4x the parameters: in 64 steps"),
+    ([(4, 1000, 9000), (16, 1090, 9000), (64, 1095, 9000)], "ranks 4 and 64"),  # the widest such pair
+    ([(16, 41307, 78327), (64, 53769, 78327)], None),  # CPT, 128 steps: rank 64 held 30% more
+    ([(16, 1000, 9000), (32, 1000, 9000)], None),  # only 2x apart
+    ([(16, 1000, 9000), (64, 1050, 1100)], None),  # rank 64 held 95% of its slice: not full, a lower bound
+])
+def test_probes_of_very_different_ranks_holding_the_same_bits_are_noted_as_step_limited(points, says):
+    from lorascope.workflows.calibration import step_limited_note
+
+    note = step_limited_note(_probes_calibration(points))
+    assert (note is None) if says is None else (says in note and "ranks above" in note), note
+
+
+def test_the_step_limited_note_reads_the_checked_in_probes():
+    """CPT and SFT in 64 steps (probes of ranks 16 and 64 at N = 256): noted; CPT in 128 steps: not."""
+    from pathlib import Path
+
+    from lorascope.workflows.calibration import Calibration, CalibrationPoint, step_limited_note
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "realdata"
+    noted = {}
+    for name in ("smollm2_lora_probes_steps_seed2_r32", "smollm2_lora_probes_sft_seed2_r32", "smollm2_lora_probes_r32"):
+        saved = json.loads((docs / f"{name}_predictions.json").read_text())["calibration"]
+        calibration = Calibration(model=saved["model"], target=saved["target"], task=saved["task"],
+                                  training=saved["training"],
+                                  points=tuple(CalibrationPoint.from_dict(p) for p in saved["points"]))
+        noted[name] = step_limited_note(calibration) is not None
+    assert noted == {"smollm2_lora_probes_steps_seed2_r32": True, "smollm2_lora_probes_sft_seed2_r32": True,
+                     "smollm2_lora_probes_r32": False}

@@ -644,3 +644,19 @@ def test_a_probe_with_contributions_gives_the_per_kind_ranks_a_measured_basis(tm
         assert result.ranks_by_kind[kind] == max(result.rank, rank)
     config = result.peft_config  # r is the most common rank, rank_pattern the others
     assert {config["r"], *config["rank_pattern"].values()} == {max(result.rank, r) for r in measured.values()}
+
+
+def test_lora_probes_of_different_ranks_holding_the_same_bits_get_a_step_limited_note():
+    from lorascope.workflows.calibration import LORA_PROBES
+
+    model = model_from_config(LLAMA)
+    points = tuple(CalibrationPoint(rank=r, lora_parameters=LLAMA_PER_RANK * r, facts=100, bits_offered=9000.0,
+                                    bits_stored=held, final_loss_nats=1.0, epochs=1, steps=12)
+                   for r, held in ((1, 1000.0), (4, 1040.0)))
+    calibration = Calibration(model=model_signature(model), target="all-linear", points=points,
+                              task={"kind": LORA_PROBES}, training={"steps": 12}, created="2025-01-01")
+    notes = recommend(model, examples=180, tokens_per_example=10, batch_size=16, calibration=calibration).notes
+    assert [n for n in notes if "the steps, not the rank, limit what an adapter holds" in n] == [
+        next(n for n in notes if n.startswith("LoRA probes of ranks 1 and 4 absorbed about the same"))]
+    plain = recommend(model, examples=180, tokens_per_example=10, batch_size=16, calibration=_calibration(model)).notes
+    assert not any("the steps, not the rank" in n for n in plain)
