@@ -32,8 +32,11 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -65,15 +68,10 @@ def growth_factor(budget: dict[str, Any], parameters: float, from_steps: int, to
         raise SystemExit(f"smollm2_budget_forecast: the budget slice measured {measured} steps; it cannot bridge "
                          f"{from_steps} to {to_steps}")
     logs = [math.log(kappa[to_steps, p] / kappa[from_steps, p]) for p in sizes]
-    x = min(max(math.log(parameters), math.log(sizes[0])), math.log(sizes[-1]))
-    for (p0, y0), (p1, y1) in zip(zip(sizes, logs), list(zip(sizes, logs))[1:]):
-        if math.log(p0) <= x <= math.log(p1):
-            t = (x - math.log(p0)) / (math.log(p1) - math.log(p0))
-            return math.exp(y0 + t * (y1 - y0))
-    return math.exp(logs[0])  # a single measured rank
+    return math.exp(float(np.interp(math.log(parameters), np.log(sizes), logs)))  # np.interp holds the ends
 
 
-def calibration_of(probes: dict[str, Any], scale: Any = None) -> Any:
+def calibration_of(probes: dict[str, Any], scale: Callable[[int], float] | None = None) -> Any:
     """The LoRA probes' calibration as their forecast read it; with ``scale`` (a function of the LoRA parameter
     count), each probe's bits (held and offered alike, so which probes count as full is as measured) multiplied."""
     from lorascope.workflows.calibration import Calibration, CalibrationPoint
