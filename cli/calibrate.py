@@ -51,7 +51,8 @@ from lorascope_cli.progress import progress_log, quiet_option
               help="Train each adapter this many steps of --batch-size facts instead of --epochs: random facts at a "
                    "step budget (they did not stand in for real text on SmolLM2; there use --lora-probe).")
 @click.option("--lr", default="1e-3,3e-3", show_default=True,
-              help="Adam learning rate(s) of the adapters; several: the best at the smallest rank is used for all.")
+              help="Adam learning rate(s) of the adapters; several: each at every load of the smallest rank, the "
+                   "one that held the most is used for all (a best rate at an end: the grid extended past it).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", default="lorascope-calibration.json", show_default=True,

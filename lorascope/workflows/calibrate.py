@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import functools
 import math
 import numbers
 import os
@@ -64,7 +65,16 @@ DEFAULT_STEP_BRACKET = (0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5)
 parameter, so the best load is lower than at a plateau, and lower the larger the rank (on SmolLM2's block in 64 steps:
 1/8 at rank 1, 1/16 at rank 4, at most 1/64 at rank 16; docs/realdata_smollm2.md)."""
 DEFAULT_LOAD = 2.0
-"""The load offered without a bracket, and where the learning rates are tried."""
+"""The load offered without a bracket."""
+COLLAPSE_SHARE = 0.5
+"""A larger rank holding under this share of the bits per parameter of the rank below it, at the rate chosen at the
+smallest rank, is retried at a lower rate: a larger rank is offered more facts, so takes more steps in its epochs,
+and a long run at a high rate collapses (on the reproduction's base at 3e-3 rank 4 held 0.01 bits per parameter
+where rank 2 held 0.62). Across ranks kappa was never seen to fall by half per doubling of the rank."""
+LR_EXTENSIONS = 2
+"""Rates tried past an end of the learning-rate grid when the best one sits there. An adapter near its capacity is
+sensitive to the rate: on the reproduction's base, rank 1 held 940 bits at 3e-3 and 759 at 1e-3 at load 2, and
+collapsed at load 1 at 1e-2, so a rate at the grid's edge can understate kappa by a third (docs/capacity.md)."""
 Points = tuple[CalibrationPoint, ...]
 KEPT_STATES_BYTES = 2**31
 """The most memory the hidden states of the frozen blocks below the adapted ones may take, kept for one fact set."""
@@ -155,12 +165,14 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
 
     .. math:: \\log \\kappa(P) = a + g \\log P
 
-    In order: the learning rates are tried at the smallest rank at the given load, else at the bracket's load
-    nearest :data:`DEFAULT_LOAD` (2 bits per parameter); that rank is then offered each other load of ``bracket``,
-    which gives its capacity and whether it collapses past it
+    In order: the smallest rank is offered each load of ``bracket`` (else the given load, else
+    :data:`DEFAULT_LOAD`) at each learning rate, and the rate at which it held the most is kept; when that rate is
+    an end of the grid, the grid is extended past it (:data:`LR_EXTENSIONS`). The kept rate's loads give the
+    adapter's capacity and whether it collapses past it
     (:func:`~lorascope.analysis.capacity_fit.bracket_capacity`); every other rank is offered the load at which
     the bracketed adapter's held bits stopped growing (its ``capacity_load``: the smallest load holding 90% of its
-    most, the cheapest load that fills an adapter). The model is left as it was (adapters are removed with PEFT's
+    most, the cheapest load that fills an adapter), at the rate of the rank below it; a rank that collapsed there
+    (:data:`COLLAPSE_SHARE`) is retried at the lower rates tried. The model is left as it was (adapters are removed with PEFT's
     ``unload``; base weights never change). When the adapted blocks are the last ones, the frozen blocks below them
     run once per fact set (:mod:`lorascope.model.frozen_prefix`, where the model's forward allows it exactly; the
     result records how many blocks were skipped as ``training["blocks_run_once"]``).
@@ -184,8 +196,9 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         loads: no bracket. ``"auto"``: :data:`DEFAULT_BRACKET`, with ``steps`` :data:`DEFAULT_STEP_BRACKET`.
     budget : int, optional
         The most adapter-training examples to spend (facts x epochs, with ``steps`` steps x facts per step, summed
-        over every adapter trained: learning rates tried, bracket loads and ranks). A load or rank that would pass
-        it is skipped, with a note (a rank skipped skips the larger ones too). None: no limit.
+        over every adapter trained: learning rates tried, bracket loads and ranks). A load, an extension of the
+        learning-rate grid or a rank that would pass it is skipped, with a note (a bracket's largest loads go first;
+        a rank skipped skips the larger ones too). None: no limit.
     epochs, batch_size, seed
         Training of each adapter.
     steps : int, optional
@@ -195,8 +208,10 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         batch x the probes' bits per example / log2 ``values``). The learning rates are then tried at every load of
         the smallest rank, and every rank keeps the load at which it held the most.
     lr : float or sequence of float, default (1e-3, 3e-3)
-        Adam learning rate; given several, each is tried at the smallest rank and the one storing the most bits is
-        used for every adapter (with alpha / r scaling the best LoRA learning rate barely depends on the rank).
+        Adam learning rate; given several, each is tried at every load of the smallest rank and the one storing the
+        most bits is used for every adapter (with alpha / r scaling the best LoRA learning rate barely depends on the
+        rank). A best rate at an end of several is not trusted: the grid is extended past it by its own step, at
+        most :data:`LR_EXTENSIONS` times, and a rate still at an end gets a note. One rate is used as given.
     layers : "auto", sequence of int or None, default "auto"
         Transformer blocks to adapt. The constant is per parameter, so one block measures it at a fraction of the
         cost. ``"auto"``: every block when an all-block adapter has at most :data:`AUTO_ALL_LAYERS_BUDGET`
@@ -282,51 +297,58 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         return budget is None or spent + times * cost(rank, load) <= budget
 
     first = ranks[0]
-    # learning rates are tried at the given load, else at the bracket's load nearest DEFAULT_LOAD (no extra adapter)
-    trial_load = offered_bits_per_parameter or min(loads or (DEFAULT_LOAD,),
-                                                   key=lambda v: abs(math.log(v / DEFAULT_LOAD)))
-    if steps:  # every rate at every load of the smallest rank
-        loads = (offered_bits_per_parameter,) if offered_bits_per_parameter is not None else loads or (trial_load,)
-    first_cost = len(lrs) * (sum(cost(first, v) for v in loads) if steps else cost(first, trial_load))
-    if budget is not None and first_cost > budget:
+    if steps and offered_bits_per_parameter is not None:
+        loads = ()  # a given load at a step budget: every rank at it, no bracket
+    given = () if offered_bits_per_parameter is None else (offered_bits_per_parameter,)
+
+    def first_loads(kept: int) -> tuple[float, ...]:
+        """The smallest rank's loads: the bracket's ``kept`` smallest and the given load (else DEFAULT_LOAD)."""
+        return tuple(sorted({*loads[:kept], *given})) or (DEFAULT_LOAD,)
+
+    def first_cost(kept: int) -> int:
+        return len(lrs) * sum(cost(first, v) for v in first_loads(kept))
+
+    kept = len(loads)  # the budget drops the bracket's largest loads first
+    while kept > 1 and budget is not None and first_cost(kept) > budget:
+        kept -= 1
+    if budget is not None and first_cost(kept) > budget:
         raise InvalidOptionError(
             f"The 'budget' parameter of calibrate covers no measurement: rank {first} at "
-            f"{f'{len(loads)} load(s)' if steps else f'{trial_load:g} bits per parameter'} with {len(lrs)} learning "
-            f"rate(s) needs {first_cost:,} adapter-training examples "
+            f"{', '.join(f'{v:g}' for v in first_loads(kept))} bits per parameter with {len(lrs)} learning rate(s) "
+            f"needs {first_cost(kept):,} adapter-training examples "
             f"({'steps x facts per step' if steps else 'facts x epochs'}). Got {budget!r} instead.")
+    if kept < len(loads):
+        notes.append(f"bracket: load{'s' if len(loads) - kept > 1 else ''} "
+                     f"{', '.join(f'{v:g}' for v in loads[kept:])} at rank {first} skipped, over the budget "
+                     f"({budget:,} examples)")
+        loads = loads[:kept]
+    measured = first_loads(kept)
+
+    def all_loads_affordable(rank: int) -> bool:
+        return budget is None or spent + sum(cost(rank, v) for v in measured) <= budget
+
     load: float | None
     if steps:
-        def all_loads_affordable(rank: int) -> bool:
-            return budget is None or spent + sum(cost(rank, v) for v in loads) <= budget
-
-        rate, points, bracket_points, load_points = _at_step_budget(train, all_loads_affordable, ranks, loads, lrs,
-                                                                    budget, notes, log)
+        rate, by_rate, points, bracket_points, load_points = _at_step_budget(
+            train, all_loads_affordable, ranks, measured, lrs, budget, notes, log)
         load = None
     else:
         load_points = ()
-        tried = [train(first, trial_load, rate, f"learning rate {rate:g} at rank {first}") for rate in lrs]
-        best = max(range(len(lrs)), key=lambda i: tried[i].bits_stored)
-        rate, at_load = lrs[best], {trial_load: tried[best]}
-        for load in loads:
-            if load in at_load:
-                continue
-            if affordable(first, load):
-                at_load[load] = train(first, load, rate, f"bracket, rank {first} at load {load:g}")
-            else:
-                notes.append(f"bracket: load {load:g} at rank {first} skipped, over the budget ({budget:,} examples)")
-        bracket_points = tuple(at_load[v] for v in loads if v in at_load)
-        if len(bracket_points) < 2:
-            bracket_points = ()
+        rate, by_rate = _tune_rate(train, first, measured, lrs, lambda: all_loads_affordable(first), notes)
+        at_load = dict(zip(measured, by_rate[rate]))
+        bracket_points = tuple(at_load[v] for v in loads) if len(loads) >= 2 else ()
         if offered_bits_per_parameter is not None:
             load = offered_bits_per_parameter
         elif bracket_points:  # the load at which the bracketed adapter's held bits stopped growing
             capacity_load = bracket_capacity([p.load for p in bracket_points], [p.bits_stored for p in bracket_points],
                                              lora_parameters=bracket_points[0].lora_parameters,
                                              rank=first).capacity_load
-            load = min((v for v in loads if v in at_load), key=lambda v: abs(at_load[v].load - capacity_load))
+            load = min(loads, key=lambda v: abs(at_load[v].load - capacity_load))
         else:
-            load = trial_load
-        points = [at_load[load] if load in at_load else train(first, load, rate, "")]
+            load = measured[0]
+        points = [at_load[load]]
+        rates = {first: rate}
+        lower = sorted((r for r in by_rate if r < rate), reverse=True)  # for a larger rank that collapses
         if log:  # one line per rank, each starting "rank ": the CLI's progress bar counts them
             log(f"rank {first}: {_describe(points[0])}")
         for position, rank in enumerate(ranks[1:], start=1):
@@ -335,15 +357,21 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
                              f"{facts_for(rank, load) * epochs:,} adapter-training examples, the budget "
                              f"({budget:,}) has {budget - spent:,} left")
                 break
-            points.append(train(rank, load, rate, f"rank {rank}"))
+            point = train(rank, load, rates[points[-1].rank], f"rank {rank}")
+            point, rates[rank] = _unless_collapsed(train, point, points[-1], rates[points[-1].rank], lower,
+                                                   functools.partial(affordable, rank, load), notes)
+            points.append(point)
     notes += _point_notes(points)
     return Calibration(model=model_signature(model), target=resolved, points=tuple(points),
                        task={"kind": "random key -> value facts", "values": values, "seed": seed},
-                       training={"optimizer": "Adam", "lr": rate, "lr_tried": list(map(float, lrs)),
+                       training={"optimizer": "Adam", "lr": rate, "lr_tried": sorted(map(float, by_rate)),
+                                 "held_by_lr": {f"{r:g}": max(p.bits_stored for p in curve)
+                                                for r, curve in sorted(by_rate.items())},
+                                 **({} if steps else {"lr_by_rank": {str(r): v for r, v in rates.items()}}),
                                  "epochs": None if steps else epochs, "steps": steps, "batch_size": batch_size,
                                  "lora_alpha": 32, "offered_bits_per_parameter": load,
                                  **({"best_loads": {str(p.rank): p.load for p in points}} if steps else {}),
-                                 "bracket_loads": list(loads),
+                                 "bracket_loads": list(measured if steps else loads),
                                  "budget": budget, "examples_trained": spent,
                                  "layers": None if blocks is None else sorted(blocks),
                                  "blocks_run_once": prefix.first if prefix else 0},
@@ -351,17 +379,70 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
                        notes=tuple(notes), bracket_points=bracket_points, load_points=load_points)
 
 
+def _tune_rate(train: Callable[[int, float, float, str], CalibrationPoint], rank: int, loads: Sequence[float],
+               lrs: Sequence[float], affordable: Callable[[], bool], notes: list[str]
+               ) -> tuple[float, dict[float, list[CalibrationPoint]]]:
+    """Each rate at every load of ``rank``: the rate whose adapter held the most at any load (ties: the smaller),
+    and each rate's adapters. An adapter near its capacity is sensitive to the rate, so the rate is chosen by the
+    most it held at any load, not at one load. A best rate at an end of several is not trusted: the grid is extended
+    past that end by its own step, at most :data:`LR_EXTENSIONS` times while ``affordable()`` (one more rate at
+    every load); a best rate still at an end gets a note."""
+    def curve(rate: float) -> list[CalibrationPoint]:
+        return [train(rank, load, rate, f"learning rate {rate:g}, load {load:g} at rank {rank}") for load in loads]
+
+    by_rate = {rate: curve(rate) for rate in sorted(set(lrs))}
+
+    def best() -> float:
+        return max(sorted(by_rate), key=lambda r: max(p.bits_stored for p in by_rate[r]))
+
+    paid = True
+    for _ in range(LR_EXTENSIONS if len(by_rate) >= 2 else 0):
+        rates, rate = sorted(by_rate), best()
+        if rates[0] < rate < rates[-1]:
+            break
+        if not affordable():
+            paid = False
+            break
+        beyond = rate * rates[0] / rates[1] if rate == rates[0] else rate * rates[-1] / rates[-2]  # the grid's step
+        by_rate[beyond] = curve(beyond)
+    rates, rate = sorted(by_rate), best()
+    if len(rates) >= 2 and rate in (rates[0], rates[-1]):
+        notes.append(f"learning rate {rate:g}, the {'lowest' if rate == rates[0] else 'highest'} of those tried "
+                     f"({', '.join(f'{r:g}' for r in rates)}), held the most: the best rate may lie past it, and kappa "
+                     f"be understated; {'widen lr' if paid else 'the budget paid for no rate past it'}")
+    return rate, by_rate
+
+
+def _unless_collapsed(train: Callable[[int, float, float, str], CalibrationPoint], point: CalibrationPoint,
+                      below: CalibrationPoint, rate: float, lower: list[float], affordable: Callable[[], bool],
+                      notes: list[str]) -> tuple[CalibrationPoint, float]:
+    """``point``, trained at ``rate``, unless it held under :data:`COLLAPSE_SHARE` of the bits per parameter of the
+    rank ``below`` it: then it collapsed rather than filled, and is retried at the next lower rate tried at the
+    smallest rank (popped from ``lower``), for as long as that helps and is ``affordable()``. Returns the point
+    kept and its rate, from which the larger ranks start."""
+    while point.bits_per_parameter < COLLAPSE_SHARE * below.bits_per_parameter and lower and affordable():
+        retry = train(point.rank, point.load, lower[0], f"retry at learning rate {lower[0]:g}, rank {point.rank}")
+        better = retry.bits_stored > point.bits_stored
+        notes.append(f"rank {point.rank}: {point.bits_per_parameter:.3f} bits per parameter at learning rate "
+                     f"{rate:g}, under half of rank {below.rank}'s {below.bits_per_parameter:.3f} (a collapse); "
+                     f"at {lower[0]:g}: {retry.bits_per_parameter:.3f}"
+                     + (", kept, and the larger ranks start there" if better else ", not better"))
+        if not better:
+            break
+        point, rate = retry, lower.pop(0)
+    return point, rate
+
+
 def _at_step_budget(train: Callable[[int, float, float, str], CalibrationPoint],
                     affordable: Callable[[int], bool], ranks: Sequence[int], loads: Sequence[float],
                     lrs: Sequence[float], budget: int | None, notes: list[str], log: Callable[[str], None] | None
-                    ) -> tuple[float, list[CalibrationPoint], Points, Points]:
-    """calibrate's step-budget mode: each rate at every load of the smallest rank, the best rate at every load of
-    each other rank, and each rank's best load as its point. Returns the rate, the points, the smallest rank's
-    loads (the bracket) and every adapter trained at the chosen rate."""
+                    ) -> tuple[float, dict[float, list[CalibrationPoint]], list[CalibrationPoint], Points, Points]:
+    """calibrate's step-budget mode: each rate at every load of the smallest rank (:func:`_tune_rate`), the best
+    rate at every load of each other rank, and each rank's best load as its point. Returns the rate, each rate's
+    adapters at the smallest rank, the points, the smallest rank's loads (the bracket) and every adapter trained at
+    the chosen rate."""
     first = ranks[0]
-    by_rate = {rate: [train(first, load, rate, f"learning rate {rate:g}, load {load:g} at rank {first}")
-                      for load in loads] for rate in lrs}
-    rate = max(lrs, key=lambda r: max(p.bits_stored for p in by_rate[r]))
+    rate, by_rate = _tune_rate(train, first, loads, lrs, lambda: affordable(first), notes)
     curves = {first: by_rate[rate]}
     for position, rank in enumerate(ranks[1:], start=1):
         if not affordable(rank):  # always affordable without a budget
@@ -380,7 +461,7 @@ def _at_step_budget(train: Callable[[int, float, float, str], CalibrationPoint],
             notes.append(f"rank {rank}: held the most at the bracket's {edge} load ({best.load:.3g} bits offered per "
                          f"parameter), so its best load may lie outside the bracket: widen it")
     bracket_points = tuple(curves[first]) if len(loads) >= 2 else ()
-    return rate, points, bracket_points, tuple(p for curve in curves.values() for p in curve)
+    return rate, by_rate, points, bracket_points, tuple(p for curve in curves.values() for p in curve)
 
 
 def _describe(point: CalibrationPoint) -> str:

@@ -259,7 +259,8 @@ def test_the_budget_skips_loads_and_ranks_it_cannot_pay_for_with_a_note(tiny_bas
     for bad in (0, -5, 2.5, True):
         with pytest.raises(InvalidOptionError, match="'budget' parameter of calibrate must be an int"):
             calibrate(tiny_base, ranks=(1,), budget=bad, **cheap)
-    with pytest.raises(InvalidOptionError, match="covers no measurement: rank 1 at 2 bits per parameter"):
+    with pytest.raises(InvalidOptionError, match=r"covers no measurement: rank 1 at 0.5 bits per parameter with 1 "
+                                                 r"learning rate\(s\) needs 46 adapter-training examples"):
         calibrate(tiny_base, ranks=(1,), budget=10, **cheap)
     with pytest.raises(InvalidOptionError, match="'bracket' parameter of calibrate"):
         calibrate(tiny_base, ranks=(1,), bracket=(1, -2), **cheap)
@@ -297,23 +298,112 @@ def _planted_train(held: dict[tuple[int, float, float], float], trained: list[tu
 def test_at_a_step_budget_the_best_rate_is_read_at_every_load_and_each_rank_keeps_its_best_load():
     from lorascope.workflows.calibrate import _at_step_budget
 
-    loads, rates = (0.25, 1.0, 4.0), (1e-3, 1e-2)
+    loads, rates = (0.25, 1.0, 4.0), (1e-3, 1e-2, 1e-1)
     held = {(1, 0.25, 1e-3): 0.2, (1, 1.0, 1e-3): 0.3, (1, 4.0, 1e-3): 0.1,   # 1e-3 holds at most 0.3 ...
             (1, 0.25, 1e-2): 0.25, (1, 1.0, 1e-2): 0.5, (1, 4.0, 1e-2): 0.2,  # ... 1e-2 holds 0.5: chosen
+            (1, 0.25, 1e-1): 0.05, (1, 1.0, 1e-1): 0.01, (1, 4.0, 1e-1): 0.0,
             (2, 0.25, 1e-2): 0.2, (2, 1.0, 1e-2): 0.15, (2, 4.0, 1e-2): 0.05,  # rank 2 best at the lowest load
             (4, 0.25, 1e-2): 0.1, (4, 1.0, 1e-2): 0.12, (4, 4.0, 1e-2): 0.01}
     trained: list[tuple[int, float, float]] = []
     notes: list[str] = []
     lines: list[str] = []
-    rate, points, bracket, every = _at_step_budget(_planted_train(held, trained), lambda rank: True, (1, 2, 4), loads,
-                                                   rates, None, notes, lines.append)
-    assert rate == 1e-2
+    rate, by_rate, points, bracket, every = _at_step_budget(_planted_train(held, trained), lambda rank: True,
+                                                            (1, 2, 4), loads, rates, None, notes, lines.append)
+    assert rate == 1e-2 and sorted(by_rate) == list(rates) and by_rate[rate] == list(bracket)
     assert [(p.rank, p.load, p.bits_per_parameter) for p in points] == [(1, 1.0, 0.5), (2, 0.25, 0.2), (4, 1.0, 0.12)]
     assert [p.load for p in bracket] == list(loads) and {p.rank for p in bracket} == {1}
-    assert len(every) == 9 and len(trained) == 12  # rank 1 at both rates, ranks 2 and 4 at the chosen one
+    assert len(every) == 9 and len(trained) == 15  # rank 1 at the three rates, ranks 2 and 4 at the chosen one
     assert [line.split(":")[0] for line in lines if line.startswith("rank ")] == ["rank 1", "rank 2", "rank 4"]
     assert notes == ["rank 2: held the most at the bracket's lowest load (0.25 bits offered per parameter), so its "
                      "best load may lie outside the bracket: widen it"]
+
+
+def _rate_train(held: dict[float, tuple[float, ...]], loads: tuple[float, ...], trained: list[float],
+                default: float = 0.0):
+    """A stand-in for calibrate's adapter training at the smallest rank: bits per parameter planted per rate (one
+    value per load); a rate not planted holds ``default``."""
+
+    def train(rank: int, load: float, rate: float, what: str) -> CalibrationPoint:
+        trained.append(rate)
+        bits = next((v for r, v in held.items() if math.isclose(r, rate, rel_tol=1e-9)), None)
+        value = default if bits is None else bits[loads.index(load)]
+        params = PER_RANK * rank
+        return CalibrationPoint(rank, params, int(load * params / 8), load * params, value * params, 1.0, 2)
+
+    return train
+
+
+def test_the_rate_is_the_one_that_held_the_most_at_any_load_not_at_one():
+    from lorascope.workflows.calibrate import _tune_rate
+
+    loads = (0.5, 1.0, 2.0)
+    # at load 2 the lowest rate holds the most (3e-3 has collapsed there), but 3e-3 at load 1 holds the most any
+    # adapter held: as on the reproduction's base, where reading one load misread rank 1's capacity by a third
+    held = {1e-3: (0.25, 0.23, 0.32), 3e-3: (0.31, 0.43, 0.05), 1e-2: (0.29, 0.05, 0.0)}
+    trained: list[float] = []
+    notes: list[str] = []
+    rate, by_rate = _tune_rate(_rate_train(held, loads, trained), 1, loads, (1e-2, 1e-3, 3e-3), lambda: True, notes)
+    assert rate == 3e-3 and sorted(by_rate) == [1e-3, 3e-3, 1e-2] and len(trained) == 9 and notes == []
+    assert [p.bits_per_parameter for p in by_rate[3e-3]] == [0.31, 0.43, 0.05]
+
+
+def test_a_best_rate_at_an_end_of_the_grid_extends_it_by_its_own_step_until_interior():
+    from lorascope.workflows.calibrate import LR_EXTENSIONS, _tune_rate
+
+    loads = (1.0, 2.0)
+    held = {1e-3: (0.2, 0.1), 3e-3: (0.3, 0.2), 9e-3: (0.4, 0.3), 2.7e-2: (0.1, 0.0)}
+    trained: list[float] = []
+    notes: list[str] = []
+    rate, by_rate = _tune_rate(_rate_train(held, loads, trained), 1, loads, (1e-3, 3e-3), lambda: True, notes)
+    assert rate == pytest.approx(9e-3) and sorted(by_rate) == pytest.approx([1e-3, 3e-3, 9e-3, 2.7e-2])
+    assert notes == [] and len(trained) == 8  # two rates past the top end, each at both loads
+
+    # still at the low end after LR_EXTENSIONS steps down (by the grid's step there, 10x): a note
+    notes.clear()
+    rate, by_rate = _tune_rate(_rate_train({1e-4: (0.5,)}, (1.0,), [], default=0.1), 1, (1.0,), (1e-2, 1e-1),
+                               lambda: True, notes)
+    assert LR_EXTENSIONS == 2 and rate == pytest.approx(1e-4) and len(by_rate) == 4
+    assert notes == ["learning rate 0.0001, the lowest of those tried (0.0001, 0.001, 0.01, 0.1), held the most: "
+                     "the best rate may lie past it, and kappa be understated; widen lr"]
+
+    # the budget pays for no rate past the end; one rate given is used as given
+    notes.clear()
+    rate, by_rate = _tune_rate(_rate_train({3e-3: (0.5,)}, (1.0,), [], default=0.1), 1, (1.0,), (1e-3, 3e-3),
+                               lambda: False, notes)
+    assert rate == 3e-3 and len(by_rate) == 2 and notes[0].endswith("; the budget paid for no rate past it")
+    notes.clear()
+    rate, by_rate = _tune_rate(_rate_train({}, (1.0,), []), 1, (1.0,), (3e-3,), lambda: True, notes)
+    assert rate == 3e-3 and len(by_rate) == 1 and notes == []
+
+
+def test_a_larger_rank_that_collapsed_at_the_chosen_rate_is_retried_lower_and_the_larger_ones_start_there():
+    from lorascope.workflows.calibrate import _unless_collapsed
+
+    def point(rank: int, bits_per_parameter: float) -> CalibrationPoint:
+        return CalibrationPoint(rank, PER_RANK * rank, 100, 2.0 * PER_RANK * rank, bits_per_parameter * PER_RANK * rank,
+                                1.0, 300)
+
+    rank2 = point(2, 0.62)
+    held = {1e-3: 0.5, 3e-4: 0.55}
+    trained: list[float] = []
+
+    def train(rank: int, load: float, rate: float, what: str) -> CalibrationPoint:
+        trained.append(rate)
+        return point(rank, held[rate])
+
+    notes: list[str] = []
+    lower = [1e-3, 3e-4]
+    kept, rate = _unless_collapsed(train, point(4, 0.01), rank2, 3e-3, lower, lambda: True, notes)
+    assert (kept.bits_per_parameter, rate, trained, lower) == (0.5, 1e-3, [1e-3], [3e-4])  # 0.5 is not a collapse
+    assert notes == ["rank 4: 0.010 bits per parameter at learning rate 0.003, under half of rank 2's 0.620 (a "
+                     "collapse); at 0.001: 0.500, kept, and the larger ranks start there"]
+    # a rank that filled is kept as it is; a retry that does not help is not kept; no budget, no retry
+    assert _unless_collapsed(train, point(4, 0.4), rank2, 3e-3, [1e-3], lambda: True, []) == (point(4, 0.4), 3e-3)
+    held[1e-3] = 0.005
+    notes.clear()
+    assert _unless_collapsed(train, point(4, 0.01), rank2, 3e-3, [1e-3], lambda: True, notes) == (point(4, 0.01), 3e-3)
+    assert notes[0].endswith("at 0.001: 0.005, not better")
+    assert _unless_collapsed(train, point(4, 0.01), rank2, 3e-3, [1e-3], lambda: False, []) == (point(4, 0.01), 3e-3)
 
 
 def test_at_a_step_budget_a_rank_the_budget_cannot_pay_for_is_skipped_with_the_larger_ones():
@@ -321,7 +411,7 @@ def test_at_a_step_budget_a_rank_the_budget_cannot_pay_for_is_skipped_with_the_l
 
     held = {(r, load, 1e-3): 0.1 * load for r in (1, 2, 4) for load in (1.0, 2.0)}
     notes: list[str] = []
-    _, points, _, _ = _at_step_budget(_planted_train(held, []), lambda rank: rank < 2, (1, 2, 4), (1.0, 2.0), (1e-3,),
+    _, _, points, _, _ = _at_step_budget(_planted_train(held, []), lambda rank: rank < 2, (1, 2, 4), (1.0, 2.0), (1e-3,),
                                       10_000, notes, None)
     assert [p.rank for p in points] == [1]
     assert notes[0] == ("ranks 2, 4 skipped: rank 2 at 2 load(s) would pass the budget (10,000 adapter-training "
@@ -342,13 +432,16 @@ def test_a_step_budget_calibration_trains_the_steps_it_says_and_round_trips(tiny
                            values=64, layers=[1])
     finally:
         handle.remove()
-    trained = 2 * 2 + 2  # rank 1: two rates x two loads; rank 4: two loads
+    rates = len(result.training["lr_tried"])  # the two given, and any past an end of them
+    assert 2 <= rates <= 4 and len(result.training["held_by_lr"]) == rates
+    trained = rates * 2 + 2  # rank 1: each rate x two loads; rank 4: two loads
     assert len(steps) == 12 * trained  # every adapter took exactly the budget's steps, whatever its facts
     assert all(p.steps == 12 for p in result.points + result.load_points)
     assert result.training["steps"] == 12 and result.training["epochs"] is None
     per_pass = {p: math.ceil(p.facts / 32) for p in result.load_points}  # batches in one pass over the facts
     assert result.training["examples_trained"] == sum(
-        (12 // per_pass[p] * p.facts + 12 % per_pass[p] * 32) * (2 if p.rank == 1 else 1) for p in result.load_points)
+        (12 // per_pass[p] * p.facts + 12 % per_pass[p] * 32) * (rates if p.rank == 1 else 1)
+        for p in result.load_points)
     for point in result.points:  # each rank's point is its best load
         assert point.bits_stored == max(p.bits_stored for p in result.load_points if p.rank == point.rank)
         assert point.epochs == math.ceil(12 / per_pass[point])
@@ -379,7 +472,8 @@ def test_step_mode_refuses_bad_steps_and_brackets(tiny_base):
             calibrate(tiny_base, ranks=(1,), steps=bad, **FAST)
     with pytest.raises(InvalidOptionError, match="'bracket' parameter of calibrate must be 'auto'"):
         calibrate(tiny_base, ranks=(1,), bracket="wide", **FAST)
-    with pytest.raises(InvalidOptionError, match=r"covers no measurement: rank 1 at 2 load\(s\) with 2 learning rate"):
+    with pytest.raises(InvalidOptionError, match=r"covers no measurement: rank 1 at 0.5 bits per parameter with 2 "
+                                                 r"learning rate"):
         calibrate(tiny_base, ranks=(1,), steps=10, bracket=(0.5, 1.0), budget=100, **{**FAST, "lr": (1e-3, 1e-2)})
 
 
