@@ -172,10 +172,10 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     (:func:`~lorascope.analysis.capacity_fit.bracket_capacity`); every other rank is offered the load at which
     the bracketed adapter's held bits stopped growing (its ``capacity_load``: the smallest load holding 90% of its
     most, the cheapest load that fills an adapter), at the rate of the rank below it; a rank that collapsed there
-    (:data:`COLLAPSE_SHARE`) is retried at the lower rates tried. The model is left as it was (adapters are removed with PEFT's
-    ``unload``; base weights never change). When the adapted blocks are the last ones, the frozen blocks below them
-    run once per fact set (:mod:`lorascope.model.frozen_prefix`, where the model's forward allows it exactly; the
-    result records how many blocks were skipped as ``training["blocks_run_once"]``).
+    (:data:`COLLAPSE_SHARE`) is retried at the lower rates tried. The model is left as it was (adapters are removed
+    with PEFT's ``unload``; base weights never change). When the adapted blocks are the last ones, the frozen blocks
+    below them run once per fact set (:mod:`lorascope.model.frozen_prefix`, where the model's forward allows it
+    exactly; the result records how many blocks were skipped as ``training["blocks_run_once"]``).
 
     Parameters
     ----------
@@ -365,7 +365,8 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     return Calibration(model=model_signature(model), target=resolved, points=tuple(points),
                        task={"kind": "random key -> value facts", "values": values, "seed": seed},
                        training={"optimizer": "Adam", "lr": rate, "lr_tried": sorted(map(float, by_rate)),
-                                 "held_by_lr": {f"{r:g}": max(p.bits_stored for p in curve)
+                                 "lr_loads": list(measured),  # the smallest rank's, at every rate tried
+                                 "held_by_lr": {f"{r:g}": [p.bits_stored for p in curve]
                                                 for r, curve in sorted(by_rate.items())},
                                  **({} if steps else {"lr_by_rank": {str(r): v for r, v in rates.items()}}),
                                  "epochs": None if steps else epochs, "steps": steps, "batch_size": batch_size,

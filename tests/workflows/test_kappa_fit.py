@@ -433,7 +433,8 @@ def test_a_step_budget_calibration_trains_the_steps_it_says_and_round_trips(tiny
     finally:
         handle.remove()
     rates = len(result.training["lr_tried"])  # the two given, and any past an end of them
-    assert 2 <= rates <= 4 and len(result.training["held_by_lr"]) == rates
+    assert 2 <= rates <= 4 and result.training["lr_loads"] == [0.25, 2.0]
+    assert [len(held) for held in result.training["held_by_lr"].values()] == [2] * rates
     trained = rates * 2 + 2  # rank 1: each rate x two loads; rank 4: two loads
     assert len(steps) == 12 * trained  # every adapter took exactly the budget's steps, whatever its facts
     assert all(p.steps == 12 for p in result.points + result.load_points)

@@ -1,0 +1,62 @@
+"""The reproduction's post-hoc studies against their checked-in JSON: the learning-rate grid extended until every
+optimum is interior (examples/reproduce/lr_bracket.py) and kappa(r) re-measured with every rate at every load
+(examples/reproduce/kappa_rates.py). No training: each JSON is recomputed from the runs and calibrations it names."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+import lorascope  # noqa: E402
+
+STUDY = Path(__file__).resolve().parents[2] / "examples" / "reproduce"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "reproduction"
+
+
+@pytest.fixture(scope="module")
+def modules():
+    sys.path.insert(0, str(STUDY))
+    try:
+        yield importlib.import_module("lr_bracket"), importlib.import_module("kappa_rates")
+    finally:
+        sys.path.remove(str(STUDY))
+
+
+def test_the_ladder_steps_half_decades_and_the_study_alone_recomputes_its_own_tables(modules):
+    lr_bracket, _ = modules
+    assert [lr_bracket.ladder_step(v, up=True) for v in (1e-3, 3e-3, 1e-2, 3e-2)] == [3e-3, 1e-2, 3e-2, 1e-1]
+    assert [lr_bracket.ladder_step(v, up=False) for v in (1e-2, 3e-3, 1e-3, 3e-4)] == [3e-3, 1e-3, 3e-4, 1e-4]
+    results = json.loads((DOCS / "results.json").read_text())
+    study = lr_bracket.summarize(lr_bracket.conditions(results["runs"]), results["tier"], results)
+    assert study["falloff"] == results["falloff"]
+    assert study["lr_ratio_geometric_mean"] == pytest.approx(results["lr"]["ratio_geometric_mean"], rel=1e-12)
+    assert study["at_an_end"] == 26  # every full fine-tuning optimum and 20 of 36 LoRA ones
+
+
+def test_the_extended_grid_json_is_its_runs_summarized(modules):
+    lr_bracket, _ = modules
+    results = json.loads((DOCS / "results.json").read_text())
+    saved = json.loads((DOCS / "lr_bracket.json").read_text())
+    runs = results["runs"] + [{**run, "experiment": "sweep"} for run in saved["added_runs"]]
+    again = lr_bracket.summarize(lr_bracket.conditions(runs), results["tier"], results)
+    for key in ("falloff", "at_an_end", "full_best_lr", "held", "conditions"):
+        assert again[key] == saved[key], key
+    assert again["lr_ratio_geometric_mean"] == pytest.approx(saved["lr_ratio_geometric_mean"], rel=1e-12)
+
+
+def test_the_true_bits_rows_are_the_calibrations_capacity_over_8_bits(modules):
+    _, kappa_rates = modules
+    results = json.loads((DOCS / "results.json").read_text())
+    study = kappa_rates.true_bits(lorascope.load_calibration(DOCS / "calibration_kappa.json"), results)
+    # docs/reproduction.md: "the task's true 8 bits per fact with calibrated kappa(r)": 0.69, 0.78, 0.89, 1.00, 1.15
+    assert [round(study[str(r)]["ratio"], 2) for r in (1, 2, 4, 8, 16)] == [0.69, 0.78, 0.89, 1.00, 1.15]
+    saved = json.loads((DOCS / "kappa_rates.json").read_text())
+    rates = kappa_rates.true_bits(lorascope.load_calibration(DOCS / "calibration_kappa_rates.json"), results)
+    assert rates == saved["ratios"]["true 8 bits per fact, kappa(r) with every rate at every load"]
+    assert study == saved["ratios"]["true 8 bits per fact, the study's kappa(r)"]
