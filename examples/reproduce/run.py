@@ -68,7 +68,7 @@ TIERS = {
                  min_steps=1500, batch_size=64, full_lrs=(1e-3, 3e-3, 1e-2), lora_lrs=(1e-3, 3e-3, 1e-2),
                  pretrain_steps=1500, calibration_epochs=300, probe_examples=512, batch_sizes=(16, 64, 256),
                  batch_ranks=(4, 16), batch_examples=512, target_mlp_rank=8, target_examples=2048, jobs=2,
-                 kappa_ranks=(1, 2, 4, 8, 16), kappa_budget=8_000_000),
+                 kappa_ranks=(1, 2, 4, 8, 16), kappa_budget=12_000_000),
     "quick": Tier("quick", ranks=(1, 4, 16), sizes=(128, 512, 2048), epochs=40, min_steps=400, batch_size=64,
                   full_lrs=(1e-3, 3e-3), lora_lrs=(1e-3, 3e-3), pretrain_steps=600, calibration_epochs=60,
                   probe_examples=512, batch_sizes=(16, 128), batch_ranks=(4,), batch_examples=256,

@@ -70,11 +70,13 @@ COLLAPSE_SHARE = 0.5
 """A larger rank holding under this share of the bits per parameter of the rank below it, at the rate chosen at the
 smallest rank, is retried at a lower rate: a larger rank is offered more facts, so takes more steps in its epochs,
 and a long run at a high rate collapses (on the reproduction's base at 3e-3 rank 4 held 0.01 bits per parameter
-where rank 2 held 0.62). Across ranks kappa was never seen to fall by half per doubling of the rank."""
+where rank 2 held 0.62). On the bases of docs/capacity.md trained to a plateau, kappa changed by far less than half
+from one rank to the next unless an adapter collapsed or did not learn."""
 LR_EXTENSIONS = 2
 """Rates tried past an end of the learning-rate grid when the best one sits there. An adapter near its capacity is
-sensitive to the rate: on the reproduction's base, rank 1 held 940 bits at 3e-3 and 759 at 1e-3 at load 2, and
-collapsed at load 1 at 1e-2, so a rate at the grid's edge can understate kappa by a third (docs/capacity.md)."""
+sensitive to the rate: on the reproduction's base rank 1 held at most 759 bits at 1e-3, 940 at 3e-3 and 731 at 9e-3,
+each collapsing at fewer facts the higher the rate, so a rate read at one load or at the grid's edge can understate
+kappa by a quarter (docs/capacity.md, "Learning rates at every load")."""
 Points = tuple[CalibrationPoint, ...]
 KEPT_STATES_BYTES = 2**31
 """The most memory the hidden states of the frozen blocks below the adapted ones may take, kept for one fact set."""

@@ -67,7 +67,7 @@ STEP_BUDGET_TOLERANCE = 1.5
 """A calibration's step budget and the planned run's steps further apart than this factor get a note."""
 LR_MEASURED = ("Measured by this project, not ~10x: 1-3.3x on real text with every optimum bracketed "
                "(docs/realdata.md, batch 16-256), 1-3.3x on training loss and 3-10x on held-out loss on SmolLM2-135M "
-               "(docs/realdata_smollm2.md), 0.37x on memorised facts with grids that did not bracket the optimum "
+               "(docs/realdata_smollm2.md), 0.17x on memorised facts with every optimum bracketed "
                "(docs/reproduction.md): treat the multiplier as a starting point and sweep around it")
 BATCH_MEASURED = ("Measured by this project: LoRA's gap to full fine-tuning did not grow with the batch (16 to 256) "
                   "at the same epochs, on real text with bracketed learning rates (docs/realdata.md) nor on "

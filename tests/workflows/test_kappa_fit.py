@@ -411,8 +411,8 @@ def test_at_a_step_budget_a_rank_the_budget_cannot_pay_for_is_skipped_with_the_l
 
     held = {(r, load, 1e-3): 0.1 * load for r in (1, 2, 4) for load in (1.0, 2.0)}
     notes: list[str] = []
-    _, _, points, _, _ = _at_step_budget(_planted_train(held, []), lambda rank: rank < 2, (1, 2, 4), (1.0, 2.0), (1e-3,),
-                                      10_000, notes, None)
+    _, _, points, _, _ = _at_step_budget(_planted_train(held, []), lambda rank: rank < 2, (1, 2, 4), (1.0, 2.0),
+                                         (1e-3,), 10_000, notes, None)
     assert [p.rank for p in points] == [1]
     assert notes[0] == ("ranks 2, 4 skipped: rank 2 at 2 load(s) would pass the budget (10,000 adapter-training "
                         "examples)")
