@@ -45,6 +45,7 @@ from lorascope.model.frozen_prefix import FrozenPrefix, frozen_prefix, last_posi
 from lorascope.model.lora_params import lora_parameters, model_from_config
 from lorascope.model.peft_config import make_lora_config, to_peft
 from lorascope.model.taxonomy import classify
+from lorascope.workflows.calibrate_search import at_step_budget, describe, tune_rate, unless_collapsed
 from lorascope.workflows.calibration import Calibration, CalibrationPoint, load_calibration
 
 __all__ = ["DEFAULT_BRACKET", "DEFAULT_RANKS", "DEFAULT_STEP_BRACKET", "Calibration", "CalibrationPoint", "base_model",
@@ -66,17 +67,6 @@ parameter, so the best load is lower than at a plateau, and lower the larger the
 1/8 at rank 1, 1/16 at rank 4, at most 1/64 at rank 16; docs/realdata_smollm2.md)."""
 DEFAULT_LOAD = 2.0
 """The load offered without a bracket."""
-COLLAPSE_SHARE = 0.5
-"""A larger rank holding under this share of the bits per parameter of the rank below it, at the rate chosen at the
-smallest rank, is retried at a lower rate: a larger rank is offered more facts, so takes more steps in its epochs,
-and a long run at a high rate collapses (on the reproduction's base at 3e-3 rank 4 held 0.01 bits per parameter
-where rank 2 held 0.62). On the bases of docs/capacity.md trained to a plateau, kappa changed by far less than half
-from one rank to the next unless an adapter collapsed or did not learn."""
-LR_EXTENSIONS = 2
-"""Rates tried past an end of the learning-rate grid when the best one sits there. An adapter near its capacity is
-sensitive to the rate: on the reproduction's base rank 1 held at most 759 bits at 1e-3, 940 at 3e-3 and 731 at 9e-3,
-each collapsing at fewer facts the higher the rate, so a rate read at one load or at the grid's edge can understate
-kappa by a quarter (docs/capacity.md, "Learning rates at every load")."""
 Points = tuple[CalibrationPoint, ...]
 KEPT_STATES_BYTES = 2**31
 """The most memory the hidden states of the frozen blocks below the adapted ones may take, kept for one fact set."""
@@ -169,15 +159,16 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
 
     In order: the smallest rank is offered each load of ``bracket`` (else the given load, else
     :data:`DEFAULT_LOAD`) at each learning rate, and the rate at which it held the most is kept; when that rate is
-    an end of the grid, the grid is extended past it (:data:`LR_EXTENSIONS`). The kept rate's loads give the
-    adapter's capacity and whether it collapses past it
+    an end of the grid, the grid is extended past it (:func:`~lorascope.workflows.calibrate_search.tune_rate`). The
+    kept rate's loads give the adapter's capacity and whether it collapses past it
     (:func:`~lorascope.analysis.capacity_fit.bracket_capacity`); every other rank is offered the load at which
     the bracketed adapter's held bits stopped growing (its ``capacity_load``: the smallest load holding 90% of its
     most, the cheapest load that fills an adapter), at the rate of the rank below it; a rank that collapsed there
-    (:data:`COLLAPSE_SHARE`) is retried at the lower rates tried. The model is left as it was (adapters are removed
-    with PEFT's ``unload``; base weights never change). When the adapted blocks are the last ones, the frozen blocks
-    below them run once per fact set (:mod:`lorascope.model.frozen_prefix`, where the model's forward allows it
-    exactly; the result records how many blocks were skipped as ``training["blocks_run_once"]``).
+    is retried at the lower rates tried (:func:`~lorascope.workflows.calibrate_search.unless_collapsed`). The model
+    is left as it was (adapters are removed with PEFT's ``unload``; base weights never change). When the adapted
+    blocks are the last ones, the frozen blocks below them run once per fact set (:mod:`lorascope.model.frozen_prefix`,
+    where the model's forward allows it exactly; the result records how many blocks were skipped as
+    ``training["blocks_run_once"]``).
 
     Parameters
     ----------
@@ -213,7 +204,8 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         Adam learning rate; given several, each is tried at every load of the smallest rank and the one storing the
         most bits is used for every adapter (with alpha / r scaling the best LoRA learning rate barely depends on the
         rank). A best rate at an end of several is not trusted: the grid is extended past it by its own step, at
-        most :data:`LR_EXTENSIONS` times, and a rate still at an end gets a note. One rate is used as given.
+        most :data:`~lorascope.workflows.calibrate_search.LR_EXTENSIONS` times, and a rate still at an end gets a
+        note. One rate is used as given.
     layers : "auto", sequence of int or None, default "auto"
         Transformer blocks to adapt. The constant is per parameter, so one block measures it at a fraction of the
         cost. ``"auto"``: every block when an all-block adapter has at most :data:`AUTO_ALL_LAYERS_BUDGET`
@@ -292,7 +284,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
             raise LorascopeError(f"PEFT created {point.lora_parameters} LoRA parameters at rank {rank}, lorascope "
                                  f"counted {rank * per_rank}; please report this architecture.")
         if log and what:
-            log(f"{what}: {_describe(point)}")
+            log(f"{what}: {describe(point)}")
         return point
 
     def affordable(rank: int, load: float, times: int = 1) -> bool:
@@ -331,12 +323,12 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
 
     load: float | None
     if steps:
-        rate, by_rate, points, bracket_points, load_points = _at_step_budget(
+        rate, by_rate, points, bracket_points, load_points = at_step_budget(
             train, all_loads_affordable, ranks, measured, lrs, budget, notes, log)
         load = None
     else:
         load_points = ()
-        rate, by_rate = _tune_rate(train, first, measured, lrs, lambda: all_loads_affordable(first), notes)
+        rate, by_rate = tune_rate(train, first, measured, lrs, lambda: all_loads_affordable(first), notes)
         at_load = dict(zip(measured, by_rate[rate]))
         bracket_points = tuple(at_load[v] for v in loads) if len(loads) >= 2 else ()
         if offered_bits_per_parameter is not None:
@@ -352,7 +344,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         rates = {first: rate}
         lower = sorted((r for r in by_rate if r < rate), reverse=True)  # for a larger rank that collapses
         if log:  # one line per rank, each starting "rank ": the CLI's progress bar counts them
-            log(f"rank {first}: {_describe(points[0])}")
+            log(f"rank {first}: {describe(points[0])}")
         for position, rank in enumerate(ranks[1:], start=1):
             if budget is not None and not affordable(rank, load):  # affordable whenever there is no budget
                 notes.append(f"ranks {', '.join(map(str, ranks[position:]))} skipped: rank {rank} needs "
@@ -360,7 +352,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
                              f"({budget:,}) has {budget - spent:,} left")
                 break
             point = train(rank, load, rates[points[-1].rank], f"rank {rank}")
-            point, rates[rank] = _unless_collapsed(train, point, points[-1], rates[points[-1].rank], lower,
+            point, rates[rank] = unless_collapsed(train, point, points[-1], rates[points[-1].rank], lower,
                                                    functools.partial(affordable, rank, load), notes)
             points.append(point)
     notes += _point_notes(points)
@@ -380,97 +372,6 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
                                  "blocks_run_once": prefix.first if prefix else 0},
                        base=base, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        notes=tuple(notes), bracket_points=bracket_points, load_points=load_points)
-
-
-def _tune_rate(train: Callable[[int, float, float, str], CalibrationPoint], rank: int, loads: Sequence[float],
-               lrs: Sequence[float], affordable: Callable[[], bool], notes: list[str]
-               ) -> tuple[float, dict[float, list[CalibrationPoint]]]:
-    """Each rate at every load of ``rank``: the rate whose adapter held the most at any load (ties: the smaller),
-    and each rate's adapters. An adapter near its capacity is sensitive to the rate, so the rate is chosen by the
-    most it held at any load, not at one load. A best rate at an end of several is not trusted: the grid is extended
-    past that end by its own step, at most :data:`LR_EXTENSIONS` times while ``affordable()`` (one more rate at
-    every load); a best rate still at an end gets a note."""
-    def curve(rate: float) -> list[CalibrationPoint]:
-        return [train(rank, load, rate, f"learning rate {rate:g}, load {load:g} at rank {rank}") for load in loads]
-
-    by_rate = {rate: curve(rate) for rate in sorted(set(lrs))}
-
-    def best() -> float:
-        return max(sorted(by_rate), key=lambda r: max(p.bits_stored for p in by_rate[r]))
-
-    paid = True
-    for _ in range(LR_EXTENSIONS if len(by_rate) >= 2 else 0):
-        rates, rate = sorted(by_rate), best()
-        if rates[0] < rate < rates[-1]:
-            break
-        if not affordable():
-            paid = False
-            break
-        beyond = rate * rates[0] / rates[1] if rate == rates[0] else rate * rates[-1] / rates[-2]  # the grid's step
-        by_rate[beyond] = curve(beyond)
-    rates, rate = sorted(by_rate), best()
-    if len(rates) >= 2 and rate in (rates[0], rates[-1]):
-        notes.append(f"learning rate {rate:g}, the {'lowest' if rate == rates[0] else 'highest'} of those tried "
-                     f"({', '.join(f'{r:g}' for r in rates)}), held the most: the best rate may lie past it, and kappa "
-                     f"be understated; {'widen lr' if paid else 'the budget paid for no rate past it'}")
-    return rate, by_rate
-
-
-def _unless_collapsed(train: Callable[[int, float, float, str], CalibrationPoint], point: CalibrationPoint,
-                      below: CalibrationPoint, rate: float, lower: list[float], affordable: Callable[[], bool],
-                      notes: list[str]) -> tuple[CalibrationPoint, float]:
-    """``point``, trained at ``rate``, unless it held under :data:`COLLAPSE_SHARE` of the bits per parameter of the
-    rank ``below`` it: then it collapsed rather than filled, and is retried at the next lower rate tried at the
-    smallest rank (popped from ``lower``), for as long as that helps and is ``affordable()``. Returns the point
-    kept and its rate, from which the larger ranks start."""
-    while point.bits_per_parameter < COLLAPSE_SHARE * below.bits_per_parameter and lower and affordable():
-        retry = train(point.rank, point.load, lower[0], f"retry at learning rate {lower[0]:g}, rank {point.rank}")
-        better = retry.bits_stored > point.bits_stored
-        notes.append(f"rank {point.rank}: {point.bits_per_parameter:.3f} bits per parameter at learning rate "
-                     f"{rate:g}, under half of rank {below.rank}'s {below.bits_per_parameter:.3f} (a collapse); "
-                     f"at {lower[0]:g}: {retry.bits_per_parameter:.3f}"
-                     + (", kept, and the larger ranks start there" if better else ", not better"))
-        if not better:
-            break
-        point, rate = retry, lower.pop(0)
-    return point, rate
-
-
-def _at_step_budget(train: Callable[[int, float, float, str], CalibrationPoint],
-                    affordable: Callable[[int], bool], ranks: Sequence[int], loads: Sequence[float],
-                    lrs: Sequence[float], budget: int | None, notes: list[str], log: Callable[[str], None] | None
-                    ) -> tuple[float, dict[float, list[CalibrationPoint]], list[CalibrationPoint], Points, Points]:
-    """calibrate's step-budget mode: each rate at every load of the smallest rank (:func:`_tune_rate`), the best
-    rate at every load of each other rank, and each rank's best load as its point. Returns the rate, each rate's
-    adapters at the smallest rank, the points, the smallest rank's loads (the bracket) and every adapter trained at
-    the chosen rate."""
-    first = ranks[0]
-    rate, by_rate = _tune_rate(train, first, loads, lrs, lambda: affordable(first), notes)
-    curves = {first: by_rate[rate]}
-    for position, rank in enumerate(ranks[1:], start=1):
-        if not affordable(rank):  # always affordable without a budget
-            notes.append(f"ranks {', '.join(map(str, ranks[position:]))} skipped: rank {rank} at {len(loads)} "
-                         f"load(s) would pass the budget ({budget:,} adapter-training examples)")
-            break
-        curves[rank] = [train(rank, load, rate, f"load {load:g} at rank {rank}") for load in loads]
-    points = []
-    for rank, curve in curves.items():
-        best = max(curve, key=lambda p: p.bits_stored)
-        points.append(best)
-        if log:  # one line per rank, each starting "rank ": the CLI's progress bar counts them
-            log(f"rank {rank}: best load {best.load:.3g}: {_describe(best)}")
-        if len(curve) >= 2 and best.bits_stored > 0 and (best is curve[0] or best is curve[-1]):
-            edge = "lowest" if best is curve[0] else "highest"
-            notes.append(f"rank {rank}: held the most at the bracket's {edge} load ({best.load:.3g} bits offered per "
-                         f"parameter), so its best load may lie outside the bracket: widen it")
-    bracket_points = tuple(curves[first]) if len(loads) >= 2 else ()
-    return rate, by_rate, points, bracket_points, tuple(p for curve in curves.values() for p in curve)
-
-
-def _describe(point: CalibrationPoint) -> str:
-    return (f"{point.lora_parameters:,} LoRA parameters, {point.facts:,} facts ({point.bits_offered:,.0f} bits "
-            f"offered, {point.load:.2g} per parameter), stored {point.bits_stored:,.0f} bits = "
-            f"{point.bits_per_parameter:.3f} bits/parameter")
 
 
 def _point_notes(points: Sequence[CalibrationPoint]) -> list[str]:

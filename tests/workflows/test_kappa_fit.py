@@ -296,7 +296,7 @@ def _planted_train(held: dict[tuple[int, float, float], float], trained: list[tu
 
 
 def test_at_a_step_budget_the_best_rate_is_read_at_every_load_and_each_rank_keeps_its_best_load():
-    from lorascope.workflows.calibrate import _at_step_budget
+    from lorascope.workflows.calibrate_search import at_step_budget
 
     loads, rates = (0.25, 1.0, 4.0), (1e-3, 1e-2, 1e-1)
     held = {(1, 0.25, 1e-3): 0.2, (1, 1.0, 1e-3): 0.3, (1, 4.0, 1e-3): 0.1,   # 1e-3 holds at most 0.3 ...
@@ -307,8 +307,8 @@ def test_at_a_step_budget_the_best_rate_is_read_at_every_load_and_each_rank_keep
     trained: list[tuple[int, float, float]] = []
     notes: list[str] = []
     lines: list[str] = []
-    rate, by_rate, points, bracket, every = _at_step_budget(_planted_train(held, trained), lambda rank: True,
-                                                            (1, 2, 4), loads, rates, None, notes, lines.append)
+    rate, by_rate, points, bracket, every = at_step_budget(_planted_train(held, trained), lambda rank: True,
+                                                           (1, 2, 4), loads, rates, None, notes, lines.append)
     assert rate == 1e-2 and sorted(by_rate) == list(rates) and by_rate[rate] == list(bracket)
     assert [(p.rank, p.load, p.bits_per_parameter) for p in points] == [(1, 1.0, 0.5), (2, 0.25, 0.2), (4, 1.0, 0.12)]
     assert [p.load for p in bracket] == list(loads) and {p.rank for p in bracket} == {1}
@@ -334,7 +334,7 @@ def _rate_train(held: dict[float, tuple[float, ...]], loads: tuple[float, ...], 
 
 
 def test_the_rate_is_the_one_that_held_the_most_at_any_load_not_at_one():
-    from lorascope.workflows.calibrate import _tune_rate
+    from lorascope.workflows.calibrate_search import tune_rate
 
     loads = (0.5, 1.0, 2.0)
     # at load 2 the lowest rate holds the most (3e-3 has collapsed there), but 3e-3 at load 1 holds the most any
@@ -342,25 +342,25 @@ def test_the_rate_is_the_one_that_held_the_most_at_any_load_not_at_one():
     held = {1e-3: (0.25, 0.23, 0.32), 3e-3: (0.31, 0.43, 0.05), 1e-2: (0.29, 0.05, 0.0)}
     trained: list[float] = []
     notes: list[str] = []
-    rate, by_rate = _tune_rate(_rate_train(held, loads, trained), 1, loads, (1e-2, 1e-3, 3e-3), lambda: True, notes)
+    rate, by_rate = tune_rate(_rate_train(held, loads, trained), 1, loads, (1e-2, 1e-3, 3e-3), lambda: True, notes)
     assert rate == 3e-3 and sorted(by_rate) == [1e-3, 3e-3, 1e-2] and len(trained) == 9 and notes == []
     assert [p.bits_per_parameter for p in by_rate[3e-3]] == [0.31, 0.43, 0.05]
 
 
 def test_a_best_rate_at_an_end_of_the_grid_extends_it_by_its_own_step_until_interior():
-    from lorascope.workflows.calibrate import LR_EXTENSIONS, _tune_rate
+    from lorascope.workflows.calibrate_search import LR_EXTENSIONS, tune_rate
 
     loads = (1.0, 2.0)
     held = {1e-3: (0.2, 0.1), 3e-3: (0.3, 0.2), 9e-3: (0.4, 0.3), 2.7e-2: (0.1, 0.0)}
     trained: list[float] = []
     notes: list[str] = []
-    rate, by_rate = _tune_rate(_rate_train(held, loads, trained), 1, loads, (1e-3, 3e-3), lambda: True, notes)
+    rate, by_rate = tune_rate(_rate_train(held, loads, trained), 1, loads, (1e-3, 3e-3), lambda: True, notes)
     assert rate == pytest.approx(9e-3) and sorted(by_rate) == pytest.approx([1e-3, 3e-3, 9e-3, 2.7e-2])
     assert notes == [] and len(trained) == 8  # two rates past the top end, each at both loads
 
     # still at the low end after LR_EXTENSIONS steps down (by the grid's step there, 10x): a note
     notes.clear()
-    rate, by_rate = _tune_rate(_rate_train({1e-4: (0.5,)}, (1.0,), [], default=0.1), 1, (1.0,), (1e-2, 1e-1),
+    rate, by_rate = tune_rate(_rate_train({1e-4: (0.5,)}, (1.0,), [], default=0.1), 1, (1.0,), (1e-2, 1e-1),
                                lambda: True, notes)
     assert LR_EXTENSIONS == 2 and rate == pytest.approx(1e-4) and len(by_rate) == 4
     assert notes == ["learning rate 0.0001, the lowest of those tried (0.0001, 0.001, 0.01, 0.1), held the most: "
@@ -368,16 +368,16 @@ def test_a_best_rate_at_an_end_of_the_grid_extends_it_by_its_own_step_until_inte
 
     # the budget pays for no rate past the end; one rate given is used as given
     notes.clear()
-    rate, by_rate = _tune_rate(_rate_train({3e-3: (0.5,)}, (1.0,), [], default=0.1), 1, (1.0,), (1e-3, 3e-3),
+    rate, by_rate = tune_rate(_rate_train({3e-3: (0.5,)}, (1.0,), [], default=0.1), 1, (1.0,), (1e-3, 3e-3),
                                lambda: False, notes)
     assert rate == 3e-3 and len(by_rate) == 2 and notes[0].endswith("; the budget paid for no rate past it")
     notes.clear()
-    rate, by_rate = _tune_rate(_rate_train({}, (1.0,), []), 1, (1.0,), (3e-3,), lambda: True, notes)
+    rate, by_rate = tune_rate(_rate_train({}, (1.0,), []), 1, (1.0,), (3e-3,), lambda: True, notes)
     assert rate == 3e-3 and len(by_rate) == 1 and notes == []
 
 
 def test_a_larger_rank_that_collapsed_at_the_chosen_rate_is_retried_lower_and_the_larger_ones_start_there():
-    from lorascope.workflows.calibrate import _unless_collapsed
+    from lorascope.workflows.calibrate_search import unless_collapsed
 
     def point(rank: int, bits_per_parameter: float) -> CalibrationPoint:
         return CalibrationPoint(rank, PER_RANK * rank, 100, 2.0 * PER_RANK * rank, bits_per_parameter * PER_RANK * rank,
@@ -393,26 +393,26 @@ def test_a_larger_rank_that_collapsed_at_the_chosen_rate_is_retried_lower_and_th
 
     notes: list[str] = []
     lower = [1e-3, 3e-4]
-    kept, rate = _unless_collapsed(train, point(4, 0.01), rank2, 3e-3, lower, lambda: True, notes)
+    kept, rate = unless_collapsed(train, point(4, 0.01), rank2, 3e-3, lower, lambda: True, notes)
     assert (kept.bits_per_parameter, rate, trained, lower) == (0.5, 1e-3, [1e-3], [3e-4])  # 0.5 is not a collapse
     assert notes == ["rank 4: 0.010 bits per parameter at learning rate 0.003, under half of rank 2's 0.620 (a "
                      "collapse); at 0.001: 0.500, kept, and the larger ranks start there"]
     # a rank that filled is kept as it is; a retry that does not help is not kept; no budget, no retry
-    assert _unless_collapsed(train, point(4, 0.4), rank2, 3e-3, [1e-3], lambda: True, []) == (point(4, 0.4), 3e-3)
+    assert unless_collapsed(train, point(4, 0.4), rank2, 3e-3, [1e-3], lambda: True, []) == (point(4, 0.4), 3e-3)
     held[1e-3] = 0.005
     notes.clear()
-    assert _unless_collapsed(train, point(4, 0.01), rank2, 3e-3, [1e-3], lambda: True, notes) == (point(4, 0.01), 3e-3)
+    assert unless_collapsed(train, point(4, 0.01), rank2, 3e-3, [1e-3], lambda: True, notes) == (point(4, 0.01), 3e-3)
     assert notes[0].endswith("at 0.001: 0.005, not better")
-    assert _unless_collapsed(train, point(4, 0.01), rank2, 3e-3, [1e-3], lambda: False, []) == (point(4, 0.01), 3e-3)
+    assert unless_collapsed(train, point(4, 0.01), rank2, 3e-3, [1e-3], lambda: False, []) == (point(4, 0.01), 3e-3)
 
 
 def test_at_a_step_budget_a_rank_the_budget_cannot_pay_for_is_skipped_with_the_larger_ones():
-    from lorascope.workflows.calibrate import _at_step_budget
+    from lorascope.workflows.calibrate_search import at_step_budget
 
     held = {(r, load, 1e-3): 0.1 * load for r in (1, 2, 4) for load in (1.0, 2.0)}
     notes: list[str] = []
-    _, _, points, _, _ = _at_step_budget(_planted_train(held, []), lambda rank: rank < 2, (1, 2, 4), (1.0, 2.0),
-                                         (1e-3,), 10_000, notes, None)
+    _, _, points, _, _ = at_step_budget(_planted_train(held, []), lambda rank: rank < 2, (1, 2, 4), (1.0, 2.0),
+                                        (1e-3,), 10_000, notes, None)
     assert [p.rank for p in points] == [1]
     assert notes[0] == ("ranks 2, 4 skipped: rank 2 at 2 load(s) would pass the budget (10,000 adapter-training "
                         "examples)")
