@@ -3,7 +3,8 @@
 A LoRA probe (``lorascope.calibration_from_runs``) measures kappa, the bits an adapter holds per parameter, at the
 step budget it ran; the forecast then uses it for a run of the planned budget. Every SmolLM2 study so far fixed one
 budget, so whether a probe at 64 steps says anything about a run of 128 was not measured. Here, on one slice (SFT,
-signature -> docstring, N examples, the study's block, batch and seed), full fine-tuning and LoRA probes of a few
+signature -> docstring, or with ``--task cpt`` continued pretraining on the docstrings' prose; N examples, the
+study's block, batch and seed), full fine-tuning and LoRA probes of a few
 ranks are trained for each budget in ``--steps``, at the rates the SFT studies used (full 3e-3, LoRA 1e-2), each
 recorded with ``lorascope.record``; each probe is read against the full fine-tuning run of its own budget (what the
 slice offered at that budget), and the JSON holds, per budget and rank, the bits offered and held, kappa and the
@@ -12,6 +13,8 @@ smallest: a probe at budget S stands for a run at budget S' only if that ratio i
 
     python examples/realdata/smollm2_probe_budget.py -o smollm2-probe-budget-out --steps 32,64,128,256 \\
         --out docs/realdata/smollm2_probe_budget.json          # ranks 4, 16, 64; 16 runs, 41 min on 2 cores
+    python examples/realdata/smollm2_probe_budget.py --task cpt -o smollm2-probe-budget-cpt-out --steps 64,128 \
+        --out docs/realdata/smollm2_probe_budget_cpt.json      # the same on continued pretraining, two budgets
     python examples/realdata/smollm2_probe_budget.py --tables docs/realdata/smollm2_probe_budget.json
 
 A finished run is kept in ``<folder>/runs.json`` and not trained again, so an interrupted measurement resumes.
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=256, help="the slice (default 256 examples)")
     parser.add_argument("--lrs", default="3e-3,1e-2", help="full fine-tuning's and LoRA's learning rates")
     parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--task", choices=("sft", "cpt"), default="sft",
+                        help="SFT (signature -> docstring) or continued pretraining (default sft)")
     parser.add_argument("--tables", type=Path, metavar="JSON", help="print the table of a written JSON")
     args = parser.parse_args(argv)
     if args.tables:
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base, tokenizer = smollm2.load(args.cache)
     study.SIZES, study.SEED = (args.examples,), args.seed
-    task = study.supervised(base, tokenizer, args.cache)
+    task = (study.supervised if args.task == "sft" else study.continued_pretraining)(base, tokenizer, args.cache)
     say(f"data {task.info}")
     args.folder.mkdir(parents=True, exist_ok=True)
     runs_file = args.folder / "runs.json"

@@ -67,7 +67,6 @@ parameter, so the best load is lower than at a plateau, and lower the larger the
 1/8 at rank 1, 1/16 at rank 4, at most 1/64 at rank 16; docs/realdata_smollm2.md)."""
 DEFAULT_LOAD = 2.0
 """The load offered without a bracket."""
-Points = tuple[CalibrationPoint, ...]
 KEPT_STATES_BYTES = 2**31
 """The most memory the hidden states of the frozen blocks below the adapted ones may take, kept for one fact set."""
 

@@ -33,7 +33,8 @@ def test_summary_is_kappa_over_kappa_at_the_smallest_budget():
     assert "kappa / kappa at 32 steps" in text and "| 64 | 16 | 1,600 |" in text
 
 
-@pytest.mark.parametrize("args", [["--steps", "32,x"], ["--ranks", "0"], ["--examples", "8"], ["--lrs", "1e-3"]])
+@pytest.mark.parametrize("args", [["--steps", "32,x"], ["--ranks", "0"], ["--examples", "8"], ["--lrs", "1e-3"],
+                                  ["--task", "dpo"]])
 def test_bad_options_are_one_line_errors(args, capsys):
     with pytest.raises(SystemExit) as exit_:
         budget.main(args)
