@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "examples" / "reproduce"))
 import smollm2_budget_forecast as budget_forecast  # noqa: E402
 
 RESULT = ROOT / "docs" / "realdata" / "smollm2_budget_forecast.json"
+CPT_GROWTH = ROOT / "docs" / "realdata" / "smollm2_budget_forecast_cpt_growth.json"
 
 
 def rows(*entries):
@@ -53,10 +54,10 @@ def test_a_probe_set_of_the_studies_own_budget_is_not_a_reading(capsys, monkeypa
     assert exit_.value.code == 2 and "another budget" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not RESULT.is_file(), reason="the measurement is not checked in")
-def test_the_checked_in_result_recomputes_from_its_inputs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", [RESULT, CPT_GROWTH])
+def test_the_checked_in_result_recomputes_from_its_inputs(path, tmp_path, monkeypatch):
     """Every reading of the JSON comes back from the study and probe JSONs its command names (no runs)."""
-    result = json.loads(RESULT.read_text())
+    result = json.loads(path.read_text())
     args = shlex.split(result["command"])[2:]
     out = args.index("--out")
     args[out + 1] = str(tmp_path / "again.json")
@@ -98,3 +99,19 @@ def test_scaling_kappa_by_the_measured_growth_brings_cross_budget_forecasts_with
           for r, f in row["growth_factors"].items()}
     assert up == {"1": 1.54, "2": 1.54, "4": 1.54, "16": 1.88, "64": 1.95}  # the probe-budget slice's growth
     assert budget_forecast.tables(result) in (ROOT / "docs" / "realdata_smollm2.md").read_text()
+
+
+def test_scaled_by_continued_pretrainings_own_growth_the_forecasts_are_about_as_close():
+    """docs/realdata_smollm2.md, "Scaled by continued pretraining's own growth": 21 of 22 within 2x (0.66x-2.68x,
+    typical error 1.31x, against 1.35x with SFT's growth); the factors are the CPT slice's; the table is --tables."""
+    result = json.loads(CPT_GROWTH.read_text())
+    assert result["budget"] == "docs/realdata/smollm2_probe_budget_cpt.json"
+    ratios = _ratios(result, "scaled")
+    assert len(ratios) == 22 and sum(0.5 <= x <= 2.0 for x in ratios) == 21
+    assert (round(min(ratios), 2), round(max(ratios), 2)) == (0.66, 2.68)
+    assert math.exp(sum(abs(math.log(x)) for x in ratios) / len(ratios)) == pytest.approx(1.31, abs=0.005)
+    up = {r: round(f, 2) for row in result["readings"] if (row["probe_steps"], row["steps"]) == (64, 128)
+          for r, f in row["growth_factors"].items()}
+    assert up == {"1": 1.64, "2": 1.64, "4": 1.64, "16": 2.32, "64": 2.74}
+    assert budget_forecast.tables(result) in (ROOT / "docs" / "realdata_smollm2.md").read_text()
+
