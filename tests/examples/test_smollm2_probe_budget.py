@@ -81,3 +81,15 @@ def test_on_continued_pretraining_kappa_grows_faster_at_larger_ranks_and_the_doc
     assert held[64, 64] / held[64, 16] == pytest.approx(1.0, abs=0.05) and held[128, 64] / held[128, 16] > 1.15
     assert budget.table(result) in (ROOT / "docs" / "realdata_smollm2.md").read_text()
 
+
+def test_its_64_step_runs_reproduce_the_seed_2_studys_probes_exactly():
+    """The same slice, seed, block and rates as the continued-pretraining study's probes of ranks 16 and 64 (seed 2,
+    N = 256, 64 steps), trained again in another session: the same bits, to the last digit stored."""
+    result = json.loads(CPT.read_text())
+    probes = json.loads((ROOT / "docs" / "realdata" / "smollm2_lora_probes_steps_seed2_r32.json").read_text())
+    assert probes["probe_slice"]["examples"] == result["examples"]
+    held = {r["rank"]: r for r in result["rows"] if r["steps"] == 64}
+    for point in probes["predictions"]["calibration"]["points"]:
+        assert held[point["rank"]]["bits_stored"] == pytest.approx(point["bits_stored"], rel=1e-12)
+        assert held[point["rank"]]["bits_offered"] == pytest.approx(point["bits_offered"], rel=1e-12)
+
