@@ -73,7 +73,7 @@ TIERS = {
                   full_lrs=(1e-3, 3e-3), lora_lrs=(1e-3, 3e-3), pretrain_steps=600, calibration_epochs=60,
                   probe_examples=512, batch_sizes=(16, 128), batch_ranks=(4,), batch_examples=256,
                   target_mlp_rank=2, target_examples=512, jobs=1,
-                  kappa_ranks=(1, 2, 4), kappa_budget=500_000),
+                  kappa_ranks=(1, 2, 4), kappa_budget=1_500_000),
     "smoke": Tier("smoke", ranks=(1, 4), sizes=(32, 64, 128), epochs=6, min_steps=12, batch_size=16,
                   full_lrs=(3e-3,), lora_lrs=(3e-3,), pretrain_steps=40, calibration_epochs=4, probe_examples=64,
                   batch_sizes=(8, 32), batch_ranks=(4,), batch_examples=64, target_mlp_rank=1, target_examples=64,

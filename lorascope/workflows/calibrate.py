@@ -190,7 +190,8 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         The most adapter-training examples to spend (facts x epochs, with ``steps`` steps x facts per step, summed
         over every adapter trained: learning rates tried, bracket loads and ranks). A load, an extension of the
         learning-rate grid or a rank that would pass it is skipped, with a note (a bracket's largest loads go first;
-        a rank skipped skips the larger ones too). None: no limit.
+        an extension only if the larger ranks stay affordable; a rank skipped skips the larger ones too). None: no
+        limit.
     epochs, batch_size, seed
         Training of each adapter.
     steps : int, optional
@@ -320,14 +321,21 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     def all_loads_affordable(rank: int) -> bool:
         return budget is None or spent + sum(cost(rank, v) for v in measured) <= budget
 
+    # a rate past the grid's end is worth less than the larger ranks: it is tried only if they stay affordable
+    # (at a step budget at every load, else at the given load or DEFAULT_LOAD, the usual capacity load)
+    reserve = sum(cost(rank, v) for rank in ranks[1:] for v in (measured if steps else given or (DEFAULT_LOAD,)))
+
+    def extension_affordable() -> bool:
+        return budget is None or spent + sum(cost(first, v) for v in measured) + reserve <= budget
+
     load: float | None
     if steps:
         rate, by_rate, points, bracket_points, load_points = at_step_budget(
-            train, all_loads_affordable, ranks, measured, lrs, budget, notes, log)
+            train, all_loads_affordable, extension_affordable, ranks, measured, lrs, budget, notes, log)
         load = None
     else:
         load_points = ()
-        rate, by_rate = tune_rate(train, first, measured, lrs, lambda: all_loads_affordable(first), notes)
+        rate, by_rate = tune_rate(train, first, measured, lrs, extension_affordable, notes)
         at_load = dict(zip(measured, by_rate[rate]))
         bracket_points = tuple(at_load[v] for v in loads) if len(loads) >= 2 else ()
         if offered_bits_per_parameter is not None:

@@ -83,15 +83,17 @@ def unless_collapsed(train: Train, point: CalibrationPoint, below: CalibrationPo
     return point, rate
 
 
-def at_step_budget(train: Train, affordable: Callable[[int], bool], ranks: Sequence[int], loads: Sequence[float],
-                   lrs: Sequence[float], budget: int | None, notes: list[str], log: Callable[[str], None] | None
+def at_step_budget(train: Train, affordable: Callable[[int], bool], extendable: Callable[[], bool],
+                   ranks: Sequence[int], loads: Sequence[float], lrs: Sequence[float], budget: int | None,
+                   notes: list[str], log: Callable[[str], None] | None
                    ) -> tuple[float, dict[float, list[CalibrationPoint]], list[CalibrationPoint], Points, Points]:
-    """calibrate's step-budget mode: each rate at every load of the smallest rank (:func:`tune_rate`), the best
-    rate at every load of each other rank, and each rank's best load as its point. Returns the rate, each rate's
+    """calibrate's step-budget mode: each rate at every load of the smallest rank (:func:`tune_rate`, its grid
+    extended while ``extendable()``), the best rate at every load of each other rank (while ``affordable(rank)``),
+    and each rank's best load as its point. Returns the rate, each rate's
     adapters at the smallest rank, the points, the smallest rank's loads (the bracket) and every adapter trained at
     the chosen rate."""
     first = ranks[0]
-    rate, by_rate = tune_rate(train, first, loads, lrs, lambda: affordable(first), notes)
+    rate, by_rate = tune_rate(train, first, loads, lrs, extendable, notes)
     curves = {first: by_rate[rate]}
     for position, rank in enumerate(ranks[1:], start=1):
         if not affordable(rank):  # always affordable without a budget

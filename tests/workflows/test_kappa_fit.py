@@ -266,6 +266,19 @@ def test_the_budget_skips_loads_and_ranks_it_cannot_pay_for_with_a_note(tiny_bas
         calibrate(tiny_base, ranks=(1,), bracket=(1, -2), **cheap)
 
 
+def test_the_budget_keeps_the_larger_ranks_before_it_extends_the_learning_rate_grid(tiny_base):
+    from lorascope.workflows.calibrate import calibrate
+
+    cheap = {**FAST, "epochs": 1, "lr": (3e-3, 1e-2)}
+    # rank 1 at loads 0.5 and 2: 46 + 182 facts at each of two rates; rank 2 at load 2: 363 (see above)
+    budget = 2 * (46 + 182) + 363
+    result = calibrate(tiny_base, ranks=(1, 2), bracket=(0.5, 2), budget=budget, **cheap)
+    assert result.training["lr_tried"] == [3e-3, 1e-2] and [p.rank for p in result.points] == [1, 2]
+    assert any(n.endswith("the budget paid for no rate past it") for n in result.notes), result.notes
+    free = calibrate(tiny_base, ranks=(1, 2), bracket=(0.5, 2), **cheap)  # two rates: the best is an end, extended
+    assert len(free.training["lr_tried"]) >= 3
+
+
 @pytest.mark.parametrize(("held_at_4", "says"), [
     (0.016, "capacity: held bits stop growing at load 1; collapse at load 4 (~5x capacity): held 2% of its most"),
     (0.75, "capacity: held bits stop growing at load 1; a plateau: at load 4 (~5x capacity) it still held 94%"),
@@ -308,7 +321,8 @@ def test_at_a_step_budget_the_best_rate_is_read_at_every_load_and_each_rank_keep
     notes: list[str] = []
     lines: list[str] = []
     rate, by_rate, points, bracket, every = at_step_budget(_planted_train(held, trained), lambda rank: True,
-                                                           (1, 2, 4), loads, rates, None, notes, lines.append)
+                                                           lambda: True, (1, 2, 4), loads, rates, None, notes,
+                                                           lines.append)
     assert rate == 1e-2 and sorted(by_rate) == list(rates) and by_rate[rate] == list(bracket)
     assert [(p.rank, p.load, p.bits_per_parameter) for p in points] == [(1, 1.0, 0.5), (2, 0.25, 0.2), (4, 1.0, 0.12)]
     assert [p.load for p in bracket] == list(loads) and {p.rank for p in bracket} == {1}
@@ -411,8 +425,8 @@ def test_at_a_step_budget_a_rank_the_budget_cannot_pay_for_is_skipped_with_the_l
 
     held = {(r, load, 1e-3): 0.1 * load for r in (1, 2, 4) for load in (1.0, 2.0)}
     notes: list[str] = []
-    _, _, points, _, _ = at_step_budget(_planted_train(held, []), lambda rank: rank < 2, (1, 2, 4), (1.0, 2.0),
-                                        (1e-3,), 10_000, notes, None)
+    _, _, points, _, _ = at_step_budget(_planted_train(held, []), lambda rank: rank < 2, lambda: True, (1, 2, 4),
+                                        (1.0, 2.0), (1e-3,), 10_000, notes, None)
     assert [p.rank for p in points] == [1]
     assert notes[0] == ("ranks 2, 4 skipped: rank 2 at 2 load(s) would pass the budget (10,000 adapter-training "
                         "examples)")
