@@ -4,18 +4,19 @@ The study's kappa(r) calibration (docs/reproduction/calibration_kappa.json) trie
 at one load (2 bits per parameter) of rank 1, kept 1e-3, and measured 0.32 bits per parameter there: rank 1's
 forecast came 0.61x early, outside issue 13's 1.5x. An adapter near its capacity is sensitive to the rate (at load
 2, 3e-3 can hold a third more than 1e-3, or collapse), so ``calibrate`` now offers rank 1 every load at every rate,
-keeps the rate that held the most, and extends the grid past an end (``LR_EXTENSIONS``). This script runs today's
-``calibrate`` with the study's kappa(r) recipe (ranks 1-16, bracket 0.5-8, 300 epochs, seed 101, on the study's
-base), then asks ``recommend``, as ``probe_steps.py`` does, where each rank falls off: the study's probe (rerun: 512
-facts, batch 64, learning rate 1e-2, 150 epochs; each step's loss capped at a uniform guess) with this kappa(r),
+keeps the rate that held the most, extends the grid past an end, and retries a larger rank that collapsed at a lower
+rate (``lorascope.workflows.calibrate_search``). This script runs today's ``calibrate`` with the study's kappa(r)
+recipe (ranks 1-16, bracket 0.5-8, 300 epochs, seed 101 or ``--seed``, on the study's base), then asks
+``recommend``, as ``probe_steps.py`` does, where each rank falls off: the study's probe (rerun: 512 facts, batch 64,
+learning rate 1e-2, 150 epochs; each step's loss capped at a uniform guess) with this kappa(r),
 with the study's, and the task's true 8 bits per fact with each; against the falloffs the study measured
-(docs/reproduction/results.json). A post-hoc forecast: the study's LoRA runs are years of CPU older than it.
+(docs/reproduction/results.json). A post-hoc forecast: every falloff was measured before it was run.
 
     python examples/reproduce/kappa_rates.py --base /path/to/base.pt \\
         --calibration docs/reproduction/calibration_kappa_rates.json -o docs/reproduction/kappa_rates.json
 
 ``--base``: the study's ``base.pt``; without it the base is pretrained here as the full mode does (1,500 steps, a
-minute; its loss matches the study's, 4.6213). One process, one thread: about 50 minutes on this project's machine.
+minute; its loss matches the study's, 4.6213). One process, one thread: 13-15 minutes on this project's machine.
 """
 
 from __future__ import annotations
