@@ -287,8 +287,8 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
             log(f"{what}: {describe(point)}")
         return point
 
-    def affordable(rank: int, load: float, times: int = 1) -> bool:
-        return budget is None or spent + times * cost(rank, load) <= budget
+    def affordable(rank: int, load: float) -> bool:
+        return budget is None or spent + cost(rank, load) <= budget
 
     first = ranks[0]
     if steps and offered_bits_per_parameter is not None:
