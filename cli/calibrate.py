@@ -39,8 +39,8 @@ from lorascope_cli.progress import progress_log, quiet_option
                    "to find its capacity and a collapse past it; 'none': no bracket; auto: 0.5,1,2,4,8, with --steps "
                    "0.015625,0.03125,0.0625,0.125,0.25,0.5.")
 @click.option("--load", "load", type=float, default=None,
-              help="Bits offered per LoRA parameter at every rank [default: where the bracket's held bits stop "
-                   "growing, else 2].")
+              help="Bits offered per LoRA parameter at every rank [default: where the smallest rank's held bits "
+                   "stop growing at each rank's rate (a rank not full there is offered the next load), else 2].")
 @click.option("--budget", type=int, default=None,
               help="The most adapter-training examples (facts x epochs, or steps x facts per step, summed over every "
                    "adapter trained); loads and ranks past it are skipped with a note [default: no limit].")

@@ -199,6 +199,22 @@ def torch_single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def reproduce_scripts():
+    """``import_module`` for the reproduction study's scripts (examples/reproduce): they import each other by name,
+    so their folder is on ``sys.path`` for the test module's duration."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "examples" / "reproduce")
+    sys.path.insert(0, folder)
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(folder)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Start the long tests (marked ``long``) first: with two workers, a four-minute study scheduled last would
     leave the other worker idle while it runs."""

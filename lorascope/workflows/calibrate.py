@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
-import functools
 import math
 import numbers
 import os
@@ -45,7 +44,7 @@ from lorascope.model.frozen_prefix import FrozenPrefix, frozen_prefix, last_posi
 from lorascope.model.lora_params import lora_parameters, model_from_config
 from lorascope.model.peft_config import make_lora_config, to_peft
 from lorascope.model.taxonomy import classify
-from lorascope.workflows.calibrate_search import at_step_budget, describe, tune_rate, unless_collapsed
+from lorascope.workflows.calibrate_search import at_capacity_loads, at_step_budget, describe, tune_rate
 from lorascope.workflows.calibration import Calibration, CalibrationPoint, load_calibration
 
 __all__ = ["DEFAULT_BRACKET", "DEFAULT_RANKS", "DEFAULT_STEP_BRACKET", "Calibration", "CalibrationPoint", "base_model",
@@ -160,10 +159,12 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     :data:`DEFAULT_LOAD`) at each learning rate, and the rate at which it held the most is kept; when that rate is
     an end of the grid, the grid is extended past it (:func:`~lorascope.workflows.calibrate_search.tune_rate`). The
     kept rate's loads give the adapter's capacity and whether it collapses past it
-    (:func:`~lorascope.analysis.capacity_fit.bracket_capacity`); every other rank is offered the load at which
-    the bracketed adapter's held bits stopped growing (its ``capacity_load``: the smallest load holding 90% of its
-    most, the cheapest load that fills an adapter), at the rate of the rank below it; a rank that collapsed there
-    is retried at the lower rates tried (:func:`~lorascope.workflows.calibrate_search.unless_collapsed`). The model
+    (:func:`~lorascope.analysis.capacity_fit.bracket_capacity`); every other rank is trained at the rate of the
+    rank below it and offered the load at which the smallest rank's held bits stopped growing at that rate (its
+    ``capacity_load``: the smallest load holding 90% of its most, the cheapest load that fills an adapter); a rank
+    that collapsed there is retried at the lower rates tried, each at its own capacity load, and a rank that held
+    80% or more of its load is offered the bracket's next one
+    (:func:`~lorascope.workflows.calibrate_search.at_capacity_loads`). The model
     is left as it was (adapters are removed with PEFT's ``unload``; base weights never change). When the adapted
     blocks are the last ones, the frozen blocks below them run once per fact set (:mod:`lorascope.model.frozen_prefix`,
     where the model's forward allows it exactly; the result records how many blocks were skipped as
@@ -336,32 +337,32 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     else:
         load_points = ()
         rate, by_rate = tune_rate(train, first, measured, lrs, extension_affordable, notes)
-        at_load = dict(zip(measured, by_rate[rate]))
-        bracket_points = tuple(at_load[v] for v in loads) if len(loads) >= 2 else ()
-        if offered_bits_per_parameter is not None:
-            load = offered_bits_per_parameter
-        elif bracket_points:  # the load at which the bracketed adapter's held bits stopped growing
-            capacity_load = bracket_capacity([p.load for p in bracket_points], [p.bits_stored for p in bracket_points],
-                                             lora_parameters=bracket_points[0].lora_parameters,
+        bracket_points = tuple(dict(zip(measured, by_rate[rate]))[v] for v in loads) if len(loads) >= 2 else ()
+
+        def load_for(rate: float) -> float:
+            """The load that fills an adapter trained at ``rate``: read from that rate's loads at the smallest
+            rank (where its held bits stopped growing), else the given load, else the one measured."""
+            if offered_bits_per_parameter is not None or len(loads) < 2:
+                return offered_bits_per_parameter or measured[0]
+            at_load = dict(zip(measured, by_rate[rate]))
+            capacity_load = bracket_capacity([at_load[v].load for v in loads],
+                                             [at_load[v].bits_stored for v in loads],
+                                             lora_parameters=at_load[loads[0]].lora_parameters,
                                              rank=first).capacity_load
-            load = min(loads, key=lambda v: abs(at_load[v].load - capacity_load))
-        else:
-            load = measured[0]
-        points = [at_load[load]]
-        rates = {first: rate}
-        lower = sorted((r for r in by_rate if r < rate), reverse=True)  # for a larger rank that collapses
+            return min(loads, key=lambda v: abs(at_load[v].load - capacity_load))
+
+        def skipped(left: Sequence[int], at: float) -> str:
+            return (f"ranks {', '.join(map(str, left))} skipped: rank {left[0]} needs "
+                    f"{facts_for(left[0], at) * epochs:,} adapter-training examples, the budget ({budget or 0:,}) "
+                    f"has {(budget or 0) - spent:,} left")  # only a budget skips a rank
+
+        load = load_for(rate)
+        first_point = dict(zip(measured, by_rate[rate]))[load]
         if log:  # one line per rank, each starting "rank ": the CLI's progress bar counts them
-            log(f"rank {first}: {describe(points[0])}")
-        for position, rank in enumerate(ranks[1:], start=1):
-            if budget is not None and not affordable(rank, load):  # affordable whenever there is no budget
-                notes.append(f"ranks {', '.join(map(str, ranks[position:]))} skipped: rank {rank} needs "
-                             f"{facts_for(rank, load) * epochs:,} adapter-training examples, the budget "
-                             f"({budget:,}) has {budget - spent:,} left")
-                break
-            point = train(rank, load, rates[points[-1].rank], f"rank {rank}")
-            point, rates[rank] = unless_collapsed(train, point, points[-1], rates[points[-1].rank], lower,
-                                                   functools.partial(affordable, rank, load), notes)
-            points.append(point)
+            log(f"rank {first}: {describe(first_point)}")
+        lower = sorted((r for r in by_rate if r < rate), reverse=True)  # for a larger rank that collapses
+        points, rates, loads_by_rank = at_capacity_loads(train, ranks, first_point, rate, load_for, lower, measured,
+                                                         affordable, skipped, notes)
     notes += _point_notes(points)
     return Calibration(model=model_signature(model), target=resolved, points=tuple(points),
                        task={"kind": "random key -> value facts", "values": values, "seed": seed},
@@ -369,7 +370,8 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
                                  "lr_loads": list(measured),  # the smallest rank's, at every rate tried
                                  "held_by_lr": {f"{r:g}": [p.bits_stored for p in curve]
                                                 for r, curve in sorted(by_rate.items())},
-                                 **({} if steps else {"lr_by_rank": {str(r): v for r, v in rates.items()}}),
+                                 **({} if steps else {"lr_by_rank": {str(r): v for r, v in rates.items()},
+                                                      "load_by_rank": {str(r): v for r, v in loads_by_rank.items()}}),
                                  "epochs": None if steps else epochs, "steps": steps, "batch_size": batch_size,
                                  "lora_alpha": 32, "offered_bits_per_parameter": load,
                                  **({"best_loads": {str(p.rank): p.load for p in points}} if steps else {}),

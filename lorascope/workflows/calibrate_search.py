@@ -1,5 +1,6 @@
-"""Which adapters ``calibrate`` trains: the learning rate searched at the smallest rank, a larger rank that collapsed
-retried lower, and the step-budget mode's loads at every rank.
+"""Which adapters ``calibrate`` trains: the learning rate searched at the smallest rank, each larger rank at its rate's
+capacity load (retried lower when it collapsed, offered more when it did not fill), and the step-budget mode's loads
+at every rank.
 
 Each function gets ``train(rank, load, rate, what) -> CalibrationPoint`` (one adapter trained and measured, the
 bits it held) and decides what to train next; :func:`lorascope.workflows.calibrate.calibrate` owns the facts, the
@@ -8,11 +9,13 @@ model and the budget.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 from lorascope.workflows.calibration import CalibrationPoint
 
-__all__ = ["COLLAPSE_SHARE", "LR_EXTENSIONS", "at_step_budget", "describe", "tune_rate", "unless_collapsed"]
+__all__ = ["COLLAPSE_SHARE", "LR_EXTENSIONS", "at_capacity_loads", "at_step_budget", "describe", "filled", "tune_rate",
+           "unless_collapsed"]
 
 Train = Callable[[int, float, float, str], CalibrationPoint]
 """Train one adapter of ``rank`` at ``load`` bits offered per parameter and learning rate ``rate``, logging ``what``."""
@@ -64,14 +67,43 @@ def tune_rate(train: Train, rank: int, loads: Sequence[float], lrs: Sequence[flo
     return rate, by_rate
 
 
-def unless_collapsed(train: Train, point: CalibrationPoint, below: CalibrationPoint, rate: float, lower: list[float],
-                     affordable: Callable[[], bool], notes: list[str]) -> tuple[CalibrationPoint, float]:
-    """``point``, trained at ``rate``, unless it held under :data:`COLLAPSE_SHARE` of the bits per parameter of the
-    rank ``below`` it: then it collapsed rather than filled, and is retried at the next lower rate tried at the
-    smallest rank (popped from ``lower``), for as long as that helps and is ``affordable()``. Returns the point
-    kept and its rate, from which the larger ranks start."""
-    while point.bits_per_parameter < COLLAPSE_SHARE * below.bits_per_parameter and lower and affordable():
-        retry = train(point.rank, point.load, lower[0], f"retry at learning rate {lower[0]:g}, rank {point.rank}")
+def at_capacity_loads(train: Train, ranks: Sequence[int], first: CalibrationPoint, rate: float,
+                      load_for: Callable[[float], float], lower: list[float], bracket: Sequence[float],
+                      affordable: Callable[[int, float], bool], skipped: Callable[[Sequence[int], float], str],
+                      notes: list[str]) -> tuple[list[CalibrationPoint], dict[int, float], dict[int, float]]:
+    """calibrate's epochs mode past the smallest rank (``first``, held at ``rate``): each larger rank offered the
+    capacity load of the rate it trains at (``load_for(rate)``, read from that rate's loads at the smallest rank),
+    at the rate of the rank below it, retried lower when it collapsed (:func:`unless_collapsed`) and offered the
+    bracket's next load when it did not fill (:func:`filled`); while ``affordable(rank, load)``, else ``skipped``
+    names the ranks left out. Returns the points and each rank's rate and load."""
+    points, rates, offered = [first], {first.rank: rate}, {first.rank: load_for(rate)}
+    for position, rank in enumerate(ranks[1:], start=1):
+        rate = rates[points[-1].rank]
+        load = load_for(rate)
+        if not affordable(rank, load):
+            notes.append(skipped(ranks[position:], load))
+            break
+        point = train(rank, load, rate, f"rank {rank}")
+        within = functools.partial(affordable, rank)
+        point, rate, load = unless_collapsed(train, point, load, points[-1], rate, lower, load_for, within, notes)
+        point, load = filled(train, point, load, rate, bracket, within, notes)
+        points.append(point)
+        rates[rank], offered[rank] = rate, load
+    return points, rates, offered
+
+
+def unless_collapsed(train: Train, point: CalibrationPoint, load: float, below: CalibrationPoint, rate: float,
+                     lower: list[float], load_for: Callable[[float], float], affordable: Callable[[float], bool],
+                     notes: list[str]) -> tuple[CalibrationPoint, float, float]:
+    """``point``, trained at ``rate`` and ``load``, unless it held under :data:`COLLAPSE_SHARE` of the bits per
+    parameter of the rank ``below`` it: then it collapsed rather than filled, and is retried at the next lower rate
+    tried at the smallest rank (popped from ``lower``) and that rate's capacity load (``load_for``), for as long as
+    that helps and is ``affordable(load)``. Returns the point kept, its rate (the larger ranks start there) and its
+    load."""
+    while point.bits_per_parameter < COLLAPSE_SHARE * below.bits_per_parameter and lower \
+            and affordable(load_for(lower[0])):
+        at = load_for(lower[0])
+        retry = train(point.rank, at, lower[0], f"retry at learning rate {lower[0]:g}, load {at:g}, rank {point.rank}")
         better = retry.bits_stored > point.bits_stored
         notes.append(f"rank {point.rank}: {point.bits_per_parameter:.3f} bits per parameter at learning rate "
                      f"{rate:g}, under half of rank {below.rank}'s {below.bits_per_parameter:.3f} (a collapse); "
@@ -79,8 +111,30 @@ def unless_collapsed(train: Train, point: CalibrationPoint, below: CalibrationPo
                      + (", kept, and the larger ranks start there" if better else ", not better"))
         if not better:
             break
-        point, rate = retry, lower.pop(0)
-    return point, rate
+        point, rate, load = retry, lower.pop(0), at
+    return point, rate, load
+
+
+def filled(train: Train, point: CalibrationPoint, load: float, rate: float, bracket: Sequence[float],
+           affordable: Callable[[float], bool], notes: list[str]) -> tuple[CalibrationPoint, float]:
+    """``point``, unless it held so much of its ``load`` that it may not be full (not ``saturated``): then it is
+    offered the bracket's next larger load at the same rate, kept if it held more, for as long as that helps and is
+    ``affordable(load)``. A larger rank can hold more per parameter than the smallest one, whose loads set its
+    offer (seed 102 of the reproduction: ranks 8 and 16 held 87-90% of the load that filled rank 1). Returns the
+    point kept and its load."""
+    while point.learned and not point.saturated:
+        larger = [v for v in sorted(bracket) if v > load]
+        if not larger or not affordable(larger[0]):
+            break
+        more = train(point.rank, larger[0], rate, f"load {larger[0]:g} at rank {point.rank}, not full at {load:g}")
+        better = more.bits_stored > point.bits_stored
+        notes.append(f"rank {point.rank}: held {point.bits_stored / point.bits_offered:.0%} of load {load:g} (it may "
+                     f"not be full); at load {larger[0]:g}: {more.bits_per_parameter:.3f} bits per parameter, "
+                     + ("kept" if better else "not more"))
+        if not better:
+            break
+        point, load = more, larger[0]
+    return point, load
 
 
 def at_step_budget(train: Train, affordable: Callable[[int], bool], extendable: Callable[[], bool],

@@ -4,9 +4,7 @@ optimum is interior (examples/reproduce/lr_bracket.py) and kappa(r) re-measured 
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,17 +13,12 @@ pytest.importorskip("peft")
 
 import lorascope  # noqa: E402
 
-STUDY = Path(__file__).resolve().parents[2] / "examples" / "reproduce"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "reproduction"
 
 
 @pytest.fixture(scope="module")
-def modules():
-    sys.path.insert(0, str(STUDY))
-    try:
-        yield importlib.import_module("lr_bracket"), importlib.import_module("kappa_rates")
-    finally:
-        sys.path.remove(str(STUDY))
+def modules(reproduce_scripts):
+    return reproduce_scripts("lr_bracket"), reproduce_scripts("kappa_rates")
 
 
 def test_the_ladder_steps_half_decades_and_the_study_alone_recomputes_its_own_tables(modules):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ pytest.importorskip("transformers")
 
 import lorascope  # noqa: E402
 
-STUDY = Path(__file__).resolve().parents[2] / "examples" / "reproduce"
 PREDICTORS = {
     "information (size, default constant)", "information (size, calibrated)", "information (probe, default constant)",
     "information (probe, calibrated)", "spectral (energy rank)", "spectral (signal rank)", "spectral (rank residual)",
@@ -27,12 +25,8 @@ PREDICTORS = {
 
 
 @pytest.fixture(scope="module")
-def study_modules():
-    sys.path.insert(0, str(STUDY))
-    try:
-        yield importlib.import_module("run"), importlib.import_module("repro_measure")
-    finally:
-        sys.path.remove(str(STUDY))
+def study_modules(reproduce_scripts):
+    return reproduce_scripts("run"), reproduce_scripts("repro_measure")
 
 
 @pytest.fixture(scope="module")

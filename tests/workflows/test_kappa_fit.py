@@ -407,17 +407,58 @@ def test_a_larger_rank_that_collapsed_at_the_chosen_rate_is_retried_lower_and_th
 
     notes: list[str] = []
     lower = [1e-3, 3e-4]
-    kept, rate = unless_collapsed(train, point(4, 0.01), rank2, 3e-3, lower, lambda: True, notes)
-    assert (kept.bits_per_parameter, rate, trained, lower) == (0.5, 1e-3, [1e-3], [3e-4])  # 0.5 is not a collapse
+    load_for = {1e-3: 2.0, 3e-4: 4.0}.get
+    kept, rate, load = unless_collapsed(train, point(4, 0.01), 2.0, rank2, 3e-3, lower, load_for, lambda v: True,
+                                        notes)
+    assert (kept.bits_per_parameter, rate, load, trained, lower) == (0.5, 1e-3, 2.0, [1e-3], [3e-4])  # not a collapse
     assert notes == ["rank 4: 0.010 bits per parameter at learning rate 0.003, under half of rank 2's 0.620 (a "
                      "collapse); at 0.001: 0.500, kept, and the larger ranks start there"]
     # a rank that filled is kept as it is; a retry that does not help is not kept; no budget, no retry
-    assert unless_collapsed(train, point(4, 0.4), rank2, 3e-3, [1e-3], lambda: True, []) == (point(4, 0.4), 3e-3)
+    assert unless_collapsed(train, point(4, 0.4), 2.0, rank2, 3e-3, [1e-3], load_for, lambda v: True, []) \
+        == (point(4, 0.4), 3e-3, 2.0)
     held[1e-3] = 0.005
     notes.clear()
-    assert unless_collapsed(train, point(4, 0.01), rank2, 3e-3, [1e-3], lambda: True, notes) == (point(4, 0.01), 3e-3)
+    assert unless_collapsed(train, point(4, 0.01), 1.0, rank2, 3e-3, [1e-3], load_for, lambda v: True, notes) \
+        == (point(4, 0.01), 3e-3, 1.0)
     assert notes[0].endswith("at 0.001: 0.005, not better")
-    assert unless_collapsed(train, point(4, 0.01), rank2, 3e-3, [1e-3], lambda: False, []) == (point(4, 0.01), 3e-3)
+    assert unless_collapsed(train, point(4, 0.01), 1.0, rank2, 3e-3, [1e-3], load_for, lambda v: False, []) \
+        == (point(4, 0.01), 3e-3, 1.0)
+
+
+def test_each_larger_rank_is_offered_its_own_rates_capacity_load_and_more_when_it_did_not_fill():
+    from lorascope.workflows.calibrate_search import at_capacity_loads
+
+    # seed 102 of the reproduction, planted: rank 1 filled at load 1 at 9e-3 and at load 2 at 3e-3; rank 8
+    # collapsed at 9e-3, was retried at 3e-3 and, offered rank 1's load at 9e-3, held 87% of it
+    held = {(2, 1.0, 9e-3): 0.6, (8, 1.0, 9e-3): 0.03, (8, 2.0, 3e-3): 1.7, (8, 4.0, 3e-3): 1.6,
+            (16, 2.0, 3e-3): 1.7, (16, 4.0, 3e-3): 2.2}
+    trained: list[tuple[int, float, float]] = []
+    notes: list[str] = []
+    first = CalibrationPoint(1, PER_RANK, int(PER_RANK / 8), PER_RANK, 0.47 * PER_RANK, 1.0, 300)
+    points, rates, loads = at_capacity_loads(_planted_train(held, trained), (1, 2, 8, 16), first, 9e-3,
+                                             {9e-3: 1.0, 3e-3: 2.0}.get, [3e-3], (0.5, 1.0, 2.0, 4.0, 8.0),
+                                             lambda rank, load: True, lambda left, at: "skipped", notes)
+    # rank 8 retried at 3e-3 is offered 3e-3's capacity load, 2; at 85% of it, load 4 (held less: not kept);
+    # rank 16 starts at 3e-3 and load 2, is not full there, holds more at 4 and fills it (55%)
+    assert trained == [(2, 1.0, 9e-3), (8, 1.0, 9e-3), (8, 2.0, 3e-3), (8, 4.0, 3e-3), (16, 2.0, 3e-3),
+                       (16, 4.0, 3e-3)]
+    assert [p.bits_per_parameter for p in points] == pytest.approx([0.47, 0.6, 1.7, 2.2])
+    assert rates == {1: 9e-3, 2: 9e-3, 8: 3e-3, 16: 3e-3} and loads == {1: 1.0, 2: 1.0, 8: 2.0, 16: 4.0}
+    assert notes[1:] == ["rank 8: held 85% of load 2 (it may not be full); at load 4: 1.600 bits per parameter, "
+                         "not more",
+                         "rank 16: held 85% of load 2 (it may not be full); at load 4: 2.200 bits per parameter, kept"]
+    # the budget: a rank it cannot pay for at its load is skipped with the larger ones; no extra load past it
+    notes.clear()
+    trained.clear()
+    points, _, loads = at_capacity_loads(_planted_train(held, trained), (1, 8, 16), first, 3e-3,
+                                         {3e-3: 2.0}.get, [], (1.0, 2.0, 4.0), lambda rank, load: load < 4.0,
+                                         lambda left, at: f"ranks {left} skipped at {at:g}", notes)
+    assert [p.rank for p in points] == [1, 8, 16] and loads == {1: 2.0, 8: 2.0, 16: 2.0}
+    assert trained == [(8, 2.0, 3e-3), (16, 2.0, 3e-3)]
+    points, _, _ = at_capacity_loads(_planted_train(held, []), (1, 8, 16), first, 3e-3, {3e-3: 2.0}.get, [],
+                                     (1.0, 2.0), lambda rank, load: rank < 16, lambda left, at: f"{left} at {at:g}",
+                                     notes)
+    assert [p.rank for p in points] == [1, 8] and notes[-1] == "(16,) at 2"
 
 
 def test_at_a_step_budget_a_rank_the_budget_cannot_pay_for_is_skipped_with_the_larger_ones():
