@@ -20,7 +20,8 @@ used: LoRA probes (by default of ranks 1, 2 and 4, on the full probes' largest s
    check, not a forecast).
 
 The CPT predictions were written with the lorascope of that moment (kappa(P) a power law fitted over the probes and
-extrapolated); today's goes through the probes and continues the last segment (docs/capacity.md).
+extrapolated); today's reads the probes as a capacity saturating with P (docs/capacity.md, "Capacity at a step
+budget"); ``--renew`` recomputes a written JSON's ``forecast_now`` with it, from the JSON and the study's alone.
 
     python examples/realdata/smollm2_study.py --steps 128 --sizes 16,32,64,128,256 --probe-sizes 64,128 \\
         --lrs 3e-3,1e-2 --kappa docs/realdata/smollm2_calibration_alllinear_load2.json -o smollm2-steps128-out \\
@@ -33,6 +34,7 @@ extrapolated); today's goes through the probes and continues the last segment (d
     python examples/realdata/smollm2_lora_probes.py smollm2-sft-steps-seed1-out \\
         docs/realdata/smollm2_sft_steps_seed1.json --new-rank 0 --out docs/realdata/smollm2_lora_probes_sft_seed1.json
     python examples/realdata/smollm2_lora_probes.py --tables docs/realdata/smollm2_lora_probes.json
+    python examples/realdata/smollm2_lora_probes.py --renew docs/realdata/smollm2_lora_probes.json  # forecast_now
     python examples/realdata/smollm2_lora_probes.py --remeasure docs/realdata/smollm2_lora_probes.json  # falloffs
         # and verdicts read again from the study's JSON and the held shares (a share below 0: diverged, left out)
 
@@ -93,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remeasure", type=Path, metavar="JSON", help="recompute a written JSON's falloffs and "
                         "verdicts, in place, from its study's JSON and its own held shares (after a change of the "
                         "measurement rule); the forecasts are kept")
+    parser.add_argument("--renew", type=Path, metavar="JSON", help="recompute a written JSON's forecast_now (today's "
+                        "lorascope on its probes and the study's growth law: no run, no weights) and its verdicts")
     args = parser.parse_args(argv)
     if args.tables:
         print(tables(json.loads(args.tables.read_text())))
         return 0
-    if args.remeasure:
-        remeasure(args.remeasure)
-        print(tables(json.loads(args.remeasure.read_text())))
+    if args.remeasure or args.renew:
+        remeasure(args.remeasure or args.renew, renew=bool(args.renew))
+        print(tables(json.loads((args.remeasure or args.renew).read_text())))
         return 0
     if args.folder is None or args.report is None:
         parser.error("give the study's folder and its results JSON")
@@ -218,12 +222,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def remeasure(path: Path) -> None:
+def remeasure(path: Path, *, renew: bool = False) -> None:
     """A written result's falloffs and verdicts read again (:func:`set_falloffs_and_verdicts`), in place: no run,
-    no weights; the forecasts stay as written."""
+    no weights; the forecasts stay as written, except, with ``renew``, ``forecast_now``: what today's lorascope
+    reads from the same probes (:func:`forecast_now`)."""
     result = json.loads(path.read_text())
-    set_falloffs_and_verdicts(result, json.loads(Path(result["study"]).read_text()))
+    report = json.loads(Path(result["study"]).read_text())
+    if renew:
+        result["forecast_now"] = forecast_now(result, report)
+    set_falloffs_and_verdicts(result, report)
     path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+
+
+def forecast_now(result: dict[str, Any], report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each forecast rank's runway (and range, and kappa) from the result's probes as today's lorascope reads them,
+    through the study's growth law: what ``lorascope.analyze`` of the study's full probes gives with that constant."""
+    import tempfile
+
+    from smollm2_step_forecast import bits_estimate
+
+    from lorascope.analysis.capacity import CapacityConstant, runway_range
+    from lorascope.workflows.calibration import load_calibration
+
+    with tempfile.TemporaryDirectory() as folder:
+        saved = Path(folder) / "calibration.json"
+        saved.write_text(json.dumps(result["predictions"]["calibration"]))
+        constant = CapacityConstant.from_calibration(load_calibration(saved))
+    bits = bits_estimate(report)
+    out = {}
+    for r in result["forecast_now"]:
+        parameters = result["predictions"]["forecast"][r]["lora_parameters"]
+        runway, low, high = runway_range(constant.capacity_bits(parameters), bits, constant.uncertainty_at(parameters))
+        out[r] = {"examples": runway, "range": [low, high], "kappa": constant.bits_per_parameter_at(parameters)}
+    return out
 
 
 def set_falloffs_and_verdicts(result: dict[str, Any], report: dict[str, Any]) -> None:

@@ -24,12 +24,20 @@ capacity (:meth:`CapacityConstant.past_capacity`): a collapse, a plateau, or tha
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorascope.analysis.capacity_fit import CapacityBracket, KappaFit, interpolate_kappa, probes_extrapolation
+from lorascope.analysis.capacity_fit import (
+    CapacityBracket,
+    KappaFit,
+    SaturatingCapacity,
+    fit_saturating,
+    interpolate_kappa,
+    probes_extrapolation,
+)
 from lorascope.analysis.information import BitsEstimate
 from lorascope.errors import InvalidOptionError
 
@@ -59,7 +67,9 @@ REAL_TEXT_FINDING = (
     "tasks, 0.9-2.4x at rank 4, 5.2-5.6x late at rank 16 in 64 steps and at 128 steps 0.81x / 0.95x / 2.4x at ranks "
     "1 / 4 / 16 (a short run fills less of a large adapter). With kappa from LoRA probes of ranks 1, 2 and 4 on a "
     "slice of the data at the run's 128 steps: 1.24x / 0.96x / 1.46x at ranks 1 / 4 / 16 and 4.1x late at rank 64 "
-    "(predicted before its runs: past the probed ranks capacity grew more slowly than their trend), while rank 32, "
+    "(predicted before its runs: past the probed ranks capacity grew more slowly than their trend; read as a "
+    "capacity saturating with the adapter's size, as lorascope now reads probes, every falloff of these studies "
+    "came within 0.60-1.23x, post hoc), while rank 32, "
     "between probes of ranks 16 and 64, came within 0.89x (predicted first too); on SFT in 64 steps, every forecast "
     "written before any LoRA run, probes of ranks 1, 2 and 4 gave 1.25x / 1.60x at ranks 4 / 16 (kappa from facts "
     "2.0x / 5.1x) and probes of ranks 16 and 64 put rank 32 at 0.75x; on continued pretraining in 64 steps, also "
@@ -95,9 +105,10 @@ class CapacityConstant:
     bracket : CapacityBracket, optional
         What one calibrated adapter held below and above its capacity; None: not measured.
     measured : tuple of (P, kappa)
-        LoRA probes' own values: :math:`\\kappa(P)` then goes through them (:func:`interpolate_kappa`: log-log lines
-        between probes, the end segments continued outside) instead of the fitted law, which stays for the
-        uncertainty. Empty: the fit, held at its ends outside the measured range.
+        LoRA probes' own values, read at their step budget: what an adapter holds is then the saturating capacity
+        fitted through them (:attr:`saturating`), or, where kappa does not fall with P, log-log lines between the
+        probes with the end segments continued (:func:`interpolate_kappa`). Empty: the fit, held at its ends outside
+        the measured range.
     """
 
     bits_per_parameter: float
@@ -138,7 +149,12 @@ class CapacityConstant:
         probes = bool(getattr(calibration, "from_lora_probes", False))
         measured = tuple(sorted((float(p.lora_parameters), p.bits_per_parameter) for p in calibration.points
                                 if p.learned and p.bits_stored > 0)) if probes else ()
-        if measured:
+        saturating = fit_saturating(measured) if measured else None
+        if saturating is not None:
+            law = ("; kappa(P) = " + ", ".join(f"{k:.3g} at {p:,.0f}" for p, k in measured) + " LoRA parameters; "
+                   f"capacity saturating through them, {saturating.kappa0:.3g} bits per parameter for a small "
+                   f"adapter and at most {saturating.ceiling:,.0f} bits at any rank in these steps")
+        elif measured:
             law = "; kappa(P) = " + ", ".join(f"{k:.3g} at {p:,.0f}" for p, k in measured) + (
                 " LoRA parameters, log-log between the probes, their trend continued outside")
         elif fit is not None:
@@ -163,15 +179,25 @@ class CapacityConstant:
         return self.bracket.multiple(self.bracket.examined_load)
 
     def bits_per_parameter_at(self, parameters: float) -> float:
-        """:math:`\\kappa(P)`: through the ``measured`` probes when there are any, else the fit at ``parameters``
-        (held at the nearest measured end outside the measured range), or the flat constant.
+        """:math:`\\kappa(P)`: from the ``measured`` probes when there are any (:attr:`saturating`, else through
+        them), else the fit at ``parameters`` (held at the nearest measured end outside the measured range), or the
+        flat constant.
 
         >>> CapacityConstant(0.69, 2.0, "flat").bits_per_parameter_at(1e6)
         0.69
         """
+        if self.saturating is not None:
+            return self.saturating.bits(parameters) / float(parameters)
         if self.measured:
             return interpolate_kappa(self.measured, parameters)
         return self.bits_per_parameter if self.fit is None else self.fit.at(parameters)
+
+    @functools.cached_property
+    def saturating(self) -> SaturatingCapacity | None:
+        """The saturating capacity through the ``measured`` probes (:func:`fit_saturating`), None without probes or
+        when their kappa does not fall with P. Beyond the probes it forecast SmolLM2's falloffs within 0.60-1.23x
+        where continuing the probes' trend gave up to 4.1x (docs/capacity.md, "Capacity at a step budget")."""
+        return fit_saturating(self.measured) if self.measured else None
 
     def capacity_bits(self, parameters: float) -> float:
         """Bits an adapter of ``parameters`` LoRA parameters holds: :math:`\\kappa(P)\\,P`.
@@ -292,9 +318,10 @@ def predict_ranks(ranks: Sequence[int], parameters: Callable[[int], tuple[int, d
                   f"~{runway:,.0f} examples ({low:,.0f} to {high:,.0f}) against {examples:,.0f}")
         fit = constant.fit
         if constant.measured and not constant.measured[0][0] <= held <= constant.measured[-1][0]:
+            how = "the probes' saturating capacity" if constant.saturating is not None else "the probes' trend"
             reason += (f" (outside the probed {constant.measured[0][0]:,.0f} to {constant.measured[-1][0]:,.0f} LoRA "
-                       f"parameters: kappa extrapolated from the probes' trend, the range widened "
-                       f"x{probes_extrapolation(constant.measured, held):.2g})")
+                       f"parameters: kappa extrapolated by {how}, the range widened by the factor the probes' end "
+                       f"trend moves it, x{probes_extrapolation(constant.measured, held):.2g})")
         elif fit is not None and not constant.measured and not fit.parameters_low <= held <= fit.parameters_high:
             reason += (f" (outside the calibrated {fit.parameters_low:,.0f} to {fit.parameters_high:,.0f} LoRA "
                        f"parameters: kappa held at the nearest end, the range widened x{fit.extrapolation(held):.2g})")

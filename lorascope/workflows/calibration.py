@@ -169,7 +169,8 @@ class Calibration:
         """Multiplicative uncertainty: with a fit of three or more points, :math:`e^{2s}` (s the standard deviation
         of its log residuals, about a 95% band); flat, the spread over ranks; at least :data:`MIN_UNCERTAINTY`.
         LoRA probes: :data:`MIN_UNCERTAINTY` (each probed rank's kappa is measured, not fitted, and the spread over
-        ranks is their trend, not noise; outside the probed ranks the range widens with that trend)."""
+        ranks is their trend, not noise; outside the probed ranks the range widens by how far that trend moves
+        kappa there)."""
         if self.from_lora_probes:
             return MIN_UNCERTAINTY
         fit = self.fit

@@ -555,3 +555,41 @@ def test_past_the_probes_the_range_widens_by_how_far_the_end_segment_moved_kappa
     assert probes_extrapolation(probes, 3000) == 1.0 and probes_extrapolation(probes[:1], 10**6) == 1.0
     assert probes_extrapolation(probes, 8000) == pytest.approx(0.4 / 0.35)  # the last segment, one doubling on
     assert probes_extrapolation(probes, 250) == pytest.approx(4.0)  # the first segment, two doublings below
+
+
+@pytest.mark.parametrize(("kappa0", "ceiling"), [(0.8, 40_000.0), (0.3, 5_000.0), (1.5, 200_000.0)])
+def test_a_planted_saturating_capacity_is_recovered_from_three_probes(kappa0, ceiling):
+    from lorascope.analysis.capacity_fit import SaturatingCapacity, fit_saturating
+
+    planted = SaturatingCapacity(kappa0, ceiling)
+    sizes = (10_000.0, 20_000.0, 40_000.0)
+    law = fit_saturating([(p, planted.bits(p) / p) for p in sizes])
+    assert law.kappa0 == pytest.approx(kappa0, rel=1e-4) and law.ceiling == pytest.approx(ceiling, rel=1e-4)
+    assert law.bits(10**7) == pytest.approx(ceiling, rel=1e-4)  # far past the probes: the ceiling, not the trend
+
+
+def test_the_saturating_capacity_needs_two_probes_whose_kappa_falls():
+    from lorascope.analysis.capacity_fit import fit_saturating
+
+    assert fit_saturating([(1000, 0.8)]) is None
+    assert fit_saturating([(1000, 0.5), (4000, 0.6)]) is None  # kappa rose with P: nothing saturates
+    assert fit_saturating([(1000, 0.5), (4000, 0.5)]) is None
+    flat = fit_saturating([(1000, 0.8), (2000, 0.4), (4000, 0.2)])  # no rank held more: the ceiling is reached
+    assert flat.bits(1000) == pytest.approx(800, rel=0.01) and flat.bits(10**6) == pytest.approx(800, rel=0.01)
+
+
+def test_a_constant_from_lora_probes_saturates_beyond_them_and_says_so():
+    from lorascope.analysis.capacity import CapacityConstant
+
+    # SmolLM2's CPT probes of ranks 1, 2 and 4 at 128 steps (docs/realdata/smollm2_lora_probes.json)
+    measured = ((10_176.0, 0.8167), (20_352.0, 0.7099), (40_704.0, 0.5814))
+    constant = CapacityConstant(0.71, 1.25, "probes", measured=measured)
+    assert constant.saturating.kappa0 == pytest.approx(0.915, abs=0.002)
+    assert constant.saturating.ceiling == pytest.approx(37_268, rel=0.002)
+    for parameters, kappa in measured:  # through the probes within the fit's residual
+        assert constant.bits_per_parameter_at(parameters) == pytest.approx(kappa, rel=0.02)
+    # rank 64: at most the ceiling, where the probes' trend continued would have held 0.298 bits per parameter
+    assert constant.capacity_bits(651_264) == pytest.approx(37_268, rel=0.002)
+    assert constant.uncertainty_at(651_264) > constant.uncertainty_at(20_352) == 1.25
+    rising = CapacityConstant(0.5, 1.25, "probes", measured=((1000.0, 0.5), (4000.0, 0.6)))
+    assert rising.saturating is None and rising.bits_per_parameter_at(2000) == pytest.approx(0.5 * 1.2 ** 0.5)

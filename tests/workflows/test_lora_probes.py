@@ -122,7 +122,7 @@ def test_recommend_reads_a_lora_probe_calibration_at_its_step_budget(probes):
                                / EXAMPLES, batch_size=BATCH, ranks=[1, 2, 4, 16], calibration=calibration)
     assert not [n for n in same.notes if "calibration" in n and "steps" in n]
     rank16 = next(p for p in same.predictions if p.rank == 16)
-    assert "(outside the probed" in rank16.reason and "kappa extrapolated from the probes' trend" in rank16.reason
+    assert "(outside the probed" in rank16.reason and "kappa extrapolated by the probes' trend" in rank16.reason
     assert rank16.capacity_bits == pytest.approx(CapacityConstant.from_calibration(calibration).capacity_bits(
         rank16.lora_parameters))
     longer = lorascope.recommend(config, examples=EXAMPLES, tokens_per_example=LENGTH - 1, epochs=40,
