@@ -74,7 +74,7 @@ REAL_TEXT_FINDING = (
     "written before any LoRA run, probes of ranks 1, 2 and 4 gave 1.25x / 1.60x at ranks 4 / 16 (kappa from facts "
     "2.0x / 5.1x) and probes of ranks 16 and 64 put rank 32 at 0.75x; on continued pretraining in 64 steps, also "
     "written first, 1.10x / 1.11x at ranks 4 / 16 (facts 1.84x / 4.28x) and 0.74x at rank 32; so probe the ranks "
-    "you will choose between, at the planned step budget (probes of half or twice it put falloffs 0.3-4.5x off); "
+    "you will choose between, at the planned step budget (probes of half or twice it put falloffs 0.3-2.1x off); "
     "full probes run above their stable learning rate (a first-epoch loss spike, noted) put the forecast at "
     "0.13x-0.57x on SFT. With a short recipe on real text (4 epochs) both of lorascope's "
     "real-data studies (docs/realdata.md, docs/realdata_smollm2.md) had LoRA hold a share of full fine-tuning's gain "

@@ -361,9 +361,9 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         if log:  # one line per rank, each starting "rank ": the CLI's progress bar counts them
             log(f"rank {first}: {describe(first_point)}")
         lower = sorted((r for r in by_rate if r < rate), reverse=True)  # for a larger rank that collapses
-        points, rates, loads_by_rank = at_capacity_loads(train, ranks, first_point, rate, load_for, lower, measured,
-                                                         affordable, skipped, notes)
-    notes += _point_notes(points)
+        points, rates, loads_by_rank, held_less = at_capacity_loads(train, ranks, first_point, rate, load_for, lower,
+                                                                    measured, affordable, skipped, notes)
+    notes += _point_notes(points, held_less if not steps else set())
     return Calibration(model=model_signature(model), target=resolved, points=tuple(points),
                        task={"kind": "random key -> value facts", "values": values, "seed": seed},
                        training={"optimizer": "Adam", "lr": rate, "lr_tried": sorted(map(float, by_rate)),
@@ -383,17 +383,19 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
                        notes=tuple(notes), bracket_points=bracket_points, load_points=load_points)
 
 
-def _point_notes(points: Sequence[CalibrationPoint]) -> list[str]:
+def _point_notes(points: Sequence[CalibrationPoint], held_less: Collection[int]) -> list[str]:
+    """Each rank that did not learn or may not be full; ``held_less``: ranks whose next larger load held less."""
     notes = []
     for point in points:
+        more = ("offered more, it held less (above): this rate gets no more from it" if point.rank in held_less
+                else "raise offered_bits_per_parameter")
         if not point.learned:
             notes.append(f"rank {point.rank}: the adapter held {point.bits_stored / point.bits_offered:.1%} of the "
                          "bits offered: it did not learn the facts (more epochs or another learning rate), so this "
                          "rank is left out of the constant")
         elif not point.saturated:
             notes.append(f"rank {point.rank}: the adapter held {point.bits_stored / point.bits_offered:.0%} of the "
-                         "bits offered, so it may not be full: its bits per parameter are a lower bound; raise "
-                         "offered_bits_per_parameter")
+                         f"bits offered, so it may not be full: its bits per parameter are a lower bound; {more}")
     return notes
 
 

@@ -70,13 +70,15 @@ def tune_rate(train: Train, rank: int, loads: Sequence[float], lrs: Sequence[flo
 def at_capacity_loads(train: Train, ranks: Sequence[int], first: CalibrationPoint, rate: float,
                       load_for: Callable[[float], float], lower: list[float], bracket: Sequence[float],
                       affordable: Callable[[int, float], bool], skipped: Callable[[Sequence[int], float], str],
-                      notes: list[str]) -> tuple[list[CalibrationPoint], dict[int, float], dict[int, float]]:
+                      notes: list[str]) -> tuple[list[CalibrationPoint], dict[int, float], dict[int, float], set[int]]:
     """calibrate's epochs mode past the smallest rank (``first``, held at ``rate``): each larger rank offered the
     capacity load of the rate it trains at (``load_for(rate)``, read from that rate's loads at the smallest rank),
     at the rate of the rank below it, retried lower when it collapsed (:func:`unless_collapsed`) and offered the
     bracket's next load when it did not fill (:func:`filled`); while ``affordable(rank, load)``, else ``skipped``
-    names the ranks left out. Returns the points and each rank's rate and load."""
+    names the ranks left out. Returns the points, each rank's rate and load, and the ranks that held less at a larger
+    load than at their own."""
     points, rates, offered = [first], {first.rank: rate}, {first.rank: load_for(rate)}
+    held_less: set[int] = set()
     for position, rank in enumerate(ranks[1:], start=1):
         rate = rates[points[-1].rank]
         load = load_for(rate)
@@ -86,10 +88,12 @@ def at_capacity_loads(train: Train, ranks: Sequence[int], first: CalibrationPoin
         point = train(rank, load, rate, f"rank {rank}")
         within = functools.partial(affordable, rank)
         point, rate, load = unless_collapsed(train, point, load, points[-1], rate, lower, load_for, within, notes)
-        point, load = filled(train, point, load, rate, bracket, within, notes)
+        point, load, less = filled(train, point, load, rate, bracket, within, notes)
+        if less:
+            held_less.add(rank)
         points.append(point)
         rates[rank], offered[rank] = rate, load
-    return points, rates, offered
+    return points, rates, offered, held_less
 
 
 def unless_collapsed(train: Train, point: CalibrationPoint, load: float, below: CalibrationPoint, rate: float,
@@ -116,12 +120,12 @@ def unless_collapsed(train: Train, point: CalibrationPoint, load: float, below: 
 
 
 def filled(train: Train, point: CalibrationPoint, load: float, rate: float, bracket: Sequence[float],
-           affordable: Callable[[float], bool], notes: list[str]) -> tuple[CalibrationPoint, float]:
+           affordable: Callable[[float], bool], notes: list[str]) -> tuple[CalibrationPoint, float, bool]:
     """``point``, unless it held so much of its ``load`` that it may not be full (not ``saturated``): then it is
     offered the bracket's next larger load at the same rate, kept if it held more, for as long as that helps and is
     ``affordable(load)``. A larger rank can hold more per parameter than the smallest one, whose loads set its
-    offer (seed 102 of the reproduction: ranks 8 and 16 held 87-90% of the load that filled rank 1). Returns the
-    point kept and its load."""
+    offer. Returns the point kept, its load, and whether the next load held less (on the reproduction's base,
+    seed 102, ranks 8 and 16 held 87-90% of load 1 and collapsed at load 2)."""
     while point.learned and not point.saturated:
         larger = [v for v in sorted(bracket) if v > load]
         if not larger or not affordable(larger[0]):
@@ -132,9 +136,9 @@ def filled(train: Train, point: CalibrationPoint, load: float, rate: float, brac
                      f"not be full); at load {larger[0]:g}: {more.bits_per_parameter:.3f} bits per parameter, "
                      + ("kept" if better else "not more"))
         if not better:
-            break
+            return point, load, True
         point, load = more, larger[0]
-    return point, load
+    return point, load, False
 
 
 def at_step_budget(train: Train, affordable: Callable[[int], bool], extendable: Callable[[], bool],

@@ -534,8 +534,8 @@ def _step_budget_note(calibration: Any, steps: int | None) -> list[str]:
         return [f"the calibration measured kappa at a budget of {measured:,} steps, this run has {steps:,}: kappa "
                 "at a step budget changes with the steps (on SmolLM2 a LoRA probe's kappa grew 1.5-2x from 64 to "
                 "128 steps at ranks 4-64 on SFT, 1.6-2.7x on continued pretraining; LoRA probes of 128 steps read "
-                "for 64-step runs put the falloffs 1.7-4.5x late, of 64 steps for a 128-step run 0.3-0.8x early, "
-                f"and scaled by that growth 0.6-2.9x, docs/realdata_smollm2.md); LoRA probes of {steps} steps measure "
+                "for 64-step runs put the falloffs 1.2-2.1x late, of 64 steps for a 128-step run 0.3-0.6x early, "
+                f"and scaled by that growth 0.4-1.2x, docs/realdata_smollm2.md); LoRA probes of {steps} steps measure "
                 "it at this budget (`lorascope calibrate --lora-probe`)"]
     return []
 

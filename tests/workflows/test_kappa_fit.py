@@ -435,7 +435,7 @@ def test_each_larger_rank_is_offered_its_own_rates_capacity_load_and_more_when_i
     trained: list[tuple[int, float, float]] = []
     notes: list[str] = []
     first = CalibrationPoint(1, PER_RANK, int(PER_RANK / 8), PER_RANK, 0.47 * PER_RANK, 1.0, 300)
-    points, rates, loads = at_capacity_loads(_planted_train(held, trained), (1, 2, 8, 16), first, 9e-3,
+    points, rates, loads, held_less = at_capacity_loads(_planted_train(held, trained), (1, 2, 8, 16), first, 9e-3,
                                              {9e-3: 1.0, 3e-3: 2.0}.get, [3e-3], (0.5, 1.0, 2.0, 4.0, 8.0),
                                              lambda rank, load: True, lambda left, at: "skipped", notes)
     # rank 8 retried at 3e-3 is offered 3e-3's capacity load, 2; at 85% of it, load 4 (held less: not kept);
@@ -444,18 +444,19 @@ def test_each_larger_rank_is_offered_its_own_rates_capacity_load_and_more_when_i
                        (16, 4.0, 3e-3)]
     assert [p.bits_per_parameter for p in points] == pytest.approx([0.47, 0.6, 1.7, 2.2])
     assert rates == {1: 9e-3, 2: 9e-3, 8: 3e-3, 16: 3e-3} and loads == {1: 1.0, 2: 1.0, 8: 2.0, 16: 4.0}
+    assert held_less == {8}  # its own load stands; the calibration's note says a larger one held less
     assert notes[1:] == ["rank 8: held 85% of load 2 (it may not be full); at load 4: 1.600 bits per parameter, "
                          "not more",
                          "rank 16: held 85% of load 2 (it may not be full); at load 4: 2.200 bits per parameter, kept"]
     # the budget: a rank it cannot pay for at its load is skipped with the larger ones; no extra load past it
     notes.clear()
     trained.clear()
-    points, _, loads = at_capacity_loads(_planted_train(held, trained), (1, 8, 16), first, 3e-3,
+    points, _, loads, _ = at_capacity_loads(_planted_train(held, trained), (1, 8, 16), first, 3e-3,
                                          {3e-3: 2.0}.get, [], (1.0, 2.0, 4.0), lambda rank, load: load < 4.0,
                                          lambda left, at: f"ranks {left} skipped at {at:g}", notes)
     assert [p.rank for p in points] == [1, 8, 16] and loads == {1: 2.0, 8: 2.0, 16: 2.0}
     assert trained == [(8, 2.0, 3e-3), (16, 2.0, 3e-3)]
-    points, _, _ = at_capacity_loads(_planted_train(held, []), (1, 8, 16), first, 3e-3, {3e-3: 2.0}.get, [],
+    points, _, _, _ = at_capacity_loads(_planted_train(held, []), (1, 8, 16), first, 3e-3, {3e-3: 2.0}.get, [],
                                      (1.0, 2.0), lambda rank, load: rank < 16, lambda left, at: f"{left} at {at:g}",
                                      notes)
     assert [p.rank for p in points] == [1, 8] and notes[-1] == "(16,) at 2"
