@@ -428,8 +428,8 @@ def test_a_larger_rank_that_collapsed_at_the_chosen_rate_is_retried_lower_and_th
 def test_each_larger_rank_is_offered_its_own_rates_capacity_load_and_more_when_it_did_not_fill():
     from lorascope.workflows.calibrate_search import at_capacity_loads
 
-    # seed 102 of the reproduction, planted: rank 1 filled at load 1 at 9e-3 and at load 2 at 3e-3; rank 8
-    # collapsed at 9e-3, was retried at 3e-3 and, offered rank 1's load at 9e-3, held 87% of it
+    # planted after seed 102 of the reproduction, with a lower rate that fills at a larger load: rank 1 filled at
+    # load 1 at 9e-3 and at load 2 at 3e-3; rank 8 collapsed at 9e-3 and is retried at 3e-3 at load 2
     held = {(2, 1.0, 9e-3): 0.6, (8, 1.0, 9e-3): 0.03, (8, 2.0, 3e-3): 1.7, (8, 4.0, 3e-3): 1.6,
             (16, 2.0, 3e-3): 1.7, (16, 4.0, 3e-3): 2.2}
     trained: list[tuple[int, float, float]] = []
