@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope._version import __version__
-from lorascope.analysis.capacity_fit import CapacityBracket, KappaFit, bracket_capacity, fit_kappa
+from lorascope.analysis.capacity_fit import CapacityBracket, KappaFit, bracket_capacity, fit_kappa, fit_saturating
 from lorascope.errors import LorascopeError
 
 __all__ = ["CALIBRATION_FORMAT", "CALIBRATION_VERSION", "LORA_PROBES", "Calibration", "CalibrationPoint",
@@ -36,6 +36,8 @@ STEP_LIMITED_SPAN, STEP_LIMITED_GAIN = 4.0, 1.1
 """Two full LoRA probes :data:`STEP_LIMITED_SPAN` or more apart in parameters whose larger absorbed under
 :data:`STEP_LIMITED_GAIN` times the smaller's bits are held back by the step budget, not by their rank (SmolLM2 in
 64 steps: ranks 16 and 64 within 2-6% of each other on both tasks; docs/realdata_smollm2.md)."""
+SATURATED_SHARE = 0.9
+"""An adapter holding this share of the most any rank holds at a step budget adds little by a larger rank."""
 MIN_FIT_POINTS = 3
 """Learned ranks needed to fit kappa(P); with fewer the constant is flat (two adjacent ranks do not tell a trend
 from noise: the default constant's rank-1/rank-2 pairs rose with P where ranks 1 to 32 fell, issue 13)."""
@@ -218,15 +220,17 @@ class Calibration:
 def step_limited_note(calibration: Calibration) -> str | None:
     """A note when LoRA probes of very different sizes absorbed about the same bits, both full
     (:data:`STEP_LIMITED_SPAN`, :data:`STEP_LIMITED_GAIN`): in that step budget a larger rank buys little runway.
-    None otherwise, and for a calibration on random facts."""
+    Otherwise, when the probes' capacity saturates (:func:`~lorascope.analysis.capacity_fit.fit_saturating`), the
+    most any rank holds and the rank from which an adapter holds :data:`SATURATED_SHARE` of it. None for a
+    calibration on random facts."""
     if not calibration.from_lora_probes:
         return None
+    steps = f"in {calibration.steps:,} steps" if calibration.steps else "at this budget"
     full = sorted((p for p in calibration.points if p.learned and p.saturated), key=lambda p: p.lora_parameters)
     for small in full:
         for large in reversed(full):
             if (large.lora_parameters >= STEP_LIMITED_SPAN * small.lora_parameters
                     and large.bits_stored < STEP_LIMITED_GAIN * small.bits_stored):
-                steps = f"in {calibration.steps:,} steps" if calibration.steps else "at this budget"
                 return (f"LoRA probes of ranks {small.rank} and {large.rank} absorbed about the same "
                         f"({small.bits_stored:,.0f} and {large.bits_stored:,.0f} bits, "
                         f"{small.bits_stored / small.bits_offered:.0%} and {large.bits_stored / large.bits_offered:.0%}"
@@ -235,7 +239,17 @@ def step_limited_note(calibration: Calibration) -> str | None:
                         f"{small.rank} buy little runway; more steps would (on SmolLM2 in 64 steps ranks 16 and 64 "
                         "held within 2-6% of each other on both tasks, and ranks 16 and 32 fell off 1.07-1.17x "
                         "apart; docs/realdata_smollm2.md)")
-    return None
+    learned = [p for p in calibration.points if p.learned and p.bits_stored > 0]
+    law = fit_saturating([(p.lora_parameters, p.bits_per_parameter) for p in learned])
+    if law is None:
+        return None
+    per_rank = learned[0].lora_parameters / learned[0].rank
+    parameters = -math.log(1 - SATURATED_SHARE) * law.ceiling / law.kappa0  # where B(P) reaches that share
+    rank = 2 ** max(0, math.ceil(math.log2(parameters / per_rank)))
+    return (f"the LoRA probes' capacity saturates {steps}: no rank holds more than ~{law.ceiling:,.0f} bits, and "
+            f"from rank {rank:,} on an adapter holds {SATURATED_SHARE:.0%} of that or more, so larger ranks add "
+            "little runway (on SmolLM2 in 128 steps, post hoc: ranks 16 and 64 fell off at 148 and 182 examples; "
+            "docs/capacity.md, \"Capacity at a step budget\")")
 
 
 def load_calibration(path: str | os.PathLike[str]) -> Calibration:
