@@ -69,7 +69,8 @@ REAL_TEXT_FINDING = (
     "slice of the data at the run's 128 steps: 1.24x / 0.96x / 1.46x at ranks 1 / 4 / 16 and 4.1x late at rank 64 "
     "(predicted before its runs: past the probed ranks capacity grew more slowly than their trend; read as a "
     "capacity saturating with the adapter's size, as lorascope now reads probes, every falloff of these studies "
-    "came within 0.60-1.23x, post hoc), while rank 32, "
+    "came within 0.60-1.23x, post hoc, and 0.50-1.20x written first on SFT in 128 steps, early at ranks 16 and 32), "
+    "while rank 32, "
     "between probes of ranks 16 and 64, came within 0.89x (predicted first too); on SFT in 64 steps, every forecast "
     "written before any LoRA run, probes of ranks 1, 2 and 4 gave 1.25x / 1.60x at ranks 4 / 16 (kappa from facts "
     "2.0x / 5.1x) and probes of ranks 16 and 64 put rank 32 at 0.75x; on continued pretraining in 64 steps, also "
@@ -196,7 +197,8 @@ class CapacityConstant:
     def saturating(self) -> SaturatingCapacity | None:
         """The saturating capacity through the ``measured`` probes (:func:`fit_saturating`), None without probes or
         when their kappa does not fall with P. Beyond the probes it forecast SmolLM2's falloffs within 0.60-1.23x
-        where continuing the probes' trend gave up to 4.1x (docs/capacity.md, "Capacity at a step budget")."""
+        where continuing the probes' trend gave up to 4.1x (post hoc), and 0.50-1.20x written first on a new study
+        (docs/capacity.md, "Capacity at a step budget")."""
         return fit_saturating(self.measured) if self.measured else None
 
     def capacity_bits(self, parameters: float) -> float:

@@ -47,6 +47,9 @@ def _constant(calibration: dict, tmp_path: Path) -> CapacityConstant:
     ("smollm2_lora_probes_steps_seed2.json", "smollm2_steps_seed2.json", [1, 2, 4], {"4": 1.11, "16": 0.70}),
     ("smollm2_lora_probes_steps_seed2_r32.json", "smollm2_steps_seed2.json", [16, 64],
      {"4": 0.87, "16": 0.77, "32": 0.75}),
+    # SFT in 128 steps, seed 3, written before any LoRA run with the saturating capacity (the trend: 1.12 / 1.36)
+    ("smollm2_lora_probes_sft128_seed3.json", "smollm2_sft_steps128_seed3.json", [1, 2, 4],
+     {"1": 1.20, "4": 0.98, "16": 0.61, "32": 0.50}),
 ])
 def test_the_lora_probe_forecast_is_what_todays_lorascope_reads_from_the_probes(name, study, probed, now, tmp_path):
     result = json.loads((DOCS / name).read_text())
@@ -183,3 +186,15 @@ def test_predicted_first_on_continued_pretraining_every_measured_rank_from_4_to_
     from lorascope.analysis.capacity import REAL_TEXT_FINDING
 
     assert "1.10x / 1.11x at ranks 4 / 16 (facts 1.84x / 4.28x)" in REAL_TEXT_FINDING
+
+
+def test_sft_at_128_steps_was_predicted_before_any_lora_run():
+    """docs/realdata_smollm2.md, "Predicted first on SFT in 128 steps": the forecast file was written (and committed)
+    before the study's first LoRA run and before rank 32's; its forecasts are what the result JSON compares."""
+    predictions = json.loads((DOCS / "smollm2_lora_probes_sft128_seed3_predictions.json").read_text())
+    result = json.loads((DOCS / "smollm2_lora_probes_sft128_seed3.json").read_text())
+    assert predictions["study_lora_runs_before"] == 0 and predictions["new_rank_runs_before"] == 0
+    assert result["predictions"] == predictions
+    assert {r: round(v["examples"]) for r, v in predictions["forecast"].items()} == {
+        "1": 39, "2": 66, "4": 93, "16": 108, "32": 108}
+    assert {r: round(v["examples"]) for r, v in result["falloff"].items()} == {"1": 33, "4": 95, "16": 178, "32": 215}

@@ -195,6 +195,9 @@ def _probes_calibration(points):
     ([(16, 1000, 9000), (32, 1000, 9000)], "no rank holds more than ~1,000 bits"),  # only 2x apart: no plateau note
     ([(16, 1000, 9000), (64, 1050, 1100)], "no rank holds more than"),  # rank 64 not full: no plateau note
     ([(16, 1000, 9000), (64, 4000, 9000)], None),  # kappa did not fall: nothing saturates
+    # SmolLM2 SFT, 128 steps, seed 3: rank 4 absorbed 76% of its slice's offer, so the slice may set the ceiling
+    ([(1, 8419, 23661), (2, 12897, 23661), (4, 18074, 23661)], "absorbed 76% of what its slice offered, so the slice, "
+                                                               "not the steps, may set this ceiling"),
 ])
 def test_probes_of_very_different_ranks_holding_the_same_bits_are_noted_as_step_limited(points, says):
     from lorascope.workflows.calibration import step_limited_note
