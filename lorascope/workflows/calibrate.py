@@ -330,6 +330,7 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
         return budget is None or spent + sum(cost(first, v) for v in measured) + reserve <= budget
 
     load: float | None
+    held_less: set[int] = set()  # ranks whose next larger load held less (epochs mode)
     if steps:
         rate, by_rate, points, bracket_points, load_points = at_step_budget(
             train, all_loads_affordable, extension_affordable, ranks, measured, lrs, budget, notes, log)
@@ -337,19 +338,23 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
     else:
         load_points = ()
         rate, by_rate = tune_rate(train, first, measured, lrs, extension_affordable, notes)
-        bracket_points = tuple(dict(zip(measured, by_rate[rate]))[v] for v in loads) if len(loads) >= 2 else ()
+
+        def at_load(rate: float) -> dict[float, CalibrationPoint]:
+            """The smallest rank's adapters trained at ``rate``, by load."""
+            return dict(zip(measured, by_rate[rate]))
+
+        bracket_points = tuple(at_load(rate)[v] for v in loads) if len(loads) >= 2 else ()
 
         def load_for(rate: float) -> float:
             """The load that fills an adapter trained at ``rate``: read from that rate's loads at the smallest
             rank (where its held bits stopped growing), else the given load, else the one measured."""
             if offered_bits_per_parameter is not None or len(loads) < 2:
                 return offered_bits_per_parameter or measured[0]
-            at_load = dict(zip(measured, by_rate[rate]))
-            capacity_load = bracket_capacity([at_load[v].load for v in loads],
-                                             [at_load[v].bits_stored for v in loads],
-                                             lora_parameters=at_load[loads[0]].lora_parameters,
+            held = at_load(rate)
+            capacity_load = bracket_capacity([held[v].load for v in loads], [held[v].bits_stored for v in loads],
+                                             lora_parameters=held[loads[0]].lora_parameters,
                                              rank=first).capacity_load
-            return min(loads, key=lambda v: abs(at_load[v].load - capacity_load))
+            return min(loads, key=lambda v: abs(held[v].load - capacity_load))
 
         def skipped(left: Sequence[int], at: float) -> str:
             return (f"ranks {', '.join(map(str, left))} skipped: rank {left[0]} needs "
@@ -357,13 +362,13 @@ def calibrate(model: nn.Module, *, ranks: Sequence[int] = DEFAULT_RANKS, target:
                     f"has {(budget or 0) - spent:,} left")  # only a budget skips a rank
 
         load = load_for(rate)
-        first_point = dict(zip(measured, by_rate[rate]))[load]
+        first_point = at_load(rate)[load]
         if log:  # one line per rank, each starting "rank ": the CLI's progress bar counts them
             log(f"rank {first}: {describe(first_point)}")
         lower = sorted((r for r in by_rate if r < rate), reverse=True)  # for a larger rank that collapses
         points, rates, loads_by_rank, held_less = at_capacity_loads(train, ranks, first_point, rate, load_for, lower,
                                                                     measured, affordable, skipped, notes)
-    notes += _point_notes(points, held_less if not steps else set())
+    notes += _point_notes(points, held_less)
     return Calibration(model=model_signature(model), target=resolved, points=tuple(points),
                        task={"kind": "random key -> value facts", "values": values, "seed": seed},
                        training={"optimizer": "Adam", "lr": rate, "lr_tried": sorted(map(float, by_rate)),
