@@ -42,7 +42,9 @@ SLICE_LIMITED_SHARE = 0.6
 """A LoRA probe that absorbed more than this share of what its slice offered may be held back by the slice, not the
 steps: the saturating capacity's ceiling is then in doubt (SmolLM2 SFT in 128 steps: rank 4 at 76%, the ceiling
 forecast ranks 16 and 32 at 0.61x and 0.50x; CPT in 128 steps: rank 4 at 57%, 0.73x and 0.61x at 16 and 64; the
-value was set between the two after seeing both)."""
+value was set between the two after seeing both). Correcting the probes for the slice's offer instead forecast
+worse over all eight SmolLM2 probe sets (examples/realdata/smollm2_slice_offer.py), so the note advises a larger
+slice."""
 MIN_FIT_POINTS = 3
 """Learned ranks needed to fit kappa(P); with fewer the constant is flat (two adjacent ranks do not tell a trend
 from noise: the default constant's rank-1/rank-2 pairs rose with P where ranks 1 to 32 fell, issue 13)."""
