@@ -166,8 +166,7 @@ def test_the_batch_size_experiment_brackets_each_optimum_at_the_same_epochs(smok
     assert batch.main(["--tables", str(tmp_path / "missing.json")]) == 2
 
 
-def test_the_smollm2_calibration_tables_are_the_checked_in_json():
-    """docs/capacity.md's SmolLM2 tables are `smollm2_calibrate.py --table` of the JSON in docs/realdata/."""
+def _smollm2_calibrate():
     spec = importlib.util.spec_from_file_location("smollm2_calibrate", STUDY / "smollm2_calibrate.py")
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(STUDY))
@@ -175,12 +174,36 @@ def test_the_smollm2_calibration_tables_are_the_checked_in_json():
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(STUDY))
+    return module
+
+
+def test_the_smollm2_calibration_tables_are_the_checked_in_json():
+    """docs/capacity.md's SmolLM2 tables are `smollm2_calibrate.py --table` of the JSON in docs/realdata/."""
+    module = _smollm2_calibrate()
     docs = STUDY.parents[1] / "docs"
     capacity = (docs / "capacity.md").read_text()
     names = ("smollm2_calibration.json", "smollm2_calibration_load2.json", "smollm2_calibration_alllinear_load2.json",
-             "smollm2_calibration_alllinear_r4_load2.json")
+             "smollm2_calibration_alllinear_r4_load2.json", "smollm2_calibration_alllinear_r8_load2.json")
     for name in names:
         assert module.tables(str(docs / "realdata" / name)) in capacity, name
+
+
+def test_the_all_linear_ranks_run_separately_are_fitted_together(capsys):
+    """docs/capacity.md's kappa(P) through SmolLM2's all-linear ranks is `smollm2_calibrate.py --fit` of their JSON;
+    calibrations of another recipe are refused with exit 2."""
+    module = _smollm2_calibrate()
+    realdata = STUDY.parents[1] / "docs" / "realdata"
+    runs = [str(realdata / f"smollm2_calibration_alllinear{part}_load2.json") for part in ("", "_r4", "_r8")]
+    assert module.main(["--fit", *runs]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line == ("ranks 1, 2, 4: kappa 0.582, 0.569, 0.831; fit kappa(P) ~ P^+0.26, 0.544 at 10,176 to 0.778 at "
+                    "40,704 LoRA parameters, residual 0.16; left out: rank 8 (0.230, under half of rank 4's 0.831: a "
+                    "collapse)")
+    assert line in (STUDY.parents[1] / "docs" / "capacity.md").read_text()
+    with pytest.raises(SystemExit) as refused:
+        module.main(["--fit", runs[0], str(realdata / "smollm2_calibration_load2.json")])
+    assert refused.value.code == 2
+    assert "one recipe" in capsys.readouterr().err
 
 
 def test_the_smollm2_repredicted_tables_are_the_checked_in_json():
