@@ -234,20 +234,27 @@ def remeasure(path: Path, *, renew: bool = False) -> None:
     path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
 
 
-def forecast_now(result: dict[str, Any], report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each forecast rank's runway (and range, and kappa) from the result's probes as today's lorascope reads them,
-    through the study's growth law: what ``lorascope.analyze`` of the study's full probes gives with that constant."""
+def probe_constant(calibration: dict[str, Any]) -> Any:
+    """The ``CapacityConstant`` today's lorascope reads from a calibration kept inside a result JSON."""
     import tempfile
 
-    from smollm2_step_forecast import bits_estimate
-
-    from lorascope.analysis.capacity import CapacityConstant, runway_range
+    from lorascope.analysis.capacity import CapacityConstant
     from lorascope.workflows.calibration import load_calibration
 
     with tempfile.TemporaryDirectory() as folder:
         saved = Path(folder) / "calibration.json"
-        saved.write_text(json.dumps(result["predictions"]["calibration"]))
-        constant = CapacityConstant.from_calibration(load_calibration(saved))
+        saved.write_text(json.dumps(calibration))
+        return CapacityConstant.from_calibration(load_calibration(saved))
+
+
+def forecast_now(result: dict[str, Any], report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each forecast rank's runway (and range, and kappa) from the result's probes as today's lorascope reads them,
+    through the study's growth law: what ``lorascope.analyze`` of the study's full probes gives with that constant."""
+    from smollm2_step_forecast import bits_estimate
+
+    from lorascope.analysis.capacity import runway_range
+
+    constant = probe_constant(result["predictions"]["calibration"])
     bits = bits_estimate(report)
     out = {}
     for r in result["forecast_now"]:

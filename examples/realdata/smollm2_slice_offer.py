@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "reproduce"))
 
 import repro_measure as measure  # noqa: E402
+import smollm2_lora_probes as lora_probes  # noqa: E402
 import smollm2_step_forecast as step_forecast  # noqa: E402
 
 PROBE_SETS = ("smollm2_lora_probes.json", "smollm2_lora_probes_r32.json", "smollm2_lora_probes_sft128_seed3.json",
@@ -67,18 +67,12 @@ to give the bits the planned data may ask before the falloff."""
 
 def forecasts(result: dict[str, Any], study: dict[str, Any], reading: str) -> dict[str, dict[str, Any]]:
     """Each rank with a measured falloff: its runway under ``reading`` and the verdict against the falloff."""
-    from lorascope.analysis.capacity import CapacityConstant
-    from lorascope.workflows.calibration import load_calibration
-
     capacity, divisor = READINGS[reading]
     calibration = copy.deepcopy(result["predictions"]["calibration"])
     if capacity is not None:
         for point in calibration["points"]:
             point["bits_stored"] = capacity(point["bits_stored"], point["bits_offered"])
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "calibration.json"
-        path.write_text(json.dumps(calibration))
-        constant = CapacityConstant.from_calibration(load_calibration(path))
+    constant = lora_probes.probe_constant(calibration)
     bits = step_forecast.bits_estimate(study)
     out = {}
     for rank, falloff in result["falloff"].items():

@@ -254,7 +254,7 @@ def step_limited_note(calibration: Calibration) -> str | None:
     parameters = -math.log(1 - SATURATED_SHARE) * law.ceiling / law.kappa0  # where B(P) reaches that share
     rank = 2 ** max(0, math.ceil(math.log2(parameters / per_rank)))
     share = max(p.bits_stored / p.bits_offered for p in learned)
-    slice_ = (f"; the largest probe absorbed {share:.0%} of what its slice offered, so the slice, not the steps, may "
+    slice_ = (f"; a probe absorbed {share:.0%} of what its slice offered, so the slice, not the steps, may "
               "set this ceiling: probes on a larger slice tell them apart (SmolLM2 SFT in 128 steps, rank 4 at 76%: "
               "ranks 16 and 32 fell off at 178 and 215 examples, past a ceiling forecast of 108)"
               if share > SLICE_LIMITED_SHARE else "")
