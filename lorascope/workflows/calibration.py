@@ -38,13 +38,6 @@ STEP_LIMITED_SPAN, STEP_LIMITED_GAIN = 4.0, 1.1
 64 steps: ranks 16 and 64 within 2-6% of each other on both tasks; docs/realdata_smollm2.md)."""
 SATURATED_SHARE = 0.9
 """An adapter holding this share of the most any rank holds at a step budget adds little by a larger rank."""
-SLICE_LIMITED_SHARE = 0.6
-"""A LoRA probe that absorbed more than this share of what its slice offered may be held back by the slice, not the
-steps: the saturating capacity's ceiling is then in doubt (SmolLM2 SFT in 128 steps: rank 4 at 76%, the ceiling
-forecast ranks 16 and 32 at 0.61x and 0.50x; CPT in 128 steps: rank 4 at 57%, 0.73x and 0.61x at 16 and 64; the
-value was set between the two after seeing both). Correcting the probes for the slice's offer instead forecast
-worse over all eight SmolLM2 probe sets (examples/realdata/smollm2_slice_offer.py), so the note advises a larger
-slice."""
 MIN_FIT_POINTS = 3
 """Learned ranks needed to fit kappa(P); with fewer the constant is flat (two adjacent ranks do not tell a trend
 from noise: the default constant's rank-1/rank-2 pairs rose with P where ranks 1 to 32 fell, issue 13)."""
@@ -228,8 +221,10 @@ def step_limited_note(calibration: Calibration) -> str | None:
     """A note when LoRA probes of very different sizes absorbed about the same bits, both full
     (:data:`STEP_LIMITED_SPAN`, :data:`STEP_LIMITED_GAIN`): in that step budget a larger rank buys little runway.
     Otherwise, when the probes' capacity saturates (:func:`~lorascope.analysis.capacity_fit.fit_saturating`), the
-    most any rank holds and the rank from which an adapter holds :data:`SATURATED_SHARE` of it. None for a
-    calibration on random facts."""
+    most any rank holds and the rank from which an adapter holds :data:`SATURATED_SHARE` of it, with a warning when
+    no probe ran above that rank: the ceiling is then read past the probes, where it was early on SmolLM2 (the
+    forecasts of ranks 16 to 64 from probes of ranks 1 to 4, docs/realdata_smollm2.md; probes on twice the slice did
+    not move them). None for a calibration on random facts."""
     if not calibration.from_lora_probes:
         return None
     steps = f"in {calibration.steps:,} steps" if calibration.steps else "at this budget"
@@ -253,15 +248,14 @@ def step_limited_note(calibration: Calibration) -> str | None:
     per_rank = learned[0].lora_parameters / learned[0].rank
     parameters = -math.log(1 - SATURATED_SHARE) * law.ceiling / law.kappa0  # where B(P) reaches that share
     rank = 2 ** max(0, math.ceil(math.log2(parameters / per_rank)))
-    share = max(p.bits_stored / p.bits_offered for p in learned)
-    slice_ = (f"; a probe absorbed {share:.0%} of what its slice offered, so the slice, not the steps, may "
-              "set this ceiling: probes on a larger slice tell them apart (SmolLM2 SFT in 128 steps, rank 4 at 76%: "
-              "ranks 16 and 32 fell off at 178 and 215 examples, past a ceiling forecast of 108)"
-              if share > SLICE_LIMITED_SHARE else "")
+    unwitnessed = ("; no probe ran above that rank, and on SmolLM2 such ceilings were early: from probes of ranks "
+                   "1-4, ranks 16 to 64 fell off 1.2-2.1x later than forecast, whether the probes' slice held 128 "
+                   "examples or 256 (docs/realdata_smollm2.md): probe the ranks you will choose between"
+                   if max(p.rank for p in learned) <= rank else "")
     return (f"the LoRA probes' capacity saturates {steps}: no rank holds more than ~{law.ceiling:,.0f} bits, and "
             f"from rank {rank:,} on an adapter holds {SATURATED_SHARE:.0%} of that or more, so larger ranks add "
             "little runway (on SmolLM2 in 128 steps, post hoc: ranks 16 and 64 fell off at 148 and 182 examples; "
-            f"docs/capacity.md, \"Capacity at a step budget\"){slice_}")
+            f"docs/capacity.md, \"Capacity at a step budget\"){unwitnessed}")
 
 
 def load_calibration(path: str | os.PathLike[str]) -> Calibration:

@@ -50,6 +50,9 @@ def _constant(calibration: dict, tmp_path: Path) -> CapacityConstant:
     # SFT in 128 steps, seed 3, written before any LoRA run with the saturating capacity (the trend: 1.12 / 1.36)
     ("smollm2_lora_probes_sft128_seed3.json", "smollm2_sft_steps128_seed3.json", [1, 2, 4],
      {"1": 1.20, "4": 0.98, "16": 0.61, "32": 0.50}),
+    # the same ranks probed on twice the slice, after the fact
+    ("smollm2_lora_probes_sft128_seed3_n256.json", "smollm2_sft_steps128_seed3.json", [1, 2, 4],
+     {"1": 1.79, "4": 1.04, "16": 0.57, "32": 0.47}),
 ])
 def test_the_lora_probe_forecast_is_what_todays_lorascope_reads_from_the_probes(name, study, probed, now, tmp_path):
     result = json.loads((DOCS / name).read_text())
@@ -198,3 +201,19 @@ def test_sft_at_128_steps_was_predicted_before_any_lora_run():
     assert {r: round(v["examples"]) for r, v in predictions["forecast"].items()} == {
         "1": 39, "2": 66, "4": 93, "16": 108, "32": 108}
     assert {r: round(v["examples"]) for r, v in result["falloff"].items()} == {"1": 33, "4": 95, "16": 178, "32": 215}
+
+
+def test_probes_on_twice_the_slice_leave_the_large_ranks_early():
+    """docs/realdata_smollm2.md, "Predicted first on SFT in 128 steps" (post hoc): probes of ranks 1, 2 and 4 on 256
+    examples, where rank 4 absorbed under half of full fine-tuning's bits (76% on 128), still put ranks 16 and 32
+    about half as far as they fell off: the slice did not set the early ceiling. Each rank's own probe did."""
+    small = json.loads((DOCS / "smollm2_lora_probes_sft128_seed3.json").read_text())
+    large = json.loads((DOCS / "smollm2_lora_probes_sft128_seed3_n256.json").read_text())
+    assert small["probe_slice"]["examples"] == 128 and large["probe_slice"]["examples"] == 256
+    points = {p["rank"]: p for p in large["predictions"]["calibration"]["points"]}
+    assert 0.45 < points[4]["bits_stored"] / points[4]["bits_offered"] < 0.5
+    assert large["falloff"] == small["falloff"]  # the same study, the same measured falloffs
+    for rank in ("16", "32"):
+        assert large["verdicts"][rank]["ratio"] < 0.6 and small["verdicts"][rank]["ratio"] < 0.65
+    assert {r: round(large["own_rank"][r]["ratio"], 2) for r in ("4", "16", "32")} == {
+        "4": 1.09, "16": 1.0, "32": 0.91}
