@@ -11,14 +11,16 @@ study fine-tunes (docs/realdata.md). The 29 frozen blocks below it run once per 
 
 Writes the calibration JSON (``lorascope recommend --calibration`` reads it) and prints one line per adapter;
 ``--table`` prints the tables of docs/capacity.md from such a JSON; ``--fit`` fits kappa(P) through the ranks of
-several, run separately with one recipe (an expensive rank can then run on its own).
+several, run separately with one target, rate and epochs (an expensive rank can then run on its own, and a rank
+that collapsed can run again at a lower load).
 
     python examples/realdata/smollm2_calibrate.py --target attention-only --ranks 1,2,4,8 --budget 4500000 \
         -o docs/realdata/smollm2_calibration.json
     python examples/realdata/smollm2_calibrate.py --table docs/realdata/smollm2_calibration.json
     python examples/realdata/smollm2_calibrate.py --fit docs/realdata/smollm2_calibration_alllinear_load2.json \
         docs/realdata/smollm2_calibration_alllinear_r4_load2.json \
-        docs/realdata/smollm2_calibration_alllinear_r8_load2.json
+        docs/realdata/smollm2_calibration_alllinear_r8_load2.json \
+        docs/realdata/smollm2_calibration_alllinear_r8_load1.json
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", default=None, help="where the de-quantized weights are kept")
     parser.add_argument("--table", metavar="JSON", help="print the tables of a calibration JSON and stop")
     parser.add_argument("--fit", metavar="JSON", nargs="+", help="fit kappa(P) through the ranks of these calibration "
-                        "JSONs (one recipe, run separately) and stop")
+                        "JSONs (one target, rate and epochs; run separately) and stop")
     args = parser.parse_args(argv)
     if args.table:
         print(tables(args.table))
@@ -117,32 +119,51 @@ def tables(path: str) -> str:
 
 
 def joint_fit(paths: Sequence[str]) -> str:
-    """kappa(P) fitted through the learned ranks of calibrations run separately with one recipe (target, load,
-    learning rate, epochs): what one calibrate over all those ranks would fit. A rank holding under
-    ``COLLAPSE_SHARE`` of the bits per parameter of the rank below it collapsed, as calibrate reads it: left out."""
+    """kappa(P) fitted through the learned ranks of calibrations run separately with one recipe (target, learning
+    rate, epochs): what one calibrate over all those ranks would fit. Loads may differ, as within one calibrate (each
+    rank at its own load); a rank measured at several loads keeps the one that held the most bits, as calibrate keeps
+    a retry that held more. A rank holding under ``COLLAPSE_SHARE`` of the bits per parameter of the rank below it
+    collapsed, as calibrate reads it: left out."""
     import lorascope
     from lorascope.analysis.capacity_fit import fit_kappa
     from lorascope.workflows.calibrate_search import COLLAPSE_SHARE
+    from lorascope.workflows.calibration import CalibrationPoint
 
     calibrations = [lorascope.load_calibration(path) for path in paths]
-    recipes = {(c.target, c.training.get("offered_bits_per_parameter"), c.training.get("lr"), c.training.get("epochs"))
-               for c in calibrations}
+    recipes = {(c.target, c.training.get("lr"), c.training.get("epochs")) for c in calibrations}
     if len(recipes) > 1:
-        raise ValueError(f"--fit takes calibrations of one recipe (target, load, learning rate, epochs); got "
+        raise ValueError(f"--fit takes calibrations of one recipe (target, learning rate, epochs); got "
                          f"{sorted(recipes)}")
-    kept, collapsed = [], []
-    for point in sorted((p for c in calibrations for p in c.points if p.learned), key=lambda p: p.lora_parameters):
+    best: dict[int, CalibrationPoint] = {}
+    superseded = []
+    for point in sorted((p for c in calibrations for p in c.points if p.learned), key=lambda p: -p.bits_stored):
+        if point.rank in best:
+            superseded.append(f"rank {point.rank} at load {point.load:g} ({point.bits_per_parameter:.3f}: load "
+                              f"{best[point.rank].load:g} held more)")
+        else:
+            best[point.rank] = point
+    loads = {p.load for p in best.values()}
+    kept: list[CalibrationPoint] = []
+    collapsed: list[str] = []
+    for point in sorted(best.values(), key=lambda p: p.lora_parameters):
         if kept and point.bits_per_parameter < COLLAPSE_SHARE * kept[-1].bits_per_parameter:
             collapsed.append(f"rank {point.rank} ({point.bits_per_parameter:.3f}, under half of rank {kept[-1].rank}'s "
                              f"{kept[-1].bits_per_parameter:.3f}: a collapse)")
         else:
             kept.append(point)
     fit = fit_kappa([p.lora_parameters for p in kept], [p.bits_per_parameter for p in kept])
-    kappas = ", ".join(f"{p.bits_per_parameter:.3f}" for p in kept)
+
+    def kappa(point: CalibrationPoint) -> str:
+        said = [f"load {point.load:g}"] if len(loads) > 1 else []
+        said += [] if point.saturated else ["not full: a lower bound"]
+        return f"{point.bits_per_parameter:.3f}" + (f" ({', '.join(said)})" if said else "")
+
+    kappas = ", ".join(kappa(p) for p in kept)
     return (f"ranks {', '.join(str(p.rank) for p in kept)}: kappa {kappas}; fit kappa(P) ~ P^{fit.exponent:+.2f}, "
             f"{fit.at(fit.parameters_low):.3f} at {fit.parameters_low:,.0f} to {fit.at(fit.parameters_high):.3f} at "
             f"{fit.parameters_high:,.0f} LoRA parameters, residual {fit.residual:.2f}"
-            + (f"; left out: {', '.join(collapsed)}" if collapsed else ""))
+            + (f"; left out: {', '.join(superseded + collapsed)}" if superseded or collapsed else ""))
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
