@@ -53,6 +53,11 @@ def _constant(calibration: dict, tmp_path: Path) -> CapacityConstant:
     # the same ranks probed on twice the slice, after the fact
     ("smollm2_lora_probes_sft128_seed3_n256.json", "smollm2_sft_steps128_seed3.json", [1, 2, 4],
      {"1": 1.79, "4": 1.04, "16": 0.57, "32": 0.47}),
+    # ranks 8 and 64, written before their runs from probes of the ranks around them on that slice
+    ("smollm2_lora_probes_sft128_seed3_r8.json", "smollm2_sft_steps128_seed3.json", [4, 16],
+     {"1": 0.96, "4": 1.09, "8": 1.02, "16": 1.0}),
+    ("smollm2_lora_probes_sft128_seed3_r64.json", "smollm2_sft_steps128_seed3.json", [16, 32],
+     {"1": 0.66, "4": 0.85, "16": 1.0, "64": 0.89}),
 ])
 def test_the_lora_probe_forecast_is_what_todays_lorascope_reads_from_the_probes(name, study, probed, now, tmp_path):
     result = json.loads((DOCS / name).read_text())
@@ -217,3 +222,25 @@ def test_probes_on_twice_the_slice_leave_the_large_ranks_early():
         assert large["verdicts"][rank]["ratio"] < 0.6 and small["verdicts"][rank]["ratio"] < 0.65
     assert {r: round(large["own_rank"][r]["ratio"], 2) for r in ("4", "16", "32")} == {
         "4": 1.09, "16": 1.0, "32": 0.91}
+
+
+@pytest.mark.parametrize(("name", "rank", "forecast", "falloff", "shares"), [
+    ("smollm2_lora_probes_sft128_seed3_r8", "8", 151, 147, [1.0, 0.96, 0.69]),
+    ("smollm2_lora_probes_sft128_seed3_r64", "64", 198, 223, [1.0, 0.99, 0.88, 0.69]),
+])
+def test_ranks_between_and_past_the_probes_were_predicted_before_their_runs(name, rank, forecast, falloff, shares):
+    """docs/realdata_smollm2.md, "Predicted first: the ranks around the choice": on SFT in 128 steps, probes of
+    ranks 4 and 16 put rank 8 at 1.02x, probes of 16 and 32 put rank 64 at 0.89x, each written before its runs."""
+    predictions = json.loads((DOCS / f"{name}_predictions.json").read_text())
+    result = json.loads((DOCS / f"{name}.json").read_text())
+    assert predictions["new_rank"] == int(rank) and predictions["new_rank_runs_before"] == 0
+    assert result["predictions"] == predictions
+    assert result["probe_slice"]["examples"] == 256
+    assert round(predictions["forecast"][rank]["examples"]) == forecast
+    held = {int(n): v for n, v in result["held_share"][rank].items()}
+    assert [round(held[n], 2) for n in sorted(held)] == shares
+    assert measure.crossing(held) == result["falloff"][rank] and round(result["falloff"][rank]["examples"]) == falloff
+    assert 0.85 < forecast / falloff < 1.05
+    from lorascope.analysis.capacity import REAL_TEXT_FINDING  # said wherever a forecast is shown
+
+    assert f"put rank {rank} at {result['verdicts'][rank]['ratio']:.2f}x" in REAL_TEXT_FINDING
