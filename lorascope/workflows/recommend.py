@@ -261,8 +261,8 @@ def recommend(model: Any, *, examples: int | None = None, tokens_per_example: fl
     if largest is not None and task == "sft":
         planned_bits = [p.planned for p in full if p.planned is not None]  # every SFT probe has its planned bits
         bits = bits_for_plan(planned_bits)
-        notes.extend(f"probe {largest.path}: {n}" for n in (*largest.information.notes,
-                                                            *(largest.planned.notes if largest.planned else ())))
+        said = (*largest.information.notes, *(largest.planned.notes if largest.planned else ()))
+        notes.extend(f"probe {largest.path}: {n}" for n in dict.fromkeys(said))  # the planned estimate repeats some
         divergence = largest.analysis.runs[0].divergence
         if divergence is not None:
             notes.append(f"probe {largest.path} diverged at step {divergence.step}: its bits come from the finite "

@@ -436,6 +436,8 @@ def probe(request, tmp_path_factory):
 def test_probe_gives_the_bits_spectral_evidence_and_noise_scale(probe):
     ranks = [1, 2, 4, 8, 16]
     result = recommend(LLAMA, examples=1000, tokens_per_example=5, probes=[probe], ranks=ranks)
+    # each note once, though the probe's and the planned recipe's estimates both see steps capped at a uniform guess
+    assert len(set(result.notes)) == len(result.notes), result.notes
     with lorascope.open_run(probe) as run:
         steps = run.steps.load()
     np.testing.assert_array_equal(steps["batch_loss_tokens"].values, MICRO * 2 * (SEQ - MASKED))
