@@ -58,6 +58,8 @@ def _constant(calibration: dict, tmp_path: Path) -> CapacityConstant:
      {"1": 0.96, "4": 1.09, "8": 1.02, "16": 1.0}),
     ("smollm2_lora_probes_sft128_seed3_r64.json", "smollm2_sft_steps128_seed3.json", [16, 32],
      {"1": 0.66, "4": 0.85, "16": 1.0, "64": 0.89}),
+    ("smollm2_lora_probes_cpt128_r8.json", "smollm2_steps128.json", [4, 16],
+     {"1": 1.03, "4": 0.90, "8": 0.96, "16": 0.85}),
 ])
 def test_the_lora_probe_forecast_is_what_todays_lorascope_reads_from_the_probes(name, study, probed, now, tmp_path):
     result = json.loads((DOCS / name).read_text())
@@ -227,10 +229,12 @@ def test_probes_on_twice_the_slice_leave_the_large_ranks_early():
 @pytest.mark.parametrize(("name", "rank", "forecast", "falloff", "shares"), [
     ("smollm2_lora_probes_sft128_seed3_r8", "8", 151, 147, [1.0, 0.96, 0.69]),
     ("smollm2_lora_probes_sft128_seed3_r64", "64", 198, 223, [1.0, 0.99, 0.88, 0.69]),
+    ("smollm2_lora_probes_cpt128_r8", "8", 98, 102, [0.99, 0.85, 0.46]),  # continued pretraining, 128 steps
 ])
 def test_ranks_between_and_past_the_probes_were_predicted_before_their_runs(name, rank, forecast, falloff, shares):
     """docs/realdata_smollm2.md, "Predicted first: the ranks around the choice": on SFT in 128 steps, probes of
-    ranks 4 and 16 put rank 8 at 1.02x, probes of 16 and 32 put rank 64 at 0.89x, each written before its runs."""
+    ranks 4 and 16 put rank 8 at 1.02x, probes of 16 and 32 put rank 64 at 0.89x; on continued pretraining probes
+    of ranks 4 and 16 put rank 8 at 0.96x; each written before its runs."""
     predictions = json.loads((DOCS / f"{name}_predictions.json").read_text())
     result = json.loads((DOCS / f"{name}.json").read_text())
     assert predictions["new_rank"] == int(rank) and predictions["new_rank_runs_before"] == 0
