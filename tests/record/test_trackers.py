@@ -206,7 +206,8 @@ def _wandb_history(folder) -> list[dict[str, float]]:
     """The history rows of the offline run under ``folder``: its .wandb file (W&B's LevelDB-style log: a 7-byte
     header, then 32 KiB blocks of records with a 7-byte header, crc32 / length / type FULL=1 FIRST=2 MIDDLE=3
     LAST=4) parsed into W&B's own protobuf ``Record`` messages. wandb's service may still be writing the file
-    when ``finish()`` returns: it is read again until its ``exit`` record is there."""
+    when ``finish()`` returns: it is read again until its ``exit`` record is there, and a record cut off at the
+    file's end (CI once caught one mid-write) ends that reading."""
     import time
 
     (path,) = folder.rglob("run-*.wandb")
@@ -231,8 +232,8 @@ def _wandb_records(data: bytes) -> tuple[list[dict[str, float]], bool]:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if length == 0 and kind == 0:
-            break
+        if (length == 0 and kind == 0) or pos + 7 + length > len(data):
+            break  # the end of what the service has written so far
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
