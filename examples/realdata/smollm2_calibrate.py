@@ -20,7 +20,8 @@ that collapsed can run again at a lower load).
     python examples/realdata/smollm2_calibrate.py --fit docs/realdata/smollm2_calibration_alllinear_load2.json \
         docs/realdata/smollm2_calibration_alllinear_r4_load2.json \
         docs/realdata/smollm2_calibration_alllinear_r8_load2.json \
-        docs/realdata/smollm2_calibration_alllinear_r8_load1.json
+        docs/realdata/smollm2_calibration_alllinear_r8_load1.json \
+        docs/realdata/smollm2_calibration_alllinear_r8_load1.5.json
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def test_the_smollm2_calibration_tables_are_the_checked_in_json():
     capacity = (docs / "capacity.md").read_text()
     names = ("smollm2_calibration.json", "smollm2_calibration_load2.json", "smollm2_calibration_alllinear_load2.json",
              "smollm2_calibration_alllinear_r4_load2.json", "smollm2_calibration_alllinear_r8_load2.json",
-             "smollm2_calibration_alllinear_r8_load1.json")
+             "smollm2_calibration_alllinear_r8_load1.json", "smollm2_calibration_alllinear_r8_load1.5.json")
     for name in names:
         assert module.tables(str(docs / "realdata" / name)) in capacity, name
 
@@ -207,6 +207,14 @@ def test_the_all_linear_ranks_run_separately_are_fitted_together(capsys):
     assert line == ("ranks 1, 2, 4, 8: kappa 0.582 (load 2), 0.569 (load 2), 0.831 (load 2), 0.844 (load 1, not full: "
                     "a lower bound); fit kappa(P) ~ P^+0.22, 0.555 at 10,176 to 0.869 at 81,408 LoRA parameters, "
                     "residual 0.12; left out: rank 8 at load 2 (0.230: load 1 held more)")
+    assert line in (STUDY.parents[1] / "docs" / "capacity.md").read_text()
+    # and at load 1.5, between the two: full, and more than load 1 held, so it replaces the lower bound
+    assert module.main(["--fit", *runs, str(realdata / "smollm2_calibration_alllinear_r8_load1.json"),
+                        str(realdata / "smollm2_calibration_alllinear_r8_load1.5.json")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line == ("ranks 1, 2, 4, 8: kappa 0.582 (load 2), 0.569 (load 2), 0.831 (load 2), 1.016 (load 1.5); fit "
+                    "kappa(P) ~ P^+0.30, 0.535 at 10,176 to 0.989 at 81,408 LoRA parameters, residual 0.12; left out: "
+                    "rank 8 at load 1 (0.844: load 1.5 held more), rank 8 at load 2 (0.230: load 1.5 held more)")
     assert line in (STUDY.parents[1] / "docs" / "capacity.md").read_text()
     with pytest.raises(SystemExit) as refused:  # attention-only: another target
         module.main(["--fit", runs[0], str(realdata / "smollm2_calibration_load2.json")])
