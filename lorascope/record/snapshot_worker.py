@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import queue
 import threading
 import time
@@ -269,6 +270,21 @@ def randomized_route(delta: np.ndarray, k: int, vectors: int, rng: np.random.Gen
     return energy, 0, s[:k], (resolved(u[:, :vectors], s[:vectors], v[:, :vectors]) if vectors else None)
 
 
+def threads_after_training(worker_threads: int, training_threads: int) -> int:
+    """BLAS threads for the snapshots still pending when training ends: as many as training used, as far as the
+    cores are free, and never fewer than the worker's own. The one-minute load average still counts training's
+    threads (they ran a moment ago); what it holds beyond them is outside load, and multi-threaded BLAS on cores
+    another process keeps busy is many times slower than one thread (``benchmarks/close_threads.py`` under two
+    busy processes: 23x, docs/benchmarks.md). Without a load average (not Unix), the worker's own threads."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return worker_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    outside = max(load - training_threads, 0.0)
+    return max(worker_threads, min(training_threads, round(cores - outside)))
+
+
 @functools.cache
 def _blas_controller() -> Any:
     """threadpoolctl's view of the BLAS libraries loaded (numpy's, scipy's), found once; None without threadpoolctl."""
@@ -353,8 +369,9 @@ class SnapshotWorker:
         this is still taken when nothing else is pending.
     threads
         BLAS threads of the worker while training runs. Once :meth:`close` is called training is over, and the
-        snapshots still pending (the final one) use as many threads as training did (``torch.get_num_threads()``),
-        so that the wait at the end of ``train()`` is shorter.
+        snapshots still pending (the final one) use as many threads as training did (``torch.get_num_threads()``)
+        as far as no other process keeps those cores busy (:func:`threads_after_training`), so that the wait at
+        the end of ``train()`` is shorter.
     store_delta
         Also keep every full update in this dtype ("float16", "float32" or None).
     top_k, top_k_min_size
@@ -435,7 +452,7 @@ class SnapshotWorker:
         if self._thread is None:
             return
         started = time.monotonic()
-        self.threads_at_close = max(self.threads, torch.get_num_threads())  # training's cores are free now
+        self.threads_at_close = threads_after_training(self.threads, torch.get_num_threads())
         self._cpu_at_close = thread_cpu_seconds(self._thread)
         self._closing.set()
         if self._thread.is_alive():

@@ -224,6 +224,8 @@ def test_snapshots_pending_at_close_use_the_threads_training_used(seed, monkeypa
     real_blas = W.blas_threads
     monkeypatch.setattr(W, "blas_threads", lambda limit: (limits.append(limit), real_blas(limit))[1])
     monkeypatch.setattr(W.torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(W.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(W.os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # training's own three threads, nothing else
     release, real_compute = threading.Event(), SnapshotWorker.compute
 
     def held(self, job):
@@ -251,6 +253,23 @@ def test_snapshots_pending_at_close_use_the_threads_training_used(seed, monkeypa
     assert [snapshot.step for snapshot in delivered] == [1, 2]
     assert limits == [1, 3]  # step 1 during training, step 2 after close
     assert worker.close_wait_seconds > 0 and 0 <= worker.close_uncounted_seconds <= worker.close_wait_seconds
+
+
+@pytest.mark.parametrize(("load", "threads"), [(3.0, 3), (2.0, 3), (5.0, 2), (6.6, 1), (9.0, 1)])
+def test_threads_after_training_leave_the_cores_outside_load_keeps_busy(monkeypatch, load, threads):
+    """Four cores, training on three: after training the worker takes the cores no other process keeps busy (the
+    load average beyond training's own three threads), between its own one thread and training's three."""
+    monkeypatch.setattr(W.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(W.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    assert W.threads_after_training(1, 3) == threads
+
+
+def test_threads_after_training_without_a_load_average(monkeypatch):
+    def unavailable():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(W.os, "getloadavg", unavailable)
+    assert W.threads_after_training(1, 8) == 1
 
 
 def test_wait_policy_takes_every_snapshot(seed, run_path, tiny_token_model, monkeypatch):
