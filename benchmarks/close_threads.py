@@ -1,7 +1,8 @@
 """The final snapshot after training (issue 16): does the snapshot worker finish it sooner with training's threads?
 
 While training runs the worker keeps to ``snapshot_threads`` BLAS threads (default 1); once the recorder closes,
-training is over and the snapshots still pending use as many threads as training did (``torch.get_num_threads()``).
+training is over and the snapshots still pending use as many threads as training did (``torch.get_num_threads()``)
+where the load average shows those cores free. Run it beside busy processes to see why that condition matters.
 This times :meth:`SnapshotWorker.compute` on one snapshot of SmolLM2-135M's 211 matrix shapes (random float32
 updates: the time depends on the shapes) in both states, alternating, in one process: wall seconds, best and
 median of ``--repeats``; the ratio is one thread over ``--threads``. It also prints the time budget's estimate of

@@ -274,8 +274,9 @@ def threads_after_training(worker_threads: int, training_threads: int) -> int:
     """BLAS threads for the snapshots still pending when training ends: as many as training used, as far as the
     cores are free, and never fewer than the worker's own. The one-minute load average still counts training's
     threads (they ran a moment ago); what it holds beyond them is outside load, and multi-threaded BLAS on cores
-    another process keeps busy is many times slower than one thread (``benchmarks/close_threads.py`` under two
-    busy processes: 23x, docs/benchmarks.md). Without a load average (not Unix), the worker's own threads."""
+    another process keeps busy can be many times slower than one thread (``benchmarks/close_threads.py`` beside two
+    busy processes: 3.8 s and 102 s on two threads, 2.1-2.4 s on one; docs/benchmarks.md). Without a load average
+    (not Unix), the worker's own threads."""
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -448,7 +449,8 @@ class SnapshotWorker:
 
     def close(self) -> None:
         """Finish every pending snapshot, then stop the thread. Training is over: the pending snapshots use the
-        threads training used, and :attr:`close_wait_seconds` is how long this waited for them."""
+        threads training used as far as outside load leaves them free (:func:`threads_after_training`), and
+        :attr:`close_wait_seconds` is how long this waited for them."""
         if self._thread is None:
             return
         started = time.monotonic()
