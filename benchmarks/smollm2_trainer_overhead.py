@@ -27,6 +27,10 @@ are carved from it without page faults, while a recorded run's W_0 copy takes th
 mapped afresh every step: a baseline after another run is faster than any first run in a process, which is
 what a user's run is (docs/benchmarks.md measures it).
 
+Under load, step times switch between a fast and a slow state in stretches, which swamps a 10% effect in whole-run
+ratios; ``state_matched`` in the JSON (:mod:`step_states`) compares the recorded run with the baseline runs' mean
+step time in each state, over the recorded run's own states. ``--renew JSON`` recomputes a JSON's summaries.
+
 ``--load`` keeps both cores busy for the whole measurement: ``--load-kind matmul`` (the default) with a second
 process of float32 matrix products on two torch threads, ``spin`` with two single-threaded busy processes (like
 ``stress --cpu 2``). Each run's step times are kept in the JSON (``step_seconds``). ``--memory`` runs ``baseline``
@@ -48,6 +52,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -55,12 +60,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from step_states import state_matched  # noqa: E402
+
 CONFIGS = ("baseline", "stats", "defaults")
 
 
@@ -107,6 +116,29 @@ def step_clock() -> Any:
     return StepClock()
 
 
+@contextlib.contextmanager
+def worker_clock() -> Iterator[list[tuple[float, float]]]:
+    """The (start, end) wall times of every snapshot the snapshot worker computes meanwhile: which steps its work
+    overlapped (:func:`step_states.state_matched`)."""
+    from lorascope.record.snapshot_worker import SnapshotWorker
+
+    busy: list[tuple[float, float]] = []
+    compute = SnapshotWorker.compute
+
+    def timed(self: SnapshotWorker, job: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return compute(self, job)
+        finally:
+            busy.append((began, time.perf_counter()))
+
+    SnapshotWorker.compute = timed  # type: ignore[method-assign]
+    try:
+        yield busy
+    finally:
+        SnapshotWorker.compute = compute  # type: ignore[method-assign]
+
+
 def run(config: str, base: Any, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """One training run of ``config``; its timings (and the recording's cost section)."""
     import copy
@@ -132,12 +164,16 @@ def run(config: str, base: Any, args: argparse.Namespace, folder: Path) -> dict[
     elif config == "defaults":
         lorascope.record(trainer, path)
     started = time.perf_counter()
-    trainer.train()
+    with worker_clock() as busy:
+        trainer.train()
     whole = time.perf_counter() - started
     steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
     out: dict[str, Any] = {"config": config, "train_seconds": whole, "loop_seconds": clock.ends[-1] - clock.ends[0],
                            "median_step_seconds": statistics.median(steps) if steps else None,
-                           "steps": len(clock.ends), "step_seconds": [round(t, 3) for t in steps]}
+                           "steps": len(clock.ends), "step_seconds": [round(t, 3) for t in steps],
+                           "step_ends": [round(t - started, 3) for t in clock.ends]}
+    if busy:
+        out["worker_busy"] = [[round(a - started, 3), round(b - started, 3)] for a, b in busy]
     if config != "baseline":
         with h5py.File(path, "r", locking=False) as f:
             out["recording_cost"] = json.loads(f["config"].attrs["recording_cost"])
@@ -226,10 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where the Trainer trains (cuda: the GPU; --memory is host memory only)")
     parser.add_argument("--json", help="write every measurement here")
+    parser.add_argument("--renew", metavar="JSON", help="recompute the summary of a checked-in --json from its runs "
+                        "(no training) and write it back")
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
+    if args.renew:
+        return renew(Path(args.renew))
     order = [c.strip() for c in args.order.split(",") if c.strip()]
     unknown = sorted(set(order) - set(CONFIGS))
     if unknown or "baseline" not in order:
@@ -262,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             process.kill()
     report = summarize(results)
     memory = measure_memory(args, weights) if args.memory else None
-    print_report(report, memory)
+    print_report(report, memory, state_matched(results))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": what, "recorded_matrices": matrices, "recorded_bytes": weights, "steps": args.steps,
@@ -270,7 +310,17 @@ def main(argv: list[str] | None = None) -> int:
             "load": args.load and args.load_kind,
             "device": args.device, "torch": torch.__version__, "cpus": os.cpu_count(),
             "warmup_steps": 0 if args.fresh else args.warmup, "fresh_processes": args.fresh,
-            "load_average": os.getloadavg(), "runs": results, "summary": report, "memory": memory}, indent=2) + "\n")
+            "load_average": os.getloadavg(), "runs": results, "summary": report,
+            "state_matched": state_matched(results), "memory": memory}, indent=2) + "\n")
+    return 0
+
+
+def renew(path: Path) -> int:
+    """The summary and the state-matched ratios of a written ``--json`` again, from its runs alone."""
+    measured = json.loads(path.read_text())
+    measured["summary"], measured["state_matched"] = summarize(measured["runs"]), state_matched(measured["runs"])
+    print_report(measured["summary"], measured["memory"], measured["state_matched"])
+    path.write_text(json.dumps(measured, indent=2) + "\n")
     return 0
 
 
@@ -332,7 +382,7 @@ def measure_memory(args: argparse.Namespace, weights: int) -> dict[str, Any]:
     return out
 
 
-def print_report(summary: dict[str, Any], memory: dict[str, Any] | None) -> None:
+def print_report(summary: dict[str, Any], memory: dict[str, Any] | None, states: dict[str, Any] | None) -> None:
     print("\n| configuration | train() ratio | loop ratio | snapshots (thinned) | training thread per snapshot | "
           "worker CPU | recording's share (its own count) |")
     print("|---|---|---|---|---|---|---|")
@@ -347,6 +397,16 @@ def print_report(summary: dict[str, Any], memory: dict[str, Any] | None) -> None
             ratios = row["bracketed_train_ratios"]
             print(f"{config}: train() over the mean of the baseline runs on either side: "
                   + ", ".join(f"{r:.3f}" for r in ratios) + f" (mean {statistics.fmean(ratios):.3f})")
+    if states and states["threshold_seconds"]:
+        means = states["baseline_mean_step_seconds"]
+        print(f"\nsteps over {states['threshold_seconds']:.1f} s are in the slow state; the baseline runs' mean step: "
+              f"{means['fast']:.2f} s fast, {means['slow']:.2f} s slow")
+        for row in states["runs"]:
+            charged = f", {row['worker_charged']:.3f} charging the {row['worker_steps']} steps the worker overlapped " \
+                      "at the fast mean" if "worker_charged" in row else ""
+            central = "no like-for-like time" if row["central"] is None else f"{row['central']:.3f}"
+            print(f"defaults at the same states ({row['slow_steps']} of {row['steps']} steps slow; the baseline "
+                  f"runs' {row['baseline_slow_share']:.0%}): {central}{charged}")
     if memory:
         print(f"\npeak RSS over {memory['steps']} steps: baseline {memory['baseline']:.0f} MiB, defaults "
               f"{memory['defaults']:.0f} MiB: extra {memory['extra_mib']:.0f} MiB = "

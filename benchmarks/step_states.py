@@ -1,0 +1,94 @@
+"""Recorded / unrecorded wall time at the same machine state, for runs whose step times switch between states.
+
+Under outside load on shared cores (two busy processes beside a two-thread training loop) a step of the same
+training takes either about 10 s or about 37 s, in stretches of several steps, and two identical unrecorded runs
+differ by 31-74% in wall time: how many of its steps a run spends in the slow state sets its time, and that swamps
+a 10% effect. Here each step is put in a state (two-means in log time over every run's steps; one state when the
+two means are within 1.5x of each other), and a recorded run's time is compared with what the unrecorded runs
+take per step in each state, summed over the recorded run's own sequence of states:
+
+    ratio = recorded train() / (unrecorded train() outside its loop + sum over the recorded run's steps of the
+            unrecorded runs' mean step time in that step's state)
+
+``central`` assumes recording does not choose the state. It may: the snapshot worker is one more runnable thread.
+So ``worker_charged`` expects every step that overlaps the worker's work (``worker_busy``) at the fast state's mean
+whatever its state, which charges recording with every slow step it touched (not with a slow stretch that outlasts
+the worker's work).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+# Below this ratio of the two means the runs have one state (a quiet machine): no stratification.
+MIN_STATE_RATIO = 1.5
+
+
+def two_states(times: Sequence[float], iterations: int = 50) -> float | None:
+    """The threshold (seconds) between the fast and slow states of ``times``: two-means in log time; None when
+    the two means lie within :data:`MIN_STATE_RATIO` of each other, or there are fewer than 4 times."""
+    logs = sorted(math.log(t) for t in times if t > 0)
+    if len(logs) < 4 or logs[0] == logs[-1]:
+        return None
+    cut = (logs[0] + logs[-1]) / 2
+    for _ in range(iterations):
+        low, high = [x for x in logs if x <= cut], [x for x in logs if x > cut]
+        if not low or not high:
+            return None
+        new = (statistics.fmean(low) + statistics.fmean(high)) / 2
+        if new == cut:
+            break
+        cut = new
+    if statistics.fmean(high) - statistics.fmean(low) < math.log(MIN_STATE_RATIO):
+        return None
+    return math.exp(cut)
+
+
+def overlaps(steps: Sequence[tuple[float, float]], busy: Sequence[Sequence[float]]) -> list[bool]:
+    """Per step (start, end): whether any busy interval (start, end) overlaps it."""
+    return [any(b0 < end and b1 > start for b0, b1 in busy) for start, end in steps]
+
+
+def step_spans(run: dict[str, Any]) -> list[tuple[float, float]]:
+    ends = run["step_ends"]
+    return list(zip(ends, ends[1:]))
+
+
+def state_matched(results: Sequence[dict[str, Any]], recorded: str = "defaults") -> dict[str, Any] | None:
+    """The state-matched ratio of each ``recorded`` run to the ``baseline`` runs (see the module's docstring);
+    None without step times on both sides. ``worker_busy`` intervals on a recorded run add ``worker_charged``."""
+    base = [r for r in results if r["config"] == "baseline" and r.get("step_seconds")]
+    runs = [r for r in results if r["config"] == recorded and r.get("step_seconds")]
+    if not base or not runs:
+        return None
+    threshold = two_states([t for r in (*base, *runs) for t in r["step_seconds"]])
+
+    def slow(t: float) -> bool:
+        return threshold is not None and t > threshold
+
+    base_steps = [t for r in base for t in r["step_seconds"]]
+    mean_in = {state: statistics.fmean(ts) for state in (False, True)
+               if (ts := [t for t in base_steps if slow(t) == state])}
+    outside_loop = statistics.fmean(r["train_seconds"] - sum(r["step_seconds"]) for r in base)
+    out: dict[str, Any] = {"threshold_seconds": threshold,
+                           "baseline_mean_step_seconds": {"fast": mean_in.get(False), "slow": mean_in.get(True)},
+                           "runs": []}
+    for run in runs:
+        states = [slow(t) for t in run["step_seconds"]]
+        row: dict[str, Any] = {"slow_steps": sum(states), "steps": len(states),
+                               "baseline_slow_share": sum(map(slow, base_steps)) / len(base_steps)}
+        if any(s not in mean_in for s in states):
+            row["central"] = None  # a state the unrecorded runs never visited: no like-for-like time
+        else:
+            row["central"] = run["train_seconds"] / (outside_loop + sum(mean_in[s] for s in states))
+        if "worker_busy" in run and "step_ends" in run and False in mean_in:
+            touched = overlaps(step_spans(run), run["worker_busy"])
+            charged = [False if hit else s for s, hit in zip(states, touched, strict=True)]
+            if all(s in mean_in for s in charged):
+                row["worker_charged"] = run["train_seconds"] / (outside_loop + sum(mean_in[s] for s in charged))
+                row["worker_steps"] = sum(touched)
+        out["runs"].append(row)
+    return out

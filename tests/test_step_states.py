@@ -1,0 +1,73 @@
+"""benchmarks/step_states.py: recorded / unrecorded time at the same machine state, on step times whose answer is
+known (constructed runs: each state's step time and the recording's factor are set)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "step_states.py"
+spec = importlib.util.spec_from_file_location("step_states", PATH)
+assert spec is not None and spec.loader is not None
+step_states = importlib.util.module_from_spec(spec)
+sys.modules["step_states"] = step_states
+spec.loader.exec_module(step_states)
+
+FAST, SLOW, OUTSIDE = 10.0, 37.0, 30.0
+
+
+def run(config: str, states: str, factor: float = 1.0, outside: float = OUTSIDE) -> dict:
+    """A run whose steps take FAST or SLOW (``states``: one letter per step, f or s) times ``factor``."""
+    steps = [(SLOW if s == "s" else FAST) * factor for s in states]
+    ends = [outside / 2]
+    for t in steps:
+        ends.append(ends[-1] + t)
+    return {"config": config, "train_seconds": outside + sum(steps), "step_seconds": steps, "step_ends": ends}
+
+
+def test_two_states_splits_the_modes_and_not_one():
+    times = [10.2, 10.8, 11.5, 36.0, 37.5, 38.1, 12.0, 9.9]
+    assert 12.0 < step_states.two_states(times) < 36.0
+    assert step_states.two_states([3.4, 3.5, 3.6, 3.8, 4.1, 3.3]) is None  # a quiet machine: one state
+    assert step_states.two_states([10.0, 37.0, 10.0]) is None  # too few
+
+
+def test_state_matched_recovers_the_factor_whatever_the_slow_share():
+    base = [run("baseline", "ssssffff"), run("baseline", "sssssssf")]  # 11 of 16 slow
+    recorded = run("defaults", "fffffffs", factor=1.05, outside=OUTSIDE * 1.05)  # 1 of 8 slow
+    plain = recorded["train_seconds"] / (sum(r["train_seconds"] for r in base) / 2)
+    assert plain < 0.7  # the whole-run ratio says recording saves a third
+    matched = step_states.state_matched([base[0], recorded, base[1]])
+    assert matched["baseline_mean_step_seconds"] == {"fast": FAST, "slow": SLOW}
+    [row] = matched["runs"]
+    assert (row["slow_steps"], row["steps"], row["baseline_slow_share"]) == (1, 8, 11 / 16)
+    assert row["central"] == pytest.approx(1.05, rel=1e-12)
+    assert "worker_charged" not in row
+
+
+def test_worker_charged_counts_the_slow_steps_the_worker_overlapped_as_fast():
+    base = [run("baseline", "ffffffff")] * 2 + [run("baseline", "ssssssss")]
+    recorded = run("defaults", "fssfffff")
+    ends = recorded["step_ends"]
+    recorded["worker_busy"] = [[ends[1] + 1, ends[2] - 1]]  # inside step 2 only (slow)
+    [row] = step_states.state_matched([*base, recorded])["runs"]
+    assert row["central"] == pytest.approx(1.0, rel=1e-12)
+    assert row["worker_steps"] == 1
+    expected = OUTSIDE + 7 * FAST + SLOW  # step 2 (slow, overlapped) expected fast; step 3 (slow) slow
+    assert row["worker_charged"] == pytest.approx(recorded["train_seconds"] / expected, rel=1e-12)
+    assert row["worker_charged"] > 1.0
+
+
+def test_one_state_is_the_plain_ratio_and_missing_states_say_so():
+    quiet = [run("baseline", "ffff"), run("defaults", "ffff", factor=1.02)]
+    quiet[1]["step_seconds"] = [t * (1 + 0.01 * i) for i, t in enumerate(quiet[1]["step_seconds"])]
+    quiet[1]["train_seconds"] = OUTSIDE + sum(quiet[1]["step_seconds"])
+    matched = step_states.state_matched(quiet)
+    assert matched["threshold_seconds"] is None
+    assert matched["runs"][0]["central"] == pytest.approx(quiet[1]["train_seconds"] / quiet[0]["train_seconds"])
+    never_slow = step_states.state_matched([run("baseline", "ffff"), run("defaults", "ffss")])
+    assert never_slow["runs"][0]["central"] is None
+    assert step_states.state_matched([run("baseline", "ffff")]) is None
