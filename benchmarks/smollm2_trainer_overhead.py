@@ -402,8 +402,10 @@ def print_report(summary: dict[str, Any], memory: dict[str, Any] | None, states:
         print(f"\nsteps over {states['threshold_seconds']:.1f} s are in the slow state; the baseline runs' mean step: "
               f"{means['fast']:.2f} s fast, {means['slow']:.2f} s slow")
         for row in states["runs"]:
-            charged = f", {row['worker_charged']:.3f} charging the {row['worker_steps']} steps the worker overlapped " \
-                      "at the fast mean" if "worker_charged" in row else ""
+            charged = "" if "worker_steps" not in row else (
+                f"; the worker overlapped {row['worker_steps']} steps, {row['worker_steps_slow']} of them slow")
+            if "worker_charged" in row:
+                charged += f"; {row['worker_charged']:.3f} expecting those at the fast mean"
             central = "no like-for-like time" if row["central"] is None else f"{row['central']:.3f}"
             print(f"defaults at the same states ({row['slow_steps']} of {row['steps']} steps slow; the baseline "
                   f"runs' {row['baseline_slow_share']:.0%}): {central}{charged}")

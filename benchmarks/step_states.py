@@ -7,8 +7,10 @@ a 10% effect. Here each step is put in a state (two-means in log time over every
 two means are within 1.5x of each other), and a recorded run's time is compared with what the unrecorded runs
 take per step in each state, summed over the recorded run's own sequence of states:
 
-    ratio = recorded train() / (unrecorded train() outside its loop + sum over the recorded run's steps of the
+    ratio = recorded train() / (unrecorded train() outside its steps + sum over the recorded run's steps of the
             unrecorded runs' mean step time in that step's state)
+
+Time outside the steps (after the last one: the recorder's close) is the recorded run's own, charged in full.
 
 ``central`` assumes recording does not choose the state. It may: the snapshot worker is one more runnable thread.
 So ``worker_charged`` expects every step that overlaps the worker's work (``worker_busy``) at the fast state's mean
@@ -52,8 +54,18 @@ def overlaps(steps: Sequence[tuple[float, float]], busy: Sequence[Sequence[float
     return [any(b0 < end and b1 > start for b0, b1 in busy) for start, end in steps]
 
 
+def step_times(run: dict[str, Any]) -> list[float]:
+    """The run's step times: with ``step_ends`` (seconds from the start of ``train()``) the first step too, from
+    the start (its set-up included, which recording lengthens by the W_0 copy); else ``step_seconds`` (from the
+    second step)."""
+    if "step_ends" in run:
+        return [run["step_ends"][0], *run["step_seconds"]]
+    return list(run["step_seconds"])
+
+
 def step_spans(run: dict[str, Any]) -> list[tuple[float, float]]:
-    ends = run["step_ends"]
+    """(start, end) of every step of :func:`step_times`, from ``step_ends``."""
+    ends = [0.0, *run["step_ends"]]
     return list(zip(ends, ends[1:]))
 
 
@@ -64,31 +76,33 @@ def state_matched(results: Sequence[dict[str, Any]], recorded: str = "defaults")
     runs = [r for r in results if r["config"] == recorded and r.get("step_seconds")]
     if not base or not runs:
         return None
-    threshold = two_states([t for r in (*base, *runs) for t in r["step_seconds"]])
+    threshold = two_states([t for r in (*base, *runs) for t in step_times(r)])
 
     def slow(t: float) -> bool:
         return threshold is not None and t > threshold
 
-    base_steps = [t for r in base for t in r["step_seconds"]]
+    base_steps = [t for r in base for t in step_times(r)]
     mean_in = {state: statistics.fmean(ts) for state in (False, True)
                if (ts := [t for t in base_steps if slow(t) == state])}
-    outside_loop = statistics.fmean(r["train_seconds"] - sum(r["step_seconds"]) for r in base)
+    outside_steps = statistics.fmean(r["train_seconds"] - sum(step_times(r)) for r in base)
     out: dict[str, Any] = {"threshold_seconds": threshold,
                            "baseline_mean_step_seconds": {"fast": mean_in.get(False), "slow": mean_in.get(True)},
                            "runs": []}
     for run in runs:
-        states = [slow(t) for t in run["step_seconds"]]
+        states = [slow(t) for t in step_times(run)]
         row: dict[str, Any] = {"slow_steps": sum(states), "steps": len(states),
                                "baseline_slow_share": sum(map(slow, base_steps)) / len(base_steps)}
         if any(s not in mean_in for s in states):
             row["central"] = None  # a state the unrecorded runs never visited: no like-for-like time
         else:
-            row["central"] = run["train_seconds"] / (outside_loop + sum(mean_in[s] for s in states))
+            row["central"] = run["train_seconds"] / (outside_steps + sum(mean_in[s] for s in states))
         if "worker_busy" in run and "step_ends" in run and False in mean_in:
             touched = overlaps(step_spans(run), run["worker_busy"])
             charged = [False if hit else s for s, hit in zip(states, touched, strict=True)]
             if all(s in mean_in for s in charged):
-                row["worker_charged"] = run["train_seconds"] / (outside_loop + sum(mean_in[s] for s in charged))
-                row["worker_steps"] = sum(touched)
+                row["worker_charged"] = run["train_seconds"] / (outside_steps + sum(mean_in[s] for s in charged))
+            # does the worker choose the slow state? its steps' slow share against the others'
+            row["worker_steps"] = sum(touched)
+            row["worker_steps_slow"] = sum(s for s, hit in zip(states, touched, strict=True) if hit)
         out["runs"].append(row)
     return out

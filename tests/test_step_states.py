@@ -16,16 +16,15 @@ step_states = importlib.util.module_from_spec(spec)
 sys.modules["step_states"] = step_states
 spec.loader.exec_module(step_states)
 
-FAST, SLOW, OUTSIDE = 10.0, 37.0, 30.0
+FAST, SLOW = 10.0, 37.0
 
 
-def run(config: str, states: str, factor: float = 1.0, outside: float = OUTSIDE) -> dict:
-    """A run whose steps take FAST or SLOW (``states``: one letter per step, f or s) times ``factor``."""
+def run(config: str, states: str, factor: float = 1.0, close: float = 0.0) -> dict:
+    """A run whose steps (the first included) take FAST or SLOW (``states``: one letter per step, f or s) times
+    ``factor``, then ``close`` seconds after the last step, as the benchmark writes it."""
     steps = [(SLOW if s == "s" else FAST) * factor for s in states]
-    ends = [outside / 2]
-    for t in steps:
-        ends.append(ends[-1] + t)
-    return {"config": config, "train_seconds": outside + sum(steps), "step_seconds": steps, "step_ends": ends}
+    ends = [sum(steps[:i + 1]) for i in range(len(steps))]
+    return {"config": config, "train_seconds": sum(steps) + close, "step_seconds": steps[1:], "step_ends": ends}
 
 
 def test_two_states_splits_the_modes_and_not_one():
@@ -37,15 +36,30 @@ def test_two_states_splits_the_modes_and_not_one():
 
 def test_state_matched_recovers_the_factor_whatever_the_slow_share():
     base = [run("baseline", "ssssffff"), run("baseline", "sssssssf")]  # 11 of 16 slow
-    recorded = run("defaults", "fffffffs", factor=1.05, outside=OUTSIDE * 1.05)  # 1 of 8 slow
+    recorded = run("defaults", "fffffffs", factor=1.05)  # 1 of 8 slow
     plain = recorded["train_seconds"] / (sum(r["train_seconds"] for r in base) / 2)
-    assert plain < 0.7  # the whole-run ratio says recording saves a third
+    assert plain < 0.6  # the whole-run ratio says recording saves over 40%
     matched = step_states.state_matched([base[0], recorded, base[1]])
     assert matched["baseline_mean_step_seconds"] == {"fast": FAST, "slow": SLOW}
     [row] = matched["runs"]
     assert (row["slow_steps"], row["steps"], row["baseline_slow_share"]) == (1, 8, 11 / 16)
     assert row["central"] == pytest.approx(1.05, rel=1e-12)
     assert "worker_charged" not in row
+    # the time after the last step (the recorder's close) is charged in full
+    closing = run("defaults", "fffffffs", factor=1.05, close=5.0)
+    [row] = step_states.state_matched([*base, closing])["runs"]
+    assert row["central"] == pytest.approx(1.05 + 5.0 / (7 * FAST + SLOW), rel=1e-12)
+
+
+def test_without_step_ends_the_first_step_is_outside_the_steps():
+    base, recorded = run("baseline", "ssff", close=3.0), run("defaults", "ffss", close=4.0)
+    for r in (base, recorded):
+        r["train_seconds"] += 20.0  # set-up, unclocked
+        del r["step_ends"]
+    [row] = step_states.state_matched([base, recorded])["runs"]
+    assert (row["steps"], row["slow_steps"]) == (3, 2)  # steps 2-4: f, s, s
+    outside = 20.0 + SLOW + 3.0  # the baseline's set-up, first step and close
+    assert row["central"] == pytest.approx(recorded["train_seconds"] / (outside + FAST + 2 * SLOW), rel=1e-12)
 
 
 def test_worker_charged_counts_the_slow_steps_the_worker_overlapped_as_fast():
@@ -55,8 +69,8 @@ def test_worker_charged_counts_the_slow_steps_the_worker_overlapped_as_fast():
     recorded["worker_busy"] = [[ends[1] + 1, ends[2] - 1]]  # inside step 2 only (slow)
     [row] = step_states.state_matched([*base, recorded])["runs"]
     assert row["central"] == pytest.approx(1.0, rel=1e-12)
-    assert row["worker_steps"] == 1
-    expected = OUTSIDE + 7 * FAST + SLOW  # step 2 (slow, overlapped) expected fast; step 3 (slow) slow
+    assert (row["worker_steps"], row["worker_steps_slow"]) == (1, 1)
+    expected = 7 * FAST + SLOW  # step 2 (slow, overlapped) expected fast; step 3 (slow) slow
     assert row["worker_charged"] == pytest.approx(recorded["train_seconds"] / expected, rel=1e-12)
     assert row["worker_charged"] > 1.0
 
@@ -64,7 +78,7 @@ def test_worker_charged_counts_the_slow_steps_the_worker_overlapped_as_fast():
 def test_one_state_is_the_plain_ratio_and_missing_states_say_so():
     quiet = [run("baseline", "ffff"), run("defaults", "ffff", factor=1.02)]
     quiet[1]["step_seconds"] = [t * (1 + 0.01 * i) for i, t in enumerate(quiet[1]["step_seconds"])]
-    quiet[1]["train_seconds"] = OUTSIDE + sum(quiet[1]["step_seconds"])
+    quiet[1]["train_seconds"] = quiet[1]["step_ends"][0] + sum(quiet[1]["step_seconds"])
     matched = step_states.state_matched(quiet)
     assert matched["threshold_seconds"] is None
     assert matched["runs"][0]["central"] == pytest.approx(quiet[1]["train_seconds"] / quiet[0]["train_seconds"])
