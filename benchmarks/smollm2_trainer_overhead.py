@@ -319,7 +319,7 @@ def renew(path: Path) -> int:
     """The summary and the state-matched ratios of a written ``--json`` again, from its runs alone."""
     measured = json.loads(path.read_text())
     measured["summary"], measured["state_matched"] = summarize(measured["runs"]), state_matched(measured["runs"])
-    print_report(measured["summary"], measured["memory"], measured["state_matched"])
+    print_report(measured["summary"], measured.get("memory"), measured["state_matched"])
     path.write_text(json.dumps(measured, indent=2) + "\n")
     return 0
 
@@ -398,9 +398,10 @@ def print_report(summary: dict[str, Any], memory: dict[str, Any] | None, states:
             print(f"{config}: train() over the mean of the baseline runs on either side: "
                   + ", ".join(f"{r:.3f}" for r in ratios) + f" (mean {statistics.fmean(ratios):.3f})")
     if states and states["threshold_seconds"]:
-        means = states["baseline_mean_step_seconds"]
+        means = {state: "none" if t is None else f"{t:.2f} s"
+                 for state, t in states["baseline_mean_step_seconds"].items()}
         print(f"\nsteps over {states['threshold_seconds']:.1f} s are in the slow state; the baseline runs' mean step: "
-              f"{means['fast']:.2f} s fast, {means['slow']:.2f} s slow")
+              f"{means['fast']} fast, {means['slow']} slow")
         for row in states["runs"]:
             charged = "" if "worker_steps" not in row else (
                 f"; the worker overlapped {row['worker_steps']} steps, {row['worker_steps_slow']} of them slow")
