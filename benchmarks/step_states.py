@@ -15,7 +15,8 @@ Time outside the steps (after the last one: the recorder's close) is the recorde
 ``central`` assumes recording does not choose the state. It may: the snapshot worker is one more runnable thread.
 So ``worker_charged`` expects every step that overlaps the worker's work (``worker_busy``) at the fast state's mean
 whatever its state, which charges recording with every slow step it touched (not with a slow stretch that outlasts
-the worker's work).
+the worker's work). The check of the assumption: how many of the steps the worker overlapped were slow
+(``worker_steps_slow`` of ``worker_steps``), against the share of the other steps.
 """
 
 from __future__ import annotations
