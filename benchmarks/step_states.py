@@ -15,8 +15,10 @@ Time outside the steps (after the last one: the recorder's close) is the recorde
 ``central`` assumes recording does not choose the state. It may: the snapshot worker is one more runnable thread.
 So ``worker_charged`` expects every step that overlaps the worker's work (``worker_busy``) at the fast state's mean
 whatever its state, which charges recording with every slow step it touched (not with a slow stretch that outlasts
-the worker's work). The check of the assumption: how many of the steps the worker overlapped were slow
-(``worker_steps_slow`` of ``worker_steps``), against the share of the other steps.
+the worker's work), and ``stretch_charged`` every step of each slow stretch that began in a step the worker
+overlapped or in the step after one (``worker_stretches`` of them). The checks of the assumption: how many of the
+steps the worker overlapped were slow (``worker_steps_slow`` of ``worker_steps``), against the share of the other
+steps, and how many slow stretches began at the worker's steps.
 """
 
 from __future__ import annotations
@@ -70,9 +72,20 @@ def step_spans(run: dict[str, Any]) -> list[tuple[float, float]]:
     return list(zip(ends, ends[1:]))
 
 
+def worker_started(states: Sequence[bool], touched: Sequence[bool]) -> list[bool]:
+    """Per step: whether it lies in a slow stretch that began in a step the worker overlapped or in the step right
+    after one (the stretches the worker may have started)."""
+    out, started = [], False
+    for i, slow in enumerate(states):
+        if slow and (i == 0 or not states[i - 1]):  # a stretch begins
+            started = touched[i] or (i > 0 and touched[i - 1])
+        out.append(slow and started)
+    return out
+
+
 def state_matched(results: Sequence[dict[str, Any]], recorded: str = "defaults") -> dict[str, Any] | None:
     """The state-matched ratio of each ``recorded`` run to the ``baseline`` runs (see the module's docstring);
-    None without step times on both sides. ``worker_busy`` intervals on a recorded run add ``worker_charged``."""
+    None without step times on both sides. ``worker_busy`` intervals on a recorded run add the pessimistic readings."""
     base = [r for r in results if r["config"] == "baseline" and r.get("step_seconds")]
     runs = [r for r in results if r["config"] == recorded and r.get("step_seconds")]
     if not base or not runs:
@@ -99,9 +112,13 @@ def state_matched(results: Sequence[dict[str, Any]], recorded: str = "defaults")
             row["central"] = run["train_seconds"] / (outside_steps + sum(mean_in[s] for s in states))
         if "worker_busy" in run and "step_ends" in run and False in mean_in:
             touched = overlaps(step_spans(run), run["worker_busy"])
-            charged = [False if hit else s for s, hit in zip(states, touched, strict=True)]
-            if all(s in mean_in for s in charged):
-                row["worker_charged"] = run["train_seconds"] / (outside_steps + sum(mean_in[s] for s in charged))
+            started = worker_started(states, touched)
+            for key, charged in (("worker_charged", touched), ("stretch_charged", started)):
+                expected = [False if hit else s for s, hit in zip(states, charged, strict=True)]
+                if all(s in mean_in for s in expected):
+                    row[key] = run["train_seconds"] / (outside_steps + sum(mean_in[s] for s in expected))
+            row["worker_stretches"] = sum(hit and not (i and started[i - 1]) for i, hit in enumerate(started))
+            row["slow_stretches"] = sum(s and not (i and states[i - 1]) for i, s in enumerate(states))
             # does the worker choose the slow state? its steps' slow share against the others'
             row["worker_steps"] = sum(touched)
             row["worker_steps_slow"] = sum(s for s, hit in zip(states, touched, strict=True) if hit)

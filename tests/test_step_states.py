@@ -85,3 +85,17 @@ def test_one_state_is_the_plain_ratio_and_missing_states_say_so():
     never_slow = step_states.state_matched([run("baseline", "ffff"), run("defaults", "ffss")])
     assert never_slow["runs"][0]["central"] is None
     assert step_states.state_matched([run("baseline", "ffff")]) is None
+
+
+def test_stretch_charged_counts_the_slow_stretches_that_began_at_the_workers_steps():
+    base = [run("baseline", "ffffffff"), run("baseline", "ssssssss")]
+    recorded = run("defaults", "sfsssffs")  # stretches at steps 1, 3-5 and 8
+    ends = [0.0, *recorded["step_ends"]]
+    recorded["worker_busy"] = [[ends[1] + 1, ends[2] - 1], [ends[6] + 1, ends[7] - 1]]  # steps 2 and 7 (fast)
+    assert step_states.worker_started([s == "s" for s in "sfsssffs"], [i in (1, 6) for i in range(8)]) == [
+        False, False, True, True, True, False, False, True]
+    [row] = step_states.state_matched([*base, recorded])["runs"]
+    assert (row["worker_steps"], row["worker_steps_slow"]) == (2, 0)
+    assert (row["slow_stretches"], row["worker_stretches"]) == (3, 2)
+    assert row["worker_charged"] == pytest.approx(1.0, rel=1e-12)  # it overlapped no slow step
+    assert row["stretch_charged"] == pytest.approx(recorded["train_seconds"] / (7 * FAST + SLOW), rel=1e-12)
