@@ -33,7 +33,8 @@ step time in each state, over the recorded run's own states. ``--renew JSON`` re
 
 ``--load`` keeps both cores busy for the whole measurement: ``--load-kind matmul`` (the default) with a second
 process of float32 matrix products on two torch threads, ``spin`` with two single-threaded busy processes (like
-``stress --cpu 2``). Each run's step times are kept in the JSON (``step_seconds``). ``--memory`` runs ``baseline``
+``stress --cpu 2``). Each run's step times are kept in the JSON (``step_seconds``, ``step_ends``), and the snapshot
+worker's busy intervals (``worker_busy``). ``--memory`` runs ``baseline``
 and ``defaults`` again, each in a fresh subprocess of ``--memory-steps`` steps, and compares their peak resident
 set size (``VmHWM``) with the recorded weights' bytes.
 
@@ -413,6 +414,9 @@ def print_report(summary: dict[str, Any], memory: dict[str, Any] | None, states:
             central = "no like-for-like time" if row["central"] is None else f"{row['central']:.3f}"
             print(f"defaults at the same states ({row['slow_steps']} of {row['steps']} steps slow; the baseline "
                   f"runs' {row['baseline_slow_share']:.0%}): {central}{charged}")
+            if "worker_step_seconds" in row:
+                print("  steps the worker overlapped (step: seconds): " + ", ".join(
+                    f"{step}: {t:.1f}" for step, t in row["worker_step_seconds"]))
     if memory:
         print(f"\npeak RSS over {memory['steps']} steps: baseline {memory['baseline']:.0f} MiB, defaults "
               f"{memory['defaults']:.0f} MiB: extra {memory['extra_mib']:.0f} MiB = "

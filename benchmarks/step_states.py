@@ -72,6 +72,11 @@ def step_spans(run: dict[str, Any]) -> list[tuple[float, float]]:
     return list(zip(ends, ends[1:]))
 
 
+def stretches(flags: Sequence[bool]) -> int:
+    """How many stretches of consecutive True ``flags`` there are."""
+    return sum(flag and not (i and flags[i - 1]) for i, flag in enumerate(flags))
+
+
 def worker_started(states: Sequence[bool], touched: Sequence[bool]) -> list[bool]:
     """Per step: whether it lies in a slow stretch that began in a step the worker overlapped or in the step right
     after one (the stretches the worker may have started)."""
@@ -103,7 +108,8 @@ def state_matched(results: Sequence[dict[str, Any]], recorded: str = "defaults")
                            "baseline_mean_step_seconds": {"fast": mean_in.get(False), "slow": mean_in.get(True)},
                            "runs": []}
     for run in runs:
-        states = [slow(t) for t in step_times(run)]
+        times = step_times(run)
+        states = [slow(t) for t in times]
         row: dict[str, Any] = {"slow_steps": sum(states), "steps": len(states),
                                "baseline_slow_share": sum(map(slow, base_steps)) / len(base_steps)}
         if any(s not in mean_in for s in states):
@@ -117,10 +123,10 @@ def state_matched(results: Sequence[dict[str, Any]], recorded: str = "defaults")
                 expected = [False if hit else s for s, hit in zip(states, charged, strict=True)]
                 if all(s in mean_in for s in expected):
                     row[key] = run["train_seconds"] / (outside_steps + sum(mean_in[s] for s in expected))
-            row["worker_stretches"] = sum(hit and not (i and started[i - 1]) for i, hit in enumerate(started))
-            row["slow_stretches"] = sum(s and not (i and states[i - 1]) for i, s in enumerate(states))
+            row["worker_stretches"], row["slow_stretches"] = stretches(started), stretches(states)
             # does the worker choose the slow state? its steps' slow share against the others'
             row["worker_steps"] = sum(touched)
+            row["worker_step_seconds"] = [[i + 1, t] for i, (t, hit) in enumerate(zip(times, touched)) if hit]
             row["worker_steps_slow"] = sum(s for s, hit in zip(states, touched, strict=True) if hit)
         out["runs"].append(row)
     return out

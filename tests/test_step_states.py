@@ -97,5 +97,6 @@ def test_stretch_charged_counts_the_slow_stretches_that_began_at_the_workers_ste
     [row] = step_states.state_matched([*base, recorded])["runs"]
     assert (row["worker_steps"], row["worker_steps_slow"]) == (2, 0)
     assert (row["slow_stretches"], row["worker_stretches"]) == (3, 2)
+    assert row["worker_step_seconds"] == [[2, FAST], [7, FAST]]
     assert row["worker_charged"] == pytest.approx(1.0, rel=1e-12)  # it overlapped no slow step
     assert row["stretch_charged"] == pytest.approx(recorded["train_seconds"] / (7 * FAST + SLOW), rel=1e-12)
