@@ -411,7 +411,9 @@ def print_report(summary: dict[str, Any], memory: dict[str, Any] | None, states:
             if "stretch_charged" in row:
                 charged += (f"; {row['worker_stretches']} of {row['slow_stretches']} slow stretches began at or just "
                             f"after the worker's steps, {row['stretch_charged']:.3f} expecting those at the fast mean")
-            central = "no like-for-like time" if row["central"] is None else f"{row['central']:.3f}"
+            central = "no like-for-like time" if row["central"] is None else (
+                f"{row['central']:.3f} (95% bootstrap interval {row['central_interval'][0]:.3f}-"
+                f"{row['central_interval'][1]:.3f})")
             print(f"defaults at the same states ({row['slow_steps']} of {row['steps']} steps slow; the baseline "
                   f"runs' {row['baseline_slow_share']:.0%}): {central}{charged}")
             if "worker_step_seconds" in row:

@@ -12,6 +12,9 @@ take per step in each state, summed over the recorded run's own sequence of stat
 
 Time outside the steps (after the last one: the recorder's close) is the recorded run's own, charged in full.
 
+``central_interval`` is a 95% bootstrap interval of ``central``: the steps of each state resampled, the recorded run's
+and the unrecorded runs' alike (the recorded run's time outside its steps kept).
+
 ``central`` assumes recording does not choose the state. It may: the snapshot worker is one more runnable thread.
 So ``worker_charged`` expects every step that overlaps the worker's work (``worker_busy``) at the fast state's mean
 whatever its state, which charges recording with every slow step it touched (not with a slow stretch that outlasts
@@ -24,6 +27,7 @@ steps, and how many slow stretches began at the worker's steps.
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -88,6 +92,28 @@ def worker_started(states: Sequence[bool], touched: Sequence[bool]) -> list[bool
     return out
 
 
+def central_interval(times: Sequence[float], states: Sequence[bool], train_seconds: float,
+                     base_by_state: dict[bool, list[float]], outside_steps: float, draws: int = 2000,
+                     seed: int = 0) -> list[float]:
+    """The 2.5th and 97.5th percentiles of the state-matched ratio when each state's steps are resampled with
+    replacement, in the recorded run (``times`` in ``states``; its time outside the steps kept) and in the unrecorded
+    runs (``base_by_state``)."""
+    rng = random.Random(seed)
+    own = {s: [t for t, st in zip(times, states, strict=True) if st == s] for s in set(states)}
+    outside = train_seconds - sum(times)
+
+    def resampled_mean(values: list[float]) -> float:
+        return statistics.fmean(rng.choices(values, k=len(values)))
+
+    ratios = []
+    for _ in range(draws):
+        recorded = outside + sum(len(v) * resampled_mean(v) for v in own.values())
+        expected = outside_steps + sum(len(v) * resampled_mean(base_by_state[s]) for s, v in own.items())
+        ratios.append(recorded / expected)
+    ratios.sort()
+    return [ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]]
+
+
 def state_matched(results: Sequence[dict[str, Any]], recorded: str = "defaults") -> dict[str, Any] | None:
     """The state-matched ratio of each ``recorded`` run to the ``baseline`` runs (see the module's docstring);
     None without step times on both sides. ``worker_busy`` intervals on a recorded run add the pessimistic readings."""
@@ -101,8 +127,8 @@ def state_matched(results: Sequence[dict[str, Any]], recorded: str = "defaults")
         return threshold is not None and t > threshold
 
     base_steps = [t for r in base for t in step_times(r)]
-    mean_in = {state: statistics.fmean(ts) for state in (False, True)
-               if (ts := [t for t in base_steps if slow(t) == state])}
+    base_by_state = {state: ts for state in (False, True) if (ts := [t for t in base_steps if slow(t) == state])}
+    mean_in = {state: statistics.fmean(ts) for state, ts in base_by_state.items()}
     outside_steps = statistics.fmean(r["train_seconds"] - sum(step_times(r)) for r in base)
     out: dict[str, Any] = {"threshold_seconds": threshold,
                            "baseline_mean_step_seconds": {"fast": mean_in.get(False), "slow": mean_in.get(True)},
@@ -116,6 +142,8 @@ def state_matched(results: Sequence[dict[str, Any]], recorded: str = "defaults")
             row["central"] = None  # a state the unrecorded runs never visited: no like-for-like time
         else:
             row["central"] = run["train_seconds"] / (outside_steps + sum(mean_in[s] for s in states))
+            row["central_interval"] = central_interval(times, states, run["train_seconds"], base_by_state,
+                                                       outside_steps)
         if "worker_busy" in run and "step_ends" in run and False in mean_in:
             touched = overlaps(step_spans(run), run["worker_busy"])
             started = worker_started(states, touched)

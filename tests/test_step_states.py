@@ -4,6 +4,7 @@ known (constructed runs: each state's step time and the recording's factor are s
 from __future__ import annotations
 
 import importlib.util
+import random
 import sys
 from pathlib import Path
 
@@ -100,3 +101,25 @@ def test_stretch_charged_counts_the_slow_stretches_that_began_at_the_workers_ste
     assert row["worker_step_seconds"] == [[2, FAST], [7, FAST]]
     assert row["worker_charged"] == pytest.approx(1.0, rel=1e-12)  # it overlapped no slow step
     assert row["stretch_charged"] == pytest.approx(recorded["train_seconds"] / (7 * FAST + SLOW), rel=1e-12)
+
+
+def test_the_interval_holds_the_factor_of_noisy_steps_and_shrinks_with_more_of_them():
+    rng = random.Random(7)
+
+    def noisy(config: str, states: str, factor: float = 1.0) -> dict:
+        r = run(config, states, factor)
+        steps = [t * rng.uniform(0.8, 1.2) for t in [r["step_ends"][0], *r["step_seconds"]]]
+        r["step_ends"] = [sum(steps[:i + 1]) for i in range(len(steps))]
+        r["step_seconds"], r["train_seconds"] = steps[1:], sum(steps)
+        return r
+
+    widths = []
+    for n in (10, 80):
+        pattern = ("ffsfs" * n)[: 4 * n]
+        base = [noisy("baseline", pattern), noisy("baseline", pattern[::-1])]
+        [row] = step_states.state_matched([*base, noisy("defaults", pattern, factor=1.05)])["runs"]
+        low, high = row["central_interval"]
+        assert low < row["central"] < high
+        assert low < 1.05 < high
+        widths.append(high - low)
+    assert 0 < widths[1] < widths[0] / 2  # 8x the steps: about 1 / sqrt(8) the width

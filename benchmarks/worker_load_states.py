@@ -1,0 +1,249 @@
+"""Does the snapshot worker put a loaded machine in the slow state? A randomized test.
+
+Under outside load (two busy processes on the two cores) the steps of a two-thread training loop switch between a
+fast and a slow state in stretches (docs/benchmarks.md), and the state-matched ratio (:mod:`step_states`) assumes
+recording does not choose the state. One 60-step SmolLM2 run saw eight snapshots, too few to test that. Here a
+short training loop (an MLP of ``--layers`` linear layers of ``--width``, batch 256, AdamW, two torch threads; a
+step takes ~0.08 s quiet, 0.2-0.8 s loaded) runs beside the same load for ``--minutes``; time is cut into slots of
+``--slot`` seconds, and a seeded draw decides for each slot whether a thread of its own runs the snapshot worker's
+kernel all through it (:func:`lorascope.record.snapshot_worker.gram_measure` on SmolLM2-shaped float32 updates, BLAS
+limited to one thread, as the worker computes), and how: ``normal``, or ``niceN`` (the thread first lowers its own
+scheduling priority to nice N). Half the slots are ``off``; ``--arms`` names the others, drawn evenly.
+
+The slow state is read from the scheduler: after each step, whether both training threads were last seen on one
+core (``/proc``; the other core then holds the two busy processes). Per arm: the training's steps per second in its
+slots (the worker's direct cost), the same in the ``off`` slots right after one of its slots (what the worker
+leaves behind), the share of that time the training threads spent on one core, and the worker's kernel calls per
+slot. Since the draw cannot know the machine's state, a difference from the ``off`` slots is the arm's doing; the
+p-values come from redrawing the arms (a randomization test, exact under the null of no effect however long the
+states last).
+
+Usage::
+
+    python benchmarks/worker_load_states.py --minutes 40 --arms normal --json docs/benchmarks/worker_load_states.json
+    python benchmarks/worker_load_states.py --minutes 60 --arms normal,nice10,nice19 --seed 1 \
+        --json docs/benchmarks/worker_nice_states.json
+    python benchmarks/worker_load_states.py --renew docs/benchmarks/worker_load_states.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from smollm2_trainer_overhead import start_load  # noqa: E402
+
+# One SmolLM2-135M block's recorded matrices (out, in): q, k, v, o, gate, up, down.
+SMOLLM2_BLOCK = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536))
+
+
+def cpu_of(pid: int, tid: int | None = None) -> int:
+    """The core a task last ran on (``/proc``'s ``processor`` field); -1 when the task is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return -1
+    return int(fields[36])  # field 39 of stat(5), counted after the command name's ")"
+
+
+def busy_threads() -> list[int]:
+    """This process's threads (ids) that use CPU over a short burst of matrix products: the training's compute
+    threads (torch's OpenMP pool starts with its first parallel region)."""
+    def ticks() -> dict[int, int]:
+        out = {}
+        for tid in map(int, os.listdir("/proc/self/task")):
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[tid] = int(fields[11]) + int(fields[12])  # utime + stime
+        return out
+
+    before = ticks()
+    a = torch.randn(1024, 1024)
+    for _ in range(40):
+        a = (a @ a).tanh_()
+    after = ticks()
+    return sorted(t for t in after if after[t] > before.get(t, 0))
+
+
+def nice_of(arm: str) -> int:
+    """The nice value of a worker arm: 0 for ``normal``, N for ``niceN``."""
+    if arm == "normal":
+        return 0
+    if arm.startswith("nice") and arm[4:].isdigit() and 0 < int(arm[4:]) < 20:
+        return int(arm[4:])
+    raise ValueError(f"a worker arm is normal or niceN (N from 1 to 19), not {arm!r}")
+
+
+def worker_kernel(until: float, nice: int, calls: list[int]) -> None:
+    """The snapshot worker's kernel on random SmolLM2-shaped updates until ``until`` (perf_counter), counting its
+    calls; with ``nice`` this thread first lowers its own priority (Linux: nice applies per thread)."""
+    from lorascope.record.snapshot_worker import blas_threads, gram_measure
+
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    rng = np.random.default_rng(0)
+    updates = [rng.standard_normal(shape, dtype=np.float32) for shape in SMOLLM2_BLOCK]
+    with blas_threads(1):
+        while time.perf_counter() < until:
+            for delta in updates:
+                gram_measure(delta)
+                calls[0] += 1
+
+
+def draw_arms(arms: Sequence[str], slots: int, rng: random.Random) -> list[str]:
+    """Half the slots ``off``, the rest spread evenly over ``arms``, independently per slot."""
+    return [("off" if rng.random() < 0.5 else rng.choice(list(arms))) for _ in range(slots)]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width) for _ in range(args.layers)])
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
+    x = torch.randn(256, args.width)
+    slots = round(args.minutes * 60 / args.slot)
+    arms = draw_arms(args.arms.split(","), slots, random.Random(args.seed))
+    calls = [0] * slots
+    load = start_load(args.load_kind)
+    try:
+        training = busy_threads()
+        started = time.perf_counter()
+
+        def schedule() -> None:
+            for i, arm in enumerate(arms):
+                slot_end = started + (i + 1) * args.slot
+                if arm != "off":  # a fresh thread per slot: an unprivileged thread cannot undo its nice
+                    count = [0]
+                    thread = threading.Thread(target=worker_kernel, args=(slot_end, nice_of(arm), count))
+                    thread.start()
+                    thread.join()
+                    calls[i] = count[0]
+                time.sleep(max(slot_end - time.perf_counter(), 0.0))
+
+        worker = threading.Thread(target=schedule, daemon=True)
+        worker.start()
+        ends, seconds, same_core = [], [], []
+        while (now := time.perf_counter()) < started + slots * args.slot:
+            loss = model(x).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            end = time.perf_counter()
+            ends.append(round(end - started, 4))
+            seconds.append(round(end - now, 4))
+            cores = {cpu_of(os.getpid(), tid) for tid in training} - {-1}
+            same_core.append(len(cores) == 1)
+        worker.join()
+    finally:
+        for process in load:
+            process.kill()
+    return {"slot_seconds": args.slot, "arms": arms, "kernel_calls": calls, "step_ends": ends,
+            "step_seconds": seconds, "training_threads": len(training), "same_core": same_core,
+            "setting": {k: getattr(args, k) for k in ("minutes", "slot", "seed", "width", "layers", "load_kind",
+                                                      "arms")},
+            "load_average": os.getloadavg()[0]}
+
+
+def per_slot(result: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """Per slot: the steps whose middle falls in it, and the seconds of those steps after which both training
+    threads were on one core."""
+    slot, n = result["slot_seconds"], len(result["arms"])
+    steps, one_core = [0] * n, [0.0] * n
+    for end, t, same in zip(result["step_ends"], result["step_seconds"], result["same_core"], strict=True):
+        k = min(int((end - t / 2) // slot), n - 1)
+        steps[k] += 1
+        one_core[k] += t * same
+    return steps, one_core
+
+
+def groups(arms: Sequence[str], arm: str) -> tuple[list[int], list[int]]:
+    """Slot indices: those of ``arm``, and the ``off`` slots right after one of ``arm``'s."""
+    return ([i for i, a in enumerate(arms) if a == arm],
+            [i for i in range(1, len(arms)) if arms[i] == "off" and arms[i - 1] == arm])
+
+
+def mean_over(values: Sequence[float], slots: Sequence[int]) -> float:
+    return statistics.fmean(values[i] for i in slots) if slots else float("nan")
+
+
+def randomization_p(statistic: Callable[[Sequence[str]], float], arms: Sequence[str], names: Sequence[str],
+                    draws: int, seed: int = 1) -> float:
+    """Two-sided p-value of ``statistic(arms)`` against its values under redrawn arms (:func:`draw_arms`)."""
+    seen = statistic(arms)
+    if seen != seen:  # NaN: a group without slots
+        return float("nan")
+    rng = random.Random(seed)
+    extreme = sum(abs(statistic(draw_arms(names, len(arms), rng))) >= abs(seen) - 1e-12 for _ in range(draws))
+    return (extreme + 1) / (draws + 1)
+
+
+def summarize(result: dict[str, Any], draws: int = 2000) -> dict[str, Any]:
+    """Per arm (``off`` included): steps per second in its slots and in the ``off`` slots after them, the share of
+    that time on one core, kernel calls per slot; for each worker arm, randomization p-values of its differences
+    from ``off``."""
+    arms, slot = result["arms"], result["slot_seconds"]
+    names = sorted(set(arms) - {"off"})
+    steps, one_core = per_slot(result)
+    rate = [s / slot for s in steps]
+    share = [c / slot for c in one_core]
+    out: dict[str, Any] = {"slots": len(arms), "steps": len(result["step_seconds"]),
+                           "training_threads": result["training_threads"], "arms": {}}
+    for arm in ["off", *names]:
+        own, after = groups(arms, arm)
+        row = {"slots": len(own), "steps_per_second": mean_over(rate, own), "one_core_share": mean_over(share, own),
+               "kernel_calls_per_slot": mean_over(result["kernel_calls"], own) if result.get("kernel_calls") else None,
+               "off_slots_after": len(after), "steps_per_second_after": mean_over(rate, after),
+               "one_core_share_after": mean_over(share, after)}
+        if arm != "off":
+            for key, values, which in (("p_steps_per_second", rate, 0), ("p_steps_per_second_after", rate, 1),
+                                       ("p_one_core_share_after", share, 1)):
+                def difference(drawn: Sequence[str], values: list[float] = values, which: int = which,
+                               arm: str = arm) -> float:
+                    return mean_over(values, groups(drawn, arm)[which]) - mean_over(values, groups(drawn, "off")[which])
+
+                row[key] = randomization_p(difference, arms, names, draws)
+        out["arms"][arm] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=40.0)
+    parser.add_argument("--slot", type=float, default=10.0, help="seconds per draw")
+    parser.add_argument("--arms", default="normal", help="the worker's arms besides off: normal, niceN")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--load-kind", default="spin", choices=("matmul", "spin"))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--renew", type=Path, help="recompute the summary of a JSON this script wrote")
+    args = parser.parse_args(argv)
+    try:
+        [nice_of(arm) for arm in args.arms.split(",")]
+    except ValueError as exc:
+        parser.error(str(exc))
+    result = json.loads(args.renew.read_text()) if args.renew else run(args)
+    result["summary"] = summarize(result)
+    target = args.renew or args.json
+    if target:
+        target.write_text(json.dumps(result) + "\n")
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
