@@ -191,17 +191,30 @@ def randomization_p(statistic: Callable[[Sequence[str]], float], arms: Sequence[
     return (extreme + 1) / (draws + 1)
 
 
+def off_medians(result: dict[str, Any]) -> dict[str, float]:
+    """The median step time in the ``off`` slots when the step ended with both training threads on one core, and on
+    two: the two states."""
+    slot, arms = result["slot_seconds"], result["arms"]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for end, t, same in zip(result["step_ends"], result["step_seconds"], result["same_core"], strict=True):
+        if arms[min(int((end - t / 2) // slot), len(arms) - 1)] == "off":
+            times[same].append(t)
+    return {name: statistics.median(times[key]) if times[key] else float("nan")
+            for name, key in (("one_core", True), ("two_cores", False))}
+
+
 def summarize(result: dict[str, Any], draws: int = 2000) -> dict[str, Any]:
-    """Per arm (``off`` included): steps per second in its slots and in the ``off`` slots after them, the share of
-    that time on one core, kernel calls per slot; for each worker arm, randomization p-values of its differences
-    from ``off``."""
+    """The two states' median steps without the worker (:func:`off_medians`); per arm (``off`` included): steps per
+    second in its slots and in the ``off`` slots after them, the share of that time on one core, kernel calls per
+    slot; for each worker arm, randomization p-values of its differences from ``off``."""
     arms, slot = result["arms"], result["slot_seconds"]
     names = sorted(set(arms) - {"off"})
     steps, one_core = per_slot(result)
     rate = [s / slot for s in steps]
     share = [c / slot for c in one_core]
     out: dict[str, Any] = {"slots": len(arms), "steps": len(result["step_seconds"]),
-                           "training_threads": result["training_threads"], "arms": {}}
+                           "training_threads": result["training_threads"],
+                           "off_median_step_seconds": off_medians(result), "arms": {}}
     for arm in ["off", *names]:
         own, after = groups(arms, arm)
         row = {"slots": len(own), "steps_per_second": mean_over(rate, own), "one_core_share": mean_over(share, own),

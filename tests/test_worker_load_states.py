@@ -55,7 +55,9 @@ def test_a_worker_that_leaves_the_machine_slow_is_found_and_one_that_does_not_is
     arms = states.draw_arms(["normal", "nice19"], 120, rng)
     # the slot after a normal slot is slow (threads on one core); nothing else is
     slow = [i > 0 and arms[i - 1] == "normal" for i in range(len(arms))]
-    summary = states.summarize(constructed(slow, arms), draws=400)["arms"]
+    whole = states.summarize(constructed(slow, arms), draws=400)
+    assert whole["off_median_step_seconds"] == {"one_core": SLOW, "two_cores": FAST}
+    summary = whole["arms"]
     normal, nice, off = summary["normal"], summary["nice19"], summary["off"]
     assert normal["steps_per_second_after"] == pytest.approx(1 / SLOW)
     assert normal["one_core_share_after"] == pytest.approx(1.0)
