@@ -4,7 +4,7 @@ Under outside load (two busy processes on the two cores) the steps of a two-thre
 fast and a slow state in stretches (docs/benchmarks.md), and the state-matched ratio (:mod:`step_states`) assumes
 recording does not choose the state. One 60-step SmolLM2 run saw eight snapshots, too few to test that. Here a
 short training loop (an MLP of ``--layers`` linear layers of ``--width``, batch 256, AdamW, two torch threads; a
-step takes ~0.08 s quiet, 0.2-0.8 s loaded) runs beside the same load for ``--minutes``; time is cut into slots of
+step beside the load takes ~0.27 s or ~0.82 s) runs beside the same load for ``--minutes``; time is cut into slots of
 ``--slot`` seconds, and a seeded draw decides for each slot whether a thread of its own runs the snapshot worker's
 kernel all through it (:func:`lorascope.record.snapshot_worker.gram_measure` on SmolLM2-shaped float32 updates, BLAS
 limited to one thread, as the worker computes), and how: ``normal``, or ``niceN`` (the thread first lowers its own
