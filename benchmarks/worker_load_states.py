@@ -29,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -51,14 +52,18 @@ from smollm2_trainer_overhead import start_load  # noqa: E402
 SMOLLM2_BLOCK = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536))
 
 
+def stat_fields(path: str) -> list[str]:
+    """A ``/proc`` stat file's fields after the command name's ")": field N of stat(5) is at index N - 3."""
+    return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_of(pid: int, tid: int | None = None) -> int:
     """The core a task last ran on (``/proc``'s ``processor`` field); -1 when the task is gone."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        fields = stat_fields(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
     except OSError:
         return -1
-    return int(fields[36])  # field 39 of stat(5), counted after the command name's ")"
+    return int(fields[36])  # processor, field 39
 
 
 def busy_threads() -> list[int]:
@@ -67,8 +72,8 @@ def busy_threads() -> list[int]:
     def ticks() -> dict[int, int]:
         out = {}
         for tid in map(int, os.listdir("/proc/self/task")):
-            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[tid] = int(fields[11]) + int(fields[12])  # utime + stime
+            fields = stat_fields(f"/proc/self/task/{tid}/stat")
+            out[tid] = int(fields[11]) + int(fields[12])  # utime + stime, fields 14 and 15
         return out
 
     before = ticks()
@@ -158,13 +163,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "load_average": os.getloadavg()[0]}
 
 
+def step_slots(result: dict[str, Any]) -> list[int]:
+    """The slot of each step: the one its middle falls in."""
+    slot, last = result["slot_seconds"], len(result["arms"]) - 1
+    return [min(int((end - t / 2) // slot), last) for end, t in zip(result["step_ends"], result["step_seconds"],
+                                                                     strict=True)]
+
+
 def per_slot(result: dict[str, Any]) -> tuple[list[int], list[float]]:
     """Per slot: the steps whose middle falls in it, and the seconds of those steps after which both training
     threads were on one core."""
-    slot, n = result["slot_seconds"], len(result["arms"])
+    n = len(result["arms"])
     steps, one_core = [0] * n, [0.0] * n
-    for end, t, same in zip(result["step_ends"], result["step_seconds"], result["same_core"], strict=True):
-        k = min(int((end - t / 2) // slot), n - 1)
+    for k, t, same in zip(step_slots(result), result["step_seconds"], result["same_core"], strict=True):
         steps[k] += 1
         one_core[k] += t * same
     return steps, one_core
@@ -191,13 +202,18 @@ def randomization_p(statistic: Callable[[Sequence[str]], float], arms: Sequence[
     return (extreme + 1) / (draws + 1)
 
 
+def arm_difference(drawn: Sequence[str], values: Sequence[float], which: int, arm: str) -> float:
+    """The mean of ``values`` over ``arm``'s slots (``which`` 0) or the ``off`` slots after them (1), less the same
+    for ``off``, under the arms ``drawn``."""
+    return mean_over(values, groups(drawn, arm)[which]) - mean_over(values, groups(drawn, "off")[which])
+
+
 def off_medians(result: dict[str, Any]) -> dict[str, float]:
     """The median step time in the ``off`` slots when the step ended with both training threads on one core, and on
     two: the two states."""
-    slot, arms = result["slot_seconds"], result["arms"]
     times: dict[bool, list[float]] = {True: [], False: []}
-    for end, t, same in zip(result["step_ends"], result["step_seconds"], result["same_core"], strict=True):
-        if arms[min(int((end - t / 2) // slot), len(arms) - 1)] == "off":
+    for k, t, same in zip(step_slots(result), result["step_seconds"], result["same_core"], strict=True):
+        if result["arms"][k] == "off":
             times[same].append(t)
     return {name: statistics.median(times[key]) if times[key] else float("nan")
             for name, key in (("one_core", True), ("two_cores", False))}
@@ -224,10 +240,7 @@ def summarize(result: dict[str, Any], draws: int = 2000) -> dict[str, Any]:
         if arm != "off":
             for key, values, which in (("p_steps_per_second", rate, 0), ("p_steps_per_second_after", rate, 1),
                                        ("p_one_core_share_after", share, 1)):
-                def difference(drawn: Sequence[str], values: list[float] = values, which: int = which,
-                               arm: str = arm) -> float:
-                    return mean_over(values, groups(drawn, arm)[which]) - mean_over(values, groups(drawn, "off")[which])
-
+                difference = functools.partial(arm_difference, values=values, which=which, arm=arm)
                 row[key] = randomization_p(difference, arms, names, draws)
         out["arms"][arm] = row
     return out
