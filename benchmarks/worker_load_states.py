@@ -24,6 +24,10 @@ Usage::
     python benchmarks/worker_load_states.py --minutes 60 --arms normal,nice10,nice19 --seed 1 \
         --json docs/benchmarks/worker_nice_states.json
     python benchmarks/worker_load_states.py --renew docs/benchmarks/worker_load_states.json
+    python benchmarks/worker_load_states.py --pool docs/benchmarks/worker_load_states.json \
+        docs/benchmarks/worker_nice_states.json --arms normal
+
+``--pool`` tests the after-effect of one arm over several runs at once (:func:`pooled`).
 """
 
 from __future__ import annotations
@@ -246,6 +250,50 @@ def summarize(result: dict[str, Any], draws: int = 2000) -> dict[str, Any]:
     return out
 
 
+def pooled(results: Sequence[dict[str, Any]], arm: str = "normal", draws: int = 2000) -> dict[str, Any]:
+    """What ``arm`` leaves behind over several runs: each run's difference between the ``off`` slots after ``arm``'s
+    and those after ``off`` (:func:`arm_difference`), averaged over the runs with the after-``arm`` slots as
+    weights; the p-values redraw every run's arms at once, each with its own arms (a stratified randomization
+    test), so runs on different days, with their machine's own share of slow time, are never compared with each
+    other. Runs without ``arm`` are left out. ``*_detectable``: the size a difference needed to reach p < 0.05."""
+    runs = []
+    for result in results:
+        names = sorted(set(result["arms"]) - {"off"})
+        if arm in names:
+            steps, one_core = per_slot(result)
+            slot = result["slot_seconds"]
+            runs.append((result["arms"], names, [s / slot for s in steps], [c / slot for c in one_core]))
+
+    def combined(drawn: Sequence[Sequence[str]], column: int) -> float:
+        total = weight = 0.0
+        for arms, run_ in zip(drawn, runs, strict=True):
+            n = len(groups(arms, arm)[1])
+            difference = arm_difference(arms, run_[column], 1, arm)
+            if n and difference == difference:
+                total, weight = total + n * difference, weight + n
+        return total / weight if weight else float("nan")
+
+    def test(column: int) -> tuple[float, float]:
+        """(p-value, the 95th percentile of the difference's size under redrawn arms: the smallest difference
+        that would have been significant at 5%)."""
+        seen = combined([r[0] for r in runs], column)
+        if seen != seen:
+            return float("nan"), float("nan")
+        rng = random.Random(1)
+        null = [abs(combined([draw_arms(r[1], len(r[0]), rng) for r in runs], column)) for _ in range(draws)]
+        return (sum(v >= abs(seen) - 1e-12 for v in null) + 1) / (draws + 1), float(np.quantile(null, 0.95))
+
+    after_off = [(len(groups(r[0], "off")[1]), mean_over(r[2], groups(r[0], "off")[1])) for r in runs]
+    base = sum(n * v for n, v in after_off) / sum(n for n, _ in after_off) if runs else float("nan")
+    (p_rate, detectable_rate), (p_share, detectable_share) = test(2), test(3)
+    return {"arm": arm, "runs": len(runs), "off_slots_after_arm": [len(groups(r[0], arm)[1]) for r in runs],
+            "off_slots_after_off": [n for n, _ in after_off], "steps_per_second_after_off": base,
+            "steps_per_second_difference": combined([r[0] for r in runs], 2), "p_steps_per_second": p_rate,
+            "steps_per_second_detectable": detectable_rate,
+            "one_core_share_difference": combined([r[0] for r in runs], 3), "p_one_core_share": p_share,
+            "one_core_share_detectable": detectable_share}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=40.0)
@@ -257,7 +305,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-kind", default="spin", choices=("matmul", "spin"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--renew", type=Path, help="recompute the summary of a JSON this script wrote")
+    parser.add_argument("--pool", type=Path, nargs="+", help="JSONs this script wrote: the after-effect of --arms "
+                        "(one arm) over all of them, printed (and written to --json)")
     args = parser.parse_args(argv)
+    if args.pool:
+        if "," in args.arms:
+            parser.error("--pool takes one arm in --arms")
+        try:
+            results = [json.loads(path.read_text()) for path in args.pool]
+        except (OSError, ValueError) as exc:
+            parser.error(f"cannot read a --pool file: {exc}")
+        summary = pooled(results, args.arms)
+        summary["files"] = [path.name for path in args.pool]
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=1) + "\n")
+        print(json.dumps(summary, indent=1))
+        return 0
     try:
         [nice_of(arm) for arm in args.arms.split(",")]
     except ValueError as exc:

@@ -4,6 +4,7 @@ slow state, on constructed runs whose answer is known (steps of set times, on on
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import sys
@@ -91,3 +92,51 @@ def test_nice_of_reads_an_arm_and_refuses_others():
 def test_cpu_of_reads_a_core_this_process_may_run_on():
     assert states.cpu_of(os.getpid()) in os.sched_getaffinity(0)
     assert states.cpu_of(2**22 + 7) == -1  # no such process
+
+
+def test_pooled_runs_find_an_after_effect_each_run_shows_and_none_where_the_arms_do_not_matter():
+    runs = []
+    for seed in (11, 12):
+        arms = states.draw_arms(["normal"], 60, random.Random(seed))
+        runs.append(constructed([i > 0 and arms[i - 1] == "normal" for i in range(60)], arms))
+    other = states.draw_arms(["nice19"], 60, random.Random(13))  # no normal arm: left out
+    runs.append(constructed([False] * 60, other))
+    found = states.pooled(runs, "normal", draws=400)
+    assert found["runs"] == 2
+    assert found["steps_per_second_after_off"] == pytest.approx(1 / FAST)
+    assert found["steps_per_second_difference"] == pytest.approx(1 / SLOW - 1 / FAST)
+    assert found["one_core_share_difference"] == pytest.approx(1.0)
+    assert found["p_steps_per_second"] < 0.01 and found["p_one_core_share"] < 0.01
+
+    ignoring = []
+    for seed in (21, 22, 23):
+        arms = states.draw_arms(["normal"], 140, random.Random(seed))
+        ignoring.append(constructed([(k + seed) % 7 < 3 for k in range(140)], arms))
+    none = states.pooled(ignoring, "normal", draws=400)
+    assert none["p_steps_per_second"] > 0.05 and none["p_one_core_share"] > 0.05
+
+
+def test_pooled_weights_each_run_by_its_slots_after_the_arm():
+    # run A: every off slot after normal is slow; run B: none is. Pooled: A's difference times its share of slots
+    a_arms = ["normal", "off", "off", "off", "normal", "off", "off"]
+    b_arms = ["normal", "off", "off", "normal", "off", "off", "off", "off"]
+    a = constructed([False, True, False, False, False, True, False], a_arms)
+    b = constructed([False] * 8, b_arms)
+    pooled = states.pooled([a, b], "normal", draws=50)
+    assert pooled["off_slots_after_arm"] == [2, 2]
+    assert pooled["steps_per_second_difference"] == pytest.approx((2 * (1 / SLOW - 1 / FAST) + 2 * 0.0) / 4)
+
+
+def test_the_checked_in_pooled_summary_recomputes_from_the_three_runs():
+    """docs/benchmarks.md quotes worker_load_states_pooled.json: its differences come back from the runs' JSONs,
+    and with fewer redraws the after-effect is still far from significant."""
+    docs = BENCHMARKS.parent / "docs" / "benchmarks"
+    checked_in = json.loads((docs / "worker_load_states_pooled.json").read_text())
+    runs = [json.loads((docs / name).read_text()) for name in checked_in["files"]]
+    again = states.pooled(runs, "normal", draws=200)
+    assert again["off_slots_after_arm"] == checked_in["off_slots_after_arm"] == [64, 37, 95]
+    for key in ("steps_per_second_difference", "one_core_share_difference", "steps_per_second_after_off"):
+        assert again[key] == pytest.approx(checked_in[key], abs=1e-12)
+    assert checked_in["steps_per_second_difference"] / checked_in["steps_per_second_after_off"] == pytest.approx(
+        -0.032, abs=0.001)
+    assert again["p_steps_per_second"] > 0.2 and again["p_one_core_share"] > 0.2

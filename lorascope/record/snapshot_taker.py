@@ -128,7 +128,7 @@ class SnapshotTaker:
         copies when the worker computes the spectra, else the spectra themselves."""
         worker = self.worker
         if worker is not None and worker.alive:
-            copies, nbytes = gradient_copies(grads)
+            copies, nbytes = gradient_copies(grads, worker.buffers)
             return GradientCapture(copies=copies, nbytes=nbytes)
         spectra, factors = gradient_spectra(grads, self.options.factors_k)
         return GradientCapture(spectra=spectra, factors=factors)
@@ -201,7 +201,7 @@ class SnapshotTaker:
                                       " MiB)")
             return False
         try:
-            job = capture(self.refs, model, w0, step=step, nbytes=nbytes)
+            job = capture(self.refs, model, w0, step=step, nbytes=nbytes, buffers=worker.buffers)
             job.grad_copies, job.grad_sv, job.grad_factors = gradients.copies, gradients.spectra, gradients.factors
             if held is not None:
                 job.held = held.measure(w0)  # after the copies: it reverts and restores the weights

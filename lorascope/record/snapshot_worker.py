@@ -2,13 +2,13 @@
 
 At a snapshot step the training thread only copies what it must to host memory (:func:`capture`): each recorded
 matrix in its own dtype (W_0 stays where it is kept, on the host by default), or, with W_0 kept on the device,
-the float32 update Delta = W_t - W_0 computed there; a PEFT LoRA layer's small factors. On CUDA the copies go to
-pinned buffers without blocking the device (an event marks when they are complete). A worker thread
-(:class:`SnapshotWorker`) turns each copy into the energy, non-finite count and singular values of its update
-with numpy / LAPACK, with the BLAS limited to its own thread budget (threadpoolctl), and hands the finished
-:class:`~lorascope.store.payloads.Snapshot` to the writer thread. Training never waits for the spectra; it waits
-only when the copies of pending snapshots would exceed their memory bound (``snapshot_backlog="wait"``) or skips
-the snapshot with its reason in the file (``"skip"``).
+the float32 update Delta = W_t - W_0 computed there; a PEFT LoRA layer's small factors; into buffers the worker
+gives back after each snapshot (:mod:`~lorascope.record.host_buffers`), on CUDA pinned, copied without blocking
+the device (an event marks when the copies are complete). A worker thread (:class:`SnapshotWorker`) turns each
+copy into the energy, non-finite count and singular values of its update with numpy / LAPACK, with the BLAS limited
+to its own thread budget (threadpoolctl), and hands the finished Snapshot to the writer thread. Training never
+waits for the spectra; it waits only when the copies of pending snapshots would exceed their memory bound
+(``snapshot_backlog="wait"``) or skips the snapshot with its reason in the file (``"skip"``).
 
 The kernel is the float64 Gram route of :func:`lorascope.spectrum.singular_values_many` for a dense update
 (:math:`G = \\Delta^T \\Delta` accumulated in float64 over blocks of rows, :math:`s_i = \\sqrt{\\max(\\lambda_i(G),
@@ -45,6 +45,7 @@ from lorascope.model.taxonomy import MatrixRef
 from lorascope.record.background import thread_cpu_seconds
 from lorascope.record.contributions import HeldLosses, with_held_losses
 from lorascope.record.device_spectra import device_gram_measure
+from lorascope.record.host_buffers import HostBuffers
 from lorascope.record.snapshot import LowRank, current_update, minus_initial
 from lorascope.record.subspace import (
     InitialBasis,
@@ -106,11 +107,14 @@ def host_copy_bytes(refs: Sequence[MatrixRef], tensors: Sequence[dict[str, torch
     return total
 
 
-def gradient_copies(grads: Sequence[torch.Tensor | None]) -> tuple[list[torch.Tensor | None], int]:
+def gradient_copies(grads: Sequence[torch.Tensor | None], buffers: HostBuffers | None = None
+                    ) -> tuple[list[torch.Tensor | None], int]:
     """Host copies of the 2-D gradients for ``grad_sv`` on the worker (training thread, before the optimizer
-    step; from CUDA into pinned memory without waiting: the copies precede the step in stream order), and their
-    bytes. A LoRA layer's gradient (its factors' gradients flattened) has no matrix spectrum: None."""
-    copies = [None if g is None or g.ndim != 2 else _to_host(g.detach()) for g in grads]
+    step; from CUDA into pinned memory without waiting: the copies precede the step in stream order), into
+    ``buffers`` (fresh ones when None), and their bytes. A LoRA layer's gradient (its factors' gradients
+    flattened) has no matrix spectrum: None."""
+    buffers = buffers or HostBuffers()
+    copies = [None if g is None or g.ndim != 2 else buffers.copy(g.detach()) for g in grads]
     return copies, sum(c.numel() * c.element_size() for c in copies if c is not None)
 
 
@@ -118,16 +122,19 @@ def _factored(named: dict[str, torch.Tensor]) -> bool:
     return any("lora_A" in name for name in named) and any("lora_B" in name for name in named)
 
 
-def capture(refs: Sequence[MatrixRef], model: nn.Module, w0: Sequence[Any], *, step: int, nbytes: int) -> SnapshotJob:
-    """Copy what a snapshot needs to host memory, one matrix at a time (training thread).
+def capture(refs: Sequence[MatrixRef], model: nn.Module, w0: Sequence[Any], *, step: int, nbytes: int,
+            buffers: HostBuffers | None = None) -> SnapshotJob:
+    """Copy what a snapshot needs to host memory, one matrix at a time (training thread), into ``buffers`` (the
+    worker's, reused from snapshot to snapshot; fresh ones when None).
 
     A copy that fails (out of memory) leaves that matrix out, with its reason; the snapshot goes on."""
     job = SnapshotJob(step=step, matrices=[], nbytes=nbytes)
+    to_host = (buffers or HostBuffers()).copy
     cuda = False
     for i, ref in enumerate(refs):
         try:
             with torch.no_grad():
-                matrix, on_cuda = _capture_one(model, ref, w0[i])
+                matrix, on_cuda = _capture_one(model, ref, w0[i], to_host)
             cuda = cuda or on_cuda
             job.matrices.append(matrix)
         except Exception as exc:  # noqa: BLE001 - recorded as a missing matrix
@@ -139,27 +146,26 @@ def capture(refs: Sequence[MatrixRef], model: nn.Module, w0: Sequence[Any], *, s
     return job
 
 
-def _capture_one(model: nn.Module, ref: MatrixRef, w0: Any) -> tuple[HostMatrix, bool]:
+def _capture_one(model: nn.Module, ref: MatrixRef, w0: Any, to_host: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> tuple[HostMatrix, bool]:
     module = model.get_submodule(ref.module)
     if ref.lora:
         update = minus_initial(current_update(model, ref), w0)
         if isinstance(update, LowRank):
             cuda = update.left.device.type == "cuda"
-            return HostMatrix(left=_to_host(update.left), right=_to_host(update.right)), cuda
-        return HostMatrix(dense=_to_host(update)), update.device.type == "cuda"
+            return HostMatrix(left=to_host(update.left), right=to_host(update.right)), cuda
+        return HostMatrix(dense=to_host(update)), update.device.type == "cuda"
     now = ref.matrix(getattr(module, ref.parameter).detach())
     cuda = now.device.type == "cuda"
     if w0 is not None and w0.device.type != "cpu":  # W_0 kept on the device: take the update there
-        return HostMatrix(dense=_to_host(now.float() - w0.float())), cuda
-    return HostMatrix(dense=_to_host(now), w0=w0), cuda
+        return HostMatrix(dense=to_host(now.float() - w0.float())), cuda
+    return HostMatrix(dense=to_host(now), w0=w0), cuda
 
 
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A host copy of ``tensor`` in its own dtype; from CUDA into pinned memory, without waiting for the device."""
-    cuda = tensor.device.type == "cuda"
-    host = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="cpu", pin_memory=cuda)
-    host.copy_(tensor, non_blocking=cuda)
-    return host
+def job_copies(job: SnapshotJob) -> list[torch.Tensor | None]:
+    """The host copies a job holds (W_0, which the recorder keeps, is not one)."""
+    held = [t for m in job.matrices if m is not None for t in (m.dense, m.left, m.right)]
+    return [*held, *(job.grad_copies or ())]
 
 
 # -- the worker's host arithmetic (numpy only; the device route is lorascope.record.device_spectra) ----------------
@@ -403,6 +409,7 @@ class SnapshotWorker:
         self._deliver, self._missing = deliver, missing
         self.buffer_bytes, self.threads, self.store_delta = int(buffer_bytes), int(threads), store_delta
         self._jobs: queue.Queue[SnapshotJob | None] = queue.Queue()
+        self.buffers = HostBuffers()  # the copies' host memory, given back after each snapshot
         self._room = threading.Condition()
         self._pending_bytes = 0
         self.in_flight = 0
@@ -461,6 +468,7 @@ class SnapshotWorker:
             self._jobs.put(_CLOSE)
             self._thread.join()
         self._thread = None
+        self.buffers.clear()
         self.close_wait_seconds = time.monotonic() - started
 
     @property
@@ -492,7 +500,8 @@ class SnapshotWorker:
             finally:
                 self.cpu_seconds += time.thread_time() - started
                 self.computed += 1
-                job.matrices.clear()  # drop the copies before making room for the next snapshot
+                self.buffers.give_back(job_copies(job))  # for the next snapshot's copies
+                job.matrices.clear()
                 job.grad_copies = None
                 self.release(job.nbytes)
 
@@ -503,7 +512,6 @@ class SnapshotWorker:
         if job.grad_copies is not None:
             with self._blas():
                 job.grad_sv, job.grad_factors = gradient_measure(job.grad_copies, self.factors_k)
-            job.grad_copies = None
         n = len(self.refs)
         energy = np.full(n, np.nan)
         nonfinite = np.zeros(n, dtype=np.int64)
