@@ -24,8 +24,11 @@ Usage::
     python benchmarks/worker_load_states.py --minutes 60 --arms normal,nice10,nice19 --seed 1 \
         --json docs/benchmarks/worker_nice_states.json
     python benchmarks/worker_load_states.py --renew docs/benchmarks/worker_load_states.json
+    python benchmarks/worker_load_states.py --minutes 60 --arms normal --seed 2 \
+        --json docs/benchmarks/worker_load_states_run3.json
     python benchmarks/worker_load_states.py --pool docs/benchmarks/worker_load_states.json \
-        docs/benchmarks/worker_nice_states.json --arms normal
+        docs/benchmarks/worker_nice_states.json docs/benchmarks/worker_load_states_run3.json --arms normal \
+        --json docs/benchmarks/worker_load_states_pooled.json
 
 ``--pool`` tests the after-effect of one arm over several runs at once (:func:`pooled`).
 """
@@ -266,9 +269,9 @@ def pooled(results: Sequence[dict[str, Any]], arm: str = "normal", draws: int = 
 
     def combined(drawn: Sequence[Sequence[str]], column: int) -> float:
         total = weight = 0.0
-        for arms, run_ in zip(drawn, runs, strict=True):
+        for arms, kept in zip(drawn, runs, strict=True):
             n = len(groups(arms, arm)[1])
-            difference = arm_difference(arms, run_[column], 1, arm)
+            difference = arm_difference(arms, kept[column], 1, arm)
             if n and difference == difference:
                 total, weight = total + n * difference, weight + n
         return total / weight if weight else float("nan")
