@@ -198,21 +198,29 @@ def mean_over(values: Sequence[float], slots: Sequence[int]) -> float:
     return statistics.fmean(values[i] for i in slots) if slots else float("nan")
 
 
-def randomization_p(statistic: Callable[[Sequence[str]], float], arms: Sequence[str], names: Sequence[str],
-                    draws: int, seed: int = 1) -> float:
-    """Two-sided p-value of ``statistic(arms)`` against its values under redrawn arms (:func:`draw_arms`)."""
+def randomization_test(statistic: Callable[[Sequence[Sequence[str]]], float], arms: Sequence[Sequence[str]],
+                       names: Sequence[Sequence[str]], draws: int, seed: int = 1) -> tuple[float, float]:
+    """``statistic`` of one or several runs' ``arms`` against its values when every run's arms are redrawn
+    (:func:`draw_arms`, each run with its own ``names``): the two-sided p-value, and the 95th percentile of the
+    statistic's size under the redraws (the smallest size that would have reached p < 0.05)."""
     seen = statistic(arms)
     if seen != seen:  # NaN: a group without slots
-        return float("nan")
+        return float("nan"), float("nan")
     rng = random.Random(seed)
-    extreme = sum(abs(statistic(draw_arms(names, len(arms), rng))) >= abs(seen) - 1e-12 for _ in range(draws))
-    return (extreme + 1) / (draws + 1)
+    null = [abs(statistic([draw_arms(n, len(a), rng) for a, n in zip(arms, names, strict=True)]))
+            for _ in range(draws)]
+    return (sum(v >= abs(seen) - 1e-12 for v in null) + 1) / (draws + 1), float(np.quantile(null, 0.95))
 
 
 def arm_difference(drawn: Sequence[str], values: Sequence[float], which: int, arm: str) -> float:
     """The mean of ``values`` over ``arm``'s slots (``which`` 0) or the ``off`` slots after them (1), less the same
     for ``off``, under the arms ``drawn``."""
     return mean_over(values, groups(drawn, arm)[which]) - mean_over(values, groups(drawn, "off")[which])
+
+
+def of_first_run(statistic: Callable[[Sequence[str]], float], drawn: Sequence[Sequence[str]]) -> float:
+    """A one-run statistic as :func:`randomization_test` calls it, with a list of runs' arms."""
+    return statistic(drawn[0])
 
 
 def off_medians(result: dict[str, Any]) -> dict[str, float]:
@@ -248,7 +256,7 @@ def summarize(result: dict[str, Any], draws: int = 2000) -> dict[str, Any]:
             for key, values, which in (("p_steps_per_second", rate, 0), ("p_steps_per_second_after", rate, 1),
                                        ("p_one_core_share_after", share, 1)):
                 difference = functools.partial(arm_difference, values=values, which=which, arm=arm)
-                row[key] = randomization_p(difference, arms, names, draws)
+                row[key] = randomization_test(functools.partial(of_first_run, difference), [arms], [names], draws)[0]
         out["arms"][arm] = row
     return out
 
@@ -277,14 +285,8 @@ def pooled(results: Sequence[dict[str, Any]], arm: str = "normal", draws: int = 
         return total / weight if weight else float("nan")
 
     def test(column: int) -> tuple[float, float]:
-        """(p-value, the 95th percentile of the difference's size under redrawn arms: the smallest difference
-        that would have been significant at 5%)."""
-        seen = combined([r[0] for r in runs], column)
-        if seen != seen:
-            return float("nan"), float("nan")
-        rng = random.Random(1)
-        null = [abs(combined([draw_arms(r[1], len(r[0]), rng) for r in runs], column)) for _ in range(draws)]
-        return (sum(v >= abs(seen) - 1e-12 for v in null) + 1) / (draws + 1), float(np.quantile(null, 0.95))
+        return randomization_test(functools.partial(combined, column=column), [r[0] for r in runs],
+                                  [r[1] for r in runs], draws)
 
     after_off = [(len(groups(r[0], "off")[1]), mean_over(r[2], groups(r[0], "off")[1])) for r in runs]
     base = sum(n * v for n, v in after_off) / sum(n for n, _ in after_off) if runs else float("nan")

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
-_Key = tuple[tuple[int, ...], torch.dtype, bool]
+_Key = tuple[tuple[int, ...], torch.dtype]
 
 
 class HostBuffers:
@@ -36,12 +36,11 @@ class HostBuffers:
         """A host copy of ``tensor`` in its own dtype, into a buffer of its shape given back earlier when there is
         one; from CUDA into pinned memory, without waiting for the device."""
         cuda = tensor.device.type == "cuda"
-        key = (tuple(tensor.shape), tensor.dtype, cuda)
         with self._lock:
-            free = self._free.get(key)
+            free = self._free.get((tuple(tensor.shape), tensor.dtype))
             host = free.pop() if free else None
         if host is None:
-            host = torch.empty(key[0], dtype=tensor.dtype, device="cpu", pin_memory=cuda)
+            host = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="cpu", pin_memory=cuda)
             self.allocated += 1
         else:
             self.reused += 1
@@ -49,11 +48,14 @@ class HostBuffers:
         return host
 
     def give_back(self, buffers: Iterable[torch.Tensor | None]) -> None:
-        """Buffers of :meth:`copy` that nothing reads any more, for the next copies of their shape and dtype."""
+        """Buffers of :meth:`copy` that nothing reads any more, for the next copies of their shape and dtype.
+
+        Pinned or not is not part of the match: a recorder's matrix keeps its device, and where matrices on two
+        devices share a shape and dtype, a copy from CUDA into pageable memory is merely synchronous."""
         with self._lock:
             for host in buffers:
                 if host is not None:
-                    self._free.setdefault((tuple(host.shape), host.dtype, host.is_pinned()), []).append(host)
+                    self._free.setdefault((tuple(host.shape), host.dtype), []).append(host)
 
     @property
     def kept_bytes(self) -> int:
